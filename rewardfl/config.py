@@ -1,0 +1,471 @@
+"""Typed, validated configuration: YAML -> dataclasses.
+
+The top level accepts the user's document's keys exactly as written there
+(``learning_rate``, ``model_paths``, ``min_timestep_boundary``, ...), the
+reference implementation's (``mid_timestep``, ``lora_rank``, ...), and sections
+for what rewardfl adds: ``sampler``, ``reward``, ``model`` (plugin name and
+options), ``data`` and ``deepspeed``.
+
+Every user error is a :class:`ConfigError` (a ``ValueError``) whose message
+names the key (dotted, e.g. ``sampler.shift``), what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from typing import Any, Optional, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "PluginSection",
+    "DataConfig",
+    "TrainConfig",
+    "load_config",
+    "config_from_dict",
+    "parse_overrides",
+    "build_dataclass",
+    "check_paths",
+    "dump_config",
+]
+
+
+class ConfigError(ValueError):
+    """A problem with the user's configuration; the message is one line for the CLI."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclasses.dataclass
+class PluginSection:
+    """``name`` selects a registered plugin; the other keys are its options.
+
+    In YAML either a bare name (``sampler: flow_match_euler``) or a mapping
+    (``sampler: {name: flow_match_euler, shift: 5.0}``). ``options`` is replaced
+    by the plugin's validated ``Options`` instance when plugins are resolved.
+    """
+
+    name: str
+    options: Any = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """The training videos (DiffSynth-Studio's ``metadata.csv`` format).
+
+    ``metadata_path``: CSV with ``video`` (path relative to the CSV) and
+    ``prompt`` columns. Frames are resized and centre-cropped so that
+    ``height * width <= max_pixels`` with both divisible by 16 (or to exactly
+    ``height`` x ``width`` when both are given); ``num_frames`` must be 4k+1.
+    """
+
+    metadata_path: Optional[str] = None
+    num_frames: int = 81
+    max_pixels: int = 480 * 832
+    height: Optional[int] = None
+    width: Optional[int] = None
+    num_workers: int = 0
+    #: build the example dataset from fetched photos when ``metadata_path`` is missing
+    generate_example: bool = False
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # --- the user's document (reward FL + wan2_2 keys), names as written there
+    learning_rate: float = 2.5e-6
+    lr_scheduler_type: str = "constant"
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    warmup_steps: int = 10
+    num_train_epochs: int = 1
+    weight_decay: float = 0.0
+    model_name: str = "wan2_2"
+    model_paths: Optional[str] = None
+    reward_model_path: Optional[str] = None
+    tokenizer_path: Optional[str] = None
+    model_id_with_origin_paths: Optional[str] = None
+    trainable_models: str = "dit2"
+    use_gradient_checkpointing_offload: bool = False
+    extra_inputs: Optional[str] = None
+    max_timestep_boundary: float = 1.0
+    min_timestep_boundary: float = 0.0
+    num_inference_steps: int = 8
+
+    # --- the reference implementation's keys
+    mid_timestep: int = 4
+    final_timestep: int = 7
+    lora_base_model: Optional[str] = "dit2"
+    lora_target_modules: str = "q,k,v,o,ffn.0,ffn.2"
+    lora_rank: int = 32
+    lora_alpha: Optional[float] = None
+    #: global batch per optimizer step = per_device_train_batch_size * world size *
+    #: gradient_accumulation_steps; when set, must agree (checked at launch).
+    train_batch_size: Optional[int] = None
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    max_steps: Optional[int] = None
+    save_steps: int = 100
+    save_total_limit: Optional[int] = 3
+    logging_steps: int = 1
+    output_dir: str = "./output"
+    resume_from_checkpoint: Union[bool, str] = False
+
+    # --- rewardfl's additions
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    #: weight of the velocity regulariser (kl) in the loss; 0 disables it
+    kl_weight: float = 1.0
+    #: fixed starting noise for every step (the reference implementation's behaviour)
+    fixed_noise: bool = False
+    #: device for training: "auto" picks cuda when available
+    device: str = "auto"
+    mixed_precision: str = "auto"
+    sample_video_steps: Optional[int] = None
+    sample_side_by_side: bool = True
+    sampler: PluginSection = dataclasses.field(default_factory=lambda: PluginSection("flow_match_euler"))
+    reward: PluginSection = dataclasses.field(default_factory=lambda: PluginSection("face_identity"))
+    #: options of the model plugin named by ``model_name``
+    model: dict = dataclasses.field(default_factory=dict)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    #: a DeepSpeed config: a mapping, or a path to a DeepSpeed JSON
+    deepspeed: Optional[Union[dict, str]] = None
+
+    #: set by load_config: the directory relative paths are resolved against
+    config_dir: str = dataclasses.field(default=".", metadata={"internal": True})
+
+    def resolve_path(self, value: Optional[str]) -> Optional[str]:
+        """A path from the config, relative to the config file's directory."""
+        if value is None:
+            return None
+        value = os.path.expanduser(str(value))
+        return value if os.path.isabs(value) else os.path.normpath(os.path.join(self.config_dir, value))
+
+
+# keys whose values are filesystem paths that must exist (when set), for check_paths
+PATH_KEYS = ("model_paths", "reward_model_path", "tokenizer_path", "data.metadata_path")
+
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+MIXED_PRECISION = ("auto", "no", "fp32", "bf16", "fp16")
+
+
+# --------------------------------------------------------------------------- generic dataclass builder
+
+
+def _did_you_mean(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key: str):
+    """Check ``value`` against type ``tp``; returns the (possibly converted) value."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        # bool before others so that 'true' is not a path string by accident
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is not bool):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {type(value).__name__} {value!r}")
+        return build_dataclass(tp, value, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 2.5e-6 as a float but 1e-5 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    if tp in (dict, list):
+        if isinstance(value, tp):
+            return value
+        raise ConfigError(f"{key}: expected a {tp.__name__}, got {type(value).__name__} {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return origin(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is typing.Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: must be one of {list(typing.get_args(tp))}, got {value!r}")
+    return value
+
+
+def build_dataclass(cls, values: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
+
+    Used for the config and for every plugin's ``Options``; ``prefix`` is the
+    dotted key of the section, used in messages.
+    """
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(values).__name__} {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            known = ", ".join(sorted(fields)) if len(fields) <= 12 else f"{len(fields)} keys, see the README"
+            raise ConfigError(f"unknown key '{dotted}'{_did_you_mean(str(key), fields)}; known keys: {known}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        raise ConfigError(f"{prefix or 'config'}: missing required key(s) {missing}") from e
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _normalize_plugin_section(raw, key: str) -> dict:
+    if isinstance(raw, str):
+        return {"name": raw, "options": {}}
+    if isinstance(raw, dict):
+        raw = dict(raw)
+        if "name" not in raw:
+            raise ConfigError(f"{key}: missing 'name' (the {key} plugin to use; `python -m rewardfl.plugins` lists them)")
+        name = raw.pop("name")
+        if not isinstance(name, str):
+            raise ConfigError(f"{key}.name: expected a plugin name string, got {name!r}")
+        return {"name": name, "options": raw}
+    raise ConfigError(f"{key}: expected a plugin name or a mapping with 'name', got {raw!r}")
+
+
+def config_from_dict(raw: dict, *, config_dir: str = ".") -> TrainConfig:
+    """Validate a mapping (as read from YAML) into a :class:`TrainConfig`.
+
+    Checks types, unknown keys and value ranges; not paths or plugins
+    (see :func:`check_paths` and ``rewardfl.registry.resolve_plugins``).
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: the top level must be a mapping of keys, got {type(raw).__name__}")
+    raw = dict(raw)
+    for key in ("sampler", "reward"):
+        if key in raw:
+            sec = _normalize_plugin_section(raw[key], key)
+            raw[key] = PluginSection(sec["name"], sec["options"])
+    if "model" in raw and raw["model"] is None:
+        raw["model"] = {}
+    cfg = build_dataclass(TrainConfig, raw)
+    cfg.config_dir = os.path.abspath(config_dir)
+    validate(cfg)
+    return cfg
+
+
+def _need(cond: bool, msg: str):
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range and consistency checks, one message per problem (the first one found)."""
+    _need(cfg.learning_rate > 0, f"learning_rate: must be > 0, got {cfg.learning_rate}")
+    _need(cfg.weight_decay >= 0, f"weight_decay: must be >= 0, got {cfg.weight_decay}")
+    _need(cfg.lr_scheduler_type in LR_SCHEDULERS,
+          f"lr_scheduler_type: must be one of {list(LR_SCHEDULERS)}, got {cfg.lr_scheduler_type!r}"
+          f"{_did_you_mean(cfg.lr_scheduler_type, LR_SCHEDULERS)}")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+                "num_inference_steps", "save_steps", "logging_steps", "lora_rank"):
+        value = getattr(cfg, key)
+        _need(value > 0, f"{key}: must be > 0, got {value}")
+    _need(cfg.warmup_steps >= 0, f"warmup_steps: must be >= 0, got {cfg.warmup_steps}")
+    for key in ("max_steps", "train_batch_size", "sample_video_steps", "save_total_limit"):
+        value = getattr(cfg, key)
+        _need(value is None or value > 0, f"{key}: must be > 0 (or null), got {value}")
+    _need(cfg.max_grad_norm > 0, f"max_grad_norm: must be > 0, got {cfg.max_grad_norm}")
+    _need(cfg.kl_weight >= 0, f"kl_weight: must be >= 0, got {cfg.kl_weight}")
+    _need(0.0 <= cfg.min_timestep_boundary <= cfg.max_timestep_boundary <= 1.0,
+          "min_timestep_boundary/max_timestep_boundary: need 0 <= min <= max <= 1 (fractions of the "
+          f"schedule's step range), got min={cfg.min_timestep_boundary}, max={cfg.max_timestep_boundary}")
+    n = cfg.num_inference_steps
+    _need(0 <= cfg.mid_timestep <= cfg.final_timestep < n,
+          f"mid_timestep/final_timestep: need 0 <= mid_timestep <= final_timestep < num_inference_steps ({n}), "
+          f"got mid_timestep={cfg.mid_timestep}, final_timestep={cfg.final_timestep}")
+    _need(0.0 <= cfg.adam_beta1 < 1 and 0.0 <= cfg.adam_beta2 < 1,
+          f"adam_beta1/adam_beta2: must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
+    _need(cfg.mixed_precision in MIXED_PRECISION,
+          f"mixed_precision: must be one of {list(MIXED_PRECISION)}, got {cfg.mixed_precision!r}")
+    _need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+          f"device: must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}")
+    _need(bool(cfg.trainable_models.strip()), "trainable_models: must name at least one model (e.g. dit2)")
+    _need(bool(cfg.lora_target_modules.strip()) or cfg.lora_base_model is None,
+          "lora_target_modules: empty; list module names such as q,k,v,o,ffn.0,ffn.2 or set lora_base_model: null")
+    d = cfg.data
+    _need(d.num_frames > 0 and (d.num_frames - 1) % 4 == 0,
+          f"data.num_frames: must be of the form 4k+1 (1, 5, 9, ..., 81), got {d.num_frames}")
+    _need(d.max_pixels >= 256, f"data.max_pixels: must be >= 256 (16x16), got {d.max_pixels}")
+    for key in ("height", "width"):
+        value = getattr(d, key)
+        _need(value is None or (value > 0 and value % 16 == 0),
+              f"data.{key}: must be a positive multiple of 16, got {value}")
+    _need((d.height is None) == (d.width is None), "data.height/data.width: give both or neither")
+    _need(isinstance(cfg.resume_from_checkpoint, (bool, str)),
+          f"resume_from_checkpoint: expected true, false or a checkpoint path, got {cfg.resume_from_checkpoint!r}")
+
+
+def check_paths(cfg: TrainConfig, keys=PATH_KEYS) -> None:
+    """Every configured path exists; raises ConfigError naming the key and the resolved path."""
+    for key in keys:
+        obj, attr = (cfg, key) if "." not in key else (getattr(cfg, key.split(".")[0]), key.split(".")[1])
+        value = getattr(obj, attr)
+        if value is None:
+            continue
+        path = cfg.resolve_path(value)
+        if key == "data.metadata_path" and cfg.data.generate_example:
+            continue
+        if not os.path.exists(path):
+            raise ConfigError(f"{key}: path does not exist: {path} (fix the path in the config or with --set {key}=...)")
+    if isinstance(cfg.resume_from_checkpoint, str):
+        path = cfg.resolve_path(cfg.resume_from_checkpoint)
+        if not os.path.exists(path):
+            raise ConfigError(f"resume_from_checkpoint: checkpoint does not exist: {path} "
+                              "(use true to resume from the latest in output_dir)")
+    if isinstance(cfg.deepspeed, str):
+        path = cfg.resolve_path(cfg.deepspeed)
+        if not os.path.isfile(path):
+            raise ConfigError(f"deepspeed: DeepSpeed JSON not found: {path}")
+
+
+def parse_overrides(items) -> dict:
+    """``["a.b=1", "c=x"]`` -> nested dict, values parsed as YAML scalars (``1`` is an int)."""
+    out: dict = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected key=value (dotted keys for sections, e.g. sampler.shift=3)")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item}: empty key")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: cannot parse value: {e}") from e
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: '{part}' is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), str) and key in ("sampler", "reward"):
+            out[key] = _merge({"name": out[key]}, value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from e
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str, overrides=(), *, paths: bool = True) -> TrainConfig:
+    """Read YAML ``path``, apply ``--set`` overrides, validate (and check paths unless ``paths=False``)."""
+    raw = _merge(read_yaml(path), parse_overrides(overrides))
+    cfg = config_from_dict(raw, config_dir=os.path.dirname(os.path.abspath(path)))
+    if paths:
+        check_paths(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    """Plain data (for YAML/JSON) of a config, plugin options included."""
+    def conv(obj):
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            if isinstance(obj, PluginSection):
+                return {"name": obj.name, **conv(obj.options)}
+            return {f.name: conv(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
+        if isinstance(obj, dict):
+            return {k: conv(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [conv(v) for v in obj]
+        return obj
+
+    return conv(cfg)
+
+
+def dump_config(cfg: TrainConfig, path: str) -> None:
+    """Write the resolved config (defaults filled in) as YAML, atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False, allow_unicode=True)
+    os.replace(tmp, path)
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]

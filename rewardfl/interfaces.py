@@ -1,0 +1,266 @@
+"""The three plugin kinds the core knows: samplers, models and rewards.
+
+The core (config, registry, training loop, checkpointing) talks to plugins only
+through these classes. Concrete plugins live in ``rewardfl.samplers``,
+``rewardfl.models`` and ``rewardfl.rewards`` (or in third-party packages) and
+are found through the entry-point groups ``rewardfl.samplers``,
+``rewardfl.models`` and ``rewardfl.rewards``.
+
+Every plugin class has:
+
+* ``Options``: a dataclass of its own options. The config section of its kind
+  (``sampler:``, ``model:``, ``reward:``) is validated against it, with unknown
+  keys, wrong types and did-you-mean reported by ``rewardfl.config``.
+* ``__init__(self, config, options, **runtime)``: ``config`` is the whole
+  validated :class:`rewardfl.config.TrainConfig` (the user's top-level keys such
+  as ``num_inference_steps`` or ``model_paths`` live there), ``options`` an
+  instance of ``Options``; ``runtime`` carries things such as ``device``.
+  Constructors must stay cheap enough for ``--check`` where possible and must
+  raise ``ValueError``/``FileNotFoundError`` naming the config key for user
+  errors.
+
+Shapes: latents and videos ``(B, C, T, H, W)``; frames ``(F, 3, H, W)``.
+Decoded videos are float in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Iterator, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "NoOptions",
+    "StepPlan",
+    "Sampler",
+    "VideoModel",
+    "SampleContext",
+    "RewardOutput",
+    "Reward",
+]
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """Options of a plugin that takes none (its config section must be empty)."""
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """One step of a sampling trajectory, decided before sampling starts.
+
+    ``index`` runs 0..N-1 over the schedule (0 = noisiest). ``sigma`` and
+    ``sigma_next`` are the (shifted) noise levels before and after the update,
+    ``timestep = 1000 * sigma`` is what the model is conditioned on. ``expert``
+    names the model expert that runs this step (see ``VideoModel.experts``).
+    ``grad`` says the step runs with autograd on; ``last`` says sampling stops
+    after it (its ``sigma_next`` is then 0: the update jumps to the clean end).
+    """
+
+    index: int
+    timestep: float
+    sigma: float
+    sigma_next: float
+    expert: str
+    grad: bool
+    last: bool
+
+    @property
+    def dt(self) -> float:
+        return self.sigma_next - self.sigma
+
+
+class Sampler(ABC):
+    """Owns the noise schedule, the per-step plan and the update rule."""
+
+    Options: ClassVar[type] = NoOptions
+
+    #: (N + 1,) float64 noise levels, sigmas[0] = 1 (pure noise), sigmas[N] = 0.
+    sigmas: torch.Tensor
+    #: (N,) float64 model timesteps, 1000 * sigmas[:N].
+    timesteps: torch.Tensor
+
+    @abstractmethod
+    def plan(self, experts: Sequence[str], trainable_experts: Sequence[str]) -> list[StepPlan]:
+        """The steps to run, in order, ending with the step whose ``last`` is True.
+
+        ``experts`` are the model's experts from high to low noise;
+        ``trainable_experts`` those with trainable parameters. Raises
+        ``ValueError`` naming the config keys when the gradient window is empty
+        or only covers frozen experts.
+        """
+
+    @abstractmethod
+    def initial_noise(
+        self,
+        shape: Sequence[int],
+        *,
+        sample_seeds: Sequence[int],
+        step: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Starting noise ``(B, *shape)``, reproducible from (sample seed, training step)."""
+
+    @abstractmethod
+    def step(
+        self,
+        x: torch.Tensor,
+        v: torch.Tensor,
+        plan: StepPlan,
+        *,
+        v_uncond: Optional[torch.Tensor] = None,
+        inject_mask: Optional[torch.Tensor] = None,
+        inject_latent: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """One update ``x -> x_next`` (differentiable)."""
+
+    def regularizer(self, v: torch.Tensor, v_ref: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """0-dim fp32 penalty keeping ``v`` near the base model's ``v_ref`` at this step."""
+        sigma = max(plan.sigma, 1e-6)
+        return ((v.float() - v_ref.float()) ** 2).mean() / (2.0 * sigma * sigma)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class VideoModel(ABC):
+    """A video generator: conditioning encoders, one or more denoising experts, a decoder.
+
+    The model owns its modules and which parameters train. Experts are named
+    (``("dit", "dit2")`` for Wan2.2 A14B: high noise first); the sampler's plan
+    says which one runs at each step.
+    """
+
+    Options: ClassVar[type] = NoOptions
+
+    #: expert names from high noise to low noise
+    experts: tuple[str, ...] = ()
+    #: the model's latent dtype (bf16 on GPU, fp32 on CPU typically)
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+
+    @abstractmethod
+    def trainable_experts(self) -> tuple[str, ...]:
+        """Names of experts that hold trainable parameters."""
+
+    @abstractmethod
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """``(C, T, h, w)`` of the latent for a video of that size."""
+
+    @abstractmethod
+    def encode(self, prompts: Sequence[str], first_frames: torch.Tensor, num_frames: int) -> Any:
+        """Conditioning for a batch: prompts and first frames ``(B, 3, H, W)`` in [-1, 1].
+
+        Returns an opaque object passed back to ``denoise`` and ``injection``.
+        Runs without gradient; caching (e.g. per unique prompt) is the model's.
+        """
+
+    @abstractmethod
+    def denoise(
+        self,
+        expert: str,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Any,
+        *,
+        base: bool = False,
+    ) -> torch.Tensor:
+        """Velocity ``(B, C, T, h, w)`` of ``expert`` at ``x`` and ``timestep`` ``(B,)``.
+
+        ``base=True`` evaluates the expert without its trainable part (LoRA
+        adapters disabled, or the frozen copy) for the regulariser.
+        """
+
+    def injection(self, cond: Any) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``(mask, latent)`` for first-frame latent injection (TI2V-style), or None."""
+        return None
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Videos ``(B, 3, F, H, W)`` in [-1, 1] from latents, differentiable."""
+
+    @abstractmethod
+    def trainable_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """Named parameters the optimizer updates."""
+
+    @abstractmethod
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores of the model (LoRA weights, or full expert weights)."""
+
+    @abstractmethod
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of ``trainable_state_dict``; strict."""
+
+    def train(self, mode: bool = True) -> "VideoModel":
+        return self
+
+    def eval(self) -> "VideoModel":
+        return self.train(False)
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+@dataclasses.dataclass
+class SampleContext:
+    """What a reward may know about one sample besides the generated video.
+
+    ``sample_id`` is stable across steps (used as a cache key, e.g. the dataset
+    row's video path); ``reference`` is the reference video ``(F, 3, H, W)`` in
+    [-1, 1] (its frame 0 conditioned generation); ``reference_path`` the file it
+    came from (for disk caches keyed by file hash), ``prompt`` the text.
+    """
+
+    sample_id: str
+    reference: Optional[torch.Tensor] = None
+    reference_path: Optional[str] = None
+    prompt: str = ""
+
+
+@dataclasses.dataclass
+class RewardOutput:
+    """Per-sample reward for a batch of B videos.
+
+    ``scores`` ``(B,)`` float32 (differentiable w.r.t. the videos when the reward
+    is); ``valid`` ``(B,)`` bool, False where the reward has no signal (e.g. no
+    face found): such samples add nothing to the loss and are counted;
+    ``metrics`` scalar diagnostics (counts, means) for logging.
+    """
+
+    scores: torch.Tensor
+    valid: torch.Tensor
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class Reward(ABC):
+    """Scores decoded videos against per-sample context."""
+
+    Options: ClassVar[type] = NoOptions
+
+    #: True when ``scores`` carry gradient to the input videos
+    differentiable: ClassVar[bool] = False
+
+    def prepare(self, contexts: Sequence[SampleContext]) -> torch.Tensor:
+        """Precompute per-sample references once (cached by ``sample_id``).
+
+        Returns ``(B,)`` bool: False for samples that can never be scored (e.g.
+        a reference video without a face); the loop skips and counts them.
+        """
+        return torch.ones(len(contexts), dtype=torch.bool)
+
+    @abstractmethod
+    def __call__(self, videos: torch.Tensor, contexts: Sequence[SampleContext]) -> RewardOutput:
+        """Score videos ``(B, 3, F, H, W)`` in [-1, 1]."""
+
+    def loss(self, output: RewardOutput) -> torch.Tensor:
+        """0-dim loss to minimise; default ``-mean(score)`` over valid samples (0 if none)."""
+        valid = output.valid.to(output.scores.device)
+        if not bool(valid.any()):
+            return output.scores.sum() * 0.0
+        return -(output.scores[valid]).mean()

@@ -1,0 +1,148 @@
+"""The plugin registry: samplers, rewards and models found through entry points.
+
+Plugins (the project's built-ins included) are declared in a distribution's
+entry points::
+
+    [project.entry-points."rewardfl.rewards"]
+    my_reward = "my_pkg.reward:MyReward"
+
+Listing reads only package metadata: no plugin module is imported until a
+plugin is loaded by name. A plugin that fails to import is reported with its
+distribution and the error, and does not affect the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.metadata as md
+import traceback
+from typing import Any, Optional
+
+from .config import ConfigError, PluginSection, TrainConfig, build_dataclass
+from .interfaces import Reward, Sampler, VideoModel
+
+__all__ = ["KINDS", "PluginInfo", "PluginError", "list_plugins", "load_plugin", "create", "resolve_plugins"]
+
+#: kind -> (entry-point group, interface class)
+KINDS = {
+    "sampler": ("rewardfl.samplers", Sampler),
+    "reward": ("rewardfl.rewards", Reward),
+    "model": ("rewardfl.models", VideoModel),
+}
+
+
+class PluginError(ValueError):
+    """Unknown plugin name, or a plugin that cannot be loaded; the message says which and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginInfo:
+    kind: str
+    name: str
+    distribution: str
+    version: str
+    module: str  # "package.module:Object" as declared
+    entry_point: Any = dataclasses.field(compare=False, repr=False, default=None)
+
+
+def _group(kind: str) -> str:
+    if kind not in KINDS:
+        raise PluginError(f"unknown plugin kind '{kind}'; kinds are {sorted(KINDS)}")
+    return KINDS[kind][0]
+
+
+def list_plugins(kind: Optional[str] = None) -> list[PluginInfo]:
+    """All declared plugins (of ``kind``, or every kind), sorted; imports nothing."""
+    kinds = [kind] if kind else list(KINDS)
+    out = []
+    for k in kinds:
+        seen = set()
+        for ep in md.entry_points(group=_group(k)):
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else "?"
+            version = dist.version if dist is not None else "?"
+            key = (ep.name, ep.value)
+            if key in seen:  # the same distribution visible twice on sys.path
+                continue
+            seen.add(key)
+            out.append(PluginInfo(k, ep.name, dist_name, version, ep.value, ep))
+    return sorted(out, key=lambda p: (p.kind, p.name))
+
+
+def _unknown(kind: str, name: str, available: list[str]) -> PluginError:
+    close = difflib.get_close_matches(name, available, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    listed = ", ".join(available) if available else "none installed"
+    return PluginError(f"unknown {kind} plugin '{name}'{hint} (available: {listed})")
+
+
+def load_plugin(kind: str, name: str):
+    """The plugin class registered as ``name`` for ``kind``.
+
+    Raises PluginError listing the available names (with the closest match)
+    for an unknown name, or naming the distribution and the error for a plugin
+    that fails to import or does not implement the kind's interface.
+    """
+    infos = [p for p in list_plugins(kind) if p.name == name]
+    if not infos:
+        raise _unknown(kind, name, [p.name for p in list_plugins(kind)])
+    if len({(p.distribution, p.module) for p in infos}) > 1:
+        where = ", ".join(f"{p.module} from {p.distribution} {p.version}" for p in infos)
+        raise PluginError(f"{kind} plugin '{name}' is registered more than once: {where}; uninstall one")
+    info = infos[0]
+    try:
+        obj = info.entry_point.load()
+    except Exception as e:  # any failure in third-party import code
+        last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+        where = f" at {last.filename}:{last.lineno}" if last else ""
+        raise PluginError(
+            f"{kind} plugin '{name}' from distribution {info.distribution} {info.version} failed to import "
+            f"({info.module}): {type(e).__name__}: {e}{where}"
+        ) from e
+    interface = KINDS[kind][1]
+    if not (isinstance(obj, type) and issubclass(obj, interface)):
+        raise PluginError(
+            f"{kind} plugin '{name}' from distribution {info.distribution} ({info.module}) is not a subclass "
+            f"of rewardfl.interfaces.{interface.__name__}"
+        )
+    return obj
+
+
+def build_options(kind: str, name: str, cls, options) -> Any:
+    """Validate a plugin's config section against its ``Options`` dataclass."""
+    opts_cls = getattr(cls, "Options", None)
+    if opts_cls is None or not dataclasses.is_dataclass(opts_cls):
+        raise PluginError(f"{kind} plugin '{name}' ({cls.__module__}.{cls.__name__}) has no Options dataclass")
+    if dataclasses.is_dataclass(options) and isinstance(options, opts_cls):
+        return options
+    section = "model" if kind == "model" else kind
+    return build_dataclass(opts_cls, dict(options or {}), prefix=section)
+
+
+def resolve_plugins(cfg: TrainConfig) -> dict[str, type]:
+    """Load the three plugins a config names and validate their options in place.
+
+    Returns ``{"model": cls, "sampler": cls, "reward": cls}``. Errors name the
+    config key (``model_name``, ``sampler.name``, ``reward.name`` or an option).
+    """
+    classes = {}
+    for kind, key, section in (("model", "model_name", None), ("sampler", "sampler.name", cfg.sampler),
+                               ("reward", "reward.name", cfg.reward)):
+        name = cfg.model_name if kind == "model" else section.name
+        try:
+            cls = load_plugin(kind, name)
+        except PluginError as e:
+            raise ConfigError(f"{key}: {e}") from e
+        if kind == "model":
+            cfg.model = build_options(kind, name, cls, cfg.model)
+        else:
+            section.options = build_options(kind, name, cls, section.options)
+        classes[kind] = cls
+    return classes
+
+
+def create(kind: str, name: str, config: TrainConfig, options=None, **runtime):
+    """Instantiate plugin ``name``: ``cls(config, validated_options, **runtime)``."""
+    cls = load_plugin(kind, name)
+    return cls(config, build_options(kind, name, cls, options), **runtime)
