@@ -138,15 +138,16 @@ class TrainConfig:
     #: a DeepSpeed config: a mapping, or a path to a DeepSpeed JSON
     deepspeed: Optional[Union[dict, str]] = None
 
-    #: set by load_config: the directory relative paths are resolved against
-    config_dir: str = dataclasses.field(default=".", metadata={"internal": True})
+    #: set when loading: the directory relative paths are resolved against (the
+    #: working directory at load time, as in ROLL and DiffSynth-Studio)
+    base_dir: str = dataclasses.field(default=".", metadata={"internal": True})
 
     def resolve_path(self, value: Optional[str]) -> Optional[str]:
-        """A path from the config, relative to the config file's directory."""
+        """An absolute path for a path from the config (relative ones: to ``base_dir``)."""
         if value is None:
             return None
         value = os.path.expanduser(str(value))
-        return value if os.path.isabs(value) else os.path.normpath(os.path.join(self.config_dir, value))
+        return value if os.path.isabs(value) else os.path.normpath(os.path.join(self.base_dir, value))
 
 
 # keys whose values are filesystem paths that must exist (when set), for check_paths
@@ -253,8 +254,9 @@ def build_dataclass(cls, values: dict, prefix: str = ""):
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            known = ", ".join(sorted(fields)) if len(fields) <= 12 else f"{len(fields)} keys, see the README"
-            raise ConfigError(f"unknown key '{dotted}'{_did_you_mean(str(key), fields)}; known keys: {known}")
+            known = ("known keys: " + ", ".join(sorted(fields)) if len(fields) <= 12
+                     else "see the config reference in README.md")
+            raise ConfigError(f"unknown key '{dotted}'{_did_you_mean(str(key), fields)}; {known}")
         kwargs[key] = _coerce(value, hints[key], dotted)
     try:
         return cls(**kwargs)
@@ -281,7 +283,7 @@ def _normalize_plugin_section(raw, key: str) -> dict:
     raise ConfigError(f"{key}: expected a plugin name or a mapping with 'name', got {raw!r}")
 
 
-def config_from_dict(raw: dict, *, config_dir: str = ".") -> TrainConfig:
+def config_from_dict(raw: dict, *, base_dir: Optional[str] = None) -> TrainConfig:
     """Validate a mapping (as read from YAML) into a :class:`TrainConfig`.
 
     Checks types, unknown keys and value ranges; not paths or plugins
@@ -299,7 +301,7 @@ def config_from_dict(raw: dict, *, config_dir: str = ".") -> TrainConfig:
     if "model" in raw and raw["model"] is None:
         raw["model"] = {}
     cfg = build_dataclass(TrainConfig, raw)
-    cfg.config_dir = os.path.abspath(config_dir)
+    cfg.base_dir = os.path.abspath(base_dir or os.getcwd())
     validate(cfg)
     return cfg
 
@@ -434,7 +436,7 @@ def read_yaml(path: str) -> dict:
 def load_config(path: str, overrides=(), *, paths: bool = True) -> TrainConfig:
     """Read YAML ``path``, apply ``--set`` overrides, validate (and check paths unless ``paths=False``)."""
     raw = _merge(read_yaml(path), parse_overrides(overrides))
-    cfg = config_from_dict(raw, config_dir=os.path.dirname(os.path.abspath(path)))
+    cfg = config_from_dict(raw)
     if paths:
         check_paths(cfg)
     return cfg

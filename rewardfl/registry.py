@@ -126,10 +126,15 @@ def resolve_plugins(cfg: TrainConfig) -> dict[str, type]:
     Returns ``{"model": cls, "sampler": cls, "reward": cls}``. Errors name the
     config key (``model_name``, ``sampler.name``, ``reward.name`` or an option).
     """
+    wanted = (("model", "model_name", None, cfg.model_name), ("sampler", "sampler.name", cfg.sampler, cfg.sampler.name),
+              ("reward", "reward.name", cfg.reward, cfg.reward.name))
+    # names first (metadata only), so a typo is reported before anything heavy imports
+    for kind, key, _, name in wanted:
+        available = [p.name for p in list_plugins(kind)]
+        if name not in available:
+            raise ConfigError(f"{key}: {_unknown(kind, name, available)}")
     classes = {}
-    for kind, key, section in (("model", "model_name", None), ("sampler", "sampler.name", cfg.sampler),
-                               ("reward", "reward.name", cfg.reward)):
-        name = cfg.model_name if kind == "model" else section.name
+    for kind, key, section, name in wanted:
         try:
             cls = load_plugin(kind, name)
         except PluginError as e:
