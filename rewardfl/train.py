@@ -1,0 +1,478 @@
+"""The reward feedback learning loop.
+
+One optimizer step (``train_step``) reads top to bottom:
+
+1. for each micro-batch: condition on prompt + first frame, sample with the
+   sampler's plan (no gradient before the window, gradient inside it, the last
+   gradient step jumps to sigma 0), decode with gradient, score with the reward;
+   ``loss = reward.loss(scores) + kl_weight * regulariser``; backward, scaled by
+   1 / gradient_accumulation_steps;
+2. clip to ``max_grad_norm``; a non-finite loss or gradient skips the update
+   (counted) instead of corrupting the weights;
+3. AdamW step, LR schedule step; metrics, sample videos, checkpoints.
+
+Batch sizes: ``per_device_train_batch_size`` videos are sampled together in one
+micro-batch on each process; ``gradient_accumulation_steps`` micro-batches
+make one optimizer step; ``train_batch_size`` (optional) is the global batch
+per optimizer step = per_device * world size * accumulation, checked (or used
+to derive the accumulation when that is left at 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig, dump_config
+from .interfaces import Reward, Sampler, SampleContext, StepPlan, VideoModel
+
+log = logging.getLogger("rewardfl")
+
+__all__ = ["train", "Trainer", "rollout", "lr_lambda"]
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def rollout(model: VideoModel, sampler: Sampler, plan: list[StepPlan], batch: dict, *, step: int,
+            seeds: list[int], kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample latents under the plan's gradient window and decode them.
+
+    Returns ``(videos (B, 3, F, H, W) in [-1, 1], kl)``, ``kl`` the regulariser
+    averaged over gradient steps (0-dim fp32; 0 when ``kl_weight`` is 0).
+    """
+    video = batch["video"]  # (B, F, 3, H, W) in [-1, 1]
+    num_frames, height, width = video.shape[1], video.shape[3], video.shape[4]
+    first = video[:, 0].to(model.device, model.dtype)
+    cond = model.encode(batch["prompt"], first, num_frames)
+    inject = model.injection(cond)
+    shape = model.latent_shape(num_frames, height, width)
+    x = sampler.initial_noise(shape, sample_seeds=seeds, step=step, device=model.device, dtype=model.dtype)
+    kl_terms = []
+    for p in plan:
+        t = torch.full((x.shape[0],), p.timestep, device=model.device, dtype=torch.float32)
+        with torch.set_grad_enabled(p.grad):
+            v = model.denoise(p.expert, x, t, cond)
+            if p.grad and kl_weight > 0:
+                with torch.no_grad():
+                    v_ref = model.denoise(p.expert, x, t, cond, base=True)
+                kl_terms.append(sampler.regularizer(v, v_ref, p))
+            x = sampler.step(x, v, p, inject_mask=inject[0] if inject else None,
+                             inject_latent=inject[1] if inject else None)
+        if p.last:
+            break
+    kl = torch.stack(kl_terms).mean() if kl_terms else torch.zeros((), device=model.device)
+    return model.decode(x), kl
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """LR multiplier per optimizer step: linear warm-up to 1, then constant, linear or cosine decay to 0."""
+
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one object per optimizer step) and TensorBoard when installed."""
+
+    def __init__(self, output_dir: str, enabled: bool, resume_step: int = 0):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        self._truncate_after(resume_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop records past ``step``: a resumed run rewrites the steps after its checkpoint."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def read(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+class VideoWriter:
+    """Writes sample videos as mp4 on a background thread (training does not wait on encoding)."""
+
+    def __init__(self, fps: int = 16):
+        self.fps = fps
+        self.threads: list[threading.Thread] = []
+
+    def submit(self, path: str, video: torch.Tensor, reference: Optional[torch.Tensor] = None) -> None:
+        """``video`` (3, F, H, W) in [-1, 1]; ``reference`` (F, 3, H, W) in [-1, 1] shown on the left."""
+        frames = _to_uint8(video.detach().float().cpu().permute(1, 2, 3, 0))  # (F, H, W, 3)
+        if reference is not None:
+            ref = _to_uint8(reference.detach().float().cpu().permute(0, 2, 3, 1))[: frames.shape[0]]
+            if ref.shape == frames.shape:
+                frames = np.concatenate([ref, frames], axis=2)
+        t = threading.Thread(target=_write_mp4, args=(path, frames, self.fps), daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def close(self):
+        for t in self.threads:
+            t.join()
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def _write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
+    import imageio.v2 as imageio
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.mp4"
+    # even sizes for yuv420p; macro_block_size=1 keeps small demo frames unpadded
+    with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                            ffmpeg_params=["-pix_fmt", "yuv444p"]) as w:
+        for frame in frames:
+            w.append_data(frame)
+    os.replace(tmp, path)
+
+
+def plot_reward_curve(records: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, ax1 = plt.subplots(figsize=(7, 4))
+    ax1.plot(steps, [r["face_score"] for r in records], color="tab:blue", marker=".", label="reward score")
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("reward score", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot(steps, [r["loss"] for r in records], color="tab:red", alpha=0.6, label="loss")
+    ax2.set_ylabel("loss", color="tab:red")
+    ax1.set_title("reward feedback learning")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What a checkpoint needs to continue exactly: step and data position, counters."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # micro-batches consumed in this epoch
+    skipped_nonfinite: int = 0
+    skipped_no_reference_face: int = 0
+    skipped_no_reward: int = 0
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("received %s: finishing the step, saving a checkpoint, then exiting",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {cfg.device!r} requested but CUDA is not available (use device: cpu or auto)")
+    return torch.device(cfg.device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Builds plugins, data and optimizer from a config; ``run()`` trains to the end."""
+
+    def __init__(self, cfg: TrainConfig, plugins: dict[str, type], *, rank: int = 0, world_size: int = 1,
+                 device: Optional[torch.device] = None):
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
+        self.device = device or resolve_device(cfg)
+        self.output_dir = cfg.resolve_path(cfg.output_dir)
+        self.ckpt_dir = os.path.join(self.output_dir, "checkpoints")
+        accum = cfg.gradient_accumulation_steps
+        per_step = cfg.per_device_train_batch_size * world_size
+        if cfg.train_batch_size is not None:
+            if accum == 1 and cfg.train_batch_size % per_step == 0:
+                accum = cfg.train_batch_size // per_step
+            elif cfg.train_batch_size != per_step * accum:
+                raise ConfigError(
+                    f"train_batch_size: {cfg.train_batch_size} != per_device_train_batch_size "
+                    f"({cfg.per_device_train_batch_size}) x processes ({world_size}) x gradient_accumulation_steps "
+                    f"({accum}); fix one of them or leave train_batch_size unset")
+        self.accum = accum
+        seed_everything(cfg.seed)
+
+        self.dataset = self._build_dataset()
+        self.model: VideoModel = plugins["model"](cfg, cfg.model, device=self.device)
+        self.sampler: Sampler = plugins["sampler"](cfg, cfg.sampler.options, device=self.device)
+        self.reward: Reward = plugins["reward"](cfg, cfg.reward.options, device=self.device)
+        self.plan = self.sampler.plan(self.model.experts, self.model.trainable_experts())
+        self.params = [p for _, p in self.model.trainable_parameters()]
+        if not self.params:
+            raise ConfigError("trainable_models: the model has no trainable parameters with this config")
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        self.micro_per_epoch = len(self.shard) // cfg.per_device_train_batch_size
+        if self.micro_per_epoch == 0:
+            raise ConfigError(
+                f"per_device_train_batch_size: {cfg.per_device_train_batch_size} exceeds the {len(self.shard)} "
+                f"videos of this process's share of data.metadata_path")
+        self.total_steps = cfg.max_steps or cfg.num_train_epochs * max(1, self.micro_per_epoch // self.accum)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.lr_scheduler_type, cfg.warmup_steps, self.total_steps))
+        self.state = TrainState()
+
+    # ---------------------------------------------------------------- data
+
+    def _build_dataset(self):
+        from .data import VideoDataset
+
+        d = self.cfg.data
+        if d.metadata_path is None:
+            raise ConfigError("data.metadata_path: not set; point it at a metadata.csv (video,prompt columns)")
+        path = self.cfg.resolve_path(d.metadata_path)
+        if d.generate_example and not os.path.exists(path):
+            from .example_data import ensure_example_dataset
+
+            ensure_example_dataset(os.path.dirname(path))
+        dataset = VideoDataset(path, num_frames=d.num_frames, max_pixels=d.max_pixels, height=d.height,
+                               width=d.width)
+        self.shard = list(range(len(dataset)))[self.rank::self.world_size]
+        return dataset
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """This process's sample order for ``epoch``: a permutation seeded by (seed, epoch)."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
+        return [self.shard[i] for i in torch.randperm(len(self.shard), generator=g).tolist()]
+
+    def _next_batch(self) -> dict:
+        bs = self.cfg.per_device_train_batch_size
+        if self.state.position >= self.micro_per_epoch:
+            self.state.epoch += 1
+            self.state.position = 0
+        order = self._epoch_order(self.state.epoch)
+        idx = order[self.state.position * bs:(self.state.position + 1) * bs]
+        self.state.position += 1
+        items = [self.dataset[i] for i in idx]
+        return {
+            "video": torch.stack([it["video"] for it in items]),
+            "prompt": [it["prompt"] for it in items],
+            "path": [it["path"] for it in items],
+            "sample_id": [it["sample_id"] for it in items],
+            "index": idx,
+        }
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save(self) -> str:
+        state = dataclasses.asdict(self.state)
+        path = save_checkpoint(self.ckpt_dir, self.state.step, weights=self.model.trainable_state_dict(),
+                               optimizer=self.optimizer, scheduler=self.scheduler, state=state,
+                               keep=self.cfg.save_total_limit)
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def maybe_resume(self) -> Optional[str]:
+        r = self.cfg.resume_from_checkpoint
+        if r is False:
+            return None
+        path = latest_checkpoint(self.ckpt_dir) if r is True else self.cfg.resolve_path(r)
+        if path is None:
+            log.info("resume_from_checkpoint: no checkpoint in %s yet; starting fresh", self.ckpt_dir)
+            return None
+        weights, state = load_checkpoint(path, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.model.load_trainable_state_dict(weights)
+        self.state = TrainState(**{f.name: state[f.name] for f in dataclasses.fields(TrainState) if f.name in state})
+        log.info("resumed from %s at step %d", path, self.state.step)
+        return path
+
+    # ---------------------------------------------------------------- one optimizer step
+
+    def train_step(self) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = {"loss": 0.0, "reward_loss": 0.0, "kl_loss": 0.0, "face_score": [], "skipped_samples": 0}
+        extra: dict[str, float] = {}
+        for _ in range(self.accum):
+            batch = self._next_batch()
+            contexts = [SampleContext(sid, v, p, pr) for sid, v, p, pr in
+                        zip(batch["sample_id"], batch["video"], batch["path"], batch["prompt"])]
+            keep = self.reward.prepare(contexts).cpu()
+            if not bool(keep.all()):  # a reference without a face: skip those samples, counted
+                self.state.skipped_no_reference_face += int((~keep).sum())
+                totals["skipped_samples"] += int((~keep).sum())
+                if not bool(keep.any()):
+                    continue
+                sel = keep.nonzero().flatten().tolist()
+                batch = {k: (v[sel] if torch.is_tensor(v) else [v[i] for i in sel]) for k, v in batch.items()}
+                contexts = [contexts[i] for i in sel]
+            seeds = [cfg.seed * 7919 + i for i in batch["index"]]
+            videos, kl = rollout(self.model, self.sampler, self.plan, batch, step=0 if cfg.fixed_noise else
+                                 self.state.step, seeds=seeds, kl_weight=cfg.kl_weight)
+            out = self.reward(videos, contexts)
+            reward_loss = self.reward.loss(out)
+            loss = reward_loss + cfg.kl_weight * kl
+            (loss / self.accum).backward()
+            totals["loss"] += loss.item() / self.accum
+            totals["reward_loss"] += reward_loss.item() / self.accum
+            totals["kl_loss"] += kl.item() / self.accum
+            totals["face_score"] += out.scores.detach()[out.valid.to(out.scores.device)].float().cpu().tolist()
+            totals["skipped_samples"] += int((~out.valid).sum())
+            for k, v in out.metrics.items():
+                extra[k] = extra.get(k, 0.0) + float(v) / self.accum
+            self._last_videos = (videos.detach(), batch["video"].detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if self.params else torch.zeros(())
+        finite = math.isfinite(totals["loss"]) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+        else:  # never let NaN/Inf reach the weights
+            self.state.skipped_nonfinite += 1
+            log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s): update skipped",
+                        self.state.step + 1, totals["loss"], float(grad_norm))
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.state.step += 1
+        scores = totals.pop("face_score")
+        return {
+            "step": self.state.step,
+            **totals,
+            "face_score": float(np.mean(scores)) if scores else float("nan"),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "step_time_s": time.perf_counter() - t0,
+            "updated": finite,
+            "skipped_nonfinite": self.state.skipped_nonfinite,
+            "skipped_no_reference_face": self.state.skipped_no_reference_face,
+            **{f"reward/{k}": v for k, v in extra.items()},
+        }
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(self) -> list[dict]:
+        cfg = self.cfg
+        if self.is_main:
+            os.makedirs(self.output_dir, exist_ok=True)
+            dump_config(cfg, os.path.join(self.output_dir, "config.yaml"))
+        self.maybe_resume()
+        metrics = MetricsLog(self.output_dir, self.is_main, resume_step=self.state.step)
+        videos = VideoWriter()
+        self.model.train()
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.is_main or None,
+                   dynamic_ncols=True, desc="reward-fl")
+        try:
+            with _Stop() as stop:
+                while self.state.step < self.total_steps:
+                    record = self.train_step()
+                    metrics.write(record)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", face=f"{record['face_score']:.3f}",
+                                    s=f"{record['step_time_s']:.1f}")
+                    step = self.state.step
+                    if self.is_main and cfg.sample_video_steps and step % cfg.sample_video_steps == 0:
+                        gen, ref = self._last_videos
+                        videos.submit(os.path.join(self.output_dir, "samples", f"step-{step:06d}.mp4"), gen[0],
+                                      ref[0] if cfg.sample_side_by_side else None)
+                    if stop.signal is not None:
+                        self.save()
+                        log.warning("stopped by signal at step %d; resume with resume_from_checkpoint: true", step)
+                        break
+                    if step % cfg.save_steps == 0 or step == self.total_steps:
+                        self.save()
+        finally:
+            bar.close()
+            videos.close()
+            metrics.close()
+        records = metrics.read() if self.is_main else []
+        if self.is_main and records:
+            plot_reward_curve(records, os.path.join(self.output_dir, "reward_curve.png"))
+        return records
+
+
+def train(cfg: TrainConfig, plugins: dict[str, type]) -> list[dict]:
+    """Train as configured; returns the metrics records (rank 0)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    return Trainer(cfg, plugins).run()
