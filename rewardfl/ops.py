@@ -332,6 +332,8 @@ def face_align(
 
 # --------------------------------------------------------------------------- op registration
 
+# The autograd kernels are C++ (csrc/ops/autograd/face_align_autograd.cpp); torch.compile needs
+# the fake kernels below, which give output shapes and dtypes without computing.
 try:
     from . import _C  # noqa: F401  (registers torch.ops.rewardfl.*)
 
@@ -351,23 +353,3 @@ if _EXTENSION:
     @torch.library.register_fake("rewardfl::face_align_backward")
     def _face_align_backward_fake(grad, inverse, frame_index, num_frames, height, width, channel_map, scale, dtype):
         return grad.new_empty((num_frames, 3, height, width), dtype=dtype)
-
-    def _face_align_setup_context(ctx, inputs, output):
-        frames, inverse, frame_index, _size, channel_map, _low, scale, _bias = inputs
-        ctx.save_for_backward(inverse, frame_index)
-        ctx.frames_shape = frames.shape
-        ctx.frames_dtype = frames.dtype
-        ctx.channel_map = channel_map
-        ctx.scale = scale
-
-    def _face_align_backward(ctx, grad):
-        inverse, frame_index = ctx.saved_tensors
-        num_frames, _, height, width = ctx.frames_shape
-        grad_frames = torch.ops.rewardfl.face_align_backward(
-            grad.contiguous(), inverse, frame_index, num_frames, height, width, ctx.channel_map, ctx.scale, ctx.frames_dtype
-        )
-        return grad_frames, None, None, None, None, None, None, None
-
-    torch.library.register_autograd(
-        "rewardfl::face_align", _face_align_backward, setup_context=_face_align_setup_context
-    )
