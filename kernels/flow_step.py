@@ -137,8 +137,8 @@ class _Injection:
         self.latent_strides = strides[1] if latent is not None else [0] * 5
 
 
-def _flow_step_triton(x, v, v_uncond, injection: Optional[_Injection], a: float, b: float, out_dtype):
-    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+def _flow_step_triton(x, v, v_uncond, injection: Optional[_Injection], a: float, b: float, out: torch.Tensor):
+    """Launch the forward kernel writing into ``out`` (contiguous, shaped like ``x``)."""
     n = x.numel()
     if n == 0:
         return out
@@ -156,12 +156,11 @@ def _flow_step_triton(x, v, v_uncond, injection: Optional[_Injection], a: float,
     return out
 
 
-def _flow_step_backward_triton(g, injection, a, b, dtypes, needs):
-    """``needs`` says which of (x, v, v_uncond) want a gradient; ``dtypes`` their dtypes."""
+def _flow_step_backward_triton(g, injection, a, b, grads):
+    """Launch the backward kernel writing into ``grads``: (grad_x, grad_v, grad_v_uncond), None = not wanted."""
     g = g.contiguous()
-    grads = [torch.empty(g.shape, dtype=dt, device=g.device) if need else None for dt, need in zip(dtypes, needs)]
     n = g.numel()
-    if n == 0 or not any(needs):
+    if n == 0 or all(t is None for t in grads):
         return grads
     inj = injection
     _flow_step_bwd_kernel[_grid(n)](
@@ -169,7 +168,8 @@ def _flow_step_backward_triton(g, injection, a, b, dtypes, needs):
         n, a, b,
         *(inj.sizes[1:] if inj else (1, 1, 1, 1)),
         *(inj.mask_strides if inj else (0,) * 5),
-        WRITE_GX=needs[0], WRITE_GV=needs[1], WRITE_GVU=needs[2], HAS_INJECT=inj is not None,
+        WRITE_GX=grads[0] is not None, WRITE_GV=grads[1] is not None, WRITE_GVU=grads[2] is not None,
+        HAS_INJECT=inj is not None,
         INT64=n > _INT32_MAX, **launch_meta(_CONFIGS),
     )
     return grads
@@ -232,7 +232,8 @@ class FlowStepFunction(torch.autograd.Function):
         b = dt * (1.0 - guidance)
         if backend == "triton":
             injection = _Injection(x.shape, inject_mask, inject_latent) if inject_mask is not None else None
-            out = _flow_step_triton(x, v, v_uncond, injection, a, b, out_dtype)
+            out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+            _flow_step_triton(x, v, v_uncond, injection, a, b, out)
         else:
             injection = None
             out = flow_step_reference(x, v, dt, v_uncond=v_uncond, guidance=guidance, inject_mask=inject_mask,
@@ -251,7 +252,9 @@ class FlowStepFunction(torch.autograd.Function):
         a, b = ctx.coefficients
         needs = tuple(ctx.needs_input_grad[:3])
         if ctx.backend == "triton":
-            gx, gv, gvu = _flow_step_backward_triton(g, ctx.injection, a, b, ctx.dtypes, needs)
+            grads = [torch.empty(g.shape, dtype=dt, device=g.device) if need else None
+                     for dt, need in zip(ctx.dtypes, needs)]
+            gx, gv, gvu = _flow_step_backward_triton(g, ctx.injection, a, b, grads)
         else:
             gx, gv, gvu = _flow_step_backward_reference(g, mask, a, b, ctx.dtypes, needs)
         g_latent = None

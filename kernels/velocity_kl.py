@@ -61,17 +61,24 @@ def _velocity_kl_bwd_kernel(v_ptr, r_ptr, gout_ptr, gv_ptr, n, scale, INT64: tl.
     tl.store(gv_ptr + offs, cast_for_store(d * factor, gv_ptr), mask=valid)
 
 
-def _velocity_kl_triton(v, v_ref, sigma: float) -> torch.Tensor:
+def _num_partials(n: int) -> int:
+    return triton.cdiv(n, _CHUNK)
+
+
+def _velocity_kl_triton(v, v_ref, sigma: float, partials: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``partials``: ``(_num_partials(n),)`` fp32 scratch the kernel fills (allocated when None)."""
     n = v.numel()
-    partials = torch.empty(triton.cdiv(n, _CHUNK), dtype=torch.float32, device=v.device)
+    if partials is None:
+        partials = torch.empty(_num_partials(n), dtype=torch.float32, device=v.device)
     _velocity_kl_fwd_kernel[(partials.numel(),)](v, v_ref, partials, n, INT64=n > _INT32_MAX, CHUNK=_CHUNK,
                                                  **launch_meta(_CONFIGS))
     return partials.sum() * (1.0 / (n * 2.0 * sigma * sigma))
 
 
-def _velocity_kl_backward_triton(g, v, v_ref, sigma: float) -> torch.Tensor:
+def _velocity_kl_backward_triton(g, v, v_ref, sigma: float, grad_v: Optional[torch.Tensor] = None) -> torch.Tensor:
     n = v.numel()
-    grad_v = torch.empty_like(v)
+    if grad_v is None:
+        grad_v = torch.empty_like(v, memory_format=torch.contiguous_format)
     _velocity_kl_bwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
         v, v_ref, g.contiguous(), grad_v, n, 1.0 / (n * sigma * sigma), INT64=n > _INT32_MAX,
         **launch_meta(_CONFIGS),
