@@ -1,0 +1,146 @@
+"""Run one ONNX face model on torch tensors: onnxruntime without gradient, a torch twin with it.
+
+* onnxruntime (``onnxruntime-gpu``): CPU tensors run on ``CPUExecutionProvider``; CUDA
+  tensors on ``CUDAExecutionProvider`` through IOBinding (input and outputs stay on the GPU,
+  no host copies).
+* The torch twin: the same (folded) graph converted with onnx2torch, an ``nn.Module`` in eval
+  mode with frozen weights; differentiable in its input. Also used without gradient where
+  onnxruntime has no provider for the tensor's device.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import onnx
+import torch
+
+from .onnx_fold import prepare_graph
+
+__all__ = ["OnnxModel", "BACKENDS"]
+
+BACKENDS = ("auto", "onnxruntime", "torch")
+# onnx2torch has converters up to these opsets; newer graphs are converted down first
+_TWIN_OPSET = 17
+
+
+class OnnxModel:
+    """One ONNX model file, loaded once, run on any batch.
+
+    ``path``: the .onnx file (quantised weights are folded to fp32 at load).
+    ``backend``: ``auto`` (onnxruntime when it has a provider for the tensor's device, else the
+    torch twin), ``onnxruntime`` or ``torch``, for :meth:`run` (no gradient).
+    """
+
+    def __init__(self, path: str, *, backend: str = "auto", intra_op_threads: int = 0):
+        if backend not in BACKENDS:
+            raise ValueError(f"reward.backend: must be one of {list(BACKENDS)}, got {backend!r}")
+        self.path = path
+        self.backend = backend
+        self.intra_op_threads = intra_op_threads
+        try:
+            raw = onnx.load(path)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
+            raise ValueError(f"reward_model_path: cannot read ONNX model {path}: {type(e).__name__}: {e}") from e
+        #: input (C, H, W) as declared before freeing the batch dim (0 where symbolic)
+        self.input_chw = tuple(d.dim_value for d in _real_inputs(raw)[0].type.tensor_type.shape.dim[1:])
+        #: op types of the first compute nodes (for insightface's normalisation rule)
+        self.first_ops = tuple(n.op_type for n in raw.graph.node
+                               if n.op_type not in ("DequantizeLinear", "Reshape", "Constant"))[:8]
+        #: output dims (without batch) as declared before freeing the batch dim (0 where symbolic)
+        self.output_dims = [tuple(d.dim_value for d in o.type.tensor_type.shape.dim[1:]) for o in raw.graph.output]
+        self.proto = prepare_graph(raw)
+        self.input_name = _real_inputs(self.proto)[0].name
+        self.output_names = [o.name for o in self.proto.graph.output]
+        self._sessions: dict = {}
+        self._twins: dict = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ onnxruntime
+
+    def _session(self, device: torch.device):
+        import onnxruntime as ort
+
+        key = (device.type, device.index)
+        with self._lock:
+            if key not in self._sessions:
+                opts = ort.SessionOptions()
+                opts.log_severity_level = 3  # no warnings about pruned initializers
+                if self.intra_op_threads:
+                    opts.intra_op_num_threads = self.intra_op_threads
+                if device.type == "cuda":
+                    providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+                else:
+                    providers = ["CPUExecutionProvider"]
+                self._sessions[key] = ort.InferenceSession(self.proto.SerializeToString(), opts, providers=providers)
+            return self._sessions[key]
+
+    def _ort_available(self, device: torch.device) -> bool:
+        if device.type == "cpu":
+            return True
+        if device.type != "cuda":
+            return False
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" in ort.get_available_providers() and \
+            "CUDAExecutionProvider" in self._session(device).get_providers()
+
+    def run_onnxruntime(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs for input ``x`` (N, C, H, W) float32, on ``x``'s device, without gradient."""
+        x = x.detach().to(torch.float32).contiguous()
+        session = self._session(x.device)
+        if x.device.type == "cpu":
+            outs = session.run(self.output_names, {self.input_name: x.numpy()})
+            return [torch.from_numpy(o) for o in outs]
+        import numpy as np
+
+        binding = session.io_binding()
+        binding.bind_input(self.input_name, "cuda", x.device.index or 0, np.float32, tuple(x.shape), x.data_ptr())
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", x.device.index or 0)
+        torch.cuda.current_stream(x.device).synchronize()  # x must be written before ORT's stream reads it
+        session.run_with_iobinding(binding)
+        return [torch.from_dlpack(v) for v in binding.get_outputs()]
+
+    # ------------------------------------------------------------------ torch twin
+
+    def twin(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """The graph as a frozen torch module on ``device`` (cached), differentiable in its input."""
+        device = torch.device(device)
+        key = (device.type, device.index, dtype)
+        with self._lock:
+            if key not in self._twins:
+                from onnx2torch import convert
+
+                graph = self.proto
+                opset = max((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), default=0)
+                if opset > _TWIN_OPSET:
+                    graph = onnx.version_converter.convert_version(graph, _TWIN_OPSET)
+                module = convert(graph).eval().requires_grad_(False)
+                self._twins[key] = module.to(device=device, dtype=dtype)
+            return self._twins[key]
+
+    def run_twin(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs of the torch twin (keeps autograd when ``x`` requires grad)."""
+        out = self.twin(x.device, x.dtype)(x)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    # ------------------------------------------------------------------ either
+
+    def run(self, x: torch.Tensor, backend: Optional[str] = None) -> list[torch.Tensor]:
+        """Outputs without gradient, by ``backend`` (default: the model's)."""
+        backend = backend or self.backend
+        if backend == "onnxruntime" or (backend == "auto" and self._ort_available(x.device)):
+            return self.run_onnxruntime(x)
+        with torch.no_grad():
+            return self.run_twin(x.to(torch.float32))
+
+
+def _real_inputs(model: onnx.ModelProto):
+    inits = {i.name for i in model.graph.initializer}
+    used = {i for n in model.graph.node for i in n.input}
+    inputs = [i for i in model.graph.input if i.name not in inits and i.name in used]
+    if not inputs:
+        raise ValueError(f"ONNX model {model.graph.name!r} has no input")
+    return inputs
