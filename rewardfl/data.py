@@ -97,7 +97,7 @@ def resize_and_crop(frame: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     h0, w0 = frame.shape[:2]
     scale = max(h / h0, w / w0)
     rh, rw = max(h, round(h0 * scale)), max(w, round(w0 * scale))
-    x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None]
+    x = torch.from_numpy(np.require(frame, np.uint8, ["C", "W"])).permute(2, 0, 1)[None]  # W: torch wants writable
     if (rh, rw) != (h0, w0):
         # uint8 channels-last is torch's fast path and rounds like PIL
         x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(rh, rw),
@@ -138,7 +138,7 @@ def _iter_video_file(path: str, num_frames: int) -> Iterator[np.ndarray]:
         meta = next(reader)
         w, h = meta["size"]  # the size after ffmpeg applied any rotation
         for raw in reader:
-            yield np.frombuffer(bytearray(raw), dtype=np.uint8).reshape(h, w, 3)  # bytearray: writable for torch
+            yield np.frombuffer(raw, dtype=np.uint8).reshape(h, w, 3)
     finally:
         reader.close()
 
