@@ -128,9 +128,9 @@ def _slug(path: str) -> str:
 
 
 def build_example_dataset(out_dir: str, photos: Sequence[str], *, face_boxes: Optional[Sequence[Optional[Box]]] = None,
-                          subjects: Optional[Sequence[str]] = None, num_frames: int = 9,
+                          subjects: Optional[Sequence[str]] = None, num_frames: int = 17,
                           size: tuple[int, int] = (128, 128), clips_per_photo: int = 2, fps: int = 16,
-                          face_fraction: float = 0.5, force: bool = False) -> str:
+                          face_fraction: float = 0.5, csv_name: str = "metadata.csv", force: bool = False) -> str:
     """Render the clips and ``metadata.csv`` into ``out_dir``; returns the CSV's path.
 
     ``photos``: image files, each with an optional face box ``(x0, y0, x1, y1)``
@@ -139,8 +139,9 @@ def build_example_dataset(out_dir: str, photos: Sequence[str], *, face_boxes: Op
     Photo ``i`` gets ``clips_per_photo`` clips with the motions
     ``list(MOTIONS)[(i + j) % 5]``, each ``num_frames`` frames (4k+1) of
     ``size = (H, W)`` (multiples of 16) at ``fps``, written as
-    ``videos/{i:02d}_{photo}_{motion}.mp4``. Does nothing when ``out_dir`` already
-    holds the same build (unless ``force``).
+    ``videos/{i:02d}_{photo}_{motion}.mp4``, listed in ``out_dir/csv_name``.
+    Does nothing when ``out_dir`` already holds the same build (unless
+    ``force``); refuses to overwrite a CSV it did not write (unless ``force``).
     """
     photos = [os.path.abspath(p) for p in photos]
     n = len(photos)
@@ -164,7 +165,7 @@ def build_example_dataset(out_dir: str, photos: Sequence[str], *, face_boxes: Op
             raise FileNotFoundError(f"photo not found: {p} (python -m rewardfl.assets fetch downloads the face photos)")
 
     videos_dir = os.path.join(out_dir, "videos")
-    csv_path = os.path.join(out_dir, "metadata.csv")
+    csv_path = os.path.join(out_dir, csv_name)
     manifest_path = os.path.join(videos_dir, ".build.json")
     motions = list(MOTIONS)
     rows = []
@@ -182,12 +183,15 @@ def build_example_dataset(out_dir: str, photos: Sequence[str], *, face_boxes: Op
     }
     if not force and _is_built(out_dir, csv_path, manifest_path, manifest):
         return csv_path
+    if os.path.exists(csv_path) and not os.path.exists(manifest_path) and not force:
+        raise ValueError(f"{csv_path} exists and was not written by the example builder (no {manifest_path}); "
+                         "choose another folder, or pass force=True / --force to replace it")
 
     from PIL import Image, ImageOps
 
     os.makedirs(videos_dir, exist_ok=True)
-    if os.path.exists(manifest_path):  # invalidate first: a crash below must not leave a "built" marker
-        os.remove(manifest_path)
+    # mark the build incomplete first: a crash below must not leave a "built" marker (but the folder stays ours)
+    _write_json(manifest_path, {"incomplete": True})
     for i, photo in enumerate(photos):
         with Image.open(photo) as im:
             image = ImageOps.exif_transpose(im).convert("RGB")
@@ -203,10 +207,14 @@ def build_example_dataset(out_dir: str, photos: Sequence[str], *, face_boxes: Op
         writer.writerow(["video", "prompt"])
         writer.writerows([video, prompt] for _, _, video, prompt in rows)
     os.replace(tmp, csv_path)
-    with open(manifest_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(manifest_path + ".tmp", manifest_path)
+    _write_json(manifest_path, manifest)
     return csv_path
+
+
+def _write_json(path: str, value) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def _is_built(out_dir: str, csv_path: str, manifest_path: str, manifest: dict) -> bool:
@@ -278,7 +286,7 @@ def main(argv=None) -> int:
                              "python -m rewardfl.assets fetch, framed by YuNet)")
     parser.add_argument("--yunet", metavar="ONNX", help="frame photos given without a box around their largest "
                         "face found by this YuNet model (else: central crop)")
-    parser.add_argument("--num-frames", type=int, default=9, help="frames per clip, 4k+1 (default 9)")
+    parser.add_argument("--num-frames", type=int, default=17, help="frames per clip, 4k+1 (default 17)")
     parser.add_argument("--size", default="128x128", help="clip size HxW, multiples of 16 (default 128x128)")
     parser.add_argument("--clips-per-photo", type=int, default=2)
     parser.add_argument("--fps", type=int, default=16)

@@ -265,6 +265,12 @@ def test_example_dataset_builds_loadable_clips_once(tmp_path):
     build_example_dataset(out, [photo], face_boxes=[ASTRONAUT_FACE], num_frames=9, size=(64, 64), clips_per_photo=1)
     ds = VideoDataset(csv_path, num_frames=9, max_pixels=64 * 64)
     assert len(ds) == 1 and ds[0]["video"].shape == (9, 3, 64, 64)
+    # a CSV the builder did not write is never overwritten
+    os.makedirs(tmp_path / "user")
+    user_csv = _csv(tmp_path / "user", "video,prompt\nmine.mp4,p\n")
+    with pytest.raises(ValueError, match="not written by the example builder"):
+        build_example_dataset(str(tmp_path / "user"), [photo], num_frames=5, size=(64, 64))
+    assert open(user_csv).read() == "video,prompt\nmine.mp4,p\n"
 
 
 def test_example_cli(tmp_path, capsys):
