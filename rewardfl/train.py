@@ -37,6 +37,7 @@ import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, dump_config
+from .data import collate
 from .interfaces import Reward, Sampler, SampleContext, StepPlan, VideoModel
 
 log = logging.getLogger("rewardfl")
@@ -47,16 +48,16 @@ __all__ = ["train", "Trainer", "rollout", "lr_lambda"]
 # --------------------------------------------------------------------------- the step
 
 
-def rollout(model: VideoModel, sampler: Sampler, plan: list[StepPlan], batch: dict, *, step: int,
-            seeds: list[int], kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample latents under the plan's gradient window and decode them.
+def rollout(model: VideoModel, sampler: Sampler, plan: list[StepPlan], batch: dict, *, num_frames: int,
+            step: int, seeds: list[int], kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``num_frames``-frame videos under the plan's gradient window and decode them.
 
+    ``batch["first_frame"]`` ``(B, 3, H, W)`` in [-1, 1] conditions generation.
     Returns ``(videos (B, 3, F, H, W) in [-1, 1], kl)``, ``kl`` the regulariser
     averaged over gradient steps (0-dim fp32; 0 when ``kl_weight`` is 0).
     """
-    video = batch["video"]  # (B, F, 3, H, W) in [-1, 1]
-    num_frames, height, width = video.shape[1], video.shape[3], video.shape[4]
-    first = video[:, 0].to(model.device, model.dtype)
+    first = batch["first_frame"].to(model.device, model.dtype)
+    height, width = first.shape[-2:]
     cond = model.encode(batch["prompt"], first, num_frames)
     inject = model.injection(cond)
     shape = model.latent_shape(num_frames, height, width)
@@ -333,14 +334,7 @@ class Trainer:
         order = self._epoch_order(self.state.epoch)
         idx = order[self.state.position * bs:(self.state.position + 1) * bs]
         self.state.position += 1
-        items = [self.dataset[i] for i in idx]
-        return {
-            "video": torch.stack([it["video"] for it in items]),
-            "prompt": [it["prompt"] for it in items],
-            "path": [it["path"] for it in items],
-            "sample_id": [it["sample_id"] for it in items],
-            "index": idx,
-        }
+        return collate([self.dataset[i] for i in idx])
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -387,8 +381,9 @@ class Trainer:
                 batch = {k: (v[sel] if torch.is_tensor(v) else [v[i] for i in sel]) for k, v in batch.items()}
                 contexts = [contexts[i] for i in sel]
             seeds = [cfg.seed * 7919 + i for i in batch["index"]]
-            videos, kl = rollout(self.model, self.sampler, self.plan, batch, step=0 if cfg.fixed_noise else
-                                 self.state.step, seeds=seeds, kl_weight=cfg.kl_weight)
+            videos, kl = rollout(self.model, self.sampler, self.plan, batch, num_frames=cfg.data.num_frames,
+                                 step=0 if cfg.fixed_noise else self.state.step, seeds=seeds,
+                                 kl_weight=cfg.kl_weight)
             out = self.reward(videos, contexts)
             reward_loss = self.reward.loss(out)
             loss = reward_loss + cfg.kl_weight * kl
