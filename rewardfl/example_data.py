@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,8 @@ import sys
 from typing import Optional, Sequence
 
 import numpy as np
+
+from .assets import _sha256  # the file hash the asset fetcher checks downloads with
 
 __all__ = ["MOTIONS", "EXAMPLE_PHOTOS", "build_example_dataset", "build_from_face_assets", "crop_windows",
            "largest_face_box", "main"]
@@ -113,14 +114,6 @@ def _write_mp4(path: str, frames: Sequence[np.ndarray], fps: int) -> None:
         for frame in frames:
             writer.append_data(frame)
     os.replace(tmp, path)
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _slug(path: str) -> str:
