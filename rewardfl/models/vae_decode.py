@@ -1,0 +1,129 @@
+"""Wan VAE decode *with gradient*: time-chunked, checkpointed, optionally spatially tiled.
+
+The Wan2.1 VAE decodes one latent frame at a time, carrying a cache of the last input frames of
+every causal convolution. Here each latent frame's decoder step is one checkpoint (its
+activations are recomputed in backward; only the carried cache and the output stay), and the
+output is never clamped in place (the reference implementation's ``clamp_`` zeroed the gradient
+of every saturated pixel): ``clamp="straight_through"`` clamps the values and passes the
+gradient unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["decode_latents", "encode_video", "straight_through_clamp"]
+
+
+def straight_through_clamp(x: torch.Tensor, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
+    """``clamp(x, lo, hi)`` in value, identity in gradient."""
+    return x + (x.clamp(lo, hi) - x).detach()
+
+
+def _decoder_step(decoder, x_t, *cache):
+    # a fresh list: the checkpoint re-runs this with the same inputs in backward
+    feat = list(cache)
+    out, feat, _ = decoder(x_t, feat_cache=feat, feat_idx=[0])
+    return (out, *feat)
+
+
+def _decode_tile(vae_model, z: torch.Tensor, checkpoint: bool) -> torch.Tensor:
+    """(B, z_dim, T, h, w) unscaled latent -> (B, 3, 4T-3, 8h, 8w) for a Wan2.1-family ``VideoVAE_``."""
+    from diffsynth.models.wan_video_vae import count_conv3d
+
+    x = vae_model.conv2(z)
+    cache = [None] * count_conv3d(vae_model.decoder)
+    outs = []
+    grad = torch.is_grad_enabled()
+    for t in range(x.shape[2]):
+        x_t = x[:, :, t:t + 1]
+        if checkpoint and grad:
+            out, *cache = torch.utils.checkpoint.checkpoint(_decoder_step, vae_model.decoder, x_t, *cache,
+                                                            use_reentrant=False)
+        else:
+            out, *cache = _decoder_step(vae_model.decoder, x_t, *cache)
+        outs.append(out)
+    return torch.cat(outs, dim=2)
+
+
+def _blend_mask(n: int, lo_edge: bool, hi_edge: bool, ramp: int, device, dtype) -> torch.Tensor:
+    m = torch.ones(n, device=device, dtype=dtype)
+    if ramp > 0:
+        r = (torch.arange(ramp, device=device, dtype=dtype) + 1) / ramp
+        if not lo_edge:
+            m[:ramp] = r
+        if not hi_edge:
+            m[-ramp:] = r.flip(0)
+    return m
+
+
+def decode_latents(
+    vae,
+    latents: torch.Tensor,
+    *,
+    checkpoint: bool = True,
+    tile: Optional[tuple[int, int]] = None,
+    tile_stride: Optional[tuple[int, int]] = None,
+    clamp: str = "straight_through",
+) -> torch.Tensor:
+    """Videos (B, 3, F, H, W) in [-1, 1] from normalised latents (B, z_dim, T, h, w), differentiable.
+
+    ``vae`` is diffsynth's ``WanVideoVAE``. ``tile``/``tile_stride`` (latent pixels) split the
+    frame into overlapping tiles blended linearly, as diffsynth's tiled decode does, but without
+    in-place clamping or a CPU round trip. ``clamp``: "straight_through", "hard" or "none".
+    """
+    model = vae.model
+    mean = vae.mean.to(latents.device, latents.dtype).view(1, -1, 1, 1, 1)
+    std = vae.std.to(latents.device, latents.dtype).view(1, -1, 1, 1, 1)
+    dtype = model.conv2.weight.dtype
+    z = (latents * std + mean).to(dtype)
+    H, W = z.shape[3:]
+    if tile is None or (tile[0] >= H and tile[1] >= W):
+        video = _decode_tile(model, z, checkpoint)
+    else:
+        th, tw = min(tile[0], H), min(tile[1], W)
+        sh, sw = tile_stride or (max(1, th // 2), max(1, tw // 2))
+        f = vae.upsampling_factor
+        rows = sorted({min(r, H - th) for r in range(0, H, sh)})
+        cols = sorted({min(c, W - tw) for c in range(0, W, sw)})
+        video = None
+        weight = torch.zeros(1, 1, 1, H * f, W * f, device=z.device, dtype=torch.float32)
+        for r in rows:
+            for c in cols:
+                out = _decode_tile(model, z[:, :, :, r:r + th, c:c + tw], checkpoint).float()
+                mh = _blend_mask(th * f, r == 0, r + th >= H, (th - sh) * f, z.device, torch.float32)
+                mw = _blend_mask(tw * f, c == 0, c + tw >= W, (tw - sw) * f, z.device, torch.float32)
+                mask = (mh[:, None] * mw[None, :]).view(1, 1, 1, th * f, tw * f)
+                if video is None:
+                    video = torch.zeros(out.shape[:3] + (H * f, W * f), device=z.device, dtype=torch.float32)
+                sl = (slice(None), slice(None), slice(None), slice(r * f, (r + th) * f), slice(c * f, (c + tw) * f))
+                video = _add_slice(video, sl, out * mask)
+                weight = _add_slice(weight, sl, mask)
+        video = video / weight
+    video = video.float()
+    if clamp == "straight_through":
+        return straight_through_clamp(video)
+    if clamp == "hard":
+        return video.clamp(-1.0, 1.0)
+    return video
+
+
+def _add_slice(base: torch.Tensor, sl, value: torch.Tensor) -> torch.Tensor:
+    """``base`` with ``value`` added on ``sl``, out of place (autograd-safe)."""
+    pad = []
+    for dim in reversed(range(base.dim())):
+        s = sl[dim]
+        if s.start is None:
+            pad += [0, 0]
+        else:
+            pad += [s.start, base.shape[dim] - s.stop]
+    return base + torch.nn.functional.pad(value, pad)
+
+
+@torch.no_grad()
+def encode_video(vae, video: torch.Tensor) -> torch.Tensor:
+    """Normalised latents (B, z_dim, T, h, w) of videos (B, 3, F, H, W) in [-1, 1] (no gradient)."""
+    dtype = vae.model.conv1.weight.dtype
+    return vae.model.encode(video.to(dtype), vae.scale).float()

@@ -1,0 +1,497 @@
+"""The ``wan2_2`` model plugin (Wan2.2 image-to-video on diffsynth 2.1.12) and its tiny twin.
+
+Data flow for one batch::
+
+    prompts ──tokenizer──umT5──> context (B, L, text_dim)       cached per unique prompt
+    first frames (B,3,H,W) ──VAE──> y = [mask(4) | latent of frame 0 then zeros(z)]   (I2V, A14B)
+                                or  first-frame latent injected into latent frame 0    (TI2V-5B)
+    x (B, z, T, h, w) ──dit / dit2 (sampler picks per step)──> velocity (B, z, T, h, w)
+    latents ──VAE decode (time-chunked, checkpointed, tiled)──> videos (B, 3, F, H, W) in [-1, 1]
+
+Shapes: ``T = (F - 1) // 4 + 1`` and ``h, w = H / 8, W / 8`` for the Wan2.1 VAE (A14B, tiny);
+``H`` and ``W`` must be multiples of 16 (VAE stride 8 x DiT patch 2).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from ..interfaces import VideoModel
+from . import architectures as arch
+from .checkpoints import CheckpointFile, as_list, detect_role, load_state_dict, read_shapes, resolve_model_paths
+from .checkpoints import save_state_dict
+
+__all__ = ["Wan22Model", "Wan22TinyModel", "WanCondition"]
+
+log = logging.getLogger(__name__)
+
+EXPERT_ROLES = ("dit", "dit2")  # high noise, low noise
+TRAINABLE_CHOICES = EXPERT_ROLES
+
+
+@dataclasses.dataclass
+class WanCondition:
+    """What ``encode`` returns: prompt embeddings and first-frame conditioning for B samples.
+
+    ``context`` (B, L, text_dim); ``y`` (B, 4 + z, T, h, w) for I2V DiTs, else None;
+    ``inject_mask`` (B, 1, T, h, w) 1 on latent frame 0 and ``inject_latent`` (B, z, T, h, w) for
+    TI2V DiTs, else None. ``size`` is (F, H, W).
+    """
+
+    context: torch.Tensor
+    y: Optional[torch.Tensor]
+    inject_mask: Optional[torch.Tensor]
+    inject_latent: Optional[torch.Tensor]
+    size: tuple[int, int, int]
+
+
+@dataclasses.dataclass
+class Wan22Options:
+    """The ``model:`` section of the config for ``wan2_2``."""
+
+    #: recompute each DiT block in backward (``use_gradient_checkpointing_offload`` also parks
+    #: the block inputs on the CPU)
+    gradient_checkpointing: bool = True
+    #: tokens per prompt (umT5: 512; shorter prompts are zero-padded, as Wan was trained)
+    text_len: int = 512
+    #: keep only the running expert on the GPU: "auto" (when both do not fit in half the GPU), "yes", "no"
+    offload_idle_expert: str = "auto"
+    #: move the text encoder to the CPU once the prompts are encoded (CUDA only)
+    offload_text_encoder: bool = True
+    #: checkpoint the VAE decoder per latent frame when decoding with gradient
+    vae_checkpointing: bool = True
+    #: spatial VAE decode tile and stride in latent pixels, e.g. [34, 34] / [18, 16]; null: whole frame
+    vae_tile: Optional[list] = None
+    vae_tile_stride: Optional[list] = None
+    #: decoded pixel clamp: "straight_through" (clamped values, unclamped gradient), "hard", "none"
+    decode_clamp: str = "straight_through"
+
+
+class Wan22Model(VideoModel):
+    """Wan2.2 I2V-A14B (two experts) / TI2V-5B (one) with LoRA or full fine-tuning of chosen experts.
+
+    Built as ``Wan22Model(config, options, device=torch.device)``; ``config`` is the TrainConfig
+    (``model_paths``, ``tokenizer_path``, ``trainable_models``, ``lora_*``,
+    ``use_gradient_checkpointing_offload``, ``mixed_precision``).
+    """
+
+    Options = Wan22Options
+
+    def __init__(self, config, options: Optional[Wan22Options] = None, *, device=None, **runtime):
+        options = options or self.Options()
+        self.config, self.options = config, options
+        self.device = torch.device(device if device is not None else "cpu")
+        self.dtype = self._choose_dtype(config.mixed_precision, self.device)
+        self._check_options(options)
+
+        # 1. files, headers and architectures: cheap, every user error surfaces here
+        ckpts = resolve_model_paths(config.resolve_path(config.model_paths), config.model_id_with_origin_paths,
+                                    config.resolve_path("."))
+        roles = self._assign_roles(ckpts)
+        shapes = {role: read_shapes(ck) if role != "tokenizer" else None for role, ck in roles.items()}
+        dit_shapes = {r: {k2: v for k, v in shapes[r].items() if (k2 := arch.dit_key(k)) is not None}
+                      for r in roles if r in EXPERT_ROLES}
+        archs = {r: arch.dit_architecture(s, roles[r].where) for r, s in dit_shapes.items()}
+        self.experts = tuple(r for r in EXPERT_ROLES if r in archs)
+        first = archs[self.experts[0]]
+        for r in self.experts[1:]:
+            if archs[r].kwargs != first.kwargs:
+                raise ValueError(f"model_paths: the two DiTs differ ({roles['dit'].where} is {archs['dit'].name}, "
+                                 f"{roles[r].where} is {archs[r].name}); both experts must be the same architecture")
+        self.arch = first
+        vae_arch = arch.vae_architecture({arch.vae_key(k): v for k, v in shapes["vae"].items()}, roles["vae"].where)
+        if vae_arch["z_dim"] != first.z_dim:
+            raise ValueError(f"model_paths: the VAE ({roles['vae'].where}) has {vae_arch['z_dim']} latent channels, "
+                             f"the DiT expects {first.z_dim}")
+        te_arch = arch.text_encoder_architecture(shapes["text_encoder"], roles["text_encoder"].where)
+        if te_arch["dim"] != first.kwargs["text_dim"]:
+            raise ValueError(f"model_paths: the text encoder ({roles['text_encoder'].where}) is {te_arch['dim']}-d, "
+                             f"the DiT expects {first.kwargs['text_dim']}-d prompt embeddings")
+        self.vae_stride = (4, 8, 8) if vae_arch["kind"] == "wan2.1" else (4, 16, 16)
+        lora_experts, full_experts = self._plan_training(config)
+        targets = as_list(config.lora_target_modules)
+        if lora_experts:
+            from diffsynth.models.wan_video_dit import WanModel
+            with torch.device("meta"):
+                arch_probe = WanModel(**first.kwargs)
+            from .lora import check_lora_targets
+            check_lora_targets(arch_probe, targets)
+            del arch_probe
+        tokenizer_dir = self._tokenizer_dir(config, roles)
+
+        # 2. heavy work: build and load
+        from diffsynth.models.wan_video_dit import WanModel
+        from diffsynth.models.wan_video_text_encoder import WanTextEncoder
+
+        self.tokenizer = self._load_tokenizer(tokenizer_dir)
+        self.dits: dict[str, torch.nn.Module] = {}
+        for r in self.experts:
+            dit = self._build(WanModel, first.kwargs, roles[r], arch.dit_key)
+            self.dits[r] = dit
+        self.text_encoder = self._build(WanTextEncoder, te_arch, roles["text_encoder"], lambda k: k).eval()
+        self.vae = self._build_vae(vae_arch, roles["vae"])
+
+        # 3. what trains
+        self.lora_experts, self.full_experts = lora_experts, full_experts
+        self.lora_scale = None
+        if lora_experts:
+            from .lora import add_lora
+            alpha = float(config.lora_alpha) if config.lora_alpha is not None else float(config.lora_rank)
+            self.lora_alpha = alpha
+            self.lora_scale = alpha / config.lora_rank
+            for r in lora_experts:
+                add_lora(self.dits[r], targets, config.lora_rank, alpha)
+        self._frozen: dict[str, torch.nn.Module] = {}
+        for r in full_experts:
+            self.dits[r].requires_grad_(True)
+            log.warning("trainable_models: full fine-tuning of %s keeps a frozen copy for the regulariser's "
+                        "reference velocity (twice the expert's memory); LoRA (lora_base_model) needs none", r)
+            self._frozen[r] = copy.deepcopy(self.dits[r]).requires_grad_(False).eval()
+
+        # 4. placement
+        self.offload_experts = self._want_expert_offload(options.offload_idle_expert)
+        self._placed = self.experts[0]
+        for r in self.experts:
+            target = self.device if (not self.offload_experts or r == self._placed) else torch.device("cpu")
+            self.dits[r].to(target)
+            if r in self._frozen:
+                self._frozen[r].to(target)
+        self.vae.to(self.device)
+        self.text_encoder.to(self.device if not self._offload_text else "cpu")
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self.training = True
+        self.train(True)
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @staticmethod
+    def _choose_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+        if mixed_precision in ("no", "fp32"):
+            return torch.float32
+        if mixed_precision == "fp16":
+            raise ValueError("mixed_precision: fp16 is not supported by the Wan models (overflows); use bf16 or auto")
+        if mixed_precision == "bf16":
+            return torch.bfloat16
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    @staticmethod
+    def _check_options(o: Wan22Options) -> None:
+        if o.offload_idle_expert not in ("auto", "yes", "no"):
+            raise ValueError(f"model.offload_idle_expert: must be auto, yes or no, got {o.offload_idle_expert!r}")
+        if o.decode_clamp not in ("straight_through", "hard", "none"):
+            raise ValueError(f"model.decode_clamp: must be straight_through, hard or none, got {o.decode_clamp!r}")
+        if o.text_len <= 0:
+            raise ValueError(f"model.text_len: must be > 0, got {o.text_len}")
+        for key in ("vae_tile", "vae_tile_stride"):
+            v = getattr(o, key)
+            if v is not None and (len(v) != 2 or any(not isinstance(i, int) or i <= 0 for i in v)):
+                raise ValueError(f"model.{key}: expected [height, width] in latent pixels, got {v!r}")
+
+    @staticmethod
+    def _assign_roles(ckpts: list[CheckpointFile]) -> dict[str, CheckpointFile]:
+        roles: dict[str, CheckpointFile] = {}
+        for ck in ckpts:
+            role = ck.role
+            if role is None:
+                detected = detect_role(read_shapes(ck))
+                if detected is None:
+                    raise ValueError(f"{ck.where}: {ck.files[0]} is neither a Wan DiT, a umT5 text encoder nor a "
+                                     "Wan VAE (by its tensor names)")
+                role = detected if detected != "dit" else ("dit" if "dit" not in roles else "dit2")
+            if role in roles:
+                raise ValueError(f"model_paths: two checkpoints for the role '{role}': {roles[role].where} and "
+                                 f"{ck.where}")
+            roles[role] = ck
+        for role, name in (("dit", "high_noise_model"), ("text_encoder", "text_encoder"), ("vae", "vae")):
+            if role not in roles:
+                raise ValueError(f"model_paths: no {name} checkpoint listed (needs high_noise_model, "
+                                 "low_noise_model (A14B), text_encoder and vae)")
+        return roles
+
+    def _plan_training(self, config) -> tuple[list[str], list[str]]:
+        trainable = as_list(config.trainable_models)
+        for name in trainable:
+            if name not in TRAINABLE_CHOICES:
+                raise ValueError(f"trainable_models: '{name}' cannot be trained; choose among the experts "
+                                 f"{', '.join(self.experts)} (dit = high noise, dit2 = low noise)")
+            if name not in self.experts:
+                raise ValueError(f"trainable_models: '{name}' does not exist in this checkpoint set (its experts: "
+                                 f"{', '.join(self.experts)})")
+        lora = as_list(config.lora_base_model)
+        for name in lora:
+            if name not in trainable:
+                raise ValueError(f"lora_base_model: '{name}' is not in trainable_models ({config.trainable_models}); "
+                                 "add it there or set lora_base_model to a trained expert")
+        return [r for r in self.experts if r in lora], [r for r in self.experts if r in trainable and r not in lora]
+
+    @staticmethod
+    def _tokenizer_dir(config, roles) -> str:
+        if config.tokenizer_path:
+            path = config.resolve_path(config.tokenizer_path)
+            where = "tokenizer_path"
+        elif "tokenizer" in roles:
+            path, where = roles["tokenizer"].files[0], roles["tokenizer"].where
+        else:
+            raise ValueError("tokenizer_path: not set; point it at the local umt5-xxl tokenizer folder (e.g. "
+                             "Wan-AI/Wan2.1-T2V-1.3B/google/umt5-xxl); rewardfl never downloads")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{where}: tokenizer folder not found: {path}")
+        return path
+
+    def _load_tokenizer(self, path: str):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # transformers raises OSError/ValueError/... for a broken folder
+            raise ValueError(f"tokenizer_path: cannot load a tokenizer from {path}: {e}") from e
+
+    def _build(self, cls, kwargs: dict, ck: CheckpointFile, rename) -> torch.nn.Module:
+        from diffsynth.core.vram.initialization import skip_model_initialization
+
+        with skip_model_initialization():
+            module = cls(**kwargs)
+        state = load_state_dict(ck, self.dtype, rename)
+        try:
+            module.load_state_dict(state, assign=True, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{ck.where}: checkpoint does not fit {cls.__name__}({kwargs}): {e}") from e
+        return module.to(self.dtype).requires_grad_(False)
+
+    def _build_vae(self, vae_arch: dict, ck: CheckpointFile) -> torch.nn.Module:
+        from diffsynth.core.vram.initialization import skip_model_initialization
+        from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE, WanVideoVAE38
+
+        with skip_model_initialization():
+            if vae_arch["kind"] == "wan2.2":
+                vae = WanVideoVAE38()
+            else:
+                vae = WanVideoVAE(z_dim=vae_arch["z_dim"])
+                if vae_arch["dim"] != 96:
+                    vae.model = VideoVAE_(dim=vae_arch["dim"], z_dim=vae_arch["z_dim"])
+        state = load_state_dict(ck, self.dtype, arch.vae_key)
+        try:
+            vae.model.load_state_dict(state, assign=True, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{ck.where}: VAE checkpoint does not fit the {vae_arch['kind']} VAE: {e}") from e
+        return vae.to(self.dtype).requires_grad_(False).eval()
+
+    def _want_expert_offload(self, choice: str) -> bool:
+        if choice != "auto":
+            return choice == "yes"
+        if self.device.type != "cuda" or len(self.experts) < 2:
+            return False
+        expert_bytes = sum(p.numel() * p.element_size() for d in self.dits.values() for p in d.parameters())
+        return expert_bytes > 0.5 * torch.cuda.get_device_properties(self.device).total_memory
+
+    @property
+    def _offload_text(self) -> bool:
+        return self.options.offload_text_encoder and self.device.type == "cuda"
+
+    @property
+    def _checkpoint_mode(self) -> str:
+        if self.config.use_gradient_checkpointing_offload:
+            return "offload"
+        return "block" if self.options.gradient_checkpointing else "none"
+
+    # ------------------------------------------------------------------ VideoModel interface
+
+    def trainable_experts(self) -> tuple[str, ...]:
+        return tuple(r for r in self.experts if r in self.lora_experts or r in self.full_experts)
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        st, sh, sw = self.vae_stride
+        mult_h, mult_w = sh * self.arch.kwargs["patch_size"][1], sw * self.arch.kwargs["patch_size"][2]
+        if (num_frames - 1) % st or height % mult_h or width % mult_w or min(num_frames, height, width) <= 0:
+            raise ValueError(f"data: video size {num_frames}x{height}x{width} (frames x H x W) needs frames = 4k+1 "
+                             f"and H, W multiples of {mult_h}")
+        return (self.arch.z_dim, (num_frames - 1) // st + 1, height // sh, width // sw)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, text_len, text_dim) umT5 embeddings (zero past each prompt's length), cached per prompt."""
+        missing = sorted({p for p in prompts if p not in self._prompt_cache})
+        if missing:
+            self.text_encoder.to(self.device)
+            tok = self.tokenizer(missing, padding="max_length", truncation=True, max_length=self.options.text_len,
+                                 return_tensors="pt", add_special_tokens=True)
+            ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+            emb = self.text_encoder(ids, mask)
+            lengths = mask.gt(0).sum(dim=1)
+            for i, p in enumerate(missing):
+                e = emb[i:i + 1].clone()
+                e[:, int(lengths[i]):] = 0
+                self._prompt_cache[p] = e.to(self.dtype)
+            if self._offload_text:
+                self.text_encoder.to("cpu")
+        return torch.cat([self._prompt_cache[p] for p in prompts], dim=0)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], first_frames: torch.Tensor, num_frames: int) -> WanCondition:
+        from .vae_decode import encode_video
+
+        if first_frames.dim() != 4 or first_frames.shape[1] != 3 or first_frames.shape[0] != len(prompts):
+            raise ValueError(f"encode: first_frames must be (B, 3, H, W) with B = {len(prompts)} prompts, got "
+                             f"{tuple(first_frames.shape)}")
+        B, _, H, W = first_frames.shape
+        C, T, h, w = self.latent_shape(num_frames, H, W)
+        context = self.encode_prompts(list(prompts))
+        frames = first_frames.to(self.device, torch.float32).clamp(-1, 1)
+        y = inject_mask = inject_latent = None
+        if self.arch.conditioning == "i2v":
+            # Wan2.2-I2V-A14B: VAE latent of [first frame, zeros...], 4-channel mask (1 on frame 0)
+            video = torch.zeros(B, 3, num_frames, H, W, device=self.device)
+            video[:, :, 0] = frames
+            latent = encode_video(self.vae, video)
+            mask = torch.zeros(B, 4, T, h, w, device=self.device)
+            mask[:, :, 0] = 1
+            y = torch.cat([mask, latent], dim=1).to(self.dtype)
+        elif self.arch.conditioning == "ti2v":
+            z0 = encode_video(self.vae, frames[:, :, None])
+            inject_latent = torch.zeros(B, C, T, h, w, device=self.device)
+            inject_latent[:, :, :1] = z0
+            inject_mask = torch.zeros(B, 1, T, h, w, device=self.device)
+            inject_mask[:, :, 0] = 1
+        return WanCondition(context, y, inject_mask, inject_latent, (num_frames, H, W))
+
+    def injection(self, cond: WanCondition):
+        if cond.inject_mask is None:
+            return None
+        return cond.inject_mask, cond.inject_latent
+
+    def _place(self, expert: str) -> None:
+        if not self.offload_experts or self._placed == expert:
+            return
+        for r in self.experts:
+            target = self.device if r == expert else torch.device("cpu")
+            self.dits[r].to(target)
+            if r in self._frozen:
+                self._frozen[r].to(target)
+        self._placed = expert
+
+    def denoise(self, expert: str, x: torch.Tensor, timestep: torch.Tensor, cond: WanCondition, *,
+                base: bool = False) -> torch.Tensor:
+        from .dit_forward import dit_forward
+        from .lora import adapters_disabled
+
+        if expert not in self.dits:
+            raise ValueError(f"denoise: unknown expert '{expert}'; this model has {self.experts}")
+        self._place(expert)
+        timestep = timestep.to(self.device, torch.float32).reshape(-1)
+        if timestep.numel() == 1 and x.shape[0] > 1:
+            timestep = timestep.expand(x.shape[0])
+        kwargs = dict(clean_first_frame=self.arch.conditioning == "ti2v" and
+                      bool(self.arch.kwargs.get("seperated_timestep")), checkpoint=self._checkpoint_mode)
+        x_in = x.to(self.device)
+        if base:
+            with torch.no_grad():
+                if expert in self.lora_experts:
+                    with adapters_disabled(self.dits[expert]):
+                        v = dit_forward(self.dits[expert], x_in, timestep, cond.context, cond.y, **kwargs)
+                else:
+                    v = dit_forward(self._frozen.get(expert, self.dits[expert]), x_in, timestep, cond.context,
+                                    cond.y, **kwargs)
+        else:
+            v = dit_forward(self.dits[expert], x_in, timestep, cond.context, cond.y, **kwargs)
+        return v.to(x.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        from .vae_decode import decode_latents
+
+        o = self.options
+        return decode_latents(self.vae, latents.to(self.device), checkpoint=o.vae_checkpointing,
+                              tile=tuple(o.vae_tile) if o.vae_tile else None,
+                              tile_stride=tuple(o.vae_tile_stride) if o.vae_tile_stride else None,
+                              clamp=o.decode_clamp)
+
+    def trainable_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        from .lora import lora_named_parameters
+
+        for r in self.lora_experts:
+            for name, p in lora_named_parameters(self.dits[r]):
+                yield f"{r}.{name}", p
+        for r in self.full_experts:
+            for name, p in self.dits[r].named_parameters():
+                yield f"{r}.{name}", p
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """``{"<expert>.<diffsynth LoRA key or parameter name>": tensor}``, detached, as trained (B unscaled)."""
+        from .lora import diffsynth_lora_key
+
+        return {diffsynth_lora_key(n): p.detach() for n, p in self.trainable_parameters()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from .lora import diffsynth_lora_key
+
+        params = {diffsynth_lora_key(n): p for n, p in self.trainable_parameters()}
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"load_trainable_state_dict: keys do not match this model's trainable weights "
+                             f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                             f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}); was it saved with the same "
+                             "trainable_models / lora_base_model / lora_target_modules / lora_rank?")
+        with torch.no_grad():
+            for k, p in params.items():
+                if tuple(state[k].shape) != tuple(p.shape):
+                    raise ValueError(f"load_trainable_state_dict: {k} is {tuple(state[k].shape)}, model has "
+                                     f"{tuple(p.shape)}")
+                p.copy_(state[k].to(p.device, p.dtype))
+
+    def save_trainable(self, path: str) -> list[str]:
+        """Write each trained expert's weights as safetensors; returns the files written.
+
+        LoRA experts: DiffSynth-format LoRA files (``<module>.lora_A/B.weight``, B scaled by
+        lora_alpha / rank) that diffsynth's ``pipe.load_lora(pipe.dit2, path)`` and
+        ``python -m rewardfl.export --merge`` accept. Full fine-tuning: the expert's whole state dict.
+        With one trained expert the file is ``path``; with several, ``<stem>_<expert>.safetensors``.
+        """
+        from .lora import lora_file_state
+
+        experts = self.trainable_experts()
+        out = []
+        for r in experts:
+            target = path if len(experts) == 1 else f"{os.path.splitext(path)[0]}_{r}.safetensors"
+            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+            if r in self.lora_experts:
+                state = lora_file_state(self.dits[r], self.lora_scale)
+                meta = {"format": "diffsynth-lora", "expert": r, "lora_rank": str(self.config.lora_rank),
+                        "lora_alpha": str(self.lora_alpha), "lora_target_modules": self.config.lora_target_modules}
+            else:
+                state = {k: v.detach().cpu().contiguous() for k, v in self.dits[r].state_dict().items()}
+                meta = {"format": "wan-dit", "expert": r}
+            save_state_dict(target, state, meta)
+            out.append(target)
+        return out
+
+    def train(self, mode: bool = True) -> "Wan22Model":
+        self.training = mode
+        for r, dit in self.dits.items():
+            dit.train(mode and r in self.trainable_experts())
+        self.text_encoder.eval()
+        self.vae.eval()
+        return self
+
+
+@dataclasses.dataclass
+class Wan22TinyOptions(Wan22Options):
+    """``wan2_2_tiny``: the same options, with defaults sized for the CPU."""
+
+    text_len: int = 32
+    vae_checkpointing: bool = False
+
+
+class Wan22TinyModel(Wan22Model):
+    """The tiny twin: same code path, checkpoints written by ``python -m rewardfl.models.make_tiny OUT_DIR``.
+
+    Its DiT (dim 64, 2 layers, 2 heads, ffn 128, text dim 32) takes the same 36-channel I2V input
+    as Wan2.2-I2V-A14B (16 noisy latent + 4 mask + 16 first-frame latent); its VAE is the Wan2.1
+    VAE with base width 8 (stride 4x8x8, 16 latent channels); its tokenizer is byte-level.
+    """
+
+    Options = Wan22TinyOptions
