@@ -1,0 +1,1 @@
+"""Built-in reward plugins (entry-point group ``rewardfl.rewards``): ``face_identity``."""

@@ -1,0 +1,24 @@
+"""``face_identity`` reward plugin: face identity of generated videos against their reference.
+
+Modules, in the order data flows through them:
+
+* ``model_pack``: which ONNX files of ``reward_model_path`` are the detector and recognizer;
+* ``onnx_fold``: quantised weights folded to fp32, batch dim freed (what makes the shipped
+  OpenCV-zoo models load in onnxruntime and onnx2torch);
+* ``onnx_runner``: one model on onnxruntime (CPU, or CUDA with IOBinding) or its torch twin;
+* ``detectors``: batched SCRFD / YuNet detection, vectorised decoding, batched NMS;
+* ``recognizer``: alignment (``rewardfl.ops.face_align``) and embeddings;
+* ``scoring``: pooled identity score, FaceSim-Arc, loss shaping;
+* ``reward``: the plugin class, reference caching.
+"""
+
+from .detectors import Detections, FaceDetector
+from .model_pack import ModelPack, find_model_pack
+from .recognizer import FaceRecognizer, Preprocessing
+from .reward import FaceIdentityReward, ReferenceFaces
+from .scoring import facesim_arc, pooled_identity_score, shaped_reward_loss
+
+__all__ = [
+    "FaceIdentityReward", "ReferenceFaces", "FaceDetector", "Detections", "FaceRecognizer", "Preprocessing",
+    "ModelPack", "find_model_pack", "pooled_identity_score", "facesim_arc", "shaped_reward_loss",
+]

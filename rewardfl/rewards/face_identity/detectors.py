@@ -22,8 +22,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import batched_nms
-
 from .onnx_runner import OnnxModel
 
 __all__ = ["Detections", "FaceDetector", "DEFAULT_THRESHOLDS", "letterbox"]
@@ -187,6 +185,8 @@ class FaceDetector:
         One model call per ``batch_size`` frames, one host sync in all (the number of faces)."""
         if frames.dim() != 4 or frames.shape[1] != 3:
             raise ValueError(f"face detection: frames must be (N, 3, H, W), got {tuple(frames.shape)}")
+        from torchvision.ops import batched_nms  # imported here: torchvision's import takes ~2 s
+
         n = frames.shape[0]
         canvas, scale = letterbox(frames, self.size, input_range)
         scores, boxes, landmarks = self._decode(self._raw_outputs(self._normalise(canvas), backend))

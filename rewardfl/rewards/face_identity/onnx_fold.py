@@ -73,9 +73,9 @@ def fold_quantized_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with every ``DequantizeLinear`` of a constant (and the ``Reshape`` of
     its result by a constant shape) replaced by an fp32 initializer. Unchanged when none."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    graph = model.graph
     if not is_quantized(model):
         return model
+    graph = model.graph
     consts = _constants(graph)
     folded: dict[str, np.ndarray] = {}
     keep = []
@@ -104,38 +104,38 @@ def fold_quantized_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def free_batch_dim(model: onnx.ModelProto) -> onnx.ModelProto:
+def free_batch_dim(model: onnx.ModelProto, *, copy: bool = True) -> onnx.ModelProto:
     """A copy taking any batch (and any input size): symbolic input/output dims, ``Resize`` by a
     fixed ``sizes`` turned into the equivalent ``scales``.
 
     Outputs of graphs that reshape to ``(1, -1, C)`` or ``(-1, C)`` then hold the batch
     flattened batch-major; callers reshape them to ``(N, -1, C)``.
     """
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    if copy:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     consts = _constants(graph)
-    try:
+    fixed_resizes = [n for n in graph.node if n.op_type == "Resize" and len(n.input) == 4 and n.input[3] in consts]
+    shapes = {}
+    if fixed_resizes:
         inferred = onnx.shape_inference.infer_shapes(model)
         shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
                   for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
-    except Exception:  # noqa: BLE001 - shape inference is only needed for fixed-size Resize
-        shapes = {}
-    for n in graph.node:
-        if n.op_type == "Resize" and len(n.input) == 4 and n.input[3] in consts:
-            sizes = consts[n.input[3]].astype(np.float64)
-            src = shapes.get(n.input[0])
-            if not src or len(src) != len(sizes) or not all(src):
-                raise ValueError(f"cannot free the batch dim of Resize {n.name or n.output[0]}: unknown input shape")
-            scales = (sizes / np.asarray(src, dtype=np.float64)).astype(np.float32)
-            scales[0] = 1.0
-            name = n.output[0] + "_scales"
-            graph.initializer.append(numpy_helper.from_array(scales, name))
-            if not n.input[1]:
-                roi = n.output[0] + "_roi"
-                graph.initializer.append(numpy_helper.from_array(np.zeros(0, np.float32), roi))
-                n.input[1] = roi
-            n.input[2] = name
-            del n.input[3]
+    for n in fixed_resizes:
+        sizes = consts[n.input[3]].astype(np.float64)
+        src = shapes.get(n.input[0])
+        if not src or len(src) != len(sizes) or not all(src):
+            raise ValueError(f"cannot free the batch dim of Resize {n.name or n.output[0]}: unknown input shape")
+        scales = (sizes / np.asarray(src, dtype=np.float64)).astype(np.float32)
+        scales[0] = 1.0
+        name = n.output[0] + "_scales"
+        graph.initializer.append(numpy_helper.from_array(scales, name))
+        if not n.input[1]:
+            roi = n.output[0] + "_roi"
+            graph.initializer.append(numpy_helper.from_array(np.zeros(0, np.float32), roi))
+            n.input[1] = roi
+        n.input[2] = name
+        del n.input[3]
     for is_input, values in ((True, graph.input), (False, graph.output)):
         for vi in values:
             for j, d in enumerate(vi.type.tensor_type.shape.dim):
@@ -149,6 +149,8 @@ def free_batch_dim(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def prepare_graph(model: onnx.ModelProto, *, batch: bool = True) -> onnx.ModelProto:
-    """Fold quantised weights, then (``batch``) free the batch dim: what every loader does."""
-    model = fold_quantized_weights(model)
-    return free_batch_dim(model) if batch else model
+    """Fold quantised weights, then (``batch``) free the batch dim: what every loader does.
+    Modifies (and returns) ``model`` itself; the public functions above work on copies."""
+    if is_quantized(model):
+        model = fold_quantized_weights(model)
+    return free_batch_dim(model, copy=False) if batch else model

@@ -1,0 +1,371 @@
+"""The ``face_identity`` reward: how much a generated video's face looks like the reference's.
+
+Per step, for a batch of videos ``(B, 3, F, H, W)`` in [-1, 1]:
+
+1. detect faces in all ``B*F`` frames at once (no gradient; onnxruntime or the torch twin);
+2. pick a face per frame (largest, most similar to the reference, or all); frames without one
+   optionally borrow the reference video's landmarks for that frame (``landmark_fallback``);
+3. align those faces with ``rewardfl.ops.face_align`` (differentiable in the frames) and embed
+   them with the recognizer's torch twin (differentiable);
+4. score against the reference's cached embeddings with :func:`pooled_identity_score`.
+
+Reference embeddings are computed once per sample (``prepare``), kept in memory by
+``sample_id`` and on disk keyed by the reference file's sha256, the model files and the
+detection options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from rewardfl.interfaces import Reward, RewardOutput, SampleContext
+
+from .detectors import Detections, FaceDetector
+from .model_pack import ModelPack, find_model_pack
+from .recognizer import FaceRecognizer
+from .scoring import facesim_arc, pooled_identity_score, shaped_reward_loss
+
+__all__ = ["FaceIdentityReward", "ReferenceFaces"]
+
+log = logging.getLogger("rewardfl")
+
+FACE_SELECT = ("largest", "most_similar", "all")
+
+
+@dataclasses.dataclass
+class ReferenceFaces:
+    """The reference video's faces, one (largest) per frame, on the CPU.
+
+    ``embeddings`` ``(Fr, D)`` normalised (zero rows where no face), ``found`` ``(Fr,)`` bool,
+    ``landmarks`` ``(Fr, 5, 2)`` frame pixels of a ``height`` x ``width`` frame.
+    """
+
+    embeddings: torch.Tensor
+    found: torch.Tensor
+    landmarks: torch.Tensor
+    height: int
+    width: int
+
+    def usable(self, exclude_frame0: bool) -> torch.Tensor:
+        """Frames that count: with a face, frame 0 left out (when asked and there are others)."""
+        use = self.found.clone()
+        if exclude_frame0 and use.shape[0] > 1:
+            use[0] = False
+        return use
+
+    def mean_embedding(self, exclude_frame0: bool) -> Optional[torch.Tensor]:
+        """Mean of the usable normalised embeddings ``(D,)`` or None when no frame counts."""
+        use = self.usable(exclude_frame0)
+        return self.embeddings[use].mean(0) if bool(use.any()) else None
+
+
+class FaceIdentityReward(Reward):
+    """Face identity reward on ONNX face models from ``reward_model_path`` (see ``model_pack``)."""
+
+    differentiable = True
+
+    @dataclasses.dataclass
+    class Options:
+        #: detector file (in reward_model_path or absolute); default: recognised by name
+        detector: Optional[str] = None
+        #: scrfd | yunet; default: from the detector's file name
+        detector_type: Optional[str] = None
+        #: recognizer file; default: recognised by name
+        recognizer: Optional[str] = None
+        #: detector canvas side (letterbox), a multiple of 32
+        det_size: int = 640
+        #: detection score threshold (default 0.5 for scrfd, 0.6 for yunet)
+        det_threshold: Optional[float] = None
+        #: NMS IoU threshold (default 0.4 for scrfd, 0.3 for yunet)
+        nms_threshold: Optional[float] = None
+        #: frames per detector call
+        det_batch_size: int = 16
+        #: which face of a generated frame counts: largest | most_similar | all
+        face_select: str = "largest"
+        #: frames without a detected face use the reference video's landmarks of that frame
+        landmark_fallback: bool = False
+        #: leave the reference's frame 0 out of its embedding (when it has other frames)
+        exclude_reference_frame0: bool = True
+        #: leave the generated frame 0 (the conditioning image) out of the score
+        exclude_generated_frame0: bool = True
+        #: loss shaping: loss = -(score - score_mean) / score_std * loss_scale
+        score_mean: float = 0.54
+        score_std: float = 0.16
+        loss_scale: float = 0.1
+        #: no-gradient backend: auto (onnxruntime where it has a provider, else the torch twin),
+        #: onnxruntime or torch
+        backend: str = "auto"
+        #: recognizer preprocessing overrides (default: read from the graph, insightface's rule)
+        recognizer_channel_order: Optional[str] = None
+        recognizer_mean: Optional[float] = None
+        recognizer_std: Optional[float] = None
+        #: where reference embeddings are cached on disk; default $REWARDFL_CACHE/face_references;
+        #: "none" disables the disk cache
+        reference_cache_dir: Optional[str] = None
+        #: frames sampled per video for FaceSim-Arc (evaluation)
+        eval_num_frames: int = 16
+
+    def __init__(self, config, options: Optional["FaceIdentityReward.Options"] = None, *, device=None, **_runtime):
+        opts = options if options is not None else self.Options()
+        if opts.face_select not in FACE_SELECT:
+            raise ValueError(f"reward.face_select: must be one of {list(FACE_SELECT)}, got {opts.face_select!r}")
+        if opts.score_std <= 0:
+            raise ValueError(f"reward.score_std: must be > 0, got {opts.score_std}")
+        if opts.backend not in ("auto", "onnxruntime", "torch"):
+            raise ValueError(f"reward.backend: must be auto, onnxruntime or torch, got {opts.backend!r}")
+        if opts.det_size <= 0 or opts.det_size % 32:
+            raise ValueError(f"reward.det_size: must be a positive multiple of 32, got {opts.det_size}")
+        self.options = opts
+        path = config.resolve_path(config.reward_model_path) if config.reward_model_path else None
+        self.pack: ModelPack = find_model_pack(path, detector=opts.detector, detector_type=opts.detector_type,
+                                               recognizer=opts.recognizer)
+        self.device = torch.device(device) if device not in (None, "auto") else torch.device("cpu")
+        self._detector: Optional[FaceDetector] = None
+        self._recognizer: Optional[FaceRecognizer] = None
+        self._references: dict[str, Optional[ReferenceFaces]] = {}
+        self._model_key: Optional[str] = None
+
+    # ------------------------------------------------------------------ models (loaded on first use)
+
+    @property
+    def detector(self) -> FaceDetector:
+        if self._detector is None:
+            o = self.options
+            self._detector = FaceDetector(self.pack.detector, self.pack.detector_type, size=o.det_size,
+                                          score_threshold=o.det_threshold, nms_threshold=o.nms_threshold,
+                                          batch_size=o.det_batch_size, backend=o.backend)
+        return self._detector
+
+    @property
+    def recognizer(self) -> FaceRecognizer:
+        if self._recognizer is None:
+            o = self.options
+            self._recognizer = FaceRecognizer(self.pack.recognizer, backend=o.backend,
+                                              channel_order=o.recognizer_channel_order, mean=o.recognizer_mean,
+                                              std=o.recognizer_std)
+        return self._recognizer
+
+    def model_key(self) -> str:
+        """Hash of what reference embeddings depend on: model files, detection and preprocessing."""
+        if self._model_key is None:
+            h = hashlib.sha256()
+            for path in (self.pack.detector, self.pack.recognizer):
+                h.update(_file_sha256(path).encode())
+            d = self.detector
+            h.update(repr((self.pack.detector_type, d.size, d.score_threshold, d.nms_threshold,
+                           dataclasses.astuple(self.recognizer.preprocessing))).encode())
+            self._model_key = h.hexdigest()[:16]
+        return self._model_key
+
+    # ------------------------------------------------------------------ references
+
+    def _cache_dir(self) -> Optional[str]:
+        value = self.options.reference_cache_dir
+        if value is not None and value.lower() == "none":
+            return None
+        if value is None:
+            from rewardfl.assets import cache_dir
+
+            value = os.path.join(cache_dir(), "face_references")
+        return os.path.expanduser(value)
+
+    def embed_reference(self, frames: torch.Tensor) -> ReferenceFaces:
+        """Faces of a reference video ``(F, 3, H, W)`` in [-1, 1] (no gradient, no caching)."""
+        frames = frames.detach().to(self.device)
+        landmarks, _, found = self.detector(frames).largest()
+        idx = found.nonzero().flatten()
+        emb_dim = self.recognizer.embedding_dim or 1
+        embeddings = torch.zeros(frames.shape[0], emb_dim)
+        if idx.numel():
+            with torch.no_grad():
+                crops = self.recognizer.align(frames, landmarks[idx], idx)
+                e = self.recognizer.embed(crops).cpu()
+            if embeddings.shape[1] != e.shape[1]:
+                embeddings = torch.zeros(frames.shape[0], e.shape[1])
+            embeddings[idx.cpu()] = e
+        return ReferenceFaces(embeddings=embeddings, found=found.cpu(), landmarks=landmarks.cpu().float(),
+                              height=int(frames.shape[2]), width=int(frames.shape[3]))
+
+    def reference(self, context: SampleContext) -> Optional[ReferenceFaces]:
+        """The reference faces of a sample: memory cache, then disk cache, then computed."""
+        key = context.sample_id
+        if key in self._references:
+            return self._references[key]
+        if context.reference is None:
+            raise ValueError(f"face_identity reward: sample {context.sample_id!r} has no reference video "
+                             "(SampleContext.reference is None)")
+        ref = context.reference
+        cache_file = None
+        cache_root = self._cache_dir()
+        if cache_root and context.reference_path and os.path.isfile(context.reference_path):
+            name = f"{_file_sha256(context.reference_path)[:24]}-{self.model_key()}-{'x'.join(map(str, ref.shape))}.pt"
+            cache_file = os.path.join(cache_root, name)
+            if os.path.isfile(cache_file):
+                try:
+                    faces = ReferenceFaces(**torch.load(cache_file, map_location="cpu", weights_only=True))
+                    self._references[key] = faces
+                    return faces
+                except Exception as e:  # noqa: BLE001 - a corrupt cache entry is recomputed
+                    log.warning("face_identity: ignoring unreadable reference cache %s (%s)", cache_file, e)
+        faces = self.embed_reference(ref)
+        if cache_file:
+            os.makedirs(cache_root, exist_ok=True)
+            tmp = f"{cache_file}.{os.getpid()}.tmp"
+            torch.save(dataclasses.asdict(faces), tmp)
+            os.replace(tmp, cache_file)
+        self._references[key] = faces
+        return faces
+
+    def prepare(self, contexts: Sequence[SampleContext]) -> torch.Tensor:
+        """``(B,)`` bool: False for samples whose reference has no usable face (warned once)."""
+        valid = torch.zeros(len(contexts), dtype=torch.bool)
+        for i, ctx in enumerate(contexts):
+            seen = ctx.sample_id in self._references
+            faces = self.reference(ctx)
+            valid[i] = faces.mean_embedding(self.options.exclude_reference_frame0) is not None
+            if not valid[i] and not seen:
+                log.warning("face_identity: no face found in the reference of sample %r (%s); the sample is "
+                            "skipped", ctx.sample_id, ctx.reference_path or "in memory")
+        return valid
+
+    # ------------------------------------------------------------------ scoring
+
+    def _faces(self, frames: torch.Tensor, det: Detections, refs: list[Optional[ReferenceFaces]],
+               ref_mean: torch.Tensor, batch: int, num_frames: int):
+        """``(landmarks (K, 5, 2), flat frame index (K,), fallback (K,) bool)`` of the faces that count."""
+        o = self.options
+        n = batch * num_frames
+        fallback = torch.zeros(n, dtype=torch.bool, device=frames.device)
+        if o.face_select == "all":
+            landmarks, index = det.landmarks, det.frame_index
+        else:
+            if o.face_select == "largest" or len(det) == 0:
+                landmarks, _, found = det.largest()
+            else:  # most similar to the sample's reference, judged without gradient
+                with torch.no_grad():
+                    e = self.recognizer.embed(self.recognizer.align(frames.detach(), det.landmarks, det.frame_index))
+                sims = (e * ref_mean.to(e.device)[det.frame_index // num_frames]).sum(-1)
+                landmarks, _, found = det.pick(sims)
+            if o.landmark_fallback:
+                landmarks, fallback = self._fallback(landmarks, found, refs, batch, num_frames, frames.shape[-2:])
+                found = found | fallback
+            index = found.nonzero().flatten()
+            landmarks = landmarks[index]
+        if o.exclude_generated_frame0 and num_frames > 1:
+            keep = (index % num_frames) != 0
+            landmarks, index = landmarks[keep], index[keep]
+        return landmarks, index, fallback[index]
+
+    def _fallback(self, landmarks, found, refs, batch, num_frames, size):
+        """Reference landmarks (scaled to the generated frame size) where no face was found."""
+        height, width = int(size[0]), int(size[1])
+        ref_lm = torch.zeros(batch, num_frames, 5, 2)
+        ref_ok = torch.zeros(batch, num_frames, dtype=torch.bool)
+        for b, ref in enumerate(refs):
+            if ref is None:
+                continue
+            f = min(num_frames, ref.found.shape[0])
+            scale = torch.tensor([width / ref.width, height / ref.height])
+            ref_lm[b, :f] = ref.landmarks[:f] * scale
+            ref_ok[b, :f] = ref.found[:f]
+        ref_lm, ref_ok = ref_lm.view(-1, 5, 2).to(landmarks.device), ref_ok.view(-1).to(found.device)
+        use = ~found & ref_ok
+        return torch.where(use[:, None, None], ref_lm.to(landmarks.dtype), landmarks), use
+
+    def __call__(self, videos: torch.Tensor, contexts: Sequence[SampleContext]) -> RewardOutput:
+        """Scores ``(B,)`` of videos ``(B, 3, F, H, W)`` in [-1, 1], differentiable in ``videos``."""
+        if videos.dim() != 5 or videos.shape[1] != 3:
+            raise ValueError(f"face_identity reward: videos must be (B, 3, F, H, W), got {tuple(videos.shape)}")
+        if len(contexts) != videos.shape[0]:
+            raise ValueError(f"face_identity reward: {videos.shape[0]} videos but {len(contexts)} contexts")
+        o = self.options
+        batch, _, num_frames, height, width = videos.shape
+        refs = [self.reference(c) for c in contexts]
+        means = [r.mean_embedding(o.exclude_reference_frame0) if r is not None else None for r in refs]
+        emb_dim = next((m.shape[0] for m in means if m is not None), self.recognizer.embedding_dim or 1)
+        ref_valid = torch.tensor([m is not None for m in means], dtype=torch.bool)
+        ref_mean = torch.stack([m if m is not None else torch.zeros(emb_dim) for m in means]).to(videos.device)
+
+        frames = videos.transpose(1, 2).reshape(batch * num_frames, 3, height, width)
+        det = self.detector(frames.detach())
+        landmarks, index, fallback = self._faces(frames, det, refs, ref_mean, batch, num_frames)
+        grad = torch.is_grad_enabled() and videos.requires_grad
+        if index.numel():
+            crops = self.recognizer.align(frames, landmarks, index)
+            embeddings = self.recognizer.embed(crops, grad=grad)
+        else:
+            embeddings = torch.zeros(0, emb_dim, device=videos.device)
+        scores, has_face, frame_sim = pooled_identity_score(embeddings, index // num_frames, index % num_frames,
+                                                            ref_mean, num_frames)
+        if grad and index.numel() == 0:  # keep the graph: the loss backpropagates zeros
+            scores = scores + videos.flatten(1)[:, 0].float() * 0.0
+        valid = has_face.cpu() & ref_valid
+        faced_frames = int((~torch.isnan(frame_sim)).sum())
+        counted = num_frames - (1 if o.exclude_generated_frame0 and num_frames > 1 else 0)
+        metrics = {
+            "face_frames": float(faced_frames),
+            "face_frame_fraction": faced_frames / max(batch * counted, 1),
+            "fallback_frames": float(fallback.sum().cpu()),
+            "samples_without_face": float((~has_face).sum().cpu()),
+            "references_without_face": float((~ref_valid).sum()),
+        }
+        self.last_frame_similarity = frame_sim
+        return RewardOutput(scores=scores.float(), valid=valid, metrics=metrics)
+
+    def loss(self, output: RewardOutput) -> torch.Tensor:
+        """``-(score - score_mean) / score_std * loss_scale`` averaged over valid samples (0 if none)."""
+        o = self.options
+        return shaped_reward_loss(output.scores, output.valid, mean=o.score_mean, std=o.score_std, scale=o.loss_scale)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def frame_embeddings(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Largest face per frame of ``(F, 3, H, W)`` in [-1, 1]: ``(embeddings (F, D), found (F,))``."""
+        faces = self.embed_reference(frames)
+        return faces.embeddings, faces.found
+
+    @torch.no_grad()
+    def evaluate(self, video: torch.Tensor, context: SampleContext) -> dict:
+        """Scores of one video ``(3, F, H, W)`` in [-1, 1] without gradient: the training score
+        (pooled), FaceSim-Arc over ``eval_num_frames`` frames, and per-frame similarities."""
+        o = self.options
+        ref = self.reference(context)
+        emb, found = self.frame_embeddings(video.transpose(0, 1))
+        ref_use = ref.usable(o.exclude_reference_frame0)
+        num_frames = emb.shape[0]
+        index = found.nonzero().flatten()
+        if o.exclude_generated_frame0 and num_frames > 1:
+            index = index[index != 0]
+        ref_mean = ref.mean_embedding(o.exclude_reference_frame0)
+        ref_mean = torch.zeros(emb.shape[1]) if ref_mean is None else ref_mean
+        score, has_face, frame_sim = pooled_identity_score(emb[index], torch.zeros_like(index), index,
+                                                           ref_mean[None], num_frames)
+        arc = facesim_arc(emb, found, ref.embeddings[ref_use], o.eval_num_frames)
+        valid = bool(has_face[0]) and bool(ref_use.any())
+        return {
+            "score": float(score[0]) if valid else None,
+            "facesim_arc": None if torch.isnan(arc) else float(arc),
+            "frames": int(video.shape[1]),
+            "frames_with_face": int(found.sum()),
+            "reference_frames_with_face": int(ref_use.sum()),
+            "frame_similarity": [None if torch.isnan(s) else round(float(s), 6) for s in frame_sim[0]],
+        }
+
+
+def _file_sha256(path: str, _cache: dict = {}) -> str:  # noqa: B006 - process-wide memo by (path, mtime, size)
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    if key not in _cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _cache[key] = h.hexdigest()
+    return _cache[key]

@@ -1,0 +1,71 @@
+"""Identity scores from face embeddings: the training reward and the FaceSim-Arc metric.
+
+All embeddings are L2-normalised, so a dot product is a cosine similarity.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["pooled_identity_score", "facesim_arc", "shaped_reward_loss"]
+
+
+def pooled_identity_score(face_embeddings: torch.Tensor, face_sample: torch.Tensor, face_frame: torch.Tensor,
+                          reference_mean: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ROLL's pooled identity score per sample, with masks (REFERENCE.md section 1, step 6).
+
+    For each generated frame with a face: the mean cosine similarity to every reference frame
+    with a face, i.e. ``e . mean_r(e_r)`` with ``reference_mean`` the mean of the reference's
+    normalised embeddings; then the mean over the generated frames with a face. Frames with
+    several faces (``face_select: all``) count once, with the mean over their faces.
+
+    Args:
+        face_embeddings: ``(K, D)`` normalised embeddings of the faces that count.
+        face_sample, face_frame: ``(K,)`` int64 sample (0..B-1) and frame (0..F-1) of each face.
+        reference_mean: ``(B, D)`` mean of each sample's normalised reference embeddings.
+        num_frames: F.
+
+    Returns:
+        scores ``(B,)`` float32 (0 where no frame has a face; differentiable),
+        has_face ``(B,)`` bool, frame_similarity ``(B, F)`` float32 (NaN where no face).
+    """
+    batch = reference_mean.shape[0]
+    sims = (face_embeddings.float() * reference_mean.float()[face_sample]).sum(-1)  # (K,)
+    slot = face_sample * num_frames + face_frame
+    total = sims.new_zeros(batch * num_frames).index_add(0, slot, sims)
+    count = sims.new_zeros(batch * num_frames).index_add(0, slot, torch.ones_like(sims))
+    frame_sim = (total / count.clamp(min=1)).view(batch, num_frames)
+    frame_has = (count > 0).view(batch, num_frames)
+    frames_per_sample = frame_has.sum(1)
+    scores = torch.where(frame_has, frame_sim, torch.zeros_like(frame_sim)).sum(1) / frames_per_sample.clamp(min=1)
+    frame_sim = torch.where(frame_has, frame_sim.detach(), torch.full_like(frame_sim, float("nan")))
+    return scores, frames_per_sample > 0, frame_sim
+
+
+def facesim_arc(embeddings: torch.Tensor, has_face: torch.Tensor, reference: torch.Tensor,
+                num_frames: int = 16) -> torch.Tensor:
+    """FaceSim-Arc of one video: ``num_frames`` uniformly spaced frames, each frame's cosine to
+    every reference face clamped at 0, averaged over the sampled frames that have a face.
+
+    ``embeddings`` ``(F, D)`` per frame (rows without a face ignored), ``has_face`` ``(F,)``,
+    ``reference`` ``(R, D)`` the reference faces. 0-dim float32; NaN when no sampled frame
+    has a face or the reference is empty.
+    """
+    f = embeddings.shape[0]
+    idx = torch.linspace(0, f - 1, min(num_frames, f), device=embeddings.device).round().long().unique()
+    keep = idx[has_face[idx]]
+    if keep.numel() == 0 or reference.shape[0] == 0:
+        return torch.tensor(float("nan"))
+    cos = embeddings[keep].float() @ reference.float().T
+    return cos.clamp(min=0).mean()
+
+
+def shaped_reward_loss(scores: torch.Tensor, valid: torch.Tensor, *, mean: float, std: float,
+                       scale: float) -> torch.Tensor:
+    """``-(score - mean) / std * scale`` averaged over the valid samples; a zero that keeps
+    the graph (zero gradient) when none is valid."""
+    valid = valid.to(scores.device)
+    shaped = -(scores.float() - mean) / std * scale
+    if not bool(valid.any()):
+        return scores.sum() * 0.0
+    return shaped[valid].mean()
