@@ -179,12 +179,11 @@ def load_clip(path: str, *, num_frames: int, max_pixels: int,
                 except ValueError as e:
                     raise _ClipError(str(e)) from None
                 first_shape = frame.shape
-                clip = torch.empty((1 if kind == "image" else num_frames, 3, *size), dtype=torch.float32)
+                clip = torch.empty((1 if kind == "image" else num_frames, 3, *size), dtype=torch.uint8)
             elif frame.shape != first_shape:
                 raise _ClipError(f"frame {count} is {frame.shape[1]}x{frame.shape[0]} (WxH) but frame 0 is "
                                  f"{first_shape[1]}x{first_shape[0]}; all frames of a clip need one size")
-            # uint8 [0, 255] -> float [-1, 1]
-            clip[count] = resize_and_crop(frame, size).float().div_(127.5).sub_(1.0)
+            clip[count] = resize_and_crop(frame, size)
             count += 1
     except _ClipError:
         raise
@@ -203,7 +202,7 @@ def load_clip(path: str, *, num_frames: int, max_pixels: int,
         raise ValueError(f"{kind} has only {count} frame{'s' if count != 1 else ''} but data.num_frames is "
                          f"{num_frames}: {path} (use a longer clip, a smaller data.num_frames (4k+1), "
                          "or remove the row)")
-    return clip
+    return clip.float().div_(127.5).sub_(1.0)  # uint8 [0, 255] -> float32 [-1, 1]
 
 
 # --------------------------------------------------------------------------- the CSV
