@@ -185,6 +185,20 @@ def test_too_short_video_and_folder_name_line(tmp_path):
     assert VideoDataset(csv_path, num_frames=1, max_pixels=4096)[1]["video"].shape[0] == 1
 
 
+def test_bad_frames_in_a_folder_name_line_and_file(tmp_path):
+    for name, (h, w) in {"a": (40, 40), "b": (40, 48)}.items():
+        os.makedirs(tmp_path / name)
+        for i, f in enumerate(_frames(5, h=40, w=48)):  # frames 0, 1 are 40x40; from 2 on h x w
+            Image.fromarray(np.ascontiguousarray(f[:, :40] if i < 2 else f[:h, :w])).save(tmp_path / name / f"{i}.png")
+    (tmp_path / "a" / "3.png").write_bytes(b"broken")
+    csv_path = _csv(tmp_path, "video,prompt\na,p\nb,p\n")
+    ds = VideoDataset(csv_path, num_frames=5, max_pixels=4096)
+    with pytest.raises(ValueError, match=rf"{csv_path}:2: video 'a': cannot read folder .*3.png"):
+        ds[0]
+    with pytest.raises(ValueError, match=rf"{csv_path}:3: .*frame 2 is 48x40 \(WxH\) but frame 0 is 40x40"):
+        ds[1]
+
+
 @pytest.mark.parametrize("text, pattern", [
     ("", r"metadata.csv: the file is empty"),
     ("video,prompt\n\n", r"metadata.csv: no data rows after the header"),
