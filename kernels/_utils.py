@@ -74,6 +74,11 @@ def resolve_backend(requested: Optional[str], tensor: torch.Tensor) -> str:
     return name
 
 
+def device_guard(t: torch.Tensor):
+    """Launch on ``t``'s GPU (Triton launches on the current device), a no-op for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 #: autotune on a real GPU only; the interpreter runs the first config
 AUTOTUNE = torch.cuda.is_available() and not interpreting()
 

@@ -30,6 +30,7 @@ from ._utils import (
     broadcast_strides,
     cast_for_store,
     collapse_dims,
+    device_guard,
     elementwise_configs,
     launch_meta,
     resolve_backend,
@@ -137,22 +138,26 @@ class _Injection:
         self.latent_strides = strides[1] if latent is not None else [0] * 5
 
 
+def _injection_args(inj: Optional[_Injection]) -> tuple:
+    """The kernels' S1..S4 and mask strides (unused zeros without injection)."""
+    if inj is None:
+        return (1, 1, 1, 1, *(0,) * 5)
+    return (*inj.sizes[1:], *inj.mask_strides)
+
+
 def _flow_step_triton(x, v, v_uncond, injection: Optional[_Injection], a: float, b: float, out: torch.Tensor):
     """Launch the forward kernel writing into ``out`` (contiguous, shaped like ``x``)."""
     n = x.numel()
     if n == 0:
         return out
     inj = injection
-    _flow_step_fwd_kernel[_grid(n)](
-        x, v, v_uncond if v_uncond is not None else x,
-        inj.mask if inj else x, inj.latent if inj else x, out,
-        n, a, b,
-        *(inj.sizes[1:] if inj else (1, 1, 1, 1)),
-        *(inj.mask_strides if inj else (0,) * 5),
-        *(inj.latent_strides if inj else (0,) * 5),
-        HAS_UNCOND=v_uncond is not None, HAS_INJECT=inj is not None, INT64=n > _INT32_MAX,
-        **launch_meta(_CONFIGS),
-    )
+    with device_guard(x):
+        _flow_step_fwd_kernel[_grid(n)](
+            x, v, v_uncond if v_uncond is not None else x, inj.mask if inj else x, inj.latent if inj else x, out,
+            n, a, b, *_injection_args(inj), *(inj.latent_strides if inj else (0,) * 5),
+            HAS_UNCOND=v_uncond is not None, HAS_INJECT=inj is not None, INT64=n > _INT32_MAX,
+            **launch_meta(_CONFIGS),
+        )
     return out
 
 
@@ -163,15 +168,13 @@ def _flow_step_backward_triton(g, injection, a, b, grads):
     if n == 0 or all(t is None for t in grads):
         return grads
     inj = injection
-    _flow_step_bwd_kernel[_grid(n)](
-        g, inj.mask if inj else g, *(t if t is not None else g for t in grads),
-        n, a, b,
-        *(inj.sizes[1:] if inj else (1, 1, 1, 1)),
-        *(inj.mask_strides if inj else (0,) * 5),
-        WRITE_GX=grads[0] is not None, WRITE_GV=grads[1] is not None, WRITE_GVU=grads[2] is not None,
-        HAS_INJECT=inj is not None,
-        INT64=n > _INT32_MAX, **launch_meta(_CONFIGS),
-    )
+    with device_guard(g):
+        _flow_step_bwd_kernel[_grid(n)](
+            g, inj.mask if inj else g, *(t if t is not None else g for t in grads),
+            n, a, b, *_injection_args(inj),
+            WRITE_GX=grads[0] is not None, WRITE_GV=grads[1] is not None, WRITE_GVU=grads[2] is not None,
+            HAS_INJECT=inj is not None, INT64=n > _INT32_MAX, **launch_meta(_CONFIGS),
+        )
     return grads
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import autotune, cast_for_store, elementwise_configs, launch_meta, resolve_backend
+from ._utils import autotune, cast_for_store, device_guard, elementwise_configs, launch_meta, resolve_backend
 
 __all__ = ["velocity_kl", "velocity_kl_reference", "VelocityKLFunction"]
 
@@ -70,8 +70,9 @@ def _velocity_kl_triton(v, v_ref, sigma: float, partials: Optional[torch.Tensor]
     n = v.numel()
     if partials is None:
         partials = torch.empty(_num_partials(n), dtype=torch.float32, device=v.device)
-    _velocity_kl_fwd_kernel[(partials.numel(),)](v, v_ref, partials, n, INT64=n > _INT32_MAX, CHUNK=_CHUNK,
-                                                 **launch_meta(_CONFIGS))
+    with device_guard(v):
+        _velocity_kl_fwd_kernel[(partials.numel(),)](v, v_ref, partials, n, INT64=n > _INT32_MAX, CHUNK=_CHUNK,
+                                                     **launch_meta(_CONFIGS))
     return partials.sum() * (1.0 / (n * 2.0 * sigma * sigma))
 
 
@@ -79,10 +80,11 @@ def _velocity_kl_backward_triton(g, v, v_ref, sigma: float, grad_v: Optional[tor
     n = v.numel()
     if grad_v is None:
         grad_v = torch.empty_like(v, memory_format=torch.contiguous_format)
-    _velocity_kl_bwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
-        v, v_ref, g.contiguous(), grad_v, n, 1.0 / (n * sigma * sigma), INT64=n > _INT32_MAX,
-        **launch_meta(_CONFIGS),
-    )
+    with device_guard(v):
+        _velocity_kl_bwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
+            v, v_ref, g.contiguous(), grad_v, n, 1.0 / (n * sigma * sigma), INT64=n > _INT32_MAX,
+            **launch_meta(_CONFIGS),
+        )
     return grad_v
 
 
