@@ -102,7 +102,6 @@ def find_model_pack(directory: Optional[str], *, detector: Optional[str] = None,
                              f"name; set reward.detector_type to one of {list(DETECTOR_TYPES)}")
     else:
         dets = [(n, _detector_type_of(n)) for n in found if _detector_type_of(n) and not _is_recognizer(n)]
-        dets = _most_specific(dets, DETECTOR_PATTERNS)
         if len(dets) != 1:
             what = "no detector" if not dets else f"several detectors {[n for n, _ in dets]}"
             raise (FileNotFoundError if not dets else ValueError)(
@@ -115,12 +114,6 @@ def find_model_pack(directory: Optional[str], *, detector: Optional[str] = None,
         rec_path = _resolve(directory, recognizer, "reward.recognizer")
     else:
         recs = [n for n in found if _is_recognizer(n) and os.path.join(directory, n) != det_path]
-        if len(recs) > 1:  # prefer the most specific pattern (e.g. glintr100 over glint*)
-            for pattern in RECOGNIZER_PATTERNS:
-                hits = [n for n in recs if fnmatch.fnmatch(n.lower(), pattern)]
-                if hits:
-                    recs = hits
-                    break
         if len(recs) != 1:
             what = "no recognizer" if not recs else f"several recognizers {recs}"
             raise (FileNotFoundError if not recs else ValueError)(
@@ -128,11 +121,3 @@ def find_model_pack(directory: Optional[str], *, detector: Optional[str] = None,
         rec_path = os.path.join(directory, recs[0])
     return ModelPack(detector=det_path, detector_type=det_type, recognizer=rec_path)
 
-
-def _most_specific(candidates: list, patterns) -> list:
-    """Of several matching files, those matched by the earliest (most specific) pattern."""
-    for pattern, _ in patterns:
-        hits = [c for c in candidates if fnmatch.fnmatch(c[0].lower(), pattern)]
-        if hits:
-            return hits
-    return candidates

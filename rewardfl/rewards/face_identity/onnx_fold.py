@@ -29,7 +29,7 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, 
     zp = np.zeros_like(scale, dtype=np.float32) if zero_point is None else zero_point.astype(np.float32)
     scale = scale.astype(np.float32)
     axis = axis % max(q.ndim, 1)
-    if scale.ndim == 0 or scale.size == 1 and block_size == 0:
+    if scale.size == 1:  # per tensor (YuNet's biases carry a meaningless block_size)
         return (q - zp.reshape(())) * scale.reshape(())
     if block_size > 0:
         scale = np.repeat(scale, block_size, axis=axis).take(np.arange(q.shape[axis]), axis=axis)
