@@ -155,16 +155,26 @@ def _tensors(result) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------- CPU: the reference path
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine a second thread waits on busy cores and
+    turns 0.1 ms ops into tens of ms at random."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_flow_step_reference(benchmark, bench, direction, dtype):
+def test_cpu_flow_step_reference(benchmark, bench, one_thread, direction, dtype):
     device = torch.device("cpu")
     case = flow_step_case(1, CPU_LATENT, device, dtype, guidance=True, fused_backend="torch")
     run_case(benchmark, bench, "flow_step", case, direction, f"B=1 {CPU_LATENT} cfg", device, dtype)
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_cpu_velocity_kl_reference(benchmark, bench, direction):
+def test_cpu_velocity_kl_reference(benchmark, bench, one_thread, direction):
     device = torch.device("cpu")
     case = velocity_kl_case(1, CPU_LATENT, device, torch.bfloat16, fused_backend="torch")
     run_case(benchmark, bench, "velocity_kl", case, direction, f"B=1 {CPU_LATENT}", device, torch.bfloat16)
