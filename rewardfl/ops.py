@@ -242,8 +242,11 @@ def _face_align_torch(frames, inverse, frame_index, size, channel_map, input_low
     to_frame[1, 1], to_frame[1, 2] = 2.0 / height, 1.0 / height - 1.0
     inverse3 = torch.cat([inverse, eye3[2:].expand(num_faces, 1, 3)], dim=1)
     theta = (to_frame @ inverse3 @ from_crop)[:, :2]
-    grid = F.affine_grid(theta.to(out_dtype), [num_faces, 3, size, size], align_corners=False)
-    crops = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if num_faces == 0:  # affine_grid refuses empty batches; keep the (empty) autograd link
+        crops = src[:, :, :1, :1].expand(0, 3, size, size)
+    else:
+        grid = F.affine_grid(theta.to(out_dtype), [num_faces, 3, size, size], align_corners=False)
+        crops = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     scale_t = torch.tensor(scale, dtype=out_dtype, device=crops.device).view(1, 3, 1, 1)
     bias_t = torch.tensor(bias, dtype=out_dtype, device=crops.device).view(1, 3, 1, 1)
     return crops * scale_t + bias_t
