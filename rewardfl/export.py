@@ -1,0 +1,153 @@
+"""Export trained weights: ``python -m rewardfl.export --merge ...``.
+
+``--merge`` writes one Wan DiT expert with a LoRA (as written by the ``wan2_2`` model's
+``save_trainable``, or any DiffSynth-format LoRA) added into its weights: ``W + alpha * B @ A``
+computed in fp32 and stored in the checkpoint's dtype, same tensor names, one safetensors file.
+The result loads wherever the original expert did (a ``model_paths`` JSON, diffsynth's
+``ModelConfig(path=...)``) and needs no peft. Tensors stream one at a time, so merging a 14B
+expert needs about one tensor of extra memory, not a second copy of the expert.
+
+Example::
+
+    python -m rewardfl.export --merge --model-paths wan22_paths.json \\
+        --lora output/lora_dit2.safetensors --expert dit2 --out dit2_merged.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+import torch
+
+__all__ = ["merge_expert", "main"]
+
+
+def _dit_checkpoint(model_paths: str, expert: str):
+    from .models.checkpoints import resolve_model_paths
+    from .models.wan import Wan22Model
+
+    roles = Wan22Model._assign_roles(resolve_model_paths(os.path.abspath(model_paths)))
+    if expert not in roles:
+        have = [r for r in ("dit", "dit2") if r in roles]
+        raise ValueError(f"--expert: '{expert}' is not in {model_paths} (it has {', '.join(have)}; dit = "
+                         "high_noise_model, dit2 = low_noise_model)")
+    return roles[expert]
+
+
+def _read_lora(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--lora: file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"--lora: {path} is not a readable safetensors file: {e}") from e
+
+
+def merge_expert(model_paths: str, lora_path: str, out_path: str, *, expert: Optional[str] = None,
+                 alpha: float = 1.0, dtype: Optional[torch.dtype] = None) -> int:
+    """Write ``expert`` of ``model_paths`` with ``lora_path`` merged to ``out_path``; returns #layers merged.
+
+    ``expert`` defaults to the one recorded in the LoRA file's metadata, else ``dit2``. ``dtype``
+    (default: each tensor's own) casts the written floating-point tensors.
+    """
+    from safetensors import safe_open
+
+    from .models.architectures import dit_architecture, dit_key
+    from .models.checkpoints import load_state_dict, read_shapes, write_safetensors
+    from .models.lora import lora_pairs, merge_lora_into
+
+    lora, meta = _read_lora(lora_path)
+    expert = expert or meta.get("expert") or "dit2"
+    ckpt = _dit_checkpoint(model_paths, expert)
+    shapes = read_shapes(ckpt)
+    dit_architecture({k2: v for k, v in shapes.items() if (k2 := dit_key(k)) is not None}, ckpt.where)
+    pairs = lora_pairs(lora)
+    if not pairs:
+        raise ValueError(f"--lora: {lora_path} holds no LoRA pairs (<module>.lora_A.weight / lora_B.weight)")
+    by_native = {dit_key(k): k for k in shapes if dit_key(k) is not None}
+    missing = [m for m in pairs if f"{m}.weight" not in by_native]
+    if missing:
+        raise ValueError(f"--lora: {len(missing)} LoRA layer(s) name modules the {expert} DiT lacks, e.g. "
+                         f"{missing[0]}; was the LoRA trained on another architecture?")
+    for m, (a, b) in pairs.items():
+        shape = shapes[by_native[f"{m}.weight"]]
+        if tuple(shape) != (b.shape[0], a.shape[1]):
+            raise ValueError(f"--lora: {m}: LoRA maps {a.shape[1]} -> {b.shape[0]}, the DiT weight is {tuple(shape)}")
+
+    # tensors in file order, each read, merged and written when its turn comes
+    items = []
+    for path in ckpt.files:
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                keys = list(f.keys())
+                src_dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
+            for key in keys:
+                src = _torch_dtype(src_dtypes[key])
+                out = dtype if dtype is not None and src.is_floating_point else src
+
+                def make(path=path, key=key, out=out):
+                    with safe_open(path, framework="pt") as f:
+                        t = f.get_tensor(key)
+                    return merge_lora_into(dit_key(key) or key, t, pairs, alpha).to(out)
+
+                items.append((key, shapes[key], out, make))
+        else:
+            from .models.checkpoints import CheckpointFile
+
+            state = load_state_dict(CheckpointFile(ckpt.role, [path], ckpt.where))
+            for key, t in state.items():
+                out = dtype if dtype is not None and t.is_floating_point() else t.dtype
+                items.append((key, tuple(t.shape), out,
+                              lambda key=key, t=t, out=out: merge_lora_into(dit_key(key) or key, t, pairs, alpha).to(out)))
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    write_safetensors(out_path, items, {"format": "wan-dit", "merged_lora": os.path.basename(lora_path),
+                                        "expert": expert, "lora_scale": str(alpha)})
+    return len(pairs)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool}[name]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rewardfl.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--merge", action="store_true", required=True,
+                        help="merge a LoRA into its expert's full weights (the only export mode)")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model-paths", help="the model_paths JSON that lists the base experts")
+    src.add_argument("--config", help="a training YAML; its model_paths is used")
+    parser.add_argument("--lora", required=True, help="LoRA safetensors (DiffSynth format, from save_trainable)")
+    parser.add_argument("--expert", default=None, help="dit (high noise) or dit2 (low noise); default: the LoRA "
+                        "file's recorded expert, else dit2")
+    parser.add_argument("--alpha", type=float, default=1.0, help="LoRA strength (1 = as trained)")
+    parser.add_argument("--dtype", choices=("keep", "bf16", "fp32"), default="keep", help="dtype of the output")
+    parser.add_argument("--out", required=True, help="output .safetensors path")
+    args = parser.parse_args(argv)
+    try:
+        model_paths = args.model_paths
+        if args.config:
+            from .config import load_config
+
+            cfg = load_config(args.config, paths=False)
+            if cfg.model_paths is None:
+                raise ValueError(f"--config: {args.config} sets no model_paths")
+            model_paths = cfg.resolve_path(cfg.model_paths)
+        dtype = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+        n = merge_expert(model_paths, args.lora, args.out, expert=args.expert, alpha=args.alpha, dtype=dtype)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {n} LoRA layers merged")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
