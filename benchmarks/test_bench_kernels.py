@@ -183,6 +183,7 @@ def test_cpu_velocity_kl_reference(benchmark, bench, one_thread, direction):
 # --------------------------------------------------------------------------- GPU: Wan-sized, Triton
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 @pytest.mark.parametrize("guidance", [False, True], ids=["no-cfg", "cfg"])
@@ -194,6 +195,7 @@ def test_gpu_flow_step(benchmark, bench, batch, guidance, direction):
     run_case(benchmark, bench, "flow_step", case, direction, label, device, torch.bfloat16)
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 @pytest.mark.parametrize("batch", [1, 4])

@@ -299,7 +299,7 @@ def flow_step(
             :func:`rewardfl.kernels.set_backend` setting (auto: Triton for CUDA tensors).
 
     Returns:
-        ``x_next`` shaped like ``x``, contiguous, in ``out_dtype``.
+        ``x_next`` shaped like ``x``, in ``out_dtype`` (contiguous on the Triton path).
     """
     for name, t in (("v", v), ("v_uncond", v_uncond)):
         if t is not None and t.shape != x.shape:
