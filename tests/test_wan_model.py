@@ -473,3 +473,63 @@ def test_missing_tokenizer_and_origin_paths_never_download(tiny_dir, tmp_path, m
                        model_id_with_origin_paths="tiny/wan:dit_high_noise.safetensors,tiny/wan:dit_low_noise.safetensors,"
                                                   "tiny/wan:text_encoder.safetensors,tiny/wan:vae.safetensors")
     assert model.experts == ("dit", "dit2")
+
+
+# --------------------------------------------------------------------------- TI2V and the Wan2.2 VAE
+
+
+@pytest.fixture(scope="module")
+def ti2v_dir(tmp_path_factory):
+    from rewardfl.models.make_tiny import make_tiny
+
+    out = str(tmp_path_factory.mktemp("wan_tiny_ti2v"))
+    make_tiny(out, kind="ti2v")
+    return out
+
+
+def test_ti2v_injects_the_first_frame_and_matches_diffsynth(ti2v_dir):
+    """Against diffsynth's TI2V unit (WanVideoUnit_ImageEmbedderFused) and model_fn_wan_video."""
+    from diffsynth.pipelines.wan_video import WanVideoUnit_ImageEmbedderFused, model_fn_wan_video
+    from PIL import Image
+
+    model = build_tiny(ti2v_dir, trainable_models="dit", lora_base_model="dit")
+    assert model.experts == ("dit",) and model.arch.conditioning == "ti2v"
+    first, x = _inputs(model, size=32, seed=6)
+    img = Image.fromarray(((first[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+    pixels = torch.tensor(np.asarray(img), dtype=torch.float32).permute(2, 0, 1) / 127.5 - 1
+    cond = model.encode(["p"], pixels[None], 5)
+    assert cond.y is None
+    mask, latent = model.injection(cond)
+    pipe = types.SimpleNamespace(vae=model.vae, dit=types.SimpleNamespace(fuse_vae_embedding_in_latents=True),
+                                 device="cpu", load_models_to_device=lambda names: None,
+                                 preprocess_image=lambda im: pixels[None])
+    ref = WanVideoUnit_ImageEmbedderFused().process(pipe, img, x.clone(), 32, 32, False, None, None)
+    torch.testing.assert_close(latent[:, :, :1], ref["first_frame_latents"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(mask[0, 0, 0], torch.ones(4, 4)) and mask[:, :, 1:].abs().sum() == 0
+    x_in = ref["latents"]  # frame 0 replaced by the first-frame latent, as the sampler's injection does
+    t = torch.tensor([800.0])
+    v = model.denoise("dit", x_in, t, cond)
+    with torch.no_grad():
+        v_ref = model_fn_wan_video(dit=model.dits["dit"], latents=x_in, timestep=t, context=cond.context,
+                                   fuse_vae_embedding_in_latents=True)
+    torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_wan22_vae_decode_matches_diffsynth():
+    """decode_latents on a small random Wan2.2-style VAE (VideoVAE38_) == diffsynth's own decode."""
+    from diffsynth.models.wan_video_vae import VideoVAE38_, WanVideoVAE38
+
+    from rewardfl.models.vae_decode import decode_latents
+
+    torch.manual_seed(0)
+    vae = WanVideoVAE38.__new__(WanVideoVAE38)
+    torch.nn.Module.__init__(vae)
+    vae.model = VideoVAE38_(dim=8, z_dim=8, dec_dim=8).eval()
+    vae.mean, vae.std = torch.randn(8) * 0.1, torch.rand(8) + 0.5
+    vae.scale, vae.upsampling_factor, vae.z_dim = [vae.mean, 1 / vae.std], 16, 8
+    z = torch.randn(1, 8, 3, 2, 2)
+    with torch.no_grad():
+        ref = vae.model.decode(z, vae.scale)
+    out = decode_latents(vae, z, clamp="none")
+    assert out.shape == ref.shape == (1, 3, 9, 32, 32)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

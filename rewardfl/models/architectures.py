@@ -22,6 +22,11 @@ TINY_DITS = {
     "tiny-i2v": dict(dim=64, in_dim=36, ffn_dim=128, out_dim=16, text_dim=32, freq_dim=256, eps=1e-6,
                      patch_size=(1, 2, 2), num_heads=2, num_layers=2, has_image_input=False,
                      require_clip_embedding=False),
+    # Wan2.2-TI2V-5B in miniature: one expert, first-frame latent injected, per-token timesteps
+    "tiny-ti2v": dict(dim=64, in_dim=16, ffn_dim=128, out_dim=16, text_dim=32, freq_dim=256, eps=1e-6,
+                      patch_size=(1, 2, 2), num_heads=2, num_layers=2, has_image_input=False,
+                      seperated_timestep=True, require_clip_embedding=False, require_vae_embedding=False,
+                      fuse_vae_embedding_in_latents=True),
 }
 
 _WAN_MODEL = "diffsynth.models.wan_video_dit.WanModel"

@@ -3,6 +3,7 @@
 OUT_DIR receives real files that go through the same loading path as the real model::
 
     dit_high_noise.safetensors  dit_low_noise.safetensors   tiny-i2v DiTs (different seeds)
+                                                            (--kind ti2v: dit_ti2v.safetensors)
     text_encoder.safetensors                                umT5-style encoder, dim 32, 2 layers
     vae.safetensors                                         Wan2.1 VAE, base width 8, z 16
     tokenizer/                                              byte-level tokenizer (pad 0, </s> 1)
@@ -25,14 +26,19 @@ from typing import Optional
 
 import torch
 
-__all__ = ["make_tiny", "TINY_TEXT_ENCODER", "TINY_VAE"]
+__all__ = ["make_tiny", "identity_vae_", "write_byte_tokenizer", "TINY_TEXT_ENCODER", "TINY_VAE"]
 
 TINY_TEXT_ENCODER = dict(vocab=259, dim=32, dim_attn=32, dim_ffn=64, num_heads=2, num_layers=2, num_buckets=32,
                          shared_pos=False)
 TINY_VAE = dict(dim=8, z_dim=16)
 FORMAT_VERSION = 1
-FILES = ("dit_high_noise.safetensors", "dit_low_noise.safetensors", "text_encoder.safetensors", "vae.safetensors",
-         "tokenizer", "model_paths.json")
+#: DiT files and model_paths keys per kind: "i2v" = Wan2.2-I2V-A14B's layout (two experts),
+#: "ti2v" = Wan2.2-TI2V-5B's (one expert, first-frame injection)
+DITS = {
+    "i2v": (("high_noise_model", "dit_high_noise.safetensors", 1), ("low_noise_model", "dit_low_noise.safetensors", 2)),
+    "ti2v": (("dit", "dit_ti2v.safetensors", 5),),
+}
+COMMON_FILES = ("text_encoder.safetensors", "vae.safetensors", "tokenizer", "model_paths.json")
 
 
 def _seeded(seed: int, build):
@@ -135,20 +141,27 @@ def _copy_channels(conv, channels) -> None:
             w[i, i, w.shape[2] // 2, w.shape[3] // 2] = 1.0
 
 
-def _stamp(vae_init: str) -> dict:
-    return {"format": FORMAT_VERSION, "vae": vae_init}
+def _stamp(vae_init: str, kind: str) -> dict:
+    return {"format": FORMAT_VERSION, "vae": vae_init, "kind": kind}
 
 
-def make_tiny(out_dir: str, *, vae_init: str = "identity", force: bool = False) -> str:
-    """Write the tiny twin into ``out_dir`` (idempotent); returns the model_paths JSON path."""
+def make_tiny(out_dir: str, *, vae_init: str = "identity", kind: str = "i2v", force: bool = False) -> str:
+    """Write the tiny twin into ``out_dir`` (idempotent); returns the model_paths JSON path.
+
+    ``kind``: "i2v" (default: two experts, 36-channel input like Wan2.2-I2V-A14B) or "ti2v"
+    (one expert with first-frame latent injection like Wan2.2-TI2V-5B).
+    """
     if vae_init not in ("identity", "random"):
         raise ValueError(f"make_tiny: --vae must be identity or random, got {vae_init!r}")
+    if kind not in DITS:
+        raise ValueError(f"make_tiny: --kind must be one of {sorted(DITS)}, got {kind!r}")
+    files = [f for _, f, _ in DITS[kind]] + list(COMMON_FILES)
     os.makedirs(out_dir, exist_ok=True)
     stamp_path = os.path.join(out_dir, "tiny_stamp.json")
     paths_json = os.path.join(out_dir, "model_paths.json")
-    if not force and os.path.isfile(stamp_path) and all(os.path.exists(os.path.join(out_dir, f)) for f in FILES):
+    if not force and os.path.isfile(stamp_path) and all(os.path.exists(os.path.join(out_dir, f)) for f in files):
         with open(stamp_path, encoding="utf-8") as f:
-            if json.load(f) == _stamp(vae_init):
+            if json.load(f) == _stamp(vae_init, kind):
                 return paths_json
     from diffsynth.models.wan_video_dit import WanModel
     from diffsynth.models.wan_video_text_encoder import WanTextEncoder
@@ -157,10 +170,12 @@ def make_tiny(out_dir: str, *, vae_init: str = "identity", force: bool = False) 
     from .architectures import TINY_DITS
     from .checkpoints import save_state_dict
 
-    kw = dict(TINY_DITS["tiny-i2v"])
-    for name, seed in (("dit_high_noise.safetensors", 1), ("dit_low_noise.safetensors", 2)):
+    kw = dict(TINY_DITS[f"tiny-{kind}"])
+    spec = {}
+    for key, name, seed in DITS[kind]:
         dit = _seeded(seed, lambda: WanModel(**kw))
-        save_state_dict(os.path.join(out_dir, name), dit.state_dict(), {"rewardfl": "tiny-i2v"})
+        save_state_dict(os.path.join(out_dir, name), dit.state_dict(), {"rewardfl": f"tiny-{kind}"})
+        spec[key] = name
     te = _seeded(3, lambda: WanTextEncoder(**TINY_TEXT_ENCODER))
     save_state_dict(os.path.join(out_dir, "text_encoder.safetensors"), te.state_dict())
     vae = _seeded(4, lambda: VideoVAE_(**TINY_VAE))
@@ -168,13 +183,12 @@ def make_tiny(out_dir: str, *, vae_init: str = "identity", force: bool = False) 
         identity_vae_(vae)
     save_state_dict(os.path.join(out_dir, "vae.safetensors"), vae.state_dict())
     write_byte_tokenizer(os.path.join(out_dir, "tokenizer"))
-    spec = {"high_noise_model": "dit_high_noise.safetensors", "low_noise_model": "dit_low_noise.safetensors",
-            "text_encoder": "text_encoder.safetensors", "vae": "vae.safetensors", "tokenizer": "tokenizer"}
+    spec.update({"text_encoder": "text_encoder.safetensors", "vae": "vae.safetensors", "tokenizer": "tokenizer"})
     with open(paths_json + ".tmp", "w", encoding="utf-8") as f:
         json.dump(spec, f, indent=2)
     os.replace(paths_json + ".tmp", paths_json)
     with open(stamp_path, "w", encoding="utf-8") as f:
-        json.dump(_stamp(vae_init), f)
+        json.dump(_stamp(vae_init, kind), f)
     return paths_json
 
 
@@ -183,10 +197,12 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir", help="folder to write the tiny checkpoints and model_paths.json into")
     parser.add_argument("--vae", choices=("identity", "random"), default="identity",
                         help="VAE weights: a near-identity autoencoder (default) or diffsynth's random init")
+    parser.add_argument("--kind", choices=sorted(DITS), default="i2v",
+                        help="i2v: two experts like Wan2.2-I2V-A14B (default); ti2v: one expert like TI2V-5B")
     parser.add_argument("--force", action="store_true", help="rewrite even if the folder is complete")
     args = parser.parse_args(argv)
     try:
-        path = make_tiny(args.out_dir, vae_init=args.vae, force=args.force)
+        path = make_tiny(args.out_dir, vae_init=args.vae, kind=args.kind, force=args.force)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

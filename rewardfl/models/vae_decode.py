@@ -22,30 +22,34 @@ def straight_through_clamp(x: torch.Tensor, lo: float = -1.0, hi: float = 1.0) -
     return x + (x.clamp(lo, hi) - x).detach()
 
 
-def _decoder_step(decoder, x_t, *cache):
+def _decoder_step(decoder, first_chunk, x_t, *cache):
     # a fresh list: the checkpoint re-runs this with the same inputs in backward
     feat = list(cache)
-    out, feat, _ = decoder(x_t, feat_cache=feat, feat_idx=[0])
+    extra = {"first_chunk": True} if first_chunk else {}
+    out, feat, _ = decoder(x_t, feat_cache=feat, feat_idx=[0], **extra)
     return (out, *feat)
 
 
 def _decode_tile(vae_model, z: torch.Tensor, checkpoint: bool) -> torch.Tensor:
-    """(B, z_dim, T, h, w) unscaled latent -> (B, 3, 4T-3, 8h, 8w) for a Wan2.1-family ``VideoVAE_``."""
-    from diffsynth.models.wan_video_vae import count_conv3d
+    """(B, z_dim, T, h, w) unscaled latent -> (B, 3, 4T-3, H, W) for ``VideoVAE_`` / ``VideoVAE38_``."""
+    from diffsynth.models.wan_video_vae import VideoVAE38_, count_conv3d, unpatchify
 
+    is38 = isinstance(vae_model, VideoVAE38_)  # Wan2.2 VAE: first chunk flagged, 2x2 pixel unpatchify
     x = vae_model.conv2(z)
     cache = [None] * count_conv3d(vae_model.decoder)
     outs = []
     grad = torch.is_grad_enabled()
     for t in range(x.shape[2]):
         x_t = x[:, :, t:t + 1]
+        first = is38 and t == 0
         if checkpoint and grad:
-            out, *cache = torch.utils.checkpoint.checkpoint(_decoder_step, vae_model.decoder, x_t, *cache,
+            out, *cache = torch.utils.checkpoint.checkpoint(_decoder_step, vae_model.decoder, first, x_t, *cache,
                                                             use_reentrant=False)
         else:
-            out, *cache = _decoder_step(vae_model.decoder, x_t, *cache)
+            out, *cache = _decoder_step(vae_model.decoder, first, x_t, *cache)
         outs.append(out)
-    return torch.cat(outs, dim=2)
+    out = torch.cat(outs, dim=2)
+    return unpatchify(out, patch_size=2) if is38 else out
 
 
 def _blend_mask(n: int, lo_edge: bool, hi_edge: bool, ramp: int, device, dtype) -> torch.Tensor:
