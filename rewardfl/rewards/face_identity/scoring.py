@@ -26,11 +26,12 @@ def pooled_identity_score(face_embeddings: torch.Tensor, face_sample: torch.Tens
         num_frames: F.
 
     Returns:
-        scores ``(B,)`` float32 (0 where no frame has a face; differentiable),
+        scores ``(B,)`` float32, or float64 for float64 inputs (0 where no frame has a face; differentiable),
         has_face ``(B,)`` bool, frame_similarity ``(B, F)`` float32 (NaN where no face).
     """
     batch = reference_mean.shape[0]
-    sims = (face_embeddings.float() * reference_mean.float()[face_sample]).sum(-1)  # (K,)
+    dtype = torch.promote_types(torch.promote_types(face_embeddings.dtype, reference_mean.dtype), torch.float32)
+    sims = (face_embeddings.to(dtype) * reference_mean.to(dtype)[face_sample]).sum(-1)  # (K,)
     slot = face_sample * num_frames + face_frame
     total = sims.new_zeros(batch * num_frames).index_add(0, slot, sims)
     count = sims.new_zeros(batch * num_frames).index_add(0, slot, torch.ones_like(sims))
