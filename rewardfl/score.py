@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         reference = read_frames(args.reference, args.max_frames)
         context = SampleContext(sample_id=os.path.abspath(args.reference), reference=reference,
                                 reference_path=args.reference if os.path.isfile(args.reference) else None)
-        if not bool(reward.prepare([context])[0]):
+        if reward.reference(context).mean_embedding(reward.options.exclude_reference_frame0) is None:
             raise ValueError(f"--reference: no face found in {args.reference}")
         videos = [(p, read_frames(p, args.max_frames)) for p in args.videos]  # all read before any output
     except (ValueError, FileNotFoundError, ConfigError) as e:

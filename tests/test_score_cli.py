@@ -1,0 +1,73 @@
+"""rewardfl-score: face identity of videos against a reference, JSON per video."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+
+def _write_frames(folder, images):
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        cv2.imwrite(os.path.join(folder, f"f{i}.png"), image)
+    return str(folder)
+
+
+def _photo(face_assets, name, size=160):
+    image = cv2.imread(face_assets.photos[name])
+    h, w = image.shape[:2]
+    s = min(h, w)
+    image = image[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "rewardfl.score", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_scores_each_video_as_json(face_assets, tmp_path):
+    a2, b1 = _photo(face_assets, "person_a_2"), _photo(face_assets, "person_b_1")
+    video_a = _write_frames(tmp_path / "a", [a2, a2[:, ::-1], a2])
+    video_b = _write_frames(tmp_path / "b", [b1, b1[:, ::-1], np.zeros_like(b1)])
+    reference = str(tmp_path / "ref.jpg")
+    cv2.imwrite(reference, _photo(face_assets, "person_a_1"))
+    proc = _run("--reward-model-path", face_assets.yunet_sface, "--reference", reference, video_a, video_b,
+                "--set", f"reference_cache_dir={tmp_path / 'refs'}")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["video"] for r in lines] == [video_a, video_b]
+    a, b = lines
+    assert a["frames"] == 3 and a["frames_with_face"] == 3 and b["frames_with_face"] == 2
+    assert a["frame_similarity"][0] is None  # the conditioning frame does not count
+    assert b["frame_similarity"][2] is None  # no face
+    assert a["score"] == pytest.approx(np.mean(a["frame_similarity"][1:]), abs=1e-5)
+    assert a["score"] > b["score"] + 0.3
+    assert a["facesim_arc"] > b["facesim_arc"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_video", "error: not found:"),
+    ("no_face_reference", "error: --reference: no face found in"),
+    ("bad_pack", "error: --reward-model-path: not a directory"),
+    ("bad_option", "error: unknown key 'reward.face_selekt'"),
+])
+def test_bad_input_is_one_line_and_exit_2(face_assets, tmp_path, case, message):
+    reference = str(tmp_path / "ref.png")
+    cv2.imwrite(reference, _photo(face_assets, "person_a_1") if case != "no_face_reference"
+                else np.full((96, 96, 3), 128, np.uint8))
+    video = _write_frames(tmp_path / "v", [_photo(face_assets, "person_a_2")])
+    pack = face_assets.yunet_sface if case != "bad_pack" else str(tmp_path / "nope")
+    args = ["--reward-model-path", pack, "--reference", reference,
+            str(tmp_path / "missing.mp4") if case == "missing_video" else video]
+    if case == "bad_option":
+        args += ["--set", "face_selekt=largest"]
+    proc = _run(*args)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(message), proc.stderr
