@@ -57,7 +57,9 @@ def test_scores_each_video_as_json(face_assets, tmp_path):
     ("bad_pack", "error: --reward-model-path: not a directory"),
     ("bad_option", "error: unknown key 'reward.face_selekt'"),
 ])
-def test_bad_input_is_one_line_and_exit_2(face_assets, tmp_path, case, message):
+def test_bad_input_is_one_line_and_exit_2(face_assets, tmp_path, capsys, case, message):
+    from rewardfl.score import main
+
     reference = str(tmp_path / "ref.png")
     cv2.imwrite(reference, _photo(face_assets, "person_a_1") if case != "no_face_reference"
                 else np.full((96, 96, 3), 128, np.uint8))
@@ -67,7 +69,7 @@ def test_bad_input_is_one_line_and_exit_2(face_assets, tmp_path, case, message):
             str(tmp_path / "missing.mp4") if case == "missing_video" else video]
     if case == "bad_option":
         args += ["--set", "face_selekt=largest"]
-    proc = _run(*args)
-    assert proc.returncode == 2
-    assert proc.stdout == ""
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(message), proc.stderr
+    assert main(args) == 2  # in process: the subprocess path is covered above
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith(message), err
