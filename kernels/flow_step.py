@@ -46,20 +46,28 @@ _INT32_MAX = 2**31 - 1
 
 
 @triton.jit
-def _broadcast_offset(offs, S1, S2, S3, S4, s0, s1, s2, s3, s4):
-    """Element offset into a tensor broadcast over a contiguous 5-D index space (S0..S4)."""
-    i4 = offs % S4
-    rest = offs // S4
-    i3 = rest % S3
-    rest = rest // S3
+def _block(S1, S2, S3, S4, INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's block of a contiguous ``(S0, S1, S2, S3, S4)`` index space.
+
+    Programs walk rows (one index of the first four dims) and BLOCK-wide pieces of
+    the innermost dim, so the row's indices cost scalar divisions once per program,
+    not per element. Returns (flat offsets, in-bounds mask, innermost index, i0, i1, i2, i3).
+    """
+    pid = tl.program_id(0)
+    columns = tl.cdiv(S4, BLOCK)
+    row = pid // columns
+    inner = (pid % columns) * BLOCK + tl.arange(0, BLOCK)
+    if INT64:
+        row = row.to(tl.int64)
+        inner = inner.to(tl.int64)
+    i3 = row % S3
+    rest = row // S3
     i2 = rest % S2
     rest = rest // S2
-    i1 = rest % S1
-    i0 = rest // S1
-    return i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3 + i4 * s4
+    return row * S4 + inner, inner < S4, inner, rest // S1, rest % S1, i2, i3
 
 
-@autotune(_CONFIGS, key=["n", "HAS_UNCOND", "HAS_INJECT"])
+@autotune(_CONFIGS, key=["n", "S4", "HAS_UNCOND", "HAS_INJECT"])
 @triton.jit
 def _flow_step_fwd_kernel(
     x_ptr, v_ptr, vu_ptr, mask_ptr, lat_ptr, out_ptr,
@@ -69,24 +77,20 @@ def _flow_step_fwd_kernel(
     ls0, ls1, ls2, ls3, ls4,
     HAS_UNCOND: tl.constexpr, HAS_INJECT: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if INT64:
-        pid = pid.to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < n
+    offs, valid, inner, i0, i1, i2, i3 = _block(S1, S2, S3, S4, INT64, BLOCK)
     out = tl.load(x_ptr + offs, mask=valid).to(tl.float32) + a * tl.load(v_ptr + offs, mask=valid).to(tl.float32)
     if HAS_UNCOND:
         out += b * tl.load(vu_ptr + offs, mask=valid).to(tl.float32)
     if HAS_INJECT:
-        inject = tl.load(mask_ptr + _broadcast_offset(offs, S1, S2, S3, S4, ms0, ms1, ms2, ms3, ms4),
-                         mask=valid, other=0) != 0
-        latent = tl.load(lat_ptr + _broadcast_offset(offs, S1, S2, S3, S4, ls0, ls1, ls2, ls3, ls4),
-                         mask=valid & inject, other=0.0).to(tl.float32)
+        mask_row = i0 * ms0 + i1 * ms1 + i2 * ms2 + i3 * ms3
+        inject = tl.load(mask_ptr + mask_row + inner * ms4, mask=valid, other=0) != 0
+        lat_row = i0 * ls0 + i1 * ls1 + i2 * ls2 + i3 * ls3
+        latent = tl.load(lat_ptr + lat_row + inner * ls4, mask=valid & inject, other=0.0).to(tl.float32)
         out = tl.where(inject, latent, out)
     tl.store(out_ptr + offs, cast_for_store(out, out_ptr), mask=valid)
 
 
-@autotune(_CONFIGS, key=["n", "WRITE_GX", "WRITE_GV", "WRITE_GVU", "HAS_INJECT"])
+@autotune(_CONFIGS, key=["n", "S4", "WRITE_GX", "WRITE_GV", "WRITE_GVU", "HAS_INJECT"])
 @triton.jit
 def _flow_step_bwd_kernel(
     g_ptr, mask_ptr, gx_ptr, gv_ptr, gvu_ptr,
@@ -96,15 +100,11 @@ def _flow_step_bwd_kernel(
     WRITE_GX: tl.constexpr, WRITE_GV: tl.constexpr, WRITE_GVU: tl.constexpr, HAS_INJECT: tl.constexpr,
     INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if INT64:
-        pid = pid.to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < n
+    offs, valid, inner, i0, i1, i2, i3 = _block(S1, S2, S3, S4, INT64, BLOCK)
     g = tl.load(g_ptr + offs, mask=valid).to(tl.float32)
     if HAS_INJECT:
-        inject = tl.load(mask_ptr + _broadcast_offset(offs, S1, S2, S3, S4, ms0, ms1, ms2, ms3, ms4),
-                         mask=valid, other=0) != 0
+        mask_row = i0 * ms0 + i1 * ms1 + i2 * ms2 + i3 * ms3
+        inject = tl.load(mask_ptr + mask_row + inner * ms4, mask=valid, other=0) != 0
         g = tl.where(inject, 0.0, g)
     if WRITE_GX:
         tl.store(gx_ptr + offs, cast_for_store(g, gx_ptr), mask=valid)
@@ -114,8 +114,9 @@ def _flow_step_bwd_kernel(
         tl.store(gvu_ptr + offs, cast_for_store(b * g, gvu_ptr), mask=valid)
 
 
-def _grid(n: int):
-    return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+def _grid(n: int, inner: int):
+    """Rows of the first four dims times BLOCK-wide pieces of the innermost (``inner`` elements)."""
+    return lambda meta: ((n // inner) * triton.cdiv(inner, meta["BLOCK"]),)
 
 
 class _Injection:
@@ -138,10 +139,10 @@ class _Injection:
         self.latent_strides = strides[1] if latent is not None else [0] * 5
 
 
-def _injection_args(inj: Optional[_Injection]) -> tuple:
-    """The kernels' S1..S4 and mask strides (unused zeros without injection)."""
+def _injection_args(inj: Optional[_Injection], n: int) -> tuple:
+    """The kernels' S1..S4 and mask strides; without injection one row of ``n`` (strides unused)."""
     if inj is None:
-        return (1, 1, 1, 1, *(0,) * 5)
+        return (1, 1, 1, n, *(0,) * 5)
     return (*inj.sizes[1:], *inj.mask_strides)
 
 
@@ -151,10 +152,11 @@ def _flow_step_triton(x, v, v_uncond, injection: Optional[_Injection], a: float,
     if n == 0:
         return out
     inj = injection
+    args = _injection_args(inj, n)
     with device_guard(x):
-        _flow_step_fwd_kernel[_grid(n)](
+        _flow_step_fwd_kernel[_grid(n, args[3])](
             x, v, v_uncond if v_uncond is not None else x, inj.mask if inj else x, inj.latent if inj else x, out,
-            n, a, b, *_injection_args(inj), *(inj.latent_strides if inj else (0,) * 5),
+            n, a, b, *args, *(inj.latent_strides if inj else (0,) * 5),
             HAS_UNCOND=v_uncond is not None, HAS_INJECT=inj is not None, INT64=n > _INT32_MAX,
             **launch_meta(_CONFIGS),
         )
@@ -168,10 +170,11 @@ def _flow_step_backward_triton(g, injection, a, b, grads):
     if n == 0 or all(t is None for t in grads):
         return grads
     inj = injection
+    args = _injection_args(inj, n)
     with device_guard(g):
-        _flow_step_bwd_kernel[_grid(n)](
+        _flow_step_bwd_kernel[_grid(n, args[3])](
             g, inj.mask if inj else g, *(t if t is not None else g for t in grads),
-            n, a, b, *_injection_args(inj),
+            n, a, b, *args,
             WRITE_GX=grads[0] is not None, WRITE_GV=grads[1] is not None, WRITE_GVU=grads[2] is not None,
             HAS_INJECT=inj is not None, INT64=n > _INT32_MAX, **launch_meta(_CONFIGS),
         )

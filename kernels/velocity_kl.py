@@ -1,7 +1,8 @@
 """Fused velocity regulariser: ``mean((v - v_ref)^2) / (2 * sigma^2)`` in one pass, fp32.
 
-One op, one file (Liger-Kernel style): Triton forward (per-chunk fp32 partial
-sums, added by one small torch sum) and backward kernels, the pure-torch
+One op, one file (Liger-Kernel style): Triton forward (fp32 partial sums per
+8192-element chunk, then one single-program kernel that adds them in a fixed
+order and scales: deterministic, two launches) and backward kernels, the pure-torch
 reference, and the ``torch.autograd.Function``. Public entry point:
 :func:`velocity_kl`.
 
@@ -47,6 +48,16 @@ def _velocity_kl_fwd_kernel(v_ptr, r_ptr, partial_ptr, n, INT64: tl.constexpr, C
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
 
 
+@triton.jit
+def _velocity_kl_finish_kernel(partial_ptr, out_ptr, num_partials, scale, BLOCK: tl.constexpr):
+    """One program: the sum of the partials, times ``scale``, into the 0-dim output (one launch, in order)."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, num_partials, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + offs, mask=offs < num_partials, other=0.0)
+    tl.store(out_ptr, tl.sum(acc, axis=0) * scale)
+
+
 @autotune(_CONFIGS, key=["n"])
 @triton.jit
 def _velocity_kl_bwd_kernel(v_ptr, r_ptr, gout_ptr, gv_ptr, n, scale, INT64: tl.constexpr, BLOCK: tl.constexpr):
@@ -70,10 +81,13 @@ def _velocity_kl_triton(v, v_ref, sigma: float, partials: Optional[torch.Tensor]
     n = v.numel()
     if partials is None:
         partials = torch.empty(_num_partials(n), dtype=torch.float32, device=v.device)
+    out = torch.empty((), dtype=torch.float32, device=v.device)
     with device_guard(v):
         _velocity_kl_fwd_kernel[(partials.numel(),)](v, v_ref, partials, n, INT64=n > _INT32_MAX, CHUNK=_CHUNK,
                                                      **launch_meta(_CONFIGS))
-    return partials.sum() * (1.0 / (n * 2.0 * sigma * sigma))
+        _velocity_kl_finish_kernel[(1,)](partials, out, partials.numel(), 1.0 / (n * 2.0 * sigma * sigma),
+                                         BLOCK=1024)
+    return out
 
 
 def _velocity_kl_backward_triton(g, v, v_ref, sigma: float, grad_v: Optional[torch.Tensor] = None) -> torch.Tensor:

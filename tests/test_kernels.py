@@ -13,7 +13,8 @@ from rewardfl import kernels
 from rewardfl.kernels import flow_step, flow_step_reference, velocity_kl, velocity_kl_reference
 from rewardfl.kernels._utils import collapse_dims, resolve_backend
 from rewardfl.kernels.flow_step import FlowStepFunction, _flow_step_backward_triton, _flow_step_triton, _Injection
-from rewardfl.kernels.velocity_kl import VelocityKLFunction, _num_partials, _velocity_kl_backward_triton, _velocity_kl_triton
+from rewardfl.kernels.velocity_kl import (VelocityKLFunction, _num_partials, _velocity_kl_backward_triton,
+                                         _velocity_kl_finish_kernel, _velocity_kl_triton)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = INTERPRET or torch.cuda.is_available()
@@ -113,6 +114,29 @@ def test_injection_overwrites_frame0_exactly():
         out = flow_step(x, v, -0.5, inject_mask=frame0_mask(shape).float(), inject_latent=latent, backend=backend)
         assert torch.equal(out[:, :, :1], latent.float())
         torch.testing.assert_close(out[:, :, 1:].double(), step_float64(x, v, -0.5)[:, :, 1:])
+
+
+@needs_triton
+@pytest.mark.parametrize("mask_shape,latent_shape,transpose_latent", [
+    ((2, 1, 1, 1, 1), (1, 3, 4, 5, 33), False),  # per-sample switch, latent broadcast over the batch
+    ((1, 1, 1, 1, 33), (2, 3, 4, 33, 5), True),  # varies along the innermost dim; latent a transposed view
+    ((2, 3, 4, 5, 33), (1,), False),  # a full mask, a scalar-like latent
+    ((1, 3, 1, 5, 1), (2, 1, 4, 1, 33), False),  # alternating broadcast dims: nothing collapses
+])
+def test_injection_with_any_broadcast(mask_shape, latent_shape, transpose_latent):
+    shape = (2, 3, 4, 5, 33)
+    x, v = randn(*shape), randn(*shape, seed=1)
+    mask = randn(*mask_shape, seed=2) > 0
+    latent = randn(*latent_shape, seed=3)
+    if transpose_latent:
+        latent = latent.transpose(-1, -2)
+    grad_out = randn(*shape, seed=4)
+    expected = step_float64(x, v, -0.25, mask=mask, latent=latent)
+    x_leaf = x.clone().requires_grad_()
+    out = flow_step(x_leaf, v, -0.25, inject_mask=mask, inject_latent=latent, backend="triton")
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+    (grad_x,) = torch.autograd.grad(out, x_leaf, grad_out)
+    torch.testing.assert_close(grad_x, torch.where(mask, 0.0, grad_out))
 
 
 @needs_triton
@@ -218,6 +242,16 @@ def test_triton_velocity_kl_forward(n, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("num_partials", [1, 63, 64, 1000])
+def test_triton_velocity_kl_finish_adds_every_partial(num_partials):
+    # a small BLOCK makes the loop run several times (the real launch has few partials at test sizes)
+    partials = randn(num_partials).abs()
+    out = torch.full((), float("nan"), device=DEVICE)
+    _velocity_kl_finish_kernel[(1,)](partials, out, num_partials, 0.5, BLOCK=64)
+    torch.testing.assert_close(out.double(), partials.double().sum() * 0.5, rtol=1e-6, atol=0)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_velocity_kl_backward_matches_autograd_of_reference(dtype):
     shape = (2, 4, 5, 9, 11)
@@ -320,6 +354,8 @@ for arch in (80, 90):
                    BLOCK=1024), arch)
     build(vk._velocity_kl_fwd_kernel,
           dict(v_ptr="*bf16", r_ptr="*fp32", partial_ptr="*fp32"), dict(INT64=False, CHUNK=8192, BLOCK=4096), arch)
+    build(vk._velocity_kl_finish_kernel, dict(partial_ptr="*fp32", out_ptr="*fp32", scale="fp32"),
+          dict(BLOCK=1024), arch)
     build(vk._velocity_kl_bwd_kernel,
           dict(v_ptr="*bf16", r_ptr="*bf16", gout_ptr="*fp32", gv_ptr="*bf16", scale="fp32"),
           dict(INT64=True, BLOCK=1024), arch)
