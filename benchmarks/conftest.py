@@ -2,8 +2,9 @@
 
 The ``bench`` fixture (a :class:`Bench`) gives:
 
-* ``bench.measure(fn, device=...)``: median seconds of a call (CUDA events on a
-  GPU, ``perf_counter`` on the CPU), so a benchmark can report a ratio against a
+* ``bench.measure(fn, device=..., graph=False)``: median seconds of a call (CUDA
+  events on a GPU, ``perf_counter`` on the CPU; ``graph=True`` times CUDA-graph
+  replays, without launch overhead), so a benchmark can report a ratio against a
   baseline timed in the same run, on the same device;
 * ``bench.add(title, **columns)``: a row of a table printed at the end of the run
   (and appended to the file ``REWARDFL_BENCH_TABLE`` names, when set);
@@ -37,9 +38,30 @@ def timing(benchmark) -> bool:
     return not benchmark.disabled
 
 
-def measure(fn: Callable[[], object], *, device: torch.device | str, reps: int = 20, warmup: int = 3) -> float:
-    """Median seconds of one ``fn()`` call on ``device``."""
+def measure(fn: Callable[[], object], *, device: torch.device | str, reps: int = 20, warmup: int = 3,
+            graph: bool = False) -> float:
+    """Median seconds of one ``fn()`` call on ``device``.
+
+    On a GPU the time runs from an event before the call to one after it, so it
+    includes launch overhead whenever the CPU is the slower side. ``graph=True``
+    captures ``fn`` in a CUDA graph once and times its replays: the device time
+    alone, for bandwidth figures (PyTorch's whole-network capture recipe: warm-up
+    on a side stream, then capture; forward and backward may both be in ``fn``).
+    """
     device = torch.device(device)
+    if graph:
+        if device.type != "cuda":
+            raise ValueError("measure(graph=True) needs a CUDA device")
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            fn()
+        fn = cuda_graph.replay
     for _ in range(warmup):
         fn()
     times = []
