@@ -63,7 +63,8 @@ def dit_key(key: str) -> Optional[str]:
     return key
 
 
-def _known_dits() -> list[tuple[str, dict]]:
+def known_dits() -> list[tuple[str, dict]]:
+    """(name, WanModel kwargs) of every DiT rewardfl recognises: the tiny twins, then diffsynth's."""
     from diffsynth.configs.model_configs import MODEL_CONFIGS
 
     out = list(TINY_DITS.items())
@@ -100,7 +101,7 @@ def dit_architecture(shapes: dict[str, tuple[int, ...]], where: str) -> DiTArch:
         num_layers=len({m.group(1) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}),
         has_image_input="img_emb.proj.0.weight" in shapes,
     )
-    for name, kw in _known_dits():
+    for name, kw in known_dits():
         if all(tuple(kw[k]) == v if k == "patch_size" else kw.get(k, False) == v for k, v in found.items()):
             break
     else:

@@ -137,9 +137,13 @@ class Wan22Model(VideoModel):
         self.text_encoder = self._build(WanTextEncoder, te_arch, roles["text_encoder"], lambda k: k).eval()
         self.vae = self._build_vae(vae_arch, roles["vae"])
 
-        # 3. what trains
+        self._setup(lora_experts, full_experts, targets)
+
+    def _setup(self, lora_experts: list[str], full_experts: list[str], targets: list[str]) -> None:
+        """What trains (LoRA or full, frozen copies) and where each module lives."""
+        config, options = self.config, self.options
         self.lora_experts, self.full_experts = lora_experts, full_experts
-        self.lora_scale = None
+        self.lora_scale = self.lora_alpha = None
         if lora_experts:
             from .lora import add_lora
             alpha = float(config.lora_alpha) if config.lora_alpha is not None else float(config.lora_rank)
@@ -154,7 +158,6 @@ class Wan22Model(VideoModel):
                         "reference velocity (twice the expert's memory); LoRA (lora_base_model) needs none", r)
             self._frozen[r] = copy.deepcopy(self.dits[r]).requires_grad_(False).eval()
 
-        # 4. placement
         self.offload_experts = self._want_expert_offload(options.offload_idle_expert)
         self._placed = self.experts[0]
         for r in self.experts:
@@ -163,10 +166,61 @@ class Wan22Model(VideoModel):
             if r in self._frozen:
                 self._frozen[r].to(target)
         self.vae.to(self.device)
-        self.text_encoder.to(self.device if not self._offload_text else "cpu")
+        if self.text_encoder is not None:
+            self.text_encoder.to(self.device if not self._offload_text else "cpu")
         self._prompt_cache: dict[str, torch.Tensor] = {}
         self.training = True
         self.train(True)
+
+    @classmethod
+    def with_random_weights(cls, config, options=None, *, dit: str, experts: Sequence[str] = EXPERT_ROLES,
+                            vae_dim: int = 96, device=None, seed: int = 0) -> "Wan22Model":
+        """A model of a known architecture with random weights and no files, for benchmarks.
+
+        ``dit`` names a known DiT (a key of ``architectures.TINY_DITS`` or a diffsynth model hash,
+        e.g. ``5b013604280dd715f8457c6ed6d6a626`` = Wan2.2-I2V-A14B); the weights are built
+        directly on ``device`` in the model dtype. There is no text encoder: build ``WanCondition``
+        yourself (``context`` (B, L, text_dim)).
+        """
+        from diffsynth.models.wan_video_dit import WanModel
+        from diffsynth.core.vram.initialization import skip_model_initialization
+        from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE
+
+        self = cls.__new__(cls)
+        self.config, self.options = config, options or cls.Options()
+        self.device = torch.device(device if device is not None else "cpu")
+        self.dtype = self._choose_dtype(config.mixed_precision, self.device)
+        known = dict(arch.known_dits())
+        key = dit if dit in known else f"diffsynth:{dit}"
+        if key not in known:
+            raise ValueError(f"with_random_weights: unknown DiT '{dit}'")
+        kw = dict(known[key], patch_size=tuple(known[key]["patch_size"]))
+        shapes = None
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in WanModel(**kw).state_dict().items()}
+        self.arch = arch.dit_architecture(shapes, dit)
+        self.experts = tuple(experts)
+        self.vae_stride = (4, 8, 8)
+        self.tokenizer = self.text_encoder = None
+        default = torch.get_default_dtype()
+        self.dits = {}
+        try:
+            torch.set_default_dtype(self.dtype)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                for r in self.experts:  # built on the device (fast init); _setup parks idle ones
+                    with torch.device(self.device):
+                        self.dits[r] = WanModel(**self.arch.kwargs).requires_grad_(False)
+                with skip_model_initialization():
+                    vae = WanVideoVAE(z_dim=self.arch.z_dim)
+                with torch.device(self.device):
+                    vae.model = VideoVAE_(dim=vae_dim, z_dim=self.arch.z_dim)
+        finally:
+            torch.set_default_dtype(default)
+        self.vae = vae.requires_grad_(False).eval()
+        lora_experts, full_experts = self._plan_training(config)
+        self._setup(lora_experts, full_experts, as_list(config.lora_target_modules))
+        return self
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -317,6 +371,8 @@ class Wan22Model(VideoModel):
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """(B, text_len, text_dim) umT5 embeddings (zero past each prompt's length), cached per prompt."""
         missing = sorted({p for p in prompts if p not in self._prompt_cache})
+        if missing and self.text_encoder is None:
+            raise ValueError("encode: this model has no text encoder (built by with_random_weights)")
         if missing:
             self.text_encoder.to(self.device)
             tok = self.tokenizer(missing, padding="max_length", truncation=True, max_length=self.options.text_len,
@@ -473,7 +529,8 @@ class Wan22Model(VideoModel):
         self.training = mode
         for r, dit in self.dits.items():
             dit.train(mode and r in self.trainable_experts())
-        self.text_encoder.eval()
+        if self.text_encoder is not None:
+            self.text_encoder.eval()
         self.vae.eval()
         return self
 
