@@ -120,23 +120,16 @@ def _grid(n: int, inner: int):
 
 
 class _Injection:
-    """The injection mask (and latent) as 5-D broadcast strides over the output's index space."""
+    """The injection mask and latent as 5-D broadcast strides over the output's index space."""
 
-    def __init__(self, shape, mask: torch.Tensor, latent: Optional[torch.Tensor]):
-        self.mask = mask
-        self.latent = latent
-        tensors = [mask] + ([latent] if latent is not None else [])
-        names = ["inject_mask", "inject_latent"]
-        strides = [broadcast_strides(t, shape, name) for t, name in zip(tensors, names)]
+    def __init__(self, shape, mask: torch.Tensor, latent: torch.Tensor):
+        strides = [broadcast_strides(mask, shape, "inject_mask"), broadcast_strides(latent, shape, "inject_latent")]
         collapsed = collapse_dims(shape, strides)
-        if collapsed is None:  # more than 5 dims that broadcast differently: materialise
-            self.mask = torch.broadcast_to(mask, shape).contiguous()
-            self.latent = torch.broadcast_to(latent, shape).contiguous() if latent is not None else None
-            tensors = [self.mask] + ([self.latent] if latent is not None else [])
-            collapsed = collapse_dims(shape, [t.stride() for t in tensors])
-        self.sizes, strides = collapsed
-        self.mask_strides = strides[0]
-        self.latent_strides = strides[1] if latent is not None else [0] * 5
+        if collapsed is None:  # more than 5 dims that broadcast differently: materialise both
+            mask, latent = (torch.broadcast_to(t, shape).contiguous() for t in (mask, latent))
+            collapsed = collapse_dims(shape, [mask.stride(), latent.stride()])
+        self.mask, self.latent = mask, latent
+        self.sizes, (self.mask_strides, self.latent_strides) = collapsed
 
 
 def _injection_args(inj: Optional[_Injection], n: int) -> tuple:
@@ -146,12 +139,11 @@ def _injection_args(inj: Optional[_Injection], n: int) -> tuple:
     return (*inj.sizes[1:], *inj.mask_strides)
 
 
-def _flow_step_triton(x, v, v_uncond, injection: Optional[_Injection], a: float, b: float, out: torch.Tensor):
+def _flow_step_triton(x, v, v_uncond, inj: Optional[_Injection], a: float, b: float, out: torch.Tensor):
     """Launch the forward kernel writing into ``out`` (contiguous, shaped like ``x``)."""
     n = x.numel()
     if n == 0:
         return out
-    inj = injection
     args = _injection_args(inj, n)
     with device_guard(x):
         _flow_step_fwd_kernel[_grid(n, args[3])](
@@ -163,13 +155,12 @@ def _flow_step_triton(x, v, v_uncond, injection: Optional[_Injection], a: float,
     return out
 
 
-def _flow_step_backward_triton(g, injection, a, b, grads):
+def _flow_step_backward_triton(g, inj: Optional[_Injection], a, b, grads):
     """Launch the backward kernel writing into ``grads``: (grad_x, grad_v, grad_v_uncond), None = not wanted."""
     g = g.contiguous()
     n = g.numel()
     if n == 0 or all(t is None for t in grads):
         return grads
-    inj = injection
     args = _injection_args(inj, n)
     with device_guard(g):
         _flow_step_bwd_kernel[_grid(n, args[3])](

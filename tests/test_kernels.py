@@ -287,9 +287,11 @@ def test_auto_dispatch_and_switch(monkeypatch):
     cpu = torch.zeros(3)
     assert resolve_backend(None, cpu) == "torch"
     assert resolve_backend(None, cpu.double()) == "torch"
+    before = kernels.get_backend()
     with kernels.use_backend("torch"):
         assert kernels.get_backend() == "torch"
-    assert kernels.get_backend() == "auto"
+        assert resolve_backend(None, cpu) == "torch"
+    assert kernels.get_backend() == before
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         flow_step(cpu, cpu, -0.1, backend="triton")
