@@ -222,6 +222,25 @@ def test_extension_matches_torch_many_faces(dtype):
     assert (g_ext[4] == 0).all() and g_ext[3].abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_video_view_gives_the_same_crops_and_gradient(backend):
+    # Frames as a (T, C, H, W) view of a (B, C, T, H, W) video, as the face reward passes them.
+    video = torch.rand(2, 3, 4, 24, 28) * 2 - 1
+    landmarks, frame_index = random_faces(4, 6, 24, 28, 16, seed=9, dtype=torch.float32)
+    results = []
+    for contiguous in (False, True):
+        v = video.clone().requires_grad_()
+        frames = v[1].permute(1, 0, 2, 3)
+        frames = frames.contiguous() if contiguous else frames
+        crops, _ = face_align(frames, landmarks, frame_index, size=16, template=small_template(16), backend=backend)
+        crops.square().sum().backward()
+        results.append((crops.detach(), v.grad))
+    assert not video[1].permute(1, 0, 2, 3).is_contiguous()
+    torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=0, rtol=0)
+    assert (results[0][1][0] == 0).all() and results[0][1][1].abs().sum() > 0
+
+
 @needs_extension
 def test_extension_bfloat16_frames_match_torch():
     num_frames, height, width, size = 3, 40, 50, 16

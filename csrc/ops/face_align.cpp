@@ -4,7 +4,7 @@
 // cpu/face_align_kernel.cpp, cuda/face_align_kernel.cu; autograd: autograd/face_align_autograd.cpp;
 // fake (meta) kernels for torch.compile and the user-facing wrapper: rewardfl/ops.py.
 //
-// face_align(frames (F, 3, H, W) float/half/bf16/double, inverse_transforms (N, 2, 3) crop pixel
+// face_align(frames (F, 3, H, W) float/half/bf16/double, any strides, inverse_transforms (N, 2, 3) crop pixel
 //            -> frame pixel, frame_index (N,) int64, size, channel_map [3], input_low, scale [3],
 //            bias [3]) -> crops (N, 3, size, size) float32 (float64 for float64 frames)
 // face_align_backward(grad (N, 3, size, size), inverse_transforms, frame_index, F, H, W,

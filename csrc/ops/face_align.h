@@ -33,8 +33,19 @@ struct FaceAlignParams {
   T input_low;
 };
 
-// The four bilinear taps of one sample: offsets into an H*W plane and weights, zero weight (and
-// offset 0, a safe address) for taps outside the frame.
+// Element strides of the frames tensor (F, 3, H, W): the kernels read any strided layout, so a
+// (T, C, H, W) view of a (B, C, T, H, W) video is not copied.
+struct FrameStrides {
+  int64_t frame, channel, row, col;
+};
+
+inline FrameStrides frame_strides(const at::Tensor& frames) {
+  return {frames.stride(0), frames.stride(1), frames.stride(2), frames.stride(3)};
+}
+
+// The four bilinear taps of one sample: element offsets into one channel plane (row stride
+// stride_h, column stride stride_w) and weights; zero weight (and offset 0, a safe address) for
+// taps outside the frame.
 template <typename T>
 struct BilinearTaps {
   int64_t offset[4];
@@ -43,7 +54,8 @@ struct BilinearTaps {
 
 // Fills `taps` for frame position (x, y); false when no tap can touch the frame (also for NaN).
 template <typename T>
-C10_HOST_DEVICE inline bool bilinear_taps(T x, T y, int64_t height, int64_t width, BilinearTaps<T>& taps) {
+C10_HOST_DEVICE inline bool bilinear_taps(T x, T y, int64_t height, int64_t width, int64_t stride_h,
+                                          int64_t stride_w, BilinearTaps<T>& taps) {
   if (!(x > T(-1) && x < T(width) && y > T(-1) && y < T(height))) return false;
   // x, y > -1 here, so truncating x + 1 is floor(x) + 1: no floor() that differs host/device.
   const int64_t x0 = static_cast<int64_t>(x + T(1)) - 1;
@@ -56,7 +68,7 @@ C10_HOST_DEVICE inline bool bilinear_taps(T x, T y, int64_t height, int64_t widt
     for (int i = 0; i < 2; ++i) {
       const int64_t xi = x0 + i, yj = y0 + j;
       const bool inside = xi >= 0 && xi < width && yj >= 0 && yj < height;
-      taps.offset[2 * j + i] = inside ? yj * width + xi : 0;
+      taps.offset[2 * j + i] = inside ? yj * stride_h + xi * stride_w : 0;
       taps.weight[2 * j + i] = inside ? wys[j] * wxs[i] : T(0);
     }
   }

@@ -30,24 +30,23 @@ void check_frame_index_cpu(const int64_t* frame_index, int64_t num_faces, int64_
 }
 
 template <typename scalar_t, typename acc_t>
-void forward_rows(const scalar_t* frames, const acc_t* inverse, const int64_t* frame_index, acc_t* crops,
-                  int64_t height, int64_t width, int64_t size, const FaceAlignParams<acc_t>& p, int64_t row_begin,
-                  int64_t row_end) {
-  const int64_t plane = height * width;
+void forward_rows(const scalar_t* frames, detail::FrameStrides st, const acc_t* inverse, const int64_t* frame_index,
+                  acc_t* crops, int64_t height, int64_t width, int64_t size, const FaceAlignParams<acc_t>& p,
+                  int64_t row_begin, int64_t row_end) {
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t n = row / size, v = row % size;
     const acc_t* m = inverse + n * 6;
-    const scalar_t* frame = frames + frame_index[n] * 3 * plane;
+    const scalar_t* frame = frames + frame_index[n] * st.frame;
     acc_t* out = crops + n * 3 * size * size + v * size;
     for (int64_t u = 0; u < size; ++u) {
       const acc_t x = m[0] * u + m[1] * v + m[2];
       const acc_t y = m[3] * u + m[4] * v + m[5];
       BilinearTaps<acc_t> taps;
-      const bool any = detail::bilinear_taps(x, y, height, width, taps);
+      const bool any = detail::bilinear_taps(x, y, height, width, st.row, st.col, taps);
       for (int c = 0; c < 3; ++c) {
         acc_t sample = 0;
         if (any) {
-          const scalar_t* src = frame + p.channel_map[c] * plane;
+          const scalar_t* src = frame + p.channel_map[c] * st.channel;
           for (int k = 0; k < 4; ++k) {
             sample += taps.weight[k] * (static_cast<acc_t>(src[taps.offset[k]]) - p.input_low);
           }
@@ -64,7 +63,6 @@ at::Tensor face_align_forward_cpu(const at::Tensor& frames, const at::Tensor& in
   detail::check_forward_args(frames, inverse_transforms, frame_index, size, channel_map, scale, bias);
   TORCH_CHECK(frames.device().is_cpu(), "face_align_forward_cpu: tensors must be on the CPU");
   const auto acc_dtype = detail::crop_dtype(frames.scalar_type());
-  const auto frames_c = frames.contiguous();
   const auto inverse = inverse_transforms.to(acc_dtype).contiguous();
   const auto index = frame_index.contiguous();
   const int64_t num_faces = inverse.size(0), height = frames.size(2), width = frames.size(3);
@@ -75,13 +73,14 @@ at::Tensor face_align_forward_cpu(const at::Tensor& frames, const at::Tensor& in
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, frames.scalar_type(), "face_align_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = detail::make_params<acc_t>(channel_map, scale, bias, input_low);
-    const scalar_t* src = frames_c.data_ptr<scalar_t>();
+    const scalar_t* src = frames.const_data_ptr<scalar_t>();
+    const auto strides = detail::frame_strides(frames);
     const acc_t* m = inverse.data_ptr<acc_t>();
     const int64_t* fi = index.data_ptr<int64_t>();
     acc_t* dst = crops.data_ptr<acc_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / (3 * size));
     at::parallel_for(0, num_faces * size, grain, [&](int64_t begin, int64_t end) {
-      forward_rows<scalar_t, acc_t>(src, m, fi, dst, height, width, size, params, begin, end);
+      forward_rows<scalar_t, acc_t>(src, strides, m, fi, dst, height, width, size, params, begin, end);
     });
   });
   return crops;
@@ -132,7 +131,7 @@ at::Tensor face_align_backward_cpu(const at::Tensor& grad, const at::Tensor& inv
               const acc_t x = m[0] * u + m[1] * v + m[2];
               const acc_t y = m[3] * u + m[4] * v + m[5];
               BilinearTaps<acc_t> taps;
-              if (!detail::bilinear_taps(x, y, height, width, taps)) continue;
+              if (!detail::bilinear_taps(x, y, height, width, width, 1, taps)) continue;
               for (int c = 0; c < 3; ++c) {
                 const acc_t go = params.scale[c] * gn[c * size * size + v * size + u];
                 acc_t* dst = frame_grad + params.channel_map[c] * plane;

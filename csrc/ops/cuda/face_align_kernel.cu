@@ -33,11 +33,12 @@ int64_t num_blocks(int64_t work) {
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void face_align_forward_kernel(const scalar_t* __restrict__ frames, const acc_t* __restrict__ inverse,
+__global__ void face_align_forward_kernel(const scalar_t* __restrict__ frames, detail::FrameStrides st,
+                                          const acc_t* __restrict__ inverse,
                                           const int64_t* __restrict__ frame_index, acc_t* __restrict__ crops,
                                           int64_t num_faces, int64_t num_frames, int64_t height, int64_t width,
                                           int64_t size, FaceAlignParams<acc_t> p) {
-  const int64_t area = size * size, plane = height * width;
+  const int64_t area = size * size;
   const int64_t total = num_faces * area;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = i / area, pixel = i % area;
@@ -47,12 +48,12 @@ __global__ void face_align_forward_kernel(const scalar_t* __restrict__ frames, c
     const acc_t y = m[3] * u + m[4] * v + m[5];
     const int64_t f = frame_index[n];
     BilinearTaps<acc_t> taps;
-    const bool any = f >= 0 && f < num_frames && detail::bilinear_taps(x, y, height, width, taps);
+    const bool any = f >= 0 && f < num_frames && detail::bilinear_taps(x, y, height, width, st.row, st.col, taps);
     acc_t* out = crops + n * 3 * area + pixel;
     for (int c = 0; c < 3; ++c) {
       acc_t sample = 0;
       if (any) {
-        const scalar_t* src = frames + (f * 3 + p.channel_map[c]) * plane;
+        const scalar_t* src = frames + f * st.frame + p.channel_map[c] * st.channel;
         for (int k = 0; k < 4; ++k) {
           sample += taps.weight[k] * (static_cast<acc_t>(src[taps.offset[k]]) - p.input_low);
         }
@@ -78,7 +79,7 @@ __global__ void face_align_backward_kernel(const acc_t* __restrict__ grad, const
     const acc_t x = m[0] * u + m[1] * v + m[2];
     const acc_t y = m[3] * u + m[4] * v + m[5];
     BilinearTaps<acc_t> taps;
-    if (!detail::bilinear_taps(x, y, height, width, taps)) continue;
+    if (!detail::bilinear_taps(x, y, height, width, width, 1, taps)) continue;
     const acc_t* g = grad + n * 3 * area + pixel;
     for (int c = 0; c < 3; ++c) {
       const acc_t go = p.scale[c] * g[c * area];
@@ -97,7 +98,6 @@ at::Tensor face_align_forward_cuda(const at::Tensor& frames, const at::Tensor& i
   TORCH_CHECK(frames.is_cuda(), "face_align_forward_cuda: tensors must be on a CUDA device");
   c10::cuda::CUDAGuard device_guard(frames.device());
   const auto acc_dtype = detail::crop_dtype(frames.scalar_type());
-  const auto frames_c = frames.contiguous();
   const auto inverse = inverse_transforms.to(acc_dtype).contiguous();
   const auto index = frame_index.contiguous();
   const int64_t num_faces = inverse.size(0), height = frames.size(2), width = frames.size(3);
@@ -110,7 +110,7 @@ at::Tensor face_align_forward_cuda(const at::Tensor& frames, const at::Tensor& i
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = detail::make_params<acc_t>(channel_map, scale, bias, input_low);
     face_align_forward_kernel<scalar_t, acc_t><<<num_blocks(total), kThreads, 0, stream>>>(
-        frames_c.data_ptr<scalar_t>(), inverse.data_ptr<acc_t>(), index.data_ptr<int64_t>(), crops.data_ptr<acc_t>(),
+        frames.const_data_ptr<scalar_t>(), detail::frame_strides(frames), inverse.data_ptr<acc_t>(), index.data_ptr<int64_t>(), crops.data_ptr<acc_t>(),
         num_faces, frames.size(0), height, width, size, params);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
