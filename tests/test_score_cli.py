@@ -19,24 +19,22 @@ def _write_frames(folder, images):
     return str(folder)
 
 
-def _photo(face_assets, name, size=160):
-    image = cv2.imread(face_assets.photos[name])
-    h, w = image.shape[:2]
-    s = min(h, w)
-    image = image[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+def _photo(face_photo, name, size=160):
+    """A photo as BGR uint8 (what cv2.imwrite takes)."""
+    rgb = ((face_photo(name, size) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "rewardfl.score", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_scores_each_video_as_json(face_assets, tmp_path):
-    a2, b1 = _photo(face_assets, "person_a_2"), _photo(face_assets, "person_b_1")
+def test_scores_each_video_as_json(face_assets, face_photo, tmp_path):
+    a2, b1 = _photo(face_photo, "person_a_2"), _photo(face_photo, "person_b_1")
     video_a = _write_frames(tmp_path / "a", [a2, a2[:, ::-1], a2])
     video_b = _write_frames(tmp_path / "b", [b1, b1[:, ::-1], np.zeros_like(b1)])
     reference = str(tmp_path / "ref.jpg")
-    cv2.imwrite(reference, _photo(face_assets, "person_a_1"))
+    cv2.imwrite(reference, _photo(face_photo, "person_a_1"))
     proc = _run("--reward-model-path", face_assets.yunet_sface, "--reference", reference, video_a, video_b,
                 "--set", f"reference_cache_dir={tmp_path / 'refs'}")
     assert proc.returncode == 0, proc.stderr
@@ -57,13 +55,13 @@ def test_scores_each_video_as_json(face_assets, tmp_path):
     ("bad_pack", "error: --reward-model-path: not a directory"),
     ("bad_option", "error: unknown key 'reward.face_selekt'"),
 ])
-def test_bad_input_is_one_line_and_exit_2(face_assets, tmp_path, capsys, case, message):
+def test_bad_input_is_one_line_and_exit_2(face_assets, face_photo, tmp_path, capsys, case, message):
     from rewardfl.score import main
 
     reference = str(tmp_path / "ref.png")
-    cv2.imwrite(reference, _photo(face_assets, "person_a_1") if case != "no_face_reference"
+    cv2.imwrite(reference, _photo(face_photo, "person_a_1") if case != "no_face_reference"
                 else np.full((96, 96, 3), 128, np.uint8))
-    video = _write_frames(tmp_path / "v", [_photo(face_assets, "person_a_2")])
+    video = _write_frames(tmp_path / "v", [_photo(face_photo, "person_a_2")])
     pack = face_assets.yunet_sface if case != "bad_pack" else str(tmp_path / "nope")
     args = ["--reward-model-path", pack, "--reference", reference,
             str(tmp_path / "missing.mp4") if case == "missing_video" else video]

@@ -359,13 +359,11 @@ class FaceIdentityReward(Reward):
         }
 
 
-def _file_sha256(path: str, _cache: dict = {}) -> str:  # noqa: B006 - process-wide memo by (path, mtime, size)
+def _file_sha256(path: str, _memo: dict = {}) -> str:  # noqa: B006 - process-wide memo by (path, mtime, size)
+    from rewardfl.assets import file_sha256
+
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
-    if key not in _cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _cache[key] = h.hexdigest()
-    return _cache[key]
+    if key not in _memo:
+        _memo[key] = file_sha256(path)
+    return _memo[key]
