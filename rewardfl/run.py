@@ -32,6 +32,15 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     plugins = resolve_plugins(cfg)
     if args.check:
+        # the sampler is light: build it and plan against the model's declared experts, so that
+        # gradient-window errors surface here rather than after the model has loaded
+        sampler = plugins["sampler"](cfg, cfg.sampler.options)
+        experts = tuple(getattr(plugins["model"], "experts", ()) or ())
+        if experts:
+            trainable = [e.strip() for e in cfg.trainable_models.split(",") if e.strip() in experts]
+            plan = sampler.plan(experts, trainable)
+            grad = [f"{p.index}:{p.expert}" for p in plan if p.grad]
+            print(f"plan     {len(plan)} steps, gradient at {', '.join(grad)}")
         names = {"model": cfg.model_name, "sampler": cfg.sampler.name, "reward": cfg.reward.name}
         for kind, cls in plugins.items():
             print(f"{kind:8s} {names[kind]:20s} {cls.__module__}.{cls.__name__}")

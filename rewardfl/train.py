@@ -59,15 +59,21 @@ def rollout(model: VideoModel, sampler: Sampler, plan: list[StepPlan], batch: di
     first = batch["first_frame"].to(model.device, model.dtype)
     height, width = first.shape[-2:]
     cond = model.encode(batch["prompt"], first, num_frames)
-    inject = model.injection(cond)
+    inject = model.injection(cond)  # TI2V-style first-frame latent injection, or None
     shape = model.latent_shape(num_frames, height, width)
     x = sampler.initial_noise(shape, sample_seeds=seeds, step=step, device=model.device, dtype=model.dtype)
+    if inject is not None:  # frame 0 starts clean too, as after every update
+        mask, latent = inject
+        x = x * (1 - mask) + latent * mask
+    trainable = set(model.trainable_experts())
     kl_terms = []
     for p in plan:
         t = torch.full((x.shape[0],), p.timestep, device=model.device, dtype=torch.float32)
         with torch.set_grad_enabled(p.grad):
             v = model.denoise(p.expert, x, t, cond)
-            if p.grad and kl_weight > 0:
+            # the regulariser only where the trainable part runs (a frozen expert's kl is 0 and would
+            # only dilute the mean)
+            if p.grad and kl_weight > 0 and p.expert in trainable:
                 with torch.no_grad():
                     v_ref = model.denoise(p.expert, x, t, cond, base=True)
                 kl_terms.append(sampler.regularizer(v, v_ref, p))
@@ -313,9 +319,11 @@ class Trainer:
             raise ConfigError("data.metadata_path: not set; point it at a metadata.csv (video,prompt columns)")
         path = self.cfg.resolve_path(d.metadata_path)
         if d.generate_example and not os.path.exists(path):
-            from .example_data import ensure_example_dataset
+            from .example_data import build_from_face_assets
 
-            ensure_example_dataset(os.path.dirname(path))
+            if self.is_main:  # other ranks wait at the first collective and then read it
+                build_from_face_assets(os.path.dirname(path), csv_name=os.path.basename(path),
+                                       num_frames=d.num_frames)
         dataset = VideoDataset(path, num_frames=d.num_frames, max_pixels=d.max_pixels, height=d.height,
                                width=d.width)
         self.shard = list(range(len(dataset)))[self.rank::self.world_size]
