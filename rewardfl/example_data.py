@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .assets import _sha256  # the file hash the asset fetcher checks downloads with
+from .assets import file_sha256  # the file hash the asset fetcher checks downloads with
 
 __all__ = ["MOTIONS", "EXAMPLE_PHOTOS", "build_example_dataset", "build_from_face_assets", "crop_windows",
            "largest_face_box", "main"]
@@ -170,7 +170,7 @@ def build_example_dataset(out_dir: str, photos: Sequence[str], *, face_boxes: Op
     manifest = {
         "version": BUILD_VERSION, "num_frames": num_frames, "size": [h, w], "fps": fps,
         "face_fraction": face_fraction,
-        "photos": [{"sha256": _sha256(p), "face_box": list(b) if b is not None else None}
+        "photos": [{"sha256": file_sha256(p), "face_box": list(b) if b is not None else None}
                    for p, b in zip(photos, face_boxes)],
         "rows": [[video, prompt] for _, _, video, prompt in rows],
     }
