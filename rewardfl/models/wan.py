@@ -369,13 +369,21 @@ class Wan22Model(VideoModel):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(B, text_len, text_dim) umT5 embeddings (zero past each prompt's length), cached per prompt."""
+        """(B, text_len, text_dim) umT5 embeddings (zero past each prompt's length), cached per prompt.
+
+        The cache lives in host memory; the text encoder goes back to the CPU after use on CUDA
+        (``offload_text_encoder``), so after the first epoch it never runs again.
+        """
         missing = sorted({p for p in prompts if p not in self._prompt_cache})
         if missing and self.text_encoder is None:
             raise ValueError("encode: this model has no text encoder (built by with_random_weights)")
         if missing:
+            from diffsynth.models.wan_video_text_encoder import basic_clean, whitespace_clean
+
             self.text_encoder.to(self.device)
-            tok = self.tokenizer(missing, padding="max_length", truncation=True, max_length=self.options.text_len,
+            # Wan's preprocessing (diffsynth's HuggingfaceTokenizer with clean="whitespace")
+            texts = [whitespace_clean(basic_clean(p)) for p in missing]
+            tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.options.text_len,
                                  return_tensors="pt", add_special_tokens=True)
             ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
             emb = self.text_encoder(ids, mask)
@@ -383,10 +391,10 @@ class Wan22Model(VideoModel):
             for i, p in enumerate(missing):
                 e = emb[i:i + 1].clone()
                 e[:, int(lengths[i]):] = 0
-                self._prompt_cache[p] = e.to(self.dtype)
+                self._prompt_cache[p] = e.to("cpu", self.dtype)  # 4 MB per prompt at 512x4096: host memory
             if self._offload_text:
                 self.text_encoder.to("cpu")
-        return torch.cat([self._prompt_cache[p] for p in prompts], dim=0)
+        return torch.cat([self._prompt_cache[p] for p in prompts], dim=0).to(self.device)
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], first_frames: torch.Tensor, num_frames: int) -> WanCondition:
