@@ -71,10 +71,10 @@ def test_list_form_in_any_order_gives_the_same_model(tiny_dir, tmp_path):
     listed = build_tiny(d, model_paths=paths, tokenizer_path=os.path.join(d, "tokenizer"))
     named = build_tiny(d)
     first, x = _inputs(named, batch=2)
+    cond_n, cond_l = named.encode(["a", "b"], first, 5), listed.encode(["a", "b"], first, 5)
     for expert in ("dit", "dit2"):  # first DiT listed = high noise
-        a = named.denoise(expert, x, torch.tensor([900.0, 500.0]), named.encode(["a", "b"], first, 5))
-        b = listed.denoise(expert, x, torch.tensor([900.0, 500.0]), listed.encode(["a", "b"], first, 5))
-        assert torch.equal(a, b)
+        a = named.denoise(expert, x, torch.tensor([900.0, 500.0]), cond_n)
+        assert torch.equal(a, listed.denoise(expert, x, torch.tensor([900.0, 500.0]), cond_l))
 
 
 def test_sharded_safetensors_with_index(tiny_dir, tmp_path):
@@ -533,3 +533,21 @@ def test_wan22_vae_decode_matches_diffsynth():
     out = decode_latents(vae, z, clamp="none")
     assert out.shape == ref.shape == (1, 3, 9, 32, 32)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_pth_checkpoints_load_weights_only(tiny_dir, tmp_path):
+    """Wan ships the umT5 encoder and the VAE as .pth (models_t5_umt5-xxl-enc-bf16.pth, Wan2.1_VAE.pth)."""
+    from safetensors.torch import load_file
+
+    spec = _spec(tiny_dir)
+    for role, name in (("text_encoder", "t5.pth"), ("vae", "Wan2.1_VAE.pth")):
+        torch.save(load_file(spec[role]), str(tmp_path / name))
+        spec[role] = str(tmp_path / name)
+    model = build_tiny(tiny_dir, model_paths=write_paths(str(tmp_path), spec))
+    ref = build_tiny(tiny_dir)
+    first, x = _inputs(model)
+    a, b = model.encode(["p"], first, 5), ref.encode(["p"], first, 5)
+    assert torch.equal(a.context, b.context) and torch.equal(a.y, b.y)
+    (tmp_path / "Wan2.1_VAE.pth").write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match=r"model_paths\['vae'\].*weights-only torch checkpoint"):
+        build_tiny(tiny_dir, model_paths=write_paths(str(tmp_path), spec))
