@@ -513,6 +513,15 @@ def test_ti2v_injects_the_first_frame_and_matches_diffsynth(ti2v_dir):
         v_ref = model_fn_wan_video(dit=model.dits["dit"], latents=x_in, timestep=t, context=cond.context,
                                    fuse_vae_embedding_in_latents=True)
     torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+    # the sampler's update takes the injection as given: frame 0 stays the first-frame latent
+    from rewardfl import registry
+    from rewardfl.config import config_from_dict
+
+    sampler = registry.create("sampler", "flow_match_euler", config_from_dict({}), {})
+    step = sampler.plan(model.experts, model.trainable_experts())[0]
+    x_next = sampler.step(x_in, v, step, inject_mask=mask, inject_latent=latent)
+    torch.testing.assert_close(x_next[:, :, :1], latent[:, :, :1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(x_next[:, :, 1:], x_in[:, :, 1:] + step.dt * v[:, :, 1:], rtol=1e-5, atol=1e-5)
 
 
 def test_wan22_vae_decode_matches_diffsynth():
