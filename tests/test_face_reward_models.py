@@ -150,3 +150,24 @@ def test_explicit_keys_override_names(tmp_path, face_assets):
     assert pack.detector == str(tmp_path / "my_detector.onnx") and pack.detector_type == "scrfd"
     with pytest.raises(FileNotFoundError, match="reward.recognizer: file not found"):
         find_model_pack(str(tmp_path), detector="my_detector.onnx", detector_type="scrfd", recognizer="nope.onnx")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_backends_match_cpu(face_assets, face_photo):
+    """onnxruntime's CUDA provider through IOBinding, and the twin on the GPU, vs the CPU run."""
+    from rewardfl.rewards.face_identity import FaceDetector
+
+    det = FaceDetector(os.path.join(face_assets.scrfd_sface, "scrfd.onnx"), "scrfd")
+    frames = torch.stack([face_photo(n, 256) for n in ("person_a_1", "person_b_1")])
+    cpu = det(frames)
+    for backend in ("onnxruntime", "torch"):
+        gpu = det(frames.cuda(), backend=backend)
+        assert gpu.landmarks.is_cuda
+        torch.testing.assert_close(gpu.landmarks.cpu(), cpu.landmarks, atol=0.05, rtol=0)
+    rec = FaceRecognizer(face_assets.raw_sface)
+    crops = rec.align(frames, cpu.largest()[0], torch.arange(2))
+    on_cpu = rec.embed(crops)
+    for grad in (False, True):
+        on_gpu = rec.embed(crops.cuda(), grad=grad)
+        assert on_gpu.is_cuda and bool(((on_gpu.cpu() * on_cpu).sum(1) > 0.9999).all())

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from .onnx_runner import OnnxModel
+from .onnx_runner import OnnxModel, load_onnx_model
 
 __all__ = ["Detections", "FaceDetector", "DEFAULT_THRESHOLDS", "letterbox"]
 
@@ -117,7 +117,7 @@ class FaceDetector:
         self.score_threshold = default_score if score_threshold is None else score_threshold
         self.nms_threshold = default_nms if nms_threshold is None else nms_threshold
         self.batch_size = batch_size
-        self.model = model or OnnxModel(path, backend=backend)
+        self.model = model or load_onnx_model(path, backend=backend)
         expected = 9 if kind == "scrfd" else 12
         if len(self.model.output_names) != expected:
             raise ValueError(f"reward.detector_type: {path} has {len(self.model.output_names)} outputs, a {kind} "

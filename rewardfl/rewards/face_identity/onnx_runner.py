@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import copy
+import os
 import threading
 from typing import Optional
 
@@ -18,7 +20,7 @@ import torch
 
 from .onnx_fold import prepare_graph
 
-__all__ = ["OnnxModel", "BACKENDS"]
+__all__ = ["OnnxModel", "BACKENDS", "load_onnx_model"]
 
 BACKENDS = ("auto", "onnxruntime", "torch")
 # onnx2torch has converters up to these opsets; newer graphs are converted down first
@@ -110,6 +112,8 @@ class OnnxModel:
         device = torch.device(device)
         key = (device.type, device.index, dtype)
         with self._lock:
+            if key not in self._twins and self._twins:  # another device/dtype: copy the converted one
+                self._twins[key] = copy.deepcopy(next(iter(self._twins.values()))).to(device=device, dtype=dtype)
             if key not in self._twins:
                 from onnx2torch import convert
 
@@ -135,6 +139,21 @@ class OnnxModel:
             return self.run_onnxruntime(x)
         with torch.no_grad():
             return self.run_twin(x.to(torch.float32))
+
+
+_LOADED: dict = {}
+_LOADED_LOCK = threading.Lock()
+
+
+def load_onnx_model(path: str, *, backend: str = "auto") -> OnnxModel:
+    """The :class:`OnnxModel` of ``path``, shared by everything in the process that loads the same
+    file (unchanged on disk) with the same backend: reward instances, the CLI, tests."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size, backend)
+    with _LOADED_LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = OnnxModel(path, backend=backend)
+        return _LOADED[key]
 
 
 def _real_inputs(model: onnx.ModelProto):

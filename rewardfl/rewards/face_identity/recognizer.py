@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from rewardfl.ops import face_align
 
-from .onnx_runner import OnnxModel
+from .onnx_runner import OnnxModel, load_onnx_model
 
 __all__ = ["Preprocessing", "FaceRecognizer", "detect_preprocessing"]
 
@@ -52,7 +52,7 @@ class FaceRecognizer:
     def __init__(self, path: str, *, backend: str = "auto", size: Optional[int] = None,
                  channel_order: Optional[str] = None, mean: Optional[float] = None, std: Optional[float] = None,
                  batch_size: int = 64):
-        self.model = OnnxModel(path, backend=backend)
+        self.model = load_onnx_model(path, backend=backend)
         detected = detect_preprocessing(self.model)
         if channel_order is not None and channel_order not in ("rgb", "bgr"):
             raise ValueError(f"reward.recognizer_channel_order: must be 'rgb' or 'bgr', got {channel_order!r}")
