@@ -190,7 +190,8 @@ class FaceDetector:
         n = frames.shape[0]
         canvas, scale = letterbox(frames, self.size, input_range)
         scores, boxes, landmarks = self._decode(self._raw_outputs(self._normalise(canvas), backend))
-        keep = scores >= self.score_threshold  # (N, M)
+        # NaN scores compare False; non-finite boxes or points (a diverged generator) are dropped too
+        keep = (scores >= self.score_threshold) & torch.isfinite(boxes).all(-1) & torch.isfinite(landmarks).flatten(2).all(-1)
         frame_index, anchor = keep.nonzero(as_tuple=True)
         scores, boxes, landmarks = scores[keep], boxes[keep] / scale, landmarks[keep] / scale
         kept = batched_nms(boxes, scores, frame_index, self.nms_threshold)  # sorted by score

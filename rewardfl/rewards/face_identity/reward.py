@@ -89,6 +89,7 @@ class FaceIdentityReward(Reward):
         #: which face of a generated frame counts: largest | most_similar | all
         face_select: str = "largest"
         #: frames without a detected face use the reference video's landmarks of that frame
+        #: (scaled to the generated size); counted in metrics as fallback_frames. Not with face_select: all
         landmark_fallback: bool = False
         #: leave the reference's frame 0 out of its embedding (when it has other frames)
         exclude_reference_frame0: bool = True
@@ -115,6 +116,8 @@ class FaceIdentityReward(Reward):
         opts = options if options is not None else self.Options()
         if opts.face_select not in FACE_SELECT:
             raise ValueError(f"reward.face_select: must be one of {list(FACE_SELECT)}, got {opts.face_select!r}")
+        if opts.landmark_fallback and opts.face_select == "all":
+            raise ValueError("reward.landmark_fallback: needs face_select largest or most_similar (one face per frame)")
         if opts.score_std <= 0:
             raise ValueError(f"reward.score_std: must be > 0, got {opts.score_std}")
         if opts.backend not in ("auto", "onnxruntime", "torch"):
