@@ -331,17 +331,22 @@ def test_gradients_reach_only_trainable_parameters(tiny_dir, offload):
 
 
 def test_decode_is_differentiable_through_saturated_pixels(tiny_dir):
-    model = build_tiny(tiny_dir, options={"vae_checkpointing": True})
+    variants = [build_tiny(tiny_dir, options={"vae_checkpointing": True}),  # per-frame checkpoints
+                build_tiny(tiny_dir, options={"vae_checkpointing": True}, use_gradient_checkpointing_offload=True),
+                build_tiny(tiny_dir, options={"vae_tile": [2, 3], "vae_tile_stride": [1, 2]})]  # tiled, blended
     plain = build_tiny(tiny_dir)
-    _, x = _inputs(model, frames=9, size=32)
+    _, x = _inputs(plain, frames=9, size=32)
     x = (x * 3).requires_grad_(True)  # large latents: many pixels beyond [-1, 1]
-    grads = []
-    for m in (model, plain):
+    grads, videos = [], []
+    for m in variants + [plain]:
         video = m.decode(x)
         assert video.shape == (1, 3, 9, 32, 32) and video.min() >= -1 and video.max() <= 1
         (grad,) = torch.autograd.grad((video * torch.linspace(-1, 1, 32)).sum(), x)
         grads.append(grad)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)  # checkpointed == plain
+        videos.append(video.detach())
+    for g in grads[:2]:  # checkpointed (and offloaded) == plain
+        torch.testing.assert_close(g, grads[-1], rtol=1e-5, atol=1e-6)
+    assert grads[2].abs().sum() > 0 and (videos[2] - videos[-1]).abs().mean() < 0.05  # tiles blend into the whole
     # reference: diffsynth's VideoVAE_.decode, unclamped; the straight-through clamp keeps its gradient
     raw = plain.vae.model.decode(x, plain.vae.scale)
     assert (raw.abs() > 1).float().mean() > 0.05

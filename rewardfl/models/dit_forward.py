@@ -8,7 +8,8 @@ its inputs alive on the GPU whatever ``save_on_cpu`` says). This is the same com
 * the timestep embedding computed from fp32 timesteps (a bf16 timestep rounds 972 to 976);
 * ``checkpoint="block"``: each transformer block recomputed in backward;
 * ``checkpoint="offload"``: as "block", and each block's input parked in CPU memory until its
-  backward (the 14B expert's 40 block inputs at 480x832x81 are 13 GB per denoising step).
+  backward (``offload.offloaded_checkpoint``; the 14B expert's 40 block inputs at 480x832x81 are
+  13 GB per denoising step).
 """
 
 from __future__ import annotations
@@ -18,40 +19,9 @@ from typing import Optional
 import torch
 from einops import rearrange
 
+from .offload import offloaded_checkpoint
+
 __all__ = ["dit_forward"]
-
-
-class _OffloadedBlock(torch.autograd.Function):
-    """Checkpoint of one block whose saved input lives on the CPU.
-
-    ``anchor`` is an empty tensor that requires grad: it makes autograd call ``backward`` even
-    when no input requires grad (the trainable weights are inside the block).
-    """
-
-    @staticmethod
-    def forward(ctx, block, anchor, x, context, t_mod, freqs):
-        ctx.block = block
-        ctx.device = x.device
-        pin = x.device.type == "cuda"
-        x_cpu = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=pin)
-        x_cpu.copy_(x.detach(), non_blocking=pin)
-        ctx.x_cpu = x_cpu
-        ctx.x_requires_grad = x.requires_grad
-        ctx.save_for_backward(context, t_mod, freqs)
-        with torch.no_grad():
-            return block(x, context, t_mod, freqs)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        context, t_mod, freqs = ctx.saved_tensors
-        x = ctx.x_cpu.to(ctx.device, non_blocking=True).requires_grad_(ctx.x_requires_grad)
-        others = [t.detach().requires_grad_(t.requires_grad) for t in (context, t_mod)]
-        with torch.enable_grad():
-            out = ctx.block(x, others[0], others[1], freqs)
-        if out.requires_grad:  # accumulates into the block's trainable weights, hooks included
-            torch.autograd.backward(out, grad_out)
-        grads = [t.grad if t.requires_grad else None for t in (x, *others)]
-        return (None, None, *grads, None)
 
 
 def _sinusoid(freq_dim: int, timestep: torch.Tensor) -> torch.Tensor:
@@ -108,10 +78,9 @@ def dit_forward(
     ], dim=-1).reshape(f * h * w, 1, -1).to(x.device)
 
     grad = torch.is_grad_enabled()
-    anchor = torch.empty(0, requires_grad=True) if grad and checkpoint == "offload" else None
     for block in dit.blocks:
-        if grad and checkpoint == "offload":
-            x = _OffloadedBlock.apply(block, anchor, x, context, t_mod, freqs)
+        if grad and checkpoint == "offload":  # only x (the large input) goes to the host
+            x = offloaded_checkpoint(block, x, context, t_mod, freqs, offload=(True, False, False, False))
         elif grad and checkpoint == "block":
             x = torch.utils.checkpoint.checkpoint(block, x, context, t_mod, freqs, use_reentrant=False)
         else:

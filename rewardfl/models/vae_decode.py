@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from .offload import offloaded_checkpoint
+
 __all__ = ["decode_latents", "encode_video", "straight_through_clamp"]
 
 
@@ -30,7 +32,7 @@ def _decoder_step(decoder, first_chunk, x_t, *cache):
     return (out, *feat)
 
 
-def _decode_tile(vae_model, z: torch.Tensor, checkpoint: bool) -> torch.Tensor:
+def _decode_tile(vae_model, z: torch.Tensor, checkpoint) -> torch.Tensor:
     """(B, z_dim, T, h, w) unscaled latent -> (B, 3, 4T-3, H, W) for ``VideoVAE_`` / ``VideoVAE38_``."""
     from diffsynth.models.wan_video_vae import VideoVAE38_, count_conv3d, unpatchify
 
@@ -42,7 +44,10 @@ def _decode_tile(vae_model, z: torch.Tensor, checkpoint: bool) -> torch.Tensor:
     for t in range(x.shape[2]):
         x_t = x[:, :, t:t + 1]
         first = is38 and t == 0
-        if checkpoint and grad:
+        if checkpoint == "offload" and grad:  # the carried caches wait in host memory
+            out, *cache = offloaded_checkpoint(_decoder_step, vae_model.decoder, first, x_t, *cache,
+                                               offload=(False, False, False) + (True,) * len(cache))
+        elif checkpoint and grad:
             out, *cache = torch.utils.checkpoint.checkpoint(_decoder_step, vae_model.decoder, first, x_t, *cache,
                                                             use_reentrant=False)
         else:
@@ -67,14 +72,15 @@ def decode_latents(
     vae,
     latents: torch.Tensor,
     *,
-    checkpoint: bool = True,
+    checkpoint=True,
     tile: Optional[tuple[int, int]] = None,
     tile_stride: Optional[tuple[int, int]] = None,
     clamp: str = "straight_through",
 ) -> torch.Tensor:
     """Videos (B, 3, F, H, W) in [-1, 1] from normalised latents (B, z_dim, T, h, w), differentiable.
 
-    ``vae`` is diffsynth's ``WanVideoVAE``. ``tile``/``tile_stride`` (latent pixels) split the
+    ``vae`` is diffsynth's ``WanVideoVAE``. ``checkpoint``: False, True (per latent frame) or
+    "offload" (per latent frame, the carried caches kept in host memory until backward). ``tile``/``tile_stride`` (latent pixels) split the
     frame into overlapping tiles blended linearly, as diffsynth's tiled decode does, but without
     in-place clamping or a CPU round trip. ``clamp``: "straight_through", "hard" or "none".
     """

@@ -64,7 +64,8 @@ class Wan22Options:
     offload_idle_expert: str = "auto"
     #: move the text encoder to the CPU once the prompts are encoded (CUDA only)
     offload_text_encoder: bool = True
-    #: checkpoint the VAE decoder per latent frame when decoding with gradient
+    #: checkpoint the VAE decoder per latent frame when decoding with gradient (with
+    #: ``use_gradient_checkpointing_offload`` its carried caches also wait in host memory)
     vae_checkpointing: bool = True
     #: spatial VAE decode tile and stride in latent pixels, e.g. [34, 34] / [18, 16]; null: whole frame
     vae_tile: Optional[list] = None
@@ -469,7 +470,8 @@ class Wan22Model(VideoModel):
         from .vae_decode import decode_latents
 
         o = self.options
-        return decode_latents(self.vae, latents.to(self.device), checkpoint=o.vae_checkpointing,
+        checkpoint = o.vae_checkpointing and ("offload" if self.config.use_gradient_checkpointing_offload else True)
+        return decode_latents(self.vae, latents.to(self.device), checkpoint=checkpoint,
                               tile=tuple(o.vae_tile) if o.vae_tile else None,
                               tile_stride=tuple(o.vae_tile_stride) if o.vae_tile_stride else None,
                               clamp=o.decode_clamp)
