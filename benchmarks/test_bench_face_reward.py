@@ -10,7 +10,8 @@
   on every call. Then the same backward.
 
 Both run the detector and the recognizer through the same torch twin (``backend: torch``), with
-the same frames, so the two scores agree (checked, also under ``--benchmark-disable``).
+the same frames, so the two scores agree (checked, also under ``--benchmark-disable``). A third
+column times the reward with its default backend (``auto``: detection on onnxruntime).
 
 GPU (skipped without CUDA): one 81-frame 480x832 video, 640 detector canvas. Target >= 10x.
 CPU: one 5-frame 240x416 video, 320 canvas (a pass takes seconds on 2 cores).
@@ -89,15 +90,16 @@ def per_frame_score(reward, video: torch.Tensor, reference: torch.Tensor) -> tor
 def run_face_reward(benchmark, bench, device, num_frames, height, width, face, det_size):
     assets = fetch_face_assets()
     cfg = config_from_dict({"reward_model_path": assets.scrfd_sface})
-    reward = create("reward", "face_identity", cfg, {"backend": "torch", "det_size": det_size,
-                                                      "reference_cache_dir": "none"}, device=device)
+    options = {"backend": "torch", "det_size": det_size, "reference_cache_dir": "none"}
+    reward = create("reward", "face_identity", cfg, options, device=device)
+    default = create("reward", "face_identity", cfg, {**options, "backend": "auto"}, device=device)
     video = moving_face_video(num_frames, height, width, face).to(device)
     reference = moving_face_video(num_frames, height, width, face, seed=1).transpose(0, 1).to(device)
     contexts = [SampleContext("bench", reference)]
-    assert reward.prepare(contexts).tolist() == [True]
+    assert reward.prepare(contexts).tolist() == [True] and default.prepare(contexts).tolist() == [True]
     x = video[None].clone().requires_grad_()
 
-    def reward_step():
+    def reward_step(reward=reward):
         out = reward(x, contexts)
         (grad,) = torch.autograd.grad(out.scores.sum(), x)
         return out.scores[0].detach(), grad
@@ -120,10 +122,12 @@ def run_face_reward(benchmark, bench, device, num_frames, height, width, face, d
         return None
     reps = dict(reps=5, warmup=1)
     seconds = {"reward": bench.measure(reward_step, device=device, **reps),
-               "per-frame loop": bench.measure(loop_step, device=device, **reps)}
+               "per-frame loop": bench.measure(loop_step, device=device, **reps),
+               "reward (backend auto)": bench.measure(lambda: reward_step(default), device=device, **reps)}
     row = {"case": f"1 video {num_frames}x{height}x{width}, canvas {det_size}", "device": bench.device_name(device),
            **{f"{k} fwd+bwd ms": s * 1e3 for k, s in seconds.items()},
-           "loop/reward": seconds["per-frame loop"] / seconds["reward"]}
+           "loop/reward": seconds["per-frame loop"] / seconds["reward"],
+           "loop/reward (auto)": seconds["per-frame loop"] / seconds["reward (backend auto)"]}
     benchmark.extra_info.update({k: v for k, v in row.items() if isinstance(v, float)})
     bench.add("face_identity reward (ratio = per-frame loop time / reward time)", **row)
     return row
