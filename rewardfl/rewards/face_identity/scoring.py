@@ -11,7 +11,8 @@ __all__ = ["pooled_identity_score", "facesim_arc", "shaped_reward_loss"]
 
 
 def pooled_identity_score(face_embeddings: torch.Tensor, face_sample: torch.Tensor, face_frame: torch.Tensor,
-                          reference_mean: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          reference_mean: torch.Tensor,
+                          num_frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ROLL's pooled identity score per sample, with masks (REFERENCE.md section 1, step 6).
 
     For each generated frame with a face: the mean cosine similarity to every reference frame
