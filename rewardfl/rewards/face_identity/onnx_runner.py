@@ -103,7 +103,8 @@ class OnnxModel:
             binding.bind_output(name, "cuda", x.device.index or 0)
         torch.cuda.current_stream(x.device).synchronize()  # x must be written before ORT's stream reads it
         session.run_with_iobinding(binding)
-        return [torch.from_dlpack(v) for v in binding.get_outputs()]
+        # clone: torch's own memory, independent of the OrtValues' lifetime (outputs are small)
+        return [torch.from_dlpack(v).clone() for v in binding.get_outputs()]
 
     # ------------------------------------------------------------------ torch twin
 
