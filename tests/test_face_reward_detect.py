@@ -81,6 +81,9 @@ def test_batched_detection_equals_per_frame(which, request, face_photo):
     frames = _frames(face_photo)
     batched = detector(frames)
     assert sorted(set(batched.frame_index.tolist())) == [0, 1, 2]
+    chunked = FaceDetector(detector.model.path, detector.kind, batch_size=3)(frames)  # 2 model calls
+    assert chunked.frame_index.tolist() == batched.frame_index.tolist()
+    torch.testing.assert_close(chunked.landmarks, batched.landmarks, atol=1e-3, rtol=0)
     for i in range(frames.shape[0]):
         single = detector(frames[i:i + 1])
         mine = batched.frame_index == i
