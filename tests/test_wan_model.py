@@ -335,12 +335,12 @@ def test_decode_is_differentiable_through_saturated_pixels(tiny_dir):
                 build_tiny(tiny_dir, options={"vae_checkpointing": True}, use_gradient_checkpointing_offload=True),
                 build_tiny(tiny_dir, options={"vae_tile": [2, 3], "vae_tile_stride": [1, 2]})]  # tiled, blended
     plain = build_tiny(tiny_dir)
-    _, x = _inputs(plain, frames=9, size=32)
+    _, x = _inputs(plain, frames=5, size=32)
     x = (x * 3).requires_grad_(True)  # large latents: many pixels beyond [-1, 1]
     grads, videos = [], []
     for m in variants + [plain]:
         video = m.decode(x)
-        assert video.shape == (1, 3, 9, 32, 32) and video.min() >= -1 and video.max() <= 1
+        assert video.shape == (1, 3, 5, 32, 32) and video.min() >= -1 and video.max() <= 1
         (grad,) = torch.autograd.grad((video * torch.linspace(-1, 1, 32)).sum(), x)
         grads.append(grad)
         videos.append(video.detach())
