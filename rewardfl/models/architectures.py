@@ -13,7 +13,7 @@ import math
 import re
 from typing import Optional
 
-__all__ = ["TINY_DITS", "DiTArch", "dit_architecture", "dit_key", "vae_architecture", "vae_key",
+__all__ = ["TINY_DITS", "DiTArch", "known_dits", "dit_architecture", "dit_key", "vae_architecture", "vae_key",
            "text_encoder_architecture"]
 
 #: tiny twins of the Wan DiTs, for tests and the CPU demo (diffsynth's WanModel kwargs)
@@ -119,9 +119,7 @@ def dit_architecture(shapes: dict[str, tuple[int, ...]], where: str) -> DiTArch:
     else:
         raise ValueError(f"{where}: DiT with {kw['in_dim']} input channels ({_describe(found)}) needs control "
                          "inputs rewardfl does not provide")
-    kw = {k: v for k, v in kw.items()}
-    kw["patch_size"] = tuple(kw["patch_size"])
-    return DiTArch(name, kw, conditioning)
+    return DiTArch(name, dict(kw, patch_size=tuple(kw["patch_size"])), conditioning)
 
 
 # --------------------------------------------------------------------------- VAE

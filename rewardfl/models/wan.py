@@ -18,7 +18,7 @@ import copy
 import dataclasses
 import logging
 import os
-from typing import Any, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -119,11 +119,10 @@ class Wan22Model(VideoModel):
         targets = as_list(config.lora_target_modules)
         if lora_experts:
             from diffsynth.models.wan_video_dit import WanModel
-            with torch.device("meta"):
-                arch_probe = WanModel(**first.kwargs)
+
             from .lora import check_lora_targets
-            check_lora_targets(arch_probe, targets)
-            del arch_probe
+            with torch.device("meta"):  # the module names, no weights allocated
+                check_lora_targets(WanModel(**first.kwargs), targets)
         tokenizer_dir = self._tokenizer_dir(config, roles)
 
         # 2. heavy work: build and load
