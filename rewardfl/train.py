@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -414,7 +415,9 @@ class Trainer:
                         self.state.step + 1, totals["loss"], float(grad_norm))
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped update still counts as a step of the schedule
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         self.state.step += 1
         scores = totals.pop("face_score")
         return {

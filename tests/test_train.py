@@ -1,0 +1,249 @@
+"""The training loop end to end on the tiny Wan twin, the real face models and real videos."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import yaml
+
+from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
+
+from rewardfl import run
+from rewardfl.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from rewardfl.config import load_config
+from rewardfl.registry import resolve_plugins
+from rewardfl.train import Trainer, lr_lambda
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOLATILE = ("step_time_s",)
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory, face_assets):
+    """Two short 64x64 clips of two fetched face photos (pan/zoom), with their metadata.csv."""
+    from rewardfl.example_data import build_from_face_assets
+
+    out = str(tmp_path_factory.mktemp("dataset"))
+    return build_from_face_assets(out, assets=face_assets, photo_names=("person_a_1", "person_b_1"),
+                                  num_frames=5, size=(64, 64), clips_per_photo=1)
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_dir, small_dataset, face_assets):  # noqa: F811
+    """Write a YAML config for a tiny run into tmp_path; returns its path."""
+
+    def make(**overrides):
+        raw = {
+            "model_name": "wan2_2_tiny",
+            "model_paths": os.path.join(tiny_dir, "model_paths.json"),
+            "reward_model_path": face_assets.scrfd_sface,
+            "lora_rank": 4,
+            "mixed_precision": "fp32",
+            "device": "cpu",
+            "num_inference_steps": 4,
+            "mid_timestep": 2,
+            "final_timestep": 3,
+            "learning_rate": 1e-3,
+            "warmup_steps": 1,
+            "max_steps": 3,
+            "save_steps": 2,
+            "seed": 3,
+            "output_dir": str(tmp_path / "out"),
+            "reward": {"name": "face_identity", "landmark_fallback": True, "det_size": 160,
+                       "reference_cache_dir": str(tmp_path / "refcache")},
+            "data": {"metadata_path": small_dataset, "num_frames": 5, "height": 64, "width": 64},
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(raw.get(key), dict):
+                raw[key] = {**raw[key], **value}
+            else:
+                raw[key] = value
+        path = tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*.yaml')))}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return str(path)
+
+    return make
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def stable(records):
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+
+
+def test_three_step_run_writes_metrics_checkpoint_video_and_curve(make_config, tmp_path):
+    cfg_path = make_config(sample_video_steps=3)
+    assert run.main([cfg_path]) == 0
+    out = str(tmp_path / "out")
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        for key in ("loss", "face_score", "kl_loss", "lr", "grad_norm", "step_time_s", "skipped_samples",
+                    "skipped_nonfinite", "skipped_no_reference_face"):
+            assert key in r, key
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
+        assert -1.0 <= r["face_score"] <= 1.0
+        # loss = shaped reward loss + kl, shaping -(score - 0.54) / 0.16 * 0.1 (one sample per step)
+        assert r["reward_loss"] == pytest.approx(-(r["face_score"] - 0.54) / 0.16 * 0.1, abs=1e-5)
+        assert r["loss"] == pytest.approx(r["reward_loss"] + r["kl_loss"], abs=1e-6)
+    # warm-up of 1 step then constant: the lr logged is the one each update used
+    assert [r["lr"] for r in records] == pytest.approx([1e-3, 1e-3, 1e-3])
+    assert records[0]["kl_loss"] == 0.0  # fresh LoRA: the adapted expert equals the base one
+    assert records[1]["kl_loss"] > 0.0   # after an update it no longer does
+    assert [s for s, _ in list_checkpoints(os.path.join(out, "checkpoints"))] == [2, 3]
+    assert os.path.getsize(os.path.join(out, "samples", "step-000003.mp4")) > 0
+    assert os.path.getsize(os.path.join(out, "reward_curve.png")) > 0
+    resolved = yaml.safe_load(open(os.path.join(out, "config.yaml")))
+    assert resolved["max_steps"] == 3 and resolved["reward"]["name"] == "face_identity"
+
+    import imageio.v3 as iio
+
+    video = iio.imread(os.path.join(out, "samples", "step-000003.mp4"))
+    assert video.shape == (5, 64, 128, 3)  # reference | generated, side by side
+
+
+def test_checkpoint_holds_exactly_the_trainable_weights(make_config, tmp_path):
+    cfg = load_config(make_config(max_steps=2))
+    trainer = Trainer(cfg, resolve_plugins(cfg))
+    trainer.run()
+    weights, state = load_checkpoint(latest_checkpoint(trainer.ckpt_dir), restore_rng=False)
+    live = trainer.model.trainable_state_dict()
+    assert sorted(weights) == sorted(live)
+    for k in live:
+        assert torch.equal(weights[k], live[k].cpu())
+    assert (state["step"], state["epoch"], state["position"]) == (2, 0, 2)  # 2 clips, batch 1: epoch 0 fully read
+
+
+def _run_cli(cfg_path, **kw):
+    return subprocess.Popen([sys.executable, "-m", "rewardfl.run", cfg_path], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw)
+
+
+def test_killed_run_resumes_to_the_same_metrics(make_config, tmp_path):
+    # uninterrupted reference run, 4 steps
+    ref_cfg = make_config(max_steps=4, output_dir=str(tmp_path / "ref"))
+    assert run.main([ref_cfg]) == 0
+    expected = stable(read_metrics(str(tmp_path / "ref")))
+    assert len(expected) == 4
+
+    # the same run, SIGKILLed once its step-2 checkpoint exists, then resumed
+    cfg = make_config(max_steps=4, output_dir=str(tmp_path / "cut"))
+    proc = _run_cli(cfg)
+    ckpt = tmp_path / "cut" / "checkpoints" / "checkpoint-2"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = make_config(max_steps=4, output_dir=str(tmp_path / "cut"), resume_from_checkpoint=True)
+    assert run.main([resumed]) == 0
+    got = stable(read_metrics(str(tmp_path / "cut")))
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert got == expected
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(make_config, tmp_path):
+    cfg = make_config(max_steps=50, save_steps=100)
+    proc = _run_cli(cfg)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while (not metrics.exists() or not metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    steps = [s for s, _ in list_checkpoints(str(tmp_path / "out" / "checkpoints"))]
+    assert len(steps) == 1 and 1 <= steps[0] < 50
+    assert "stopped by signal" in err
+
+
+def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
+    # a child process saves checkpoint 1, then is SIGKILLed in the middle of writing checkpoint 2
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from rewardfl import checkpoint
+        root = {str(tmp_path / "ck")!r}
+        w = {{"lora.weight": torch.arange(6.0).reshape(2, 3)}}
+        checkpoint.save_checkpoint(root, 1, weights=w, state={{"position": 1}})
+        real_save = torch.save
+        def dying_save(obj, path, *a, **k):
+            real_save(obj, path, *a, **k)
+            if path.endswith("rng.pt"):
+                os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint.torch.save = dying_save
+        checkpoint.save_checkpoint(root, 2, weights={{"lora.weight": torch.zeros(2, 3)}}, state={{"position": 2}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    root = str(tmp_path / "ck")
+    assert any(name.startswith(".checkpoint-2.tmp-") for name in os.listdir(root))  # the torn write
+    path = latest_checkpoint(root)
+    assert path.endswith("checkpoint-1")
+    weights, state = load_checkpoint(path, restore_rng=False)
+    assert torch.equal(weights["lora.weight"], torch.arange(6.0).reshape(2, 3))
+    assert state == {"step": 1, "position": 1}
+
+
+def test_non_finite_loss_skips_the_update(make_config):
+    cfg = load_config(make_config(max_steps=2))
+    trainer = Trainer(cfg, resolve_plugins(cfg))
+    before = {k: v.clone() for k, v in trainer.model.trainable_state_dict().items()}
+    real_loss = trainer.reward.loss
+    trainer.reward.loss = lambda out: real_loss(out) * float("nan")  # fault injection: one poisoned step
+    record = trainer.train_step()
+    assert record["updated"] is False and record["skipped_nonfinite"] == 1
+    after = trainer.model.trainable_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    trainer.reward.loss = real_loss
+    record = trainer.train_step()
+    assert record["updated"] is True and record["skipped_nonfinite"] == 1
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.trainable_state_dict().items())
+
+
+def test_missing_dataset_file_fails_fast_with_one_line(make_config, tmp_path, capsys):
+    csv = tmp_path / "meta.csv"
+    csv.write_text("video,prompt\nclips/missing.mp4,a face\n")
+    cfg = make_config(data={"metadata_path": str(csv)})
+    t0 = time.perf_counter()
+    assert run.main([cfg]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rewardfl.run: error: ")
+    assert "missing.mp4" in err[0] and "meta.csv:2" in err[0]
+    assert time.perf_counter() - t0 < 30  # before any model is loaded
+
+
+def test_missing_metadata_csv_is_a_config_error(make_config, capsys):
+    cfg = make_config(data={"metadata_path": "/nonexistent/metadata.csv"})
+    assert run.main([cfg, "--check"]) == 2
+    assert "data.metadata_path: path does not exist: /nonexistent/metadata.csv" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_lr_schedule_against_hand_values(kind):
+    f = lr_lambda(kind, warmup=2, total=6)
+    got = [f(s) for s in range(7)]
+    warm = [0.5, 1.0]
+    rest = {"constant": [1.0] * 5,
+            "linear": [1.0, 0.75, 0.5, 0.25, 0.0],
+            "cosine": [0.5 * (1 + math.cos(math.pi * p)) for p in (0, 0.25, 0.5, 0.75, 1.0)]}[kind]
+    assert got == pytest.approx(warm + rest)
+
+
+def test_train_batch_size_must_agree(make_config, capsys):
+    cfg = make_config(train_batch_size=3, gradient_accumulation_steps=2)
+    assert run.main([cfg]) == 2
+    assert "train_batch_size: 3 != per_device_train_batch_size (1) x processes (1) x gradient_accumulation_steps (2)" \
+        in capsys.readouterr().err
