@@ -20,6 +20,7 @@ interpolation, zero (black, on the 0..255 scale) outside the frame.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Sequence, Tuple, Union
 
@@ -115,22 +116,26 @@ def _invert_similarity(transforms: torch.Tensor) -> torch.Tensor:
 
 
 def _per_channel(name: str, value: PerChannel) -> Tuple[float, float, float]:
+    """``mean``/``std`` as three finite floats, one per crop channel."""
+    wrong = "face_align: %s must be a number or 3 numbers (one per crop channel), got %r" % (name, value)
     if isinstance(value, numbers.Real):
         values = (float(value),) * 3
     else:
         try:
             values = tuple(float(v) for v in value)
         except (TypeError, ValueError):
-            raise ValueError("face_align: %s must be a number or 3 numbers (one per output channel), got %r" % (name, value)) from None
+            raise ValueError(wrong) from None
         if len(values) != 3:
-            raise ValueError("face_align: %s must be a number or 3 numbers (one per output channel), got %d" % (name, len(values)))
-    if not all(torch.isfinite(torch.tensor(values, dtype=torch.float64)).tolist()):
+            raise ValueError(wrong)
+    if not all(math.isfinite(v) for v in values):
         raise ValueError("face_align: %s must be finite, got %r" % (name, value))
     return values
 
 
 def _check_arguments(frames, landmarks, frame_index, size, template, input_range, channel_order, mean, std):
-    """Checks everything that needs no look at tensor values. Returns the template tensor."""
+    """Checks everything that needs no look at tensor values.
+
+    Returns the template ``(5, 2)`` float64, ``(low, high)``, mean and std per crop channel."""
     for name, t in (("frames", frames), ("landmarks", landmarks), ("frame_index", frame_index)):
         if not isinstance(t, torch.Tensor):
             raise ValueError("face_align: %s must be a torch.Tensor, got %s" % (name, type(t).__name__))
@@ -160,17 +165,24 @@ def _check_arguments(frames, landmarks, frame_index, size, template, input_range
         raise ValueError("face_align: size must be a positive int, got %r" % (size,))
     if isinstance(template, str):
         if template != "arcface":
-            raise ValueError("face_align: template must be 'arcface' or a (5, 2) array of crop pixels, got %r" % template)
+            raise ValueError(
+                "face_align: template must be 'arcface' or a (5, 2) array of crop pixels, got %r" % template
+            )
         template_points = arcface_template(size)
     else:
         template_points = torch.as_tensor(template, dtype=torch.float64).cpu()
         if tuple(template_points.shape) != (5, 2) or not bool(torch.isfinite(template_points).all()):
-            raise ValueError("face_align: template must be 'arcface' or a finite (5, 2) array of crop pixels, got shape %s" % (tuple(template_points.shape),))
+            raise ValueError(
+                "face_align: template must be 'arcface' or a finite (5, 2) array of crop pixels, got shape %s"
+                % (tuple(template_points.shape),)
+            )
     try:
         low, high = (float(v) for v in input_range)
     except (TypeError, ValueError):
-        raise ValueError("face_align: input_range must be (low, high), e.g. (-1, 1) or (0, 255), got %r" % (input_range,)) from None
-    if not (abs(low) < float("inf") and abs(high) < float("inf") and high > low):
+        raise ValueError(
+            "face_align: input_range must be (low, high), e.g. (-1, 1) or (0, 255), got %r" % (input_range,)
+        ) from None
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
         raise ValueError("face_align: input_range must be finite with low < high, got %r" % (input_range,))
     if channel_order not in ("rgb", "bgr"):
         raise ValueError("face_align: channel_order must be 'rgb' or 'bgr', got %r" % (channel_order,))

@@ -291,7 +291,9 @@ def test_no_faces_and_crops_outside_the_frame(backend):
 
     far = small_template(16)[None].float() + torch.tensor([500.0, -400.0])  # face far outside the frame
     x = frames.detach().clone().requires_grad_()
-    crops, _ = face_align(x, far, torch.tensor([1]), size=16, template=small_template(16), mean=3, std=2, backend=backend)
+    crops, _ = face_align(
+        x, far, torch.tensor([1]), size=16, template=small_template(16), mean=3, std=2, backend=backend
+    )
     torch.testing.assert_close(crops, torch.full_like(crops, -1.5))  # p = 0 -> (0 - 3) / 2
     crops.sum().backward()
     assert (x.grad == 0).all()

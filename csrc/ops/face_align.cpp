@@ -20,7 +20,8 @@ namespace ops {
 at::Tensor face_align(const at::Tensor& frames, const at::Tensor& inverse_transforms, const at::Tensor& frame_index,
                       int64_t size, at::IntArrayRef channel_map, double input_low, at::ArrayRef<double> scale,
                       at::ArrayRef<double> bias) {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("rewardfl::face_align", "").typed<decltype(face_align)>();
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("rewardfl::face_align", "").typed<decltype(face_align)>();
   return op.call(frames, inverse_transforms, frame_index, size, channel_map, input_low, scale, bias);
 }
 

@@ -61,7 +61,8 @@ class FaceAlignBackwardFunction : public torch::autograd::Function<FaceAlignBack
 at::Tensor face_align_autograd(const at::Tensor& frames, const at::Tensor& inverse_transforms,
                                const at::Tensor& frame_index, int64_t size, c10::IntArrayRef channel_map,
                                double input_low, c10::ArrayRef<double> scale, c10::ArrayRef<double> bias) {
-  return FaceAlignFunction::apply(frames, inverse_transforms, frame_index, size, channel_map, input_low, scale, bias)[0];
+  return FaceAlignFunction::apply(frames, inverse_transforms, frame_index, size, channel_map, input_low, scale,
+                                  bias)[0];
 }
 
 at::Tensor face_align_backward_autograd(const at::Tensor& grad, const at::Tensor& inverse_transforms,

@@ -1,6 +1,7 @@
 // CPU kernels of rewardfl::face_align (see ../face_align.h for the math).
 //
-// Forward: at::parallel_for over crop rows (face, v); each row walks its frame line by line.
+// Forward: at::parallel_for over crop rows (face, v); frames are read through their strides, so a
+// (T, C, H, W) view of a video is not copied.
 // Backward: deterministic. Faces are grouped by frame (in face order) and at::parallel_for runs
 // over frames, so one thread owns each frame's gradient and adds its faces in a fixed order:
 // the result does not depend on the thread count. Accumulation is in float32 (float64 for

@@ -1,8 +1,8 @@
 // CUDA kernels of rewardfl::face_align (see ../face_align.h for the math).
 //
-// Forward: one thread per crop pixel (face, v, u), all three channels; neighbouring threads
-// read neighbouring frame pixels, so the data-dependent bilinear gathers mostly hit L1/L2 and
-// the crop writes are coalesced. Vector (float4 / bf16x2) loads do not pay here: the four taps
+// Forward: one thread per crop pixel (face, v, u), all three channels, frames read through their
+// strides (a video view is not copied). Neighbouring threads read neighbouring frame pixels, so
+// the data-dependent bilinear gathers mostly hit L1/L2, and the crop writes are coalesced. Vector (float4 / bf16x2) loads do not pay here: the four taps
 // of a sample start at an arbitrary, usually unaligned, column.
 // Backward: one thread per crop pixel scattering into a float32 (float64 for float64 frames)
 // gradient buffer with atomicAdd, cast to the frames' dtype at the end. The summation order is
@@ -110,8 +110,8 @@ at::Tensor face_align_forward_cuda(const at::Tensor& frames, const at::Tensor& i
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = detail::make_params<acc_t>(channel_map, scale, bias, input_low);
     face_align_forward_kernel<scalar_t, acc_t><<<num_blocks(total), kThreads, 0, stream>>>(
-        frames.const_data_ptr<scalar_t>(), detail::frame_strides(frames), inverse.data_ptr<acc_t>(), index.data_ptr<int64_t>(), crops.data_ptr<acc_t>(),
-        num_faces, frames.size(0), height, width, size, params);
+        frames.const_data_ptr<scalar_t>(), detail::frame_strides(frames), inverse.data_ptr<acc_t>(),
+        index.data_ptr<int64_t>(), crops.data_ptr<acc_t>(), num_faces, frames.size(0), height, width, size, params);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return crops;
