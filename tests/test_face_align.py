@@ -302,6 +302,17 @@ def test_no_faces_and_crops_outside_the_frame(backend):
 # --------------------------------------------------------------------------- dispatcher, compile
 
 
+def test_without_the_extension_auto_falls_back_to_torch(monkeypatch, astronaut):
+    frames = to_frames(astronaut)
+    landmarks = torch.tensor(ASTRONAUT_LANDMARKS, dtype=torch.float32)[None]
+    expected, _ = face_align(frames, landmarks, torch.tensor([0]), backend="torch")
+    monkeypatch.setattr(ops, "_EXTENSION", False)
+    got, _ = face_align(frames, landmarks, torch.tensor([0]))
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="backend='extension' but rewardfl._C has no face_align kernel"):
+        face_align(frames, landmarks, torch.tensor([0]), backend="extension")
+
+
 @needs_extension
 def test_opcheck_schema_fake_autograd_and_aot():
     landmarks, frame_index = random_faces(2, 3, 12, 14, 8, seed=6)
