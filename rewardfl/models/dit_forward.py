@@ -24,6 +24,21 @@ from .offload import offloaded_checkpoint
 __all__ = ["dit_forward"]
 
 
+def _rope_freqs(dit, f: int, h: int, w: int, device: torch.device) -> torch.Tensor:
+    """(f*h*w, 1, head_dim/2) complex 3-D RoPE factors, as model_fn_wan_video builds them; cached on
+    the DiT per grid and device (33 MB at 480x832x81, rebuilt and copied every call otherwise)."""
+    cache = dit.__dict__.setdefault("_rewardfl_rope", {})
+    key = (f, h, w, str(device))
+    if key not in cache:
+        cache.clear()  # one grid at a time: a new video size replaces the old entry
+        cache[key] = torch.cat([
+            dit.freqs[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+            dit.freqs[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
+            dit.freqs[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
+        ], dim=-1).reshape(f * h * w, 1, -1).to(device)
+    return cache[key]
+
+
 def _sinusoid(freq_dim: int, timestep: torch.Tensor) -> torch.Tensor:
     """(N,) fp32 timesteps in [0, 1000] -> (N, freq_dim) fp32 [cos | sin] embedding (Wan's)."""
     half = freq_dim // 2
@@ -71,11 +86,7 @@ def dit_forward(
         t_mod = dit.time_projection(t).unflatten(1, (6, dit.dim))
     context = dit.text_embedding(context.to(dtype))
 
-    freqs = torch.cat([
-        dit.freqs[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
-        dit.freqs[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
-        dit.freqs[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
-    ], dim=-1).reshape(f * h * w, 1, -1).to(x.device)
+    freqs = _rope_freqs(dit, f, h, w, x.device)
 
     grad = torch.is_grad_enabled()
     for block in dit.blocks:

@@ -548,7 +548,7 @@ class Wan22Model(VideoModel):
 class Wan22TinyOptions(Wan22Options):
     """``wan2_2_tiny``: the same options, with defaults sized for the CPU."""
 
-    text_len: int = 32
+    text_len: int = 128  # byte-level tokens: about 127 characters of prompt
     vae_checkpointing: bool = False
 
 
