@@ -27,7 +27,7 @@ from typing import Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ARCFACE_TEMPLATE", "arcface_template", "similarity_transforms", "face_align"]
+__all__ = ["ARCFACE_TEMPLATE", "arcface_template", "similarity_transforms", "landmark_problems", "face_align"]
 
 # ArcFace 112x112 template, (x, y) crop pixels: left eye, right eye, nose, left and right
 # mouth corner (image-left first). insightface.utils.face_align.arcface_dst.
@@ -192,22 +192,33 @@ def _check_arguments(frames, landmarks, frame_index, size, template, input_range
     return template_points, (low, high), mean3, std3
 
 
-def _check_values(landmarks: torch.Tensor, frame_index: torch.Tensor, num_frames: int) -> None:
-    """Value checks, computed on the device with a single host sync; the ValueError lists faces."""
+def landmark_problems(landmarks: torch.Tensor) -> torch.Tensor:
+    """Which faces ``face_align`` would reject, without a host sync: ``(3, N)`` bool rows
+    (non-finite, all five points coincide, all five on one line). ``landmarks``: ``(N, 5, 2)``.
+
+    A caller that must not stop on odd detections (a training step) drops faces with
+    ``landmark_problems(landmarks).any(0)`` before aligning."""
     pts = landmarks.detach().to(torch.float64)
     finite = torch.isfinite(pts).flatten(1).all(dim=1)
     pts = torch.where(finite[:, None, None], pts, torch.zeros_like(pts))
-    in_range = (frame_index >= 0) & (frame_index < num_frames)
     centred = pts - pts.mean(dim=1, keepdim=True)
     sxx = (centred[..., 0] ** 2).mean(dim=1)
     syy = (centred[..., 1] ** 2).mean(dim=1)
     sxy = (centred[..., 0] * centred[..., 1]).mean(dim=1)
+    # principal variances of the five points: eigenvalues of [[sxx, sxy], [sxy, syy]]
     half_trace = (sxx + syy) / 2
     root = torch.sqrt(torch.clamp(half_trace * half_trace - (sxx * syy - sxy * sxy), min=0))
     var_max, var_min = half_trace + root, torch.clamp(half_trace - root, min=0)
     coincide = finite & ((sxx + syy) < _MIN_SPREAD_PX**2)
     collinear = finite & ~coincide & (var_min < (_COLLINEAR_RATIO**2) * var_max)
-    bad = torch.stack([~finite, ~in_range, coincide, collinear])
+    return torch.stack([~finite, coincide, collinear])
+
+
+def _check_values(landmarks: torch.Tensor, frame_index: torch.Tensor, num_frames: int) -> None:
+    """Value checks, computed on the device with a single host sync; the ValueError lists faces."""
+    in_range = (frame_index >= 0) & (frame_index < num_frames)
+    non_finite, coincide, collinear = landmark_problems(landmarks)
+    bad = torch.stack([non_finite, ~in_range, coincide, collinear])
     if not bool(bad.any()):
         return
     bad = bad.cpu()
@@ -219,7 +230,9 @@ def _check_values(landmarks: torch.Tensor, frame_index: torch.Tensor, num_frames
         if faces:
             shown = ", ".join(str(i) for i in faces[:8]) + (", ..." if len(faces) > 8 else "")
             problems.append("%s at face %s" % (what, shown))
-    raise ValueError("face_align: " + "; ".join(problems) + ". Drop those faces before aligning.")
+    raise ValueError(
+        "face_align: " + "; ".join(problems) + ". Drop those faces before aligning (see landmark_problems)."
+    )
 
 
 # --------------------------------------------------------------------------- implementations
@@ -313,7 +326,8 @@ def face_align(
     Raises:
         ValueError: wrong ranks or shapes, dtypes, devices, or options; non-finite landmarks;
             ``frame_index`` outside ``[0, F)``; degenerate landmarks (all five equal, or on
-            one line). Checking values costs one host sync.
+            one line; :func:`landmark_problems` finds them without a sync). Checking values
+            costs one host sync.
     """
     template_points, (low, high), mean3, std3 = _check_arguments(
         frames, landmarks, frame_index, size, template, input_range, channel_order, mean, std

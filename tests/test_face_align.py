@@ -411,6 +411,23 @@ def test_bad_input_raises_value_error(case):
         face_align(args["frames"], args["landmarks"], args["frame_index"], **kwargs)
 
 
+def test_landmark_problems_flags_the_faces_face_align_rejects():
+    good = torch.tensor(ARCFACE_112)
+    landmarks = torch.stack([
+        good,
+        good * float("nan"),
+        torch.full((5, 2), 7.0),
+        torch.arange(10.0).view(5, 2),  # on the line y = x + 1
+        good * 1e-2,  # a tiny (0.4 pixel) face is still a face
+    ])
+    problems = ops.landmark_problems(landmarks)
+    assert problems.tolist() == [
+        [False, True, False, False, False],
+        [False, False, True, False, False],
+        [False, False, False, True, False],
+    ]
+
+
 def test_good_input_of_the_bad_input_cases_passes():
     frames, landmarks, frame_index = _good()
     crops, _ = face_align(frames, landmarks, frame_index)
