@@ -7,8 +7,10 @@ adapters-off forward for the regulariser, a differentiable decode, ``-mean(video
 
 GPU (skipped without CUDA): random weights of the real Wan2.2-I2V-A14B expert shapes (same
 compute and memory as the real ones; idle expert parked on the CPU), 480x832, 17 frames
-(and 81 with ``REWARDFL_BENCH_81=1``): time and peak GPU memory, block checkpointing against
-checkpointing with the block inputs offloaded to the CPU. Goal: the whole step on one 80 GB GPU.
+(and 81 with ``REWARDFL_BENCH_81=1``; several minutes per variant): time and peak GPU memory,
+block checkpointing against checkpointing with the block inputs (and the VAE decoder's caches)
+offloaded to the CPU; an out-of-memory variant is recorded as OOM. Goal: the whole step on one
+80 GB GPU.
 
 CPU: the tiny twin (random weights, same code path): the step with checkpointing / offload
 against no checkpointing (time ratio); sampling a 5-frame 64x64 video in 4 steps against the
@@ -70,7 +72,7 @@ def rl_step(model, frames: int, height: int, width: int, seed: int = 0) -> float
     loss.backward()
     for _, p in model.trainable_parameters():
         p.grad = None
-    return float(loss)
+    return float(loss.detach())
 
 
 # --------------------------------------------------------------------------- CPU (tiny twin)
@@ -149,21 +151,27 @@ def test_tiny_sampling_speed(bench, benchmark):
 def test_a14b_step_memory_and_time(bench, benchmark, frames):
     rows = {}
     for offload in (False, True):
+        model = None
         torch.cuda.empty_cache()
-        model = build(A14B_I2V, torch.device("cuda"), offload=offload, vae_dim=96, text_len=512)
-        model.options.vae_tile, model.options.vae_tile_stride = [34, 34], [18, 16]
-        rl_step(model, frames, 480, 832)  # warm-up (allocator, kernels)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        loss = rl_step(model, frames, 480, 832, seed=1)
-        torch.cuda.synchronize()
-        rows[offload] = (time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30, loss)
+        try:
+            model = build(A14B_I2V, torch.device("cuda"), offload=offload, vae_dim=96, text_len=512)
+            model.options.vae_tile, model.options.vae_tile_stride = [34, 34], [18, 16]
+            if bench.timing(benchmark):
+                rl_step(model, frames, 480, 832)  # warm-up (allocator, kernels)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            rl_step(model, frames, 480, 832, seed=1)
+            torch.cuda.synchronize()
+            rows[offload] = (time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30)
+        except torch.cuda.OutOfMemoryError:
+            rows[offload] = (float("nan"), float("inf"))  # recorded as OOM in the table
         del model
-    for offload, (seconds, peak, loss) in rows.items():
-        assert peak < 80, f"peak {peak:.1f} GiB does not fit one 80 GB GPU"
+    for offload, (seconds, peak) in rows.items():
         bench.add(f"Wan2.2-I2V-A14B shapes, reward-FL step, {frames}x480x832, LoRA r32 on dit2",
-                  device=bench.device_name("cuda"), activation_offload=offload, seconds=seconds, peak_GiB=peak,
+                  device=bench.device_name("cuda"), activation_offload=offload,
+                  seconds=seconds, peak_GiB=peak if peak != float("inf") else "OOM",
                   ratio_vs_no_offload=seconds / rows[False][0])
+    assert rows[True][1] < 80, f"with activation offload the step needs {rows[True][1]:.1f} GiB: not one 80 GB GPU"
     if bench.timing(benchmark):
         benchmark.pedantic(lambda: None, rounds=1, iterations=1)

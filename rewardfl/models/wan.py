@@ -202,17 +202,17 @@ class Wan22Model(VideoModel):
         self.experts = tuple(experts)
         self.vae_stride = (4, 8, 8)
         self.tokenizer = self.text_encoder = None
+        with skip_model_initialization():  # the wrapper: fp32 latent statistics, no weights of its own
+            vae = WanVideoVAE(z_dim=self.arch.z_dim)
         default = torch.get_default_dtype()
         self.dits = {}
         try:
-            torch.set_default_dtype(self.dtype)
+            torch.set_default_dtype(self.dtype)  # weights born in the model dtype, on the device
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(seed)
-                for r in self.experts:  # built on the device (fast init); _setup parks idle ones
+                for r in self.experts:  # _setup parks the idle ones when memory is short
                     with torch.device(self.device):
                         self.dits[r] = WanModel(**self.arch.kwargs).requires_grad_(False)
-                with skip_model_initialization():
-                    vae = WanVideoVAE(z_dim=self.arch.z_dim)
                 with torch.device(self.device):
                     vae.model = VideoVAE_(dim=vae_dim, z_dim=self.arch.z_dim)
         finally:
