@@ -3,6 +3,7 @@
 Modules: ``wan`` (the plugin classes), ``checkpoints`` (model_paths JSON, headers, safetensors
 I/O), ``architectures`` (what a checkpoint is, from its shapes), ``dit_forward`` (the DiT pass
 with checkpointing / offload), ``vae_decode`` (differentiable decode), ``lora`` (peft LoRA in
-DiffSynth's file format), ``offload`` (checkpointing with CPU-parked inputs), ``make_tiny`` (writes the tiny twin's files). Nothing heavy is
-imported here: diffsynth loads when a model is built.
+DiffSynth's file format), ``offload`` (checkpointing with CPU-parked inputs), ``make_tiny``
+(writes the tiny twin's files). Nothing heavy is imported here: diffsynth loads when a model is
+built.
 """
