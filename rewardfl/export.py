@@ -107,7 +107,7 @@ def merge_expert(model_paths: str, lora_path: str, out_path: str, *, expert: Opt
                               lambda key=key, t=t, out=out: merge_lora_into(dit_key(key) or key, t, pairs, alpha).to(out)))
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     write_safetensors(out_path, items, {"format": "wan-dit", "merged_lora": os.path.basename(lora_path),
-                                        "expert": expert, "lora_scale": str(alpha)})
+                                        "expert": expert, "lora_strength": str(alpha)})
     return len(pairs)
 
 
