@@ -550,20 +550,22 @@ def test_wan22_vae_decode_matches_diffsynth():
 
 
 def test_pth_checkpoints_load_weights_only(tiny_dir, tmp_path):
-    """Wan ships the umT5 encoder and the VAE as .pth (models_t5_umt5-xxl-enc-bf16.pth, Wan2.1_VAE.pth)."""
+    """The reference implementation's wan22_paths.json: a list [high, low, umT5 .pth, VAE .pth]."""
     from safetensors.torch import load_file
 
     spec = _spec(tiny_dir)
-    for role, name in (("text_encoder", "t5.pth"), ("vae", "Wan2.1_VAE.pth")):
+    for role, name in (("text_encoder", "models_t5_umt5-xxl-enc-bf16.pth"), ("vae", "Wan2.1_VAE.pth")):
         torch.save(load_file(spec[role]), str(tmp_path / name))
         spec[role] = str(tmp_path / name)
-    model = build_tiny(tiny_dir, model_paths=write_paths(str(tmp_path), spec))
+    listed = [spec["high_noise_model"], spec["low_noise_model"], spec["text_encoder"], spec["vae"]]
+    model = build_tiny(tiny_dir, model_paths=write_paths(str(tmp_path), listed, "wan22_paths.json"),
+                       tokenizer_path=spec["tokenizer"])
     ref = build_tiny(tiny_dir)
     first, x = _inputs(model)
     a, b = model.encode(["p"], first, 5), ref.encode(["p"], first, 5)
     assert torch.equal(a.context, b.context) and torch.equal(a.y, b.y)
     (tmp_path / "Wan2.1_VAE.pth").write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match=r"model_paths\['vae'\].*weights-only torch checkpoint"):
+    with pytest.raises(ValueError, match=r"model_paths\['vae'\].*Wan2.1_VAE.pth.*weights-only torch checkpoint"):
         build_tiny(tiny_dir, model_paths=write_paths(str(tmp_path), spec))
 
 
