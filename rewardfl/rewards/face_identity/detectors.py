@@ -132,15 +132,16 @@ class FaceDetector:
         x = canvas.flip(1) if order == "bgr" else canvas
         return (x - mean) / std if (mean, std) != (0.0, 1.0) else x
 
-    def _raw_outputs(self, x: torch.Tensor, backend: Optional[str]) -> list[torch.Tensor]:
-        """Model outputs for ``(N, 3, S, S)`` input, each ``(N, S*S*A/stride^2, C)``, chunked by batch_size."""
-        per_chunk = []
-        for start in range(0, x.shape[0], self.batch_size):
-            chunk = x[start:start + self.batch_size]
+    def _raw_outputs(self, frames: torch.Tensor, input_range, backend: Optional[str]):
+        """Model outputs for frames ``(N, 3, H, W)``, each ``(N, anchors, C)``, and the letterbox
+        scale. Letterboxed and run ``batch_size`` frames at a time (bounds memory)."""
+        per_chunk, scale = [], 1.0
+        for start in range(0, frames.shape[0], self.batch_size):
+            canvas, scale = letterbox(frames[start:start + self.batch_size], self.size, input_range)
+            outs = self.model.run(self._normalise(canvas), backend)
             # outputs hold the chunk flattened batch-major ((1, N*M, C) or (N*M, C)): unflatten
-            per_chunk.append([o.reshape(chunk.shape[0], -1, o.shape[-1]) for o in self.model.run(chunk, backend)])
-        outs = [torch.cat(level) for level in zip(*per_chunk)]
-        return [o.to(x.device) for o in outs]
+            per_chunk.append([o.reshape(canvas.shape[0], -1, o.shape[-1]).to(frames.device) for o in outs])
+        return [torch.cat(level) for level in zip(*per_chunk)], scale
 
     def _grid(self, stride: int, anchors: int, device) -> torch.Tensor:
         """``(cells * anchors, 2)`` (column, row) of each anchor, row-major, anchors innermost."""
@@ -189,12 +190,12 @@ class FaceDetector:
         from torchvision.ops import batched_nms  # imported here: torchvision's import takes ~2 s
 
         n = frames.shape[0]
-        canvas, scale = letterbox(frames, self.size, input_range)
-        scores, boxes, landmarks = self._decode(self._raw_outputs(self._normalise(canvas), backend))
+        outs, scale = self._raw_outputs(frames, input_range, backend)
+        scores, boxes, landmarks = self._decode(outs)
         # NaN scores compare False; non-finite boxes or points (a diverged generator) are dropped too
         finite = torch.isfinite(boxes).all(-1) & torch.isfinite(landmarks).flatten(2).all(-1)
         keep = (scores >= self.score_threshold) & finite
-        frame_index, anchor = keep.nonzero(as_tuple=True)
+        frame_index, _ = keep.nonzero(as_tuple=True)
         scores, boxes, landmarks = scores[keep], boxes[keep] / scale, landmarks[keep] / scale
         kept = batched_nms(boxes, scores, frame_index, self.nms_threshold)  # sorted by score
         kept = kept[torch.argsort(frame_index[kept], stable=True)]
