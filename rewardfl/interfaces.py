@@ -197,6 +197,20 @@ class VideoModel(ABC):
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of ``trainable_state_dict``; strict."""
 
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        """The ``nn.Module``s that hold the trainable parameters (DeepSpeed wraps these).
+
+        The default finds them among the model's attributes (modules, and dicts
+        of modules) and keeps those with a parameter that requires grad.
+        """
+        found: dict[str, torch.nn.Module] = {}
+        for attr, value in vars(self).items():
+            items = value.items() if isinstance(value, dict) else [("", value)]
+            for key, module in items:
+                if isinstance(module, torch.nn.Module) and any(p.requires_grad for p in module.parameters()):
+                    found[f"{attr}.{key}" if key else attr] = module
+        return found
+
     def train(self, mode: bool = True) -> "VideoModel":
         return self
 

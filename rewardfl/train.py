@@ -30,15 +30,16 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (begin_checkpoint, commit_checkpoint, latest_checkpoint, load_checkpoint, load_rng,
+                         save_rng, write_checkpoint_files)
 from .config import ConfigError, TrainConfig, dump_config
 from .data import collate
+from .distributed import DistInfo, all_reduce_mean, build_engine, init_distributed
 from .interfaces import Reward, Sampler, SampleContext, StepPlan, VideoModel
 
 log = logging.getLogger("rewardfl")
@@ -228,11 +229,22 @@ class TrainState:
 
 
 class _Stop:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits.
 
-    def __init__(self):
+    With several processes the flag is agreed on (any process signalled stops all), so that
+    every process takes part in the final checkpoint's collectives.
+    """
+
+    def __init__(self, dist: Optional[DistInfo] = None):
         self.signal: Optional[int] = None
+        self.dist = dist or DistInfo()
         self._old = {}
+
+    def requested(self) -> bool:
+        flag = 1.0 if self.signal is not None else 0.0
+        if self.dist.world_size > 1:
+            flag = all_reduce_mean([flag], self.dist)[0]
+        return flag > 0
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -252,9 +264,11 @@ class _Stop:
             signal.signal(sig, old)
 
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
+def resolve_device(cfg: TrainConfig, dist: Optional[DistInfo] = None) -> torch.device:
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank if dist else torch.cuda.current_device())
+        return torch.device("cpu")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device: {cfg.device!r} requested but CUDA is not available (use device: cpu or auto)")
     return torch.device(cfg.device)
@@ -267,30 +281,37 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """Builds plugins, data and optimizer from a config; ``run()`` trains to the end."""
+    """Builds plugins, data and the optimizer engine from a config; ``run()`` trains to the end."""
 
-    def __init__(self, cfg: TrainConfig, plugins: dict[str, type], *, rank: int = 0, world_size: int = 1,
+    def __init__(self, cfg: TrainConfig, plugins: dict[str, type], *, dist: Optional[DistInfo] = None,
                  device: Optional[torch.device] = None):
         self.cfg = cfg
-        self.rank, self.world_size = rank, world_size
-        self.is_main = rank == 0
-        self.device = device or resolve_device(cfg)
+        self.dist = dist or DistInfo()
+        self.rank, self.world_size, self.is_main = self.dist.rank, self.dist.world_size, self.dist.is_main
+        self.device = device or resolve_device(cfg, self.dist)
         self.output_dir = cfg.resolve_path(cfg.output_dir)
         self.ckpt_dir = os.path.join(self.output_dir, "checkpoints")
         accum = cfg.gradient_accumulation_steps
-        per_step = cfg.per_device_train_batch_size * world_size
+        per_step = cfg.per_device_train_batch_size * self.world_size
         if cfg.train_batch_size is not None:
             if accum == 1 and cfg.train_batch_size % per_step == 0:
                 accum = cfg.train_batch_size // per_step
             elif cfg.train_batch_size != per_step * accum:
                 raise ConfigError(
                     f"train_batch_size: {cfg.train_batch_size} != per_device_train_batch_size "
-                    f"({cfg.per_device_train_batch_size}) x processes ({world_size}) x gradient_accumulation_steps "
-                    f"({accum}); fix one of them or leave train_batch_size unset")
+                    f"({cfg.per_device_train_batch_size}) x processes ({self.world_size}) x "
+                    f"gradient_accumulation_steps ({accum}); fix one of them or leave train_batch_size unset")
         self.accum = accum
         seed_everything(cfg.seed)
 
         self.dataset = self._build_dataset()
+        # videos of one micro-batch over all processes; an epoch is the whole micro-batches it holds
+        self.global_micro = cfg.per_device_train_batch_size * self.world_size
+        self.micro_per_epoch = len(self.dataset) // self.global_micro
+        if self.micro_per_epoch == 0:
+            raise ConfigError(
+                f"per_device_train_batch_size: {cfg.per_device_train_batch_size} x {self.world_size} process(es) "
+                f"exceeds the {len(self.dataset)} videos of data.metadata_path")
         self.model: VideoModel = plugins["model"](cfg, cfg.model, device=self.device)
         self.sampler: Sampler = plugins["sampler"](cfg, cfg.sampler.options, device=self.device)
         self.reward: Reward = plugins["reward"](cfg, cfg.reward.options, device=self.device)
@@ -298,16 +319,11 @@ class Trainer:
         self.params = [p for _, p in self.model.trainable_parameters()]
         if not self.params:
             raise ConfigError("trainable_models: the model has no trainable parameters with this config")
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-        self.micro_per_epoch = len(self.shard) // cfg.per_device_train_batch_size
-        if self.micro_per_epoch == 0:
-            raise ConfigError(
-                f"per_device_train_batch_size: {cfg.per_device_train_batch_size} exceeds the {len(self.shard)} "
-                f"videos of this process's share of data.metadata_path")
         self.total_steps = cfg.max_steps or cfg.num_train_epochs * max(1, self.micro_per_epoch // self.accum)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.lr_scheduler_type, cfg.warmup_steps, self.total_steps))
+        self.engine = build_engine(cfg, self.model, self.params,
+                                   lr_lambda(cfg.lr_scheduler_type, cfg.warmup_steps, self.total_steps),
+                                   self.dist, self.accum)
+        self._lr = self.engine.lr  # the lr the next update uses (logged with its step)
         self.state = TrainState()
 
     # ---------------------------------------------------------------- data
@@ -322,37 +338,53 @@ class Trainer:
         if d.generate_example and not os.path.exists(path):
             from .example_data import build_from_face_assets
 
-            if self.is_main:  # other ranks wait at the first collective and then read it
+            if self.is_main:
                 build_from_face_assets(os.path.dirname(path), csv_name=os.path.basename(path),
                                        num_frames=d.num_frames)
-        dataset = VideoDataset(path, num_frames=d.num_frames, max_pixels=d.max_pixels, height=d.height,
-                               width=d.width)
-        self.shard = list(range(len(dataset)))[self.rank::self.world_size]
-        return dataset
+            barrier(self.dist)
+        return VideoDataset(path, num_frames=d.num_frames, max_pixels=d.max_pixels, height=d.height,
+                            width=d.width)
 
     def _epoch_order(self, epoch: int) -> list[int]:
-        """This process's sample order for ``epoch``: a permutation seeded by (seed, epoch)."""
+        """The sample order of ``epoch``: one permutation seeded by (seed, epoch), the same on every process."""
         g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
-        return [self.shard[i] for i in torch.randperm(len(self.shard), generator=g).tolist()]
+        return torch.randperm(len(self.dataset), generator=g).tolist()
 
     def _next_batch(self) -> dict:
+        """This process's share of the next micro-batch: each global micro-batch is split by rank, so a
+        run on N processes sees the same samples per step as one process with N times the batch."""
         bs = self.cfg.per_device_train_batch_size
         if self.state.position >= self.micro_per_epoch:
             self.state.epoch += 1
             self.state.position = 0
-        order = self._epoch_order(self.state.epoch)
-        idx = order[self.state.position * bs:(self.state.position + 1) * bs]
+        start = self.state.position * self.global_micro + self.rank * bs
+        idx = self._epoch_order(self.state.epoch)[start:start + bs]
         self.state.position += 1
         return collate([self.dataset[i] for i in idx])
 
     # ---------------------------------------------------------------- checkpoints
 
     def save(self) -> str:
-        state = dataclasses.asdict(self.state)
-        path = save_checkpoint(self.ckpt_dir, self.state.step, weights=self.model.trainable_state_dict(),
-                               optimizer=self.optimizer, scheduler=self.scheduler, state=state,
-                               keep=self.cfg.save_total_limit)
-        log.info("saved checkpoint %s", path)
+        """Checkpoint (collective under DeepSpeed): every process writes its part into one temporary
+        directory, rank 0 adds weights and state and renames it into place."""
+        step = self.state.step
+        tmp = os.path.join(self.ckpt_dir, f".checkpoint-{step}.tmp")
+        if self.is_main:
+            tmp = begin_checkpoint(self.ckpt_dir, step)
+        barrier(self.dist)
+        self.engine.save(tmp)
+        save_rng(tmp, self.rank)
+        with self.engine.gathered():
+            weights = self.model.trainable_state_dict() if self.is_main else None
+            if self.is_main:
+                weights = {k: v.detach().to("cpu").clone() for k, v in weights.items()}
+        barrier(self.dist)
+        path = os.path.join(self.ckpt_dir, f"checkpoint-{step}")
+        if self.is_main:
+            write_checkpoint_files(tmp, step, weights=weights, state=dataclasses.asdict(self.state))
+            path = commit_checkpoint(self.ckpt_dir, step, tmp, keep=self.cfg.save_total_limit)
+            log.info("saved checkpoint %s", path)
+        barrier(self.dist)
         return path
 
     def maybe_resume(self) -> Optional[str]:
@@ -363,8 +395,11 @@ class Trainer:
         if path is None:
             log.info("resume_from_checkpoint: no checkpoint in %s yet; starting fresh", self.ckpt_dir)
             return None
-        weights, state = load_checkpoint(path, optimizer=self.optimizer, scheduler=self.scheduler)
-        self.model.load_trainable_state_dict(weights)
+        weights, state = load_checkpoint(path, restore_rng=False)
+        with self.engine.gathered():
+            self.model.load_trainable_state_dict(weights)
+        self.engine.load(path)
+        load_rng(path, self.rank)
         self.state = TrainState(**{f.name: state[f.name] for f in dataclasses.fields(TrainState) if f.name in state})
         log.info("resumed from %s at step %d", path, self.state.step)
         return path
@@ -373,20 +408,19 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        totals = {"loss": 0.0, "reward_loss": 0.0, "kl_loss": 0.0, "face_score": [], "skipped_samples": 0}
+        self.engine.zero_grad()
+        sums = {"loss": 0.0, "reward_loss": 0.0, "kl_loss": 0.0, "score_sum": 0.0, "score_count": 0.0,
+                "skipped_samples": 0.0, "micro_batches": 0.0}
         extra: dict[str, float] = {}
         for _ in range(self.accum):
             batch = self._next_batch()
             contexts = [SampleContext(sid, v, p, pr) for sid, v, p, pr in
                         zip(batch["sample_id"], batch["video"], batch["path"], batch["prompt"])]
             keep = self.reward.prepare(contexts).cpu()
-            if not bool(keep.all()):  # a reference without a face: skip those samples, counted
+            if not bool(keep.all()):  # a reference without a face: those samples are skipped, counted
                 self.state.skipped_no_reference_face += int((~keep).sum())
-                totals["skipped_samples"] += int((~keep).sum())
-                if not bool(keep.any()):
-                    continue
-                sel = keep.nonzero().flatten().tolist()
+                sums["skipped_samples"] += float((~keep).sum())
+                sel = keep.nonzero().flatten().tolist() or [0]  # all skipped: run one, weighted 0
                 batch = {k: (v[sel] if torch.is_tensor(v) else [v[i] for i in sel]) for k, v in batch.items()}
                 contexts = [contexts[i] for i in sel]
             seeds = [cfg.seed * 7919 + i for i in batch["index"]]
@@ -394,40 +428,48 @@ class Trainer:
                                  step=0 if cfg.fixed_noise else self.state.step, seeds=seeds,
                                  kl_weight=cfg.kl_weight)
             out = self.reward(videos, contexts)
+            if not bool(keep.any()):
+                out.valid = torch.zeros_like(out.valid)
             reward_loss = self.reward.loss(out)
-            loss = reward_loss + cfg.kl_weight * kl
-            (loss / self.accum).backward()
-            totals["loss"] += loss.item() / self.accum
-            totals["reward_loss"] += reward_loss.item() / self.accum
-            totals["kl_loss"] += kl.item() / self.accum
-            totals["face_score"] += out.scores.detach()[out.valid.to(out.scores.device)].float().cpu().tolist()
-            totals["skipped_samples"] += int((~out.valid).sum())
+            # every process runs the same collectives, so a micro-batch with nothing to learn from
+            # still goes through backward (with zero weight) instead of being skipped
+            weight = 1.0 if bool(out.valid.any()) else 0.0
+            loss = weight * (reward_loss + cfg.kl_weight * kl)
+            self.engine.backward(loss, self.accum)
+            sums["loss"] += loss.item() / self.accum
+            sums["reward_loss"] += weight * reward_loss.item() / self.accum
+            sums["kl_loss"] += weight * kl.item() / self.accum
+            valid = out.valid.to(out.scores.device)
+            sums["score_sum"] += float(out.scores.detach()[valid].float().sum())
+            sums["score_count"] += float(valid.sum())
+            sums["skipped_samples"] += float((~out.valid).sum()) if bool(keep.any()) else 0.0
             for k, v in out.metrics.items():
                 extra[k] = extra.get(k, 0.0) + float(v) / self.accum
             self._last_videos = (videos.detach(), batch["video"].detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if self.params else torch.zeros(())
-        finite = math.isfinite(totals["loss"]) and bool(torch.isfinite(grad_norm))
-        if finite:
-            self.optimizer.step()
-        else:  # never let NaN/Inf reach the weights
+        grad_norm, updated = self.engine.step()
+        if not updated:  # never let NaN/Inf reach the weights
             self.state.skipped_nonfinite += 1
             log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s): update skipped",
-                        self.state.step + 1, totals["loss"], float(grad_norm))
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.optimizer.param_groups[0]["lr"]
-        with warnings.catch_warnings():  # a skipped update still counts as a step of the schedule
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
-            self.scheduler.step()
+                        self.state.step + 1, sums["loss"], grad_norm)
+        lr = self._lr
+        self._lr = self.engine.lr  # the lr of the next update (the schedule has stepped)
         self.state.step += 1
-        scores = totals.pop("face_score")
+        # global values: means over processes (sums for the counts)
+        keys = list(sums)
+        reduced = dict(zip(keys, all_reduce_mean([sums[k] for k in keys], self.dist)))
+        ws = self.world_size
+        count = reduced["score_count"] * ws
         return {
             "step": self.state.step,
-            **totals,
-            "face_score": float(np.mean(scores)) if scores else float("nan"),
+            "loss": reduced["loss"],
+            "reward_loss": reduced["reward_loss"],
+            "kl_loss": reduced["kl_loss"],
+            "face_score": reduced["score_sum"] * ws / count if count else float("nan"),
             "lr": lr,
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             "step_time_s": time.perf_counter() - t0,
-            "updated": finite,
+            "updated": updated,
+            "skipped_samples": int(round(reduced["skipped_samples"] * ws)),
             "skipped_nonfinite": self.state.skipped_nonfinite,
             "skipped_no_reference_face": self.state.skipped_no_reference_face,
             **{f"reward/{k}": v for k, v in extra.items()},
@@ -441,6 +483,7 @@ class Trainer:
             os.makedirs(self.output_dir, exist_ok=True)
             dump_config(cfg, os.path.join(self.output_dir, "config.yaml"))
         self.maybe_resume()
+        self._lr = self.engine.lr
         metrics = MetricsLog(self.output_dir, self.is_main, resume_step=self.state.step)
         videos = VideoWriter()
         self.model.train()
@@ -449,7 +492,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.is_main or None,
                    dynamic_ncols=True, desc="reward-fl")
         try:
-            with _Stop() as stop:
+            with _Stop(self.dist) as stop:
                 while self.state.step < self.total_steps:
                     record = self.train_step()
                     metrics.write(record)
@@ -461,7 +504,7 @@ class Trainer:
                         gen, ref = self._last_videos
                         videos.submit(os.path.join(self.output_dir, "samples", f"step-{step:06d}.mp4"), gen[0],
                                       ref[0] if cfg.sample_side_by_side else None)
-                    if stop.signal is not None:
+                    if stop.requested():
                         self.save()
                         log.warning("stopped by signal at step %d; resume with resume_from_checkpoint: true", step)
                         break
@@ -477,8 +520,18 @@ class Trainer:
         return records
 
 
+def barrier(dist: DistInfo) -> None:
+    if dist.active and dist.world_size > 1:
+        torch.distributed.barrier()
+
+
 def train(cfg: TrainConfig, plugins: dict[str, type]) -> list[dict]:
-    """Train as configured; returns the metrics records (rank 0)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    return Trainer(cfg, plugins).run()
+    """Train as configured (one process, or one per rank under torchrun/deepspeed); returns rank 0's metrics."""
+    dist = init_distributed(cfg)
+    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s rank{dist.rank} %(name)s: %(message)s")
+    try:
+        return Trainer(cfg, plugins, dist=dist).run()
+    finally:
+        if dist.active:
+            torch.distributed.destroy_process_group()

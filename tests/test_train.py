@@ -181,7 +181,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
         real_save = torch.save
         def dying_save(obj, path, *a, **k):
             real_save(obj, path, *a, **k)
-            if path.endswith("rng.pt"):
+            if path.endswith("rng-0.pt"):
                 os.kill(os.getpid(), signal.SIGKILL)
         checkpoint.torch.save = dying_save
         checkpoint.save_checkpoint(root, 2, weights={{"lora.weight": torch.zeros(2, 3)}}, state={{"position": 2}})
@@ -189,7 +189,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     root = str(tmp_path / "ck")
-    assert any(name.startswith(".checkpoint-2.tmp-") for name in os.listdir(root))  # the torn write
+    assert ".checkpoint-2.tmp" in os.listdir(root)  # the torn write
     path = latest_checkpoint(root)
     assert path.endswith("checkpoint-1")
     weights, state = load_checkpoint(path, restore_rng=False)

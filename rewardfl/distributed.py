@@ -1,0 +1,290 @@
+"""Processes and optimizer engines: plain single-process training, or DeepSpeed ZeRO.
+
+``init_distributed`` reads the launcher's environment (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``; set by ``torchrun`` and ``deepspeed``) and starts the process
+group (NCCL on GPUs, gloo on CPUs) when there is more than one process or a
+``deepspeed`` section. Without either, nothing distributed is imported.
+
+An engine owns the optimizer, LR schedule, gradient clipping and the update:
+
+* :class:`PlainEngine`: torch AdamW, clip to ``max_grad_norm``, a non-finite
+  gradient skips the update. With several processes (torchrun without
+  DeepSpeed) gradients are averaged with an all-reduce before clipping.
+* :class:`DeepSpeedEngine`: ``deepspeed.initialize`` over the model's trainable
+  modules, with the DeepSpeed config's batch, accumulation, clipping and
+  optimizer keys filled from ours (a DeepSpeed config that disagrees is an
+  error naming both keys). ZeRO stage 2 or 3, CPU offload, bf16 as configured.
+  Checkpoints go through DeepSpeed's own save/load; the trainable weights are
+  also exported as a plain safetensors file (gathered under ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Optional
+
+import torch
+
+from .config import ConfigError, TrainConfig
+
+__all__ = ["DistInfo", "init_distributed", "all_reduce_mean", "PlainEngine", "DeepSpeedEngine", "build_engine",
+           "deepspeed_config"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def init_distributed(cfg: TrainConfig) -> DistInfo:
+    """Start the process group when launched with several processes or with DeepSpeed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world == 1 and cfg.deepspeed is None:
+        return DistInfo()
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+    backend = "nccl" if cuda else "gloo"
+    if cfg.deepspeed is not None:
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("LOCAL_RANK", str(local))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    elif not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend=backend)
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local)
+
+
+def all_reduce_mean(values: list[float], dist: DistInfo) -> list[float]:
+    """Mean over processes of a few floats (identity in one process)."""
+    if not dist.active or dist.world_size == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return (t / dist.world_size).cpu().tolist()
+
+
+def all_reduce_sum_(t: torch.Tensor, dist: DistInfo) -> torch.Tensor:
+    if dist.active and dist.world_size > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+# --------------------------------------------------------------------------- plain
+
+
+class PlainEngine:
+    """torch AdamW + LambdaLR + clipping; a non-finite gradient norm skips the update."""
+
+    def __init__(self, cfg: TrainConfig, params: list[torch.nn.Parameter], lr_lambda, dist: DistInfo):
+        self.params, self.dist, self.max_grad_norm = params, dist, cfg.max_grad_norm
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor, accum: int) -> None:
+        (loss / accum).backward()
+
+    def step(self, force_skip: bool = False) -> tuple[float, bool]:
+        """Average gradients over processes, clip, update; returns ``(grad_norm, updated)``."""
+        if self.dist.world_size > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                all_reduce_sum_(p.grad, self.dist).div_(self.dist.world_size)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        updated = math.isfinite(norm) and not force_skip
+        if updated:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        import warnings
+
+        with warnings.catch_warnings():  # a skipped update still counts as a step of the schedule
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
+        return norm, updated
+
+    def save(self, tmp_dir: str) -> None:
+        torch.save(self.optimizer.state_dict(), os.path.join(tmp_dir, "optimizer.pt"))
+        torch.save(self.scheduler.state_dict(), os.path.join(tmp_dir, "scheduler.pt"))
+
+    def load(self, ckpt_dir: str) -> None:
+        self.optimizer.load_state_dict(torch.load(os.path.join(ckpt_dir, "optimizer.pt"), map_location="cpu",
+                                                  weights_only=True))
+        self.scheduler.load_state_dict(torch.load(os.path.join(ckpt_dir, "scheduler.pt"), map_location="cpu",
+                                                  weights_only=True))
+
+    def gathered(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+
+
+def _read_deepspeed_section(cfg: TrainConfig) -> dict:
+    section = cfg.deepspeed
+    if isinstance(section, str):
+        path = cfg.resolve_path(section)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError as e:
+            raise ConfigError(f"deepspeed: DeepSpeed JSON not found: {path}") from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed: {path} is not valid JSON: {e}") from e
+    return json.loads(json.dumps(section or {}))  # a deep copy
+
+
+def deepspeed_config(cfg: TrainConfig, *, accum: int, world_size: int) -> dict:
+    """The DeepSpeed config: the user's section with batch/accumulation/clipping/optimizer from our keys.
+
+    Our keys are the single source of truth: a DeepSpeed key that is set and
+    disagrees raises ConfigError naming both.
+    """
+    ds = _read_deepspeed_section(cfg)
+    ours = {
+        "train_micro_batch_size_per_gpu": (cfg.per_device_train_batch_size, "per_device_train_batch_size"),
+        "gradient_accumulation_steps": (accum, "gradient_accumulation_steps"),
+        "train_batch_size": (cfg.per_device_train_batch_size * accum * world_size, "train_batch_size"),
+        "gradient_clipping": (cfg.max_grad_norm, "max_grad_norm"),
+    }
+    for key, (value, our_key) in ours.items():
+        if key in ds and ds[key] not in ("auto", value):
+            raise ConfigError(f"deepspeed.{key}: {ds[key]!r} disagrees with {our_key} ({value}); set it only "
+                              f"through {our_key} (or 'auto')")
+        ds[key] = value
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"deepspeed.{key}: set by rewardfl from learning_rate, adam_*, weight_decay, "
+                              "lr_scheduler_type and warmup_steps; remove it from the DeepSpeed config")
+    zero = ds.setdefault("zero_optimization", {"stage": 2})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got {stage!r}")
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    params = {"lr": cfg.learning_rate, "betas": [cfg.adam_beta1, cfg.adam_beta2], "eps": cfg.adam_epsilon,
+              "weight_decay": cfg.weight_decay}
+    if not offload:
+        params["torch_adam"] = True  # torch's AdamW: no extension build; offload uses DeepSpeedCPUAdam
+    ds["optimizer"] = {"type": "AdamW", "params": params}
+    if cfg.mixed_precision == "bf16":
+        ds.setdefault("bf16", {"enabled": True})
+    elif cfg.mixed_precision == "fp16":
+        ds.setdefault("fp16", {"enabled": True})
+    ds.setdefault("steps_per_print", 10**9)  # rewardfl logs; keep DeepSpeed quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+class _Trainable(torch.nn.Module):
+    """The model's trainable modules under one root, for ``deepspeed.initialize``."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        super().__init__()
+        self.parts = torch.nn.ModuleDict({k.replace(".", "__"): m for k, m in modules.items()})
+
+    def forward(self, *args, **kwargs):  # never called: the model plugin calls its modules itself
+        raise RuntimeError("rewardfl drives the wrapped modules directly")
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO-2/3 engine over the model's trainable modules."""
+
+    def __init__(self, cfg: TrainConfig, model, params: list[torch.nn.Parameter], lr_lambda, dist: DistInfo,
+                 accum: int):
+        import deepspeed
+
+        self.dist, self.params = dist, params
+        self.config = deepspeed_config(cfg, accum=accum, world_size=dist.world_size)
+        self.stage = self.config["zero_optimization"].get("stage", 0)
+        holder = _Trainable(model.trainable_modules())
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=holder, model_parameters=params, config=self.config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
+        self._skip = False
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def zero_grad(self):
+        self._skip = False
+
+    def backward(self, loss: torch.Tensor, accum: int) -> None:
+        # DeepSpeed scales by 1 / gradient_accumulation_steps itself. A non-finite loss on any
+        # process must not reach the (partitioned) gradients: all processes back-propagate a zero
+        # loss instead, and the step's update is cancelled (lr 0) in step().
+        finite = torch.tensor([1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0])
+        if self.dist.active and torch.distributed.get_backend() == "nccl":
+            finite = finite.cuda()
+        if self.dist.active:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() < 1.0:
+            self._skip = True
+            loss = sum((p * 0).sum() for p in self.params)
+        self.engine.backward(loss)
+        if self._skip and self.engine.is_gradient_accumulation_boundary():
+            for group in self.optimizer.param_groups:  # cancel this step's update; the schedule resets it
+                group["lr"] = 0.0
+        self.engine.step()  # DeepSpeed updates only at the accumulation boundary
+
+    def step(self, force_skip: bool = False) -> tuple[float, bool]:
+        # engine.step() already ran after the last backward (the boundary); report what happened
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        updated = not self._skip and not force_skip and math.isfinite(norm)
+        self._skip = False
+        return norm, updated
+
+    def save(self, tmp_dir: str) -> None:
+        self.engine.save_checkpoint(tmp_dir, tag="deepspeed", exclude_frozen_parameters=True)
+
+    def load(self, ckpt_dir: str) -> None:
+        self.engine.load_checkpoint(ckpt_dir, tag="deepspeed", load_module_strict=False,
+                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+
+    def gathered(self):
+        """Context in which ZeRO-3-partitioned trainable weights are whole (for export)."""
+        import contextlib
+
+        if self.stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(self.params, modifier_rank=None)
+        return contextlib.nullcontext()
+
+
+def build_engine(cfg: TrainConfig, model, params, lr_lambda, dist: DistInfo, accum: int):
+    if cfg.deepspeed is not None:
+        return DeepSpeedEngine(cfg, model, params, lr_lambda, dist, accum)
+    return PlainEngine(cfg, params, lr_lambda, dist)
