@@ -72,7 +72,11 @@ class OnnxModel:
                 if self.intra_op_threads:
                     opts.intra_op_num_threads = self.intra_op_threads
                 if device.type == "cuda":
-                    providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+                    # share the GPU with a training run: grow the arena only as needed, no
+                    # exhaustive cuDNN search (its workspaces spike memory)
+                    cuda = {"device_id": device.index or 0, "arena_extend_strategy": "kSameAsRequested",
+                            "cudnn_conv_algo_search": "HEURISTIC"}
+                    providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
                 else:
                     providers = ["CPUExecutionProvider"]
                 self._sessions[key] = ort.InferenceSession(self.proto.SerializeToString(), opts, providers=providers)
