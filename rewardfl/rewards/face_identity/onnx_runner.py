@@ -64,7 +64,7 @@ class OnnxModel:
     def _session(self, device: torch.device):
         import onnxruntime as ort
 
-        key = (device.type, device.index)
+        key = (device.type, _cuda_index(device) if device.type == "cuda" else None)
         with self._lock:
             if key not in self._sessions:
                 opts = ort.SessionOptions()
@@ -74,7 +74,7 @@ class OnnxModel:
                 if device.type == "cuda":
                     # share the GPU with a training run: grow the arena only as needed, no
                     # exhaustive cuDNN search (its workspaces spike memory)
-                    cuda = {"device_id": device.index or 0, "arena_extend_strategy": "kSameAsRequested",
+                    cuda = {"device_id": _cuda_index(device), "arena_extend_strategy": "kSameAsRequested",
                             "cudnn_conv_algo_search": "HEURISTIC"}
                     providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
                 else:
@@ -102,9 +102,10 @@ class OnnxModel:
         import numpy as np
 
         binding = session.io_binding()
-        binding.bind_input(self.input_name, "cuda", x.device.index or 0, np.float32, tuple(x.shape), x.data_ptr())
+        index = _cuda_index(x.device)
+        binding.bind_input(self.input_name, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
         for name in self.output_names:
-            binding.bind_output(name, "cuda", x.device.index or 0)
+            binding.bind_output(name, "cuda", index)
         torch.cuda.current_stream(x.device).synchronize()  # x must be written before ORT's stream reads it
         session.run_with_iobinding(binding)
         # clone: torch's own memory, independent of the OrtValues' lifetime (outputs are small)
@@ -144,6 +145,11 @@ class OnnxModel:
             return self.run_onnxruntime(x)
         with torch.no_grad():
             return self.run_twin(x.to(torch.float32))
+
+
+def _cuda_index(device: torch.device) -> int:
+    """``cuda`` alone means torch's current device (set per rank by the launcher)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 _LOADED: dict = {}
