@@ -13,7 +13,7 @@ import torch
 from rewardfl.config import config_from_dict
 from rewardfl.interfaces import SampleContext
 from rewardfl.registry import create
-from rewardfl.rewards.face_identity import FaceIdentityReward, pooled_identity_score
+from rewardfl.rewards.face_identity import FaceIdentityReward, facesim_arc, pooled_identity_score
 
 SIZE = 160
 
@@ -119,6 +119,17 @@ def test_pooled_identity_score_masks():
     assert torch.allclose(scores, torch.tensor([((1.0 + 0.6) / 2 + 0.0) / 2, 0.0]))
     assert has_face.tolist() == [True, False]
     assert frame_sim[0, 0].isnan() and frame_sim[1].isnan().all()
+
+
+def test_facesim_arc_by_hand():
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=1)
+    ref = torch.nn.functional.normalize(torch.randn(2, 8, generator=g, dtype=torch.float64), dim=1)
+    has_face = torch.tensor([True, True, False, True, True])
+    # 3 uniformly spaced frames of 5: 0, 2, 4; frame 2 has no face
+    expected = np.mean([max(float(emb[f] @ ref[r]), 0.0) for f in (0, 4) for r in (0, 1)])
+    assert abs(float(facesim_arc(emb, has_face, ref, num_frames=3)) - expected) < 1e-6
+    assert facesim_arc(emb, torch.zeros(5, dtype=torch.bool), ref).isnan()
 
 
 # --------------------------------------------------------------------------- gradients
