@@ -22,7 +22,7 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch

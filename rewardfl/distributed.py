@@ -24,7 +24,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Optional
+
 
 import torch
 

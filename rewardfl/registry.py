@@ -19,7 +19,7 @@ import importlib.metadata as md
 import traceback
 from typing import Any, Optional
 
-from .config import ConfigError, PluginSection, TrainConfig, build_dataclass
+from .config import ConfigError, TrainConfig, build_dataclass
 from .interfaces import Reward, Sampler, VideoModel
 
 __all__ = ["KINDS", "PluginInfo", "PluginError", "list_plugins", "load_plugin", "create", "resolve_plugins"]

@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from train_fixtures import make_config, small_dataset  # noqa: F401  (fixtures)
 from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
 
 from rewardfl import run
@@ -25,53 +26,6 @@ from rewardfl.train import Trainer, lr_lambda
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOLATILE = ("step_time_s",)
-
-
-@pytest.fixture(scope="session")
-def small_dataset(tmp_path_factory, face_assets):
-    """Two short 64x64 clips of two fetched face photos (pan/zoom), with their metadata.csv."""
-    from rewardfl.example_data import build_from_face_assets
-
-    out = str(tmp_path_factory.mktemp("dataset"))
-    return build_from_face_assets(out, assets=face_assets, photo_names=("person_a_1", "person_b_1"),
-                                  num_frames=5, size=(64, 64), clips_per_photo=1)
-
-
-@pytest.fixture
-def make_config(tmp_path, tiny_dir, small_dataset, face_assets):  # noqa: F811
-    """Write a YAML config for a tiny run into tmp_path; returns its path."""
-
-    def make(**overrides):
-        raw = {
-            "model_name": "wan2_2_tiny",
-            "model_paths": os.path.join(tiny_dir, "model_paths.json"),
-            "reward_model_path": face_assets.scrfd_sface,
-            "lora_rank": 4,
-            "mixed_precision": "fp32",
-            "device": "cpu",
-            "num_inference_steps": 4,
-            "mid_timestep": 2,
-            "final_timestep": 3,
-            "learning_rate": 1e-3,
-            "warmup_steps": 1,
-            "max_steps": 3,
-            "save_steps": 2,
-            "seed": 3,
-            "output_dir": str(tmp_path / "out"),
-            "reward": {"name": "face_identity", "landmark_fallback": True, "det_size": 160,
-                       "reference_cache_dir": str(tmp_path / "refcache")},
-            "data": {"metadata_path": small_dataset, "num_frames": 5, "height": 64, "width": 64},
-        }
-        for key, value in overrides.items():
-            if isinstance(value, dict) and isinstance(raw.get(key), dict):
-                raw[key] = {**raw[key], **value}
-            else:
-                raw[key] = value
-        path = tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*.yaml')))}.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        return str(path)
-
-    return make
 
 
 def read_metrics(output_dir):
