@@ -127,12 +127,15 @@ setup(
         "opencv-python-headless>=4.9",
     ],
     extras_require={
+        # multi-GPU / multi-node training (install with --no-build-isolation: it builds against torch)
+        "deepspeed": ["deepspeed==0.19.8"],
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",
             "scikit-image>=0.22",
             "pybind11>=2.12",
             "ninja",
+            "deepspeed==0.19.8",
         ],
     },
     entry_points={

@@ -50,6 +50,7 @@ __all__ = [
     "VideoDataset",
     "collate",
     "load_clip",
+    "frames_of",
     "target_size",
     "resize_and_crop",
 ]
@@ -143,8 +144,10 @@ def _iter_video_file(path: str, num_frames: int) -> Iterator[np.ndarray]:
         reader.close()
 
 
-def _frames_of(path: str, num_frames: int) -> tuple[str, Iterator[np.ndarray]]:
-    """``(kind, frames)``: kind is 'video file', 'folder' or 'image'."""
+def frames_of(path: str, num_frames: int) -> tuple[str, Iterator[np.ndarray]]:
+    """``(kind, frames)``: up to ``num_frames`` uint8 ``(H, W, 3)`` RGB frames of a video file, a folder
+    of frames or an image, read lazily (a shorter clip just gives fewer); kind is 'video file',
+    'folder' or 'image'."""
     if os.path.isdir(path):
         files = _frame_files(path)
         if not files:
@@ -170,7 +173,7 @@ def load_clip(path: str, *, num_frames: int, max_pixels: int,
     clip = None
     count = 0
     try:
-        kind, frames = _frames_of(path, num_frames)
+        kind, frames = frames_of(path, num_frames)
         for frame in frames:
             if clip is None:
                 try:

@@ -197,6 +197,11 @@ class VideoModel(ABC):
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of ``trainable_state_dict``; strict."""
 
+    def save_trainable(self, path: str) -> list[str]:
+        """Export the trainable weights in the model family's own format (e.g. LoRA files its
+        loaders accept); returns the files written. Optional."""
+        raise NotImplementedError(f"{type(self).__name__} does not export trainable weights")
+
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         """The ``nn.Module``s that hold the trainable parameters (DeepSpeed wraps these).
 

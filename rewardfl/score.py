@@ -24,12 +24,12 @@ def read_frames(path: str, max_frames: int):
     import numpy as np
     import torch
 
-    from rewardfl.data import _frames_of
+    from rewardfl.data import frames_of
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"not found: {path}")
     try:
-        _, frames = _frames_of(path, max_frames)
+        _, frames = frames_of(path, max_frames)
         arrays = [np.asarray(f) for f in frames]
     except FileNotFoundError:
         raise

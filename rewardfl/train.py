@@ -475,6 +475,17 @@ class Trainer:
             **{f"reward/{k}": v for k, v in extra.items()},
         }
 
+    def _export_final(self) -> None:
+        """The trainable weights in the model family's own format (e.g. diffsynth LoRA files)."""
+        with self.engine.gathered():
+            if self.is_main:
+                try:
+                    files = self.model.save_trainable(os.path.join(self.output_dir, "final", "trainable.safetensors"))
+                    log.info("exported %s", ", ".join(files))
+                except NotImplementedError:
+                    pass
+        barrier(self.dist)
+
     # ---------------------------------------------------------------- the loop
 
     def run(self) -> list[dict]:
@@ -510,6 +521,7 @@ class Trainer:
                         break
                     if step % cfg.save_steps == 0 or step == self.total_steps:
                         self.save()
+            self._export_final()
         finally:
             bar.close()
             videos.close()
