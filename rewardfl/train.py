@@ -44,7 +44,7 @@ from .interfaces import Reward, Sampler, SampleContext, StepPlan, VideoModel
 
 log = logging.getLogger("rewardfl")
 
-__all__ = ["train", "Trainer", "rollout", "lr_lambda"]
+__all__ = ["train", "Trainer", "rollout", "sample_latents", "lr_lambda"]
 
 
 # --------------------------------------------------------------------------- the step
@@ -58,6 +58,14 @@ def rollout(model: VideoModel, sampler: Sampler, plan: list[StepPlan], batch: di
     Returns ``(videos (B, 3, F, H, W) in [-1, 1], kl)``, ``kl`` the regulariser
     averaged over gradient steps (0-dim fp32; 0 when ``kl_weight`` is 0).
     """
+    latents, kl = sample_latents(model, sampler, plan, batch, num_frames=num_frames, step=step, seeds=seeds,
+                                 kl_weight=kl_weight)
+    return model.decode(latents), kl
+
+
+def sample_latents(model: VideoModel, sampler: Sampler, plan: list[StepPlan], batch: dict, *, num_frames: int,
+                   step: int, seeds: list[int], kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling half of :func:`rollout`: ``(latents (B, C, T, h, w), kl)``."""
     first = batch["first_frame"].to(model.device, model.dtype)
     height, width = first.shape[-2:]
     cond = model.encode(batch["prompt"], first, num_frames)
@@ -84,7 +92,7 @@ def rollout(model: VideoModel, sampler: Sampler, plan: list[StepPlan], batch: di
         if p.last:
             break
     kl = torch.stack(kl_terms).mean() if kl_terms else torch.zeros((), device=model.device)
-    return model.decode(x), kl
+    return x, kl
 
 
 def lr_lambda(kind: str, warmup: int, total: int):
