@@ -1,0 +1,106 @@
+"""The CPU demo's preparation: the tiny twin's warm start and the demo config agreeing with it."""
+
+import os
+
+import pytest
+import torch
+
+from rewardfl.assets import file_sha256
+from rewardfl.models.make_tiny import make_tiny
+from rewardfl.models.warm_start import WarmStart, _load, flow_matching_loss, sampler_timesteps, train_experts, warm_start
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DITS = ("dit_high_noise.safetensors", "dit_low_noise.safetensors")
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Two 5-frame 64x64 pan/zoom clips of skimage's astronaut (no download)."""
+    import skimage.data
+    from PIL import Image
+
+    from rewardfl.example_data import build_example_dataset
+
+    folder = tmp_path_factory.mktemp("clips")
+    photo = str(folder / "astronaut.png")
+    Image.fromarray(skimage.data.astronaut()).save(photo)
+    return build_example_dataset(str(folder / "data"), [photo], face_boxes=[(150, 30, 250, 150)], num_frames=5,
+                                 size=(64, 64), clips_per_photo=2)
+
+
+def small(iterations=15):
+    return WarmStart(height=64, width=64, num_frames=5, timesteps=sampler_timesteps(4, 5.0, 0.9),
+                     iterations=iterations)
+
+
+def test_sampler_timesteps_by_hand():
+    # sigmas 1, .75, .5, .25 shifted by 5s / (1 + 4s): 1, 15/16, 5/6, 5/8; the high-noise expert at t >= 900
+    ts = sampler_timesteps(4, 5.0, 0.9)
+    assert list(ts) == ["dit", "dit2"]
+    assert ts["dit"] == pytest.approx([1000.0, 937.5])
+    assert ts["dit2"] == pytest.approx([2500.0 / 3.0, 625.0])
+
+
+def test_warm_start_learns_the_clips(tmp_path, clips):
+    model_dir = str(tmp_path / "tiny")
+    make_tiny(model_dir)
+    ws = small(iterations=150)
+    model, x0, cond = _load(model_dir, clips, ws)
+    g = torch.Generator().manual_seed(123)  # held-out noise, not the training draws
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.full((x0.shape[0],), 2500.0 / 3.0)
+    # predicting v = 0 costs mean((noise - x0)^2), computed here in float64
+    zero_loss = (noise.double() - x0.double()).pow(2).mean().item()
+    with torch.no_grad():
+        before = flow_matching_loss(model, "dit2", x0, cond, t, noise).item()
+    curves = train_experts(model, x0, cond, ws)
+    with torch.no_grad():
+        after = flow_matching_loss(model, "dit2", x0, cond, t, noise).item()
+    assert set(curves) == {"dit", "dit2"} and all(len(c) == 150 for c in curves.values())
+    assert after < 0.3 * zero_loss, (before, after, zero_loss)
+    assert after < 0.3 * before, (before, after, zero_loss)
+
+
+def test_warm_start_is_cached_and_deterministic(tmp_path, clips):
+    def fresh(name):
+        folder = str(tmp_path / name)
+        make_tiny(folder)
+        return folder
+
+    def shas(folder):
+        return [file_sha256(os.path.join(folder, f)) for f in DITS]
+
+    a, b = fresh("a"), fresh("b")
+    random_init = shas(a)
+    assert warm_start(a, clips, small(), log=None) is not None
+    trained = shas(a)
+    assert trained != random_init
+    assert warm_start(a, clips, small(), log=None) is None  # cached: nothing rewritten
+    assert shas(a) == trained
+    assert warm_start(b, clips, small(), log=None) is not None
+    assert shas(b) == trained  # same settings, same weights
+
+    # a changed setting starts again from the random weights (make_tiny rewrites them)
+    reset = lambda: make_tiny(a, force=True)  # noqa: E731
+    assert warm_start(a, clips, small(iterations=5), log=None, reset=reset) is not None
+    c = fresh("c")
+    warm_start(c, clips, small(iterations=5), log=None)
+    assert shas(a) == shas(c) != trained
+    # a DiT file changed behind its back is trained again
+    with open(os.path.join(c, DITS[1]), "ab") as f:
+        f.write(b" ")
+    assert warm_start(c, clips, small(iterations=5), log=None, reset=lambda: make_tiny(c, force=True)) is not None
+    assert shas(c) == shas(a)
+
+
+def test_demo_config_matches_the_warm_start():
+    from rewardfl.config import load_config
+    from rewardfl.demo import DEMO_FRAMES, DEMO_SAMPLER, DEMO_SIZE
+
+    cfg = load_config(os.path.join(ROOT, "examples", "demo.yaml"), paths=False)
+    assert (cfg.data.height, cfg.data.width) == DEMO_SIZE
+    assert cfg.data.num_frames == DEMO_FRAMES
+    assert cfg.num_inference_steps == DEMO_SAMPLER["num_steps"]
+    assert cfg.sampler.options["shift"] == DEMO_SAMPLER["shift"]
+    assert cfg.sampler.options["boundary"] == DEMO_SAMPLER["boundary"]
+    assert cfg.model_paths.endswith("wan_tiny/model_paths.json")
