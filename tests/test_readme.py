@@ -13,7 +13,7 @@ def ci_commands():
     for line in lines:
         line = line.strip()
         if not line or line.startswith("#") or line.startswith(("set ", "cd ", "start=", "echo ", "rc=", "if ",
-                                                                   "fi", "exit", "  ")):
+                                                                   "fi", "exit", "  ", "python -c")):
             continue
         line = re.sub(r"\s*\|\|\s*rc=\$\?$", "", line)
         commands.append(line)
