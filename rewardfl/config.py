@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 import types
 import typing
@@ -183,13 +182,12 @@ def _coerce(value, tp, key: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         # bool before others so that 'true' is not a path string by accident
         for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is not bool):
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -466,8 +464,3 @@ def dump_config(cfg: TrainConfig, path: str) -> None:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False, allow_unicode=True)
     os.replace(tmp, path)
 
-
-def config_hash(cfg: TrainConfig) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -193,9 +193,9 @@ def _write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp.mp4"
-    # even sizes for yuv420p; macro_block_size=1 keeps small demo frames unpadded
+    # yuv444p: no chroma subsampling, so odd sizes work; macro_block_size=1 keeps small frames unpadded
     with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                            ffmpeg_params=["-pix_fmt", "yuv444p"]) as w:
+                            pixelformat="yuv444p") as w:
         for frame in frames:
             w.append_data(frame)
     os.replace(tmp, path)

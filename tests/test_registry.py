@@ -123,6 +123,7 @@ def test_broken_third_party_plugin_is_reported_and_isolated(plugin_site):
     status = {line.split()[1]: line.split()[-1] for line in out.stdout.splitlines()[1:]}
     assert status["mean_brightness"] == "ok"
     assert status["broken_reward"] == "FAILED"
+    assert status["not_a_reward"] == "FAILED"
     err = out.stderr
     assert "reward plugin 'broken_reward' from distribution rewardfl-example-plugin 0.3.1 failed to import" in err
     assert "No module named 'rewardfl_example_plugin_missing_dependency'" in err
@@ -171,15 +172,16 @@ def test_third_party_options_are_validated_like_builtin_ones(plugin_site):
     assert "unknown key 'reward.targett' (did you mean 'target'?)" in out.stdout
 
 
-def test_loading_a_non_plugin_object_is_refused(plugin_site):
+def test_an_entry_point_that_is_not_a_plugin_class_is_refused(plugin_site):
     out = run_py("""
         from rewardfl import registry
-        # the builtin entry point resolves; a class that is not a Reward must be refused
-        import importlib.metadata as md
-        from rewardfl.registry import PluginError, KINDS
+        from rewardfl.registry import PluginError
         try:
-            registry.load_plugin("reward", "broken_reward")
+            registry.load_plugin("reward", "not_a_reward")
         except PluginError as e:
             print("ERR", e)
     """, plugin_site)
-    assert "ERR reward plugin 'broken_reward' from distribution rewardfl-example-plugin" in out.stdout
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (
+        "ERR reward plugin 'not_a_reward' from distribution rewardfl-example-plugin "
+        "(rewardfl_example_plugin:brightness) is not a subclass of rewardfl.interfaces.Reward")

@@ -10,6 +10,11 @@ import torch
 from rewardfl.interfaces import Reward, RewardOutput
 
 
+def brightness(videos):
+    """Mean brightness in [0, 1] of videos in [-1, 1] (a helper; not a plugin class)."""
+    return (videos.float().flatten(1).mean(1) + 1.0) / 2.0
+
+
 class MeanBrightnessReward(Reward):
     differentiable = True
 
@@ -23,7 +28,7 @@ class MeanBrightnessReward(Reward):
         self.target = options.target
 
     def __call__(self, videos, contexts):
-        brightness = (videos.float().flatten(1).mean(1) + 1.0) / 2.0  # [-1, 1] -> [0, 1]
-        scores = 1.0 - (brightness - self.target).abs()
+        b = brightness(videos)
+        scores = 1.0 - (b - self.target).abs()
         valid = torch.ones(videos.shape[0], dtype=torch.bool, device=videos.device)
-        return RewardOutput(scores, valid, {"brightness": float(brightness.mean())})
+        return RewardOutput(scores, valid, {"brightness": float(b.mean())})
