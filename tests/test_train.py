@@ -202,3 +202,16 @@ def test_train_batch_size_must_agree(make_config, capsys):
     assert run.main([cfg]) == 2
     assert "train_batch_size: 3 != per_device_train_batch_size (1) x processes (1) x gradient_accumulation_steps (2)" \
         in capsys.readouterr().err
+
+
+def test_check_plans_the_gradient_window_before_loading_the_model(make_config, capsys):
+    # N=4, shift 5: timesteps 1000, 937.5, 833.3, 625; boundary 0.9 -> steps 0-1 dit, 2-3 dit2;
+    # mid=2, final=3: gradient on steps 2 and 3, both on dit2
+    assert run.main([make_config(), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "plan     4 steps, gradient at 2:dit2, 3:dit2" in out
+    # min_timestep_boundary 0.75 keeps only step 3 (dit2): with only dit trainable, nothing would learn
+    bad = make_config(trainable_models="dit", lora_base_model="dit", min_timestep_boundary=0.75)
+    assert run.main([bad, "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trainable_models" in err[0], err

@@ -82,6 +82,10 @@ class Wan22Model(VideoModel):
     ``use_gradient_checkpointing_offload``, ``mixed_precision``).
     """
 
+    #: the expert roles a checkpoint set can fill (high noise, low noise); an instance keeps the
+    #: ones it loaded (one for TI2V-5B). `run --check` plans the gradient window with these.
+    experts = EXPERT_ROLES
+
     Options = Wan22Options
 
     def __init__(self, config, options: Optional[Wan22Options] = None, *, device=None, **runtime):
