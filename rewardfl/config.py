@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -32,6 +33,7 @@ __all__ = [
     "build_dataclass",
     "check_paths",
     "dump_config",
+    "training_timestep_range",
 ]
 
 
@@ -70,6 +72,7 @@ class DataConfig:
     max_pixels: int = 480 * 832
     height: Optional[int] = None
     width: Optional[int] = None
+    #: processes that decode clips ahead of training (0: decode on the training thread)
     num_workers: int = 0
     #: build the example dataset from fetched photos when ``metadata_path`` is missing
     generate_example: bool = False
@@ -115,6 +118,9 @@ class TrainConfig:
     logging_steps: int = 1
     output_dir: str = "./output"
     resume_from_checkpoint: Union[bool, str] = False
+    #: a fresh run into an output_dir holding another run's checkpoints replaces them (HF Trainer's key);
+    #: without it such a run is refused
+    overwrite_output_dir: bool = False
 
     # --- rewardfl's additions
     adam_beta1: float = 0.9
@@ -153,6 +159,8 @@ class TrainConfig:
 PATH_KEYS = ("model_paths", "reward_model_path", "tokenizer_path", "data.metadata_path")
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
+#: values of ``extra_inputs`` rewardfl feeds to models (DiffSynth-Studio's names)
+EXTRA_INPUTS = ("input_image",)
 MIXED_PRECISION = ("auto", "no", "fp32", "bf16", "fp16")
 
 
@@ -186,8 +194,9 @@ def _coerce(value, tp, key: str):
         for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is not bool):
             try:
                 return _coerce(value, arg, key)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                if "must be a finite number" in str(e):  # the right type, a wrong value: say so
+                    raise
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -206,14 +215,19 @@ def _coerce(value, tp, key: str):
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 2.5e-6 as a float but 1e-5 as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 2.5e-6 as a float but 1e-5 as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(number):  # .inf / .nan would reach the weights on the first update
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -311,6 +325,9 @@ def _need(cond: bool, msg: str):
 
 def validate(cfg: TrainConfig) -> None:
     """Range and consistency checks, one message per problem (the first one found)."""
+    # a seed outside [0, 2**63) overflows numpy's and torch's generators, which are seeded late
+    # (after the model loaded): say so before anything heavy runs
+    _need(0 <= cfg.seed < 2**63, f"seed: must be an integer in [0, 2**63) (numpy/torch generators), got {cfg.seed}")
     _need(cfg.learning_rate > 0, f"learning_rate: must be > 0, got {cfg.learning_rate}")
     _need(cfg.weight_decay >= 0, f"weight_decay: must be >= 0, got {cfg.weight_decay}")
     _need(cfg.lr_scheduler_type in LR_SCHEDULERS,
@@ -327,12 +344,13 @@ def validate(cfg: TrainConfig) -> None:
     _need(cfg.max_grad_norm > 0, f"max_grad_norm: must be > 0, got {cfg.max_grad_norm}")
     _need(cfg.kl_weight >= 0, f"kl_weight: must be >= 0, got {cfg.kl_weight}")
     _need(0.0 <= cfg.min_timestep_boundary <= cfg.max_timestep_boundary <= 1.0,
-          "min_timestep_boundary/max_timestep_boundary: need 0 <= min <= max <= 1 (fractions of the "
-          f"schedule's step range), got min={cfg.min_timestep_boundary}, max={cfg.max_timestep_boundary}")
+          "min_timestep_boundary/max_timestep_boundary: need 0 <= min <= max <= 1 (fractions of DiffSynth-Studio's "
+          f"1000-step training schedule), got min={cfg.min_timestep_boundary}, max={cfg.max_timestep_boundary}")
     n = cfg.num_inference_steps
     _need(0 <= cfg.mid_timestep <= cfg.final_timestep < n,
           f"mid_timestep/final_timestep: need 0 <= mid_timestep <= final_timestep < num_inference_steps ({n}), "
           f"got mid_timestep={cfg.mid_timestep}, final_timestep={cfg.final_timestep}")
+    _need(cfg.adam_epsilon > 0, f"adam_epsilon: must be > 0 (AdamW divides by sqrt(v) + eps), got {cfg.adam_epsilon}")
     _need(0.0 <= cfg.adam_beta1 < 1 and 0.0 <= cfg.adam_beta2 < 1,
           f"adam_beta1/adam_beta2: must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
     _need(cfg.mixed_precision in MIXED_PRECISION,
@@ -342,6 +360,10 @@ def validate(cfg: TrainConfig) -> None:
     _need(bool(cfg.trainable_models.strip()), "trainable_models: must name at least one model (e.g. dit2)")
     _need(bool(cfg.lora_target_modules.strip()) or cfg.lora_base_model is None,
           "lora_target_modules: empty; list module names such as q,k,v,o,ffn.0,ffn.2 or set lora_base_model: null")
+    inputs = parse_extra_inputs(cfg.extra_inputs)
+    unsupported = [i for i in inputs if i not in EXTRA_INPUTS]
+    _need(not unsupported, f"extra_inputs: {', '.join(unsupported)} not supported; rewardfl supports "
+                           f"{', '.join(EXTRA_INPUTS)} (the first frame of each clip conditions generation)")
     d = cfg.data
     _need(d.num_frames > 0 and (d.num_frames - 1) % 4 == 0,
           f"data.num_frames: must be of the form 4k+1 (1, 5, 9, ..., 81), got {d.num_frames}")
@@ -351,8 +373,47 @@ def validate(cfg: TrainConfig) -> None:
         _need(value is None or (value > 0 and value % 16 == 0),
               f"data.{key}: must be a positive multiple of 16, got {value}")
     _need((d.height is None) == (d.width is None), "data.height/data.width: give both or neither")
+    _need(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
     _need(isinstance(cfg.resume_from_checkpoint, (bool, str)),
           f"resume_from_checkpoint: expected true, false or a checkpoint path, got {cfg.resume_from_checkpoint!r}")
+
+
+def training_timestep_range(min_boundary: float, max_boundary: float, shift: float = 5.0,
+                            num_train_timesteps: int = 1000) -> tuple[float, float]:
+    """``(t_low, t_high)``: the timesteps DiffSynth-Studio's trainer draws for these boundaries.
+
+    Its Wan training schedule has ``num_train_timesteps`` entries ``1000 * shift(s_j)``,
+    ``s_j = 1 - j / num_train_timesteps`` (j = 0 is pure noise), and it draws
+    ``j`` from ``[int(min * T), int(max * T))``. With shift 5, ``[0.9, 1.0]`` is
+    about t 5..357 (none of Wan2.2's 8 sampling timesteps, the lowest being 417), which is why
+    these keys do not select reward-FL gradient steps.
+    """
+    n = num_train_timesteps
+    lo = int(min_boundary * n + 1e-9)
+    hi = max(lo + 1, int(max_boundary * n + 1e-9))  # an empty draw range still denotes index lo
+
+    def t_of(j: int) -> float:
+        s = 1.0 - j / n
+        return 1000.0 * shift * s / (1.0 + (shift - 1.0) * s)
+
+    return t_of(min(hi - 1, n - 1)), t_of(lo)
+
+
+def parse_extra_inputs(value: Optional[str]) -> list[str]:
+    """``"input_image, end_image"`` -> ``["input_image", "end_image"]``; None -> []."""
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def check_model_inputs(cfg: TrainConfig, model_cls) -> None:
+    """The inputs the model plugin needs (its ``required_inputs``) are listed in ``extra_inputs``
+    (when the user sets it; unset means "what the model needs")."""
+    if cfg.extra_inputs is None:
+        return
+    given = parse_extra_inputs(cfg.extra_inputs)
+    missing = [i for i in getattr(model_cls, "required_inputs", ()) if i not in given]
+    if missing:
+        raise ConfigError(f"extra_inputs: {cfg.model_name} is an image-to-video model and needs "
+                          f"{', '.join(missing)}; set extra_inputs: {', '.join(given + missing)}")
 
 
 def check_paths(cfg: TrainConfig, keys=PATH_KEYS) -> None:
@@ -417,9 +478,16 @@ def _merge(base: dict, over: dict) -> dict:
 def read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # decoded whole, so e.start is the file offset: name the line
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the config "
+                          "as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

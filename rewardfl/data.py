@@ -36,6 +36,7 @@ and how to fix it.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
@@ -51,6 +52,7 @@ __all__ = [
     "collate",
     "load_clip",
     "frames_of",
+    "decoder_reason",
     "target_size",
     "resize_and_crop",
 ]
@@ -144,6 +146,24 @@ def _iter_video_file(path: str, num_frames: int) -> Iterator[np.ndarray]:
         reader.close()
 
 
+def decoder_reason(e: BaseException) -> str:
+    """The cause of a decoder's exception in one short line.
+
+    imageio-ffmpeg's messages are a summary line, then ``=== stderr ===`` and all of ffmpeg's
+    stderr, which starts with its version banner (the first 300 characters are all banner). The
+    reason is in ffmpeg's log lines, ``[in#0 @ 0x55...] moov atom not found``: those, without the
+    ``[...]`` prefix, else ffmpeg's last line.
+    """
+    summary, _, stderr = str(e).partition("=== stderr ===")
+    summary = " ".join(summary.split()).rstrip(":")
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    logged = [m.group(1) for ln in lines if (m := re.match(r"\[[^\]]* @ 0x[0-9a-f]+\] (.*)", ln))]
+    reasons = list(dict.fromkeys(logged or lines[-1:]))  # unique, in order
+    if reasons:
+        summary = f"{summary}: ffmpeg says: {'; '.join(reasons)}" if summary else f"ffmpeg says: {'; '.join(reasons)}"
+    return f"{type(e).__name__}: {summary[:300]}" if summary else type(e).__name__
+
+
 def frames_of(path: str, num_frames: int) -> tuple[str, Iterator[np.ndarray]]:
     """``(kind, frames)``: up to ``num_frames`` uint8 ``(H, W, 3)`` RGB frames of a video file, a folder
     of frames or an image, read lazily (a shorter clip just gives fewer); kind is 'video file',
@@ -191,8 +211,7 @@ def load_clip(path: str, *, num_frames: int, max_pixels: int,
     except _ClipError:
         raise
     except Exception as e:  # decoder errors come in many types (OSError, RuntimeError, PIL's ...)
-        what = " ".join(str(e).split())[:300]
-        raise ValueError(f"cannot read {kind} {path}: {type(e).__name__}: {what} "
+        raise ValueError(f"cannot read {kind} {path}: {decoder_reason(e)} "
                          "(check that the file is a valid video/image, e.g. play it or re-encode it "
                          "with ffmpeg -i IN -c:v libx264 OUT.mp4)") from e
     finally:
@@ -279,7 +298,16 @@ def _read_metadata(csv_path: str) -> list[dict[str, Any]]:
                                 "with video and prompt columns)")
     folder = os.path.dirname(csv_path)
     how = "a header line 'video,prompt' and then one line per clip"
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a BOM from spreadsheets
+    with open(csv_path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # decoded whole, so e.start is the file offset: name the line
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{csv_path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the CSV as UTF-8 "
+                         "(spreadsheets: 'CSV UTF-8')") from None
+    text = text.removeprefix("\ufeff")  # a BOM from spreadsheets
+    with io.StringIO(text, newline="") as f:  # newline="": the csv module handles line ends itself
         reader = csv.reader(f)
         header = None
         rows = []

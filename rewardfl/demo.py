@@ -72,6 +72,10 @@ def main(argv=None) -> int:
     parser.add_argument("--root", default="data/demo", help="where the face models and tiny model go")
     parser.add_argument("--dataset", default="data/example_video_dataset", help="where the example dataset goes")
     args = parser.parse_args(argv)
+    for flag, folder in (("--root", args.root), ("--dataset", args.dataset)):
+        # checked before the downloads and the warm start, not minutes later
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"{flag}: {folder} is a file; give a folder (created if missing)")
     for key, path in prepare(args.root, args.dataset).items():
         print(f"{key}: {path}")
     print("demo ready: python -m rewardfl.run examples/demo.yaml")

@@ -20,14 +20,17 @@ An engine owns the optimizer, LR schedule, gradient clipping and the update:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import math
 import os
-
+import re
 
 import torch
 
+from .checkpoint import CheckpointError, load_torch_file
 from .config import ConfigError, TrainConfig
 
 __all__ = ["DistInfo", "init_distributed", "all_reduce_mean", "PlainEngine", "DeepSpeedEngine", "build_engine",
@@ -85,6 +88,12 @@ def all_reduce_mean(values: list[float], dist: DistInfo) -> list[float]:
     return (t / dist.world_size).cpu().tolist()
 
 
+def all_finite(params) -> bool:
+    """Every element of every tensor finite (one host sync); empty (ZeRO-3-partitioned) ones count as finite."""
+    flags = [torch.isfinite(p.detach()).all() for p in params if p.numel()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def all_reduce_sum_(t: torch.Tensor, dist: DistInfo) -> torch.Tensor:
     if dist.active and dist.world_size > 1:
         torch.distributed.all_reduce(t)
@@ -102,6 +111,7 @@ class PlainEngine:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                            eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self._skip = False
 
     @property
     def lr(self) -> float:
@@ -109,38 +119,58 @@ class PlainEngine:
 
     def zero_grad(self):
         self.optimizer.zero_grad(set_to_none=True)
+        self._skip = False
+
+    def skip_update(self) -> None:
+        """This step has nothing to learn from: ``step`` will not call the optimizer (AdamW's momentum
+        would move the weights even with zero gradients)."""
+        self._skip = True
 
     def backward(self, loss: torch.Tensor, accum: int) -> None:
         (loss / accum).backward()
 
-    def step(self, force_skip: bool = False) -> tuple[float, bool]:
-        """Average gradients over processes, clip, update; returns ``(grad_norm, updated)``."""
+    def step(self) -> tuple[float, str]:
+        """Average gradients over processes, clip, update. Returns ``(grad_norm, status)``, status
+        ``updated``, ``empty`` (skip_update was called), ``gradient`` (non-finite gradient norm: no
+        update) or ``weights`` (the update made a weight non-finite: weights and optimizer state
+        restored to before it)."""
         if self.dist.world_size > 1:
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 all_reduce_sum_(p.grad, self.dist).div_(self.dist.world_size)
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
-        updated = math.isfinite(norm) and not force_skip
-        if updated:
+        status = "empty" if self._skip else "updated" if math.isfinite(norm) else "gradient"
+        if status == "updated":
+            # the pre-update copy: cheap for LoRA, and the only way back from a step that overflows
+            weights = [p.detach().clone() for p in self.params]
+            optimizer_state = copy.deepcopy(self.optimizer.state_dict())
             self.optimizer.step()
+            if not all_finite(self.params):
+                with torch.no_grad():
+                    for p, w in zip(self.params, weights):
+                        p.copy_(w)
+                self.optimizer.load_state_dict(optimizer_state)
+                status = "weights"
         self.optimizer.zero_grad(set_to_none=True)
+        self._skip = False
         import warnings
 
         with warnings.catch_warnings():  # a skipped update still counts as a step of the schedule
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
-        return norm, updated
+        return norm, status
 
     def save(self, tmp_dir: str) -> None:
         torch.save(self.optimizer.state_dict(), os.path.join(tmp_dir, "optimizer.pt"))
         torch.save(self.scheduler.state_dict(), os.path.join(tmp_dir, "scheduler.pt"))
 
     def load(self, ckpt_dir: str) -> None:
-        self.optimizer.load_state_dict(torch.load(os.path.join(ckpt_dir, "optimizer.pt"), map_location="cpu",
-                                                  weights_only=True))
-        self.scheduler.load_state_dict(torch.load(os.path.join(ckpt_dir, "scheduler.pt"), map_location="cpu",
-                                                  weights_only=True))
+        # both read before either is applied: a refused file leaves the engine as it was
+        optimizer = load_torch_file(os.path.join(ckpt_dir, "optimizer.pt"))
+        scheduler = load_torch_file(os.path.join(ckpt_dir, "scheduler.pt"))
+        self.optimizer.load_state_dict(optimizer)
+        self.scheduler.load_state_dict(scheduler)
 
     def gathered(self):
         import contextlib
@@ -217,6 +247,17 @@ class _Trainable(torch.nn.Module):
         raise RuntimeError("rewardfl drives the wrapped modules directly")
 
 
+def deepspeed_state_classes() -> tuple:
+    """The classes besides tensors and plain containers that DeepSpeed's checkpoint files hold (0.19:
+    ZeRO optimizer states carry the stage, the loss scaler and bf16 fragment addresses); plain data
+    (an int enum, dataclasses, attribute bags), so allowing them lets no code run on load."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return (ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address)
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO-2/3 engine over the model's trainable modules."""
 
@@ -231,7 +272,7 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=holder, model_parameters=params, config=self.config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
-        self._skip = False
+        self._skip = self._empty = False
 
     @property
     def lr(self) -> float:
@@ -239,6 +280,11 @@ class DeepSpeedEngine:
 
     def zero_grad(self):
         self._skip = False
+        self._empty = False
+
+    def skip_update(self) -> None:
+        """This step has nothing to learn from: its update is cancelled (lr 0 at the boundary)."""
+        self._empty = True
 
     def backward(self, loss: torch.Tensor, accum: int) -> None:
         # DeepSpeed scales by 1 / gradient_accumulation_steps itself. A non-finite loss on any
@@ -253,25 +299,52 @@ class DeepSpeedEngine:
             self._skip = True
             loss = sum((p * 0).sum() for p in self.params)
         self.engine.backward(loss)
-        if self._skip and self.engine.is_gradient_accumulation_boundary():
+        if (self._skip or self._empty) and self.engine.is_gradient_accumulation_boundary():
             for group in self.optimizer.param_groups:  # cancel this step's update; the schedule resets it
                 group["lr"] = 0.0
         self.engine.step()  # DeepSpeed updates only at the accumulation boundary
 
-    def step(self, force_skip: bool = False) -> tuple[float, bool]:
+    def step(self) -> tuple[float, str]:
+        """What the update at the boundary did: ``(grad_norm, status)`` as :meth:`PlainEngine.step`.
+
+        DeepSpeed keeps its master weights inside its optimizer, so a non-finite weight after an
+        update cannot be rolled back here: every process then stops with an error, before any
+        checkpoint could hold it."""
         # engine.step() already ran after the last backward (the boundary); report what happened
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        updated = not self._skip and not force_skip and math.isfinite(norm)
-        self._skip = False
-        return norm, updated
+        if self._empty:
+            status = "empty"
+        elif self._skip or not math.isfinite(norm):
+            status = "gradient"
+        else:
+            status = "updated"
+            bad = torch.tensor([0.0 if all_finite(self.params) else 1.0])
+            if self.dist.active and torch.distributed.get_backend() == "nccl":
+                bad = bad.cuda()
+            if self.dist.active:
+                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+            if bad.item() > 0:
+                raise FloatingPointError("the update made trainable weights non-finite (DeepSpeed cannot roll "
+                                         "it back); stopping before any checkpoint holds them: lower "
+                                         "learning_rate or check adam_epsilon, then resume from the last checkpoint")
+        self._skip = self._empty = False
+        return norm, status
 
     def save(self, tmp_dir: str) -> None:
         self.engine.save_checkpoint(tmp_dir, tag="deepspeed", exclude_frozen_parameters=True)
 
     def load(self, ckpt_dir: str) -> None:
-        self.engine.load_checkpoint(ckpt_dir, tag="deepspeed", load_module_strict=False,
-                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        # DeepSpeed's checkpoint engines unpickle with weights_only=False, so a crafted checkpoint would
+        # run code. Every file DeepSpeed reads here (model states, ZeRO optimizer states) goes through
+        # checkpoint_engine.load: routed through torch's restricted unpickler, with the few DeepSpeed
+        # classes its states hold allowed, nothing else can be built.
+        self.engine.checkpoint_engine.load = functools.partial(load_torch_file, allow=deepspeed_state_classes())
+        path, _ = self.engine.load_checkpoint(ckpt_dir, tag="deepspeed", load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"{ckpt_dir}: DeepSpeed found no checkpoint in deepspeed/ (a checkpoint saved "
+                                  "without DeepSpeed?); resume it without a deepspeed section, or from another one")
 
     def gathered(self):
         """Context in which ZeRO-3-partitioned trainable weights are whole (for export)."""

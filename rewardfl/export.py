@@ -5,7 +5,9 @@
 computed in fp32 and stored in the checkpoint's dtype, same tensor names, one safetensors file.
 The result loads wherever the original expert did (a ``model_paths`` JSON, diffsynth's
 ``ModelConfig(path=...)``) and needs no peft. Tensors stream one at a time, so merging a 14B
-expert needs about one tensor of extra memory, not a second copy of the expert.
+expert needs about one tensor of extra memory, not a second copy of the expert. The output is
+written beside ``--out`` under a temporary name and renamed; an ``--out`` that is one of the
+inputs (the LoRA, the JSON, any file it lists, the config) is refused.
 
 Example::
 
@@ -16,11 +18,14 @@ Example::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Optional
 
 import torch
+
+from .cli import finite_float, user_error_exit
 
 __all__ = ["merge_expert", "main"]
 
@@ -35,6 +40,32 @@ def _dit_checkpoint(model_paths: str, expert: str):
         raise ValueError(f"--expert: '{expert}' is not in {model_paths} (it has {', '.join(have)}; dit = "
                          "high_noise_model, dit2 = low_noise_model)")
     return roles[expert]
+
+
+def _check_out_path(out_path: str) -> None:
+    """``--out`` names a file we may create: not a directory, its parent not a file."""
+    if os.path.isdir(out_path):
+        raise ValueError(f"--out: {out_path} is a directory; give a file path, e.g. "
+                         f"{os.path.join(out_path, 'dit2_merged.safetensors')}")
+    parent = os.path.dirname(os.path.abspath(out_path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out: {parent} is a file, so {out_path} cannot be created; choose another path")
+
+
+def _refuse_overwriting_inputs(out_path: str, inputs: list[tuple[str, str]]) -> None:
+    """Raise when ``out_path`` is one of ``inputs`` (label, path): the rename would replace the input.
+
+    Compared by file identity (device and inode), so symlinks, hard links, ``..`` and relative
+    spellings of the same file are all caught. A path that does not exist yet is no input.
+    """
+    if not os.path.exists(out_path):
+        return
+    for label, path in inputs:
+        if os.path.exists(path) and os.path.samefile(out_path, path):
+            raise ValueError(f"--out: {out_path} is {label} ({os.path.realpath(path)}); writing there would "
+                             "replace an input, choose another output path")
 
 
 def _read_lora(path: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -59,12 +90,20 @@ def merge_expert(model_paths: str, lora_path: str, out_path: str, *, expert: Opt
     from safetensors import safe_open
 
     from .models.architectures import dit_architecture, dit_key
-    from .models.checkpoints import load_state_dict, read_shapes, write_safetensors
+    from .models.checkpoints import load_state_dict, read_shapes, resolve_model_paths, write_safetensors
     from .models.lora import lora_pairs, merge_lora_into
 
+    if not math.isfinite(alpha):
+        raise ValueError(f"--alpha: must be a finite number, got {alpha}")
+    _check_out_path(out_path)
     lora, meta = _read_lora(lora_path)
     expert = expert or meta.get("expert") or "dit2"
     ckpt = _dit_checkpoint(model_paths, expert)
+    # every file the JSON lists is an input too (the other expert, the VAE, ...), not only this expert's
+    inputs = [("the --lora file", lora_path), ("the --model-paths file", model_paths)]
+    for listed in resolve_model_paths(os.path.abspath(model_paths)):
+        inputs += [(f"listed in {model_paths} as {listed.where}", f) for f in listed.files]
+    _refuse_overwriting_inputs(out_path, inputs)
     shapes = read_shapes(ckpt)
     dit_architecture({k2: v for k, v in shapes.items() if (k2 := dit_key(k)) is not None}, ckpt.where)
     pairs = lora_pairs(lora)
@@ -106,8 +145,18 @@ def merge_expert(model_paths: str, lora_path: str, out_path: str, *, expert: Opt
                 items.append((key, tuple(t.shape), out,
                               lambda key=key, t=t, out=out: merge_lora_into(dit_key(key) or key, t, pairs, alpha).to(out)))
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    write_safetensors(out_path, items, {"format": "wan-dit", "merged_lora": os.path.basename(lora_path),
-                                        "expert": expert, "lora_strength": str(alpha)})
+    # write_safetensors writes out_path + ".tmp" beside it and renames, so a failure never leaves a
+    # truncated output (nor a half-replaced old one); remove that partial file on failure
+    try:
+        write_safetensors(out_path, items, {"format": "wan-dit", "merged_lora": os.path.basename(lora_path),
+                                            "expert": expert, "lora_strength": str(alpha)})
+    except BaseException as e:
+        if isinstance(e, OSError) and e.filename in (None, out_path + ".tmp"):
+            # a failed write() names no file, a failed open() the temporary one: name what the user gave
+            e.filename = out_path
+        if os.path.exists(out_path + ".tmp"):
+            os.remove(out_path + ".tmp")
+        raise
     return len(pairs)
 
 
@@ -117,6 +166,7 @@ def _torch_dtype(name: str) -> torch.dtype:
             "BOOL": torch.bool}[name]
 
 
+@user_error_exit("rewardfl.export")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rewardfl.export", description=__doc__.split("\n")[0])
     parser.add_argument("--merge", action="store_true", required=True,
@@ -127,24 +177,21 @@ def main(argv=None) -> int:
     parser.add_argument("--lora", required=True, help="LoRA safetensors (DiffSynth format, from save_trainable)")
     parser.add_argument("--expert", default=None, help="dit (high noise) or dit2 (low noise); default: the LoRA "
                         "file's recorded expert, else dit2")
-    parser.add_argument("--alpha", type=float, default=1.0, help="LoRA strength (1 = as trained)")
+    parser.add_argument("--alpha", type=finite_float, default=1.0, help="LoRA strength (1 = as trained)")
     parser.add_argument("--dtype", choices=("keep", "bf16", "fp32"), default="keep", help="dtype of the output")
     parser.add_argument("--out", required=True, help="output .safetensors path")
     args = parser.parse_args(argv)
-    try:
-        model_paths = args.model_paths
-        if args.config:
-            from .config import load_config
+    model_paths = args.model_paths
+    if args.config:
+        from .config import load_config
 
-            cfg = load_config(args.config, paths=False)
-            if cfg.model_paths is None:
-                raise ValueError(f"--config: {args.config} sets no model_paths")
-            model_paths = cfg.resolve_path(cfg.model_paths)
-        dtype = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-        n = merge_expert(model_paths, args.lora, args.out, expert=args.expert, alpha=args.alpha, dtype=dtype)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        cfg = load_config(args.config, paths=False)
+        if cfg.model_paths is None:
+            raise ValueError(f"--config: {args.config} sets no model_paths")
+        model_paths = cfg.resolve_path(cfg.model_paths)
+        _refuse_overwriting_inputs(args.out, [("the --config file", args.config)])
+    dtype = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    n = merge_expert(model_paths, args.lora, args.out, expert=args.expert, alpha=args.alpha, dtype=dtype)
     print(f"{args.out}: {n} LoRA layers merged")
     return 0
 

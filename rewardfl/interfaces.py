@@ -84,6 +84,10 @@ class Sampler(ABC):
     sigmas: torch.Tensor
     #: (N,) float64 model timesteps, 1000 * sigmas[:N].
     timesteps: torch.Tensor
+    #: True when ``step`` needs ``v_uncond`` (classifier-free guidance): the loop then also runs the
+    #: model on the conditioning of ``negative_prompt``
+    uses_guidance: bool = False
+    negative_prompt: str = ""
 
     @abstractmethod
     def plan(self, experts: Sequence[str], trainable_experts: Sequence[str]) -> list[StepPlan]:
@@ -141,6 +145,9 @@ class VideoModel(ABC):
 
     #: expert names from high noise to low noise
     experts: tuple[str, ...] = ()
+    #: the ``extra_inputs`` the model needs (image-to-video models: ``("input_image",)``); every
+    #: model rewardfl drives is conditioned on each clip's first frame
+    required_inputs: ClassVar[tuple[str, ...]] = ("input_image",)
     #: the model's latent dtype (bf16 on GPU, fp32 on CPU typically)
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
@@ -264,6 +271,12 @@ class Reward(ABC):
 
     #: True when ``scores`` carry gradient to the input videos
     differentiable: ClassVar[bool] = False
+
+    @classmethod
+    def check(cls, config, options) -> list[str]:
+        """``run --check``: find the reward's files without loading them; lines to print (e.g.
+        "detector /path/det.onnx"). Raises ``ConfigError`` naming the key for what is missing."""
+        return []
 
     def prepare(self, contexts: Sequence[SampleContext]) -> torch.Tensor:
         """Precompute per-sample references once (cached by ``sample_id``).

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
             except PluginError as e:
                 failed += 1
                 row.append("FAILED")
-                print(f"rewardfl.plugins: {e}", file=sys.stderr)
+                print(f"rewardfl.plugins: error: {' '.join(str(e).split())}", file=sys.stderr)
         rows.append(row)
     header = ["kind", "name", "distribution", "version", "module"] + (["status"] if args.load else [])
     print(format_table(rows, header) if rows else "no plugins installed")

@@ -1,9 +1,13 @@
 """Train: ``python -m rewardfl.run cfg.yaml [--set key=value ...] [--check]``.
 
-``--check`` validates the config (types, ranges, paths), resolves every plugin
-and validates its options, prints a summary and exits without training. A user
-error prints one line and exits with code 2. Under DeepSpeed or torchrun the
-same command runs one process per rank (see README, "Scaling out").
+``--check`` validates without loading any model: the config (types, ranges,
+paths), every plugin and its options, the gradient plan, the metadata CSV (its
+columns and that every listed video exists), the reward's model files, and that
+``output_dir`` is writable and not another run's. It prints a summary and exits.
+A user error prints one line and exits with code 2; a run stopped by a signal
+exits 143 after saving a checkpoint; a run in which no step updated the weights
+exits 3. Under DeepSpeed or torchrun the same command runs one process per rank
+(see README, "Scaling out").
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import argparse
 import sys
 
 from .cli import user_error_exit
-from .config import load_config
+from .config import check_model_inputs, load_config, training_timestep_range
 from .registry import resolve_plugins
 
 
@@ -21,9 +25,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted for sections: sampler.shift=3); repeatable")
-    parser.add_argument("--check", action="store_true", help="validate config and plugins, then exit")
+    parser.add_argument("--check", action="store_true", help="validate config, plugins, data and files, then exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
+
+
+def check(cfg, plugins, config_path: str) -> None:
+    """What ``--check`` verifies and prints (nothing heavy loads)."""
+    from .data import VideoDataset
+    from .outputs import check_output_dir
+
+    # the sampler is light: build it and plan against the model's declared experts, so that
+    # gradient-window errors surface here rather than after the model has loaded
+    sampler = plugins["sampler"](cfg, cfg.sampler.options)
+    experts = tuple(getattr(plugins["model"], "experts", ()) or ())
+    if experts:
+        trainable = [e.strip() for e in cfg.trainable_models.split(",") if e.strip() in experts]
+        plan = sampler.plan(experts, trainable)
+        grad = [f"{p.index}:{p.expert}" for p in plan if p.grad]
+        print(f"plan     {len(plan)} steps, gradient at {', '.join(grad)}")
+    lo, hi = training_timestep_range(cfg.min_timestep_boundary, cfg.max_timestep_boundary)
+    print(f"note     min_timestep_boundary/max_timestep_boundary [{cfg.min_timestep_boundary:g}, "
+          f"{cfg.max_timestep_boundary:g}] are DiffSynth-Studio training-schedule keys (timesteps "
+          f"{lo:.0f}..{hi:.0f} of its 1000-step shift-5 schedule); they do not change reward-FL sampling, "
+          "whose gradient window is mid_timestep..final_timestep")
+    names = {"model": cfg.model_name, "sampler": cfg.sampler.name, "reward": cfg.reward.name}
+    for kind, cls in plugins.items():
+        print(f"{kind:8s} {names[kind]:20s} {cls.__module__}.{cls.__name__}")
+    for line in plugins["reward"].check(cfg, cfg.reward.options):
+        print(f"reward   {line}")
+    d = cfg.data
+    if d.metadata_path is not None and not d.generate_example:
+        dataset = VideoDataset(cfg.resolve_path(d.metadata_path), num_frames=d.num_frames, max_pixels=d.max_pixels,
+                               height=d.height, width=d.width)
+        print(f"data     {len(dataset)} videos listed in {dataset.metadata_path}, all present")
+    check_output_dir(cfg)
+    print(f"output   {cfg.resolve_path(cfg.output_dir)} writable"
+          + (", resuming" if cfg.resume_from_checkpoint is not False else ""))
+    print(f"config ok: {config_path}")
 
 
 @user_error_exit("rewardfl.run")
@@ -31,25 +70,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     plugins = resolve_plugins(cfg)
+    check_model_inputs(cfg, plugins["model"])
     if args.check:
-        # the sampler is light: build it and plan against the model's declared experts, so that
-        # gradient-window errors surface here rather than after the model has loaded
-        sampler = plugins["sampler"](cfg, cfg.sampler.options)
-        experts = tuple(getattr(plugins["model"], "experts", ()) or ())
-        if experts:
-            trainable = [e.strip() for e in cfg.trainable_models.split(",") if e.strip() in experts]
-            plan = sampler.plan(experts, trainable)
-            grad = [f"{p.index}:{p.expert}" for p in plan if p.grad]
-            print(f"plan     {len(plan)} steps, gradient at {', '.join(grad)}")
-        names = {"model": cfg.model_name, "sampler": cfg.sampler.name, "reward": cfg.reward.name}
-        for kind, cls in plugins.items():
-            print(f"{kind:8s} {names[kind]:20s} {cls.__module__}.{cls.__name__}")
-        print(f"config ok: {args.config}")
+        check(cfg, plugins, args.config)
         return 0
     from .train import train  # imported late: --check must stay light
 
-    train(cfg, plugins)
-    return 0
+    return train(cfg, plugins)
 
 
 if __name__ == "__main__":

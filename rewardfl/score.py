@@ -16,6 +16,8 @@ import json
 import os
 import sys
 
+from rewardfl.cli import user_error_exit
+
 __all__ = ["main", "read_frames"]
 
 
@@ -24,7 +26,7 @@ def read_frames(path: str, max_frames: int):
     import numpy as np
     import torch
 
-    from rewardfl.data import frames_of
+    from rewardfl.data import decoder_reason, frames_of
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"not found: {path}")
@@ -34,7 +36,7 @@ def read_frames(path: str, max_frames: int):
     except FileNotFoundError:
         raise
     except Exception as e:  # decoders raise many types
-        raise ValueError(f"cannot read {path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
+        raise ValueError(f"cannot read {path}: {decoder_reason(e)}") from e
     if not arrays:
         raise ValueError(f"no frames in {path}")
     if any(a.shape != arrays[0].shape for a in arrays):
@@ -43,6 +45,26 @@ def read_frames(path: str, max_frames: int):
     return video / 127.5 - 1.0
 
 
+def parse_device(text: str):
+    """``--device`` as a ``torch.device`` that exists here; ValueError naming the flag otherwise."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {text!r}; use cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: {text!r} is not supported; use cpu or cuda[:N]")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()  # counts without initialising CUDA
+        if count == 0:
+            raise ValueError(f"--device {text}: no CUDA GPU is visible to torch here; use --device cpu")
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {text}: only {count} CUDA device(s) visible (cuda:0 to cuda:{count - 1})")
+    return device
+
+
+@user_error_exit("rewardfl.score")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="rewardfl-score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--reward-model-path", required=True, help="face model pack directory")
@@ -53,26 +75,23 @@ def main(argv=None) -> int:
                         help="face_identity option, e.g. --set face_select=most_similar (repeatable)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = parser.parse_args(argv)
-    try:
-        from rewardfl.config import ConfigError, config_from_dict, parse_overrides
-        from rewardfl.interfaces import SampleContext
-        from rewardfl.registry import create
+    from rewardfl.config import config_from_dict, parse_overrides
+    from rewardfl.interfaces import SampleContext
+    from rewardfl.registry import create
 
-        if args.max_frames <= 0:
-            raise ValueError(f"--max-frames: must be > 0, got {args.max_frames}")
-        if not os.path.isdir(args.reward_model_path):
-            raise FileNotFoundError(f"--reward-model-path: not a directory: {args.reward_model_path}")
-        cfg = config_from_dict({"reward_model_path": os.path.abspath(args.reward_model_path)})
-        reward = create("reward", "face_identity", cfg, parse_overrides(args.set), device=args.device)
-        reference = read_frames(args.reference, args.max_frames)
-        context = SampleContext(sample_id=os.path.abspath(args.reference), reference=reference,
-                                reference_path=args.reference if os.path.isfile(args.reference) else None)
-        if reward.reference(context).mean_embedding(reward.options.exclude_reference_frame0) is None:
-            raise ValueError(f"--reference: no face found in {args.reference}")
-        videos = [(p, read_frames(p, args.max_frames)) for p in args.videos]  # all read before any output
-    except (ValueError, FileNotFoundError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.max_frames <= 0:
+        raise ValueError(f"--max-frames: must be > 0, got {args.max_frames}")
+    device = parse_device(args.device)
+    if not os.path.isdir(args.reward_model_path):
+        raise FileNotFoundError(f"--reward-model-path: not a directory: {args.reward_model_path}")
+    cfg = config_from_dict({"reward_model_path": os.path.abspath(args.reward_model_path)})
+    reward = create("reward", "face_identity", cfg, parse_overrides(args.set), device=device)
+    reference = read_frames(args.reference, args.max_frames)
+    context = SampleContext(sample_id=os.path.abspath(args.reference), reference=reference,
+                            reference_path=args.reference if os.path.isfile(args.reference) else None)
+    if reward.reference(context).mean_embedding(reward.options.exclude_reference_frame0) is None:
+        raise ValueError(f"--reference: no face found in {args.reference}")
+    videos = [(p, read_frames(p, args.max_frames)) for p in args.videos]  # all read before any output
     for path, video in videos:
         result = reward.evaluate(video.transpose(0, 1).to(reward.device), context)
         print(json.dumps({"video": path, **result}), flush=True)

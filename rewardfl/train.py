@@ -21,7 +21,6 @@ to derive the accumulation when that is left at 1).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -37,14 +36,17 @@ import torch
 
 from .checkpoint import (begin_checkpoint, commit_checkpoint, latest_checkpoint, load_checkpoint, load_rng,
                          save_rng, write_checkpoint_files)
+from .cli import EXIT_NOTHING_TRAINED, EXIT_STOPPED_BY_SIGNAL as EXIT_STOPPED
 from .config import ConfigError, TrainConfig, dump_config
 from .data import collate
+from .outputs import MetricsLog, MetricsWindow, OutputDir, VideoWriter, check_output_dir, plot_reward_curve
 from .distributed import DistInfo, all_reduce_mean, build_engine, init_distributed
 from .interfaces import Reward, Sampler, SampleContext, StepPlan, VideoModel
 
 log = logging.getLogger("rewardfl")
 
-__all__ = ["train", "Trainer", "rollout", "sample_latents", "lr_lambda"]
+__all__ = ["train", "Trainer", "rollout", "sample_latents", "lr_lambda", "EXIT_STOPPED", "EXIT_NOTHING_TRAINED"]
+
 
 
 # --------------------------------------------------------------------------- the step
@@ -69,6 +71,9 @@ def sample_latents(model: VideoModel, sampler: Sampler, plan: list[StepPlan], ba
     first = batch["first_frame"].to(model.device, model.dtype)
     height, width = first.shape[-2:]
     cond = model.encode(batch["prompt"], first, num_frames)
+    # classifier-free guidance: the same image conditioning with the negative prompt's text
+    uncond = (model.encode([sampler.negative_prompt] * len(batch["prompt"]), first, num_frames)
+              if sampler.uses_guidance else None)
     inject = model.injection(cond)  # TI2V-style first-frame latent injection, or None
     shape = model.latent_shape(num_frames, height, width)
     x = sampler.initial_noise(shape, sample_seeds=seeds, step=step, device=model.device, dtype=model.dtype)
@@ -81,13 +86,14 @@ def sample_latents(model: VideoModel, sampler: Sampler, plan: list[StepPlan], ba
         t = torch.full((x.shape[0],), p.timestep, device=model.device, dtype=torch.float32)
         with torch.set_grad_enabled(p.grad):
             v = model.denoise(p.expert, x, t, cond)
+            v_uncond = model.denoise(p.expert, x, t, uncond) if uncond is not None else None
             # the regulariser only where the trainable part runs (a frozen expert's kl is 0 and would
-            # only dilute the mean)
+            # only dilute the mean); it compares the conditional velocities
             if p.grad and kl_weight > 0 and p.expert in trainable:
                 with torch.no_grad():
                     v_ref = model.denoise(p.expert, x, t, cond, base=True)
                 kl_terms.append(sampler.regularizer(v, v_ref, p))
-            x = sampler.step(x, v, p, inject_mask=inject[0] if inject else None,
+            x = sampler.step(x, v, p, v_uncond=v_uncond, inject_mask=inject[0] if inject else None,
                              inject_latent=inject[1] if inject else None)
         if p.last:
             break
@@ -111,116 +117,6 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
-# --------------------------------------------------------------------------- outputs
-
-
-class MetricsLog:
-    """``metrics.jsonl`` (one object per optimizer step) and TensorBoard when installed."""
-
-    def __init__(self, output_dir: str, enabled: bool, resume_step: int = 0):
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        self._truncate_after(resume_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-        except Exception:  # tensorboard is optional
-            self.tb = None
-
-    def _truncate_after(self, step: int) -> None:
-        """Drop records past ``step``: a resumed run rewrites the steps after its checkpoint."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, encoding="utf-8") as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(self.path, "w", encoding="utf-8") as f:
-            f.writelines(keep)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def read(self) -> list[dict]:
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
-
-
-class VideoWriter:
-    """Writes sample videos as mp4 on a background thread (training does not wait on encoding)."""
-
-    def __init__(self, fps: int = 16):
-        self.fps = fps
-        self.threads: list[threading.Thread] = []
-
-    def submit(self, path: str, video: torch.Tensor, reference: Optional[torch.Tensor] = None) -> None:
-        """``video`` (3, F, H, W) in [-1, 1]; ``reference`` (F, 3, H, W) in [-1, 1] shown on the left."""
-        frames = _to_uint8(video.detach().float().cpu().permute(1, 2, 3, 0))  # (F, H, W, 3)
-        if reference is not None:
-            ref = _to_uint8(reference.detach().float().cpu().permute(0, 2, 3, 1))[: frames.shape[0]]
-            if ref.shape == frames.shape:
-                frames = np.concatenate([ref, frames], axis=2)
-        t = threading.Thread(target=_write_mp4, args=(path, frames, self.fps), daemon=True)
-        t.start()
-        self.threads.append(t)
-
-    def close(self):
-        for t in self.threads:
-            t.join()
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-
-
-def _write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
-    import imageio.v2 as imageio
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.mp4"
-    # yuv444p: no chroma subsampling, so odd sizes work; macro_block_size=1 keeps small frames unpadded
-    with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                            pixelformat="yuv444p") as w:
-        for frame in frames:
-            w.append_data(frame)
-    os.replace(tmp, path)
-
-
-def plot_reward_curve(records: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in records]
-    fig, ax1 = plt.subplots(figsize=(7, 4))
-    ax1.plot(steps, [r["face_score"] for r in records], color="tab:blue", marker=".", label="reward score")
-    ax1.set_xlabel("optimizer step")
-    ax1.set_ylabel("reward score", color="tab:blue")
-    ax2 = ax1.twinx()
-    ax2.plot(steps, [r["loss"] for r in records], color="tab:red", alpha=0.6, label="loss")
-    ax2.set_ylabel("loss", color="tab:red")
-    ax1.set_title("reward feedback learning")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -231,9 +127,10 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     position: int = 0  # micro-batches consumed in this epoch
-    skipped_nonfinite: int = 0
-    skipped_no_reference_face: int = 0
-    skipped_no_reward: int = 0
+    skipped_nonfinite: int = 0  # updates refused: non-finite loss, gradient or weights
+    skipped_no_reference: int = 0  # samples whose reference the reward could not use
+    skipped_empty: int = 0  # optimizer steps with no sample to learn from (no update)
+    updates: int = 0  # optimizer steps that changed the weights
 
 
 class _Stop:
@@ -299,6 +196,7 @@ class Trainer:
         self.device = device or resolve_device(cfg, self.dist)
         self.output_dir = cfg.resolve_path(cfg.output_dir)
         self.ckpt_dir = os.path.join(self.output_dir, "checkpoints")
+        check_output_dir(cfg)  # before anything slow loads
         accum = cfg.gradient_accumulation_steps
         per_step = cfg.per_device_train_batch_size * self.world_size
         if cfg.train_batch_size is not None:
@@ -333,6 +231,8 @@ class Trainer:
                                    self.dist, self.accum)
         self._lr = self.engine.lr  # the lr the next update uses (logged with its step)
         self.state = TrainState()
+        self.stopped_by_signal = False
+        self._loader = None  # the current epoch's batch iterator (built at the first batch, after resume)
 
     # ---------------------------------------------------------------- data
 
@@ -360,15 +260,29 @@ class Trainer:
 
     def _next_batch(self) -> dict:
         """This process's share of the next micro-batch: each global micro-batch is split by rank, so a
-        run on N processes sees the same samples per step as one process with N times the batch."""
-        bs = self.cfg.per_device_train_batch_size
+        run on N processes sees the same samples per step as one process with N times the batch.
+
+        Clips are decoded by a DataLoader (``data.num_workers`` processes decode ahead of the
+        training thread); ``state.position`` counts the micro-batches *consumed*, so a checkpoint
+        resumes at the first one not trained on whatever the workers had prefetched."""
         if self.state.position >= self.micro_per_epoch:
             self.state.epoch += 1
             self.state.position = 0
-        start = self.state.position * self.global_micro + self.rank * bs
-        idx = self._epoch_order(self.state.epoch)[start:start + bs]
+            self._loader = None
+        if self._loader is None:
+            self._loader = iter(self._epoch_loader(self.state.epoch, self.state.position))
+        batch = next(self._loader)
         self.state.position += 1
-        return collate([self.dataset[i] for i in idx])
+        return batch
+
+    def _epoch_loader(self, epoch: int, start: int):
+        """The micro-batches of ``epoch`` from position ``start`` on, this rank's indices only."""
+        bs, order = self.cfg.per_device_train_batch_size, self._epoch_order(epoch)
+        batches = [order[i * self.global_micro + self.rank * bs:i * self.global_micro + (self.rank + 1) * bs]
+                   for i in range(start, self.micro_per_epoch)]
+        workers = self.cfg.data.num_workers
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate,
+                                           num_workers=workers, prefetch_factor=2 if workers else None)
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -418,47 +332,53 @@ class Trainer:
         cfg, t0 = self.cfg, time.perf_counter()
         self.engine.zero_grad()
         sums = {"loss": 0.0, "reward_loss": 0.0, "kl_loss": 0.0, "score_sum": 0.0, "score_count": 0.0,
-                "skipped_samples": 0.0, "micro_batches": 0.0}
+                "skipped_samples": 0.0}
         extra: dict[str, float] = {}
-        for _ in range(self.accum):
+        for micro in range(self.accum):
             batch = self._next_batch()
             contexts = [SampleContext(sid, v, p, pr) for sid, v, p, pr in
                         zip(batch["sample_id"], batch["video"], batch["path"], batch["prompt"])]
             keep = self.reward.prepare(contexts).cpu()
-            if not bool(keep.all()):  # a reference without a face: those samples are skipped, counted
-                self.state.skipped_no_reference_face += int((~keep).sum())
+            if not bool(keep.all()):  # a reference the reward cannot use: those samples are skipped, counted
+                self.state.skipped_no_reference += int((~keep).sum())
                 sums["skipped_samples"] += float((~keep).sum())
                 sel = keep.nonzero().flatten().tolist() or [0]  # all skipped: run one, weighted 0
                 batch = {k: (v[sel] if torch.is_tensor(v) else [v[i] for i in sel]) for k, v in batch.items()}
                 contexts = [contexts[i] for i in sel]
             seeds = [cfg.seed * 7919 + i for i in batch["index"]]
             videos, kl = rollout(self.model, self.sampler, self.plan, batch, num_frames=cfg.data.num_frames,
-                                 step=0 if cfg.fixed_noise else self.state.step, seeds=seeds,
-                                 kl_weight=cfg.kl_weight)
+                                 step=self.state.step, seeds=seeds, kl_weight=cfg.kl_weight)
             out = self.reward(videos, contexts)
             if not bool(keep.any()):
                 out.valid = torch.zeros_like(out.valid)
             reward_loss = self.reward.loss(out)
+            valid = out.valid.to(out.scores.device)
             # every process runs the same collectives, so a micro-batch with nothing to learn from
             # still goes through backward (with zero weight) instead of being skipped
-            weight = 1.0 if bool(out.valid.any()) else 0.0
+            weight = 1.0 if bool(valid.any()) else 0.0
             loss = weight * (reward_loss + cfg.kl_weight * kl)
+            sums["score_sum"] += float(out.scores.detach()[valid].float().sum())
+            sums["score_count"] += float(valid.sum())
+            if micro == self.accum - 1 and all_reduce_mean([sums["score_count"]], self.dist)[0] == 0:
+                self.engine.skip_update()  # no sample anywhere in this step: momentum must not move weights
             self.engine.backward(loss, self.accum)
             sums["loss"] += loss.item() / self.accum
             sums["reward_loss"] += weight * reward_loss.item() / self.accum
             sums["kl_loss"] += weight * kl.item() / self.accum
-            valid = out.valid.to(out.scores.device)
-            sums["score_sum"] += float(out.scores.detach()[valid].float().sum())
-            sums["score_count"] += float(valid.sum())
             sums["skipped_samples"] += float((~out.valid).sum()) if bool(keep.any()) else 0.0
             for k, v in out.metrics.items():
                 extra[k] = extra.get(k, 0.0) + float(v) / self.accum
             self._last_videos = (videos.detach(), batch["video"].detach())
-        grad_norm, updated = self.engine.step()
-        if not updated:  # never let NaN/Inf reach the weights
+        grad_norm, status = self.engine.step()
+        if status == "empty":
+            self.state.skipped_empty += 1
+            log.warning("step %d: no sample with anything to score: no update", self.state.step + 1)
+        elif status != "updated":  # never let NaN/Inf reach the weights
             self.state.skipped_nonfinite += 1
-            log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s): update skipped",
-                        self.state.step + 1, sums["loss"], grad_norm)
+            log.warning("step %d: non-finite %s (loss=%s, grad_norm=%s): update skipped, weights kept",
+                        self.state.step + 1, status, sums["loss"], grad_norm)
+        else:
+            self.state.updates += 1
         lr = self._lr
         self._lr = self.engine.lr  # the lr of the next update (the schedule has stepped)
         self.state.step += 1
@@ -472,14 +392,14 @@ class Trainer:
             "loss": reduced["loss"],
             "reward_loss": reduced["reward_loss"],
             "kl_loss": reduced["kl_loss"],
-            "face_score": reduced["score_sum"] * ws / count if count else float("nan"),
+            "reward_score": reduced["score_sum"] * ws / count if count else float("nan"),
             "lr": lr,
             "grad_norm": grad_norm,
             "step_time_s": time.perf_counter() - t0,
-            "updated": updated,
+            "updated": status == "updated",
             "skipped_samples": int(round(reduced["skipped_samples"] * ws)),
             "skipped_nonfinite": self.state.skipped_nonfinite,
-            "skipped_no_reference_face": self.state.skipped_no_reference_face,
+            "skipped_no_reference": self.state.skipped_no_reference,
             **{f"reward/{k}": v for k, v in extra.items()},
         }
 
@@ -496,27 +416,60 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
 
-    def run(self) -> list[dict]:
-        cfg = self.cfg
+    def _claim_output_dir(self) -> OutputDir:
+        """Rank 0 locks ``output_dir`` (and clears it under ``overwrite_output_dir``); every rank learns
+        whether that worked, so that none waits in a collective for a rank that stopped."""
+        out, error = OutputDir(self.output_dir), None
         if self.is_main:
-            os.makedirs(self.output_dir, exist_ok=True)
-            dump_config(cfg, os.path.join(self.output_dir, "config.yaml"))
+            try:
+                out.acquire()
+                if self.cfg.overwrite_output_dir and self.cfg.resume_from_checkpoint is False:
+                    out.clear_previous_run(self.ckpt_dir, os.path.join(self.output_dir, "metrics.jsonl"))
+                dump_config(self.cfg, os.path.join(self.output_dir, "config.yaml"))
+            except (ConfigError, OSError) as e:
+                out.release()
+                error = e
+        if all_reduce_mean([0.0 if error else 1.0], self.dist)[0] < 1.0:
+            raise error or ConfigError(f"output_dir: {self.output_dir} could not be claimed by rank 0")
+        return out
+
+    def run(self) -> list[dict]:
+        """Train to ``total_steps`` (or a signal). Sets ``stopped_by_signal``; returns rank 0's metrics."""
+        cfg = self.cfg
+        out = self._claim_output_dir()
+        try:
+            records = self._run()
+        finally:
+            out.release()
+        return records
+
+    def _run(self) -> list[dict]:
+        cfg = self.cfg
         self.maybe_resume()
         self._lr = self.engine.lr
         metrics = MetricsLog(self.output_dir, self.is_main, resume_step=self.state.step)
+        window = MetricsWindow(cfg.logging_steps)
         videos = VideoWriter()
         self.model.train()
         from tqdm import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.is_main or None,
                    dynamic_ncols=True, desc="reward-fl")
+
+        def flush_metrics():  # before every checkpoint, so a resume finds the rows of its steps
+            row = window.flush()
+            if row is not None:
+                metrics.write(row)
+
         try:
             with _Stop(self.dist) as stop:
                 while self.state.step < self.total_steps:
                     record = self.train_step()
-                    metrics.write(record)
+                    row = window.add(record)
+                    if row is not None:
+                        metrics.write(row)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", face=f"{record['face_score']:.3f}",
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward_score']:.3f}",
                                     s=f"{record['step_time_s']:.1f}")
                     step = self.state.step
                     if self.is_main and cfg.sample_video_steps and step % cfg.sample_video_steps == 0:
@@ -524,12 +477,18 @@ class Trainer:
                         videos.submit(os.path.join(self.output_dir, "samples", f"step-{step:06d}.mp4"), gen[0],
                                       ref[0] if cfg.sample_side_by_side else None)
                     if stop.requested():
+                        flush_metrics()
                         self.save()
-                        log.warning("stopped by signal at step %d; resume with resume_from_checkpoint: true", step)
+                        self.stopped_by_signal = True
+                        log.warning("stopped by signal at step %d (exit code %d, no final export); resume with "
+                                    "resume_from_checkpoint: true", step, EXIT_STOPPED)
                         break
                     if step % cfg.save_steps == 0 or step == self.total_steps:
+                        flush_metrics()
                         self.save()
-            self._export_final()
+                flush_metrics()
+            if not self.stopped_by_signal:
+                self._export_final()
         finally:
             bar.close()
             videos.close()
@@ -545,13 +504,29 @@ def barrier(dist: DistInfo) -> None:
         torch.distributed.barrier()
 
 
-def train(cfg: TrainConfig, plugins: dict[str, type]) -> list[dict]:
-    """Train as configured (one process, or one per rank under torchrun/deepspeed); returns rank 0's metrics."""
+def train(cfg: TrainConfig, plugins: dict[str, type]) -> int:
+    """Train as configured (one process, or one per rank under torchrun/deepspeed).
+
+    Returns the exit code: 0 done, :data:`EXIT_STOPPED` (143) stopped by a signal after saving
+    a checkpoint (nothing exported), :data:`EXIT_NOTHING_TRAINED` (3) when no step updated the
+    weights (every sample skipped or every update non-finite).
+    """
     dist = init_distributed(cfg)
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s rank{dist.rank} %(name)s: %(message)s")
     try:
-        return Trainer(cfg, plugins, dist=dist).run()
+        trainer = Trainer(cfg, plugins, dist=dist)
+        trainer.run()
     finally:
         if dist.active:
             torch.distributed.destroy_process_group()
+    if trainer.stopped_by_signal:
+        return EXIT_STOPPED
+    s = trainer.state
+    if s.updates == 0:
+        if dist.is_main:
+            print(f"rewardfl.run: error: no step updated the weights ({s.step} steps: {s.skipped_empty} with "
+                  f"nothing to score, {s.skipped_nonfinite} non-finite; {s.skipped_no_reference} samples without a "
+                  "usable reference); check the data and the reward's metrics in metrics.jsonl", file=sys.stderr)
+        return EXIT_NOTHING_TRAINED
+    return 0

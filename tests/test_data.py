@@ -199,6 +199,34 @@ def test_bad_frames_in_a_folder_name_line_and_file(tmp_path):
         ds[1]
 
 
+def test_truncated_mp4_shows_ffmpegs_reason_not_its_banner(tmp_path):
+    """A download cut short: the first half of a real mp4. The reason is ffmpeg's last stderr line."""
+    _write_mp4(str(tmp_path / "full.mp4"), _frames(9), lossless=False)
+    data = (tmp_path / "full.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[:len(data) // 2])
+    csv_path = _csv(tmp_path, "video,prompt\ncut.mp4,p\n")
+    with pytest.raises(ValueError) as e:
+        VideoDataset(csv_path, num_frames=5, max_pixels=4096)[0]
+    msg = str(e.value)
+    assert msg.startswith(f"{csv_path}:2: video 'cut.mp4': cannot read video file {tmp_path / 'cut.mp4'}: ")
+    # imageio writes mp4s with the index (moov atom) at the end: the half file has none
+    assert "ffmpeg says:" in msg and "moov atom not found" in msg, msg
+    assert "ffmpeg version" not in msg and "configuration:" not in msg and "\n" not in msg
+
+
+def test_non_utf8_csv_names_file_and_line(tmp_path):
+    Image.fromarray(_frames(1)[0]).save(tmp_path / "a.png")
+    path = tmp_path / "metadata.csv"
+    # what Excel's plain "CSV" writes on a Western Windows: cp1252, where "é" is the single byte 0xe9
+    path.write_bytes("video,prompt\na.png,a face\na.png,un café\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=rf"^{path}:3: not UTF-8 text \(byte 0xe9\); save the CSV as UTF-8"):
+        VideoDataset(str(path), num_frames=5, max_pixels=4096)
+    # a spreadsheet's "CSV UTF-8" starts with a byte-order mark: still read, header found
+    path.write_bytes("video,prompt\na.png,un café\n".encode("utf-8-sig"))
+    ds = VideoDataset(str(path), num_frames=5, max_pixels=4096)
+    assert ds.rows[0]["prompt"] == "un café" and ds.rows[0]["line"] == 2
+
+
 @pytest.mark.parametrize("text, pattern", [
     ("", r"metadata.csv: the file is empty"),
     ("video,prompt\n\n", r"metadata.csv: no data rows after the header"),

@@ -106,7 +106,7 @@ def test_zero2_on_two_processes_matches_one_process_with_the_same_global_batch(m
         # same samples and noise per step; batched (B=2) vs per-process (B=1) arithmetic differs in
         # the last float32 bits, and AdamW updates carry that into step 2
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-4, abs=1e-6)
-        assert g["face_score"] == pytest.approx(w["face_score"], rel=1e-4, abs=1e-6)
+        assert g["reward_score"] == pytest.approx(w["reward_score"], rel=1e-4, abs=1e-6)
         assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-2)
     # the exported trainable weights load without DeepSpeed and agree with the single-process run
     a = load_file(str(tmp_path / "single" / "checkpoints" / "checkpoint-2" / "trainable.safetensors"))

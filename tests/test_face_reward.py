@@ -207,6 +207,75 @@ def test_no_face_anywhere_gives_zero_gradient_and_is_counted(reward, face_photo)
     assert float(video.grad.abs().sum()) == 0.0
 
 
+def _spoil(landmarks, how):
+    """Real landmarks ``(K, 5, 2)`` made unalignable: the five points on one line, all at the nose,
+    or NaN (what a diverged generator or an odd detection can give)."""
+    out = landmarks.clone()
+    if how == "collinear":
+        out[:, :, 1] = out[:, :, 0] * 0.5 + 10.0
+    elif how == "coincide":
+        out[:] = out[:, 2:3]
+    else:
+        out[:] = float("nan")
+    return out
+
+
+@pytest.mark.parametrize("face_select", ["largest", "most_similar", "all"])
+def test_unalignable_detections_count_as_frames_without_a_face(face_select, face_assets, face_photo, tmp_path,
+                                                               monkeypatch):
+    """The real detector's output on real faces, with some frames' landmarks spoiled on the way out
+    (the recognizer and the alignment op are real): the step goes on, those frames score as frames
+    without a face would (the reference: the same frames blanked), in the generated video and in
+    the reference alike, and the spoiled faces are counted."""
+    from rewardfl.rewards.face_identity import FaceDetector
+
+    a1, a2 = face_photo("person_a_1", SIZE), face_photo("person_a_2", SIZE)
+    blank = torch.zeros_like(a1)
+    video = torch.stack([a2, a1, a2.flip(-1), a1.flip(-1), a2], dim=1)[None]  # (1, 3, 5, H, W)
+    ref = torch.stack([a1, a2, a1.flip(-1), a2.flip(-1)])
+    spoiled: dict[int, str] = {}  # frame -> how, for the next detector call
+    detect = FaceDetector.__call__
+
+    def detect_and_spoil(self, frames, **kwargs):
+        det = detect(self, frames, **kwargs)
+        for frame, how in spoiled.items():
+            rows = det.frame_index == frame
+            det.landmarks[rows] = _spoil(det.landmarks[rows], how)
+        return det
+
+    monkeypatch.setattr(FaceDetector, "__call__", detect_and_spoil)
+    r = make_reward(face_assets.scrfd_sface, tmp_path, face_select=face_select, det_size=160)
+    spoiled.update({2: "coincide"})
+    r.reference(context("spoiled", ref))
+    spoiled.clear()
+    spoiled.update({1: "nan", 3: "collinear"})
+    moving = video.clone().requires_grad_()
+    out = r(moving, [context("spoiled", ref)])  # must not raise
+    spoiled.clear()
+    sims = r.last_frame_similarity.clone()
+    # the reference: those frames without a face, nothing spoiled
+    blanked_video = video.clone()
+    blanked_video[:, :, [1, 3]] = blank[:, None]
+    blanked_ref = ref.clone()
+    blanked_ref[2] = blank
+    expected = r(blanked_video, [context("blanked", blanked_ref)])
+    torch.testing.assert_close(out.scores.detach(), expected.scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sims, r.last_frame_similarity, atol=1e-5, rtol=0, equal_nan=True)
+    assert sims[0, [1, 3]].isnan().all() and not sims[0, [2, 4]].isnan().any()
+    assert out.metrics["face_frames"] == expected.metrics["face_frames"] == 2.0
+    assert out.metrics["degenerate_faces"] >= 2.0 and expected.metrics["degenerate_faces"] == 0.0
+    assert out.metrics["reference_degenerate_faces"] >= 1.0 and expected.metrics["reference_degenerate_faces"] == 0.0
+    r.loss(out).backward()  # the spoiled frames carry no gradient; the others do
+    assert float(moving.grad[:, :, [1, 3]].abs().sum()) == 0.0 and float(moving.grad[:, :, 2].abs().sum()) > 0
+    # evaluation (no gradient) drops them the same way
+    spoiled.update({1: "nan", 3: "collinear"})
+    evaluation = r.evaluate(video[0], context("spoiled", ref))
+    spoiled.clear()
+    assert evaluation["degenerate_faces"] >= 2
+    assert evaluation["score"] == pytest.approx(r.evaluate(blanked_video[0], context("blanked", blanked_ref))["score"],
+                                               abs=1e-5)
+
+
 def test_loss_shaping_by_hand(reward):
     from rewardfl.interfaces import RewardOutput
 

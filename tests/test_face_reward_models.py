@@ -67,7 +67,7 @@ def test_folded_sface_equals_opencv_recognizer(face_assets, face_photo):
 
 
 def test_batched_graph_equals_single_image_runs(face_assets):
-    model = prepare_graph(onnx.load(face_assets.raw_scrfd))
+    model, _ = prepare_graph(onnx.load(face_assets.raw_scrfd))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).random((2, 3, 640, 640), dtype=np.float32) * 2 - 1
     batched = session.run(None, {session.get_inputs()[0].name: x})

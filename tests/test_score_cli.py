@@ -50,10 +50,11 @@ def test_scores_each_video_as_json(face_assets, face_photo, tmp_path):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing_video", "error: not found:"),
-    ("no_face_reference", "error: --reference: no face found in"),
-    ("bad_pack", "error: --reward-model-path: not a directory"),
-    ("bad_option", "error: unknown key 'reward.face_selekt'"),
+    ("missing_video", "rewardfl.score: error: not found:"),
+    ("no_face_reference", "rewardfl.score: error: --reference: no face found in"),
+    ("bad_pack", "rewardfl.score: error: --reward-model-path: not a directory"),
+    ("bad_option", "rewardfl.score: error: unknown key 'reward.face_selekt'"),
+    ("truncated_video", "rewardfl.score: error: cannot read "),
 ])
 def test_bad_input_is_one_line_and_exit_2(face_assets, face_photo, tmp_path, capsys, case, message):
     from rewardfl.score import main
@@ -63,6 +64,15 @@ def test_bad_input_is_one_line_and_exit_2(face_assets, face_photo, tmp_path, cap
                 else np.full((96, 96, 3), 128, np.uint8))
     video = _write_frames(tmp_path / "v", [_photo(face_photo, "person_a_2")])
     pack = face_assets.yunet_sface if case != "bad_pack" else str(tmp_path / "nope")
+    if case == "truncated_video":  # a download cut short: the first half of a real mp4
+        import imageio.v2 as imageio
+
+        with imageio.get_writer(str(tmp_path / "full.mp4"), fps=8, macro_block_size=1, ffmpeg_log_level="error") as w:
+            for _ in range(5):
+                w.append_data(np.full((64, 64, 3), 128, np.uint8))
+        data = (tmp_path / "full.mp4").read_bytes()
+        video = str(tmp_path / "cut.mp4")
+        (tmp_path / "cut.mp4").write_bytes(data[:len(data) // 2])
     args = ["--reward-model-path", pack, "--reference", reference,
             str(tmp_path / "missing.mp4") if case == "missing_video" else video]
     if case == "bad_option":
@@ -71,3 +81,37 @@ def test_bad_input_is_one_line_and_exit_2(face_assets, face_photo, tmp_path, cap
     out, err = capsys.readouterr()
     assert out == ""
     assert err.count("\n") == 1 and err.startswith(message), err
+    if case == "truncated_video":  # ffmpeg's reason, not its version banner
+        assert f"cannot read {video}: " in err and "ffmpeg says: " in err and "ffmpeg version" not in err, err
+
+
+def _device_cases():
+    import torch
+
+    n = torch.cuda.device_count()
+    # one past the last GPU: without a GPU that is plain "cuda:0"/"cuda", so the case runs everywhere
+    missing = ("cuda", "no CUDA GPU is visible to torch here; use --device cpu") if n == 0 else \
+        (f"cuda:{n}", f"only {n} CUDA device(s) visible (cuda:0 to cuda:{n - 1})")
+    return [("banana", "--device: unknown device 'banana'; use cpu or cuda[:N]"),
+            ("meta", "--device: 'meta' is not supported; use cpu or cuda[:N]"),
+            (missing[0], f"--device {missing[0]}: {missing[1]}")]
+
+
+@pytest.mark.parametrize("device, message", _device_cases())
+def test_unusable_device_is_one_line(tmp_path, capsys, device, message):
+    from rewardfl.score import main
+
+    # checked before anything is read: the pack and the videos need not exist
+    assert main(["--reward-model-path", str(tmp_path), "--reference", "r.png", "v.mp4", "--device", device]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert err == f"rewardfl.score: error: {message}\n"
+
+
+@pytest.mark.parametrize("value, shown", [("nan", "'nan'"), (".inf", "inf")])  # YAML: `nan` is text, .inf a float
+def test_non_finite_option_is_one_line(tmp_path, capsys, value, shown):
+    from rewardfl.score import main
+
+    assert main(["--reward-model-path", str(tmp_path), "--reference", "r.png", "v.mp4",
+                 "--set", f"score_std={value}"]) == 2
+    assert capsys.readouterr().err == f"rewardfl.score: error: reward.score_std: must be a finite number, got {shown}\n"

@@ -44,13 +44,13 @@ def test_three_step_run_writes_metrics_checkpoint_video_and_curve(make_config, t
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:
-        for key in ("loss", "face_score", "kl_loss", "lr", "grad_norm", "step_time_s", "skipped_samples",
-                    "skipped_nonfinite", "skipped_no_reference_face"):
+        for key in ("loss", "reward_score", "kl_loss", "lr", "grad_norm", "step_time_s", "skipped_samples",
+                    "skipped_nonfinite", "skipped_no_reference"):
             assert key in r, key
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
-        assert -1.0 <= r["face_score"] <= 1.0
+        assert -1.0 <= r["reward_score"] <= 1.0
         # loss = shaped reward loss + kl, shaping -(score - 0.54) / 0.16 * 0.1 (one sample per step)
-        assert r["reward_loss"] == pytest.approx(-(r["face_score"] - 0.54) / 0.16 * 0.1, abs=1e-5)
+        assert r["reward_loss"] == pytest.approx(-(r["reward_score"] - 0.54) / 0.16 * 0.1, abs=1e-5)
         assert r["loss"] == pytest.approx(r["reward_loss"] + r["kl_loss"], abs=1e-6)
     # warm-up of 1 step then constant: the lr logged is the one each update used
     assert [r["lr"] for r in records] == pytest.approx([1e-3, 1e-3, 1e-3])
@@ -108,21 +108,6 @@ def test_killed_run_resumes_to_the_same_metrics(make_config, tmp_path):
     got = stable(read_metrics(str(tmp_path / "cut")))
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     assert got == expected
-
-
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(make_config, tmp_path):
-    cfg = make_config(max_steps=50, save_steps=100)
-    proc = _run_cli(cfg)
-    metrics = tmp_path / "out" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while (not metrics.exists() or not metrics.read_text().strip()) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    steps = [s for s, _ in list_checkpoints(str(tmp_path / "out" / "checkpoints"))]
-    assert len(steps) == 1 and 1 <= steps[0] < 50
-    assert "stopped by signal" in err
 
 
 def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):

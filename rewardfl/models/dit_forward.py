@@ -5,7 +5,11 @@ diffsynth 2.1.12's ``WanModel.forward`` is broken (patchify unpacking), and its
 its inputs alive on the GPU whatever ``save_on_cpu`` says). This is the same computation as
 ``model_fn_wan_video`` for the plain I2V/TI2V/T2V cases (the tests compare the two) with:
 
-* the timestep embedding computed from fp32 timesteps (a bf16 timestep rounds 972 to 976);
+* the timestep embedding computed from fp32 timesteps (a bf16 timestep rounds 972 to 976), and
+  the sinusoid, ``time_embedding`` and ``time_projection`` computed in fp32 whatever the model
+  dtype, as official Wan does under ``autocast(float32)``; only their outputs are rounded to the
+  model dtype (``use_fp32_time_embedding``, ``time_embedding``);
+* TI2V's per-token timesteps embedded once per distinct value (two per sample), not per token;
 * ``checkpoint="block"``: each transformer block recomputed in backward;
 * ``checkpoint="offload"``: as "block", and each block's input parked in CPU memory until its
   backward (``offload.offloaded_checkpoint``; the 14B expert's 40 block inputs at 480x832x81 are
@@ -21,7 +25,7 @@ from einops import rearrange
 
 from .offload import offloaded_checkpoint
 
-__all__ = ["dit_forward"]
+__all__ = ["dit_forward", "time_embedding", "use_fp32_time_embedding", "Float32Linear"]
 
 
 def _rope_freqs(dit, f: int, h: int, w: int, device: torch.device) -> torch.Tensor:
@@ -40,11 +44,53 @@ def _rope_freqs(dit, f: int, h: int, w: int, device: torch.device) -> torch.Tens
 
 
 def _sinusoid(freq_dim: int, timestep: torch.Tensor) -> torch.Tensor:
-    """(N,) fp32 timesteps in [0, 1000] -> (N, freq_dim) fp32 [cos | sin] embedding (Wan's)."""
+    """(N,) timesteps in [0, 1000] -> (N, freq_dim) float64 [cos | sin] embedding (Wan's)."""
     half = freq_dim // 2
     inv = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=timestep.device).div(half))
     arg = torch.outer(timestep.to(torch.float64), inv)
-    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1).float()
+    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
+
+
+class Float32Linear(torch.nn.Linear):
+    """``nn.Linear`` that computes in fp32 (fp64 for fp64 weights) whatever its weights' dtype.
+
+    Input, weight and bias are upcast for the matmul; the output is fp32. Same parameters and
+    state-dict keys as ``nn.Linear``, stored in whatever dtype the model uses (so DeepSpeed's bf16
+    cast, checkpoints and ZeRO-3's per-module gathering see an ordinary Linear); the gradient
+    reaches the stored weights through the cast.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return torch.nn.functional.linear(x.to(dtype), self.weight.to(dtype), bias)
+
+
+def use_fp32_time_embedding(dit) -> None:
+    """Make the Linear layers of ``dit.time_embedding`` and ``dit.time_projection`` compute in fp32.
+
+    In place and idempotent; weights and their dtype are untouched (the layers' class becomes
+    :class:`Float32Linear`, which holds no extra state). Official Wan runs these layers under
+    ``autocast(float32)``; in bf16 they would round the sinusoid to 8 significant bits and every
+    product after it, and their outputs scale, shift and gate every block. Call it before LoRA
+    injection, deep copies and DeepSpeed (they then keep the class).
+    """
+    for seq in (dit.time_embedding, dit.time_projection):
+        for m in seq.modules():
+            if type(m) is torch.nn.Linear:
+                m.__class__ = Float32Linear
+
+
+def time_embedding(dit, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) timesteps in [0, 1000] -> ``t`` (N, dim) and ``t_mod`` (N, 6, dim) in ``dtype``.
+
+    The sinusoid is computed in float64 and fed as fp32 (float64 for a float64 model); with
+    ``use_fp32_time_embedding`` applied (or fp32 weights) both MLPs run in fp32 and only their
+    outputs are rounded to ``dtype``.
+    """
+    t = dit.time_embedding(_sinusoid(dit.freq_dim, timestep).to(torch.promote_types(dtype, torch.float32)))
+    t_mod = dit.time_projection(t).unflatten(1, (6, dit.dim))
+    return t.to(dtype), t_mod.to(dtype)
 
 
 def dit_forward(
@@ -63,7 +109,9 @@ def dit_forward(
     text_dim) prompt embedding; ``y`` (B, C', T, h, w) concatenated to ``x`` on channels (I2V).
     ``clean_first_frame``: TI2V's per-token timestep, 0 on latent frame 0. ``checkpoint``:
     "none", "block" or "offload" (only matters with autograd on). Returns (B, out_dim, T, h, w)
-    in the DiT's dtype.
+    in the DiT's dtype. A bf16 ``dit`` needs ``use_fp32_time_embedding`` applied first (the
+    ``wan2_2`` model does it at load); without it the fp32 sinusoid meets bf16 weights and the
+    matmul raises a dtype error rather than silently computing in bf16.
     """
     dtype = dit.patch_embedding.weight.dtype
     B = x.shape[0]
@@ -76,14 +124,17 @@ def dit_forward(
     f, h, w = x.shape[2:]
     x = rearrange(x, "b c f h w -> b (f h w) c").contiguous()
 
-    if clean_first_frame:  # TI2V: per-token timesteps, the injected first frame is clean
-        tok = timestep.float()[:, None].repeat(1, f * h * w)
-        tok[:, : h * w] = 0
-        t = dit.time_embedding(_sinusoid(dit.freq_dim, tok.flatten()).to(dtype)).unflatten(0, (B, f * h * w))
-        t_mod = dit.time_projection(t).unflatten(2, (6, dit.dim))
+    if clean_first_frame:  # TI2V: per-token timesteps, 0 on the injected (clean) first frame
+        # two distinct values per sample: embed (0, t) once and index them per token, instead of
+        # running both MLPs over every token (an fp32 (B, L, 6, dim) is 2 GB for the 5B at 1280x704x121)
+        rows = torch.stack([torch.zeros_like(timestep), timestep], dim=1)
+        t2, t_mod2 = time_embedding(dit, rows.flatten(), dtype)  # (2B, dim), (2B, 6, dim)
+        which = torch.ones(f * h * w, dtype=torch.long, device=x.device)
+        which[: h * w] = 0
+        idx = torch.arange(B, device=x.device)[:, None] * 2 + which  # (B, L) rows of t2
+        t, t_mod = t2[idx], t_mod2[idx]  # (B, L, dim), (B, L, 6, dim)
     else:
-        t = dit.time_embedding(_sinusoid(dit.freq_dim, timestep.float()).to(dtype))
-        t_mod = dit.time_projection(t).unflatten(1, (6, dit.dim))
+        t, t_mod = time_embedding(dit, timestep, dtype)
     context = dit.text_embedding(context.to(dtype))
 
     freqs = _rope_freqs(dit, f, h, w, x.device)

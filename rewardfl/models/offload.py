@@ -1,4 +1,7 @@
-"""Activation checkpointing whose saved inputs wait in CPU memory until backward.
+"""Moving weights and activations to host memory and back: idle experts' frozen weights
+(``move_frozen_``) and checkpointed activations (``offloaded_checkpoint``).
+
+Activation checkpointing whose saved inputs wait in CPU memory until backward:
 
 ``torch.utils.checkpoint`` (non-reentrant) keeps a checkpoint's inputs alive where they are, so
 wrapping it in ``torch.autograd.graph.save_on_cpu`` (as diffsynth does) moves nothing: the block
@@ -15,7 +18,32 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["offloaded_checkpoint"]
+__all__ = ["offloaded_checkpoint", "move_frozen_"]
+
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+
+
+def move_frozen_(module: torch.nn.Module, device) -> None:
+    """Move ``module``'s frozen parameters (``requires_grad`` False) and its buffers to ``device``.
+
+    In place; the Parameter objects stay, only frozen ones get new storage. Trainable parameters
+    are never touched: ``Module.to`` rebinds every ``param.data`` to a fresh tensor, which cuts
+    DeepSpeed ZeRO-1/2's trainable parameters loose from its flat bf16/fp32 partitions (their
+    ``.data`` are views into them; the optimizer then updates the flat buffer and the model keeps
+    sampling with stale weights). Parameters partitioned by ZeRO-3 (``ds_id``) are DeepSpeed's to
+    place and are skipped too. Tensors already on ``device`` are left as they are.
+    """
+    device = torch.device(device)
+    for m in module.modules():
+        for p in m.parameters(recurse=False):
+            if p.requires_grad or hasattr(p, "ds_id") or _on(p, device):
+                continue
+            p.data = p.data.to(device)
+        for name, b in m.named_buffers(recurse=False):
+            if not _on(b, device):
+                setattr(m, name, b.to(device))
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -2,26 +2,53 @@
 
 The Wan2.1 VAE decodes one latent frame at a time, carrying a cache of the last input frames of
 every causal convolution. Here each latent frame's decoder step is one checkpoint (its
-activations are recomputed in backward; only the carried cache and the output stay), and the
-output is never clamped in place (the reference implementation's ``clamp_`` zeroed the gradient
-of every saturated pixel): ``clamp="straight_through"`` clamps the values and passes the
-gradient unchanged.
+activations are recomputed in backward; only the carried cache and the output stay).
+
+The decoded pixels are clamped to [-1, 1] out of place (``clamp_decoded``), with a choice of
+derivative. The default, ``"straight_through"``, clamps the values and passes the gradient
+unchanged (derivative 1 everywhere): the VAE overshoots [-1, 1] on bright and dark regions, and
+with the true derivative (``"hard"``, 0 outside [-1, 1]; the reference implementation's in-place
+``clamp_`` did the same) the reward sends no signal through any saturated pixel, so a blown-out
+face cannot be pulled back by the reward that sees it. The price is a biased gradient: at a pixel
+beyond the range it also asks for changes that would not change the clamped image (pushing a pixel
+at 1.3 further up), which only the KL term to the base model's velocity resists.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import typing
+from typing import Literal, Optional
 
 import torch
 
 from .offload import offloaded_checkpoint
 
-__all__ = ["decode_latents", "encode_video", "straight_through_clamp"]
+__all__ = ["decode_latents", "encode_video", "straight_through_clamp", "clamp_decoded", "DecodeClamp"]
+
+#: how ``clamp_decoded`` clamps (the type of the ``wan2_2`` option ``decode_clamp``)
+DecodeClamp = Literal["straight_through", "hard", "none"]
 
 
 def straight_through_clamp(x: torch.Tensor, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
     """``clamp(x, lo, hi)`` in value, identity in gradient."""
     return x + (x.clamp(lo, hi) - x).detach()
+
+
+def clamp_decoded(video: torch.Tensor, clamp: DecodeClamp) -> torch.Tensor:
+    """Decoded pixels (any shape, nominally [-1, 1]) clamped to [-1, 1], out of place.
+
+    ``clamp``: ``"straight_through"``: values clamped, gradient passed unchanged (d/dx = 1
+    everywhere); ``"hard"``: ``torch.clamp``, the true derivative (1 inside [-1, 1], 0 outside;
+    torch takes 1 at exactly +-1); ``"none"``: ``video`` unchanged. See the module docstring for
+    why straight-through is the default.
+    """
+    if clamp == "straight_through":
+        return straight_through_clamp(video)
+    if clamp == "hard":
+        return video.clamp(-1.0, 1.0)
+    if clamp == "none":
+        return video
+    raise ValueError(f"decode_clamp: must be one of {', '.join(typing.get_args(DecodeClamp))}, got {clamp!r}")
 
 
 def _decoder_step(decoder, first_chunk, x_t, *cache):
@@ -75,14 +102,15 @@ def decode_latents(
     checkpoint=True,
     tile: Optional[tuple[int, int]] = None,
     tile_stride: Optional[tuple[int, int]] = None,
-    clamp: str = "straight_through",
+    clamp: DecodeClamp = "straight_through",
 ) -> torch.Tensor:
     """Videos (B, 3, F, H, W) in [-1, 1] from normalised latents (B, z_dim, T, h, w), differentiable.
 
     ``vae`` is diffsynth's ``WanVideoVAE``. ``checkpoint``: False, True (per latent frame) or
     "offload" (per latent frame, the carried caches kept in host memory until backward). ``tile``/``tile_stride`` (latent pixels) split the
     frame into overlapping tiles blended linearly, as diffsynth's tiled decode does, but without
-    in-place clamping or a CPU round trip. ``clamp``: "straight_through", "hard" or "none".
+    in-place clamping or a CPU round trip. ``clamp``: "straight_through", "hard" or "none" (see
+    ``clamp_decoded``). Returns fp32.
     """
     model = vae.model
     mean = vae.mean.to(latents.device, latents.dtype).view(1, -1, 1, 1, 1)
@@ -112,12 +140,7 @@ def decode_latents(
                 video = _add_slice(video, sl, out * mask)
                 weight = _add_slice(weight, sl, mask)
         video = video / weight
-    video = video.float()
-    if clamp == "straight_through":
-        return straight_through_clamp(video)
-    if clamp == "hard":
-        return video.clamp(-1.0, 1.0)
-    return video
+    return clamp_decoded(video.float(), clamp)
 
 
 def _add_slice(base: torch.Tensor, sl, value: torch.Tensor) -> torch.Tensor:

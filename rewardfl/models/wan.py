@@ -18,7 +18,7 @@ import copy
 import dataclasses
 import logging
 import os
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Literal, Optional, Sequence
 
 import torch
 
@@ -26,6 +26,7 @@ from ..interfaces import VideoModel
 from . import architectures as arch
 from .checkpoints import CheckpointFile, as_list, detect_role, load_state_dict, read_shapes, resolve_model_paths
 from .checkpoints import save_state_dict
+from .vae_decode import DecodeClamp
 
 __all__ = ["Wan22Model", "Wan22TinyModel", "WanCondition"]
 
@@ -60,8 +61,10 @@ class Wan22Options:
     gradient_checkpointing: bool = True
     #: tokens per prompt (umT5: 512; shorter prompts are zero-padded, as Wan was trained)
     text_len: int = 512
-    #: keep only the running expert on the GPU: "auto" (when both do not fit in half the GPU), "yes", "no"
-    offload_idle_expert: str = "auto"
+    #: keep only the running expert's frozen weights on the GPU: "auto" (when both experts do not fit
+    #: in half the GPU), yes/true or no/false. Trainable weights (LoRA, a fully trained expert) never
+    #: move, so DeepSpeed ZeRO's views into them stay valid.
+    offload_idle_expert: Literal["auto", "yes", "no", True, False] = "auto"
     #: move the text encoder to the CPU once the prompts are encoded (CUDA only)
     offload_text_encoder: bool = True
     #: checkpoint the VAE decoder per latent frame when decoding with gradient (with
@@ -70,8 +73,10 @@ class Wan22Options:
     #: spatial VAE decode tile and stride in latent pixels, e.g. [34, 34] / [18, 16]; null: whole frame
     vae_tile: Optional[list] = None
     vae_tile_stride: Optional[list] = None
-    #: decoded pixel clamp: "straight_through" (clamped values, unclamped gradient), "hard", "none"
-    decode_clamp: str = "straight_through"
+    #: clamp of the decoded pixels to [-1, 1] (``vae_decode.clamp_decoded``): "straight_through"
+    #: (clamped values, gradient passed unchanged), "hard" (the true derivative: zero gradient
+    #: outside [-1, 1]) or "none" (no clamp)
+    decode_clamp: DecodeClamp = "straight_through"
 
 
 class Wan22Model(VideoModel):
@@ -145,7 +150,11 @@ class Wan22Model(VideoModel):
 
     def _setup(self, lora_experts: list[str], full_experts: list[str], targets: list[str]) -> None:
         """What trains (LoRA or full, frozen copies) and where each module lives."""
+        from .dit_forward import use_fp32_time_embedding
+
         config, options = self.config, self.options
+        for dit in self.dits.values():  # before LoRA, copies and DeepSpeed: they keep the layer class
+            use_fp32_time_embedding(dit)
         self.lora_experts, self.full_experts = lora_experts, full_experts
         self.lora_scale = self.lora_alpha = None
         if lora_experts:
@@ -163,12 +172,20 @@ class Wan22Model(VideoModel):
             self._frozen[r] = copy.deepcopy(self.dits[r]).requires_grad_(False).eval()
 
         self.offload_experts = self._want_expert_offload(options.offload_idle_expert)
-        self._placed = self.experts[0]
         for r in self.experts:
-            target = self.device if (not self.offload_experts or r == self._placed) else torch.device("cpu")
-            self.dits[r].to(target)
-            if r in self._frozen:
-                self._frozen[r].to(target)
+            for module in (self.dits[r], self._frozen.get(r)):
+                if module is None:
+                    continue
+                if not self.offload_experts:
+                    module.to(self.device)
+                    continue
+                # offloading: trainable weights live on the device for good (moved here, before any
+                # optimizer holds them); _place moves only the frozen ones
+                for p in module.parameters():
+                    if p.requires_grad:
+                        p.data = p.data.to(self.device)
+        if self.offload_experts:
+            self._place(self.experts[0])
         self.vae.to(self.device)
         if self.text_encoder is not None:
             self.text_encoder.to(self.device if not self._offload_text else "cpu")
@@ -240,10 +257,6 @@ class Wan22Model(VideoModel):
 
     @staticmethod
     def _check_options(o: Wan22Options) -> None:
-        if o.offload_idle_expert not in ("auto", "yes", "no"):
-            raise ValueError(f"model.offload_idle_expert: must be auto, yes or no, got {o.offload_idle_expert!r}")
-        if o.decode_clamp not in ("straight_through", "hard", "none"):
-            raise ValueError(f"model.decode_clamp: must be straight_through, hard or none, got {o.decode_clamp!r}")
         if o.text_len <= 0:
             raise ValueError(f"model.text_len: must be > 0, got {o.text_len}")
         for key in ("vae_tile", "vae_tile_stride"):
@@ -340,9 +353,9 @@ class Wan22Model(VideoModel):
             raise ValueError(f"{ck.where}: VAE checkpoint does not fit the {vae_arch['kind']} VAE: {e}") from e
         return vae.to(self.dtype).requires_grad_(False).eval()
 
-    def _want_expert_offload(self, choice: str) -> bool:
-        if choice != "auto":
-            return choice == "yes"
+    def _want_expert_offload(self, choice) -> bool:
+        if choice != "auto":  # YAML reads yes/no as true/false
+            return choice in (True, "yes")
         if self.device.type != "cuda" or len(self.experts) < 2:
             return False
         expert_bytes = sum(p.numel() * p.element_size() for d in self.dits.values() for p in d.parameters())
@@ -434,14 +447,23 @@ class Wan22Model(VideoModel):
         return cond.inject_mask, cond.inject_latent
 
     def _place(self, expert: str) -> None:
-        if not self.offload_experts or self._placed == expert:
+        """With ``offload_idle_expert``: ``expert``'s frozen weights on the device, the others' on the CPU.
+
+        Only frozen weights move (``offload.move_frozen_``): an optimizer holds the trainable ones,
+        and DeepSpeed ZeRO-1/2 makes them views into its flat buffers, a link that
+        ``Module.to`` (which rebinds ``param.data``) would cut. Checked on every call, which costs
+        a device comparison per parameter when nothing moves, so that whatever else placed a
+        module (DeepSpeed moves the whole trained expert to the device) is put right.
+        """
+        from .offload import move_frozen_
+
+        if not self.offload_experts:
             return
         for r in self.experts:
             target = self.device if r == expert else torch.device("cpu")
-            self.dits[r].to(target)
+            move_frozen_(self.dits[r], target)
             if r in self._frozen:
-                self._frozen[r].to(target)
-        self._placed = expert
+                move_frozen_(self._frozen[r], target)
 
     def denoise(self, expert: str, x: torch.Tensor, timestep: torch.Tensor, cond: WanCondition, *,
                 base: bool = False) -> torch.Tensor:

@@ -18,18 +18,18 @@ Which steps run, and which carry gradient (``mid``/``final`` are
 ``mid_timestep``/``final_timestep``, 0-based step indices)::
 
     steps run      = 0 .. final                     final jumps to sigma 0 and ends sampling
-    window         = [floor(min_timestep_boundary * N), floor(max_timestep_boundary * N))
-    gradient steps = {i : mid <= i <= final} ∩ window
+    gradient steps = mid .. final                   steps before mid run without gradient
 
-The window is DiffSynth-Studio's meaning of ``min/max_timestep_boundary``
-(fractions of the step *index* range, 0 = the noisiest step, 1 = the end; its
-trainer draws ``randint(int(min*N), int(max*N))``); ``max_timestep_boundary: 1``
-covers the last index, and float noise such as ``0.57 * 100 = 56.999...`` counts
-as 57. With N=8, mid=4, final=7 and the user's ``[0.9, 1.0]``, the window is
-[7, 8): only step 7 carries gradient. With the defaults ``[0, 1]`` every step
-mid..final does. Steps before ``mid``, or in mid..final but outside the window,
-run without gradient. An empty set of gradient steps, or one whose steps all run
-experts that are not trainable, is a ``ValueError`` naming these keys.
+This is the reference implementation's window: with N=8, mid=4, final=7 steps 4,
+5, 6 and 7 carry gradient. A gradient window whose steps all run experts that
+are not trainable is a ``ValueError`` naming these keys.
+
+``min_timestep_boundary``/``max_timestep_boundary`` (the user's document) are
+DiffSynth-Studio's *supervised training* keys: fractions of its 1000-step shifted
+training schedule from which that trainer draws one timestep per sample. They
+do not change reward-FL sampling (the reference implementation accepts them and
+never reads them); ``rewardfl.config.training_timestep_range`` says which
+timesteps they denote, for ``run --check``'s note.
 
 Noise: ``initial_noise`` draws each sample's noise on the CPU from a generator
 seeded by ``sha256(seed, sample seed, training step)``: reproducible, the same on
@@ -61,37 +61,9 @@ def shifted_sigmas(num_steps: int, shift: float) -> torch.Tensor:
     return shift * s / (1.0 + (shift - 1.0) * s)
 
 
-def _fraction_index(fraction: float, num_steps: int) -> int:
-    # DiffSynth's int(fraction * N), forgiving float noise just below an integer
-    return math.floor(fraction * num_steps + 1e-9)
-
-
 def gradient_window(config: TrainConfig) -> list[int]:
-    """Indices of the steps that carry gradient (see the module docstring); ValueError when none."""
-    n = config.num_inference_steps
-    mid, final = config.mid_timestep, config.final_timestep
-    lo_frac, hi_frac = config.min_timestep_boundary, config.max_timestep_boundary
-    if n <= 0:
-        raise ValueError(f"num_inference_steps: must be > 0, got {n}")
-    if not 0 <= mid <= final < n:
-        raise ValueError(f"mid_timestep/final_timestep: need 0 <= mid_timestep <= final_timestep < "
-                         f"num_inference_steps ({n}), got mid_timestep={mid}, final_timestep={final}")
-    if not 0.0 <= lo_frac <= hi_frac <= 1.0:
-        raise ValueError("min_timestep_boundary/max_timestep_boundary: need 0 <= min <= max <= 1, "
-                         f"got min={lo_frac}, max={hi_frac}")
-    lo, hi = _fraction_index(lo_frac, n), _fraction_index(hi_frac, n)
-    steps = [i for i in range(mid, final + 1) if lo <= i < hi]
-    if hi <= lo:
-        raise ValueError(f"min_timestep_boundary={lo_frac} and max_timestep_boundary={hi_frac} select no step "
-                         f"index of num_inference_steps={n} (the window [{lo}, {hi}) is empty; index = "
-                         "fraction * num_inference_steps); make max_timestep_boundary larger")
-    if not steps:
-        raise ValueError(f"mid_timestep/final_timestep and min_timestep_boundary/max_timestep_boundary leave no "
-                         f"gradient step: mid_timestep..final_timestep = {mid}..{final}, but min_timestep_boundary="
-                         f"{lo_frac} and max_timestep_boundary={hi_frac} allow only step indices [{lo}, {hi}) of {n} "
-                         "(index = fraction * num_inference_steps); widen the boundaries or move "
-                         f"mid_timestep/final_timestep into {lo}..{hi - 1}")
-    return steps
+    """Indices of the steps that carry gradient: ``mid_timestep .. final_timestep``."""
+    return list(range(config.mid_timestep, config.final_timestep + 1))
 
 
 class FlowMatchEulerSampler(Sampler):
@@ -108,8 +80,12 @@ class FlowMatchEulerSampler(Sampler):
         shift: float = 5.0
         #: the high-noise expert runs while timestep >= boundary * 1000 (Wan2.2 I2V: 0.9, T2V: 0.875)
         boundary: float = 0.9
-        #: classifier-free guidance scale; 1 turns guidance off (distilled Lightning weights need none)
+        #: classifier-free guidance scale; 1 turns guidance off (distilled Lightning weights need none).
+        #: Otherwise each step also runs the model on ``negative_prompt`` (same image) and steps with
+        #: ``v_uncond + guidance_scale * (v - v_uncond)``, with gradient through both in the window
         guidance_scale: float = 1.0
+        #: the unconditional text of classifier-free guidance (used when guidance_scale != 1)
+        negative_prompt: str = ""
         #: dtype of the latents the step writes: auto (the input's), float32, bfloat16, float16
         latent_dtype: str = "auto"
         #: kernels backend: auto (Triton on CUDA), triton, torch
@@ -140,6 +116,7 @@ class FlowMatchEulerSampler(Sampler):
         self.latent_dtype = LATENT_DTYPES[self.options.latent_dtype]
         # None defers to rewardfl.kernels.set_backend (auto: Triton on CUDA)
         self._backend = None if self.options.kernels == "auto" else self.options.kernels
+        self.negative_prompt = self.options.negative_prompt
 
     @property
     def uses_guidance(self) -> bool:
@@ -175,9 +152,8 @@ class FlowMatchEulerSampler(Sampler):
             runs = {p.index: p.expert for p in steps if p.grad}
             raise ValueError(
                 f"trainable_models: no gradient step runs a trainable expert (trainable: {list(trainable_experts)}); "
-                f"gradient steps {list(runs)} (mid_timestep={self.config.mid_timestep}, final_timestep={final}, "
-                f"min_timestep_boundary={self.config.min_timestep_boundary}, max_timestep_boundary="
-                f"{self.config.max_timestep_boundary}) run {sorted(set(runs.values()))} "
+                f"gradient steps {list(runs)} (mid_timestep={self.config.mid_timestep}, final_timestep={final}) "
+                f"run {sorted(set(runs.values()))} "
                 f"(sampler.boundary={self.options.boundary}: {experts[0]} while timestep >= "
                 f"{self.options.boundary * 1000:g}); add one of them to trainable_models or move the gradient window"
             )

@@ -14,15 +14,21 @@ Frames are resized (bilinear, antialiased when shrinking, aspect kept) into the 
 Decoding, thresholding
 and NMS (``torchvision.ops.batched_nms``, one call for all frames) run as tensor ops on the
 frames' device: no Python loop over frames, no host sync per frame.
+
+Exports differ in where a head puts the batch (insightface's packs interleave frames in the
+rows); the loader rewrites the recognised layouts to per-frame rows (``onnx_fold``), and a
+detector whose heads it cannot recognise runs one frame per call.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from .onnx_fold import UNKNOWN
 from .onnx_runner import OnnxModel, load_onnx_model
 
 __all__ = ["Detections", "FaceDetector", "DEFAULT_THRESHOLDS", "letterbox"]
@@ -32,6 +38,10 @@ STRIDES = (8, 16, 32)
 DEFAULT_THRESHOLDS = {"scrfd": (0.5, 0.4), "yunet": (0.6, 0.3)}
 #: detector type -> (channel order, mean, std) of its input on the 0..255 scale
 INPUT_NORMALISATION = {"scrfd": ("rgb", 127.5, 128.0), "yunet": ("bgr", 0.0, 1.0)}
+#: detector type -> (number of outputs, what they are, each per stride 8, 16, 32)
+OUTPUTS = {"scrfd": (9, "scores, boxes, keypoints"), "yunet": (12, "class scores, object scores, boxes, keypoints")}
+
+log = logging.getLogger("rewardfl")
 
 
 @dataclasses.dataclass
@@ -51,6 +61,11 @@ class Detections:
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+    def select(self, keep: torch.Tensor) -> "Detections":
+        """The faces where ``keep`` ``(K,)`` bool is True (order kept; one host sync)."""
+        return Detections(boxes=self.boxes[keep], scores=self.scores[keep], landmarks=self.landmarks[keep],
+                          frame_index=self.frame_index[keep], num_frames=self.num_frames)
 
     @property
     def areas(self) -> torch.Tensor:
@@ -102,7 +117,8 @@ class FaceDetector:
 
     ``kind``: ``scrfd`` or ``yunet``; ``size``: letterbox canvas side (a multiple of 32);
     ``score_threshold``/``nms_threshold``: default per kind (:data:`DEFAULT_THRESHOLDS`);
-    ``batch_size``: frames per model call (bounds memory); ``backend``: see ``OnnxModel``.
+    ``batch_size``: frames per model call (bounds memory; 1 when the model's head layout is not
+    recognised, see ``frames_per_call``); ``backend``: see ``OnnxModel``.
     """
 
     def __init__(self, path: str, kind: str, *, size: int = 640, score_threshold: Optional[float] = None,
@@ -119,10 +135,23 @@ class FaceDetector:
         self.nms_threshold = default_nms if nms_threshold is None else nms_threshold
         self.batch_size = batch_size
         self.model = model or load_onnx_model(path, backend=backend)
-        expected = 9 if kind == "scrfd" else 12
-        if len(self.model.output_names) != expected:
-            raise ValueError(f"reward.detector_type: {path} has {len(self.model.output_names)} outputs, a {kind} "
-                             f"detector with keypoints has {expected}; check reward.detector_type")
+        outputs = len(self.model.output_names)
+        expected, what = OUTPUTS[kind]
+        if outputs != expected:
+            hint = {n: f"; it looks like a {other} detector: check reward.detector_type"
+                    for other, (n, _) in OUTPUTS.items()}
+            hint[1] = "; it looks like a face recognizer (one embedding output): give it as reward.recognizer"
+            raise ValueError(f"reward.detector: {path} has {outputs} output(s); expected a face detector of type "
+                             f"{kind} with keypoints ({expected} outputs: {what} per stride 8, 16, 32)"
+                             f"{hint.get(outputs, '')}")
+        layouts = self.model.batch_rewrites.head_layouts
+        #: frames per model call: batch_size, or 1 where a head's rows cannot be split per frame
+        self.frames_per_call = batch_size
+        if UNKNOWN in layouts and batch_size > 1:
+            self.frames_per_call = 1
+            log.warning("face detector %s: output %s is not fed by a Transpose + Reshape this loader knows, so its "
+                        "rows cannot be split per frame; detecting one frame per call", path,
+                        self.model.output_names[layouts.index(UNKNOWN)])
         self._centres: dict = {}
 
     # ------------------------------------------------------------------ model input / output
@@ -134,12 +163,12 @@ class FaceDetector:
 
     def _raw_outputs(self, frames: torch.Tensor, input_range, backend: Optional[str]):
         """Model outputs for frames ``(N, 3, H, W)``, each ``(N, anchors, C)``, and the letterbox
-        scale. Letterboxed and run ``batch_size`` frames at a time (bounds memory)."""
+        scale. Letterboxed and run ``frames_per_call`` frames at a time (bounds memory)."""
         per_chunk, scale = [], 1.0
-        for start in range(0, frames.shape[0], self.batch_size):
-            canvas, scale = letterbox(frames[start:start + self.batch_size], self.size, input_range)
+        for start in range(0, frames.shape[0], self.frames_per_call):
+            canvas, scale = letterbox(frames[start:start + self.frames_per_call], self.size, input_range)
             outs = self.model.run(self._normalise(canvas), backend)
-            # outputs hold the chunk flattened batch-major ((1, N*M, C) or (N*M, C)): unflatten
+            # recognised heads put out (N, M, C); an unknown one runs a single frame: (1, M, C) or (M, C)
             per_chunk.append([o.reshape(canvas.shape[0], -1, o.shape[-1]).to(frames.device) for o in outs])
         return [torch.cat(level) for level in zip(*per_chunk)], scale
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import threading
 from typing import Optional
@@ -18,9 +19,11 @@ from typing import Optional
 import onnx
 import torch
 
-from .onnx_fold import prepare_graph
+from .onnx_fold import INTERLEAVED, prepare_graph, real_inputs
 
 __all__ = ["OnnxModel", "BACKENDS", "load_onnx_model"]
+
+log = logging.getLogger("rewardfl")
 
 BACKENDS = ("auto", "onnxruntime", "torch")
 # onnx2torch has converters up to these opsets; newer graphs are converted down first
@@ -30,7 +33,8 @@ _TWIN_OPSET = 17
 class OnnxModel:
     """One ONNX model file, loaded once, run on any batch.
 
-    ``path``: the .onnx file (quantised weights are folded to fp32 at load).
+    ``path``: the .onnx file (quantised weights are folded to fp32 at load, and the graph is
+    rewritten to take any batch: ``batch_rewrites`` says what changed, see ``onnx_fold``).
     ``backend``: ``auto`` (onnxruntime when it has a provider for the tensor's device, else the
     torch twin), ``onnxruntime`` or ``torch``, for :meth:`run` (no gradient).
     """
@@ -46,14 +50,20 @@ class OnnxModel:
         except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
             raise ValueError(f"reward_model_path: cannot read ONNX model {path}: {type(e).__name__}: {e}") from e
         #: input (C, H, W) as declared before freeing the batch dim (0 where symbolic)
-        self.input_chw = tuple(d.dim_value for d in _real_inputs(raw)[0].type.tensor_type.shape.dim[1:])
+        self.input_chw = tuple(d.dim_value for d in real_inputs(raw)[0].type.tensor_type.shape.dim[1:])
         #: op types of the first compute nodes (for insightface's normalisation rule)
         self.first_ops = tuple(n.op_type for n in raw.graph.node
                                if n.op_type not in ("DequantizeLinear", "Reshape", "Constant"))[:8]
         #: output dims (without batch) as declared before freeing the batch dim (0 where symbolic)
         self.output_dims = [tuple(d.dim_value for d in o.type.tensor_type.shape.dim[1:]) for o in raw.graph.output]
-        self.proto = prepare_graph(raw)
-        self.input_name = _real_inputs(self.proto)[0].name
+        self.proto, self.batch_rewrites = prepare_graph(raw)
+        if INTERLEAVED in self.batch_rewrites.head_layouts:
+            log.info("face model %s: heads put out rows (h, w, batch, anchor) (insightface's export); "
+                     "rewritten to rows per frame", path)
+        if self.batch_rewrites.batch_reshapes:
+            log.info("face model %s: Reshape %s fixed the batch at 1; rewritten to take any batch", path,
+                     ", ".join(self.batch_rewrites.batch_reshapes))
+        self.input_name = real_inputs(self.proto)[0].name
         self.output_names = [o.name for o in self.proto.graph.output]
         self._sessions: dict = {}
         self._twins: dict = {}
@@ -165,12 +175,3 @@ def load_onnx_model(path: str, *, backend: str = "auto") -> OnnxModel:
         if key not in _LOADED:
             _LOADED[key] = OnnxModel(path, backend=backend)
         return _LOADED[key]
-
-
-def _real_inputs(model: onnx.ModelProto):
-    inits = {i.name for i in model.graph.initializer}
-    used = {i for n in model.graph.node for i in n.input}
-    inputs = [i for i in model.graph.input if i.name not in inits and i.name in used]
-    if not inputs:
-        raise ValueError(f"ONNX model {model.graph.name!r} has no input")
-    return inputs

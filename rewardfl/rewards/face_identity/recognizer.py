@@ -53,6 +53,11 @@ class FaceRecognizer:
                  channel_order: Optional[str] = None, mean: Optional[float] = None, std: Optional[float] = None,
                  batch_size: int = 64):
         self.model = load_onnx_model(path, backend=backend)
+        outputs = self.model.output_dims
+        if len(outputs) != 1:
+            hint = "; it looks like a face detector: give it as reward.detector" if len(outputs) in (9, 12) else ""
+            raise ValueError(f"reward.recognizer: {path} has {len(outputs)} outputs; expected a face recognizer "
+                             f"(one (N, D) embedding output of an aligned face crop){hint}")
         detected = detect_preprocessing(self.model)
         if channel_order is not None and channel_order not in ("rgb", "bgr"):
             raise ValueError(f"reward.recognizer_channel_order: must be 'rgb' or 'bgr', got {channel_order!r}")

@@ -1,0 +1,351 @@
+"""What a run leaves in ``output_dir``: who owns it, metrics, sample videos, the reward curve.
+
+* :class:`OutputDir`: one run at a time. ``acquire`` takes ``output_dir/.lock``
+  (PID and host inside; a lock whose process is gone on this host is stale and
+  taken over) and refuses a fresh run into a directory that holds another run's
+  checkpoints unless ``resume_from_checkpoint`` or ``overwrite_output_dir`` says so.
+* :class:`MetricsLog`: ``metrics.jsonl``, one JSON object per logged step, written
+  in one ``write`` and flushed; non-finite numbers are written as ``null`` (strict
+  JSON readers reject ``NaN``). Reading drops a torn last line (a crash or a full
+  disk mid-write) with a warning; any other bad line is an error naming the file
+  and line. With ``logging_steps: N`` a row is the mean of N optimizer steps.
+* :class:`VideoWriter` and :func:`plot_reward_curve`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import threading
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+
+log = logging.getLogger("rewardfl")
+
+__all__ = ["OutputDir", "check_output_dir", "MetricsLog", "MetricsWindow", "VideoWriter", "plot_reward_curve", "read_metrics",
+           "finite_or_none"]
+
+LOCK = ".lock"
+
+
+# --------------------------------------------------------------------------- the output directory
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+class OutputDir:
+    """Ownership of ``output_dir`` for the length of a run (rank 0 takes it; a context manager)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lock_path = os.path.join(path, LOCK)
+        self._held = False
+
+    def check_usable(self) -> None:
+        """``output_dir`` is (or can be made) a writable directory; ConfigError otherwise."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ConfigError(f"output_dir: {self.path} exists and is a file; point output_dir at a directory")
+        probe = self.path
+        while not os.path.exists(probe):  # the nearest existing parent must be writable
+            probe = os.path.dirname(probe) or "."
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise ConfigError(f"output_dir: {self.path} is not writable ({probe} is read-only for this user); "
+                              "choose another output_dir")
+
+    def holder(self) -> Optional[str]:
+        """A description of the live run holding the lock, or None (no lock, or a stale one)."""
+        try:
+            with open(self.lock_path, encoding="utf-8") as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            return None
+        pid, host = int(info.get("pid", -1)), str(info.get("host", ""))
+        if host == socket.gethostname() and not _pid_alive(pid):
+            return None
+        return f"pid {pid} on {host}"
+
+    def check_fresh_or_resumable(self, resume, overwrite: bool, checkpoints_dir: str) -> None:
+        """A fresh run must not land on another run's checkpoints (a later resume would continue that run)."""
+        if resume is not False or overwrite:
+            return
+        if os.path.isdir(checkpoints_dir) and any(n.startswith("checkpoint-") for n in os.listdir(checkpoints_dir)):
+            raise ConfigError(
+                f"output_dir: {self.path} holds another run's checkpoints; set resume_from_checkpoint: true to "
+                "continue it, overwrite_output_dir: true to replace it, or choose another output_dir")
+
+    def acquire(self) -> "OutputDir":
+        self.check_usable()
+        os.makedirs(self.path, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.holder()
+                if holder is not None:
+                    raise ConfigError(f"output_dir: {self.path} is in use by another run ({holder}, lock file "
+                                      f"{self.lock_path}); wait for it, or choose another output_dir") from None
+                log.warning("output_dir: removing a stale lock %s (its process is gone)", self.lock_path)
+                try:
+                    os.unlink(self.lock_path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(me, f)
+            self._held = True
+            return self
+        raise ConfigError(f"output_dir: could not take the lock {self.lock_path}; another run is starting there")
+
+    def clear_previous_run(self, checkpoints_dir: str, metrics_path: str) -> None:
+        """``overwrite_output_dir: true``: the previous run's checkpoints, metrics and export go."""
+        for path in (checkpoints_dir, os.path.join(self.path, "final")):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+        if os.path.exists(metrics_path):
+            os.unlink(metrics_path)
+
+    def release(self) -> None:
+        if self._held:
+            try:
+                os.unlink(self.lock_path)
+            except FileNotFoundError:
+                pass
+            self._held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def check_output_dir(cfg) -> None:
+    """``output_dir`` is writable, not in use by a live run, and not another run's unless resuming or
+    ``overwrite_output_dir``; ConfigError naming the key otherwise. Reads only (``run --check`` too)."""
+    path = cfg.resolve_path(cfg.output_dir)
+    out = OutputDir(path)
+    out.check_usable()
+    holder = out.holder()
+    if holder is not None:
+        raise ConfigError(f"output_dir: {path} is in use by another run ({holder}); wait for it, or choose "
+                          "another output_dir")
+    out.check_fresh_or_resumable(cfg.resume_from_checkpoint, cfg.overwrite_output_dir,
+                                 os.path.join(path, "checkpoints"))
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def finite_or_none(value):
+    """A number for JSON: non-finite floats become None (written as ``null``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a torn last line is dropped with a warning."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        raw = f.read()
+    lines = raw.split(b"\n")
+    # a file that does not end in a newline ends in a torn line (each record is written with its newline)
+    torn = len(lines) if not raw.endswith(b"\n") and lines[-1].strip() else None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a metrics record (an object with 'step')")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            reason = " ".join(str(e).split())
+            if number == torn:
+                log.warning("%s: dropping the torn last line %d (an interrupted write): %s", path, number, reason)
+                break
+            raise ValueError(f"{path}: line {number} is not valid metrics JSON ({reason}); "
+                             "fix or delete that line") from None
+        records.append(record)
+    return records
+
+
+class MetricsWindow:
+    """Averages the records of ``every`` optimizer steps into one row (``logging_steps``).
+
+    Numbers are averaged over the steps where they are finite (``null`` when none
+    is); ``updated`` counts the steps that updated the weights; counters that only
+    grow (``skipped_*`` totals) and ``step`` take the window's last value.
+    """
+
+    LAST = ("step", "skipped_nonfinite", "skipped_no_reference")
+
+    def __init__(self, every: int):
+        self.every = every
+        self.pending: list[dict] = []
+
+    def add(self, record: dict) -> Optional[dict]:
+        self.pending.append(record)
+        if len(self.pending) >= self.every:
+            return self.flush()
+        return None
+
+    def flush(self) -> Optional[dict]:
+        if not self.pending:
+            return None
+        rows, self.pending = self.pending, []
+        if len(rows) == 1 and self.every == 1:
+            return dict(rows[0])
+        out: dict = {}
+        for key in rows[-1]:
+            values = [r.get(key) for r in rows]
+            if key in self.LAST:
+                out[key] = values[-1]
+            elif key == "updated":
+                out[key] = sum(bool(v) for v in values)
+            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) or v is None for v in values):
+                finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+                out[key] = sum(finite) / len(finite) if finite else None
+                if key == "skipped_samples":
+                    out[key] = int(sum(v for v in values if v is not None))
+            else:
+                out[key] = values[-1]
+        out["logged_steps"] = len(rows)
+        return out
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one object per logged step) and TensorBoard when installed."""
+
+    def __init__(self, output_dir: str, enabled: bool, resume_step: int = 0):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        self._truncate_after(resume_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (and a torn last line): a resumed run rewrites the steps after
+        its checkpoint."""
+        if not os.path.exists(self.path):
+            return
+        keep = [r for r in read_metrics(self.path) if r["step"] <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in keep))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {k: finite_or_none(v) for k, v in record.items()}
+        line = json.dumps(record, allow_nan=False) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)  # one write: a crash leaves at most a torn last line, which read drops
+            f.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def read(self) -> list[dict]:
+        return read_metrics(self.path)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+# --------------------------------------------------------------------------- videos and the curve
+
+
+class VideoWriter:
+    """Writes sample videos as mp4 on a background thread (training does not wait on encoding)."""
+
+    def __init__(self, fps: int = 16):
+        self.fps = fps
+        self.threads: list[threading.Thread] = []
+
+    def submit(self, path: str, video: torch.Tensor, reference: Optional[torch.Tensor] = None) -> None:
+        """``video`` (3, F, H, W) in [-1, 1]; ``reference`` (F, 3, H, W) in [-1, 1] shown on the left."""
+        frames = _to_uint8(video.detach().float().cpu().permute(1, 2, 3, 0))  # (F, H, W, 3)
+        if reference is not None:
+            ref = _to_uint8(reference.detach().float().cpu().permute(0, 2, 3, 1))[: frames.shape[0]]
+            if ref.shape == frames.shape:
+                frames = np.concatenate([ref, frames], axis=2)
+        t = threading.Thread(target=_write_mp4, args=(path, frames, self.fps), daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def close(self):
+        for t in self.threads:
+            t.join()
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def _write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
+    import imageio.v2 as imageio
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.mp4"
+    # yuv444p: no chroma subsampling, so odd sizes work; macro_block_size=1 keeps small frames unpadded
+    with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                            pixelformat="yuv444p") as w:
+        for frame in frames:
+            w.append_data(frame)
+    os.replace(tmp, path)
+
+
+def plot_reward_curve(records: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        return [float("nan") if r.get(key) is None else r[key] for r in records]
+
+    steps = [r["step"] for r in records]
+    fig, ax1 = plt.subplots(figsize=(7, 4))
+    ax1.plot(steps, series("reward_score"), color="tab:blue", marker=".", label="reward score")
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("reward score", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot(steps, series("loss"), color="tab:red", alpha=0.6, label="loss")
+    ax2.set_ylabel("loss", color="tab:red")
+    ax1.set_title("reward feedback learning")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,219 @@
+"""Runs that cannot lose, corrupt or hijack a user's work: torn metrics, shared output dirs,
+non-finite updates, steps with nothing to learn from, honest exit codes (the real loop, tiny Wan,
+real face models, real videos)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from train_fixtures import make_config, small_dataset  # noqa: F401  (fixtures)
+from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
+
+from rewardfl import run
+from rewardfl.checkpoint import list_checkpoints
+from rewardfl.config import load_config
+from rewardfl.outputs import MetricsLog, OutputDir, read_metrics
+from rewardfl.registry import resolve_plugins
+from rewardfl.train import EXIT_NOTHING_TRAINED, EXIT_STOPPED, Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def _cli(cfg_path):
+    return subprocess.Popen([sys.executable, "-m", "rewardfl.run", cfg_path], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def blank_dataset(tmp_path_factory):
+    """A real mp4 of a grey wall (no face anywhere) and its metadata.csv."""
+    import imageio.v2 as imageio
+
+    folder = tmp_path_factory.mktemp("blank")
+    frames = np.full((5, 64, 64, 3), 128, np.uint8)
+    frames[:, :, :32] = 90  # not flat: an encoder-friendly edge, still no face
+    with imageio.get_writer(str(folder / "wall.mp4"), fps=16, codec="libx264", quality=10,
+                            macro_block_size=1, pixelformat="yuv444p") as w:
+        for f in frames:
+            w.append_data(f)
+    (folder / "metadata.csv").write_text("video,prompt\nwall.mp4,a wall\n")
+    return str(folder / "metadata.csv")
+
+
+# --------------------------------------------------------------------------- metrics.jsonl
+
+
+def test_metrics_nan_is_written_as_null_and_a_torn_last_line_is_dropped(tmp_path, caplog):
+    log = MetricsLog(str(tmp_path), enabled=True)
+    log.write({"step": 1, "reward_score": float("nan"), "loss": 0.5})
+    log.write({"step": 2, "reward_score": 0.25, "loss": float("inf")})
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert [json.loads(line) for line in text.splitlines()] == [  # strict JSON, readable by any reader
+        {"step": 1, "reward_score": None, "loss": 0.5}, {"step": 2, "reward_score": 0.25, "loss": None}]
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 3, "loss": 0.')  # disk full mid-record
+    assert [r["step"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))] == [1, 2]
+    assert "torn last line 3" in caplog.text
+
+
+def test_a_bad_line_in_the_middle_names_the_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, oops}\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not valid metrics JSON"):
+        read_metrics(str(path))
+
+
+def test_resume_after_a_torn_metrics_line(make_config, tmp_path):
+    out = tmp_path / "out"
+    assert run.main([make_config(max_steps=2, save_steps=2)]) == 0
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 3, "loss": 0.1')  # a crash mid-write after the checkpoint
+    assert run.main([make_config(max_steps=3, save_steps=2, resume_from_checkpoint=True)]) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- output_dir ownership
+
+
+def test_second_run_into_a_busy_output_dir_stops_and_sigterm_exits_143_without_export(make_config, tmp_path, capsys):
+    cfg = make_config(max_steps=50, save_steps=100)
+    first = _cli(cfg)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while (not metrics.exists() or not metrics.read_text().strip()) and first.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, first.communicate()[1]
+    # the same output_dir while the first run lives: one line, exit 2, nothing of the first touched
+    second = make_config(max_steps=2, resume_from_checkpoint=True)
+    assert run.main([second]) == 2
+    err = one_line_error(capsys)
+    assert "output_dir" in err and "in use by another run" in err and f"pid {first.pid}" in err
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == EXIT_STOPPED == 143, stderr
+    assert "stopped by signal" in stderr
+    steps = [s for s, _ in list_checkpoints(str(tmp_path / "out" / "checkpoints"))]
+    assert len(steps) == 1 and 1 <= steps[0] < 50  # the stop saved a checkpoint ...
+    assert not (tmp_path / "out" / "final").exists()  # ... and exported nothing
+    assert not (tmp_path / "out" / ".lock").exists()  # the lock went with the run
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(make_config, tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    os.makedirs(tmp_path / "out")
+    import socket
+
+    (tmp_path / "out" / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    assert run.main([make_config(max_steps=1)]) == 0
+    assert "stale lock" in caplog.text
+
+
+def test_fresh_run_refuses_another_runs_checkpoints_unless_told(make_config, tmp_path, capsys):
+    assert run.main([make_config(max_steps=2, save_steps=1)]) == 0
+    before = sorted(os.listdir(tmp_path / "out" / "checkpoints"))
+    assert run.main([make_config(max_steps=1)]) == 2  # a fresh run, same output_dir
+    err = one_line_error(capsys)
+    assert "holds another run's checkpoints" in err and "overwrite_output_dir" in err
+    assert sorted(os.listdir(tmp_path / "out" / "checkpoints")) == before  # nothing pruned
+    assert run.main([make_config(max_steps=1, overwrite_output_dir=True)]) == 0
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "out" / "checkpoints"))] == [1]
+    assert [r["step"] for r in read_metrics(str(tmp_path / "out" / "metrics.jsonl"))] == [1]
+
+
+def test_output_dir_that_is_a_file_or_read_only(make_config, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert run.main([make_config(output_dir=str(tmp_path / "afile")), "--check"]) == 2
+    assert "output_dir" in one_line_error(capsys)
+    if os.geteuid() == 0:  # root writes anywhere: read-only needs a read-only mount, not a mode
+        return
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert run.main([make_config(output_dir=str(ro / "out")), "--check"]) == 2
+        assert "not writable" in one_line_error(capsys)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_output_dir_lock_is_exclusive(tmp_path):
+    with OutputDir(str(tmp_path / "o")):
+        with pytest.raises(ValueError, match="in use by another run"):
+            OutputDir(str(tmp_path / "o")).acquire()
+    with OutputDir(str(tmp_path / "o")):  # released on exit
+        pass
+
+
+# --------------------------------------------------------------------------- updates that cannot corrupt weights
+
+
+@pytest.mark.parametrize("key,value,pattern", [
+    ("learning_rate", ".inf", "learning_rate: must be a finite number"),
+    ("adam_epsilon", "0", "adam_epsilon: must be > 0"),
+    ("weight_decay", ".nan", "weight_decay: must be a finite number"),
+    ("max_grad_norm", "-.inf", "max_grad_norm: must be a finite number"),
+])
+def test_optimizer_numbers_must_be_finite_and_positive(make_config, capsys, key, value, pattern):
+    assert run.main([make_config(), "--check", "--set", f"{key}={value}"]) == 2
+    assert pattern in one_line_error(capsys)
+
+
+def test_an_update_that_makes_weights_non_finite_is_rolled_back(make_config):
+    cfg = load_config(make_config(max_steps=3))
+    trainer = Trainer(cfg, resolve_plugins(cfg))
+    assert trainer.train_step()["updated"] is True  # a real update first: AdamW has momentum now
+    before = {k: v.clone() for k, v in trainer.model.trainable_state_dict().items()}
+    state_before = {k: {n: t.clone() for n, t in s.items()} for k, s in trainer.engine.optimizer.state.items()}
+    for group in trainer.engine.optimizer.param_groups:  # fault injection: an overflowing step size
+        group["lr"] = float("inf")
+    record = trainer.train_step()
+    assert record["updated"] is False and record["skipped_nonfinite"] == 1
+    after = trainer.model.trainable_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for k, s in trainer.engine.optimizer.state.items():  # the optimizer state rolled back too
+        for n, t in s.items():
+            assert torch.equal(t, state_before[k][n]), n
+    assert trainer.train_step()["updated"] is True  # the schedule set a finite lr again
+
+
+def test_a_step_with_nothing_to_learn_from_does_not_move_the_weights(make_config, blank_dataset):
+    from rewardfl.data import VideoDataset
+
+    cfg = load_config(make_config(max_steps=4))
+    trainer = Trainer(cfg, resolve_plugins(cfg))
+    assert trainer.train_step()["updated"] is True  # AdamW's momentum is non-zero from here on
+    before = {k: v.clone() for k, v in trainer.model.trainable_state_dict().items()}
+    # the next micro-batch is a real faceless video: its reference has no face, nothing can be scored
+    trainer.dataset = VideoDataset(blank_dataset, num_frames=5, max_pixels=4096, height=64, width=64)
+    trainer.micro_per_epoch, trainer.state.position, trainer._loader = 1, 0, None
+    record = trainer.train_step()
+    assert record["updated"] is False and record["skipped_samples"] == 1 and record["skipped_nonfinite"] == 0
+    after = trainer.model.trainable_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # momentum did not move them
+    assert trainer.state.skipped_empty == 1
+
+
+def test_a_run_in_which_nothing_trained_exits_non_zero(make_config, blank_dataset, capsys):
+    cfg = make_config(max_steps=2, data={"metadata_path": blank_dataset})
+    assert run.main([cfg]) == EXIT_NOTHING_TRAINED == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("rewardfl.run: error: no step updated the weights (2 steps: 2 with nothing to score")
