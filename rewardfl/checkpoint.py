@@ -4,9 +4,12 @@ Layout of ``OUTPUT_DIR/checkpoints/checkpoint-<step>/``::
 
     trainable.safetensors     the model's trainable_state_dict() (LoRA or full weights); loads
                               without rewardfl or DeepSpeed
-    optimizer.pt              optimizer state_dict   } or deepspeed/ (DeepSpeed's own checkpoint:
-    scheduler.pt              LR scheduler state     }  ZeRO-partitioned model and optimizer states),
-                                                        latest, zero_to_fp32.py
+    optimizer.pt              optimizer state_dict (without DeepSpeed)
+    scheduler.pt              LR scheduler state_dict (without DeepSpeed)
+    deepspeed/                under DeepSpeed, instead of the two above: its own checkpoint
+                              (*model_states.pt, *optim_states.pt; ZeRO-partitioned), and
+    latest, zero_to_fp32.py,  the tag file and conversion scripts DeepSpeed writes beside it
+    zero_to_torch.py          (never run by rewardfl)
     rng-<rank>.safetensors    python, numpy, torch (and CUDA) RNG states of each process
     state.json                step, epoch, data position, counters
     manifest.json             size and sha256 of every file above (written last)
@@ -249,8 +252,12 @@ def commit_checkpoint(root: str, step: int, tmp: str, keep: Optional[int] = None
         os.rename(tmp, final)
     _fsync_dir(root)
     if keep is not None:
-        for _, path in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(path, ignore_errors=True)
+        for old_step, path in list_checkpoints(root)[:-keep]:
+            # renamed away first: a crash mid-deletion leaves a hidden leftover, never a checkpoint
+            # that lost its manifest but still looks like an older rewardfl's
+            old = os.path.join(root, f".checkpoint-{old_step}.old")
+            os.rename(path, old)
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -297,6 +304,9 @@ def load_torch_file(path: str, map_location="cpu", allow: tuple = ()):
     It builds tensors and plain containers (and the classes in ``allow``) and refuses anything
     else, so a crafted file cannot run code; a refused or unreadable file is a CheckpointError.
     """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing (a checkpoint saved with a different deepspeed section?); resume "
+                              "from a checkpoint saved with this config")
     try:
         with torch.serialization.safe_globals(list(allow)):
             return torch.load(path, map_location=map_location, weights_only=True)

@@ -8,8 +8,15 @@ One optimizer step (``train_step``) reads top to bottom:
    ``loss = reward.loss(scores) + kl_weight * regulariser``; backward, scaled by
    1 / gradient_accumulation_steps;
 2. clip to ``max_grad_norm``; a non-finite loss or gradient skips the update
-   (counted) instead of corrupting the weights;
-3. AdamW step, LR schedule step; metrics, sample videos, checkpoints.
+   (counted) instead of corrupting the weights, an update that makes a weight
+   non-finite is rolled back, and a step with no sample to learn from (no face
+   anywhere, on every process) does not call the optimizer at all;
+3. AdamW step, LR schedule step; metrics (one row per ``logging_steps``), sample
+   videos, checkpoints.
+
+``run`` owns ``output_dir`` for its length (a lock; see ``rewardfl.outputs``). A
+signal stops after the step with a checkpoint and no export (exit 143); a run
+in which no step updated the weights exits 3 (see :func:`train`).
 
 Batch sizes: ``per_device_train_batch_size`` videos are sampled together in one
 micro-batch on each process; ``gradient_accumulation_steps`` micro-batches
@@ -34,19 +41,18 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checkpoint import (begin_checkpoint, commit_checkpoint, latest_checkpoint, load_checkpoint, load_rng,
-                         save_rng, write_checkpoint_files)
+from .checkpoint import (CheckpointError, begin_checkpoint, commit_checkpoint, latest_checkpoint, load_checkpoint,
+                         load_rng, save_failed, save_rng, verified_checkpoint, write_checkpoint_files)
 from .cli import EXIT_NOTHING_TRAINED, EXIT_STOPPED_BY_SIGNAL as EXIT_STOPPED
 from .config import ConfigError, TrainConfig, dump_config
 from .data import collate
-from .outputs import MetricsLog, MetricsWindow, OutputDir, VideoWriter, check_output_dir, plot_reward_curve
 from .distributed import DistInfo, all_reduce_mean, build_engine, init_distributed
 from .interfaces import Reward, Sampler, SampleContext, StepPlan, VideoModel
+from .outputs import MetricsLog, MetricsWindow, OutputDir, VideoWriter, check_output_dir, plot_reward_curve
 
 log = logging.getLogger("rewardfl")
 
 __all__ = ["train", "Trainer", "rollout", "sample_latents", "lr_lambda", "EXIT_STOPPED", "EXIT_NOTHING_TRAINED"]
-
 
 
 # --------------------------------------------------------------------------- the step
@@ -288,40 +294,72 @@ class Trainer:
 
     def save(self) -> str:
         """Checkpoint (collective under DeepSpeed): every process writes its part into one temporary
-        directory, rank 0 adds weights and state and renames it into place."""
+        directory, rank 0 adds weights, state and the manifest of checksums and renames it into place.
+
+        A failed write (a full disk) is a one-line CheckpointError naming the file and the free
+        space; the temporary directory is removed and the previous checkpoints stay as they were.
+        With several processes, the process that failed exits and the launcher stops the others.
+        """
         step = self.state.step
         tmp = os.path.join(self.ckpt_dir, f".checkpoint-{step}.tmp")
-        if self.is_main:
-            tmp = begin_checkpoint(self.ckpt_dir, step)
-        barrier(self.dist)
-        self.engine.save(tmp)
-        save_rng(tmp, self.rank)
-        with self.engine.gathered():
-            weights = self.model.trainable_state_dict() if self.is_main else None
-            if self.is_main:
-                weights = {k: v.detach().to("cpu").clone() for k, v in weights.items()}
-        barrier(self.dist)
         path = os.path.join(self.ckpt_dir, f"checkpoint-{step}")
-        if self.is_main:
-            write_checkpoint_files(tmp, step, weights=weights, state=dataclasses.asdict(self.state))
-            path = commit_checkpoint(self.ckpt_dir, step, tmp, keep=self.cfg.save_total_limit)
-            log.info("saved checkpoint %s", path)
+        try:
+            if self.is_main:
+                tmp = begin_checkpoint(self.ckpt_dir, step)
+            barrier(self.dist)
+            self.engine.save(tmp)
+            save_rng(tmp, self.rank)
+            with self.engine.gathered():
+                weights = self.model.trainable_state_dict() if self.is_main else None
+                if self.is_main:
+                    weights = {k: v.detach().to("cpu").clone() for k, v in weights.items()}
+            barrier(self.dist)
+            if self.is_main:
+                write_checkpoint_files(tmp, step, weights=weights, state=dataclasses.asdict(self.state))
+                path = commit_checkpoint(self.ckpt_dir, step, tmp, keep=self.cfg.save_total_limit)
+                log.info("saved checkpoint %s", path)
+        except OSError as e:
+            raise save_failed(tmp, e) from e
         barrier(self.dist)
         return path
 
     def maybe_resume(self) -> Optional[str]:
+        """Load the checkpoint ``resume_from_checkpoint`` names (``true``: the newest that verifies).
+
+        Rank 0 checks the manifest (every file read once, not once per process) and all processes
+        load what it chose; any failure to load is a one-line CheckpointError naming the path.
+        """
         r = self.cfg.resume_from_checkpoint
         if r is False:
             return None
-        path = latest_checkpoint(self.ckpt_dir) if r is True else self.cfg.resolve_path(r)
+        choice = [None, None]  # (path, error message) as rank 0 found them
+        if self.is_main:
+            try:
+                choice[0] = latest_checkpoint(self.ckpt_dir) if r is True else verified_checkpoint(
+                    self.cfg.resolve_path(r))
+            except CheckpointError as e:
+                choice[1] = str(e)
+        if self.dist.active and self.world_size > 1:
+            torch.distributed.broadcast_object_list(choice, src=0)
+        path, error = choice
+        if error is not None:
+            raise CheckpointError(error)
         if path is None:
             log.info("resume_from_checkpoint: no checkpoint in %s yet; starting fresh", self.ckpt_dir)
             return None
-        weights, state = load_checkpoint(path, restore_rng=False)
-        with self.engine.gathered():
-            self.model.load_trainable_state_dict(weights)
-        self.engine.load(path)
-        load_rng(path, self.rank)
+        try:
+            weights, state = load_checkpoint(path)
+            with self.engine.gathered():
+                self.model.load_trainable_state_dict(weights)
+            self.engine.load(path)
+            load_rng(path, self.rank)
+        except CheckpointError:
+            raise
+        except Exception as e:  # a state that does not fit this model or optimizer (or an unverified file)
+            text = " ".join(str(e).split())[:300]  # load_state_dict lists every key: the start says enough
+            raise CheckpointError(f"resume_from_checkpoint: could not load {path} ({type(e).__name__}: {text}); "
+                                  "it does not match this config's model and trainable_models, or it is damaged: "
+                                  "resume from another checkpoint") from e
         self.state = TrainState(**{f.name: state[f.name] for f in dataclasses.fields(TrainState) if f.name in state})
         log.info("resumed from %s at step %d", path, self.state.step)
         return path

@@ -27,7 +27,7 @@ from rewardfl.registry import create
 from rewardfl.rewards.face_identity import FaceDetector, FaceRecognizer
 
 FRAME = 128  # frame side (pixels)
-DET_SIZE = 128  # letterbox canvas: the frame itself (smallest that fits; keeps the test fast)
+DET_SIZE = 128  # letterbox canvas = the frame: no resize, and fast
 SFACE = "face_recognition_sface_2021dec.onnx"
 
 
@@ -129,6 +129,40 @@ def test_batched_detection_equals_per_frame_on_insightface_layout(backend, insig
     assert 9 not in found and len(found) >= 13, sorted(found)  # the reference itself finds the faces
     assert batched.frame_index.tolist() == single.frame_index.tolist()
     torch.testing.assert_close(batched.boxes, single.boxes, atol=1e-3, rtol=0)
+    torch.testing.assert_close(batched.landmarks, single.landmarks, atol=1e-3, rtol=0)
+    torch.testing.assert_close(batched.scores, single.scores, atol=1e-5, rtol=0)
+
+
+def test_unrecognised_head_layout_detects_one_frame_per_call(insightface_twin, face_photo, tmp_path, caplog):
+    """The twin with each head's Reshape shape computed by a Concat (as exports without constant
+    folding have it): the rows' layout cannot be told from the graph, so frames go one per call."""
+    model = onnx.load(insightface_twin)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    shapes = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    computed = []
+    for out in model.graph.output:
+        node = producer[out.name]
+        reshape = producer[node.input[0]] if node.op_type == "Sigmoid" else node
+        parts = []
+        for j, value in enumerate(shapes[reshape.input[1]]):
+            parts.append(f"{out.name}_shape_{j}")
+            computed.append(onnx.helper.make_node("Constant", [], [parts[-1]],
+                                                  value=numpy_helper.from_array(np.array([value], np.int64))))
+        computed.append(onnx.helper.make_node("Concat", parts, [f"{out.name}_shape"], axis=0))
+        reshape.input[1] = f"{out.name}_shape"
+    nodes = computed + list(model.graph.node)  # the shapes first: topological order
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    path = str(tmp_path / "det_unknown_layout.onnx")
+    onnx.save(model, path)
+    frames = _clip(face_photo)[6:12]  # frame 9 has no face
+    with caplog.at_level(logging.WARNING, logger="rewardfl"):
+        detector = FaceDetector(path, "scrfd", size=DET_SIZE, batch_size=16)
+    assert detector.frames_per_call == 1 and "one frame per call" in caplog.text and path in caplog.text
+    batched = detector(frames)
+    single = FaceDetector(insightface_twin, "scrfd", size=DET_SIZE, batch_size=1)(frames)
+    assert batched.frame_index.tolist() == single.frame_index.tolist() and len(set(single.frame_index.tolist())) >= 4
     torch.testing.assert_close(batched.landmarks, single.landmarks, atol=1e-3, rtol=0)
     torch.testing.assert_close(batched.scores, single.scores, atol=1e-5, rtol=0)
 

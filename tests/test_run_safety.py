@@ -217,3 +217,31 @@ def test_a_run_in_which_nothing_trained_exits_non_zero(make_config, blank_datase
     assert run.main([cfg]) == EXIT_NOTHING_TRAINED == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("rewardfl.run: error: no step updated the weights (2 steps: 2 with nothing to score")
+
+
+# --------------------------------------------------------------------------- run --check, before any model loads
+
+
+def test_check_finds_data_and_face_model_problems_without_loading(make_config, tmp_path, capsys, face_assets):
+    assert run.main([make_config(), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "data     2 videos listed in" in out and "all present" in out
+    assert "reward   detector" in out and "reward   recognizer" in out and "writable" in out
+    # a CSV without the prompt column, a CSV listing a missing video
+    (tmp_path / "cols.csv").write_text("video,caption\na.mp4,x\n")
+    assert run.main([make_config(data={"metadata_path": str(tmp_path / "cols.csv")}), "--check"]) == 2
+    assert "missing column prompt" in one_line_error(capsys)
+    (tmp_path / "gone.csv").write_text("video,prompt\nnot_there.mp4,x\n")
+    assert run.main([make_config(data={"metadata_path": str(tmp_path / "gone.csv")}), "--check"]) == 2
+    assert "not_there.mp4" in one_line_error(capsys)
+    # a face-model directory holding only a detector
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    det = [n for n in os.listdir(face_assets.scrfd_sface) if n.endswith(".onnx") and "sface" not in n][0]
+    os.symlink(os.path.join(face_assets.scrfd_sface, det), pack / det)
+    assert run.main([make_config(reward_model_path=str(pack)), "--check"]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("rewardfl.run: error: reward_model_path: no recognizer") and det in err
+    # a reward option out of range, caught by --check (no model loads)
+    assert run.main([make_config(reward={"det_size": 100}), "--check"]) == 2
+    assert "reward.det_size: must be a positive multiple of 32" in one_line_error(capsys)

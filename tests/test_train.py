@@ -73,7 +73,7 @@ def test_checkpoint_holds_exactly_the_trainable_weights(make_config, tmp_path):
     cfg = load_config(make_config(max_steps=2))
     trainer = Trainer(cfg, resolve_plugins(cfg))
     trainer.run()
-    weights, state = load_checkpoint(latest_checkpoint(trainer.ckpt_dir), restore_rng=False)
+    weights, state = load_checkpoint(latest_checkpoint(trainer.ckpt_dir))
     live = trainer.model.trainable_state_dict()
     assert sorted(weights) == sorted(live)
     for k in live:
@@ -110,31 +110,46 @@ def test_killed_run_resumes_to_the_same_metrics(make_config, tmp_path):
     assert got == expected
 
 
-def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
-    # a child process saves checkpoint 1, then is SIGKILLed in the middle of writing checkpoint 2
+def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(make_config, tmp_path):
+    # a child process saves checkpoint 1 of a real Trainer, then is SIGKILLed in the middle of
+    # writing checkpoint 2 (its optimizer, RNG states and weights written, its manifest not)
+    cfg = make_config()
     script = textwrap.dedent(f"""
         import os, signal, torch
         from rewardfl import checkpoint
-        root = {str(tmp_path / "ck")!r}
-        w = {{"lora.weight": torch.arange(6.0).reshape(2, 3)}}
-        checkpoint.save_checkpoint(root, 1, weights=w, state={{"position": 1}})
-        real_save = torch.save
-        def dying_save(obj, path, *a, **k):
-            real_save(obj, path, *a, **k)
-            if path.endswith("rng-0.pt"):
+        from rewardfl.config import load_config
+        from rewardfl.registry import resolve_plugins
+        from rewardfl.train import Trainer
+        cfg = load_config({cfg!r})
+        trainer = Trainer(cfg, resolve_plugins(cfg))
+        def save(step, value):
+            with torch.no_grad():
+                for p in trainer.params:
+                    p.fill_(value)
+            trainer.state.step = trainer.state.position = step
+            trainer.save()
+        save(1, 0.25)
+        real_save_file = checkpoint.save_file
+        def dying_save_file(tensors, path, *a, **k):
+            real_save_file(tensors, path, *a, **k)
+            if path.endswith("trainable.safetensors"):
                 os.kill(os.getpid(), signal.SIGKILL)
-        checkpoint.torch.save = dying_save
-        checkpoint.save_checkpoint(root, 2, weights={{"lora.weight": torch.zeros(2, 3)}}, state={{"position": 2}})
+        checkpoint.save_file = dying_save_file
+        save(2, 0.0)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    root = str(tmp_path / "ck")
+    root = str(tmp_path / "out" / "checkpoints")
     assert ".checkpoint-2.tmp" in os.listdir(root)  # the torn write
-    path = latest_checkpoint(root)
-    assert path.endswith("checkpoint-1")
-    weights, state = load_checkpoint(path, restore_rng=False)
-    assert torch.equal(weights["lora.weight"], torch.arange(6.0).reshape(2, 3))
-    assert state == {"step": 1, "position": 1}
+    assert latest_checkpoint(root).endswith("checkpoint-1")
+    resumed_cfg = load_config(make_config(resume_from_checkpoint=True))
+    trainer = Trainer(resumed_cfg, resolve_plugins(resumed_cfg))
+    assert trainer.maybe_resume().endswith("checkpoint-1")
+    assert all(bool((v == 0.25).all()) for v in trainer.model.trainable_state_dict().values())
+    assert (trainer.state.step, trainer.state.position) == (1, 1)
+    trainer.state.step = 2  # the next save is not blocked by the leftovers, and removes them
+    trainer.save()
+    assert sorted(os.listdir(root)) == ["checkpoint-1", "checkpoint-2"]
 
 
 def test_non_finite_loss_skips_the_update(make_config):

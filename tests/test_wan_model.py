@@ -15,6 +15,7 @@ import types
 import numpy as np
 import pytest
 import torch
+import yaml
 from wan_fixtures import build_tiny, perturb_lora, tiny_config, tiny_dir, write_paths  # noqa: F401
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -450,6 +451,30 @@ def test_bad_training_choice_fails_before_loading_weights(tiny_dir, monkeypatch,
     monkeypatch.setattr(wan, "load_state_dict", no_heavy_work)
     with pytest.raises(ValueError, match=match):
         build_tiny(tiny_dir, **overrides)
+
+
+@pytest.mark.parametrize("section,match", [
+    ("decode_clamp: clip", r"model\.decode_clamp: must be one of \['straight_through', 'hard', 'none'\], got 'clip'"),
+    ("offload_idle_expert: maybe", r"model\.offload_idle_expert: must be one of .*got 'maybe'"),
+])
+def test_bad_model_option_is_a_config_error_before_anything_loads(section, match):
+    from rewardfl import registry
+    from rewardfl.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict({"model_name": "wan2_2_tiny", "model": yaml.safe_load(section)})
+    with pytest.raises(ConfigError, match=match):
+        registry.resolve_plugins(cfg)  # the config check (`run --check`): no file is opened
+
+
+@pytest.mark.parametrize("text,want", [("yes", True), ("no", False), ("auto", "auto"), ("'yes'", "yes")])
+def test_offload_idle_expert_accepts_yaml_yes_and_no(text, want):
+    """YAML 1.1 reads a bare yes/no as a boolean: both spellings are the option's yes/no."""
+    from rewardfl import registry
+    from rewardfl.config import config_from_dict
+
+    cfg = config_from_dict({"model_name": "wan2_2_tiny", "model": yaml.safe_load(f"offload_idle_expert: {text}")})
+    registry.resolve_plugins(cfg)
+    assert cfg.model.offload_idle_expert == want
 
 
 def test_single_dit_has_no_dit2(tiny_dir, tmp_path):

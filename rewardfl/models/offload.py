@@ -29,11 +29,13 @@ def move_frozen_(module: torch.nn.Module, device) -> None:
     """Move ``module``'s frozen parameters (``requires_grad`` False) and its buffers to ``device``.
 
     In place; the Parameter objects stay, only frozen ones get new storage. Trainable parameters
-    are never touched: ``Module.to`` rebinds every ``param.data`` to a fresh tensor, which cuts
-    DeepSpeed ZeRO-1/2's trainable parameters loose from its flat bf16/fp32 partitions (their
-    ``.data`` are views into them; the optimizer then updates the flat buffer and the model keeps
-    sampling with stale weights). Parameters partitioned by ZeRO-3 (``ds_id``) are DeepSpeed's to
-    place and are skipped too. Tensors already on ``device`` are left as they are.
+    are never touched. DeepSpeed ZeRO-1/2 make their ``.data`` views into its flat buffers, which
+    the optimizer updates; ``Module.to`` across devices rebinds every ``param.data`` to a fresh
+    tensor. DeepSpeed 0.19's ZeRO-1/2 optimizer re-points the views after each step (until then a
+    moved parameter is a second copy), but its BF16_Optimizer (ZeRO-1, bf16 weights, fp32 gradient
+    accumulation) does not, and the model would keep sampling with the weights of its first move.
+    Parameters partitioned by ZeRO-3 (``ds_id``) are DeepSpeed's to place and are skipped too.
+    Tensors already on ``device`` are left as they are.
     """
     device = torch.device(device)
     for m in module.modules():

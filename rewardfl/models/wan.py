@@ -450,10 +450,10 @@ class Wan22Model(VideoModel):
         """With ``offload_idle_expert``: ``expert``'s frozen weights on the device, the others' on the CPU.
 
         Only frozen weights move (``offload.move_frozen_``): an optimizer holds the trainable ones,
-        and DeepSpeed ZeRO-1/2 makes them views into its flat buffers, a link that
-        ``Module.to`` (which rebinds ``param.data``) would cut. Checked on every call, which costs
-        a device comparison per parameter when nothing moves, so that whatever else placed a
-        module (DeepSpeed moves the whole trained expert to the device) is put right.
+        and DeepSpeed ZeRO-1/2 makes them views into its flat buffers, a link that ``Module.to``
+        (which rebinds ``param.data``) would cut. Checked on every call, at the cost of a device
+        comparison per parameter when nothing moves, so that whatever else placed a module
+        (DeepSpeed moves the whole trained expert to the device at start) is put right.
         """
         from .offload import move_frozen_
 

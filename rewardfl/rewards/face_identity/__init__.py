@@ -3,13 +3,14 @@
 Modules, in the order data flows through them:
 
 * ``model_pack``: which ONNX files of ``reward_model_path`` are the detector and recognizer;
-* ``onnx_fold``: quantised weights folded to fp32, batch dim freed (what makes the shipped
-  OpenCV-zoo models load in onnxruntime and onnx2torch);
+* ``onnx_fold``: quantised weights folded to fp32, batch dim freed, detector heads rewritten to
+  per-frame rows whatever the export's layout (what makes the shipped models load in onnxruntime
+  and onnx2torch, and run batched);
 * ``onnx_runner``: one model on onnxruntime (CPU, or CUDA with IOBinding) or its torch twin;
 * ``detectors``: batched SCRFD / YuNet detection, vectorised decoding, batched NMS;
 * ``recognizer``: alignment (``rewardfl.ops.face_align``) and embeddings;
 * ``scoring``: pooled identity score, FaceSim-Arc, loss shaping;
-* ``reward``: the plugin class, reference caching.
+* ``reward``: the plugin class, reference caching, dropping faces that cannot be aligned.
 """
 
 from .detectors import Detections, FaceDetector

@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
 from .onnx_fold import UNKNOWN
 from .onnx_runner import OnnxModel, load_onnx_model
 
@@ -213,7 +214,7 @@ class FaceDetector:
     def __call__(self, frames: torch.Tensor, *, input_range=(-1.0, 1.0), backend: Optional[str] = None) -> Detections:
         """Detect faces in ``frames`` ``(N, 3, H, W)`` RGB in ``input_range`` (any device).
 
-        One model call per ``batch_size`` frames, one host sync in all (the number of faces)."""
+        One model call per ``frames_per_call`` frames, one host sync in all (the number of faces)."""
         if frames.dim() != 4 or frames.shape[1] != 3:
             raise ValueError(f"face detection: frames must be (N, 3, H, W), got {tuple(frames.shape)}")
         from torchvision.ops import batched_nms  # imported here: torchvision's import takes ~2 s

@@ -31,7 +31,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 __all__ = ["dequantize", "fold_quantized_weights", "free_batch_dim", "is_quantized", "prepare_graph",
-           "rows_per_frame", "copy_batch_in_reshapes", "real_inputs", "BatchRewrites", "PER_FRAME", "INTERLEAVED", "UNKNOWN"]
+           "rows_per_frame", "copy_batch_in_reshapes", "real_inputs", "BatchRewrites",
+           "PER_FRAME", "INTERLEAVED", "UNKNOWN"]
 
 #: how a detector head's output rows were ordered in the file (see :func:`rows_per_frame`)
 PER_FRAME = "per_frame"  # Transpose [0, 2, 3, 1]: rows (batch, h, w, anchor)

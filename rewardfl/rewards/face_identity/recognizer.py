@@ -53,11 +53,13 @@ class FaceRecognizer:
                  channel_order: Optional[str] = None, mean: Optional[float] = None, std: Optional[float] = None,
                  batch_size: int = 64):
         self.model = load_onnx_model(path, backend=backend)
-        outputs = self.model.output_dims
-        if len(outputs) != 1:
-            hint = "; it looks like a face detector: give it as reward.detector" if len(outputs) in (9, 12) else ""
-            raise ValueError(f"reward.recognizer: {path} has {len(outputs)} outputs; expected a face recognizer "
-                             f"(one (N, D) embedding output of an aligned face crop){hint}")
+        outputs = self.model.output_dims  # declared, without the batch dim
+        if len(outputs) != 1 or sum(d != 1 for d in outputs[0]) > 1:  # one output, one feature dim
+            found = f"{len(outputs)} outputs" if len(outputs) != 1 else \
+                "one output of shape (N, " + ", ".join(str(d or "?") for d in outputs[0]) + ")"
+            raise ValueError(f"reward.recognizer: {path} has {found}; expected a face recognizer (one (N, D) "
+                             f"embedding output of an aligned face crop); it looks like a face detector: give it "
+                             f"as reward.detector")
         detected = detect_preprocessing(self.model)
         if channel_order is not None and channel_order not in ("rgb", "bgr"):
             raise ValueError(f"reward.recognizer_channel_order: must be 'rgb' or 'bgr', got {channel_order!r}")

@@ -2,7 +2,9 @@
 
 Per step, for a batch of videos ``(B, 3, F, H, W)`` in [-1, 1]:
 
-1. detect faces in all ``B*F`` frames at once (no gradient; onnxruntime or the torch twin);
+1. detect faces in all ``B*F`` frames at once (no gradient; onnxruntime or the torch twin), and
+   drop faces whose landmarks ``face_align`` would reject (``rewardfl.ops.landmark_problems``:
+   non-finite, coincident, collinear): one odd detection must not end a run;
 2. pick a face per frame (largest, most similar to the reference, or all); frames without one
    optionally borrow the reference video's landmarks for that frame (``landmark_fallback``);
 3. align those faces with ``rewardfl.ops.face_align`` (differentiable in the frames) and embed
@@ -24,7 +26,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from rewardfl.config import ConfigError
 from rewardfl.interfaces import Reward, RewardOutput, SampleContext
+from rewardfl.ops import landmark_problems
 
 from .detectors import Detections, FaceDetector
 from .model_pack import ModelPack, find_model_pack
@@ -36,6 +40,9 @@ __all__ = ["FaceIdentityReward", "ReferenceFaces"]
 log = logging.getLogger("rewardfl")
 
 FACE_SELECT = ("largest", "most_similar", "all")
+#: part of the reference cache key: bump when the same models and options give other references
+#: (2: insightface heads read per frame, unalignable faces dropped)
+REFERENCE_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -43,7 +50,8 @@ class ReferenceFaces:
     """The reference video's faces, one (largest) per frame, on the CPU.
 
     ``embeddings`` ``(Fr, D)`` normalised (zero rows where no face), ``found`` ``(Fr,)`` bool,
-    ``landmarks`` ``(Fr, 5, 2)`` frame pixels of a ``height`` x ``width`` frame.
+    ``landmarks`` ``(Fr, 5, 2)`` frame pixels of a ``height`` x ``width`` frame; ``degenerate``:
+    detected faces dropped because their landmarks cannot be aligned.
     """
 
     embeddings: torch.Tensor
@@ -51,6 +59,7 @@ class ReferenceFaces:
     landmarks: torch.Tensor
     height: int
     width: int
+    degenerate: int = 0
 
     def usable(self, exclude_frame0: bool) -> torch.Tensor:
         """Frames that count: with a face, frame 0 left out (when asked and there are others)."""
@@ -112,22 +121,38 @@ class FaceIdentityReward(Reward):
         #: frames sampled per video for FaceSim-Arc (evaluation)
         eval_num_frames: int = 16
 
+        def __post_init__(self):  # checked where the config enters (run --check too), before any model loads
+            if self.face_select not in FACE_SELECT:
+                raise ConfigError(f"reward.face_select: must be one of {list(FACE_SELECT)}, got {self.face_select!r}")
+            if self.landmark_fallback and self.face_select == "all":
+                raise ConfigError("reward.landmark_fallback: needs face_select largest or most_similar "
+                                  "(one face per frame)")
+            if self.score_std <= 0:
+                raise ConfigError(f"reward.score_std: must be > 0, got {self.score_std}")
+            if self.backend not in ("auto", "onnxruntime", "torch"):
+                raise ConfigError(f"reward.backend: must be auto, onnxruntime or torch, got {self.backend!r}")
+            if self.det_size <= 0 or self.det_size % 32:
+                raise ConfigError(f"reward.det_size: must be a positive multiple of 32, got {self.det_size}")
+            if self.det_batch_size <= 0 or self.eval_num_frames <= 0:
+                raise ConfigError("reward.det_batch_size/reward.eval_num_frames: must be > 0, got "
+                                  f"{self.det_batch_size}, {self.eval_num_frames}")
+
+    @classmethod
+    def check(cls, config, options) -> list[str]:
+        """The face model pack's files, found by name without loading them (``run --check``)."""
+        pack = cls._find_pack(config, options)
+        return [f"detector   {pack.detector} ({pack.detector_type})", f"recognizer {pack.recognizer}"]
+
+    @staticmethod
+    def _find_pack(config, opts) -> ModelPack:
+        path = config.resolve_path(config.reward_model_path) if config.reward_model_path else None
+        return find_model_pack(path, detector=opts.detector, detector_type=opts.detector_type,
+                               recognizer=opts.recognizer)
+
     def __init__(self, config, options: Optional["FaceIdentityReward.Options"] = None, *, device=None, **_runtime):
         opts = options if options is not None else self.Options()
-        if opts.face_select not in FACE_SELECT:
-            raise ValueError(f"reward.face_select: must be one of {list(FACE_SELECT)}, got {opts.face_select!r}")
-        if opts.landmark_fallback and opts.face_select == "all":
-            raise ValueError("reward.landmark_fallback: needs face_select largest or most_similar (one face per frame)")
-        if opts.score_std <= 0:
-            raise ValueError(f"reward.score_std: must be > 0, got {opts.score_std}")
-        if opts.backend not in ("auto", "onnxruntime", "torch"):
-            raise ValueError(f"reward.backend: must be auto, onnxruntime or torch, got {opts.backend!r}")
-        if opts.det_size <= 0 or opts.det_size % 32:
-            raise ValueError(f"reward.det_size: must be a positive multiple of 32, got {opts.det_size}")
         self.options = opts
-        path = config.resolve_path(config.reward_model_path) if config.reward_model_path else None
-        self.pack: ModelPack = find_model_pack(path, detector=opts.detector, detector_type=opts.detector_type,
-                                               recognizer=opts.recognizer)
+        self.pack: ModelPack = self._find_pack(config, opts)
         self.device = torch.device(device) if device not in (None, "auto") else torch.device("cpu")
         self._detector: Optional[FaceDetector] = None
         self._recognizer: Optional[FaceRecognizer] = None
@@ -157,7 +182,7 @@ class FaceIdentityReward(Reward):
     def model_key(self) -> str:
         """Hash of what reference embeddings depend on: model files, detection and preprocessing."""
         if self._model_key is None:
-            h = hashlib.sha256()
+            h = hashlib.sha256(f"references v{REFERENCE_VERSION}".encode())
             for path in (self.pack.detector, self.pack.recognizer):
                 h.update(_file_sha256(path).encode())
             d = self.detector
@@ -181,7 +206,8 @@ class FaceIdentityReward(Reward):
     def embed_reference(self, frames: torch.Tensor) -> ReferenceFaces:
         """Faces of a reference video ``(F, 3, H, W)`` in [-1, 1] (no gradient, no caching)."""
         frames = frames.detach().to(self.device)
-        landmarks, _, found = self.detector(frames).largest()
+        det, degenerate = _drop_unalignable(self.detector(frames))
+        landmarks, _, found = det.largest()
         idx = found.nonzero().flatten()
         emb_dim = self.recognizer.embedding_dim or 1
         embeddings = torch.zeros(frames.shape[0], emb_dim)
@@ -193,7 +219,7 @@ class FaceIdentityReward(Reward):
                 embeddings = torch.zeros(frames.shape[0], e.shape[1])
             embeddings[idx.cpu()] = e
         return ReferenceFaces(embeddings=embeddings, found=found.cpu(), landmarks=landmarks.cpu().float(),
-                              height=int(frames.shape[2]), width=int(frames.shape[3]))
+                              height=int(frames.shape[2]), width=int(frames.shape[3]), degenerate=int(degenerate))
 
     def reference(self, context: SampleContext) -> Optional[ReferenceFaces]:
         """The reference faces of a sample: memory cache, then disk cache, then computed."""
@@ -217,6 +243,10 @@ class FaceIdentityReward(Reward):
                 except Exception as e:  # noqa: BLE001 - a corrupt cache entry is recomputed
                     log.warning("face_identity: ignoring unreadable reference cache %s (%s)", cache_file, e)
         faces = self.embed_reference(ref)
+        if faces.degenerate:
+            log.warning("face_identity: %d face(s) in the reference of sample %r (%s) have landmarks that cannot "
+                        "be aligned; their frames count as frames without a face", faces.degenerate,
+                        context.sample_id, context.reference_path or "in memory")
         if cache_file:
             os.makedirs(cache_root, exist_ok=True)
             tmp = f"{cache_file}.{os.getpid()}.tmp"
@@ -296,7 +326,7 @@ class FaceIdentityReward(Reward):
         ref_mean = torch.stack([m if m is not None else torch.zeros(emb_dim) for m in means]).to(videos.device)
 
         frames = videos.transpose(1, 2).reshape(batch * num_frames, 3, height, width)
-        det = self.detector(frames.detach())
+        det, degenerate = _drop_unalignable(self.detector(frames.detach()))
         landmarks, index, fallback = self._faces(frames, det, refs, ref_mean, batch, num_frames)
         grad = torch.is_grad_enabled() and videos.requires_grad
         if index.numel():
@@ -315,6 +345,8 @@ class FaceIdentityReward(Reward):
             "face_frames": float(faced_frames),
             "face_frame_fraction": faced_frames / max(batch * counted, 1),
             "fallback_frames": float(fallback.sum().cpu()),
+            "degenerate_faces": float(degenerate.cpu()),
+            "reference_degenerate_faces": float(sum(r.degenerate for r in refs if r is not None)),
             "samples_without_face": float((~has_face).sum().cpu()),
             "references_without_face": float((~ref_valid).sum()),
         }
@@ -340,7 +372,8 @@ class FaceIdentityReward(Reward):
         (pooled), FaceSim-Arc over ``eval_num_frames`` frames, and per-frame similarities."""
         o = self.options
         ref = self.reference(context)
-        emb, found = self.frame_embeddings(video.transpose(0, 1))
+        faces = self.embed_reference(video.transpose(0, 1))
+        emb, found = faces.embeddings, faces.found
         ref_use = ref.usable(o.exclude_reference_frame0)
         num_frames = emb.shape[0]
         index = found.nonzero().flatten()
@@ -358,8 +391,17 @@ class FaceIdentityReward(Reward):
             "frames": int(video.shape[1]),
             "frames_with_face": int(found.sum()),
             "reference_frames_with_face": int(ref_use.sum()),
+            "degenerate_faces": faces.degenerate,
             "frame_similarity": [None if torch.isnan(s) else round(float(s), 6) for s in frame_sim[0]],
         }
+
+
+def _drop_unalignable(det: Detections) -> tuple[Detections, torch.Tensor]:
+    """``det`` without the faces ``face_align`` would reject (non-finite, coincident or collinear
+    landmarks), and how many were dropped (0-dim int64). A frame left without faces counts as a
+    frame without a face (it may then borrow the reference's landmarks: ``landmark_fallback``)."""
+    bad = landmark_problems(det.landmarks).any(0)
+    return det.select(~bad), bad.sum()
 
 
 def _file_sha256(path: str, _memo: dict = {}) -> str:  # noqa: B006 - process-wide memo by (path, mtime, size)
