@@ -136,12 +136,14 @@ setup(
             "pybind11>=2.12",
             "ninja",
             "deepspeed==0.19.8",
+            "import-linter>=2.1",  # tests/test_architecture.py: the import contracts of pyproject.toml
         ],
     },
     entry_points={
         "console_scripts": [
             "rewardfl-run = rewardfl.run:main",
-            "rewardfl-score = rewardfl.score:main",
+            "rewardfl-export = rewardfl.models.wan.export:main",
+            "rewardfl-score = rewardfl.rewards.face_identity.score:main",
         ],
         "rewardfl.samplers": [
             "flow_match_euler = rewardfl.samplers.flow_match_euler:FlowMatchEulerSampler",
@@ -150,8 +152,8 @@ setup(
             "face_identity = rewardfl.rewards.face_identity:FaceIdentityReward",
         ],
         "rewardfl.models": [
-            "wan2_2 = rewardfl.models.wan:Wan22Model",
-            "wan2_2_tiny = rewardfl.models.wan:Wan22TinyModel",
+            "wan2_2 = rewardfl.models.wan.model:Wan22Model",
+            "wan2_2_tiny = rewardfl.models.wan.model:Wan22TinyModel",
         ],
     },
     zip_safe=False,

@@ -1,4 +1,5 @@
-"""rewardfl.ops.face_align (the fused op) against the ways faces were aligned before.
+"""face_align (rewardfl.rewards.face_identity.align, the fused op) against the ways faces were aligned
+before.
 
 Variants, all producing the same ``(N, 3, 112, 112)`` ArcFace input from ``(F, 3, H, W)`` frames
 in [-1, 1], one face per frame, transforms estimated batched in torch except for (c):
@@ -27,14 +28,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rewardfl import ops
+from rewardfl.rewards.face_identity import align
 
 cv2 = pytest.importorskip("cv2")
 skimage_transform = pytest.importorskip("skimage.transform")
 
-needs_extension = pytest.mark.skipif(not ops._EXTENSION, reason="rewardfl._C has no face_align op (not built)")
+needs_extension = pytest.mark.skipif(not align._EXTENSION, reason="rewardfl._C has no face_align op (not built)")
 needs_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and ops._EXTENSION and ops._C.cuda_compiled()),
+    not (torch.cuda.is_available() and align._EXTENSION and align._C.cuda_compiled()),
     reason="GPU-sized face_align benchmarks need CUDA and rewardfl._C built with CUDA",
 )
 
@@ -46,7 +47,7 @@ def video_with_faces(num_frames: int, device, dtype, seed: int = 0):
     distance of 50-90 pixels, turned by up to +-20 degrees, somewhere inside the frame."""
     g = torch.Generator().manual_seed(seed)
     frames = (torch.rand(num_frames, 3, HEIGHT, WIDTH, generator=g) * 2 - 1).to(device, dtype)
-    template = ops.arcface_template(SIZE)
+    template = align.arcface_template(SIZE)
     angle = (torch.rand(num_frames, generator=g, dtype=torch.float64) - 0.5) * 0.7
     scale = 1.4 + 1.1 * torch.rand(num_frames, generator=g, dtype=torch.float64)
     rot = torch.stack([torch.stack([angle.cos(), -angle.sin()], -1), torch.stack([angle.sin(), angle.cos()], -1)], 1)
@@ -58,7 +59,7 @@ def video_with_faces(num_frames: int, device, dtype, seed: int = 0):
 
 def full_frame_grid_sample(frames, landmarks, frame_index):
     """(a) The reference implementation: warp the whole frame per face, keep the top-left crop."""
-    transforms = ops.similarity_transforms(landmarks, ops.arcface_template(SIZE))
+    transforms = align.similarity_transforms(landmarks, align.arcface_template(SIZE))
     height, width = frames.shape[2:]
     # theta: normalised output-frame coordinates -> normalised input-frame coordinates
     norm = torch.tensor([[2.0 / width, 0, 1.0 / width - 1], [0, 2.0 / height, 1.0 / height - 1], [0, 0, 1]],
@@ -79,7 +80,7 @@ def full_frame_grid_sample(frames, landmarks, frame_index):
 def opencv_loop(frames, landmarks, frame_index):
     """(c) insightface's norm_crop per face: skimage estimate + cv2.warpAffine, then normalise."""
     images = ((frames.detach().float() + 1) * 127.5).permute(0, 2, 3, 1).contiguous().cpu().numpy()
-    template = ops.arcface_template(SIZE).numpy()
+    template = align.arcface_template(SIZE).numpy()
     points = landmarks.double().cpu().numpy()
     crops = []
     for i, f in enumerate(frame_index.tolist()):
@@ -91,9 +92,9 @@ def opencv_loop(frames, landmarks, frame_index):
 
 def variants(frames, landmarks, frame_index, with_opencv: bool):
     calls = {
-        "op": lambda x: ops.face_align(x, landmarks, frame_index, backend="extension")[0],
+        "op": lambda x: align.face_align(x, landmarks, frame_index, backend="extension")[0],
         "full-frame": lambda x: full_frame_grid_sample(x, landmarks, frame_index),
-        "crop-grid": lambda x: ops.face_align(x, landmarks, frame_index, backend="torch")[0],
+        "crop-grid": lambda x: align.face_align(x, landmarks, frame_index, backend="torch")[0],
     }
     if with_opencv:
         calls["opencv"] = lambda x: opencv_loop(x, landmarks, frame_index)

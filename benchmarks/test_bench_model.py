@@ -34,7 +34,7 @@ A14B_I2V = "5b013604280dd715f8457c6ed6d6a626"  # diffsynth's hash of Wan2.2-I2V-
 
 def build(dit: str, device, *, offload: bool, vae_dim: int, text_len: int):
     from rewardfl.config import config_from_dict
-    from rewardfl.models.wan import Wan22Model
+    from rewardfl.models.wan.model import Wan22Model
 
     cfg = config_from_dict({"use_gradient_checkpointing_offload": offload, "lora_rank": 32})
     opts = Wan22Model.Options(text_len=text_len, vae_checkpointing=True)
@@ -45,7 +45,7 @@ def rl_step(model, frames: int, height: int, width: int, seed: int = 0) -> float
     """One reward-FL-shaped step (see the module doc); returns the loss."""
     from rewardfl import registry
     from rewardfl.config import config_from_dict
-    from rewardfl.models.wan import WanCondition
+    from rewardfl.models.wan.model import WanCondition
 
     sampler = registry.create("sampler", "flow_match_euler", config_from_dict({}), {})
     plan = sampler.plan(model.experts, model.trainable_experts())
@@ -105,7 +105,7 @@ def test_tiny_sampling_speed(bench, benchmark):
     """4 steps of a 5-frame 64x64 video + decode, against the same steps through diffsynth's model_fn."""
     from diffsynth.pipelines.wan_video import model_fn_wan_video
 
-    from rewardfl.models.wan import WanCondition
+    from rewardfl.models.wan.model import WanCondition
 
     model = build("tiny-i2v", "cpu", offload=False, vae_dim=8, text_len=32)
     C, T, h, w = model.latent_shape(5, 64, 64)

@@ -23,10 +23,10 @@ import yaml
 
 @pytest.fixture(scope="module")
 def demo_trainer(tmp_path_factory):
-    from rewardfl.assets import fetch_face_assets
+    from rewardfl.demo.assets import fetch_face_assets
     from rewardfl.config import load_config
-    from rewardfl.example_data import build_from_face_assets
-    from rewardfl.models.make_tiny import make_tiny
+    from rewardfl.demo.example_data import build_from_face_assets
+    from rewardfl.demo.make_tiny import make_tiny
     from rewardfl.registry import resolve_plugins
     from rewardfl.train import Trainer
 

@@ -32,6 +32,7 @@ checkpoint without a manifest (written by an older rewardfl) is loaded unverifie
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -47,11 +48,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .fileio import write_json
+
 log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointError", "CHECKPOINT_RE", "list_checkpoints", "latest_checkpoint", "verified_checkpoint",
-           "checkpoint_problem", "begin_checkpoint", "write_checkpoint_files", "save_rng", "write_manifest",
-           "commit_checkpoint", "save_failed", "load_checkpoint", "load_rng", "load_torch_file"]
+           "begin_checkpoint", "write_checkpoint_files", "save_rng", "write_manifest", "commit_checkpoint",
+           "save_failed", "load_checkpoint", "load_rng", "load_torch_file"]
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHTS = "trainable.safetensors"
@@ -102,7 +105,7 @@ def _files(ckpt_dir: str) -> list[str]:
     return sorted(found)
 
 
-def checkpoint_problem(path: str) -> Optional[str]:
+def _checkpoint_problem(path: str) -> Optional[str]:
     """Why ``path`` is not a complete, intact checkpoint (a short phrase), or None when its manifest verifies.
 
     A checkpoint without ``manifest.json`` but with ``state.json`` (an older rewardfl's) has no
@@ -136,8 +139,10 @@ def checkpoint_problem(path: str) -> Optional[str]:
     return None
 
 
-def _unverified(path: str) -> bool:
-    return not os.path.isfile(os.path.join(path, MANIFEST))
+def _warn_if_unverified(path: str) -> None:
+    if not os.path.isfile(os.path.join(path, MANIFEST)):
+        log.warning("resume_from_checkpoint: %s has no manifest.json (saved by an older rewardfl): loading it "
+                    "unverified", path)
 
 
 def verified_checkpoint(path: str) -> str:
@@ -145,13 +150,11 @@ def verified_checkpoint(path: str) -> str:
     if not os.path.isdir(path):
         raise CheckpointError(f"resume_from_checkpoint: {path} is not a checkpoint directory; point it at "
                               "OUTPUT_DIR/checkpoints/checkpoint-<step> (or use true for the newest)")
-    problem = checkpoint_problem(path)
+    problem = _checkpoint_problem(path)
     if problem is not None:
         raise CheckpointError(f"resume_from_checkpoint: {path} does not verify ({problem}); point it at another "
                               "checkpoint, or use true for the newest one that verifies")
-    if _unverified(path):
-        log.warning("resume_from_checkpoint: %s has no manifest.json (saved by an older rewardfl): loading it "
-                    "unverified", path)
+    _warn_if_unverified(path)
     return path
 
 
@@ -164,15 +167,13 @@ def latest_checkpoint(root: str) -> Optional[str]:
     """
     skipped = []
     for _, path in reversed(list_checkpoints(root)):
-        problem = checkpoint_problem(path)
+        problem = _checkpoint_problem(path)
         if problem is not None:
             skipped.append(f"{os.path.basename(path)} ({problem})")
             continue
         if skipped:
             log.warning("resume_from_checkpoint: skipped %s; resuming from %s", "; ".join(skipped), path)
-        if _unverified(path):
-            log.warning("resume_from_checkpoint: %s has no manifest.json (saved by an older rewardfl): loading "
-                        "it unverified", path)
+        _warn_if_unverified(path)
         return path
     if skipped:
         raise CheckpointError(f"resume_from_checkpoint: no checkpoint under {root} verifies "
@@ -224,10 +225,8 @@ def write_manifest(ckpt_dir: str) -> None:
     each flushed to disk first; written last, it is what makes a checkpoint complete."""
     files = {rel: {"bytes": os.path.getsize(os.path.join(ckpt_dir, rel)),
                    "sha256": _sha256(os.path.join(ckpt_dir, rel), fsync=True)} for rel in _files(ckpt_dir)}
-    with open(os.path.join(ckpt_dir, MANIFEST), "w", encoding="utf-8") as f:
-        json.dump({"format": MANIFEST_FORMAT, "files": files}, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
+    write_json(os.path.join(ckpt_dir, MANIFEST), {"format": MANIFEST_FORMAT, "files": files}, indent=1,
+               sort_keys=True)
 
 
 def _fsync_dir(path: str) -> None:
@@ -285,9 +284,10 @@ def save_failed(tmp: str, error: OSError) -> CheckpointError:
     reason = error.strerror or str(error) or type(error).__name__
     previous = list_checkpoints(root)
     kept = f"{os.path.basename(previous[-1][1])} is intact" if previous else "no earlier checkpoint exists"
-    return CheckpointError(f"checkpoint: could not write {what}: {reason} ({free} free in {root}); {kept}; free "
-                           "some space (or lower save_total_limit, or point output_dir at a larger disk) and "
-                           "resume with resume_from_checkpoint: true")
+    fix = ("free some space (or lower save_total_limit, or point output_dir at a larger disk)"
+           if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make output_dir writable")
+    return CheckpointError(f"checkpoint: could not write {what}: {reason} ({free} free in {root}); {kept}; {fix} "
+                           "and resume with resume_from_checkpoint: true")
 
 
 # --------------------------------------------------------------------------- loading
@@ -377,10 +377,10 @@ def load_rng(path: str, rank: int = 0) -> None:
             random.setstate(state["python"])
             np.random.set_state(state["numpy"])
             torch.set_rng_state(state["torch"])
+            cuda = state.get("cuda", [])
         except Exception as e:
             raise CheckpointError(f"{old}: not a rewardfl RNG state ({_one_line(e)}); resume from another "
                                   "checkpoint") from e
-        cuda = state.get("cuda", [])
     else:
         return
     if cuda and torch.cuda.is_available():

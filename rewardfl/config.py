@@ -74,8 +74,6 @@ class DataConfig:
     width: Optional[int] = None
     #: processes that decode clips ahead of training (0: decode on the training thread)
     num_workers: int = 0
-    #: build the example dataset from fetched photos when ``metadata_path`` is missing
-    generate_example: bool = False
 
 
 @dataclasses.dataclass
@@ -195,7 +193,8 @@ def _coerce(value, tp, key: str):
             try:
                 return _coerce(value, arg, key)
             except ConfigError as e:
-                if "must be a finite number" in str(e):  # the right type, a wrong value: say so
+                if "must be a finite number" in str(e) or typing.get_origin(arg) is typing.Literal:
+                    # the right type, a wrong value: say so
                     raise
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if dataclasses.is_dataclass(tp):
@@ -424,8 +423,6 @@ def check_paths(cfg: TrainConfig, keys=PATH_KEYS) -> None:
         if value is None:
             continue
         path = cfg.resolve_path(value)
-        if key == "data.metadata_path" and cfg.data.generate_example:
-            continue
         if not os.path.exists(path):
             raise ConfigError(f"{key}: path does not exist: {path} (fix the path in the config or with --set {key}=...)")
     if isinstance(cfg.resume_from_checkpoint, str):

@@ -271,7 +271,7 @@ class VideoDataset(torch.utils.data.Dataset):
         d = config.data
         if d.metadata_path is None:
             raise ValueError("data.metadata_path: not set; point it at a metadata.csv with video and prompt "
-                             "columns (or set data.generate_example: true for the example dataset)")
+                             "columns (`python -m rewardfl.demo` builds the example dataset)")
         return cls(config.resolve_path(d.metadata_path), num_frames=d.num_frames, max_pixels=d.max_pixels,
                    height=d.height, width=d.width)
 

@@ -76,7 +76,10 @@ class StepPlan:
 
 
 class Sampler(ABC):
-    """Owns the noise schedule, the per-step plan and the update rule."""
+    """Owns the noise schedule, the starting noise, the update rule and the regulariser.
+
+    Which steps run, carry gradient and use which expert is training policy
+    (``rewardfl.training.policy``), computed from ``sigmas``/``timesteps``."""
 
     Options: ClassVar[type] = NoOptions
 
@@ -88,16 +91,6 @@ class Sampler(ABC):
     #: model on the conditioning of ``negative_prompt``
     uses_guidance: bool = False
     negative_prompt: str = ""
-
-    @abstractmethod
-    def plan(self, experts: Sequence[str], trainable_experts: Sequence[str]) -> list[StepPlan]:
-        """The steps to run, in order, ending with the step whose ``last`` is True.
-
-        ``experts`` are the model's experts from high to low noise;
-        ``trainable_experts`` those with trainable parameters. Raises
-        ``ValueError`` naming the config keys when the gradient window is empty
-        or only covers frozen experts.
-        """
 
     @abstractmethod
     def initial_noise(
@@ -145,6 +138,13 @@ class VideoModel(ABC):
 
     #: expert names from high noise to low noise
     experts: tuple[str, ...] = ()
+
+    @classmethod
+    def expert_boundary(cls, options) -> Optional[float]:
+        """Where the second expert takes over: it runs while ``timestep < boundary * 1000`` (None
+        for a single-expert model). A classmethod over the validated options, so that ``run --check``
+        plans before any weights load."""
+        return None
     #: the ``extra_inputs`` the model needs (image-to-video models: ``("input_image",)``); every
     #: model rewardfl drives is conditioned on each clip's first frame
     required_inputs: ClassVar[tuple[str, ...]] = ("input_image",)

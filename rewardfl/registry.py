@@ -19,10 +19,10 @@ import importlib.metadata as md
 import traceback
 from typing import Any, Optional
 
-from .config import ConfigError, TrainConfig, build_dataclass
+from .config import ConfigError, PluginSection, TrainConfig, build_dataclass
 from .interfaces import Reward, Sampler, VideoModel
 
-__all__ = ["KINDS", "PluginInfo", "PluginError", "list_plugins", "load_plugin", "create", "resolve_plugins"]
+__all__ = ["KINDS", "PluginInfo", "PluginError", "list_plugins", "load_plugin", "create", "resolve_plugins", "resolve_config"]
 
 #: kind -> (entry-point group, interface class)
 KINDS = {
@@ -116,35 +116,42 @@ def build_options(kind: str, name: str, cls, options) -> Any:
         raise PluginError(f"{kind} plugin '{name}' ({cls.__module__}.{cls.__name__}) has no Options dataclass")
     if dataclasses.is_dataclass(options) and isinstance(options, opts_cls):
         return options
-    section = "model" if kind == "model" else kind
-    return build_dataclass(opts_cls, dict(options or {}), prefix=section)
+    return build_dataclass(opts_cls, dict(options or {}), prefix=kind)
 
 
 def resolve_plugins(cfg: TrainConfig) -> dict[str, type]:
-    """Load the three plugins a config names and validate their options in place.
+    """Load the three plugins a config names and validate their options (the config is not changed).
 
     Returns ``{"model": cls, "sampler": cls, "reward": cls}``. Errors name the
     config key (``model_name``, ``sampler.name``, ``reward.name`` or an option).
     """
-    wanted = (("model", "model_name", None, cfg.model_name), ("sampler", "sampler.name", cfg.sampler, cfg.sampler.name),
-              ("reward", "reward.name", cfg.reward, cfg.reward.name))
+    wanted = (("model", "model_name", cfg.model_name), ("sampler", "sampler.name", cfg.sampler.name),
+              ("reward", "reward.name", cfg.reward.name))
     # names first (metadata only), so a typo is reported before anything heavy imports
-    for kind, key, _, name in wanted:
+    for kind, key, name in wanted:
         available = [p.name for p in list_plugins(kind)]
         if name not in available:
             raise ConfigError(f"{key}: {_unknown(kind, name, available)}")
     classes = {}
-    for kind, key, section, name in wanted:
+    for kind, key, name in wanted:
         try:
-            cls = load_plugin(kind, name)
+            classes[kind] = load_plugin(kind, name)
         except PluginError as e:
             raise ConfigError(f"{key}: {e}") from e
-        if kind == "model":
-            cfg.model = build_options(kind, name, cls, cfg.model)
-        else:
-            section.options = build_options(kind, name, cls, section.options)
-        classes[kind] = cls
+    resolve_config(cfg, classes)  # every plugin's options validated here, before anything loads
     return classes
+
+
+def resolve_config(cfg: TrainConfig, plugins: dict[str, type]) -> TrainConfig:
+    """A copy of ``cfg`` whose plugin sections hold each plugin's validated ``Options`` instance."""
+    return dataclasses.replace(
+        cfg,
+        model=build_options("model", cfg.model_name, plugins["model"], cfg.model),
+        sampler=PluginSection(cfg.sampler.name, build_options("sampler", cfg.sampler.name, plugins["sampler"],
+                                                              cfg.sampler.options)),
+        reward=PluginSection(cfg.reward.name, build_options("reward", cfg.reward.name, plugins["reward"],
+                                                            cfg.reward.options)),
+    )
 
 
 def create(kind: str, name: str, config: TrainConfig, options=None, **runtime):

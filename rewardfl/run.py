@@ -17,7 +17,7 @@ import sys
 
 from .cli import user_error_exit
 from .config import check_model_inputs, load_config, training_timestep_range
-from .registry import resolve_plugins
+from .registry import resolve_config, resolve_plugins
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,14 +34,16 @@ def check(cfg, plugins, config_path: str) -> None:
     """What ``--check`` verifies and prints (nothing heavy loads)."""
     from .data import VideoDataset
     from .outputs import check_output_dir
+    from .training.policy import plan_steps
 
     # the sampler is light: build it and plan against the model's declared experts, so that
     # gradient-window errors surface here rather than after the model has loaded
     sampler = plugins["sampler"](cfg, cfg.sampler.options)
-    experts = tuple(getattr(plugins["model"], "experts", ()) or ())
+    model = plugins["model"]
+    experts = tuple(getattr(model, "experts", ()) or ())
     if experts:
         trainable = [e.strip() for e in cfg.trainable_models.split(",") if e.strip() in experts]
-        plan = sampler.plan(experts, trainable)
+        plan = plan_steps(cfg, sampler, experts, trainable, model.expert_boundary(cfg.model))
         grad = [f"{p.index}:{p.expert}" for p in plan if p.grad]
         print(f"plan     {len(plan)} steps, gradient at {', '.join(grad)}")
     lo, hi = training_timestep_range(cfg.min_timestep_boundary, cfg.max_timestep_boundary)
@@ -55,7 +57,7 @@ def check(cfg, plugins, config_path: str) -> None:
     for line in plugins["reward"].check(cfg, cfg.reward.options):
         print(f"reward   {line}")
     d = cfg.data
-    if d.metadata_path is not None and not d.generate_example:
+    if d.metadata_path is not None:
         dataset = VideoDataset(cfg.resolve_path(d.metadata_path), num_frames=d.num_frames, max_pixels=d.max_pixels,
                                height=d.height, width=d.width)
         print(f"data     {len(dataset)} videos listed in {dataset.metadata_path}, all present")
@@ -70,6 +72,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     plugins = resolve_plugins(cfg)
+    cfg = resolve_config(cfg, plugins)
     check_model_inputs(cfg, plugins["model"])
     if args.check:
         check(cfg, plugins, args.config)

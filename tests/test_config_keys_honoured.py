@@ -22,6 +22,7 @@ from rewardfl import registry, run
 from rewardfl.config import config_from_dict, load_config
 from rewardfl.registry import resolve_plugins
 from rewardfl.train import Trainer, sample_latents
+from rewardfl.training.policy import plan_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,7 +120,7 @@ def test_guided_sampling_against_a_hand_computation(tiny_dir):
     sampler = registry.create("sampler", "flow_match_euler", cfg,
                               {"guidance_scale": 3.0, "negative_prompt": "blurry", "kernels": "torch",
                                "latent_dtype": "float32"})
-    plan = sampler.plan(model.experts, model.trainable_experts())
+    plan = plan_steps(cfg, sampler, model.experts, model.trainable_experts(), 0.9)
     g = torch.Generator().manual_seed(0)
     first = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
     batch = {"first_frame": first, "prompt": ["a face"]}

@@ -1,4 +1,4 @@
-"""The dataset (rewardfl.data) and the example dataset builder (rewardfl.example_data).
+"""The dataset (rewardfl.data) and the example dataset builder (rewardfl.demo.example_data).
 
 References: frames resized with PIL's BILINEAR (antialiased) and cropped at
 offsets computed by hand in the comments; mp4s written losslessly (libx264rgb,
@@ -16,7 +16,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from rewardfl.data import VideoDataset, collate, load_clip
-from rewardfl.example_data import build_example_dataset, crop_windows, main as example_main
+from rewardfl.demo.example_data import build_example_dataset, crop_windows, main as example_main
 
 LEVEL = 1 / 127.5  # one uint8 level in [-1, 1] units
 ASTRONAUT_FACE = (175, 60, 270, 180)  # x0, y0, x1, y1, by eye (hair to chin)
@@ -328,8 +328,8 @@ def test_example_cli(tmp_path, capsys):
 
 def test_example_faces_stay_detectable_at_64px(tmp_path):
     """The fetched portraits, framed by YuNet, still show a face YuNet finds in every 64x64 frame."""
-    from rewardfl.assets import fetch_face_assets
-    from rewardfl.example_data import build_from_face_assets
+    from rewardfl.demo.assets import fetch_face_assets
+    from rewardfl.demo.example_data import build_from_face_assets
 
     assets = fetch_face_assets()
     csv_path = build_from_face_assets(str(tmp_path / "faces"), assets=assets, num_frames=5, size=(128, 128),

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from rewardfl.assets import file_sha256
-from rewardfl.models.make_tiny import make_tiny
-from rewardfl.models.warm_start import WarmStart, _load, flow_matching_loss, sampler_timesteps, train_experts, warm_start
+from rewardfl.demo.assets import file_sha256
+from rewardfl.demo.make_tiny import make_tiny
+from rewardfl.demo.warm_start import WarmStart, _load, flow_matching_loss, sampler_timesteps, train_experts, warm_start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DITS = ("dit_high_noise.safetensors", "dit_low_noise.safetensors")
@@ -19,7 +19,7 @@ def clips(tmp_path_factory):
     import skimage.data
     from PIL import Image
 
-    from rewardfl.example_data import build_example_dataset
+    from rewardfl.demo.example_data import build_example_dataset
 
     folder = tmp_path_factory.mktemp("clips")
     photo = str(folder / "astronaut.png")

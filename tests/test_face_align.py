@@ -1,4 +1,5 @@
-"""rewardfl.ops.face_align against OpenCV, scikit-image, float64 gradcheck and its own two paths.
+"""face_align (rewardfl.rewards.face_identity.align) against OpenCV, scikit-image, float64 gradcheck
+and its own two paths.
 
 References: ``cv2.warpAffine`` with ``M`` from ``skimage.transform.SimilarityTransform`` (what
 insightface's ``norm_crop`` does), hand-built similarity transforms, and the pure-torch path
@@ -9,22 +10,22 @@ import numpy as np
 import pytest
 import torch
 
-from rewardfl import ops
-from rewardfl.ops import face_align
+from rewardfl.rewards.face_identity import align
+from rewardfl.rewards.face_identity.align import face_align
 
 cv2 = pytest.importorskip("cv2")
 skimage_data = pytest.importorskip("skimage.data")
 skimage_transform = pytest.importorskip("skimage.transform")
 
-HAS_EXTENSION = ops._EXTENSION
+HAS_EXTENSION = align._EXTENSION
 needs_extension = pytest.mark.skipif(not HAS_EXTENSION, reason="rewardfl._C has no face_align op (not built)")
 needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and HAS_EXTENSION and ops._C.cuda_compiled()),
+    not (torch.cuda.is_available() and HAS_EXTENSION and align._C.cuda_compiled()),
     reason="needs a CUDA device and rewardfl._C built with CUDA",
 )
 BACKENDS = ["torch", pytest.param("extension", marks=needs_extension)]
 
-# insightface.utils.face_align.arcface_dst, written out here independently of rewardfl.ops.
+# insightface.utils.face_align.arcface_dst, written out here independently of the align module.
 ARCFACE_112 = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
 )
@@ -166,15 +167,15 @@ def test_transforms_recover_a_known_similarity():
 
 def test_arcface_template_sizes():
     for size in (112, 128, 224, 256):
-        np.testing.assert_allclose(ops.arcface_template(size).numpy(), insightface_template(size), atol=1e-12)
+        np.testing.assert_allclose(align.arcface_template(size).numpy(), insightface_template(size), atol=1e-12)
     # At 128 the 112 template is moved 8 pixels right, not rescaled (insightface's estimate_norm).
-    np.testing.assert_allclose(ops.arcface_template(128).numpy(), ARCFACE_112 + [8.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(align.arcface_template(128).numpy(), ARCFACE_112 + [8.0, 0.0], atol=1e-12)
 
 
 def test_similarity_transforms_match_skimage_batched():
     landmarks, _ = random_faces(1, 20, 300, 400, 112, seed=3)
     template = insightface_template(112)
-    got = ops.similarity_transforms(landmarks, torch.tensor(template))
+    got = align.similarity_transforms(landmarks, torch.tensor(template))
     for i in range(landmarks.shape[0]):
         np.testing.assert_allclose(got[i].numpy(), skimage_matrix(landmarks[i].numpy(), template), atol=1e-9)
 
@@ -306,7 +307,7 @@ def test_without_the_extension_auto_falls_back_to_torch(monkeypatch, astronaut):
     frames = to_frames(astronaut)
     landmarks = torch.tensor(ASTRONAUT_LANDMARKS, dtype=torch.float32)[None]
     expected, _ = face_align(frames, landmarks, torch.tensor([0]), backend="torch")
-    monkeypatch.setattr(ops, "_EXTENSION", False)
+    monkeypatch.setattr(align, "_EXTENSION", False)
     got, _ = face_align(frames, landmarks, torch.tensor([0]))
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     with pytest.raises(ValueError, match="backend='extension' but rewardfl._C has no face_align kernel"):
@@ -316,8 +317,8 @@ def test_without_the_extension_auto_falls_back_to_torch(monkeypatch, astronaut):
 @needs_extension
 def test_opcheck_schema_fake_autograd_and_aot():
     landmarks, frame_index = random_faces(2, 3, 12, 14, 8, seed=6)
-    transforms = ops.similarity_transforms(landmarks, small_template(8))
-    inverse = ops._invert_similarity(transforms)
+    transforms = align.similarity_transforms(landmarks, small_template(8))
+    inverse = align._invert_similarity(transforms)
     frames = torch.rand(2, 3, 12, 14, dtype=torch.float64, requires_grad=True)
     args = (frames, inverse, frame_index, 8, [2, 1, 0], -1.0, [127.5, 127.5, 127.5], [-1.0, -1.0, -1.0])
     result = torch.library.opcheck(torch.ops.rewardfl.face_align.default, args)
@@ -327,7 +328,7 @@ def test_opcheck_schema_fake_autograd_and_aot():
 @needs_extension
 def test_torch_compile_fullgraph_matches_eager():
     landmarks, frame_index = random_faces(2, 4, 20, 24, 16, seed=7)
-    inverse = ops._invert_similarity(ops.similarity_transforms(landmarks, small_template(16)))
+    inverse = align._invert_similarity(align.similarity_transforms(landmarks, small_template(16)))
 
     def loss(frames):
         crops = torch.ops.rewardfl.face_align(frames, inverse, frame_index, 16, [0, 1, 2], -1.0, [1.0] * 3, [0.0] * 3)
@@ -420,7 +421,7 @@ def test_landmark_problems_flags_the_faces_face_align_rejects():
         torch.arange(10.0).view(5, 2),  # on the line y = x + 1
         good * 1e-2,  # a tiny (0.4 pixel) face is still a face
     ])
-    problems = ops.landmark_problems(landmarks)
+    problems = align.landmark_problems(landmarks)
     assert problems.tolist() == [
         [False, True, False, False, False],
         [False, False, True, False, False],

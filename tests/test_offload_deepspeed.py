@@ -48,7 +48,7 @@ def _train_and_check(label: str, overrides: dict, rank: int, tiny_dir: str) -> N
     from deepspeed.utils import safe_get_full_fp32_param
 
     from rewardfl.distributed import DeepSpeedEngine, init_distributed
-    from rewardfl.models.lora import diffsynth_lora_key
+    from rewardfl.models.wan.lora import diffsynth_lora_key
 
     model = build_tiny(tiny_dir, options={"offload_idle_expert": "yes"}, learning_rate=1e-2, device="cpu",
                        **overrides)

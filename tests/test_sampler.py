@@ -9,6 +9,7 @@ import torch
 from rewardfl import registry
 from rewardfl.config import ConfigError, config_from_dict, training_timestep_range
 from rewardfl.samplers.flow_match_euler import FlowMatchEulerSampler
+from rewardfl.training.policy import gradient_steps, plan_steps
 
 HAS_TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
@@ -18,6 +19,11 @@ WAN = ("dit", "dit2")
 
 def make(options=None, **config):
     return registry.create("sampler", "flow_match_euler", config_from_dict(config), options or {})
+
+
+def plan(sampler, experts, trainable, boundary=0.9):
+    """The core's plan for this sampler's schedule (Wan2.2 I2V's boundary 0.9 by default)."""
+    return plan_steps(sampler.config, sampler, experts, trainable, boundary)
 
 
 def shifted(i, n, k):
@@ -57,7 +63,7 @@ def test_schedule_matches_diffsynth(n, k):
     torch.testing.assert_close(theirs.timesteps.double(), ours.timesteps, rtol=1e-6, atol=1e-4)
     # its step with to_final=True equals our last step's jump to 0; its other steps our steps
     x, v = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
-    for p in ours.plan(["dit"], ["dit"]):
+    for p in plan(ours, ["dit"], ["dit"]):
         expected = theirs.step(v, theirs.timesteps[p.index], x, to_final=p.last)
         torch.testing.assert_close(ours.step(x, v, p), expected, rtol=1e-5, atol=1e-6)
 
@@ -66,28 +72,28 @@ def test_schedule_matches_diffsynth(n, k):
 
 
 def test_wan_default_plan():
-    plan = make().plan(WAN, ["dit2"])
+    steps = plan(make(), WAN, ["dit2"])
     # t >= 900 -> dit: 1000, 972, 938; then dit2 from 893
-    assert [p.expert for p in plan] == ["dit"] * 3 + ["dit2"] * 5
-    assert [p.index for p in plan if p.grad] == [4, 5, 6, 7]
-    assert [p.last for p in plan] == [False] * 7 + [True]
-    assert plan[-1].sigma_next == 0.0
-    for p in plan[:-1]:
+    assert [p.expert for p in steps] == ["dit"] * 3 + ["dit2"] * 5
+    assert [p.index for p in steps if p.grad] == [4, 5, 6, 7]
+    assert [p.last for p in steps] == [False] * 7 + [True]
+    assert steps[-1].sigma_next == 0.0
+    for p in steps[:-1]:
         assert p.sigma_next == pytest.approx(float(shifted(p.index + 1, 8, 5)), abs=1e-15)
         assert p.timestep == pytest.approx(1000 * p.sigma, abs=1e-12)
 
 
-def test_boundary_option_moves_the_expert_switch():
-    plan = make({"boundary": 0.875}).plan(WAN, ["dit2"])  # T2V-A14B: 893 >= 875 still runs dit
-    assert [p.expert for p in plan] == ["dit"] * 4 + ["dit2"] * 4
-    assert {p.expert for p in make().plan(["only"], ["only"])} == {"only"}
+def test_the_models_boundary_moves_the_expert_switch():
+    steps = plan(make(), WAN, ["dit2"], boundary=0.875)  # T2V-A14B: 893 >= 875 still runs dit
+    assert [p.expert for p in steps] == ["dit"] * 4 + ["dit2"] * 4
+    assert {p.expert for p in plan(make(), ["only"], ["only"], boundary=None)} == {"only"}
 
 
 def test_final_timestep_jumps_to_the_end():
-    plan = make(num_inference_steps=8, mid_timestep=2, final_timestep=5).plan(WAN, ["dit", "dit2"])
-    assert len(plan) == 6 and plan[-1].last and plan[-1].sigma_next == 0.0
-    assert plan[-1].dt == pytest.approx(-float(shifted(5, 8, 5)))
-    assert [p.index for p in plan if p.grad] == [2, 3, 4, 5]
+    steps = plan(make(num_inference_steps=8, mid_timestep=2, final_timestep=5), WAN, ["dit", "dit2"])
+    assert len(steps) == 6 and steps[-1].last and steps[-1].sigma_next == 0.0
+    assert steps[-1].dt == pytest.approx(-float(shifted(5, 8, 5)))
+    assert [p.index for p in steps if p.grad] == [2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("config,grad_steps", [
@@ -101,8 +107,8 @@ def test_final_timestep_jumps_to_the_end():
 ])
 def test_gradient_window(config, grad_steps):
     sampler = make(**config)
-    assert sampler.gradient_steps == grad_steps
-    assert [p.index for p in sampler.plan(WAN, ["dit", "dit2"]) if p.grad] == grad_steps
+    assert gradient_steps(sampler.config) == grad_steps
+    assert [p.index for p in plan(sampler, WAN, ["dit", "dit2"]) if p.grad] == grad_steps
 
 
 def test_training_timestep_range_by_hand():
@@ -119,16 +125,16 @@ def test_training_timestep_range_by_hand():
 
 def test_gradient_steps_only_on_a_frozen_expert_are_rejected():
     with pytest.raises(ValueError, match="trainable_models.*dit2") as err:
-        make().plan(WAN, ["dit"])  # window 4..7 runs dit2 only
-    assert "sampler.boundary" in str(err.value)
+        plan(make(), WAN, ["dit"])  # window 4..7 runs dit2 only
+    assert "model.boundary" in str(err.value)
     # a window that reaches the high-noise expert is fine with dit trainable
-    assert any(p.grad and p.expert == "dit" for p in make(mid_timestep=1).plan(WAN, ["dit"]))
+    assert any(p.grad and p.expert == "dit" for p in plan(make(mid_timestep=1), WAN, ["dit"]))
     with pytest.raises(ValueError, match="at most 2 experts"):
-        make().plan(["a", "b", "c"], ["c"])
+        plan(make(), ["a", "b", "c"], ["c"])
 
 
 @pytest.mark.parametrize("options,key", [
-    ({"shift": -1}, "sampler.shift"), ({"boundary": 1.5}, "sampler.boundary"),
+    ({"shift": -1}, "sampler.shift"), ({"guidance_scale": float("nan")}, "sampler.guidance_scale: must be a finite"),
     ({"latent_dtype": "fp8"}, "sampler.latent_dtype"), ({"kernels": "cuda"}, "sampler.kernels"),
     ({"shfit": 3}, "did you mean 'shift'"),
 ])
@@ -179,7 +185,7 @@ def test_noise_is_standard_normal():
 
 
 def run(sampler, x, velocity, experts=("dit",), **step_kwargs):
-    for p in sampler.plan(experts, experts):
+    for p in plan(sampler, experts, experts):
         x = sampler.step(x, *velocity(x, p), p, **step_kwargs)
     return x
 
@@ -190,7 +196,7 @@ def test_four_steps_linear_velocity_land_on_the_euler_product(backend):
     a = 0.7
     sampler = make({"kernels": backend}, num_inference_steps=4, mid_timestep=0, final_timestep=3)
     dts = [Fraction(15, 16) - 1, Fraction(5, 6) - Fraction(15, 16), Fraction(5, 8) - Fraction(5, 6), -Fraction(5, 8)]
-    assert [p.dt for p in sampler.plan(["dit"], ["dit"])] == pytest.approx([float(d) for d in dts], abs=1e-15)
+    assert [p.dt for p in plan(sampler, ["dit"], ["dit"])] == pytest.approx([float(d) for d in dts], abs=1e-15)
     factor = 1.0
     for d in dts:
         factor *= 1 + a * float(d)
@@ -228,14 +234,14 @@ def test_guidance_and_injection_in_a_loop(backend):
     torch.testing.assert_close(out[:, :, 1:].double(), expected[:, :, 1:], rtol=1e-5, atol=1e-5)
     assert torch.equal(out[:, :, :1], latent)
     with pytest.raises(ValueError, match="sampler.guidance_scale"):
-        sampler.step(x0, vc, sampler.plan(["dit"], ["dit"])[0])
+        sampler.step(x0, vc, plan(sampler, ["dit"], ["dit"])[0])
 
 
 def test_latent_dtype_and_gradient_through_the_window():
     sampler = make({"latent_dtype": "bfloat16"}, num_inference_steps=4, mid_timestep=2, final_timestep=3)
     w = torch.tensor(0.5, requires_grad=True)
     x = sampler.initial_noise((2, 3, 4), sample_seeds=[0], step=0)
-    for p in sampler.plan(["dit"], ["dit"]):
+    for p in plan(sampler, ["dit"], ["dit"]):
         if p.index == 2:
             x2 = x.detach().double()
         with torch.set_grad_enabled(p.grad):
@@ -250,7 +256,7 @@ def test_latent_dtype_and_gradient_through_the_window():
 
 def test_regularizer_is_the_velocity_kl():
     sampler = make()
-    p = sampler.plan(WAN, ["dit2"])[5]
+    p = plan(sampler, WAN, ["dit2"])[5]
     v = torch.randn(2, 3, 4, 5, requires_grad=True)
     v_ref = torch.randn(2, 3, 4, 5)
     kl = sampler.regularizer(v, v_ref, p)

@@ -26,7 +26,8 @@ def _photo(face_photo, name, size=160):
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "rewardfl.score", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "rewardfl.rewards.face_identity.score", *args], capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_scores_each_video_as_json(face_assets, face_photo, tmp_path):
@@ -50,14 +51,14 @@ def test_scores_each_video_as_json(face_assets, face_photo, tmp_path):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing_video", "rewardfl.score: error: not found:"),
-    ("no_face_reference", "rewardfl.score: error: --reference: no face found in"),
-    ("bad_pack", "rewardfl.score: error: --reward-model-path: not a directory"),
-    ("bad_option", "rewardfl.score: error: unknown key 'reward.face_selekt'"),
-    ("truncated_video", "rewardfl.score: error: cannot read "),
+    ("missing_video", "rewardfl.rewards.face_identity.score: error: not found:"),
+    ("no_face_reference", "rewardfl.rewards.face_identity.score: error: --reference: no face found in"),
+    ("bad_pack", "rewardfl.rewards.face_identity.score: error: --reward-model-path: not a directory"),
+    ("bad_option", "rewardfl.rewards.face_identity.score: error: unknown key 'reward.face_selekt'"),
+    ("truncated_video", "rewardfl.rewards.face_identity.score: error: cannot read "),
 ])
 def test_bad_input_is_one_line_and_exit_2(face_assets, face_photo, tmp_path, capsys, case, message):
-    from rewardfl.score import main
+    from rewardfl.rewards.face_identity.score import main
 
     reference = str(tmp_path / "ref.png")
     cv2.imwrite(reference, _photo(face_photo, "person_a_1") if case != "no_face_reference"
@@ -99,19 +100,20 @@ def _device_cases():
 
 @pytest.mark.parametrize("device, message", _device_cases())
 def test_unusable_device_is_one_line(tmp_path, capsys, device, message):
-    from rewardfl.score import main
+    from rewardfl.rewards.face_identity.score import main
 
     # checked before anything is read: the pack and the videos need not exist
     assert main(["--reward-model-path", str(tmp_path), "--reference", "r.png", "v.mp4", "--device", device]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "Traceback" not in err
-    assert err == f"rewardfl.score: error: {message}\n"
+    assert err == f"rewardfl.rewards.face_identity.score: error: {message}\n"
 
 
 @pytest.mark.parametrize("value, shown", [("nan", "'nan'"), (".inf", "inf")])  # YAML: `nan` is text, .inf a float
 def test_non_finite_option_is_one_line(tmp_path, capsys, value, shown):
-    from rewardfl.score import main
+    from rewardfl.rewards.face_identity.score import main
 
     assert main(["--reward-model-path", str(tmp_path), "--reference", "r.png", "v.mp4",
                  "--set", f"score_std={value}"]) == 2
-    assert capsys.readouterr().err == f"rewardfl.score: error: reward.score_std: must be a finite number, got {shown}\n"
+    assert capsys.readouterr().err == ("rewardfl.rewards.face_identity.score: error: reward.score_std: must be a "
+                                       f"finite number, got {shown}\n")

@@ -54,7 +54,7 @@ def model_copy(tiny_dir, tmp_path):  # noqa: F811
 
 @pytest.mark.parametrize("target", ["model_paths.json", "lora", "listed_dit", "symlink_to_listed_vae", "config"])
 def test_export_refuses_an_output_that_is_an_input(model_copy, lora_file, tmp_path, capsys, target):
-    from rewardfl.export import main
+    from rewardfl.models.wan.export import main
 
     paths_json = os.path.join(model_copy, "model_paths.json")
     lora = str(tmp_path / "lora.safetensors")
@@ -77,27 +77,27 @@ def test_export_refuses_an_output_that_is_an_input(model_copy, lora_file, tmp_pa
         os.symlink(victim, out)
     before = _sha(victim)
     assert main(["--merge", *src, "--lora", lora, "--out", out]) == 2
-    message = _one_line(capsys, "rewardfl.export")
+    message = _one_line(capsys, "rewardfl.models.wan.export")
     assert message.startswith(f"--out: {out} is ") and "replace an input" in message, message
     assert _sha(victim) == before
     assert not os.path.exists(out + ".tmp")
 
 
 def test_export_refuses_a_directory_as_output(model_copy, lora_file, tmp_path, capsys):
-    from rewardfl.export import main
+    from rewardfl.models.wan.export import main
 
     out = tmp_path / "exports"
     out.mkdir()
     assert main(["--merge", "--model-paths", os.path.join(model_copy, "model_paths.json"), "--lora", lora_file,
                  "--out", str(out)]) == 2
-    message = _one_line(capsys, "rewardfl.export")
+    message = _one_line(capsys, "rewardfl.models.wan.export")
     assert message.startswith(f"--out: {out} is a directory; give a file path")
     assert os.listdir(out) == [] and not os.path.exists(f"{out}.tmp")
 
 
 @pytest.mark.parametrize("alpha", ["nan", "inf", "-inf"])
 def test_export_rejects_a_non_finite_alpha(model_copy, lora_file, tmp_path, capsys, alpha):
-    from rewardfl.export import main
+    from rewardfl.models.wan.export import main
 
     out = tmp_path / "merged.safetensors"
     with pytest.raises(SystemExit) as e:  # argparse's own error: usage line, then the error, exit 2
@@ -106,10 +106,10 @@ def test_export_rejects_a_non_finite_alpha(model_copy, lora_file, tmp_path, caps
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.splitlines()[-1] == ("python -m rewardfl.export: error: argument --alpha: must be a finite number, "
-                                    f"got '{alpha}'")
+    assert err.splitlines()[-1] == ("python -m rewardfl.models.wan.export: error: argument --alpha: must be a finite "
+                                    f"number, got '{alpha}'")
     assert not out.exists()
-    from rewardfl.export import merge_expert  # the API too: NaN weights are never written
+    from rewardfl.models.wan.export import merge_expert  # the API too: NaN weights are never written
 
     with pytest.raises(ValueError, match="--alpha: must be a finite number, got nan"):
         merge_expert(os.path.join(model_copy, "model_paths.json"), lora_file, str(out), alpha=float("nan"))
@@ -117,7 +117,7 @@ def test_export_rejects_a_non_finite_alpha(model_copy, lora_file, tmp_path, caps
 
 def test_export_to_a_forbidden_place_is_one_line(model_copy, lora_file, capsys):
     """sysfs refuses to create files with EACCES, root or not: a real forbidden output folder."""
-    from rewardfl.export import main
+    from rewardfl.models.wan.export import main
 
     try:
         open("/sys/rewardfl_probe", "wb").close()
@@ -129,17 +129,17 @@ def test_export_to_a_forbidden_place_is_one_line(model_copy, lora_file, capsys):
     out = "/sys/rewardfl_merged.safetensors"
     assert main(["--merge", "--model-paths", os.path.join(model_copy, "model_paths.json"), "--lora", lora_file,
                  "--out", out]) == 2
-    assert _one_line(capsys, "rewardfl.export") == (f"{out}: permission denied; choose a path you may write to or "
-                                                    "fix its permissions")
+    assert _one_line(capsys, "rewardfl.models.wan.export") == (f"{out}: permission denied; choose a path you may "
+                                                              "write to or fix its permissions")
 
 
 def test_export_error_in_a_real_process_exits_2(model_copy, lora_file):
     paths_json = os.path.join(model_copy, "model_paths.json")
-    proc = subprocess.run([sys.executable, "-m", "rewardfl.export", "--merge", "--model-paths", paths_json,
+    proc = subprocess.run([sys.executable, "-m", "rewardfl.models.wan.export", "--merge", "--model-paths", paths_json,
                            "--lora", lora_file, "--out", paths_json], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == "" and proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith(f"rewardfl.export: error: --out: {paths_json} is the --model-paths file")
+    assert proc.stderr.startswith(f"rewardfl.models.wan.export: error: --out: {paths_json} is the --model-paths file")
 
 
 # --------------------------------------------------------------------------- the training config (rewardfl.run)
@@ -190,20 +190,21 @@ def test_non_finite_numbers_in_run_set_are_rejected(tmp_path, capsys, override, 
 def test_every_tool_main_goes_through_user_error_exit():
     import importlib
 
-    for module in ("run", "score", "export", "assets", "demo", "plugins"):
-        main = importlib.import_module(f"rewardfl.{module}").main
+    for module in ("rewardfl.run", "rewardfl.rewards.face_identity.score", "rewardfl.models.wan.export",
+                   "rewardfl.demo.assets", "rewardfl.demo", "rewardfl.plugins"):
+        main = importlib.import_module(module).main
         # functools.wraps in user_error_exit leaves the undecorated main here
-        assert hasattr(main, "__wrapped__"), f"rewardfl.{module}.main is not wrapped by cli.user_error_exit"
+        assert hasattr(main, "__wrapped__"), f"{module}.main is not wrapped by cli.user_error_exit"
 
 
 def test_assets_cache_dir_that_is_a_file(tmp_path, capsys):
-    from rewardfl.assets import main
+    from rewardfl.demo.assets import main
 
     not_a_folder = tmp_path / "cache"
     not_a_folder.write_text("x")
     assert main(["fetch", "--cache-dir", str(not_a_folder)]) == 2
-    assert _one_line(capsys, "rewardfl.assets") == (f"--cache-dir: {not_a_folder} is a file; give a folder "
-                                                    "(created if missing)")
+    assert _one_line(capsys, "rewardfl.demo.assets") == (f"--cache-dir: {not_a_folder} is a file; give a folder "
+                                                         "(created if missing)")
 
 
 def test_demo_root_that_is_a_file(tmp_path, capsys):

@@ -34,7 +34,7 @@ def _plain_dit(path: str):
     from diffsynth.models.wan_video_dit import WanModel
     from safetensors.torch import load_file
 
-    from rewardfl.models.architectures import TINY_DITS
+    from rewardfl.models.wan.architectures import TINY_DITS
 
     dit = WanModel(**TINY_DITS["tiny-i2v"])
     dit.load_state_dict(load_file(path))
@@ -138,7 +138,7 @@ def test_prompt_embeddings_are_cached_and_zero_past_the_prompt(tiny_dir):
 
 
 def test_make_tiny_is_idempotent(tiny_dir):
-    from rewardfl.models.make_tiny import make_tiny
+    from rewardfl.demo.make_tiny import make_tiny
 
     before = {f: os.path.getmtime(os.path.join(tiny_dir, f)) for f in os.listdir(tiny_dir)}
     make_tiny(tiny_dir)
@@ -176,7 +176,7 @@ def test_i2v_input_has_36_channels_built_from_the_first_frame(tiny_dir):
 def test_real_a14b_shapes_are_recognised_as_36_channel_i2v():
     from diffsynth.models.wan_video_dit import WanModel
 
-    from rewardfl.models.architectures import dit_architecture
+    from rewardfl.models.wan.architectures import dit_architecture
 
     kw = dict(has_image_input=False, patch_size=(1, 2, 2), in_dim=36, dim=5120, ffn_dim=13824, freq_dim=256,
               text_dim=4096, out_dim=16, num_heads=40, num_layers=40, eps=1e-6, require_clip_embedding=False)
@@ -243,7 +243,7 @@ def test_saved_lora_loads_in_diffsynths_loader(tiny_dir, tmp_path):
 
 
 def test_merged_export_reproduces_the_adapter_model(tiny_dir, tmp_path):
-    from rewardfl.export import main
+    from rewardfl.models.wan.export import main
 
     model = build_tiny(tiny_dir, lora_rank=4, lora_alpha=2)
     perturb_lora(model, seed=3)
@@ -267,13 +267,13 @@ def test_merged_export_reproduces_the_adapter_model(tiny_dir, tmp_path):
 def test_export_rejects_a_lora_for_another_architecture(tiny_dir, tmp_path):
     from safetensors.torch import save_file
 
-    from rewardfl.export import main
+    from rewardfl.models.wan.export import main
 
     bad = str(tmp_path / "bad.safetensors")
     save_file({"blocks.7.self_attn.q.lora_A.weight": torch.zeros(4, 64),
                "blocks.7.self_attn.q.lora_B.weight": torch.zeros(64, 4)}, bad)
     with pytest.raises(ValueError, match="blocks.7.self_attn.q"):
-        from rewardfl.export import merge_expert
+        from rewardfl.models.wan.export import merge_expert
 
         merge_expert(os.path.join(tiny_dir, "model_paths.json"), bad, str(tmp_path / "o.safetensors"))
     assert main(["--merge", "--model-paths", os.path.join(tiny_dir, "model_paths.json"), "--lora", bad,
@@ -422,7 +422,7 @@ def test_unknown_architecture_is_a_clear_error(tiny_dir, tmp_path):
     from diffsynth.models.wan_video_dit import WanModel
     from safetensors.torch import save_file
 
-    from rewardfl.models.architectures import TINY_DITS
+    from rewardfl.models.wan.architectures import TINY_DITS
 
     odd = WanModel(**dict(TINY_DITS["tiny-i2v"], dim=48, ffn_dim=96))
     save_file(odd.state_dict(), str(tmp_path / "odd.safetensors"))
@@ -443,7 +443,7 @@ def test_unknown_architecture_is_a_clear_error(tiny_dir, tmp_path):
     ({"lora_base_model": "dit", "trainable_models": "dit2"}, r"lora_base_model: 'dit' is not in trainable_models"),
 ])
 def test_bad_training_choice_fails_before_loading_weights(tiny_dir, monkeypatch, overrides, match):
-    from rewardfl.models import wan
+    from rewardfl.models.wan import model as wan
 
     def no_heavy_work(*a, **k):
         raise AssertionError("weights were loaded before the config was checked")
@@ -510,7 +510,7 @@ def test_missing_tokenizer_and_origin_paths_never_download(tiny_dir, tmp_path, m
 
 @pytest.fixture(scope="module")
 def ti2v_dir(tmp_path_factory):
-    from rewardfl.models.make_tiny import make_tiny
+    from rewardfl.demo.make_tiny import make_tiny
 
     out = str(tmp_path_factory.mktemp("wan_tiny_ti2v"))
     make_tiny(out, kind="ti2v")
@@ -558,7 +558,7 @@ def test_wan22_vae_decode_matches_diffsynth():
     """decode_latents on a small random Wan2.2-style VAE (VideoVAE38_) == diffsynth's own decode."""
     from diffsynth.models.wan_video_vae import VideoVAE38_, WanVideoVAE38
 
-    from rewardfl.models.vae_decode import decode_latents
+    from rewardfl.models.wan.vae_decode import decode_latents
 
     torch.manual_seed(0)
     vae = WanVideoVAE38.__new__(WanVideoVAE38)

@@ -26,8 +26,8 @@ def bf16_dit():
     from diffsynth.models.wan_video_dit import WanModel
 
     from rewardfl.config import config_from_dict
-    from rewardfl.models.architectures import TINY_DITS
-    from rewardfl.models.wan import Wan22Model
+    from rewardfl.models.wan.architectures import TINY_DITS
+    from rewardfl.models.wan.model import Wan22Model
 
     model = Wan22Model.with_random_weights(config_from_dict({"mixed_precision": "bf16"}), dit="tiny-i2v",
                                            vae_dim=8, device="cpu", seed=0)
@@ -53,13 +53,13 @@ def _agreement(got: torch.Tensor, ref64: torch.Tensor) -> tuple[float, float]:
 def test_time_embedding_of_a_bf16_model_is_the_exact_value_rounded_once(bf16_dit):
     from diffsynth.models.wan_video_dit import sinusoidal_embedding_1d
 
-    from rewardfl.models.dit_forward import time_embedding
+    from rewardfl.models.wan.dit_forward import embed_timesteps
 
     model, ref, plain16 = bf16_dit
     dit = model.dits["dit"]
     ts = torch.tensor(SCHEDULE)
     with torch.no_grad():
-        t, t_mod = time_embedding(dit, ts, torch.bfloat16)
+        t, t_mod = embed_timesteps(dit, ts, torch.bfloat16)
         sin64 = sinusoidal_embedding_1d(dit.freq_dim, ts.double())
         t64 = ref.time_embedding(sin64)
         t_mod64 = ref.time_projection(t64).unflatten(1, (6, dit.dim))
@@ -81,7 +81,7 @@ def test_bf16_velocity_stays_within_bf16_error_of_float64(bf16_dit):
     close to float64 as a bf16 forward gets (measured 0.57-0.60% relative)."""
     from diffsynth.pipelines.wan_video import model_fn_wan_video
 
-    from rewardfl.models.wan import WanCondition
+    from rewardfl.models.wan.model import WanCondition
 
     model, ref, _ = bf16_dit
     g = torch.Generator().manual_seed(1)
@@ -105,8 +105,8 @@ def test_ti2v_per_token_time_embedding_matches_per_token_reference():
     the MLPs over every token's own timestep (diffsynth's way), in float64."""
     from diffsynth.models.wan_video_dit import WanModel, sinusoidal_embedding_1d
 
-    from rewardfl.models.architectures import TINY_DITS
-    from rewardfl.models.dit_forward import dit_forward
+    from rewardfl.models.wan.architectures import TINY_DITS
+    from rewardfl.models.wan.dit_forward import dit_forward
 
     torch.manual_seed(2)
     dit = WanModel(**TINY_DITS["tiny-ti2v"]).double().eval()
@@ -138,7 +138,7 @@ PIXELS = [-2.5, -1.25, -0.6, 0.0, 0.3, 0.95, 1.05, 3.0]  # none exactly at +-1 (
     ("none", PIXELS, [1] * 8),
 ])
 def test_clamp_values_and_derivative_match_a_hand_computation(mode, values, slope):
-    from rewardfl.models.vae_decode import clamp_decoded
+    from rewardfl.models.wan.vae_decode import clamp_decoded
 
     px = torch.tensor(PIXELS, dtype=torch.float64, requires_grad=True)
     weight = torch.arange(1.0, 9.0, dtype=torch.float64)  # d loss / d clamped pixel
@@ -149,7 +149,7 @@ def test_clamp_values_and_derivative_match_a_hand_computation(mode, values, slop
 
 
 def test_unknown_clamp_is_an_error():
-    from rewardfl.models.vae_decode import clamp_decoded
+    from rewardfl.models.wan.vae_decode import clamp_decoded
 
     with pytest.raises(ValueError, match="decode_clamp: must be one of straight_through, hard, none, got 'clip'"):
         clamp_decoded(torch.zeros(2), "clip")

@@ -13,7 +13,7 @@ from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory, face_assets):
     """Two short 64x64 clips of two fetched face photos (pan/zoom), with their metadata.csv."""
-    from rewardfl.example_data import build_from_face_assets
+    from rewardfl.demo.example_data import build_from_face_assets
 
     out = str(tmp_path_factory.mktemp("dataset"))
     return build_from_face_assets(out, assets=face_assets, photo_names=("person_a_1", "person_b_1"),

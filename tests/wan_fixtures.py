@@ -15,7 +15,7 @@ import torch
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> str:
     """A folder written by ``make_tiny`` (identity VAE): checkpoints, tokenizer, model_paths.json."""
-    from rewardfl.models.make_tiny import make_tiny
+    from rewardfl.demo.make_tiny import make_tiny
 
     out = str(tmp_path_factory.mktemp("wan_tiny"))
     make_tiny(out)

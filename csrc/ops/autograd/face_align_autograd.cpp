@@ -1,8 +1,8 @@
 // Autograd of rewardfl::face_align (torchvision's autograd/roi_align_kernel.cpp layout).
 //
 // Gradient flows to `frames` only: the transforms come from detector landmarks computed without
-// gradient (rewardfl/ops.py says so in face_align's docstring). face_align_backward is linear in
-// its grad but has no double backward.
+// gradient (face_align's docstring in rewardfl/rewards/face_identity/align.py says so).
+// face_align_backward is linear in its grad but has no double backward.
 #include <torch/autograd.h>
 #include <torch/library.h>
 

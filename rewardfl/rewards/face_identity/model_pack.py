@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
-from typing import Optional
+import typing
+from typing import Literal, Optional
 
-__all__ = ["DETECTOR_PATTERNS", "RECOGNIZER_PATTERNS", "ModelPack", "find_model_pack"]
+__all__ = ["DETECTOR_PATTERNS", "RECOGNIZER_PATTERNS", "DetectorType", "ModelPack", "find_model_pack"]
 
 #: (glob, detector type); more specific first
 DETECTOR_PATTERNS = (
@@ -37,7 +38,9 @@ DETECTOR_PATTERNS = (
 )
 RECOGNIZER_PATTERNS = ("glintr100.onnx", "w600k_*.onnx", "face_recognition_sface*.onnx", "glint*.onnx",
                        "arcface*.onnx", "*sface*.onnx")
-DETECTOR_TYPES = ("scrfd", "yunet")
+#: the detector decoders (``detectors.FaceDetector``)
+DetectorType = Literal["scrfd", "yunet"]
+DETECTOR_TYPES = typing.get_args(DetectorType)
 
 _EXPECTED = ("expected one detector (scrfd_10g_bnkps.onnx, det_10g.onnx, scrfd*.onnx or "
              "face_detection_yunet_*.onnx) and one recognizer (glintr100.onnx, w600k_*.onnx or "
@@ -49,7 +52,7 @@ class ModelPack:
     """The two model files of a face pack (absolute paths) and the detector's decoder."""
 
     detector: str
-    detector_type: str  # "scrfd" | "yunet"
+    detector_type: DetectorType
     recognizer: str
 
 
@@ -72,20 +75,18 @@ def _resolve(directory: str, value: str, key: str) -> str:
     return path
 
 
-def find_model_pack(directory: Optional[str], *, detector: Optional[str] = None, detector_type: Optional[str] = None,
-                    recognizer: Optional[str] = None) -> ModelPack:
+def find_model_pack(directory: Optional[str], *, detector: Optional[str] = None,
+                    detector_type: Optional[DetectorType] = None, recognizer: Optional[str] = None) -> ModelPack:
     """The detector and recognizer in ``directory`` (``reward_model_path``).
 
     ``detector``/``recognizer`` name files explicitly (relative to ``directory`` or absolute);
     ``detector_type`` (``scrfd``/``yunet``) is needed when the detector's name says nothing.
     Raises FileNotFoundError/ValueError that list the ``.onnx`` files found and what is expected.
     """
-    if detector_type is not None and detector_type not in DETECTOR_TYPES:
-        raise ValueError(f"reward.detector_type: must be one of {list(DETECTOR_TYPES)}, got {detector_type!r}")
     if directory is None:
         if detector is None or recognizer is None:
             raise ValueError("reward_model_path: not set; point it at a face model pack directory "
-                             "(e.g. `python -m rewardfl.assets fetch` prints one) or set reward.detector and "
+                             "(e.g. `python -m rewardfl.demo.assets fetch` prints one) or set reward.detector and "
                              "reward.recognizer to files")
         directory = "."
     directory = os.path.abspath(os.path.expanduser(directory))

@@ -14,18 +14,21 @@ import copy
 import logging
 import os
 import threading
-from typing import Optional
+import typing
+from typing import Literal, Optional
 
 import onnx
 import torch
 
 from .onnx_fold import INTERLEAVED, prepare_graph, real_inputs
 
-__all__ = ["OnnxModel", "BACKENDS", "load_onnx_model"]
+__all__ = ["OnnxModel", "Backend", "BACKENDS", "load_onnx_model"]
 
 log = logging.getLogger("rewardfl")
 
-BACKENDS = ("auto", "onnxruntime", "torch")
+#: no-gradient backend: onnxruntime where it has a provider for the device, else the torch twin (auto)
+Backend = Literal["auto", "onnxruntime", "torch"]
+BACKENDS = typing.get_args(Backend)
 # onnx2torch has converters up to these opsets; newer graphs are converted down first
 _TWIN_OPSET = 17
 
@@ -39,9 +42,7 @@ class OnnxModel:
     torch twin), ``onnxruntime`` or ``torch``, for :meth:`run` (no gradient).
     """
 
-    def __init__(self, path: str, *, backend: str = "auto", intra_op_threads: int = 0):
-        if backend not in BACKENDS:
-            raise ValueError(f"reward.backend: must be one of {list(BACKENDS)}, got {backend!r}")
+    def __init__(self, path: str, *, backend: Backend = "auto", intra_op_threads: int = 0):
         self.path = path
         self.backend = backend
         self.intra_op_threads = intra_op_threads
@@ -148,7 +149,7 @@ class OnnxModel:
 
     # ------------------------------------------------------------------ either
 
-    def run(self, x: torch.Tensor, backend: Optional[str] = None) -> list[torch.Tensor]:
+    def run(self, x: torch.Tensor, backend: Optional[Backend] = None) -> list[torch.Tensor]:
         """Outputs without gradient, by ``backend`` (default: the model's)."""
         backend = backend or self.backend
         if backend == "onnxruntime" or (backend == "auto" and self._ort_available(x.device)):
@@ -166,7 +167,7 @@ _LOADED: dict = {}
 _LOADED_LOCK = threading.Lock()
 
 
-def load_onnx_model(path: str, *, backend: str = "auto") -> OnnxModel:
+def load_onnx_model(path: str, *, backend: Backend = "auto") -> OnnxModel:
     """The :class:`OnnxModel` of ``path``, shared by everything in the process that loads the same
     file (unchanged on disk) with the same backend: reward instances, the CLI, tests."""
     st = os.stat(path)

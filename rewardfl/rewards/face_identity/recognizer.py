@@ -11,16 +11,18 @@ graph's declared input (112 for all of these). Every field can be overridden in 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
-from rewardfl.ops import face_align
+from .align import face_align
+from .onnx_runner import Backend, OnnxModel, load_onnx_model
 
-from .onnx_runner import OnnxModel, load_onnx_model
+__all__ = ["ChannelOrder", "Preprocessing", "FaceRecognizer", "detect_preprocessing"]
 
-__all__ = ["Preprocessing", "FaceRecognizer", "detect_preprocessing"]
+#: channel order of the crops a recognizer takes
+ChannelOrder = Literal["rgb", "bgr"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +31,7 @@ class Preprocessing:
     for ``p`` on the 0..255 scale."""
 
     size: int = 112
-    channel_order: str = "rgb"
+    channel_order: ChannelOrder = "rgb"
     mean: float = 127.5
     std: float = 127.5
 
@@ -49,9 +51,9 @@ class FaceRecognizer:
     ``preprocessing`` overrides the auto-detected one field by field (None keeps detected).
     """
 
-    def __init__(self, path: str, *, backend: str = "auto", size: Optional[int] = None,
-                 channel_order: Optional[str] = None, mean: Optional[float] = None, std: Optional[float] = None,
-                 batch_size: int = 64):
+    def __init__(self, path: str, *, backend: Backend = "auto", size: Optional[int] = None,
+                 channel_order: Optional[ChannelOrder] = None, mean: Optional[float] = None,
+                 std: Optional[float] = None, batch_size: int = 64):
         self.model = load_onnx_model(path, backend=backend)
         outputs = self.model.output_dims  # declared, without the batch dim
         if len(outputs) != 1 or sum(d != 1 for d in outputs[0]) > 1:  # one output, one feature dim
@@ -61,10 +63,6 @@ class FaceRecognizer:
                              f"embedding output of an aligned face crop); it looks like a face detector: give it "
                              f"as reward.detector")
         detected = detect_preprocessing(self.model)
-        if channel_order is not None and channel_order not in ("rgb", "bgr"):
-            raise ValueError(f"reward.recognizer_channel_order: must be 'rgb' or 'bgr', got {channel_order!r}")
-        if std is not None and std == 0:
-            raise ValueError("reward.recognizer_std: must be non-zero")
         self.preprocessing = dataclasses.replace(
             detected, **{k: v for k, v in (("size", size), ("channel_order", channel_order), ("mean", mean),
                                            ("std", std)) if v is not None})

@@ -3,11 +3,11 @@
 Per step, for a batch of videos ``(B, 3, F, H, W)`` in [-1, 1]:
 
 1. detect faces in all ``B*F`` frames at once (no gradient; onnxruntime or the torch twin), and
-   drop faces whose landmarks ``face_align`` would reject (``rewardfl.ops.landmark_problems``:
+   drop faces whose landmarks ``face_align`` would reject (``align.landmark_problems``:
    non-finite, coincident, collinear): one odd detection must not end a run;
 2. pick a face per frame (largest, most similar to the reference, or all); frames without one
    optionally borrow the reference video's landmarks for that frame (``landmark_fallback``);
-3. align those faces with ``rewardfl.ops.face_align`` (differentiable in the frames) and embed
+3. align those faces with ``align.face_align`` (differentiable in the frames) and embed
    them with the recognizer's torch twin (differentiable);
 4. score against the reference's cached embeddings with :func:`pooled_identity_score`.
 
@@ -22,24 +22,25 @@ import dataclasses
 import hashlib
 import logging
 import os
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 
 from rewardfl.config import ConfigError
 from rewardfl.interfaces import Reward, RewardOutput, SampleContext
-from rewardfl.ops import landmark_problems
 
+from .align import landmark_problems
 from .detectors import Detections, FaceDetector
-from .model_pack import ModelPack, find_model_pack
-from .recognizer import FaceRecognizer
+from .fetch import cache_dir, file_sha256
+from .model_pack import DetectorType, ModelPack, find_model_pack
+from .onnx_runner import Backend
+from .recognizer import ChannelOrder, FaceRecognizer
 from .scoring import facesim_arc, pooled_identity_score, shaped_reward_loss
 
 __all__ = ["FaceIdentityReward", "ReferenceFaces"]
 
 log = logging.getLogger("rewardfl")
 
-FACE_SELECT = ("largest", "most_similar", "all")
 #: part of the reference cache key: bump when the same models and options give other references
 #: (2: insightface heads read per frame, unalignable faces dropped)
 REFERENCE_VERSION = 2
@@ -83,8 +84,8 @@ class FaceIdentityReward(Reward):
     class Options:
         #: detector file (in reward_model_path or absolute); default: recognised by name
         detector: Optional[str] = None
-        #: scrfd | yunet; default: from the detector's file name
-        detector_type: Optional[str] = None
+        #: the detector's decoder; default: from the detector's file name
+        detector_type: Optional[DetectorType] = None
         #: recognizer file; default: recognised by name
         recognizer: Optional[str] = None
         #: detector canvas side (letterbox), a multiple of 32
@@ -95,8 +96,8 @@ class FaceIdentityReward(Reward):
         nms_threshold: Optional[float] = None
         #: frames per detector call
         det_batch_size: int = 16
-        #: which face of a generated frame counts: largest | most_similar | all
-        face_select: str = "largest"
+        #: which face of a generated frame counts
+        face_select: Literal["largest", "most_similar", "all"] = "largest"
         #: frames without a detected face use the reference video's landmarks of that frame
         #: (scaled to the generated size); counted in metrics as fallback_frames. Not with face_select: all
         landmark_fallback: bool = False
@@ -108,11 +109,10 @@ class FaceIdentityReward(Reward):
         score_mean: float = 0.54
         score_std: float = 0.16
         loss_scale: float = 0.1
-        #: no-gradient backend: auto (onnxruntime where it has a provider, else the torch twin),
-        #: onnxruntime or torch
-        backend: str = "auto"
+        #: no-gradient backend: auto is onnxruntime where it has a provider, else the torch twin
+        backend: Backend = "auto"
         #: recognizer preprocessing overrides (default: read from the graph, insightface's rule)
-        recognizer_channel_order: Optional[str] = None
+        recognizer_channel_order: Optional[ChannelOrder] = None
         recognizer_mean: Optional[float] = None
         recognizer_std: Optional[float] = None
         #: where reference embeddings are cached on disk; default $REWARDFL_CACHE/face_references;
@@ -121,18 +121,18 @@ class FaceIdentityReward(Reward):
         #: frames sampled per video for FaceSim-Arc (evaluation)
         eval_num_frames: int = 16
 
-        def __post_init__(self):  # checked where the config enters (run --check too), before any model loads
-            if self.face_select not in FACE_SELECT:
-                raise ConfigError(f"reward.face_select: must be one of {list(FACE_SELECT)}, got {self.face_select!r}")
+        # Checked where the config enters (run --check too), before any model loads; the values of
+        # the Literal fields are checked by the config's type check. The modules below trust these.
+        def __post_init__(self):
             if self.landmark_fallback and self.face_select == "all":
                 raise ConfigError("reward.landmark_fallback: needs face_select largest or most_similar "
                                   "(one face per frame)")
             if self.score_std <= 0:
                 raise ConfigError(f"reward.score_std: must be > 0, got {self.score_std}")
-            if self.backend not in ("auto", "onnxruntime", "torch"):
-                raise ConfigError(f"reward.backend: must be auto, onnxruntime or torch, got {self.backend!r}")
             if self.det_size <= 0 or self.det_size % 32:
                 raise ConfigError(f"reward.det_size: must be a positive multiple of 32, got {self.det_size}")
+            if self.recognizer_std == 0:
+                raise ConfigError("reward.recognizer_std: must be non-zero")
             if self.det_batch_size <= 0 or self.eval_num_frames <= 0:
                 raise ConfigError("reward.det_batch_size/reward.eval_num_frames: must be > 0, got "
                                   f"{self.det_batch_size}, {self.eval_num_frames}")
@@ -198,8 +198,6 @@ class FaceIdentityReward(Reward):
         if value is not None and value.lower() == "none":
             return None
         if value is None:
-            from rewardfl.assets import cache_dir
-
             value = os.path.join(cache_dir(), "face_references")
         return os.path.expanduser(value)
 
@@ -405,8 +403,6 @@ def _drop_unalignable(det: Detections) -> tuple[Detections, torch.Tensor]:
 
 
 def _file_sha256(path: str, _memo: dict = {}) -> str:  # noqa: B006 - process-wide memo by (path, mtime, size)
-    from rewardfl.assets import file_sha256
-
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
     if key not in _memo:

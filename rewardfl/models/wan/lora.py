@@ -58,14 +58,19 @@ def adapters_disabled(dit: torch.nn.Module):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in dit.modules() if isinstance(m, BaseTunerLayer)]
-    before = [m._disable_adapters for m in layers]
-    for m in layers:
-        m._disable_adapters = True  # not enable_adapters(False): that also flips requires_grad
+    enabled = [m for m in layers if not m.disable_adapters]
+    # enable_adapters also sets requires_grad of the adapter weights (False, then True): what trains
+    # is the caller's choice, so it is put back as it was
+    requires_grad = [(p, p.requires_grad) for m in enabled for p in m.parameters()]
+    for m in enabled:
+        m.enable_adapters(False)
     try:
         yield
     finally:
-        for m, b in zip(layers, before):
-            m._disable_adapters = b
+        for m in enabled:
+            m.enable_adapters(True)
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
 
 
 def diffsynth_lora_key(peft_name: str) -> str:

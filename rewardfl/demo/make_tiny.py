@@ -1,4 +1,4 @@
-"""Write the tiny Wan2.2 twin's checkpoints: ``python -m rewardfl.models.make_tiny OUT_DIR``.
+"""Write the tiny Wan2.2 twin's weight files: ``python -m rewardfl.demo.make_tiny OUT_DIR``.
 
 OUT_DIR receives real files that go through the same loading path as the real model::
 
@@ -19,18 +19,17 @@ same options on a complete folder does nothing (a stamp file records the options
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Optional
 
 import torch
 
-__all__ = ["make_tiny", "identity_vae_", "write_byte_tokenizer", "TINY_TEXT_ENCODER", "TINY_VAE"]
+from rewardfl.fileio import stamp_matches, write_json, write_safetensors, write_stamp
+from rewardfl.models.wan.architectures import TINY_DITS, TINY_TEXT_ENCODER, TINY_VAE
 
-TINY_TEXT_ENCODER = dict(vocab=259, dim=32, dim_attn=32, dim_ffn=64, num_heads=2, num_layers=2, num_buckets=32,
-                         shared_pos=False)
-TINY_VAE = dict(dim=8, z_dim=16)
+__all__ = ["make_tiny", "identity_vae_", "write_byte_tokenizer"]
+
 FORMAT_VERSION = 1
 #: DiT files and model_paths keys per kind: "i2v" = Wan2.2-I2V-A14B's layout (two experts),
 #: "ti2v" = Wan2.2-TI2V-5B's (one expert, first-frame injection)
@@ -159,42 +158,35 @@ def make_tiny(out_dir: str, *, vae_init: str = "identity", kind: str = "i2v", fo
     os.makedirs(out_dir, exist_ok=True)
     stamp_path = os.path.join(out_dir, "tiny_stamp.json")
     paths_json = os.path.join(out_dir, "model_paths.json")
-    if not force and os.path.isfile(stamp_path) and all(os.path.exists(os.path.join(out_dir, f)) for f in files):
-        with open(stamp_path, encoding="utf-8") as f:
-            if json.load(f) == _stamp(vae_init, kind):
-                return paths_json
+    if (not force and all(os.path.exists(os.path.join(out_dir, f)) for f in files)
+            and stamp_matches(stamp_path, _stamp(vae_init, kind))):
+        return paths_json
     from diffsynth.models.wan_video_dit import WanModel
     from diffsynth.models.wan_video_text_encoder import WanTextEncoder
     from diffsynth.models.wan_video_vae import VideoVAE_
-
-    from .architectures import TINY_DITS
-    from .checkpoints import save_state_dict
 
     kw = dict(TINY_DITS[f"tiny-{kind}"])
     spec = {}
     for key, name, seed in DITS[kind]:
         dit = _seeded(seed, lambda: WanModel(**kw))
-        save_state_dict(os.path.join(out_dir, name), dit.state_dict(), {"rewardfl": f"tiny-{kind}"})
+        write_safetensors(os.path.join(out_dir, name), dit.state_dict(), {"rewardfl": f"tiny-{kind}"})
         spec[key] = name
     te = _seeded(3, lambda: WanTextEncoder(**TINY_TEXT_ENCODER))
-    save_state_dict(os.path.join(out_dir, "text_encoder.safetensors"), te.state_dict())
+    write_safetensors(os.path.join(out_dir, "text_encoder.safetensors"), te.state_dict())
     vae = _seeded(4, lambda: VideoVAE_(**TINY_VAE))
     if vae_init == "identity":
         identity_vae_(vae)
-    save_state_dict(os.path.join(out_dir, "vae.safetensors"), vae.state_dict())
+    write_safetensors(os.path.join(out_dir, "vae.safetensors"), vae.state_dict())
     write_byte_tokenizer(os.path.join(out_dir, "tokenizer"))
     spec.update({"text_encoder": "text_encoder.safetensors", "vae": "vae.safetensors", "tokenizer": "tokenizer"})
-    with open(paths_json + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(spec, f, indent=2)
-    os.replace(paths_json + ".tmp", paths_json)
-    with open(stamp_path, "w", encoding="utf-8") as f:
-        json.dump(_stamp(vae_init, kind), f)
+    write_json(paths_json, spec, indent=2)
+    write_stamp(stamp_path, _stamp(vae_init, kind))
     return paths_json
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rewardfl.models.make_tiny", description=__doc__.split("\n")[0])
-    parser.add_argument("out_dir", help="folder to write the tiny checkpoints and model_paths.json into")
+    parser = argparse.ArgumentParser(prog="python -m rewardfl.demo.make_tiny", description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir", help="folder to write the tiny weight files and model_paths.json into")
     parser.add_argument("--vae", choices=("identity", "random"), default="identity",
                         help="VAE weights: a near-identity autoencoder (default) or diffsynth's random init")
     parser.add_argument("--kind", choices=sorted(DITS), default="i2v",

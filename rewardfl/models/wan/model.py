@@ -18,15 +18,16 @@ import copy
 import dataclasses
 import logging
 import os
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Iterator, Literal, Optional, Sequence, Union
 
 import torch
 
-from ..interfaces import VideoModel
+from rewardfl.fileio import write_safetensors
+from rewardfl.interfaces import VideoModel
+
 from . import architectures as arch
-from .checkpoints import CheckpointFile, as_list, detect_role, load_state_dict, read_shapes, resolve_model_paths
-from .checkpoints import save_state_dict
 from .vae_decode import DecodeClamp
+from .weights import WeightFile, detect_role, load_state_dict, read_shapes, resolve_model_paths
 
 __all__ = ["Wan22Model", "Wan22TinyModel", "WanCondition"]
 
@@ -34,6 +35,15 @@ log = logging.getLogger(__name__)
 
 EXPERT_ROLES = ("dit", "dit2")  # high noise, low noise
 TRAINABLE_CHOICES = EXPERT_ROLES
+
+
+def as_list(value: Union[str, Sequence[str], None]) -> list[str]:
+    """``"a, b"`` or ``["a", "b"]`` -> ``["a", "b"]``."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [s.strip() for s in value.split(",") if s.strip()]
+    return [str(s).strip() for s in value if str(s).strip()]
 
 
 @dataclasses.dataclass
@@ -67,7 +77,7 @@ class Wan22Options:
     offload_idle_expert: Literal["auto", "yes", "no", True, False] = "auto"
     #: move the text encoder to the CPU once the prompts are encoded (CUDA only)
     offload_text_encoder: bool = True
-    #: checkpoint the VAE decoder per latent frame when decoding with gradient (with
+    #: recompute the VAE decoder per latent frame in backward when decoding with gradient (with
     #: ``use_gradient_checkpointing_offload`` its carried caches also wait in host memory)
     vae_checkpointing: bool = True
     #: spatial VAE decode tile and stride in latent pixels, e.g. [34, 34] / [18, 16]; null: whole frame
@@ -87,7 +97,7 @@ class Wan22Model(VideoModel):
     ``use_gradient_checkpointing_offload``, ``mixed_precision``).
     """
 
-    #: the expert roles a checkpoint set can fill (high noise, low noise); an instance keeps the
+    #: the expert roles a set of weight files can fill (high noise, low noise); an instance keeps the
     #: ones it loaded (one for TI2V-5B). `run --check` plans the gradient window with these.
     experts = EXPERT_ROLES
 
@@ -101,10 +111,10 @@ class Wan22Model(VideoModel):
         self._check_options(options)
 
         # 1. files, headers and architectures: cheap, every user error surfaces here
-        ckpts = resolve_model_paths(config.resolve_path(config.model_paths), config.model_id_with_origin_paths,
+        files = resolve_model_paths(config.resolve_path(config.model_paths), config.model_id_with_origin_paths,
                                     config.resolve_path("."))
-        roles = self._assign_roles(ckpts)
-        shapes = {role: read_shapes(ck) if role != "tokenizer" else None for role, ck in roles.items()}
+        roles = self.assign_roles(files)
+        shapes = {role: read_shapes(wf) if role != "tokenizer" else None for role, wf in roles.items()}
         dit_shapes = {r: {k2: v for k, v in shapes[r].items() if (k2 := arch.dit_key(k)) is not None}
                       for r in roles if r in EXPERT_ROLES}
         archs = {r: arch.dit_architecture(s, roles[r].where) for r, s in dit_shapes.items()}
@@ -265,23 +275,29 @@ class Wan22Model(VideoModel):
                 raise ValueError(f"model.{key}: expected [height, width] in latent pixels, got {v!r}")
 
     @staticmethod
-    def _assign_roles(ckpts: list[CheckpointFile]) -> dict[str, CheckpointFile]:
-        roles: dict[str, CheckpointFile] = {}
-        for ck in ckpts:
-            role = ck.role
+    def assign_roles(files: list[WeightFile]) -> dict[str, WeightFile]:
+        """Role (``dit``, ``dit2``, ``text_encoder``, ``vae``, ``tokenizer``) -> its weights.
+
+        ``files`` as :func:`weights.resolve_model_paths` returns them; a file without a role (the
+        list form) gets one from its tensor names, the first DiT being the high-noise expert.
+        Raises ValueError for an unrecognised file, a role given twice or a missing one.
+        """
+        roles: dict[str, WeightFile] = {}
+        for wf in files:
+            role = wf.role
             if role is None:
-                detected = detect_role(read_shapes(ck))
+                detected = detect_role(read_shapes(wf))
                 if detected is None:
-                    raise ValueError(f"{ck.where}: {ck.files[0]} is neither a Wan DiT, a umT5 text encoder nor a "
+                    raise ValueError(f"{wf.where}: {wf.files[0]} is neither a Wan DiT, a umT5 text encoder nor a "
                                      "Wan VAE (by its tensor names)")
                 role = detected if detected != "dit" else ("dit" if "dit" not in roles else "dit2")
             if role in roles:
-                raise ValueError(f"model_paths: two checkpoints for the role '{role}': {roles[role].where} and "
-                                 f"{ck.where}")
-            roles[role] = ck
+                raise ValueError(f"model_paths: two weight files for the role '{role}': {roles[role].where} and "
+                                 f"{wf.where}")
+            roles[role] = wf
         for role, name in (("dit", "high_noise_model"), ("text_encoder", "text_encoder"), ("vae", "vae")):
             if role not in roles:
-                raise ValueError(f"model_paths: no {name} checkpoint listed (needs high_noise_model, "
+                raise ValueError(f"model_paths: no {name} weights listed (needs high_noise_model, "
                                  "low_noise_model (A14B), text_encoder and vae)")
         return roles
 
@@ -292,7 +308,7 @@ class Wan22Model(VideoModel):
                 raise ValueError(f"trainable_models: '{name}' cannot be trained; choose among the experts "
                                  f"{', '.join(self.experts)} (dit = high noise, dit2 = low noise)")
             if name not in self.experts:
-                raise ValueError(f"trainable_models: '{name}' does not exist in this checkpoint set (its experts: "
+                raise ValueError(f"trainable_models: '{name}' does not exist in these model_paths (its experts: "
                                  f"{', '.join(self.experts)})")
         lora = as_list(config.lora_base_model)
         for name in lora:
@@ -323,19 +339,19 @@ class Wan22Model(VideoModel):
         except Exception as e:  # transformers raises OSError/ValueError/... for a broken folder
             raise ValueError(f"tokenizer_path: cannot load a tokenizer from {path}: {e}") from e
 
-    def _build(self, cls, kwargs: dict, ck: CheckpointFile, rename) -> torch.nn.Module:
+    def _build(self, cls, kwargs: dict, wf: WeightFile, rename) -> torch.nn.Module:
         from diffsynth.core.vram.initialization import skip_model_initialization
 
         with skip_model_initialization():
             module = cls(**kwargs)
-        state = load_state_dict(ck, self.dtype, rename)
+        state = load_state_dict(wf, self.dtype, rename)
         try:
             module.load_state_dict(state, assign=True, strict=True)
         except RuntimeError as e:
-            raise ValueError(f"{ck.where}: checkpoint does not fit {cls.__name__}({kwargs}): {e}") from e
+            raise ValueError(f"{wf.where}: weights do not fit {cls.__name__}({kwargs}): {e}") from e
         return module.to(self.dtype).requires_grad_(False)
 
-    def _build_vae(self, vae_arch: dict, ck: CheckpointFile) -> torch.nn.Module:
+    def _build_vae(self, vae_arch: dict, wf: WeightFile) -> torch.nn.Module:
         from diffsynth.core.vram.initialization import skip_model_initialization
         from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE, WanVideoVAE38
 
@@ -346,11 +362,11 @@ class Wan22Model(VideoModel):
                 vae = WanVideoVAE(z_dim=vae_arch["z_dim"])
                 if vae_arch["dim"] != 96:
                     vae.model = VideoVAE_(dim=vae_arch["dim"], z_dim=vae_arch["z_dim"])
-        state = load_state_dict(ck, self.dtype, arch.vae_key)
+        state = load_state_dict(wf, self.dtype, arch.vae_key)
         try:
             vae.model.load_state_dict(state, assign=True, strict=True)
         except RuntimeError as e:
-            raise ValueError(f"{ck.where}: VAE checkpoint does not fit the {vae_arch['kind']} VAE: {e}") from e
+            raise ValueError(f"{wf.where}: VAE weights do not fit the {vae_arch['kind']} VAE: {e}") from e
         return vae.to(self.dtype).requires_grad_(False).eval()
 
     def _want_expert_offload(self, choice) -> bool:
@@ -539,7 +555,7 @@ class Wan22Model(VideoModel):
 
         LoRA experts: DiffSynth-format LoRA files (``<module>.lora_A/B.weight``, B scaled by
         lora_alpha / rank) that diffsynth's ``pipe.load_lora(pipe.dit2, path)`` and
-        ``python -m rewardfl.export --merge`` accept. Full fine-tuning: the expert's whole state dict.
+        ``python -m rewardfl.models.wan.export --merge`` accept. Full fine-tuning: the expert's whole state dict.
         With one trained expert the file is ``path``; with several, ``<stem>_<expert>.safetensors``.
         """
         from .lora import lora_file_state
@@ -556,7 +572,7 @@ class Wan22Model(VideoModel):
             else:
                 state = {k: v.detach().cpu().contiguous() for k, v in self.dits[r].state_dict().items()}
                 meta = {"format": "wan-dit", "expert": r}
-            save_state_dict(target, state, meta)
+            write_safetensors(target, state, meta)
             out.append(target)
         return out
 
@@ -579,7 +595,7 @@ class Wan22TinyOptions(Wan22Options):
 
 
 class Wan22TinyModel(Wan22Model):
-    """The tiny twin: same code path, checkpoints written by ``python -m rewardfl.models.make_tiny OUT_DIR``.
+    """The tiny twin: same code path, weights written by ``python -m rewardfl.demo.make_tiny OUT_DIR``.
 
     Its DiT (dim 64, 2 layers, 2 heads, ffn 128, text dim 32) takes the same 36-channel I2V input
     as Wan2.2-I2V-A14B (16 noisy latent + 4 mask + 16 first-frame latent); its VAE is the Wan2.1

@@ -1,4 +1,4 @@
-"""Which Wan architecture a checkpoint holds, read from its tensor names and shapes alone.
+"""Which Wan architecture a weights file holds, read from its tensor names and shapes alone.
 
 The DiT's hyper-parameters follow from its shapes except the head count, so a DiT must match a
 known architecture: one of diffsynth's ``MODEL_CONFIGS`` entries for ``WanModel`` (Wan2.1/2.2
@@ -13,8 +13,8 @@ import math
 import re
 from typing import Optional
 
-__all__ = ["TINY_DITS", "DiTArch", "known_dits", "dit_architecture", "dit_key", "vae_architecture", "vae_key",
-           "text_encoder_architecture"]
+__all__ = ["TINY_DITS", "TINY_TEXT_ENCODER", "TINY_VAE", "DiTArch", "known_dits", "dit_architecture", "dit_key",
+           "vae_architecture", "vae_key", "text_encoder_architecture"]
 
 #: tiny twins of the Wan DiTs, for tests and the CPU demo (diffsynth's WanModel kwargs)
 TINY_DITS = {
@@ -28,6 +28,11 @@ TINY_DITS = {
                       seperated_timestep=True, require_clip_embedding=False, require_vae_embedding=False,
                       fuse_vae_embedding_in_latents=True),
 }
+#: the tiny twins' umT5-style text encoder (diffsynth's WanTextEncoder kwargs) and Wan2.1-family
+#: VAE (VideoVAE_ kwargs); loading reads both from their shapes, these say what the twin is
+TINY_TEXT_ENCODER = dict(vocab=259, dim=32, dim_attn=32, dim_ffn=64, num_heads=2, num_layers=2, num_buckets=32,
+                         shared_pos=False)
+TINY_VAE = dict(dim=8, z_dim=16)
 
 _WAN_MODEL = "diffsynth.models.wan_video_dit.WanModel"
 # WanModel options whose extra weights or inputs rewardfl does not drive
@@ -90,8 +95,8 @@ def dit_architecture(shapes: dict[str, tuple[int, ...]], where: str) -> DiTArch:
             "time_embedding.0.weight", "head.head.weight")
     missing = [k for k in need if k not in shapes]
     if missing:
-        raise ValueError(f"{where}: not a Wan DiT checkpoint in the original (or diffsynth) layout: missing "
-                         f"{missing}; diffusers-layout checkpoints must be converted first")
+        raise ValueError(f"{where}: not Wan DiT weights in the original (or diffsynth) layout: missing "
+                         f"{missing}; diffusers-layout weights must be converted first")
     pe = shapes["patch_embedding.weight"]
     patch = tuple(pe[2:])
     found = dict(
@@ -109,7 +114,7 @@ def dit_architecture(shapes: dict[str, tuple[int, ...]], where: str) -> DiTArch:
                          "(Wan2.1/2.2 T2V, I2V-A14B, TI2V-5B, or rewardfl's tiny twin); is this file a Wan DiT?")
     if found["has_image_input"]:
         raise ValueError(f"{where}: this DiT ({_describe(found)}) needs CLIP image features (Wan2.1-I2V); "
-                         "wan2_2 supports Wan2.2 I2V-A14B / TI2V-5B / T2V checkpoints")
+                         "wan2_2 supports Wan2.2 I2V-A14B / TI2V-5B / T2V weights")
     if kw.get("fuse_vae_embedding_in_latents"):
         conditioning = "ti2v"
     elif kw["in_dim"] == 2 * kw["out_dim"] + 4 and kw.get("require_vae_embedding", True):
@@ -135,7 +140,7 @@ def vae_architecture(shapes: dict[str, tuple[int, ...]], where: str) -> dict:
     conv1 = shapes.get("encoder.conv1.weight")
     conv2 = shapes.get("conv2.weight")
     if conv1 is None or conv2 is None or len(conv1) != 5:
-        raise ValueError(f"{where}: not a Wan VAE checkpoint (no encoder.conv1.weight / conv2.weight)")
+        raise ValueError(f"{where}: not a Wan VAE weights file (no encoder.conv1.weight / conv2.weight)")
     z_dim = conv2[0]
     if conv1[1] == 3:
         return {"kind": "wan2.1", "dim": conv1[0], "z_dim": z_dim}
@@ -156,7 +161,7 @@ def text_encoder_architecture(shapes: dict[str, tuple[int, ...]], where: str) ->
         dim_ffn = shapes["blocks.0.ffn.fc1.weight"][0]
         num_buckets, num_heads = shapes["blocks.0.pos_embedding.embedding.weight"]
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{where}: not a umT5 text encoder checkpoint in Wan's layout (missing {e})") from e
+        raise ValueError(f"{where}: not umT5 text encoder weights in Wan's layout (missing {e})") from e
     num_layers = len({m.group(1) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))})
     return dict(vocab=vocab, dim=dim, dim_attn=dim_attn, dim_ffn=dim_ffn, num_heads=num_heads,
                 num_layers=num_layers, num_buckets=num_buckets, shared_pos=False)

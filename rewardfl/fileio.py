@@ -1,0 +1,102 @@
+"""Writing files so that a crash, a kill or a full disk never leaves a half-written one.
+
+* :func:`atomic_write`: a context manager yielding a file object on a temporary
+  name in the target's folder; on success the data is flushed, fsynced and
+  renamed over the target (a rename within one folder is atomic); on error the
+  temporary file is removed and the target is untouched.
+* :func:`write_json` and :func:`write_safetensors` on top of it.
+* Build stamps (:func:`stamp_matches`, :func:`write_stamp`): a JSON file that
+  records the inputs a generated folder was built from, written last, so that a
+  rerun with the same inputs skips the work and an interrupted build is redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any, Iterator, Optional
+
+__all__ = ["atomic_write", "write_json", "write_safetensors", "stamp_matches", "write_stamp"]
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w", *, encoding: Optional[str] = "utf-8") -> Iterator[Any]:
+    """``with atomic_write(path) as f: f.write(...)``: ``path`` holds all of it or is unchanged."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    binary = "b" in mode
+    try:
+        with open(tmp, mode, encoding=None if binary else encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj, **dump_kwargs) -> None:
+    """``obj`` as JSON (strict: no NaN), atomically."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, allow_nan=False, **dump_kwargs)
+
+
+_DTYPE_CODES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}
+
+
+def write_safetensors(path: str, tensors, metadata: Optional[dict] = None) -> None:
+    """A safetensors file, atomically, written one tensor at a time.
+
+    ``tensors``: a dict ``name -> tensor``, or an iterable of ``(name, shape, dtype, make)`` where
+    ``make()`` returns the tensor when its turn comes (so a 14B expert never sits in memory twice).
+    ``metadata``: str -> str. Readable by ``safetensors.torch.load_file``.
+    """
+    import struct
+
+    import torch
+
+    if isinstance(tensors, dict):
+        items = [(k, tuple(v.shape), v.dtype, (lambda v=v: v)) for k, v in tensors.items()]
+    else:
+        items = list(tensors)
+    header: dict = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    offset = 0
+    for name, shape, dtype, _ in items:
+        code = _DTYPE_CODES.get(str(dtype).replace("torch.", ""))
+        if code is None:
+            raise ValueError(f"write_safetensors: unsupported dtype {dtype} for {name}")
+        size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+    with atomic_write(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype, make in items:
+            t = make().detach().to("cpu").contiguous()
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise RuntimeError(f"write_safetensors: {name} is {tuple(t.shape)} {t.dtype}, "
+                                   f"header says {tuple(shape)} {dtype}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def stamp_matches(path: str, expected: dict) -> bool:
+    """The stamp at ``path`` exists and records exactly ``expected``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f) == json.loads(json.dumps(expected))
+    except (OSError, ValueError):
+        return False
+
+
+def write_stamp(path: str, data: dict) -> None:
+    """Record what a folder was built from; write it last (it marks the build complete)."""
+    write_json(path, data, indent=1, sort_keys=True)

@@ -1,0 +1,319 @@
+"""What ``rewardfl.plan`` knows of the plugins it plans: the ``wan2_2`` model family (its
+architecture from presets or weight-file headers, its skeleton with fake weights built through the
+plugin's own setup code) and the ``face_identity`` reward (its memory-relevant parts).
+
+A :class:`ModelSpec` holds the architecture of every part of a Wan2.2 checkpoint set: the DiT
+(``architectures.DiTArch``) and its experts, the umT5 text encoder, the VAE. It comes from
+the files ``model_paths`` names (safetensors headers: names and shapes only, as ``wan2_2`` reads
+them before loading) or, before anything is downloaded, from a preset (:data:`PRESETS`).
+
+:func:`build_skeleton` builds the ``wan2_2`` model from a spec inside the planner's fake-tensor
+mode: modules are constructed with fake weights (no memory), then the plugin's own ``_setup``
+adds LoRA, makes frozen copies and places every module as it would on the real device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import os
+from typing import Optional
+
+import torch
+
+from .models.wan import architectures as arch
+
+__all__ = ["ModelSpec", "PRESETS", "spec_from_preset", "spec_from_checkpoints", "resolve_spec", "build_skeleton",
+           "FacePlan"]
+
+#: umT5-xxl encoder (Wan's text encoder, ``models_t5_umt5-xxl-enc-bf16.pth``): 5.7B parameters
+UMT5_XXL = dict(vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=24,
+                num_buckets=32, shared_pos=False)
+
+#: name -> (DiT key of ``architectures.known_dits``, expert roles, text encoder kwargs, VAE arch)
+PRESETS = {
+    # two 14B experts (high noise ``dit``, low noise ``dit2``), Wan2.1 VAE: REFERENCE.md section 2
+    "wan2.2-i2v-a14b": ("diffsynth:5b013604280dd715f8457c6ed6d6a626", ("dit", "dit2"), UMT5_XXL,
+                        {"kind": "wan2.1", "dim": 96, "z_dim": 16}),
+    # one 5B expert with first-frame injection, Wan2.2 VAE (stride 4x16x16, z 48)
+    "wan2.2-ti2v-5b": ("diffsynth:1f5ab7703c6fc803fdded85ff040c316", ("dit",), UMT5_XXL,
+                       {"kind": "wan2.2", "dim": 160, "z_dim": 48}),
+    # the tiny twins of ``python -m rewardfl.demo.make_tiny`` (same code path, CPU sizes)
+    "tiny-i2v": ("tiny-i2v", ("dit", "dit2"), "tiny", {"kind": "wan2.1", "dim": 8, "z_dim": 16}),
+    "tiny-ti2v": ("tiny-ti2v", ("dit",), "tiny", {"kind": "wan2.1", "dim": 8, "z_dim": 16}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A checkpoint set's architecture. ``dit``: the recognised DiT (``kwargs`` build ``WanModel``);
+    ``experts``: roles from high to low noise; ``text_encoder``: ``WanTextEncoder`` kwargs; ``vae``: ``{"kind", "dim", "z_dim"}``
+    (``architectures.vae_architecture``); ``source``: where it was read (a preset or the files)."""
+
+    name: str
+    dit: "arch.DiTArch"
+    experts: tuple
+    text_encoder: dict
+    vae: dict
+    source: str
+
+    def with_layers(self, layers: int) -> "ModelSpec":
+        """The same spec with ``layers`` DiT blocks (the planner's fast, extrapolated mode)."""
+        return dataclasses.replace(self, dit=dataclasses.replace(self.dit, kwargs=dict(self.dit.kwargs,
+                                                                                   num_layers=layers)))
+
+
+def spec_from_preset(name: str) -> ModelSpec:
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"--preset: unknown preset '{name}'{hint}; known: {', '.join(PRESETS)}")
+    dit_key, experts, te, vae = PRESETS[name]
+    if te == "tiny":
+        te = arch.TINY_TEXT_ENCODER
+    from diffsynth.models.wan_video_dit import WanModel
+
+    kw = dict(arch.known_dits())[dit_key]
+    with torch.device("meta"):  # shapes only, as Wan22Model.with_random_weights recognises a DiT
+        shapes = {k: tuple(v.shape) for k, v in WanModel(**dict(kw, patch_size=tuple(kw["patch_size"]))).state_dict().items()}
+    return ModelSpec(name, arch.dit_architecture(shapes, f"--preset {name}"), experts, dict(te), dict(vae),
+                     f"preset {name}")
+
+
+def spec_from_checkpoints(cfg) -> ModelSpec:
+    """The architecture of the files ``model_paths`` names, from their headers (no weights read).
+
+    The same reading and checks as ``Wan22Model.__init__``'s first stage.
+    """
+    from .models.wan.model import EXPERT_ROLES, Wan22Model
+    from .models.wan.weights import read_shapes, resolve_model_paths
+
+    ckpts = resolve_model_paths(cfg.resolve_path(cfg.model_paths), cfg.model_id_with_origin_paths,
+                                cfg.resolve_path("."))
+    roles = Wan22Model.assign_roles(ckpts)
+    shapes = {role: read_shapes(ck) for role, ck in roles.items() if role != "tokenizer"}
+    archs = {r: arch.dit_architecture({k2: v for k, v in shapes[r].items() if (k2 := arch.dit_key(k)) is not None},
+                                      roles[r].where)
+             for r in EXPERT_ROLES if r in roles}
+    experts = tuple(r for r in EXPERT_ROLES if r in archs)
+    first = archs[experts[0]]
+    for r in experts[1:]:
+        if archs[r].kwargs != first.kwargs:
+            raise ValueError(f"model_paths: the two DiTs differ ({archs['dit'].name} and {archs[r].name}); both "
+                             "experts must be the same architecture")
+    vae = arch.vae_architecture({arch.vae_key(k): v for k, v in shapes["vae"].items()}, roles["vae"].where)
+    te = arch.text_encoder_architecture(shapes["text_encoder"], roles["text_encoder"].where)
+    return ModelSpec(os.path.basename(cfg.model_paths or "model_id_with_origin_paths"), first, experts,
+                     te, vae, f"checkpoint headers ({cfg.model_paths or cfg.model_id_with_origin_paths})")
+
+
+def resolve_spec(cfg, preset: Optional[str]) -> ModelSpec:
+    """``--preset`` when given; else the files of ``model_paths`` (headers only)."""
+    if preset:
+        return spec_from_preset(preset)
+    if cfg.model_paths is None and not cfg.model_id_with_origin_paths:
+        raise ValueError(f"model_paths: not set; name the checkpoint files, or plan before downloading with "
+                         f"--preset NAME ({', '.join(PRESETS)})")
+    try:
+        return spec_from_checkpoints(cfg)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; to plan before downloading use --preset NAME ({', '.join(PRESETS)})") from None
+
+
+# --------------------------------------------------------------------------- skeletons
+
+
+def _planned_class(model_cls, target: str, gpu_bytes: int):
+    """``model_cls`` answering its device questions as it would on ``target``.
+
+    The planner's accelerator is the meta device (fake tensors there need no GPU, and autograd runs
+    on them); the plugin asks ``self.device.type == "cuda"`` in two places, which this subclass
+    answers for the target instead: the text encoder parks on the CPU between uses, and
+    ``offload_idle_expert: auto`` compares the experts' bytes with ``gpu_bytes`` by the plugin's
+    own rule.
+    """
+    cuda = target == "cuda"
+
+    class Planned(model_cls):
+        @property
+        def _offload_text(self) -> bool:
+            return self.options.offload_text_encoder and cuda
+
+        def _want_expert_offload(self, choice) -> bool:
+            if not cuda:
+                return super()._want_expert_offload(choice)
+            device, self.device = self.device, torch.device("cuda")
+            props = torch.cuda.get_device_properties
+            torch.cuda.get_device_properties = lambda *_: type("Props", (), {"total_memory": gpu_bytes})()
+            try:
+                return super()._want_expert_offload(choice)
+            finally:
+                torch.cuda.get_device_properties = props
+                self.device = device
+
+    Planned.__name__ = Planned.__qualname__ = f"Planned{model_cls.__name__}"
+    return Planned
+
+
+def build_skeleton(model_cls, cfg, options, spec: ModelSpec, *, device: torch.device, target: str,
+                   gpu_bytes: int):
+    """The ``wan2_2`` model of ``spec`` with fake weights (call inside the planner's fake mode).
+
+    Weights are born on the CPU in the model dtype, as ``Wan22Model._build`` leaves them after
+    loading; the plugin's ``_setup`` then adds LoRA, frozen copies and places the modules on
+    ``device`` (the planner's stand-in for the GPU) or the CPU. ``target`` ("cuda"/"cpu") is the
+    device the plan is for: it decides the dtype (``mixed_precision: auto``) and the offloads.
+    """
+    from diffsynth.models.wan_video_dit import WanModel
+    from diffsynth.models.wan_video_text_encoder import WanTextEncoder
+    from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE, WanVideoVAE38
+
+    from .models.wan.model import as_list
+
+    cls = _planned_class(model_cls, target, gpu_bytes)
+    model = cls.__new__(cls)
+    model.config, model.options = cfg, options
+    model.device = device
+    model.dtype = cls._choose_dtype(cfg.mixed_precision, torch.device(target))
+    cls._check_options(options)
+    model.arch = spec.dit
+    model.experts = tuple(spec.experts)
+    model.vae_stride = (4, 8, 8) if spec.vae["kind"] == "wan2.1" else (4, 16, 16)
+    model.tokenizer = None
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(model.dtype)  # born in the model dtype: no fp32 copy that loading never makes
+    try:
+        with torch.device("cpu"):
+            model.dits = {r: WanModel(**spec.dit.kwargs).requires_grad_(False) for r in model.experts}
+            model.text_encoder = WanTextEncoder(**spec.text_encoder).requires_grad_(False).eval()
+            if spec.vae["kind"] == "wan2.2":
+                vae = WanVideoVAE38()
+            else:
+                vae = WanVideoVAE(z_dim=spec.vae["z_dim"])
+                if spec.vae["dim"] != 96:
+                    vae.model = VideoVAE_(dim=spec.vae["dim"], z_dim=spec.vae["z_dim"])
+            model.vae = vae.requires_grad_(False).eval()
+    finally:
+        torch.set_default_dtype(default)
+    lora_experts, full_experts = model._plan_training(cfg)
+    model._setup(lora_experts, full_experts, as_list(cfg.lora_target_modules))
+    return model
+
+
+
+# --------------------------------------------------------------------------- the face reward
+
+
+class FacePlan:
+    """The ``face_identity`` reward's memory-relevant parts, for the planner.
+
+    The recognizer is loaded and converted to its torch twin for real (small, on the CPU);
+    :meth:`place` copies the twin onto the accelerator as fake tensors; :meth:`loss` runs the
+    differentiable part, ``recognizer.align`` + ``recognizer.embed`` + ``pooled_identity_score``,
+    for one face per generated frame (the reward's worst case with ``face_select: largest``).
+    The detector is not run: it runs without gradient in onnxruntime (``backend: auto``), whose
+    memory is its own arena, outside torch's allocator and outside this plan.
+    """
+
+    def __init__(self, reward):
+        self.reward = reward
+
+    @classmethod
+    def load(cls, cfg, reward_cls, notes: list) -> Optional["FacePlan"]:
+        """The reward's models, or None (with a note) for another reward plugin or missing files."""
+        from .rewards.face_identity import FaceIdentityReward
+
+        if not (isinstance(reward_cls, type) and issubclass(reward_cls, FaceIdentityReward)):
+            notes.append(f"reward {cfg.reward.name}: not planned (the planner knows face_identity); a stand-in "
+                         "-mean(video) carries the graph")
+            return None
+        try:
+            reward = reward_cls(cfg, cfg.reward.options, device="cpu")
+            reward.recognizer.model.twin("cpu")
+        except (ValueError, FileNotFoundError) as e:
+            notes.append(f"reward not planned ({' '.join(str(e).split())[:160]}); a stand-in -mean(video) carries "
+                         "the graph: set reward_model_path to the face models to include them")
+            return None
+        notes.append("reward: one face per generated frame; the face detector (no gradient, onnxruntime) is not "
+                     "counted: its memory is onnxruntime's own")
+        return cls(reward)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def emulation(target: str):
+        """``face_align`` on the accelerator as on ``target``: the compiled op (its fake kernel gives
+        the shapes) where the target has it, and no landmark *value* checks (fake tensors have no
+        values; the checks allocate nothing)."""
+        import torch
+
+        from .rewards.face_identity import align
+
+        saved = align._extension_op, align._check_values
+        compiled = align._EXTENSION and (target == "cpu" or align._C.cuda_compiled() or not torch.cuda.is_available())
+
+        def extension_op(device):
+            if device.type == "meta" and compiled:
+                return torch.ops.rewardfl.face_align.default
+            return saved[0](device)
+
+        align._extension_op, align._check_values = extension_op, (lambda *a, **k: None)
+        try:
+            yield
+        finally:
+            align._extension_op, align._check_values = saved
+
+    def place(self, tracker, device) -> None:
+        """The twins on ``device`` (fake), counted as the face models' weights."""
+        import torch
+
+        import copy
+
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        from .plan import dtype_name
+
+        mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+        for name, model in (("face recognizer", self.reward.recognizer.model),):
+            with _disable_current_modes():
+                twin = copy.deepcopy(model.twin("cpu"))  # the real converted module (small)
+            for module in twin.modules():
+                for key, p in module._parameters.items():
+                    if p is not None:
+                        module._parameters[key] = torch.nn.Parameter(p.to(device), requires_grad=p.requires_grad)
+                        tracker.retag(module._parameters[key], f"{name} (torch twin), {dtype_name(p)}")
+                for key, b in module._buffers.items():
+                    if b is None:
+                        continue
+                    if b.numel() <= 1 or (not b.is_floating_point() and b.numel() <= 64):
+                        # graph constants whose values the code reads (a dropout ratio, a shape):
+                        # fake tensors on the device that carry their real value
+                        module._buffers[key] = FakeTensor(mode, torch.empty_like(b, device="meta"), device,
+                                                          constant=b.clone())
+                    else:
+                        module._buffers[key] = b.to(device)
+                        tracker.retag(module._buffers[key], f"{name} (torch twin), {dtype_name(b)}")
+            model._twins[(device.type, device.index, torch.float32)] = twin  # what model.twin(device) returns
+
+    def loss(self, videos, tracker, device):
+        """The shaped reward loss of ``videos`` (B, 3, F, H, W) in [-1, 1], 0-dim, differentiable."""
+        import torch
+
+        from .rewards.face_identity.scoring import pooled_identity_score
+
+        reward, o = self.reward, self.reward.options
+        batch, _, num_frames, height, width = videos.shape
+        frames = videos.transpose(1, 2).reshape(batch * num_frames, 3, height, width)  # as reward.__call__
+        with tracker.phase("reward: align + embed + score (grad)"):
+            first = 1 if o.exclude_generated_frame0 and num_frames > 1 else 0
+            index = torch.arange(batch * num_frames, device=device).view(batch, num_frames)[:, first:].reshape(-1)
+            face = torch.tensor([[0.35, 0.4], [0.65, 0.4], [0.5, 0.55], [0.38, 0.7], [0.62, 0.7]])
+            landmarks = (face * torch.tensor([width, height])).to(device).expand(index.shape[0], 5, 2)
+            crops = reward.recognizer.align(frames, landmarks, index)
+            embeddings = reward.recognizer.embed(crops, grad=True)
+            ref_mean = torch.zeros(batch, embeddings.shape[1], device=device)
+            scores, _, _ = pooled_identity_score(embeddings, index // num_frames, index % num_frames, ref_mean,
+                                                 num_frames)
+            # shaped_reward_loss over every sample (its validity test needs values fake tensors lack)
+            return (-(scores.float() - o.score_mean) / o.score_std * o.loss_scale).mean()
