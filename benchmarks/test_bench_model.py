@@ -47,8 +47,11 @@ def rl_step(model, frames: int, height: int, width: int, seed: int = 0) -> float
     from rewardfl.config import config_from_dict
     from rewardfl.models.wan.model import WanCondition
 
-    sampler = registry.create("sampler", "flow_match_euler", config_from_dict({}), {})
-    plan = sampler.plan(model.experts, model.trainable_experts())
+    from rewardfl.training.policy import plan_steps
+
+    cfg = config_from_dict({})
+    sampler = registry.create("sampler", "flow_match_euler", cfg, {})
+    plan = plan_steps(cfg, sampler, model.experts, model.trainable_experts(), model.options.boundary)
     C, T, h, w = model.latent_shape(frames, height, width)
     g = torch.Generator(device=model.device).manual_seed(seed)
     dev, dt = model.device, model.dtype

@@ -50,7 +50,7 @@ from torch.utils._pytree import tree_leaves
 from .cli import user_error_exit
 from .config import ConfigError, TrainConfig, load_config
 
-__all__ = ["MemoryTracker", "fake_device", "Plan", "plan_memory", "parse_size", "dtype_name", "main"]
+__all__ = ["MemoryTracker", "fake_device", "Plan", "plan_memory", "run_step", "parse_size", "dtype_name", "main"]
 
 GiB = 2**30
 ACCELERATOR = torch.device("meta")  # the planner's stand-in for the GPU (see fake_device)
@@ -173,9 +173,15 @@ class MemoryTracker(TorchDispatchMode):
             # a dtype cast is a new temporary of the current phase
             if (kwargs or {}).get("dtype", args[0].dtype) == args[0].dtype:
                 inherit = self.category_of(args[0])
+        inputs = None
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self.track(t, inherit)
+                if inputs is None:  # a view of (or in-place op on) an input allocates nothing: a
+                    # storage made before tracking began (a weight seen through .t()) stays unseen
+                    inputs = {a.untyped_storage()._cdata for a in tree_leaves((args, kwargs))
+                              if isinstance(a, torch.Tensor)}
+                if t.untyped_storage()._cdata not in inputs:
+                    self.track(t, inherit)
         if self._fake is not None:
             # FakeTensorMode memoises every fake tensor it makes through a weak reference, and
             # torch.utils.swap_tensors (Module.to on fake parameters) refuses tensors that have one
@@ -275,6 +281,14 @@ def fake_device(target: str = "cuda"):
         functional.scaled_dot_product_attention = sdpa
 
 
+@contextlib.contextmanager
+def _real_device(device):
+    """``(tracker, device)`` for a run on real tensors (a measured trace)."""
+    tracker = MemoryTracker()
+    with tracker:
+        yield tracker, torch.device(device)
+
+
 # --------------------------------------------------------------------------- the plan
 
 
@@ -303,6 +317,8 @@ class Plan:
     mode: str
     seconds: float
     levers: list[dict] = dataclasses.field(default_factory=list)
+    #: per phase, the accelerator's bytes by category at that phase's peak
+    snapshots: dict = dataclasses.field(default_factory=dict)
 
     @property
     def fits(self) -> bool:
@@ -337,43 +353,51 @@ def video_size(cfg: TrainConfig) -> tuple[int, int, int]:
     return d.num_frames, h, w
 
 
-def plan_memory(cfg: TrainConfig, plugins: dict, *, preset: Optional[str] = None, gpu_bytes: int = 80 * GiB,
-                world_size: int = 1, target: str = "cuda", fast: bool = False) -> Plan:
+def plan_memory(cfg: TrainConfig, plugins: dict, *, preset: Optional[str] = None, spec=None,
+                gpu_bytes: int = 80 * GiB, world_size: int = 1, target: str = "cuda", fast: bool = False) -> Plan:
     """Predict one training step's peak memory per rank (see the module docstring).
 
-    ``plugins`` from ``registry.resolve_plugins(cfg)``; ``preset``: architecture without files
-    (``plan_models.PRESETS``); ``target``: "cuda" (the plan) or "cpu" (to compare with a measured
-    CPU run); ``fast``: extrapolate from 1- and 2-block DiTs.
+    ``cfg`` resolved (``registry.resolve_config``) with ``plugins`` from ``registry.resolve_plugins``;
+    ``preset``: architecture without files (``plan_models.PRESETS``), or ``spec`` (a
+    ``plan_models.ModelSpec``) directly; ``target``: "cuda" (the plan) or "cpu" (to compare with a
+    measured CPU run); ``fast``: extrapolate from 1- and 2-block DiTs.
     """
     from .plan_models import resolve_spec
 
     t0 = time.perf_counter()
-    spec = resolve_spec(cfg, preset)
+    spec = spec or resolve_spec(cfg, preset)
     layers = spec.dit.kwargs["num_layers"]
     if fast and layers > 2:
         cfg = _settle_auto_choices(cfg, plugins, spec, gpu_bytes, target)
-        one = _run(cfg, plugins, spec.with_layers(1), gpu_bytes, world_size, target)
-        two = _run(cfg, plugins, spec.with_layers(2), gpu_bytes, world_size, target)
+        one = run_step(cfg, plugins, spec.with_layers(1), gpu_bytes=gpu_bytes, world_size=world_size, target=target)
+        two = run_step(cfg, plugins, spec.with_layers(2), gpu_bytes=gpu_bytes, world_size=world_size, target=target)
         result = _extrapolate(one, two, layers)
         mode = f"extrapolated to {layers} DiT blocks from runs with 1 and 2"
     else:
-        result = _run(cfg, plugins, spec, gpu_bytes, world_size, target)
+        result = run_step(cfg, plugins, spec, gpu_bytes=gpu_bytes, world_size=world_size, target=target)
         mode = f"full ({layers} DiT blocks run)"
-    phases, notes, engine = result["phases"], result["notes"], result["engine"]
-    gpu = ACCELERATOR.type
+    return _summarise(cfg, spec, result, target=target, gpu_bytes=gpu_bytes, world_size=world_size, mode=mode,
+                      seconds=time.perf_counter() - t0)
+
+
+def _summarise(cfg, spec, result: dict, *, target, gpu_bytes, world_size, mode, seconds) -> Plan:
+    phases, gpu = result["phases"], result["device"]
     name, (peak, snapshot) = max(((n, p[gpu]) for n, p in phases.items() if gpu in p), key=lambda x: x[1][0])
     host_peak = max((p["cpu"][0] for n, p in phases.items() if "cpu" in p and n != "setup"), default=0)
     host_load = phases.get("setup", {}).get("cpu", (0, None))[0]
-    where = {gpu: "GPU" if target == "cuda" else "device", "cpu": "CPU"}
-    components = sorted(((c, b, where.get(d, d)) for (d, c), b in snapshot.items() if b > 0 and d == gpu),
-                        key=lambda x: -x[1])
-    components += sorted(((c, b, "CPU") for (d, c), b in snapshot.items() if b > 0 and d == "cpu"),
-                         key=lambda x: -x[1])
-    order = [(n, p.get(gpu, (0, None))[0], p.get("cpu", (0, None))[0]) for n, p in phases.items() if n != "setup"]
+    where = "GPU" if target == "cuda" else "device"
+    components = sorted(((c, b, where) for (d, c), b in snapshot.items() if b > 0 and d == gpu), key=lambda x: -x[1])
+    if gpu != "cpu":
+        components += sorted(((c, b, "CPU") for (d, c), b in snapshot.items() if b > 0 and d == "cpu"),
+                             key=lambda x: -x[1])
+    order = [(n, p.get(gpu, (0, None))[0], p.get("cpu", (0, None))[0] if gpu != "cpu" else 0)
+             for n, p in phases.items() if n != "setup"]
     return Plan(model=spec.source, size=video_size(cfg), batch=cfg.per_device_train_batch_size, target=target,
-                gpu_bytes=gpu_bytes, world_size=world_size, engine=engine, peak=peak, host_peak=host_peak,
-                host_load_peak=host_load, step_peak=result["step_peak"], peak_phase=name, components=components, phases=order, notes=notes, mode=mode,
-                seconds=time.perf_counter() - t0)
+                gpu_bytes=gpu_bytes, world_size=world_size, engine=result["engine"], peak=peak, host_peak=host_peak,
+                host_load_peak=host_load, step_peak=result["step_peak"], peak_phase=name, components=components,
+                phases=order, notes=result["notes"], mode=mode, seconds=seconds,
+                snapshots={n: {c: b for (d, c), b in p[gpu][1].items() if d == gpu and b > 0}
+                           for n, p in phases.items() if gpu in p})
 
 
 def _settle_auto_choices(cfg, plugins, spec, gpu_bytes: int, target: str):
@@ -403,42 +427,56 @@ def _extrapolate(one: dict, two: dict, layers: int) -> dict:
             peak1, snap1 = one["phases"].get(name, {}).get(device, (0, {}))
             keys = set(snap1) | set(snap2)
             phases[name][device] = (lin(peak1, peak2), {k: lin(snap1.get(k, 0), snap2.get(k, 0)) for k in keys})
-    return {"phases": phases, "notes": two["notes"], "engine": two["engine"],
-            "step_peak": lin(one["step_peak"], two["step_peak"])}
+    return dict(two, phases=phases, step_peak=lin(one["step_peak"], two["step_peak"]))
 
 
-# --------------------------------------------------------------------------- one step, fake
+# --------------------------------------------------------------------------- one step
 
 
-def _run(cfg, plugins, spec, gpu_bytes: int, world_size: int, target: str) -> dict:
-    """Build the model and run one training step on fake tensors; the tracker's phases and notes."""
-    from .plan_models import build_skeleton
+def run_step(cfg, plugins, spec, *, gpu_bytes: int = 80 * GiB, world_size: int = 1, target: str = "cuda",
+             device: Optional[torch.device] = None) -> dict:
+    """Build the model of ``spec`` and run one training step under a :class:`MemoryTracker`.
 
+    Without ``device``: on fake tensors (the prediction). With a real ``device`` (the GPU check):
+    the same code on real tensors there, weights random. Returns ``{"phases", "notes", "engine",
+    "step_peak", "device"}`` (``device``: the tracker's name for the accelerator).
+    """
     from .plan_models import FacePlan
 
     cfg = copy.deepcopy(cfg)
     notes: list[str] = []
     engine_name, ds = _engine(cfg, world_size)
     reward = FacePlan.load(cfg, plugins["reward"], notes)
-    sampler = plugins["sampler"](cfg, cfg.sampler.options, device=ACCELERATOR)
-    with fake_device(target) as (tracker, device), FacePlan.emulation(target):
-        with tracker.phase("setup", "setup"):
-            model = build_skeleton(plugins["model"], cfg, cfg.model, spec, device=device, target=target,
-                                   gpu_bytes=gpu_bytes)
-            _tag_weights(tracker, model)
-            if reward is not None:
-                reward.place(tracker, device)
-            with _disable_current_modes():  # the schedule is a few real numbers
-                plan = sampler.plan(model.experts, model.trainable_experts())
-            params = [p for _, p in model.trainable_parameters()]
-            if not params:
-                raise ConfigError("trainable_models: the model has no trainable parameters with this config")
-            engine = _build_engine(cfg, tracker, params, ds, world_size, device)
-        if model.offload_experts:
-            notes.append("offload_idle_expert: on (the idle expert's frozen weights wait in CPU memory)")
-        tracker.mark()
-        _train_step(cfg, model, sampler, plan, reward, engine, tracker, device)
-    return {"phases": tracker.phases, "notes": notes, "engine": engine_name, "step_peak": tracker.new_peak}
+    sampler = plugins["sampler"](cfg, cfg.sampler.options, device=device or ACCELERATOR)
+    context = fake_device(target) if device is None else _real_device(device)
+    with context as (tracker, accelerator), FacePlan.emulation(target if device is None else None):
+        _step(cfg, plugins, spec, sampler, reward, tracker, accelerator, gpu_bytes=gpu_bytes, world_size=world_size,
+              target=target, ds=ds, notes=notes, real=device is not None)
+    return {"phases": tracker.phases, "notes": notes, "engine": engine_name, "step_peak": tracker.new_peak,
+            "device": accelerator.type}
+
+
+def _step(cfg, plugins, spec, sampler, reward, tracker, device, *, gpu_bytes, world_size, target, ds, notes, real):
+    from .plan_models import build_skeleton
+    from .training.policy import plan_steps
+
+    with tracker.phase("setup", "setup"):
+        model = build_skeleton(plugins["model"], cfg, cfg.model, spec, device=device, target=target,
+                               gpu_bytes=gpu_bytes, build_device=device if real else None)
+        _tag_weights(tracker, model)
+        if reward is not None:
+            reward.place(tracker, device, fake=not real)
+        with _disable_current_modes():  # the schedule is a few real numbers; planned as Trainer does
+            plan = plan_steps(cfg, sampler, model.experts, model.trainable_experts(),
+                              plugins["model"].expert_boundary(cfg.model))
+        params = [p for _, p in model.trainable_parameters()]
+        if not params:
+            raise ConfigError("trainable_models: the model has no trainable parameters with this config")
+        engine = _build_engine(cfg, tracker, params, ds, world_size, device)
+    if model.offload_experts:
+        notes.append("offload_idle_expert: on (the idle expert's frozen weights wait in CPU memory)")
+    tracker.mark()
+    _train_step(cfg, model, sampler, plan, reward, engine, tracker, device)
 
 
 def _tag_weights(tracker: MemoryTracker, model) -> None:
@@ -524,8 +562,12 @@ def _train_step(cfg, model, sampler, plan, reward, engine, tracker: MemoryTracke
 
 def _encode_prompts(model, prompts, tracker, device) -> None:
     """The text encoder's forward, as ``Wan22Model.encode_prompts`` runs it, on token ids of the full
-    ``text_len`` (the token values need a tokenizer; the memory does not). Fills the prompt cache."""
+    ``text_len`` (the token values need a tokenizer; the memory does not). Fills the prompt cache
+    (with zeros for a model built without a text encoder)."""
     if model.text_encoder is None:
+        for p in prompts:
+            model._prompt_cache[p] = torch.zeros(1, model.options.text_len, model.arch.kwargs["text_dim"],
+                                                 dtype=model.dtype)
         return
     with tracker.phase("encode (text encoder)"):
         model.text_encoder.to(model.device)  # keeps the weights' category (a device move)

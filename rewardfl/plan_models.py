@@ -157,13 +157,15 @@ def _planned_class(model_cls, target: str, gpu_bytes: int):
 
 
 def build_skeleton(model_cls, cfg, options, spec: ModelSpec, *, device: torch.device, target: str,
-                   gpu_bytes: int):
+                   gpu_bytes: int, build_device: Optional[torch.device] = None):
     """The ``wan2_2`` model of ``spec`` with fake weights (call inside the planner's fake mode).
 
     Weights are born on the CPU in the model dtype, as ``Wan22Model._build`` leaves them after
     loading; the plugin's ``_setup`` then adds LoRA, frozen copies and places the modules on
     ``device`` (the planner's stand-in for the GPU) or the CPU. ``target`` ("cuda"/"cpu") is the
     device the plan is for: it decides the dtype (``mixed_precision: auto``) and the offloads.
+    ``build_device``: where modules are constructed (default the CPU); outside fake mode (the GPU
+    check) the weights are then real and random, made directly on the GPU.
     """
     from diffsynth.models.wan_video_dit import WanModel
     from diffsynth.models.wan_video_text_encoder import WanTextEncoder
@@ -176,7 +178,6 @@ def build_skeleton(model_cls, cfg, options, spec: ModelSpec, *, device: torch.de
     model.config, model.options = cfg, options
     model.device = device
     model.dtype = cls._choose_dtype(cfg.mixed_precision, torch.device(target))
-    cls._check_options(options)
     model.arch = spec.dit
     model.experts = tuple(spec.experts)
     model.vae_stride = (4, 8, 8) if spec.vae["kind"] == "wan2.1" else (4, 16, 16)
@@ -184,7 +185,7 @@ def build_skeleton(model_cls, cfg, options, spec: ModelSpec, *, device: torch.de
     default = torch.get_default_dtype()
     torch.set_default_dtype(model.dtype)  # born in the model dtype: no fp32 copy that loading never makes
     try:
-        with torch.device("cpu"):
+        with torch.device(build_device or "cpu"):
             model.dits = {r: WanModel(**spec.dit.kwargs).requires_grad_(False) for r in model.experts}
             model.text_encoder = WanTextEncoder(**spec.text_encoder).requires_grad_(False).eval()
             if spec.vae["kind"] == "wan2.2":
@@ -241,13 +242,17 @@ class FacePlan:
 
     @staticmethod
     @contextlib.contextmanager
-    def emulation(target: str):
+    def emulation(target: Optional[str]):
         """``face_align`` on the accelerator as on ``target``: the compiled op (its fake kernel gives
         the shapes) where the target has it, and no landmark *value* checks (fake tensors have no
-        values; the checks allocate nothing)."""
+        values; the checks allocate nothing). ``None``: real tensors, nothing changed."""
         import torch
 
         from .rewards.face_identity import align
+
+        if target is None:
+            yield
+            return
 
         saved = align._extension_op, align._check_values
         compiled = align._EXTENSION and (target == "cpu" or align._C.cuda_compiled() or not torch.cuda.is_available())
@@ -263,13 +268,18 @@ class FacePlan:
         finally:
             align._extension_op, align._check_values = saved
 
-    def place(self, tracker, device) -> None:
-        """The twins on ``device`` (fake), counted as the face models' weights."""
+    def place(self, tracker, device, *, fake: bool = True) -> None:
+        """The recognizer's twin on ``device`` (as fake tensors when ``fake``), counted as its weights."""
         import torch
+
+        if not fake:
+            twin = self.reward.recognizer.model.twin(device, torch.float32)
+            for t in list(twin.parameters()) + list(twin.buffers()):
+                tracker.retag(t, "face recognizer (torch twin)")
+            return
 
         import copy
 
-        from torch._subclasses.fake_tensor import FakeTensor
         from torch.utils._python_dispatch import _disable_current_modes
 
         from .plan import dtype_name
@@ -286,11 +296,13 @@ class FacePlan:
                 for key, b in module._buffers.items():
                     if b is None:
                         continue
-                    if b.numel() <= 1 or (not b.is_floating_point() and b.numel() <= 64):
-                        # graph constants whose values the code reads (a dropout ratio, a shape):
-                        # fake tensors on the device that carry their real value
-                        module._buffers[key] = FakeTensor(mode, torch.empty_like(b, device="meta"), device,
-                                                          constant=b.clone())
+                    if b.dim() == 0 or (not b.is_floating_point() and b.numel() <= 64):
+                        # graph constants the code reads by value (a dropout ratio, a shape): fake
+                        # CPU tensors that carry it (a 0-dim CPU tensor mixes with any device)
+                        with _disable_current_modes():
+                            value = b.clone()  # a real copy (inside the fake mode clone() makes a fake)
+                        module._buffers[key] = mode.fake_tensor_converter.from_real_tensor(mode, value,
+                                                                                           make_constant=True)
                     else:
                         module._buffers[key] = b.to(device)
                         tracker.retag(module._buffers[key], f"{name} (torch twin), {dtype_name(b)}")

@@ -102,5 +102,5 @@ def test_demo_config_matches_the_warm_start():
     assert cfg.data.num_frames == DEMO_FRAMES
     assert cfg.num_inference_steps == DEMO_SAMPLER["num_steps"]
     assert cfg.sampler.options["shift"] == DEMO_SAMPLER["shift"]
-    assert cfg.sampler.options["boundary"] == DEMO_SAMPLER["boundary"]
+    assert cfg.model["boundary"] == DEMO_SAMPLER["boundary"]
     assert cfg.model_paths.endswith("wan_tiny/model_paths.json")

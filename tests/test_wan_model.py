@@ -288,8 +288,11 @@ def test_expert_switch_follows_the_sampler_plan(tiny_dir):
     from rewardfl.config import config_from_dict
 
     model = build_tiny(tiny_dir)
-    sampler = registry.create("sampler", "flow_match_euler", config_from_dict({}), {})
-    plan = sampler.plan(model.experts, model.trainable_experts())
+    from rewardfl.training.policy import plan_steps
+
+    cfg = config_from_dict({})
+    sampler = registry.create("sampler", "flow_match_euler", cfg, {})
+    plan = plan_steps(cfg, sampler, model.experts, model.trainable_experts(), model.options.boundary)
     ran = []
     for name, dit in model.dits.items():
         dit.patch_embedding.register_forward_hook(lambda m, i, o, name=name: ran.append(name))
@@ -473,7 +476,7 @@ def test_offload_idle_expert_accepts_yaml_yes_and_no(text, want):
     from rewardfl.config import config_from_dict
 
     cfg = config_from_dict({"model_name": "wan2_2_tiny", "model": yaml.safe_load(f"offload_idle_expert: {text}")})
-    registry.resolve_plugins(cfg)
+    cfg = registry.resolve_config(cfg, registry.resolve_plugins(cfg))
     assert cfg.model.offload_idle_expert == want
 
 
@@ -547,8 +550,11 @@ def test_ti2v_injects_the_first_frame_and_matches_diffsynth(ti2v_dir):
     from rewardfl import registry
     from rewardfl.config import config_from_dict
 
-    sampler = registry.create("sampler", "flow_match_euler", config_from_dict({}), {})
-    step = sampler.plan(model.experts, model.trainable_experts())[0]
+    from rewardfl.training.policy import plan_steps
+
+    cfg = config_from_dict({})
+    sampler = registry.create("sampler", "flow_match_euler", cfg, {})
+    step = plan_steps(cfg, sampler, model.experts, model.trainable_experts(), model.options.boundary)[0]
     x_next = sampler.step(x_in, v, step, inject_mask=mask, inject_latent=latent)
     torch.testing.assert_close(x_next[:, :, :1], latent[:, :, :1], rtol=0, atol=1e-6)
     torch.testing.assert_close(x_next[:, :, 1:], x_in[:, :, 1:] + step.dt * v[:, :, 1:], rtol=1e-5, atol=1e-5)

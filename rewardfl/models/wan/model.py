@@ -22,6 +22,7 @@ from typing import Iterator, Literal, Optional, Sequence, Union
 
 import torch
 
+from rewardfl.config import ConfigError
 from rewardfl.fileio import write_safetensors
 from rewardfl.interfaces import VideoModel
 
@@ -87,6 +88,19 @@ class Wan22Options:
     #: (clamped values, gradient passed unchanged), "hard" (the true derivative: zero gradient
     #: outside [-1, 1]) or "none" (no clamp)
     decode_clamp: DecodeClamp = "straight_through"
+    #: the low-noise expert (dit2) runs while timestep < boundary * 1000, the high-noise one (dit)
+    #: above: Wan2.2 I2V-A14B 0.9, T2V-A14B 0.875 (ignored by single-expert TI2V-5B)
+    boundary: float = 0.9
+
+    def __post_init__(self):  # checked where the config enters (run --check too), before any weights load
+        if self.text_len <= 0:
+            raise ConfigError(f"model.text_len: must be > 0, got {self.text_len}")
+        for key in ("vae_tile", "vae_tile_stride"):
+            v = getattr(self, key)
+            if v is not None and (len(v) != 2 or any(not isinstance(i, int) or i <= 0 for i in v)):
+                raise ConfigError(f"model.{key}: expected [height, width] in latent pixels, got {v!r}")
+        if not 0.0 <= self.boundary <= 1.0:
+            raise ConfigError(f"model.boundary: must be in [0, 1] (a fraction of 1000 timesteps), got {self.boundary}")
 
 
 class Wan22Model(VideoModel):
@@ -103,12 +117,15 @@ class Wan22Model(VideoModel):
 
     Options = Wan22Options
 
+    @classmethod
+    def expert_boundary(cls, options) -> float:
+        return options.boundary
+
     def __init__(self, config, options: Optional[Wan22Options] = None, *, device=None, **runtime):
         options = options or self.Options()
         self.config, self.options = config, options
         self.device = torch.device(device if device is not None else "cpu")
         self.dtype = self._choose_dtype(config.mixed_precision, self.device)
-        self._check_options(options)
 
         # 1. files, headers and architectures: cheap, every user error surfaces here
         files = resolve_model_paths(config.resolve_path(config.model_paths), config.model_id_with_origin_paths,
@@ -264,15 +281,6 @@ class Wan22Model(VideoModel):
         if mixed_precision == "bf16":
             return torch.bfloat16
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    @staticmethod
-    def _check_options(o: Wan22Options) -> None:
-        if o.text_len <= 0:
-            raise ValueError(f"model.text_len: must be > 0, got {o.text_len}")
-        for key in ("vae_tile", "vae_tile_stride"):
-            v = getattr(o, key)
-            if v is not None and (len(v) != 2 or any(not isinstance(i, int) or i <= 0 for i in v)):
-                raise ValueError(f"model.{key}: expected [height, width] in latent pixels, got {v!r}")
 
     @staticmethod
     def assign_roles(files: list[WeightFile]) -> dict[str, WeightFile]:
