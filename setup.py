@@ -125,6 +125,13 @@ setup(
         "imageio-ffmpeg>=0.5",
         "matplotlib",
         "opencv-python-headless>=4.9",
+        # imported directly (diffsynth pulls them too, but we do not lean on that): torchvision's
+        # batched NMS, einops in the DiT forward, transformers' and tokenizers' tokenizers, Pillow
+        "torchvision",
+        "einops",
+        "transformers",
+        "tokenizers",
+        "Pillow",
     ],
     extras_require={
         # multi-GPU / multi-node training (install with --no-build-isolation: it builds against torch)

@@ -28,7 +28,7 @@ def demo_trainer(tmp_path_factory):
     from rewardfl.demo.example_data import build_from_face_assets
     from rewardfl.demo.make_tiny import make_tiny
     from rewardfl.registry import resolve_plugins
-    from rewardfl.train import Trainer
+    from rewardfl.training import Trainer
 
     root = tmp_path_factory.mktemp("bench_train")
     assets = fetch_face_assets()
@@ -47,7 +47,7 @@ def demo_trainer(tmp_path_factory):
 
 def one_step(trainer, timings: dict) -> None:
     from rewardfl.interfaces import SampleContext
-    from rewardfl.train import sample_latents
+    from rewardfl.training.algorithm import sample_latents
 
     cfg = trainer.cfg
     batch = trainer._next_batch()

@@ -249,14 +249,7 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def __init__(self, metadata_path: str, *, num_frames: int, max_pixels: int,
                  height: Optional[int] = None, width: Optional[int] = None):
-        if num_frames < 1 or (num_frames - 1) % 4:
-            raise ValueError(f"num_frames: must be of the form 4k+1 (1, 5, 9, ..., 81), got {num_frames}")
-        if (height is None) != (width is None):
-            raise ValueError("height/width: give both or neither")
-        if height is not None and (height <= 0 or width <= 0 or height % 16 or width % 16):
-            raise ValueError(f"height/width: must be positive multiples of 16, got {height}x{width}")
-        if height is None and max_pixels < 256:
-            raise ValueError(f"max_pixels: must be >= 256 (16x16), got {max_pixels}")
+        # num_frames, height/width and max_pixels are validated where the config enters (config.validate)
         self.metadata_path = os.path.abspath(metadata_path)
         self.num_frames = num_frames
         self.max_pixels = max_pixels

@@ -494,7 +494,7 @@ def _tag_weights(tracker: MemoryTracker, model) -> None:
     for r, dit in model.dits.items():
         tag(dit, names.get(r, r))
         for t in getattr(dit, "freqs", ()):
-            tracker.retag(t, f"{names.get(r, r)} weights, {dtype_name(t)}")
+            tracker.retag(t, "DiT RoPE tables (per expert, kept on the CPU)")
     for r, dit in getattr(model, "_frozen", {}).items():
         tag(dit, f"{r} frozen copy (regulariser)")
     if model.text_encoder is not None:
@@ -514,7 +514,7 @@ def dtype_name(t: torch.Tensor) -> str:
 def _train_step(cfg, model, sampler, plan, reward, engine, tracker: MemoryTracker, device) -> None:
     """One optimizer step as ``Trainer.train_step`` runs it (one micro-batch): encode, sample,
     decode, reward, loss, backward, update; each part under its own phase."""
-    from .train import rollout
+    from .training.algorithm import rollout
 
     frames, height, width = video_size(cfg)
     batch_size = cfg.per_device_train_batch_size
@@ -589,7 +589,7 @@ def _engine(cfg, world_size: int) -> tuple[str, Optional[dict]]:
     if cfg.deepspeed is None:
         return (f"AdamW (plain engine{', gradients all-reduced over %d processes' % world_size if world_size > 1 else ''})",
                 None)
-    from .distributed import deepspeed_config
+    from .training.engines import deepspeed_config
 
     ds = deepspeed_config(cfg, accum=cfg.gradient_accumulation_steps, world_size=world_size)
     zero = ds.get("zero_optimization", {})
@@ -611,7 +611,8 @@ class _PlainEngine:
     up front (as after the first update), its backward, and its update with the rollback copies."""
 
     def __init__(self, cfg, tracker, params, accum: int):
-        from .distributed import DistInfo, PlainEngine
+        from .training.distributed import DistInfo
+        from .training.engines import PlainEngine
 
         self.engine = PlainEngine(cfg, params, lambda step: 1.0, DistInfo())
         self.tracker, self.params, self.accum = tracker, params, accum
@@ -719,7 +720,7 @@ def lever_candidates(cfg: TrainConfig, plugins: dict) -> list[tuple[str, callabl
     if not getattr(o, "vae_checkpointing", True):
         out.append(("model.vae_checkpointing: true", lambda c: setattr(c.model, "vae_checkpointing", True)))
     if cfg.deepspeed is not None:
-        from .distributed import _read_deepspeed_section
+        from .training.engines import _read_deepspeed_section
 
         section = _read_deepspeed_section(cfg)
         zero = section.get("zero_optimization") or {}
@@ -832,10 +833,12 @@ def main(argv=None) -> int:
     plugins = resolve_plugins(cfg)
     cfg = resolve_config(cfg, plugins)
     log = (lambda m: print(m, file=sys.stderr)) if not args.json else None
-    plan = plan_memory(cfg, plugins, preset=args.preset, gpu_bytes=gpu_bytes, world_size=args.world_size,
-                       fast=args.fast)
-    if args.levers or not plan.fits:
-        plan.levers = evaluate_levers(cfg, plugins, plan, preset=args.preset, log=log)
+    # libraries print to stdout on import (DeepSpeed's accelerator notice): --json keeps it to one object
+    with contextlib.redirect_stdout(sys.stderr):
+        plan = plan_memory(cfg, plugins, preset=args.preset, gpu_bytes=gpu_bytes, world_size=args.world_size,
+                           fast=args.fast)
+        if args.levers or not plan.fits:
+            plan.levers = evaluate_levers(cfg, plugins, plan, preset=args.preset, log=log)
     print(json.dumps(plan.to_json()) if args.json else render(plan))
     return 0
 

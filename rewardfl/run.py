@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check(cfg, plugins, config_path: str) -> None:
     """What ``--check`` verifies and prints (nothing heavy loads)."""
     from .data import VideoDataset
-    from .outputs import check_output_dir
+    from .training.outputs import check_output_dir
     from .training.policy import plan_steps
 
     # the sampler is light: build it and plan against the model's declared experts, so that
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     if args.check:
         check(cfg, plugins, args.config)
         return 0
-    from .train import train  # imported late: --check must stay light
+    from .training import train  # imported late: --check must stay light
 
     return train(cfg, plugins)
 

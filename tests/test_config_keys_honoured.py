@@ -21,7 +21,8 @@ from wan_fixtures import build_tiny, tiny_dir  # noqa: F401  (session fixture)
 from rewardfl import registry, run
 from rewardfl.config import config_from_dict, load_config
 from rewardfl.registry import resolve_plugins
-from rewardfl.train import Trainer, sample_latents
+from rewardfl.training import Trainer
+from rewardfl.training.algorithm import sample_latents
 from rewardfl.training.policy import plan_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,7 +162,7 @@ def test_num_workers_decode_ahead_and_give_the_same_batches(make_config):
         trainer = Trainer.__new__(Trainer)  # only the data half: no model needed to compare batches
         trainer.cfg, trainer.rank, trainer.global_micro = cfg, 0, 1
         from rewardfl.data import VideoDataset
-        from rewardfl.train import TrainState
+        from rewardfl.training import TrainState
 
         trainer.dataset = VideoDataset(cfg.resolve_path(cfg.data.metadata_path), num_frames=5, max_pixels=4096,
                                        height=64, width=64)

@@ -21,7 +21,7 @@ from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
 
 from rewardfl import run
 from rewardfl.config import ConfigError, config_from_dict
-from rewardfl.distributed import deepspeed_config
+from rewardfl.training.engines import deepspeed_config
 
 pytest.importorskip("deepspeed")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -47,7 +47,8 @@ def _train_and_check(label: str, overrides: dict, rank: int, tiny_dir: str) -> N
     steps that run both experts, then checks (raises on failure)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from rewardfl.distributed import DeepSpeedEngine, init_distributed
+    from rewardfl.training.distributed import init_distributed
+    from rewardfl.training.engines import DeepSpeedEngine
     from rewardfl.models.wan.lora import diffsynth_lora_key
 
     model = build_tiny(tiny_dir, options={"offload_idle_expert": "yes"}, learning_rate=1e-2, device="cpu",

@@ -19,10 +19,11 @@ from train_fixtures import make_config, small_dataset  # noqa: F401  (fixtures)
 from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
 
 from rewardfl import run
-from rewardfl.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from rewardfl.training.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
 from rewardfl.config import load_config
 from rewardfl.registry import resolve_plugins
-from rewardfl.train import Trainer, lr_lambda
+from rewardfl.training import Trainer
+from rewardfl.training.engines import lr_lambda
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOLATILE = ("step_time_s",)
@@ -116,10 +117,10 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(make_config,
     cfg = make_config()
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from rewardfl import checkpoint
+        from rewardfl.training import checkpoints as checkpoint
         from rewardfl.config import load_config
         from rewardfl.registry import resolve_plugins
-        from rewardfl.train import Trainer
+        from rewardfl.training import Trainer
         cfg = load_config({cfg!r})
         trainer = Trainer(cfg, resolve_plugins(cfg))
         def save(step, value):

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import re
 import sys
 from typing import Optional, Sequence
 
 import numpy as np
+
+from rewardfl.fileio import atomic_write, stamp_matches, write_stamp
 
 from .assets import file_sha256  # the file hash the asset fetcher checks downloads with
 
@@ -185,7 +186,7 @@ def build_example_dataset(out_dir: str, photos: Sequence[str], *, face_boxes: Op
 
     os.makedirs(videos_dir, exist_ok=True)
     # mark the build incomplete first: a crash below must not leave a "built" marker (but the folder stays ours)
-    _write_json(manifest_path, {"incomplete": True})
+    write_stamp(manifest_path, {"incomplete": True})
     for i, photo in enumerate(photos):
         with Image.open(photo) as im:
             image = ImageOps.exif_transpose(im).convert("RGB")
@@ -195,28 +196,16 @@ def build_example_dataset(out_dir: str, photos: Sequence[str], *, face_boxes: Op
             windows = crop_windows(image.size, face_boxes[i], motion, num_frames=num_frames, size=(h, w),
                                    face_fraction=face_fraction)
             _write_mp4(os.path.join(out_dir, video), _render_clip(image, windows, (h, w)), fps)
-    tmp = csv_path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(csv_path) as f:
         writer = csv.writer(f)
         writer.writerow(["video", "prompt"])
         writer.writerows([video, prompt] for _, _, video, prompt in rows)
-    os.replace(tmp, csv_path)
-    _write_json(manifest_path, manifest)
+    write_stamp(manifest_path, manifest)
     return csv_path
 
 
-def _write_json(path: str, value) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def _is_built(out_dir: str, csv_path: str, manifest_path: str, manifest: dict) -> bool:
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            if json.load(f) != manifest:
-                return False
-    except (OSError, ValueError):
+    if not stamp_matches(manifest_path, manifest):
         return False
     return os.path.isfile(csv_path) and all(os.path.isfile(os.path.join(out_dir, v)) for v, _ in manifest["rows"])
 

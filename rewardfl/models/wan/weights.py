@@ -1,7 +1,7 @@
 """Weight files of the Wan models: where they are, what they hold, how to read them.
 
 These are the pretrained DiTs, text encoder and VAE a model is built from, not training
-checkpoints (``rewardfl.checkpoint``); files are written with ``rewardfl.fileio.write_safetensors``.
+checkpoints (``rewardfl.training.checkpoints``); files are written with ``rewardfl.fileio.write_safetensors``.
 
 A ``model_paths`` JSON (the user's key) lists the weight files of each role:
 

@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .config import ConfigError
+from rewardfl.config import ConfigError
 
 log = logging.getLogger("rewardfl")
 

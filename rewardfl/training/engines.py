@@ -1,9 +1,4 @@
-"""Processes and optimizer engines: plain single-process training, or DeepSpeed ZeRO.
-
-``init_distributed`` reads the launcher's environment (``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``; set by ``torchrun`` and ``deepspeed``) and starts the process
-group (NCCL on GPUs, gloo on CPUs) when there is more than one process or a
-``deepspeed`` section. Without either, nothing distributed is imported.
+"""Optimizer engines: plain torch training (one or several processes), or DeepSpeed ZeRO.
 
 An engine owns the optimizer, LR schedule, gradient clipping and the update:
 
@@ -21,7 +16,6 @@ An engine owns the optimizer, LR schedule, gradient clipping and the update:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import json
 import math
@@ -30,74 +24,18 @@ import re
 
 import torch
 
-from .checkpoint import CheckpointError, load_torch_file
-from .config import ConfigError, TrainConfig
+from rewardfl.config import ConfigError, TrainConfig
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_mean", "PlainEngine", "DeepSpeedEngine", "build_engine",
-           "deepspeed_config"]
+from .checkpoints import CheckpointError, load_torch_file
+from .distributed import DistInfo, all_reduce_sum_
 
-
-@dataclasses.dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def init_distributed(cfg: TrainConfig) -> DistInfo:
-    """Start the process group when launched with several processes or with DeepSpeed."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if world == 1 and cfg.deepspeed is None:
-        return DistInfo()
-    cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    if cuda:
-        torch.cuda.set_device(local)
-    backend = "nccl" if cuda else "gloo"
-    if cfg.deepspeed is not None:
-        os.environ.setdefault("RANK", str(rank))
-        os.environ.setdefault("WORLD_SIZE", str(world))
-        os.environ.setdefault("LOCAL_RANK", str(local))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    elif not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend=backend)
-    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local)
-
-
-def all_reduce_mean(values: list[float], dist: DistInfo) -> list[float]:
-    """Mean over processes of a few floats (identity in one process)."""
-    if not dist.active or dist.world_size == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.get_backend() == "nccl":
-        t = t.cuda()
-    torch.distributed.all_reduce(t)
-    return (t / dist.world_size).cpu().tolist()
+__all__ = ["PlainEngine", "DeepSpeedEngine", "build_engine", "deepspeed_config", "all_finite", "lr_lambda"]
 
 
 def all_finite(params) -> bool:
     """Every element of every tensor finite (one host sync); empty (ZeRO-3-partitioned) ones count as finite."""
     flags = [torch.isfinite(p.detach()).all() for p in params if p.numel()]
     return bool(torch.stack(flags).all()) if flags else True
-
-
-def all_reduce_sum_(t: torch.Tensor, dist: DistInfo) -> torch.Tensor:
-    if dist.active and dist.world_size > 1:
-        torch.distributed.all_reduce(t)
-    return t
 
 
 # --------------------------------------------------------------------------- plain
@@ -361,3 +299,19 @@ def build_engine(cfg: TrainConfig, model, params, lr_lambda, dist: DistInfo, acc
     if cfg.deepspeed is not None:
         return DeepSpeedEngine(cfg, model, params, lr_lambda, dist, accum)
     return PlainEngine(cfg, params, lr_lambda, dist)
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """LR multiplier per optimizer step: linear warm-up to 1, then constant, linear or cosine decay to 0."""
+
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f

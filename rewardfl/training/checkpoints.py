@@ -1,5 +1,8 @@
 """Training checkpoints: trainable weights, optimizer, scheduler, RNG states, step and data position.
 
+:class:`CheckpointManager` owns ``OUTPUT_DIR/checkpoints/``: the loop asks it to
+save and to resume; the functions below are its parts (the on-disk layout).
+
 Layout of ``OUTPUT_DIR/checkpoints/checkpoint-<step>/``::
 
     trainable.safetensors     the model's trainable_state_dict() (LoRA or full weights); loads
@@ -48,11 +51,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .fileio import write_json
+from rewardfl.fileio import write_json
+
+from .distributed import DistInfo, barrier
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "CHECKPOINT_RE", "list_checkpoints", "latest_checkpoint", "verified_checkpoint",
+__all__ = ["CheckpointManager", "CheckpointError", "CHECKPOINT_RE", "list_checkpoints", "latest_checkpoint", "verified_checkpoint",
            "begin_checkpoint", "write_checkpoint_files", "save_rng", "write_manifest", "commit_checkpoint",
            "save_failed", "load_checkpoint", "load_rng", "load_torch_file"]
 
@@ -385,3 +390,85 @@ def load_rng(path: str, rank: int = 0) -> None:
         return
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+
+
+# --------------------------------------------------------------------------- the manager
+
+
+class CheckpointManager:
+    """``OUTPUT_DIR/checkpoints/``: collective saves and resumes of the trainable weights, the
+    engine's optimizer and schedule, every process's RNG states and the loop's state."""
+
+    def __init__(self, root: str, dist: Optional[DistInfo] = None, *, keep: Optional[int] = None):
+        self.root, self.dist, self.keep = root, dist or DistInfo(), keep
+
+    def save(self, step: int, *, engine, model, state: dict) -> str:
+        """Checkpoint ``step`` (collective under DeepSpeed): every process writes its part into one
+        temporary directory, rank 0 adds weights, state and the manifest of checksums and renames it
+        into place.
+
+        A failed write (a full disk) is a one-line CheckpointError naming the file and the free
+        space; the temporary directory is removed and the previous checkpoints stay as they were.
+        With several processes, the process that failed exits and the launcher stops the others.
+        """
+        main = self.dist.is_main
+        tmp = os.path.join(self.root, f".checkpoint-{step}.tmp")
+        path = os.path.join(self.root, f"checkpoint-{step}")
+        try:
+            if main:
+                tmp = begin_checkpoint(self.root, step)
+            barrier(self.dist)
+            engine.save(tmp)
+            save_rng(tmp, self.dist.rank)
+            with engine.gathered():
+                weights = model.trainable_state_dict() if main else None
+                if main:
+                    weights = {k: v.detach().to("cpu").clone() for k, v in weights.items()}
+            barrier(self.dist)
+            if main:
+                write_checkpoint_files(tmp, step, weights=weights, state=state)
+                path = commit_checkpoint(self.root, step, tmp, keep=self.keep)
+                log.info("saved checkpoint %s", path)
+        except OSError as e:
+            raise save_failed(tmp, e) from e
+        barrier(self.dist)
+        return path
+
+    def resume(self, resume_from, *, engine, model) -> Optional[tuple[str, dict]]:
+        """Load the checkpoint ``resume_from`` names (``True``: the newest that verifies; a path; ``False``:
+        none). Returns ``(path, state)`` or None when there is nothing to resume.
+
+        Rank 0 checks the manifest (every file read once, not once per process) and all processes
+        load what it chose; any failure to load is a one-line CheckpointError naming the path.
+        """
+        if resume_from is False:
+            return None
+        choice = [None, None]  # (path, error message) as rank 0 found them
+        if self.dist.is_main:
+            try:
+                choice[0] = latest_checkpoint(self.root) if resume_from is True else verified_checkpoint(resume_from)
+            except CheckpointError as e:
+                choice[1] = str(e)
+        if self.dist.active and self.dist.world_size > 1:
+            torch.distributed.broadcast_object_list(choice, src=0)
+        path, error = choice
+        if error is not None:
+            raise CheckpointError(error)
+        if path is None:
+            log.info("resume_from_checkpoint: no checkpoint in %s yet; starting fresh", self.root)
+            return None
+        try:
+            weights, state = load_checkpoint(path)
+            with engine.gathered():
+                model.load_trainable_state_dict(weights)
+            engine.load(path)
+            load_rng(path, self.dist.rank)
+        except CheckpointError:
+            raise
+        except Exception as e:  # a state that does not fit this model or optimizer (or an unverified file)
+            text = " ".join(str(e).split())[:300]  # load_state_dict lists every key: the start says enough
+            raise CheckpointError(f"resume_from_checkpoint: could not load {path} ({type(e).__name__}: {text}); "
+                                  "it does not match this config's model and trainable_models, or it is damaged: "
+                                  "resume from another checkpoint") from e
+        log.info("resumed from %s at step %d", path, state.get("step", 0))
+        return path, state
