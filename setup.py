@@ -151,6 +151,8 @@ setup(
             "rewardfl-run = rewardfl.run:main",
             "rewardfl-export = rewardfl.models.wan.export:main",
             "rewardfl-score = rewardfl.rewards.face_identity.score:main",
+            "rewardfl-generate = rewardfl.generate:main",
+            "rewardfl-evaluate = rewardfl.evaluate:main",
         ],
         "rewardfl.samplers": [
             "flow_match_euler = rewardfl.samplers.flow_match_euler:FlowMatchEulerSampler",

@@ -6,11 +6,11 @@ LoRA r32 on dit2, the face reward when its models are in the cache) is planned o
 (``rewardfl.plan``), then the same step runs on the GPU with random weights and
 ``torch.cuda.max_memory_allocated`` is read. Each variant (block checkpointing; with the
 activations offloaded) gives one row: predicted GiB, measured GiB, their ratio, and the
-tracker's own count on the real tensors. Rows go to ``$OUT/plan_check.json`` and a table to
-``$OUT/plan_check.txt`` as each finishes. Exit code 1 when a prediction is off by more than 10 %.
+tracker's own count on the real tensors. Rows go to ``$OUT/plan_check.json`` as each finishes, and
+a table to stdout at the end. Exit code 1 when a prediction is off by more than 10 %.
 
-``--dry-run`` (no GPU): plans a 1-block variant at 5x64x64 on the CPU and prints what the real
-run would do; nothing is measured.
+``--dry-run`` (no GPU): plans a 1-block variant of one frame at 64x64 on the CPU, without the face
+reward, and prints what the real run would do; nothing is measured.
 """
 
 from __future__ import annotations
@@ -71,9 +71,9 @@ def main(argv=None) -> int:
     from rewardfl.plan_models import spec_from_preset
 
     dry = args.dry_run or not torch.cuda.is_available()
-    layers, size = (1, (5, 64, 64)) if dry else (args.layers, (args.frames, 480, 832))
+    layers, size = (1, (1, 64, 64)) if dry else (args.layers, (args.frames, 480, 832))
     spec = spec_from_preset("wan2.2-i2v-a14b").with_layers(layers)
-    pack = face_pack()
+    pack = None if dry else face_pack()
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if not dry else 80 * planner.GiB
     rows = []
     for name, overrides in VARIANTS[:1] if dry else VARIANTS:
@@ -107,17 +107,16 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
     _write(out, rows)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
     return 0 if all(r.get("within_tolerance", True) for r in rows) else 1
 
 
 def _write(out: str, rows: list) -> None:
     with open(os.path.join(out, "plan_check.json"), "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=1)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(os.path.join(out, "plan_check.txt"), "w", encoding="utf-8") as f:
-        f.write("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
-        for r in rows:
-            f.write("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |\n")
 
 
 if __name__ == "__main__":

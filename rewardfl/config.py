@@ -26,6 +26,7 @@ __all__ = [
     "ConfigError",
     "PluginSection",
     "DataConfig",
+    "EvalConfig",
     "TrainConfig",
     "load_config",
     "config_from_dict",
@@ -74,6 +75,27 @@ class DataConfig:
     width: Optional[int] = None
     #: processes that decode clips ahead of training (0: decode on the training thread)
     num_workers: int = 0
+    #: a separate CSV of held-out clips for ``rewardfl.evaluate``/``rewardfl.generate`` (training never reads it)
+    eval_metadata_path: Optional[str] = None
+    #: fraction of ``metadata_path`` held out from training, chosen by a hash of (seed, sample_id)
+    #: (``rewardfl.evaluation.split``): independent of row order; 0 holds out nothing
+    eval_fraction: float = 0.0
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """``rewardfl.evaluate``: judges besides the training reward, seeds per clip, the bootstrap.
+
+    ``judges``: reward plugins, each ``{name: <reward plugin>, label: <optional>, <its options>}`` (or a
+    bare name), built through the registry and reported separately."""
+
+    judges: list = dataclasses.field(default_factory=list)
+    #: starting noises per held-out clip (seeds 0..seeds-1), the same for every checkpoint
+    seeds: int = 2
+    bootstrap_samples: int = 1000
+    bootstrap_seed: int = 0
+    #: frames per video on each clip's contact sheet
+    contact_sheet_frames: int = 4
 
 
 @dataclasses.dataclass
@@ -128,6 +150,9 @@ class TrainConfig:
     kl_weight: float = 1.0
     #: fixed starting noise for every step (the reference implementation's behaviour)
     fixed_noise: bool = False
+    #: fetch model files named by hub id (model_id_with_origin_paths, an empty tokenizer_path) that are in
+    #: no local folder or cache, with the Hugging Face / ModelScope client into its standard cache
+    allow_download: bool = False
     #: device for training: "auto" picks cuda when available
     device: str = "auto"
     mixed_precision: str = "auto"
@@ -138,6 +163,8 @@ class TrainConfig:
     #: options of the model plugin named by ``model_name``
     model: dict = dataclasses.field(default_factory=dict)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    #: ``rewardfl.evaluate``'s judges, seeds and bootstrap
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     #: a DeepSpeed config: a mapping, or a path to a DeepSpeed JSON
     deepspeed: Optional[Union[dict, str]] = None
 
@@ -154,7 +181,7 @@ class TrainConfig:
 
 
 # keys whose values are filesystem paths that must exist (when set), for check_paths
-PATH_KEYS = ("model_paths", "reward_model_path", "tokenizer_path", "data.metadata_path")
+PATH_KEYS = ("model_paths", "reward_model_path", "tokenizer_path", "data.metadata_path", "data.eval_metadata_path")
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 #: values of ``extra_inputs`` rewardfl feeds to models (DiffSynth-Studio's names)
@@ -373,6 +400,17 @@ def validate(cfg: TrainConfig) -> None:
               f"data.{key}: must be a positive multiple of 16, got {value}")
     _need((d.height is None) == (d.width is None), "data.height/data.width: give both or neither")
     _need(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
+    _need(0.0 <= d.eval_fraction < 1.0, f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
+    _need(d.eval_fraction == 0.0 or d.eval_metadata_path is None,
+          "data.eval_fraction/data.eval_metadata_path: give one source of held-out clips, not both")
+    e = cfg.eval
+    for i, judge in enumerate(e.judges):
+        _need(isinstance(judge, str) or (isinstance(judge, dict) and isinstance(judge.get("name"), str)),
+              f"eval.judges[{i}]: expected a reward plugin name or a mapping with 'name' (e.g. "
+              f"{{name: face_identity, det_size: 320}}), got {judge!r}")
+    for key in ("seeds", "bootstrap_samples", "contact_sheet_frames"):
+        _need(getattr(e, key) > 0, f"eval.{key}: must be > 0, got {getattr(e, key)}")
+    _need(e.bootstrap_seed >= 0, f"eval.bootstrap_seed: must be >= 0, got {e.bootstrap_seed}")
     _need(isinstance(cfg.resume_from_checkpoint, (bool, str)),
           f"resume_from_checkpoint: expected true, false or a checkpoint path, got {cfg.resume_from_checkpoint!r}")
 

@@ -145,6 +145,14 @@ class VideoModel(ABC):
         for a single-expert model). A classmethod over the validated options, so that ``run --check``
         plans before any weights load."""
         return None
+
+    @classmethod
+    def check(cls, config, options) -> list[str]:
+        """``run --check``: find the model's files without loading (or downloading) them; lines to
+        print (e.g. "high_noise_model: /path/dit.safetensors"). Raises ``ValueError``/``FileNotFoundError``
+        naming the key for what is missing."""
+        return []
+
     #: the ``extra_inputs`` the model needs (image-to-video models: ``("input_image",)``); every
     #: model rewardfl drives is conditioned on each clip's first frame
     required_inputs: ClassVar[tuple[str, ...]] = ("input_image",)

@@ -3,28 +3,32 @@
     python -m rewardfl.plan cfg.yaml [--gpu-memory 80GiB] [--world-size N] [--set k=v] [--preset NAME] [--json]
 
 The planner runs one training step of the configured model through the real code (the ``wan2_2``
-plugin's setup, ``train.sample_latents``, the sampler, the differentiable decode, the face
-reward's align/embed/score, backward, the optimizer update) on *fake tensors*: tensors with shapes,
-dtypes and devices but no storage (``torch._subclasses.FakeTensorMode``). Nothing is allocated and
-no weight file is read, so a 2 x 14B model at 81x480x832 plans on a laptop CPU in minutes.
+plugin's setup and forward passes, ``training.algorithm.rollout`` with the core's step plan, the
+sampler, the differentiable decode, the face reward's align/embed/score, backward, the optimizer
+update) on *fake tensors*: tensors with shapes, dtypes and devices but no storage
+(``torch._subclasses.FakeTensorMode``). Nothing is allocated and no weight file is read, so the
+2 x 14B model at 81x480x832 plans on a 2-core CPU in minutes (``--fast``: under two).
 
 How the memory is counted (:class:`MemoryTracker`): a ``TorchDispatchMode`` sees every op's
 outputs and keeps, per storage, its bytes, its device and what it holds (a model's weights, the
 optimizer's states, the activations of step 5, ...); a weakref finalizer on the storage takes the
 bytes off when the last tensor using it dies (autograd's saved tensors included). The peak per
 device, and what was live at it, is the prediction. The accelerator is played by the *meta*
-device (fake CUDA tensors cannot run backward on a machine without a GPU); see :func:`fake_device`
-for the few places where the real code's device-dependent choices are answered for the target
-(attention backend, the compiled face-align op, offload decisions).
+device (fake CUDA tensors cannot run backward on a machine without a GPU); :func:`fake_device`
+lists where the real code's device-dependent choices are answered for the target (attention
+kernel, ``tensor.data`` moves; ``plan_models``: the compiled face-align op, the offload rules).
 
-Not run on fake tensors, and counted by formula instead: DeepSpeed's ZeRO buffers (master
-weights, Adam states and gradient partitions per rank, the reduce bucket), from DeepSpeed 0.19's
-``stage_1_and_2.py`` (``_deepspeed_buffers``); the face detector runs one batch through its
-torch twin (on a GPU it runs in onnxruntime, whose arena is outside torch's allocator).
+Counted by formula instead of run: DeepSpeed's ZeRO buffers (master weights, Adam states and
+gradient partitions per rank, the reduce bucket; :class:`_DeepSpeedEngine`, after DeepSpeed 0.19's
+``stage_1_and_2.py``). Not counted: the face detector (no gradient; it runs in onnxruntime, whose
+arena is outside torch's allocator), the CUDA context and the caching allocator's fragmentation.
+
+What the planner knows of the plugins (building the Wan model from a spec, the face reward's
+parts) lives in ``rewardfl.plan_models``; this module is the generic half.
 
 ``--fast`` builds the DiT with 1 and then 2 blocks and extrapolates every phase's peak linearly to
-the real block count (exact for a stack of identical blocks; the output says so). Levers (what
-would make it fit) are re-planned that way.
+the real block count (for a stack of identical blocks it agrees with the full run: the A14B step
+gave the same 133.56 GiB both ways). Levers (what would make it fit) are re-planned that way.
 """
 
 from __future__ import annotations
@@ -376,6 +380,10 @@ def plan_memory(cfg: TrainConfig, plugins: dict, *, preset: Optional[str] = None
     else:
         result = run_step(cfg, plugins, spec, gpu_bytes=gpu_bytes, world_size=world_size, target=target)
         mode = f"full ({layers} DiT blocks run)"
+    if not (cfg.data.height and cfg.data.width):
+        _, h, w = video_size(cfg)
+        result["notes"].append(f"data.height/data.width unset: planned at {h}x{w}, the largest 480:832 frame within "
+                               "data.max_pixels (set them to plan another size)")
     return _summarise(cfg, spec, result, target=target, gpu_bytes=gpu_bytes, world_size=world_size, mode=mode,
                       seconds=time.perf_counter() - t0)
 
@@ -587,8 +595,8 @@ def _encode_prompts(model, prompts, tracker, device) -> None:
 def _engine(cfg, world_size: int) -> tuple[str, Optional[dict]]:
     """(description, DeepSpeed's ZeRO settings or None for the plain AdamW engine)."""
     if cfg.deepspeed is None:
-        return (f"AdamW (plain engine{', gradients all-reduced over %d processes' % world_size if world_size > 1 else ''})",
-                None)
+        spread = f", gradients all-reduced over {world_size} processes" if world_size > 1 else ""
+        return f"AdamW (plain engine{spread})", None
     from .training.engines import deepspeed_config
 
     ds = deepspeed_config(cfg, accum=cfg.gradient_accumulation_steps, world_size=world_size)
@@ -703,7 +711,10 @@ def _build_engine(cfg, tracker, params, ds: Optional[dict], world_size: int, dev
 
 
 def lever_candidates(cfg: TrainConfig, plugins: dict) -> list[tuple[str, callable]]:
-    """(what to set, how to change a config copy) for the memory levers this config has not pulled."""
+    """(what to set, how to change a config copy) for the memory levers this config has not pulled.
+
+    Spatial VAE tiling (``model.vae_tile``) is not among them: its decode runs once per tile, which
+    multiplies the fake decode's cost (minutes per tile at 81x480x832); plan it with ``--set``."""
     out = []
     o = cfg.model
     if not cfg.use_gradient_checkpointing_offload:
@@ -713,10 +724,6 @@ def lever_candidates(cfg: TrainConfig, plugins: dict) -> list[tuple[str, callabl
         out.append(("model.gradient_checkpointing: true", lambda c: setattr(c.model, "gradient_checkpointing", True)))
     if getattr(o, "offload_idle_expert", "no") in ("auto", "no", False):
         out.append(("model.offload_idle_expert: yes", lambda c: setattr(c.model, "offload_idle_expert", "yes")))
-    if getattr(o, "vae_tile", 1) is None:
-        def tile(c):
-            c.model.vae_tile, c.model.vae_tile_stride = [34, 34], [18, 16]
-        out.append(("model.vae_tile: [34, 34] (vae_tile_stride: [18, 16])", tile))
     if not getattr(o, "vae_checkpointing", True):
         out.append(("model.vae_checkpointing: true", lambda c: setattr(c.model, "vae_checkpointing", True)))
     if cfg.deepspeed is not None:
@@ -783,8 +790,8 @@ def render(plan: Plan) -> str:
     lines += ["", f"{'peak by phase':<72} {'GPU GiB':>8}  {'host GiB':>8}"]
     for name, g, c in plan.phases:
         lines.append(f"  {name:<70} {g / GiB:8.2f}  {c / GiB:8.2f}")
-    lines += ["", f"predicted peak per rank: {plan.peak / GiB:.1f} GiB (host memory: {plan.host_peak / GiB:.1f} GiB during "
-                  f"the step, {plan.host_load_peak / GiB:.1f} GiB while the weights load)"]
+    lines += ["", f"predicted peak per rank: {plan.peak / GiB:.1f} GiB (host memory: {plan.host_peak / GiB:.1f} GiB "
+                  f"during the step, {plan.host_load_peak / GiB:.1f} GiB while the weights load)"]
     verdict = "fits" if plan.fits else "does not fit"
     lines.append(f"{verdict} in {plan.gpu_bytes / GiB:.0f} GiB")
     if plan.levers:

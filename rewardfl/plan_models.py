@@ -48,8 +48,9 @@ PRESETS = {
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """A checkpoint set's architecture. ``dit``: the recognised DiT (``kwargs`` build ``WanModel``);
-    ``experts``: roles from high to low noise; ``text_encoder``: ``WanTextEncoder`` kwargs; ``vae``: ``{"kind", "dim", "z_dim"}``
-    (``architectures.vae_architecture``); ``source``: where it was read (a preset or the files)."""
+    ``experts``: roles from high to low noise; ``text_encoder``: ``WanTextEncoder`` kwargs; ``vae``:
+    ``{"kind", "dim", "z_dim"}`` (``architectures.vae_architecture``); ``source``: where it was read
+    (a preset or the files)."""
 
     name: str
     dit: "arch.DiTArch"
@@ -76,7 +77,8 @@ def spec_from_preset(name: str) -> ModelSpec:
 
     kw = dict(arch.known_dits())[dit_key]
     with torch.device("meta"):  # shapes only, as Wan22Model.with_random_weights recognises a DiT
-        shapes = {k: tuple(v.shape) for k, v in WanModel(**dict(kw, patch_size=tuple(kw["patch_size"]))).state_dict().items()}
+        dit = WanModel(**dict(kw, patch_size=tuple(kw["patch_size"])))
+        shapes = {k: tuple(v.shape) for k, v in dit.state_dict().items()}
     return ModelSpec(name, arch.dit_architecture(shapes, f"--preset {name}"), experts, dict(te), dict(vae),
                      f"preset {name}")
 
@@ -202,7 +204,6 @@ def build_skeleton(model_cls, cfg, options, spec: ModelSpec, *, device: torch.de
     return model
 
 
-
 # --------------------------------------------------------------------------- the face reward
 
 
@@ -233,8 +234,9 @@ class FacePlan:
             reward = reward_cls(cfg, cfg.reward.options, device="cpu")
             reward.recognizer.model.twin("cpu")
         except (ValueError, FileNotFoundError) as e:
-            notes.append(f"reward not planned ({' '.join(str(e).split())[:160]}); a stand-in -mean(video) carries "
-                         "the graph: set reward_model_path to the face models to include them")
+            reason = " ".join(str(e).split()).split(";")[0]
+            notes.append(f"reward not planned ({reason}); a stand-in -mean(video) carries the graph: set "
+                         "reward_model_path to the face models to include them")
             return None
         notes.append("reward: one face per generated frame; the face detector (no gradient, onnxruntime) is not "
                      "counted: its memory is onnxruntime's own")

@@ -2,7 +2,8 @@
 
 ``--check`` validates without loading any model: the config (types, ranges,
 paths), every plugin and its options, the gradient plan, the metadata CSV (its
-columns and that every listed video exists), the reward's model files, and that
+columns and that every listed video exists), where each of the model's files is
+(a path, a cache, or what ``allow_download`` would fetch), the reward's model files, and that
 ``output_dir`` is writable and not another run's. It prints a summary and exits.
 A user error prints one line and exits with code 2; a run stopped by a signal
 exits 143 after saving a checkpoint; a run in which no step updated the weights
@@ -54,6 +55,8 @@ def check(cfg, plugins, config_path: str) -> None:
     names = {"model": cfg.model_name, "sampler": cfg.sampler.name, "reward": cfg.reward.name}
     for kind, cls in plugins.items():
         print(f"{kind:8s} {names[kind]:20s} {cls.__module__}.{cls.__name__}")
+    for line in model.check(cfg, cfg.model):
+        print(f"model    {line}")
     for line in plugins["reward"].check(cfg, cfg.reward.options):
         print(f"reward   {line}")
     d = cfg.data

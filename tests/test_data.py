@@ -239,12 +239,17 @@ def test_malformed_csv(tmp_path, text, pattern):
         VideoDataset(_csv(tmp_path, text), num_frames=5, max_pixels=4096)
 
 
-def test_arguments_are_checked(tmp_path):
+def test_arguments_are_checked(tmp_path, capsys):
+    # frame count and size are checked once, where the config enters (data.* keys)
+    from rewardfl import run
+
+    cfg = tmp_path / "cfg.yaml"
+    for data, pattern in (("{num_frames: 8}", "data.num_frames: must be of the form 4k+1"),
+                          ("{height: 40, width: 48}", "data.height: must be a positive multiple of 16")):
+        cfg.write_text(f"data: {data}\n")
+        assert run.main([str(cfg), "--check"]) == 2
+        assert pattern in capsys.readouterr().err
     csv_path = _csv(tmp_path, "video,prompt\na.png,p\n")
-    with pytest.raises(ValueError, match="4k\\+1"):
-        VideoDataset(csv_path, num_frames=8, max_pixels=4096)
-    with pytest.raises(ValueError, match="height/width"):
-        VideoDataset(csv_path, num_frames=5, max_pixels=4096, height=40, width=48)
     with pytest.raises(FileNotFoundError, match="data.metadata_path"):
         VideoDataset(str(tmp_path / "nope.csv"), num_frames=5, max_pixels=4096)
     Image.fromarray(np.zeros((12, 100, 3), np.uint8)).save(tmp_path / "a.png")

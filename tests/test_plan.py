@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -131,6 +130,21 @@ def test_deepspeed_zero2_buffers_match_a_hand_count(make_config):  # noqa: F811
         assert "ZeRO-2 over 8 ranks" in plan.engine
 
 
+def test_planner_step_on_real_tensors_matches_its_fake_run(make_config):  # noqa: F811
+    """``run_step(device=...)``, the GPU check's measured side, on real CPU tensors (random weights
+    built in place) against the same step on fake tensors."""
+    from rewardfl.plan_models import resolve_spec
+
+    cfg, plugins = _resolved(make_config(data={"num_frames": 1}))  # one frame, one face
+    spec = resolve_spec(cfg, None)
+    fake = planner.run_step(cfg, plugins, spec, target="cpu")
+    real = planner.run_step(cfg, plugins, spec, target="cpu", device=torch.device("cpu"))
+    assert real["device"] == "cpu" and fake["device"] == "meta"
+    assert real["step_peak"] > 1 * MiB
+    assert abs(fake["step_peak"] - real["step_peak"]) <= 0.01 * real["step_peak"], (fake["step_peak"],
+                                                                                      real["step_peak"])
+
+
 def test_fast_mode_extrapolates_the_full_run(make_config):  # noqa: F811
     from rewardfl.plan_models import resolve_spec
 
@@ -194,7 +208,18 @@ def test_cli_prints_one_json_object(make_config, capsys):  # noqa: F811
     assert planner.main([path, "--json", "--gpu-memory", "1GiB"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"peak_gib", "fits", "components", "phases", "lever"}
-    assert out["fits"] is (out["peak_gib"] <= 1.0) and out["peak_gib"] > 0
+    assert out["fits"] is True and 0 < out["peak_gib"] <= 1.0 and out["lever"] is None
+
+
+def test_levers_are_the_memory_options_not_yet_pulled(make_config):  # noqa: F811
+    cfg, plugins = _resolved(make_config(use_gradient_checkpointing_offload=True,
+                                         model={"vae_tile": [8, 8], "vae_tile_stride": [4, 4],
+                                                "vae_checkpointing": True}))
+    levers = dict(planner.lever_candidates(cfg, plugins))
+    assert set(levers) == {"model.offload_idle_expert: yes", "deepspeed: ZeRO-2 with offload_optimizer.device: cpu"}
+    changed = planner.copy.deepcopy(cfg)
+    levers["model.offload_idle_expert: yes"](changed)
+    assert changed.model.offload_idle_expert == "yes" and cfg.model.offload_idle_expert == "auto"
 
 
 @pytest.mark.parametrize("args, message", [

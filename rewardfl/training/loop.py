@@ -35,6 +35,7 @@ import torch
 from rewardfl.cli import EXIT_NOTHING_TRAINED, EXIT_STOPPED_BY_SIGNAL as EXIT_STOPPED
 from rewardfl.config import ConfigError, TrainConfig, dump_config
 from rewardfl.data import VideoDataset, collate
+from rewardfl.evaluation.split import training_dataset
 from rewardfl.interfaces import SampleContext
 from rewardfl.registry import resolve_config
 
@@ -94,14 +95,15 @@ class Trainer:
         self.accum = self._accumulation()
         seed_everything(cfg.seed)
 
-        self.dataset = VideoDataset.from_config(cfg)
+        # the clips training draws from: data.metadata_path without the held-out ones (data.eval_fraction)
+        self.dataset = training_dataset(cfg, VideoDataset.from_config(cfg))
         # videos of one micro-batch over all processes; an epoch is the whole micro-batches it holds
         self.global_micro = cfg.per_device_train_batch_size * self.world_size
         self.micro_per_epoch = len(self.dataset) // self.global_micro
         if self.micro_per_epoch == 0:
             raise ConfigError(
                 f"per_device_train_batch_size: {cfg.per_device_train_batch_size} x {self.world_size} process(es) "
-                f"exceeds the {len(self.dataset)} videos of data.metadata_path")
+                f"exceeds the {len(self.dataset)} training videos of data.metadata_path")
         self.model = plugins["model"](cfg, cfg.model, device=self.device)
         self.sampler = plugins["sampler"](cfg, cfg.sampler.options, device=self.device)
         self.reward = plugins["reward"](cfg, cfg.reward.options, device=self.device)

@@ -28,7 +28,7 @@ from rewardfl.interfaces import VideoModel
 
 from . import architectures as arch
 from .vae_decode import DecodeClamp
-from .weights import WeightFile, detect_role, load_state_dict, read_shapes, resolve_model_paths
+from .weights import WeightFile, detect_role, find_hub_files, load_state_dict, read_shapes, resolve_model_paths
 
 __all__ = ["Wan22Model", "Wan22TinyModel", "WanCondition"]
 
@@ -117,9 +117,25 @@ class Wan22Model(VideoModel):
 
     Options = Wan22Options
 
+    #: the tokenizer when ``tokenizer_path`` is empty and model_paths lists none: DiffSynth-Studio's
+    #: default for the Wan pipelines (``WanVideoPipeline.from_pretrained``'s ``tokenizer_config``)
+    DEFAULT_TOKENIZER = ("Wan-AI/Wan2.1-T2V-1.3B", "google/umt5-xxl/")
+
     @classmethod
     def expert_boundary(cls, options) -> float:
         return options.boundary
+
+    @classmethod
+    def check(cls, config, options) -> list[str]:
+        """``run --check``: where each weights file and the tokenizer are (a path, a local folder or
+        cache, or what ``allow_download`` would download), without reading or downloading them."""
+        files = resolve_model_paths(config.resolve_path(config.model_paths), config.model_id_with_origin_paths,
+                                    config.resolve_path("."), allow_download=config.allow_download, dry_run=True)
+        lines = [wf.describe() for wf in files if wf.role != "tokenizer"]
+        listed = next((wf for wf in files if wf.role == "tokenizer"), None)
+        path, source = cls._tokenizer_dir(config, listed, dry_run=True)
+        lines.append(f"tokenizer: {source}" + (f"; {path}" if path else ""))
+        return lines
 
     def __init__(self, config, options: Optional[Wan22Options] = None, *, device=None, **runtime):
         options = options or self.Options()
@@ -129,7 +145,7 @@ class Wan22Model(VideoModel):
 
         # 1. files, headers and architectures: cheap, every user error surfaces here
         files = resolve_model_paths(config.resolve_path(config.model_paths), config.model_id_with_origin_paths,
-                                    config.resolve_path("."))
+                                    config.resolve_path("."), allow_download=config.allow_download)
         roles = self.assign_roles(files)
         shapes = {role: read_shapes(wf) if role != "tokenizer" else None for role, wf in roles.items()}
         dit_shapes = {r: {k2: v for k, v in shapes[r].items() if (k2 := arch.dit_key(k)) is not None}
@@ -159,7 +175,7 @@ class Wan22Model(VideoModel):
             from .lora import check_lora_targets
             with torch.device("meta"):  # the module names, no weights allocated
                 check_lora_targets(WanModel(**first.kwargs), targets)
-        tokenizer_dir = self._tokenizer_dir(config, roles)
+        tokenizer_dir, _ = self._tokenizer_dir(config, roles.get("tokenizer"))
 
         # 2. heavy work: build and load
         from diffsynth.models.wan_video_dit import WanModel
@@ -325,19 +341,25 @@ class Wan22Model(VideoModel):
                                  "add it there or set lora_base_model to a trained expert")
         return [r for r in self.experts if r in lora], [r for r in self.experts if r in trainable and r not in lora]
 
-    @staticmethod
-    def _tokenizer_dir(config, roles) -> str:
+    @classmethod
+    def _tokenizer_dir(cls, config, listed: Optional[WeightFile], *, dry_run: bool = False) -> tuple[Optional[str], str]:
+        """The tokenizer folder and how it was found: ``tokenizer_path``, else the model_paths entry
+        (``listed``), else :attr:`DEFAULT_TOKENIZER` in the local caches (downloaded with
+        ``allow_download``; in a ``dry_run`` the folder is None when it would be)."""
         if config.tokenizer_path:
-            path = config.resolve_path(config.tokenizer_path)
-            where = "tokenizer_path"
-        elif "tokenizer" in roles:
-            path, where = roles["tokenizer"].files[0], roles["tokenizer"].where
+            path, where, source = config.resolve_path(config.tokenizer_path), "tokenizer_path", "tokenizer_path"
+        elif listed is not None:
+            path, where, source = listed.files[0], listed.where, listed.source or listed.where
         else:
-            raise ValueError("tokenizer_path: not set; point it at the local umt5-xxl tokenizer folder (e.g. "
-                             "Wan-AI/Wan2.1-T2V-1.3B/google/umt5-xxl); rewardfl never downloads")
+            model_id, pattern = cls.DEFAULT_TOKENIZER
+            hub = find_hub_files(model_id, pattern, where="tokenizer_path: not set", config_dir=config.resolve_path("."),
+                                 allow_download=config.allow_download, dry_run=dry_run)
+            if not hub.files:
+                return None, hub.label
+            path, where, source = hub.files[0], f"tokenizer_path (not set: {model_id}:{pattern})", hub.label
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{where}: tokenizer folder not found: {path}")
-        return path
+        return path, source
 
     def _load_tokenizer(self, path: str):
         from transformers import AutoTokenizer

@@ -1,0 +1,207 @@
+"""Evaluate checkpoints on held-out clips: ``python -m rewardfl.evaluate cfg.yaml --checkpoint A [--checkpoint B]``.
+
+The base model is always evaluated too. Every checkpoint generates from the same starting noise
+(``--seeds K``: seeds 0..K-1 per clip; :mod:`rewardfl.generate`), and each video gets:
+
+* ``reward_score``: the training reward's score (the ``reward:`` section, as trained);
+* ``judge/<label>/<key>``: each judge of ``eval.judges`` (a reward plugin built through the registry
+  with its own options): the numbers of its ``evaluate(video, context)`` when it has one, else its
+  ``score``; and ``judge/<label>/specificity``: the judge's score of the video against its own clip's
+  reference minus the mean of its scores against the other clips' references;
+* ``motion``: mean absolute difference of consecutive frames ([0, 1] pixel range);
+* ``first_frame_psnr``: PSNR (dB) of generated frame 0 against the input image.
+
+Per checkpoint and metric: the mean with a 95% percentile-bootstrap interval, and the paired
+difference to base with its interval (``eval.bootstrap_samples`` resamples, ``eval.bootstrap_seed``).
+Writes ``eval.json``, ``eval.md`` (the table, printed too) and ``contact_sheets/*.png`` (per clip:
+reference | base | each checkpoint, a few frames each) to ``--out`` (default ``OUTPUT_DIR/eval``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .cli import user_error_exit
+from .config import ConfigError, check_model_inputs, load_config
+from .interfaces import SampleContext
+from .registry import resolve_config, resolve_plugins
+
+__all__ = ["build_judges", "judge_scores", "evaluate", "checkpoint_labels", "main"]
+
+
+def build_judges(cfg, device) -> list[tuple[str, object]]:
+    """``[(label, reward)]`` for ``eval.judges``: each entry ``{name, label?, <options>}`` built through the
+    registry; the label defaults to the name (``name_2``, ... when a name repeats)."""
+    from .registry import PluginError, create
+
+    judges, seen = [], {}
+    for i, spec in enumerate(cfg.eval.judges):
+        spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+        name = spec.pop("name")
+        label = spec.pop("label", None)
+        if label is None:
+            seen[name] = seen.get(name, 0) + 1
+            label = name if seen[name] == 1 else f"{name}_{seen[name]}"
+        try:
+            judges.append((str(label), create("reward", name, cfg, spec, device=device)))
+        except (ConfigError, PluginError) as e:
+            raise ConfigError(f"eval.judges[{i}] ({name}): {str(e).removeprefix('reward.')}") from e
+    labels = [label for label, _ in judges]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"eval.judges: labels must differ, got {labels}; give each judge a distinct label")
+    return judges
+
+
+def _number(value) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+@torch.no_grad()
+def judge_scores(judge, video: torch.Tensor, contexts: Sequence[SampleContext]) -> tuple[list, list[dict]]:
+    """A judge's score of ``video`` ``(3, F, H, W)`` in [-1, 1] against each context, and its
+    ``evaluate`` dicts (empty dicts for a judge without ``evaluate``); None where it cannot score."""
+    evaluate = getattr(judge, "evaluate", None)
+    if callable(evaluate):
+        details = [evaluate(video, c) for c in contexts]
+        return [_number(d.get("score")) for d in details], details
+    out = judge(video[None].expand(len(contexts), *video.shape), list(contexts))
+    scores = [float(s) if bool(v) and math.isfinite(float(s)) else None for s, v in zip(out.scores, out.valid)]
+    return scores, [{} for _ in contexts]
+
+
+def checkpoint_labels(specs: Sequence[str]) -> list[str]:
+    """``base`` then a short, distinct label per ``--checkpoint`` (its directory or file name)."""
+    labels = ["base"]
+    for spec in specs:
+        stem = os.path.splitext(os.path.basename(os.path.normpath(spec)))[0] or "checkpoint"
+        label, k = stem, 2
+        while label in labels:
+            label, k = f"{stem}_{k}", k + 1
+        labels.append(label)
+    return labels
+
+
+def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir: str, *, seeds: Sequence[int],
+             metadata: Optional[str] = None, batch_size: int = 1) -> dict:
+    """Generate and score (see the module docstring); returns what ``eval.json`` holds."""
+    from .evaluation.metrics import identity_specificity, mean_with_ci, motion, psnr
+    from .evaluation.report import contact_sheet, markdown_table, summarize
+    from .evaluation.split import eval_dataset
+    from .fileio import write_json
+    from .generate import Generator, trainable_weights_of, video_name
+
+    cfg = resolve_config(cfg, plugins)
+    e = cfg.eval
+    dataset = eval_dataset(cfg, metadata)
+    items = [dataset[i] for i in range(len(dataset))]
+    for spec in checkpoints:  # a wrong path fails before the model loads
+        if not os.path.exists(os.path.expanduser(spec)):
+            trainable_weights_of(spec)
+    gen = Generator(cfg, plugins)
+    reward = plugins["reward"](gen.cfg, gen.cfg.reward.options, device=gen.device)
+    judges = build_judges(gen.cfg, gen.device)
+    contexts = [SampleContext(it["sample_id"], it["video"], it["path"], it["prompt"]) for it in items]
+    for scorer in [reward] + [j for _, j in judges]:
+        scorer.prepare(contexts)
+    jobs = [(c, s) for c in range(len(items)) for s in seeds]
+    labels = checkpoint_labels(checkpoints)
+    rows, sheets = [], {c: [("reference", items[c]["video"])] for c in range(len(items))}
+    for label, spec in zip(labels, ["base", *checkpoints]):
+        gen.load(spec)
+        videos = gen.generate([items[c] for c, _ in jobs], [s for _, s in jobs], batch_size=batch_size)
+        sims = {name: np.full((len(jobs), len(items)), np.nan) for name, _ in judges}
+        for v, ((c, s), video) in enumerate(zip(jobs, videos)):
+            with torch.no_grad():
+                out = reward(video[None], [contexts[c]])
+            row = {"checkpoint": label, "clip": items[c]["sample_id"], "seed": s,
+                   "reward_score": float(out.scores[0]) if bool(out.valid[0]) else None,
+                   "motion": motion(video.transpose(0, 1)),
+                   "first_frame_psnr": psnr(video[:, 0], items[c]["first_frame"]), "details": {}}
+            for name, judge in judges:
+                scores, details = judge_scores(judge, video, contexts)
+                sims[name][v] = [np.nan if x is None else x for x in scores]
+                own = details[c]
+                if own:
+                    row.update({f"judge/{name}/{k}": _number(x) for k, x in own.items()
+                                if _number(x) is not None or x is None})
+                    row["details"][name] = own
+                else:
+                    row[f"judge/{name}/score"] = scores[c]
+            rows.append(row)
+            if s == seeds[0]:
+                sheets[c].append((label, video.transpose(0, 1)))
+        for name in sims:
+            spec_values = identity_specificity(sims[name], [c for c, _ in jobs])
+            for row, x in zip(rows[-len(jobs):], spec_values):
+                row[f"judge/{name}/specificity"] = float(x) if math.isfinite(x) else None
+    summary = summarize(rows, labels, samples=e.bootstrap_samples, seed=e.bootstrap_seed)
+    ref_motion = {it["sample_id"]: motion(it["video"]) for it in items}
+    reference = {"motion": mean_with_ci(list(ref_motion.values()), samples=e.bootstrap_samples,
+                                        seed=e.bootstrap_seed), "motion_per_clip": ref_motion}
+    table = markdown_table(summary, labels, reference_motion=reference["motion"])
+    os.makedirs(out_dir, exist_ok=True)
+    for c, sheet in sheets.items():
+        contact_sheet(os.path.join(out_dir, "contact_sheets", video_name(c, items[c]["sample_id"], seeds[0])
+                                   .replace(".mp4", ".png")), sheet, frames=e.contact_sheet_frames)
+    result = {
+        "checkpoints": [{"label": label, "checkpoint": spec} for label, spec in zip(labels, ["base", *checkpoints])],
+        "clips": [it["sample_id"] for it in items], "seeds": list(seeds),
+        "num_inference_steps": cfg.num_inference_steps, "device": str(gen.device),
+        "bootstrap": {"samples": e.bootstrap_samples, "seed": e.bootstrap_seed, "level": 0.95},
+        "summary": summary, "reference": reference, "videos": rows,
+    }
+    write_json(os.path.join(out_dir, "eval.json"), result, indent=1)
+    with open(os.path.join(out_dir, "eval.md"), "w", encoding="utf-8") as f:
+        f.write(table)
+    result["table"] = table
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rewardfl.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("config", help="YAML config file (the training config)")
+    p.add_argument("--checkpoint", action="append", default=[],
+                   help="a checkpoint directory, OUTPUT_DIR/final or an exported file; repeatable (base is always "
+                        "included)")
+    p.add_argument("--out", help="output directory (default OUTPUT_DIR/eval)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per clip: 0..K-1 (default eval.seeds)")
+    p.add_argument("--metadata", help="metadata.csv of the clips (default: the config's held-out clips)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="videos sampled together (default per_device_train_batch_size)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key; repeatable")
+    return p
+
+
+@user_error_exit("rewardfl.evaluate")
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.seeds is not None and args.seeds < 1:
+        raise ValueError(f"--seeds: the number of seeds per clip must be >= 1, got {args.seeds}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    cfg = load_config(args.config, args.overrides)
+    plugins = resolve_plugins(cfg)
+    cfg = resolve_config(cfg, plugins)
+    check_model_inputs(cfg, plugins["model"])
+    if "base" in args.checkpoint:
+        raise ValueError("--checkpoint base: the base model is always evaluated; name trained checkpoints only")
+    out = args.out or os.path.join(cfg.resolve_path(cfg.output_dir), "eval")
+    result = evaluate(cfg, plugins, args.checkpoint, out, seeds=list(range(args.seeds or cfg.eval.seeds)),
+                      metadata=args.metadata, batch_size=args.batch_size or cfg.per_device_train_batch_size)
+    print(result["table"], end="")
+    print(f"wrote eval.json, eval.md and {len(result['clips'])} contact sheets to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Held-out clips, ``rewardfl.generate`` and ``rewardfl.evaluate`` (issue 14).
+
+Metrics are checked against float64 hand computations and numpy; generation and evaluation run
+the tiny Wan twin, the real face models and real clips (a one-step training run gives the
+checkpoint)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from train_fixtures import small_dataset  # noqa: F401  (session fixture)
+from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
+
+from rewardfl import evaluate as evaluate_cli
+from rewardfl import generate as generate_cli
+from rewardfl import run
+from rewardfl.config import load_config
+from rewardfl.data import VideoDataset
+from rewardfl.evaluation.metrics import (bootstrap_ci, hacking_warnings, identity_specificity, motion,
+                                         paired_difference, psnr)
+from rewardfl.evaluation.split import eval_dataset, training_dataset
+from rewardfl.training import Trainer, TrainState
+
+
+# --------------------------------------------------------------------------- held-out clips
+
+
+def _image_dataset(folder, n=24, reverse=False):
+    """``n`` one-frame clips (16x16 PNGs) and their metadata.csv; returns the CSV path."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    names = [f"clip_{i:02d}.png" for i in range(n)]
+    for i, name in enumerate(names):
+        Image.fromarray(np.full((16, 16, 3), i * 10, np.uint8)).save(os.path.join(folder, name))
+    rows = names[::-1] if reverse else names
+    path = os.path.join(folder, "reversed.csv" if reverse else "metadata.csv")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("video,prompt\n" + "".join(f"{name},a face\n" for name in rows))
+    return path
+
+
+def _data_config(tmp_path, csv, fraction, seed=5):
+    path = tmp_path / "split.yaml"
+    path.write_text(yaml.safe_dump({"seed": seed, "data": {"metadata_path": csv, "num_frames": 1, "height": 16,
+                                                           "width": 16, "eval_fraction": fraction}}))
+    return load_config(str(path), paths=False)
+
+
+def _training_epoch_ids(cfg):
+    """The sample_ids the Trainer's data order draws over one epoch (its own data half, no model)."""
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.rank, trainer.global_micro = cfg, 0, 1
+    trainer.dataset = training_dataset(cfg, VideoDataset.from_config(cfg))
+    trainer.micro_per_epoch, trainer.state, trainer._loader = len(trainer.dataset), TrainState(), None
+    ids = [trainer._next_batch()["sample_id"][0] for _ in range(trainer.micro_per_epoch)]
+    assert trainer.state.epoch == 0
+    return ids
+
+
+def test_held_out_clips_are_never_drawn_for_training_and_do_not_depend_on_row_order(tmp_path):
+    csv = _image_dataset(str(tmp_path / "clips"))
+    cfg = _data_config(tmp_path, csv, 0.3)
+    drawn = _training_epoch_ids(cfg)
+    held = [eval_dataset(cfg)[i]["sample_id"] for i in range(len(eval_dataset(cfg)))]
+    everything = {f"clip_{i:02d}.png" for i in range(24)}
+    assert len(drawn) == len(set(drawn))  # an epoch draws each training clip once
+    assert set(drawn).isdisjoint(held) and set(drawn) | set(held) == everything
+    # which clips: by hand, sha256("rewardfl-heldout:<seed>:<sample_id>") as a fraction below 0.3
+    by_hand = {s for s in everything
+               if int.from_bytes(hashlib.sha256(f"rewardfl-heldout:5:{s}".encode()).digest()[:8], "little") / 2**64 < 0.3}
+    assert set(held) == by_hand and 0 < len(by_hand) < 24
+    # the same clips whatever the row order
+    reversed_cfg = _data_config(tmp_path, _image_dataset(str(tmp_path / "clips"), reverse=True), 0.3)
+    ds = eval_dataset(reversed_cfg)
+    assert {ds[i]["sample_id"] for i in range(len(ds))} == by_hand
+    # eval_fraction 0: training sees every clip, in the order it always had
+    assert sorted(_training_epoch_ids(_data_config(tmp_path, csv, 0.0))) == sorted(everything)
+
+
+def test_the_trainer_itself_leaves_the_held_out_clips_out(tmp_path, tiny_dir, face_assets):  # noqa: F811
+    from rewardfl.registry import resolve_plugins
+
+    csv = _image_dataset(str(tmp_path / "clips"))
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump({
+        "model_name": "wan2_2_tiny", "model_paths": os.path.join(tiny_dir, "model_paths.json"),
+        "reward_model_path": face_assets.scrfd_sface, "lora_rank": 4, "mixed_precision": "fp32", "device": "cpu",
+        "num_inference_steps": 4, "mid_timestep": 2, "final_timestep": 3, "seed": 5,
+        "output_dir": str(tmp_path / "out"),
+        "data": {"metadata_path": csv, "num_frames": 1, "height": 16, "width": 16, "eval_fraction": 0.3}}))
+    cfg = load_config(str(path))
+    trainer = Trainer(cfg, resolve_plugins(cfg))
+    held = eval_dataset(cfg)
+    trained_ids = {trainer.dataset[i]["sample_id"] for i in range(len(trainer.dataset))}
+    held_ids = {held[i]["sample_id"] for i in range(len(held))}
+    assert trained_ids.isdisjoint(held_ids) and len(trained_ids) + len(held_ids) == 24
+    assert trainer.micro_per_epoch == len(trained_ids) < 24
+
+
+def test_held_out_configuration_errors_name_the_key(tmp_path):
+    from rewardfl.config import ConfigError
+
+    csv = _image_dataset(str(tmp_path / "clips"), n=2)
+    with pytest.raises(ConfigError, match=r"^data\.eval_fraction: must be in \[0, 1\), got 1\.0$"):
+        _data_config(tmp_path, csv, 1.0)
+    with pytest.raises(ValueError, match=r"data\.eval_metadata_path / data\.eval_fraction: no held-out clips"):
+        eval_dataset(_data_config(tmp_path, csv, 0.0))
+
+
+# --------------------------------------------------------------------------- metrics by hand
+
+
+def test_motion_and_psnr_against_hand_computations():
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(3, 3, 2, 2, generator=g, dtype=torch.float64) * 2 - 1  # (F, 3, H, W) in [-1, 1]
+    v = video.tolist()
+    total, count = 0.0, 0
+    for f in range(2):
+        for c in range(3):
+            for y in range(2):
+                for x in range(2):
+                    total += abs((v[f + 1][c][y][x] + 1) / 2 - (v[f][c][y][x] + 1) / 2)
+                    count += 1
+    assert motion(video.float()) == pytest.approx(total / count, rel=1e-6)
+    assert motion(video[:1]) == 0.0
+
+    a, b = video[0], video[1]
+    mse = sum(((p - q) / 2) ** 2 for p, q in zip(a.flatten().tolist(), b.flatten().tolist())) / a.numel()
+    assert psnr(a, b) == pytest.approx(10 * math.log10(1 / mse), rel=1e-12)
+    # a known case: every pixel off by 0.2 of the range in [-1, 1] (0.1 in [0, 1]): 20 dB
+    assert psnr(torch.zeros(3, 4, 4), torch.full((3, 4, 4), 0.2)) == pytest.approx(20.0, rel=1e-6)
+    assert psnr(a, a) == 100.0
+
+
+def test_bootstrap_interval_matches_numpy_and_scipy_percentile_bootstrap():
+    values = np.array([0.12, 0.31, 0.05, 0.44, 0.27, 0.19, 0.38, 0.08])
+    lo, hi = bootstrap_ci(values, samples=2000, seed=11)
+    rng = np.random.default_rng(11)
+    means = [values[rng.integers(0, len(values), len(values))].mean() for _ in range(2000)]
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])), rel=1e-12)
+    from scipy.stats import bootstrap
+
+    res = bootstrap((values,), np.mean, n_resamples=2000, method="percentile", random_state=np.random.default_rng(11),
+                    vectorized=True)
+    assert (lo, hi) == pytest.approx((res.confidence_interval.low, res.confidence_interval.high), rel=1e-12)
+
+    d = paired_difference([1.0, 2.0, None, 4.0], [0.5, 1.0, 3.0, 5.0], samples=500, seed=3)
+    assert d["n"] == 3 and d["mean"] == pytest.approx((0.5 + 1.0 - 1.0) / 3)
+    assert d["ci"] == pytest.approx(list(bootstrap_ci([0.5, 1.0, -1.0], samples=500, seed=3)))
+
+
+def test_identity_specificity_on_a_hand_made_matrix():
+    # rows: videos; columns: the clip whose reference they are scored against
+    sim = np.array([[0.9, 0.2, 0.1],
+                    [0.3, 0.8, np.nan],   # a clip the judge could not score is left out
+                    [0.4, 0.4, 0.4],
+                    [np.nan, 0.5, 0.1]])  # own score missing: no specificity
+    got = identity_specificity(sim, [0, 1, 2, 0])
+    np.testing.assert_allclose(got[:3], [0.9 - 0.15, 0.8 - 0.3, 0.0], rtol=1e-12)
+    assert np.isnan(got[3])
+
+
+def test_hacking_guard_fires_on_a_crafted_series_and_not_on_a_clean_one():
+    reward = [0.10, 0.14, 0.19, 0.25, 0.31]
+    judge_falls = [0.60, 0.61, 0.59, 0.45, 0.40]
+    judge_holds = [0.60, 0.62, 0.61, 0.63, 0.62]
+    lines = hacking_warnings(reward, {"face_arcface": judge_falls, "face_sface": judge_holds}, window=5)
+    assert len(lines) == 1 and "face_arcface" in lines[0] and "training reward" in lines[0]
+    assert hacking_warnings(reward, {"face_sface": judge_holds}, window=5) == []
+    # a falling reward is not hacking, whatever the judge does
+    assert hacking_warnings(reward[::-1], {"face_arcface": judge_falls}, window=5) == []
+
+
+# --------------------------------------------------------------------------- generate and evaluate, end to end
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_dir, small_dataset, face_assets):  # noqa: F811
+    """A one-step training run on the two real clips: its config, checkpoint-1 and final/."""
+    root = tmp_path_factory.mktemp("trained")
+    raw = {
+        "model_name": "wan2_2_tiny", "model_paths": os.path.join(tiny_dir, "model_paths.json"),
+        "reward_model_path": face_assets.scrfd_sface, "lora_rank": 4, "mixed_precision": "fp32", "device": "cpu",
+        "num_inference_steps": 4, "mid_timestep": 2, "final_timestep": 3, "learning_rate": 2e-2,
+        "warmup_steps": 0, "max_steps": 1, "save_steps": 1, "seed": 3, "output_dir": str(root / "out"),
+        "reward": {"name": "face_identity", "landmark_fallback": True, "det_size": 160,
+                   "reference_cache_dir": str(root / "refcache")},
+        "data": {"metadata_path": small_dataset, "num_frames": 5, "height": 64, "width": 64,
+                 "eval_metadata_path": small_dataset},
+        "eval": {"judges": [{"name": "face_identity", "label": "face_strict", "det_size": 160,
+                             "reference_cache_dir": "none"}], "seeds": 1, "bootstrap_samples": 200},
+    }
+    config = root / "cfg.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert run.main([str(config)]) == 0
+    out = root / "out"
+    return {"config": str(config), "checkpoint": str(out / "checkpoints" / "checkpoint-1"), "final": str(out / "final"),
+            "root": root}
+
+
+def _decoded(path):
+    """The frames of an mp4 as written, ``(F, H, W, 3)`` uint8 (ffmpeg)."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24")
+    w, h = next(reader)["size"]
+    return np.stack([np.frombuffer(raw, np.uint8).reshape(h, w, 3) for raw in reader])
+
+
+def test_generate_is_bit_identical_and_reads_checkpoints_and_exports(trained, capsys):
+    out = {}
+    for name, ckpt in (("a", trained["checkpoint"]), ("b", trained["checkpoint"]), ("final", trained["final"])):
+        out[name] = str(trained["root"] / f"gen-{name}")
+        seeds = "0,1" if name in ("a", "b") else "1"
+        assert generate_cli.main([trained["config"], "--checkpoint", ckpt, "--out", out[name], "--seeds", seeds,
+                                  "--batch-size", "2"]) == 0
+    index = json.load(open(os.path.join(out["a"], "index.json")))
+    assert index["num_inference_steps"] == 4 and index["dtype"] == "float32" and len(index["videos"]) == 4
+    assert {(v["sample_id"], v["seed"]) for v in index["videos"]} == {(s, k) for s in {v["sample_id"] for v in
+                                                                                       index["videos"]} for k in (0, 1)}
+    for v in index["videos"]:
+        a, b = _decoded(os.path.join(out["a"], v["video"])), _decoded(os.path.join(out["b"], v["video"]))
+        assert a.shape == (5, 64, 64, 3) and np.array_equal(a, b)  # same checkpoint, seed, device: identical
+        if v["seed"] != 1:
+            continue
+        final = _decoded(os.path.join(out["final"], v["video"]))
+        assert np.abs(a.astype(int) - final).max() <= 2  # the export is the same LoRA (scale folded in and out)
+    seeds = [v for v in index["videos"] if v["sample_id"] == index["videos"][0]["sample_id"]]
+    assert not np.array_equal(_decoded(os.path.join(out["a"], seeds[0]["video"])),
+                              _decoded(os.path.join(out["a"], seeds[1]["video"])))  # seeds differ
+
+
+def test_generate_refuses_a_checkpoint_of_another_model_in_one_line(trained, capsys):
+    code = generate_cli.main([trained["config"], "--checkpoint", trained["checkpoint"], "--out",
+                              str(trained["root"] / "gen-wrong"), "--set", "lora_rank=8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert re.match(r"rewardfl\.generate: error: --checkpoint .*checkpoint-1: does not match the model: expert dit2, "
+                    r"first mismatching key dit2\.\S+lora_A\.weight \(shape \(4, \d+\) in the checkpoint, \(8, \d+\) in "
+                    r"the model", err[0]), err[0]
+    code = generate_cli.main([trained["config"], "--checkpoint", str(trained["root"] / "nope"), "--out",
+                              str(trained["root"] / "gen-wrong")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("rewardfl.generate: error: --checkpoint "), err
+
+
+def test_generate_from_one_image_and_prompt(trained, face_assets):
+    out = str(trained["root"] / "gen-image")
+    exported = os.path.join(trained["final"], "trainable.safetensors")  # one exported file
+    assert generate_cli.main([trained["config"], "--checkpoint", exported, "--image",
+                              face_assets.photos["person_a_1"], "--prompt", "a face", "--out", out]) == 0
+    (video,) = json.load(open(os.path.join(out, "index.json")))["videos"]
+    assert video["prompt"] == "a face" and video["seed"] == 0
+    assert _decoded(os.path.join(out, video["video"])).shape == (5, 64, 64, 3)
+
+
+def test_evaluate_writes_metrics_table_and_contact_sheets(trained, capsys):
+    out = str(trained["root"] / "eval")
+    assert evaluate_cli.main([trained["config"], "--checkpoint", trained["checkpoint"], "--out", out]) == 0
+    printed = capsys.readouterr().out
+    result = json.load(open(os.path.join(out, "eval.json")))
+    assert [c["label"] for c in result["checkpoints"]] == ["base", "checkpoint-1"]
+    rows = result["videos"]
+    assert len(rows) == 2 * 2 * 1  # checkpoints x clips x seeds
+    metrics = {"reward_score", "motion", "first_frame_psnr", "judge/face_strict/score",
+               "judge/face_strict/facesim_arc", "judge/face_strict/specificity"}
+    assert metrics <= set(result["summary"])
+    for metric in ("motion", "first_frame_psnr"):
+        for label in ("base", "checkpoint-1"):
+            values = [r[metric] for r in rows if r["checkpoint"] == label]
+            entry = result["summary"][metric][label]
+            assert entry["mean"] == pytest.approx(np.mean(values), rel=1e-12) and entry["n"] == 2
+            assert entry["ci"] == pytest.approx(list(bootstrap_ci(values, samples=200, seed=0)))
+        base = [r[metric] for r in rows if r["checkpoint"] == "base"]
+        assert base != [r[metric] for r in rows if r["checkpoint"] == "checkpoint-1"]  # the trained LoRA acts
+        trained_values = [r[metric] for r in rows if r["checkpoint"] == "checkpoint-1"]
+        diff = result["summary"][metric]["checkpoint-1"]["diff_to_base"]
+        assert diff["mean"] == pytest.approx(np.mean(np.subtract(trained_values, base)), rel=1e-9, abs=1e-12)
+    # the reference clips' motion by hand (float64 numpy on the decoded clips)
+    ds = VideoDataset(load_config(trained["config"]).data.eval_metadata_path, num_frames=5, max_pixels=4096,
+                      height=64, width=64)
+    for i in range(len(ds)):
+        clip = (ds[i]["video"].double().numpy() + 1) / 2
+        assert result["reference"]["motion_per_clip"][ds[i]["sample_id"]] == pytest.approx(
+            np.abs(np.diff(clip, axis=0)).mean(), rel=1e-9)
+    table = open(os.path.join(out, "eval.md")).read()
+    assert table in printed and "| metric | base | checkpoint-1 | checkpoint-1 - base |" in table
+    assert "| reward_score |" in table and "| first_frame_psnr |" in table
+    from PIL import Image
+
+    sheets = sorted(os.listdir(os.path.join(out, "contact_sheets")))
+    assert len(sheets) == 2
+    with Image.open(os.path.join(out, "contact_sheets", sheets[0])) as im:
+        assert im.size == (96 + 4 * 66, 3 * 66)  # label + 4 frames; reference, base, checkpoint-1
