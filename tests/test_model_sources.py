@@ -110,8 +110,10 @@ def repos(tiny_dir, tmp_path_factory):  # noqa: F811
         ms_i2v.update({f"{folder}/{rel}": path for rel, path in shards.items()})
     return {
         "hf": {
-            I2V: {"high_noise_model/diffusion_pytorch_model.safetensors": os.path.join(tiny_dir, "dit_high_noise.safetensors"),
-                  "low_noise_model/diffusion_pytorch_model.safetensors": os.path.join(tiny_dir, "dit_low_noise.safetensors"),
+            I2V: {"high_noise_model/diffusion_pytorch_model.safetensors":
+                  os.path.join(tiny_dir, "dit_high_noise.safetensors"),
+                  "low_noise_model/diffusion_pytorch_model.safetensors":
+                  os.path.join(tiny_dir, "dit_low_noise.safetensors"),
                   "models_t5_umt5-xxl-enc-bf16.pth": os.path.join(stage, "text_encoder.pth"),
                   "Wan2.1_VAE.pth": os.path.join(stage, "vae.pth")},
             T2V: tokenizer,
@@ -208,7 +210,7 @@ def test_the_clients_find_the_test_caches_offline(caches, repos):
                                             "rb").read()
     assert {r.repo_id for r in scan_cache_dir(hf).repos} == {I2V, T2V}
     tokenizer = os.path.join(snapshot_download(T2V, local_files_only=True, cache_dir=hf), "google", "umt5-xxl")
-    assert sorted(os.listdir(tokenizer)) == sorted(os.listdir(os.path.dirname(repos["hf"][T2V][next(iter(repos["hf"][T2V]))])))
+    assert sorted(f"google/umt5-xxl/{f}" for f in os.listdir(tokenizer)) == sorted(repos["hf"][T2V])
 
     assert {r.repo_id for r in HubApi().scan_cache(ms).repos} == {I2V, T2V, CONVERTED}
     snapshot = ms_snapshot_download(I2V, local_files_only=True, cache_dir=ms)

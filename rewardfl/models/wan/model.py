@@ -342,7 +342,8 @@ class Wan22Model(VideoModel):
         return [r for r in self.experts if r in lora], [r for r in self.experts if r in trainable and r not in lora]
 
     @classmethod
-    def _tokenizer_dir(cls, config, listed: Optional[WeightFile], *, dry_run: bool = False) -> tuple[Optional[str], str]:
+    def _tokenizer_dir(cls, config, listed: Optional[WeightFile], *,
+                       dry_run: bool = False) -> tuple[Optional[str], str]:
         """The tokenizer folder and how it was found: ``tokenizer_path``, else the model_paths entry
         (``listed``), else :attr:`DEFAULT_TOKENIZER` in the local caches (downloaded with
         ``allow_download``; in a ``dry_run`` the folder is None when it would be)."""
@@ -352,8 +353,9 @@ class Wan22Model(VideoModel):
             path, where, source = listed.files[0], listed.where, listed.source or listed.where
         else:
             model_id, pattern = cls.DEFAULT_TOKENIZER
-            hub = find_hub_files(model_id, pattern, where="tokenizer_path: not set", config_dir=config.resolve_path("."),
-                                 allow_download=config.allow_download, dry_run=dry_run)
+            hub = find_hub_files(model_id, pattern, where="tokenizer_path: not set",
+                                 config_dir=config.resolve_path("."), allow_download=config.allow_download,
+                                 dry_run=dry_run)
             if not hub.files:
                 return None, hub.label
             path, where, source = hub.files[0], f"tokenizer_path (not set: {model_id}:{pattern})", hub.label

@@ -293,8 +293,9 @@ def find_hub_files(model_id: str, pattern: str, *, where: str, config_dir: str =
             root = _download(hub, mid, pat)
     except Exception as e:  # the clients raise their own HTTP, offline and not-found errors
         message = " ".join(str(e).split())
-        raise ModelSourceNotFound(f"{where}: {mid}:{pat} is in no local cache and {'listing' if dry_run else 'downloading'} "
-                                f"it on {HUBS[hub]} failed ({type(e).__name__}: {message})") from e
+        action = "listing" if dry_run else "downloading"
+        raise ModelSourceNotFound(f"{where}: {mid}:{pat} is in no local cache and {action} it on {HUBS[hub]} failed "
+                                  f"({type(e).__name__}: {message})") from e
     if dry_run:
         if not remote:
             raise ModelSourceNotFound(f"{where}: no file of {mid} on {HUBS[hub]} matches {pat}")
@@ -303,7 +304,8 @@ def find_hub_files(model_id: str, pattern: str, *, where: str, config_dir: str =
                                       f"({size / 1e9:.1f} GB) from {HUBS[hub]}")
     files = _matching(root, pat)
     if not files:
-        raise ModelSourceNotFound(f"{where}: downloaded {mid} from {HUBS[hub]} into {root}, but no file there matches {pat}")
+        raise ModelSourceNotFound(f"{where}: downloaded {mid} from {HUBS[hub]} into {root}, but no file there "
+                                  f"matches {pat}")
     return HubFiles(mid, pat, files, f"downloaded from {HUBS[hub]}")
 
 
