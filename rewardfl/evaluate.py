@@ -39,7 +39,8 @@ __all__ = ["build_judges", "judge_scores", "evaluate", "checkpoint_labels", "mai
 def build_judges(cfg, device) -> list[tuple[str, object]]:
     """``[(label, reward)]`` for ``eval.judges``: each entry ``{name, label?, <options>}`` built through the
     registry; the label defaults to the name (``name_2``, ... when a name repeats)."""
-    from .registry import PluginError, create
+    from .config import build_dataclass
+    from .registry import PluginError, load_plugin
 
     judges, seen = [], {}
     for i, spec in enumerate(cfg.eval.judges):
@@ -50,9 +51,11 @@ def build_judges(cfg, device) -> list[tuple[str, object]]:
             seen[name] = seen.get(name, 0) + 1
             label = name if seen[name] == 1 else f"{name}_{seen[name]}"
         try:
-            judges.append((str(label), create("reward", name, cfg, spec, device=device)))
-        except (ConfigError, PluginError) as e:
-            raise ConfigError(f"eval.judges[{i}] ({name}): {str(e).removeprefix('reward.')}") from e
+            cls = load_plugin("reward", name)
+        except PluginError as e:
+            raise ConfigError(f"eval.judges[{i}].name: {e}") from e
+        options = build_dataclass(cls.Options, spec, prefix=f"eval.judges[{i}]")  # errors name eval.judges[i].key
+        judges.append((str(label), cls(cfg, options, device=device)))
     labels = [label for label, _ in judges]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"eval.judges: labels must differ, got {labels}; give each judge a distinct label")
@@ -106,9 +109,12 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
     for spec in checkpoints:  # a wrong path fails before the model loads
         if not os.path.exists(os.path.expanduser(spec)):
             trainable_weights_of(spec)
-    gen = Generator(cfg, plugins)
-    reward = plugins["reward"](gen.cfg, gen.cfg.reward.options, device=gen.device)
-    judges = build_judges(gen.cfg, gen.device)
+    from .training.loop import resolve_device
+
+    device = resolve_device(cfg)
+    judges = build_judges(cfg, device)  # option errors before the model loads
+    reward = plugins["reward"](cfg, cfg.reward.options, device=device)
+    gen = Generator(cfg, plugins, device=device)
     contexts = [SampleContext(it["sample_id"], it["video"], it["path"], it["prompt"]) for it in items]
     for scorer in [reward] + [j for _, j in judges]:
         scorer.prepare(contexts)
