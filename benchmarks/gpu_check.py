@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
-    out = os.environ.get("OUT") or os.path.join(ROOT, "gpu_check_out")
+    out = os.environ.get("OUT") or os.path.join(os.environ.get("TMPDIR", "/tmp"), "rewardfl_gpu_check")
     os.makedirs(out, exist_ok=True)
 
     import torch

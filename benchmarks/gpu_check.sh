@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu_check.sh                  # on a fresh one-GPU machine (torch CUDA, no network)
 #   bash benchmarks/gpu_check.sh --dry-run        # anywhere: the steps that need no CUDA, and the plan
 #
+# wheels/ is not committed: list it in .git/info/exclude and carry it to the GPU machine with the
+# working tree (the device tool's `carry: ["wheels"]`); $OUT there is what comes back.
+#
 # Steps, cheapest and most decisive first; each writes its output under $OUT as it finishes, so a
 # run cut short still leaves results (at most 8 files: summary.txt, 1_env.txt, 2_install.txt,
 # 3_cuda_tests.txt, 4_plan_check.txt, plan_check.json, 5_benchmarks.txt, bench_tables.txt):
@@ -17,7 +20,7 @@
 #   5 benchmarks   the GPU benchmarks (pytest benchmarks/ --benchmark-only, GPU cases), tables to
 #                  bench_tables.txt; the A14B step last (the longest)
 #
-# Environment: OUT (default ./gpu_check_out), PYTHON (default python3), WHEELS (default wheels),
+# Environment: OUT (default $TMPDIR/rewardfl_gpu_check), PYTHON (default python3), WHEELS (default wheels),
 # GPU_CHECK_SECONDS (default 470: the whole run's budget).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +36,7 @@ for arg in "$@"; do
 done
 
 PY=${PYTHON:-python3}
-OUT=${OUT:-$PWD/gpu_check_out}
+OUT=${OUT:-${TMPDIR:-/tmp}/rewardfl_gpu_check}
 WHEELS=${WHEELS:-wheels}
 BUDGET=${GPU_CHECK_SECONDS:-470}
 # what the GPU image lacks (REFERENCE.md section 4; the image has torch, triton, transformers, peft, onnx,
@@ -62,7 +65,8 @@ mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 START=$(date +%s)
-export REWARDFL_CACHE="${REWARDFL_CACHE:-$PWD/$WHEELS/face_cache}"
+case "$WHEELS" in /*) ;; *) WHEELS="$PWD/$WHEELS" ;; esac
+export REWARDFL_CACHE="${REWARDFL_CACHE:-$WHEELS/face_cache}"  # the face tests unpack the carried archives
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 

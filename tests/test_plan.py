@@ -135,7 +135,7 @@ def test_planner_step_on_real_tensors_matches_its_fake_run(make_config):  # noqa
     built in place) against the same step on fake tensors."""
     from rewardfl.plan_models import resolve_spec
 
-    cfg, plugins = _resolved(make_config(data={"num_frames": 1}))  # one frame, one face
+    cfg, plugins = _resolved(make_config(reward_model_path=None, data={"num_frames": 5}))
     spec = resolve_spec(cfg, None)
     fake = planner.run_step(cfg, plugins, spec, target="cpu")
     real = planner.run_step(cfg, plugins, spec, target="cpu", device=torch.device("cpu"))
