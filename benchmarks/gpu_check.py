@@ -67,8 +67,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from rewardfl import plan as planner
-    from rewardfl.plan_models import spec_from_preset
+    from rewardfl.plan import planner
+    from rewardfl.plan.plugins import spec_from_preset
 
     dry = args.dry_run or not torch.cuda.is_available()
     layers, size = (1, (1, 64, 64)) if dry else (args.layers, (args.frames, 480, 832))

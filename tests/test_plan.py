@@ -21,7 +21,7 @@ import yaml
 
 from train_fixtures import make_config, small_dataset, tiny_dir  # noqa: F401  (fixtures)
 
-from rewardfl import plan as planner
+from rewardfl.plan import planner
 
 MiB = 2**20
 
@@ -133,7 +133,7 @@ def test_deepspeed_zero2_buffers_match_a_hand_count(make_config):  # noqa: F811
 def test_planner_step_on_real_tensors_matches_its_fake_run(make_config):  # noqa: F811
     """``run_step(device=...)``, the GPU check's measured side, on real CPU tensors (random weights
     built in place) against the same step on fake tensors."""
-    from rewardfl.plan_models import resolve_spec
+    from rewardfl.plan.plugins import resolve_spec
 
     cfg, plugins = _resolved(make_config(reward_model_path=None, data={"num_frames": 5}))
     spec = resolve_spec(cfg, None)
@@ -146,7 +146,7 @@ def test_planner_step_on_real_tensors_matches_its_fake_run(make_config):  # noqa
 
 
 def test_fast_mode_extrapolates_the_full_run(make_config):  # noqa: F811
-    from rewardfl.plan_models import resolve_spec
+    from rewardfl.plan.plugins import resolve_spec
 
     cfg, plugins = _resolved(make_config(reward_model_path=None, data={"num_frames": 1}))
     spec = resolve_spec(cfg, None).with_layers(5)
@@ -186,7 +186,7 @@ def test_a14b_preset_plans_without_files():
     """The A14B preset (no file anywhere), one of its 40 blocks run: the experts' bf16 weights as
     counted by hand, one on the GPU at the peak and the other parked (offload_idle_expert)."""
     from rewardfl.config import config_from_dict
-    from rewardfl.plan_models import spec_from_preset
+    from rewardfl.plan.plugins import spec_from_preset
     from rewardfl.registry import resolve_config, resolve_plugins
 
     cfg = config_from_dict({"model_name": "wan2_2", "data": {"num_frames": 1, "height": 64, "width": 64},

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .models.wan import architectures as arch
+from rewardfl.models.wan import architectures as arch
 
 __all__ = ["ModelSpec", "PRESETS", "spec_from_preset", "spec_from_checkpoints", "resolve_spec", "build_skeleton",
            "FacePlan"]
@@ -88,8 +88,8 @@ def spec_from_checkpoints(cfg) -> ModelSpec:
 
     The same reading and checks as ``Wan22Model.__init__``'s first stage.
     """
-    from .models.wan.model import EXPERT_ROLES, Wan22Model
-    from .models.wan.weights import read_shapes, resolve_model_paths
+    from rewardfl.models.wan.model import EXPERT_ROLES, Wan22Model
+    from rewardfl.models.wan.weights import read_shapes, resolve_model_paths
 
     ckpts = resolve_model_paths(cfg.resolve_path(cfg.model_paths), cfg.model_id_with_origin_paths,
                                 cfg.resolve_path("."))
@@ -173,7 +173,7 @@ def build_skeleton(model_cls, cfg, options, spec: ModelSpec, *, device: torch.de
     from diffsynth.models.wan_video_text_encoder import WanTextEncoder
     from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE, WanVideoVAE38
 
-    from .models.wan.model import as_list
+    from rewardfl.models.wan.model import as_list
 
     cls = _planned_class(model_cls, target, gpu_bytes)
     model = cls.__new__(cls)
@@ -224,7 +224,7 @@ class FacePlan:
     @classmethod
     def load(cls, cfg, reward_cls, notes: list) -> Optional["FacePlan"]:
         """The reward's models, or None (with a note) for another reward plugin or missing files."""
-        from .rewards.face_identity import FaceIdentityReward
+        from rewardfl.rewards.face_identity import FaceIdentityReward
 
         if not (isinstance(reward_cls, type) and issubclass(reward_cls, FaceIdentityReward)):
             notes.append(f"reward {cfg.reward.name}: not planned (the planner knows face_identity); a stand-in "
@@ -250,7 +250,7 @@ class FacePlan:
         values; the checks allocate nothing). ``None``: real tensors, nothing changed."""
         import torch
 
-        from .rewards.face_identity import align
+        from rewardfl.rewards.face_identity import align
 
         if target is None:
             yield
@@ -284,7 +284,7 @@ class FacePlan:
 
         from torch.utils._python_dispatch import _disable_current_modes
 
-        from .plan import dtype_name
+        from .planner import dtype_name
 
         mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
         for name, model in (("face recognizer", self.reward.recognizer.model),):
@@ -314,7 +314,7 @@ class FacePlan:
         """The shaped reward loss of ``videos`` (B, 3, F, H, W) in [-1, 1], 0-dim, differentiable."""
         import torch
 
-        from .rewards.face_identity.scoring import pooled_identity_score
+        from rewardfl.rewards.face_identity.scoring import pooled_identity_score
 
         reward, o = self.reward, self.reward.options
         batch, _, num_frames, height, width = videos.shape

@@ -16,7 +16,7 @@ bytes off when the last tensor using it dies (autograd's saved tensors included)
 device, and what was live at it, is the prediction. The accelerator is played by the *meta*
 device (fake CUDA tensors cannot run backward on a machine without a GPU); :func:`fake_device`
 lists where the real code's device-dependent choices are answered for the target (attention
-kernel, ``tensor.data`` moves; ``plan_models``: the compiled face-align op, the offload rules).
+kernel, ``tensor.data`` moves; ``plugins``: the compiled face-align op, the offload rules).
 
 Counted by formula instead of run: DeepSpeed's ZeRO buffers (master weights, Adam states and
 gradient partitions per rank, the reduce bucket; :class:`_DeepSpeedEngine`, after DeepSpeed 0.19's
@@ -24,7 +24,7 @@ gradient partitions per rank, the reduce bucket; :class:`_DeepSpeedEngine`, afte
 arena is outside torch's allocator), the CUDA context and the caching allocator's fragmentation.
 
 What the planner knows of the plugins (building the Wan model from a spec, the face reward's
-parts) lives in ``rewardfl.plan_models``; this module is the generic half.
+parts) lives in ``rewardfl.plan.plugins``; this module is the generic half.
 
 ``--fast`` builds the DiT with 1 and then 2 blocks and extrapolates every phase's peak linearly to
 the real block count (for a stack of identical blocks it agrees with the full run: the A14B step
@@ -51,8 +51,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
 
-from .cli import user_error_exit
-from .config import ConfigError, TrainConfig, load_config
+from rewardfl.cli import user_error_exit
+from rewardfl.config import ConfigError, TrainConfig, load_config
 
 __all__ = ["MemoryTracker", "fake_device", "Plan", "plan_memory", "run_step", "parse_size", "dtype_name", "main"]
 
@@ -362,11 +362,11 @@ def plan_memory(cfg: TrainConfig, plugins: dict, *, preset: Optional[str] = None
     """Predict one training step's peak memory per rank (see the module docstring).
 
     ``cfg`` resolved (``registry.resolve_config``) with ``plugins`` from ``registry.resolve_plugins``;
-    ``preset``: architecture without files (``plan_models.PRESETS``), or ``spec`` (a
-    ``plan_models.ModelSpec``) directly; ``target``: "cuda" (the plan) or "cpu" (to compare with a
+    ``preset``: architecture without files (``plugins.PRESETS``), or ``spec`` (a
+    ``plugins.ModelSpec``) directly; ``target``: "cuda" (the plan) or "cpu" (to compare with a
     measured CPU run); ``fast``: extrapolate from 1- and 2-block DiTs.
     """
-    from .plan_models import resolve_spec
+    from .plugins import resolve_spec
 
     t0 = time.perf_counter()
     spec = spec or resolve_spec(cfg, preset)
@@ -411,7 +411,7 @@ def _summarise(cfg, spec, result: dict, *, target, gpu_bytes, world_size, mode, 
 def _settle_auto_choices(cfg, plugins, spec, gpu_bytes: int, target: str):
     """``cfg`` with ``model.offload_idle_expert: auto`` decided for the full-size model (the
     plugin's rule weighs the experts' bytes, which 1- and 2-block runs would understate)."""
-    from .plan_models import build_skeleton
+    from .plugins import build_skeleton
 
     if getattr(cfg.model, "offload_idle_expert", None) != "auto":
         return cfg
@@ -449,7 +449,7 @@ def run_step(cfg, plugins, spec, *, gpu_bytes: int = 80 * GiB, world_size: int =
     the same code on real tensors there, weights random. Returns ``{"phases", "notes", "engine",
     "step_peak", "device"}`` (``device``: the tracker's name for the accelerator).
     """
-    from .plan_models import FacePlan
+    from .plugins import FacePlan
 
     cfg = copy.deepcopy(cfg)
     notes: list[str] = []
@@ -465,8 +465,8 @@ def run_step(cfg, plugins, spec, *, gpu_bytes: int = 80 * GiB, world_size: int =
 
 
 def _step(cfg, plugins, spec, sampler, reward, tracker, device, *, gpu_bytes, world_size, target, ds, notes, real):
-    from .plan_models import build_skeleton
-    from .training.policy import plan_steps
+    from .plugins import build_skeleton
+    from rewardfl.training.policy import plan_steps
 
     with tracker.phase("setup", "setup"):
         model = build_skeleton(plugins["model"], cfg, cfg.model, spec, device=device, target=target,
@@ -522,7 +522,7 @@ def dtype_name(t: torch.Tensor) -> str:
 def _train_step(cfg, model, sampler, plan, reward, engine, tracker: MemoryTracker, device) -> None:
     """One optimizer step of one micro-batch, as the trainer runs it: encode, sample (the core's
     ``rollout``), decode, reward, loss, backward, update; each part under its own phase."""
-    from .training.algorithm import rollout
+    from rewardfl.training.algorithm import rollout
 
     frames, height, width = video_size(cfg)
     batch_size = cfg.per_device_train_batch_size
@@ -598,7 +598,7 @@ def _engine(cfg, world_size: int) -> tuple[str, Optional[dict]]:
     if cfg.deepspeed is None:
         spread = f", gradients all-reduced over {world_size} processes" if world_size > 1 else ""
         return f"AdamW (plain engine{spread})", None
-    from .training.engines import deepspeed_config
+    from rewardfl.training.engines import deepspeed_config
 
     ds = deepspeed_config(cfg, accum=cfg.gradient_accumulation_steps, world_size=world_size)
     zero = ds.get("zero_optimization", {})
@@ -620,8 +620,8 @@ class _PlainEngine:
     up front (as after the first update), its backward, and its update with the rollback copies."""
 
     def __init__(self, cfg, tracker, params, accum: int):
-        from .training.distributed import DistInfo
-        from .training.engines import PlainEngine
+        from rewardfl.training.distributed import DistInfo
+        from rewardfl.training.engines import PlainEngine
 
         self.engine = PlainEngine(cfg, params, lambda step: 1.0, DistInfo())
         self.tracker, self.params, self.accum = tracker, params, accum
@@ -728,7 +728,7 @@ def lever_candidates(cfg: TrainConfig, plugins: dict) -> list[tuple[str, callabl
     if not getattr(o, "vae_checkpointing", True):
         out.append(("model.vae_checkpointing: true", lambda c: setattr(c.model, "vae_checkpointing", True)))
     if cfg.deepspeed is not None:
-        from .training.engines import _read_deepspeed_section
+        from rewardfl.training.engines import _read_deepspeed_section
 
         section = _read_deepspeed_section(cfg)
         zero = section.get("zero_optimization") or {}
@@ -827,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @user_error_exit("rewardfl.plan")
 def main(argv=None) -> int:
-    from .registry import resolve_config, resolve_plugins
+    from rewardfl.registry import resolve_config, resolve_plugins
 
     args = build_parser().parse_args(argv)
     if args.world_size < 1:
