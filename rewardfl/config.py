@@ -22,6 +22,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .fileio import read_utf8
+
 __all__ = [
     "ConfigError",
     "PluginSection",
@@ -513,14 +515,7 @@ def _merge(base: dict, over: dict) -> dict:
 def read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:  # decoded whole, so e.start is the file offset: name the line
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the config "
-                          "as UTF-8") from None
+    text = read_utf8(path, "save the config as UTF-8", ConfigError)
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .fileio import read_utf8
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "VideoDataset",
@@ -291,14 +293,7 @@ def _read_metadata(csv_path: str) -> list[dict[str, Any]]:
                                 "with video and prompt columns)")
     folder = os.path.dirname(csv_path)
     how = "a header line 'video,prompt' and then one line per clip"
-    with open(csv_path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:  # decoded whole, so e.start is the file offset: name the line
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{csv_path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the CSV as UTF-8 "
-                         "(spreadsheets: 'CSV UTF-8')") from None
+    text = read_utf8(csv_path, "save the CSV as UTF-8 (spreadsheets: 'CSV UTF-8')")
     text = text.removeprefix("\ufeff")  # a BOM from spreadsheets
     with io.StringIO(text, newline="") as f:  # newline="": the csv module handles line ends itself
         reader = csv.reader(f)

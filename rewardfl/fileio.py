@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any, Iterator, Optional
 
-__all__ = ["atomic_write", "write_json", "write_safetensors", "stamp_matches", "write_stamp"]
+__all__ = ["atomic_write", "write_json", "write_safetensors", "stamp_matches", "write_stamp", "read_utf8"]
 
 
 @contextlib.contextmanager
@@ -100,3 +100,14 @@ def stamp_matches(path: str, expected: dict) -> bool:
 def write_stamp(path: str, data: dict) -> None:
     """Record what a folder was built from; write it last (it marks the build complete)."""
     write_json(path, data, indent=1, sort_keys=True)
+
+
+def read_utf8(path: str, fix: str, error: type = ValueError) -> str:
+    """The text of ``path``; not UTF-8 is ``error("PATH:LINE: not UTF-8 text (byte 0x..); " + fix)``."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:  # decoded whole, so e.start is the file offset: name the line
+        line = data.count(b"\n", 0, e.start) + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); {fix}") from None
