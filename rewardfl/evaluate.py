@@ -20,6 +20,7 @@ reference | base | each checkpoint, a few frames each) to ``--out`` (default ``O
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -32,6 +33,8 @@ from .cli import user_error_exit
 from .config import ConfigError, check_model_inputs, load_config
 from .interfaces import SampleContext
 from .registry import resolve_config, resolve_plugins
+
+log = logging.getLogger("rewardfl")
 
 __all__ = ["build_judges", "judge_scores", "evaluate", "checkpoint_labels", "main"]
 
@@ -96,7 +99,7 @@ def checkpoint_labels(specs: Sequence[str]) -> list[str]:
 def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir: str, *, seeds: Sequence[int],
              metadata: Optional[str] = None, batch_size: int = 1) -> dict:
     """Generate and score (see the module docstring); returns what ``eval.json`` holds."""
-    from .evaluation.metrics import identity_specificity, mean_with_ci, motion, psnr
+    from .evaluation.metrics import identity_specificity, mean_with_ci, motion, paired_hacking_warnings, psnr
     from .evaluation.report import contact_sheet, markdown_table, summarize
     from .evaluation.split import eval_dataset
     from .fileio import write_json
@@ -154,6 +157,9 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
     reference = {"motion": mean_with_ci(list(ref_motion.values()), samples=e.bootstrap_samples,
                                         seed=e.bootstrap_seed), "motion_per_clip": ref_motion}
     table = markdown_table(summary, labels, reference_motion=reference["motion"])
+    warnings = paired_hacking_warnings(summary, labels)
+    for line in warnings:
+        log.warning("%s", line)
     os.makedirs(out_dir, exist_ok=True)
     for c, sheet in sheets.items():
         contact_sheet(os.path.join(out_dir, "contact_sheets", video_name(c, items[c]["sample_id"], seeds[0])
@@ -163,7 +169,7 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
         "clips": [it["sample_id"] for it in items], "seeds": list(seeds),
         "num_inference_steps": cfg.num_inference_steps, "device": str(gen.device),
         "bootstrap": {"samples": e.bootstrap_samples, "seed": e.bootstrap_seed, "level": 0.95},
-        "summary": summary, "reference": reference, "videos": rows,
+        "summary": summary, "reference": reference, "warnings": warnings, "videos": rows,
     }
     write_json(os.path.join(out_dir, "eval.json"), result, indent=1)
     with open(os.path.join(out_dir, "eval.md"), "w", encoding="utf-8") as f:

@@ -26,7 +26,7 @@ from rewardfl import run
 from rewardfl.config import load_config
 from rewardfl.data import VideoDataset
 from rewardfl.evaluation.metrics import (bootstrap_ci, hacking_warnings, identity_specificity, motion,
-                                         paired_difference, psnr)
+                                         paired_difference, paired_hacking_warnings, psnr)
 from rewardfl.evaluation.split import eval_dataset, training_dataset
 from rewardfl.training import Trainer, TrainState
 
@@ -179,6 +179,19 @@ def test_hacking_guard_fires_on_a_crafted_series_and_not_on_a_clean_one():
     assert hacking_warnings(reward, {"face_sface": judge_holds}, window=5) == []
     # a falling reward is not hacking, whatever the judge does
     assert hacking_warnings(reward[::-1], {"face_arcface": judge_falls}, window=5) == []
+
+
+def test_paired_guard_fires_when_the_reward_rises_and_a_judge_falls_beyond_their_intervals():
+    def entry(mean, lo, hi):
+        return {"base": {"mean": 0.0}, "ckpt": {"mean": 0.0, "diff_to_base": {"mean": mean, "ci": [lo, hi]}}}
+
+    summary = {"reward_score": entry(0.05, 0.02, 0.08), "judge/arcface/score": entry(-0.04, -0.07, -0.01),
+               "judge/sface/score": entry(-0.01, -0.03, 0.01), "motion": entry(-0.02, -0.03, -0.01)}
+    lines = paired_hacking_warnings(summary, ["base", "ckpt"])
+    # only the judge whose whole interval lies below 0; motion is not a judge
+    assert len(lines) == 1 and "ckpt" in lines[0] and "judge/arcface/score" in lines[0]
+    summary["reward_score"] = entry(0.05, -0.01, 0.1)  # the reward's rise is within its noise
+    assert paired_hacking_warnings(summary, ["base", "ckpt"]) == []
 
 
 # --------------------------------------------------------------------------- generate and evaluate, end to end

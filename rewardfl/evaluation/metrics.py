@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 __all__ = ["motion", "psnr", "bootstrap_ci", "mean_with_ci", "paired_difference", "identity_specificity",
-           "hacking_warnings", "PSNR_CAP_DB"]
+           "hacking_warnings", "paired_hacking_warnings", "PSNR_CAP_DB"]
 
 #: PSNR of identical images (infinite) is reported as this, so that means and intervals stay finite
 PSNR_CAP_DB = 100.0
@@ -115,4 +115,22 @@ def hacking_warnings(reward: Sequence[float], judges: dict[str, Sequence[float]]
             lines.append(f"possible reward hacking: training reward rose {r[0]:.4f} -> {r[-1]:.4f} over the last "
                          f"{r.size} points while judge {name} fell {j[0]:.4f} -> {j[-1]:.4f} (below {lo:.4f}, the "
                          "lower end of its 95% interval over the window's first half)")
+    return lines
+
+
+def paired_hacking_warnings(summary: dict, labels: Sequence[str], reward_key: str = "reward_score") -> list[str]:
+    """The guard over one evaluation: for each checkpoint, when the training reward's paired difference
+    to base is above 0 beyond its 95% interval while a judge's (``judge/...``) is below 0 beyond its
+    interval, one line naming both. ``summary`` as ``report.summarize`` returns it."""
+    lines = []
+    for label in labels[1:]:
+        r = summary.get(reward_key, {}).get(label, {}).get("diff_to_base")
+        if not r or r.get("ci") is None or r["ci"][0] is None or not r["ci"][0] > 0:
+            continue
+        for key, per in summary.items():
+            d = per.get(label, {}).get("diff_to_base") if key.startswith("judge/") else None
+            if d and d.get("ci") is not None and d["ci"][1] is not None and d["ci"][1] < 0:
+                lines.append(f"possible reward hacking in {label}: {reward_key} rose by {r['mean']:+.4f} "
+                             f"[{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}] over base while {key} fell by "
+                             f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]")
     return lines
