@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from .cli import user_error_exit
-from .config import ConfigError, check_model_inputs, load_config
+from .config import ConfigError
 from .interfaces import SampleContext
-from .registry import resolve_config, resolve_plugins
+from .registry import load_resolved, resolve_config
 
 log = logging.getLogger("rewardfl")
 
@@ -201,10 +201,7 @@ def main(argv=None) -> int:
         raise ValueError(f"--seeds: the number of seeds per clip must be >= 1, got {args.seeds}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
-    cfg = load_config(args.config, args.overrides)
-    plugins = resolve_plugins(cfg)
-    cfg = resolve_config(cfg, plugins)
-    check_model_inputs(cfg, plugins["model"])
+    cfg, plugins = load_resolved(args.config, args.overrides)
     if "base" in args.checkpoint:
         raise ValueError("--checkpoint base: the base model is always evaluated; name trained checkpoints only")
     out = args.out or os.path.join(cfg.resolve_path(cfg.output_dir), "eval")

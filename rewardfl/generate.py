@@ -29,8 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from .cli import user_error_exit
-from .config import check_model_inputs, load_config
-from .registry import resolve_config, resolve_plugins
+from .registry import load_resolved, resolve_config
 
 __all__ = ["Generator", "full_plan", "noise_seed", "trainable_weights_of", "parse_seeds", "main"]
 
@@ -245,10 +244,7 @@ def main(argv=None) -> int:
         raise ValueError("--image/--metadata: give one of them")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
-    cfg = load_config(args.config, args.overrides)
-    plugins = resolve_plugins(cfg)
-    cfg = resolve_config(cfg, plugins)
-    check_model_inputs(cfg, plugins["model"])
+    cfg, plugins = load_resolved(args.config, args.overrides)
     clips = _clips(cfg, args)
     if args.checkpoint != "base" and not os.path.exists(os.path.expanduser(args.checkpoint)):
         trainable_weights_of(args.checkpoint)  # the one-line error, before the model loads

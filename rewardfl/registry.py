@@ -22,7 +22,7 @@ from typing import Any, Optional
 from .config import ConfigError, PluginSection, TrainConfig, build_dataclass
 from .interfaces import Reward, Sampler, VideoModel
 
-__all__ = ["KINDS", "PluginInfo", "PluginError", "list_plugins", "load_plugin", "create", "resolve_plugins", "resolve_config"]
+__all__ = ["KINDS", "PluginInfo", "PluginError", "list_plugins", "load_plugin", "create", "resolve_plugins", "resolve_config", "load_resolved"]
 
 #: kind -> (entry-point group, interface class)
 KINDS = {
@@ -152,6 +152,18 @@ def resolve_config(cfg: TrainConfig, plugins: dict[str, type]) -> TrainConfig:
         reward=PluginSection(cfg.reward.name, build_options("reward", cfg.reward.name, plugins["reward"],
                                                             cfg.reward.options)),
     )
+
+
+def load_resolved(path: str, overrides=()) -> tuple[TrainConfig, dict[str, type]]:
+    """What every command starts with: the YAML at ``path`` with ``--set`` overrides, validated, its
+    plugins loaded and their options resolved, the model's required inputs checked."""
+    from .config import check_model_inputs, load_config
+
+    cfg = load_config(path, overrides)
+    plugins = resolve_plugins(cfg)
+    cfg = resolve_config(cfg, plugins)
+    check_model_inputs(cfg, plugins["model"])
+    return cfg, plugins
 
 
 def create(kind: str, name: str, config: TrainConfig, options=None, **runtime):

@@ -17,8 +17,8 @@ import argparse
 import sys
 
 from .cli import user_error_exit
-from .config import check_model_inputs, load_config, training_timestep_range
-from .registry import resolve_config, resolve_plugins
+from .config import training_timestep_range
+from .registry import load_resolved
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,10 +73,7 @@ def check(cfg, plugins, config_path: str) -> None:
 @user_error_exit("rewardfl.run")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    plugins = resolve_plugins(cfg)
-    cfg = resolve_config(cfg, plugins)
-    check_model_inputs(cfg, plugins["model"])
+    cfg, plugins = load_resolved(args.config, args.overrides)
     if args.check:
         check(cfg, plugins, args.config)
         return 0

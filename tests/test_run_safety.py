@@ -195,6 +195,19 @@ def test_an_update_that_makes_weights_non_finite_is_rolled_back(make_config):
     assert trainer.train_step()["updated"] is True  # the schedule set a finite lr again
 
 
+def test_too_large_to_copy_a_non_finite_update_stops_before_any_checkpoint(make_config, monkeypatch, tmp_path):
+    from rewardfl.training import engines
+
+    cfg = load_config(make_config(max_steps=3))
+    trainer = Trainer(cfg, resolve_plugins(cfg))
+    monkeypatch.setattr(engines, "ROLLBACK_MAX_BYTES", 0)  # as a full fine-tune: no pre-update copy is kept
+    for group in trainer.engine.optimizer.param_groups:
+        group["lr"] = float("inf")
+    with pytest.raises(FloatingPointError, match="too large to keep a pre-update copy"):
+        trainer.train_step()
+    assert not os.path.exists(tmp_path / "out" / "checkpoints")
+
+
 def test_a_step_with_nothing_to_learn_from_does_not_move_the_weights(make_config, blank_dataset):
     from rewardfl.data import VideoDataset
 

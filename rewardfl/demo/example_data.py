@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from rewardfl.cli import user_error_exit
 from rewardfl.fileio import atomic_write, stamp_matches, write_stamp
 
 from .assets import file_sha256  # the file hash the asset fetcher checks downloads with
@@ -260,6 +261,7 @@ def _parse_photo(arg: str) -> tuple[str, Optional[Box]]:
     return arg, None
 
 
+@user_error_exit("rewardfl.demo.example_data")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rewardfl.demo.example_data",
                                      description="Render pan/zoom clips of face photos into a metadata.csv dataset.")
@@ -281,18 +283,14 @@ def main(argv=None) -> int:
         parser.error(f"--size: expected HxW such as 128x128, got {args.size!r}")
     settings = dict(num_frames=args.num_frames, size=(h, w), clips_per_photo=args.clips_per_photo,
                     fps=args.fps, force=args.force)
-    try:
-        if not args.photos:
-            csv_path = build_from_face_assets(args.out_dir, **settings)
-        else:
-            photos, boxes = zip(*(_parse_photo(p) for p in args.photos))
-            if args.yunet:
-                boxes = [b if b is not None or not os.path.isfile(p) else largest_face_box(p, args.yunet)
-                         for p, b in zip(photos, boxes)]
-            csv_path = build_example_dataset(args.out_dir, photos, face_boxes=boxes, **settings)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not args.photos:
+        csv_path = build_from_face_assets(args.out_dir, **settings)
+    else:
+        photos, boxes = zip(*(_parse_photo(p) for p in args.photos))
+        if args.yunet:
+            boxes = [b if b is not None or not os.path.isfile(p) else largest_face_box(p, args.yunet)
+                     for p, b in zip(photos, boxes)]
+        csv_path = build_example_dataset(args.out_dir, photos, face_boxes=boxes, **settings)
     print(csv_path)
     return 0
 

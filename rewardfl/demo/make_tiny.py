@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from rewardfl.cli import user_error_exit
 from rewardfl.fileio import stamp_matches, write_json, write_safetensors, write_stamp
 from rewardfl.models.wan.architectures import TINY_DITS, TINY_TEXT_ENCODER, TINY_VAE
 
@@ -184,6 +185,7 @@ def make_tiny(out_dir: str, *, vae_init: str = "identity", kind: str = "i2v", fo
     return paths_json
 
 
+@user_error_exit("rewardfl.demo.make_tiny")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rewardfl.demo.make_tiny", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", help="folder to write the tiny weight files and model_paths.json into")
@@ -193,12 +195,7 @@ def main(argv=None) -> int:
                         help="i2v: two experts like Wan2.2-I2V-A14B (default); ti2v: one expert like TI2V-5B")
     parser.add_argument("--force", action="store_true", help="rewrite even if the folder is complete")
     args = parser.parse_args(argv)
-    try:
-        path = make_tiny(args.out_dir, vae_init=args.vae, kind=args.kind, force=args.force)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(path)
+    print(make_tiny(args.out_dir, vae_init=args.vae, kind=args.kind, force=args.force))
     return 0
 
 

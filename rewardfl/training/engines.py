@@ -32,6 +32,14 @@ from .distributed import DistInfo, all_reduce_sum_
 __all__ = ["PlainEngine", "DeepSpeedEngine", "build_engine", "deepspeed_config", "all_finite", "lr_lambda"]
 
 
+#: trainable weights up to this size are copied before each update so that a non-finite one can be
+#: rolled back (LoRA: megabytes); larger ones (full fine-tuning) are only checked
+ROLLBACK_MAX_BYTES = 2 << 30
+
+NON_FINITE_UPDATE = ("the update made trainable weights non-finite ({why}); stopping before any checkpoint holds "
+                     "them: lower learning_rate or check adam_epsilon, then resume from the last checkpoint")
+
+
 def all_finite(params) -> bool:
     """Every element of every tensor finite (one host sync); empty (ZeRO-3-partitioned) ones count as finite."""
     flags = [torch.isfinite(p.detach()).all() for p in params if p.numel()]
@@ -50,6 +58,7 @@ class PlainEngine:
                                            eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
         self._skip = False
+        self._trainable_bytes = sum(p.numel() * p.element_size() for p in params)
 
     @property
     def lr(self) -> float:
@@ -80,11 +89,16 @@ class PlainEngine:
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         status = "empty" if self._skip else "updated" if math.isfinite(norm) else "gradient"
         if status == "updated":
-            # the pre-update copy: cheap for LoRA, and the only way back from a step that overflows
-            weights = [p.detach().clone() for p in self.params]
-            optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+            # the pre-update copy is the only way back from a step that overflows: cheap for LoRA; a
+            # full fine-tune (3x its weights) is checked only, and stops before any checkpoint holds NaN
+            rollback = self._trainable_bytes <= ROLLBACK_MAX_BYTES
+            if rollback:
+                weights = [p.detach().clone() for p in self.params]
+                optimizer_state = copy.deepcopy(self.optimizer.state_dict())
             self.optimizer.step()
             if not all_finite(self.params):
+                if not rollback:
+                    raise FloatingPointError(NON_FINITE_UPDATE.format(why="too large to keep a pre-update copy"))
                 with torch.no_grad():
                     for p, w in zip(self.params, weights):
                         p.copy_(w)
@@ -263,9 +277,7 @@ class DeepSpeedEngine:
             if self.dist.active:
                 torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
             if bad.item() > 0:
-                raise FloatingPointError("the update made trainable weights non-finite (DeepSpeed cannot roll "
-                                         "it back); stopping before any checkpoint holds them: lower "
-                                         "learning_rate or check adam_epsilon, then resume from the last checkpoint")
+                raise FloatingPointError(NON_FINITE_UPDATE.format(why="DeepSpeed cannot roll the update back"))
         self._skip = self._empty = False
         return norm, status
 
