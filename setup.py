@@ -132,10 +132,13 @@ setup(
         "transformers",
         "tokenizers",
         "Pillow",
+        "tensorboard>=2.16",  # report_to: tensorboard (the default)
     ],
     extras_require={
         # multi-GPU / multi-node training (install with --no-build-isolation: it builds against torch)
         "deepspeed": ["deepspeed==0.19.8"],
+        # report_to: [wandb]
+        "wandb": ["wandb==0.31.0"],
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",
@@ -149,7 +152,7 @@ setup(
     entry_points={
         "console_scripts": [
             "rewardfl-run = rewardfl.run:main",
-            "rewardfl-export = rewardfl.models.wan.export:main",
+            "rewardfl-export = rewardfl.export:main",
             "rewardfl-score = rewardfl.rewards.face_identity.score:main",
             "rewardfl-generate = rewardfl.generate:main",
             "rewardfl-evaluate = rewardfl.evaluate:main",
@@ -159,10 +162,17 @@ setup(
         ],
         "rewardfl.rewards": [
             "face_identity = rewardfl.rewards.face_identity:FaceIdentityReward",
+            "clip_score = rewardfl.rewards.clip:ClipScoreReward",
+            "pickscore = rewardfl.rewards.clip:PickScoreReward",
+            "hps = rewardfl.rewards.clip:HpsReward",
+            "aesthetic = rewardfl.rewards.clip:AestheticReward",
+            "identity_consistency = rewardfl.rewards.face_identity:IdentityConsistencyReward",
+            "motion = rewardfl.rewards.motion:MotionReward",
         ],
         "rewardfl.models": [
             "wan2_2 = rewardfl.models.wan.model:Wan22Model",
             "wan2_2_tiny = rewardfl.models.wan.model:Wan22TinyModel",
+            "wan2_2_diffusers = rewardfl.models.wan.diffusers_model:Wan22DiffusersModel",
         ],
     },
     zip_safe=False,

@@ -9,6 +9,8 @@ Exit codes of rewardfl's command-line tools:
   argparse's own usage errors use 2 as well;
 * ``3`` (:data:`EXIT_NOTHING_TRAINED`): training ran without error but took no optimizer step
   (e.g. every batch was skipped), so there is nothing to use;
+* ``4`` (:data:`EXIT_STOPPED_BY_GUARD`): training was stopped by the reward-hacking guard
+  (``stop_on_hacking: true``) after saving a checkpoint; the warning names the reward and the judge;
 * ``143`` (:data:`EXIT_STOPPED_BY_SIGNAL`): training was stopped by SIGTERM/SIGINT after saving a
   checkpoint; ``128 + SIGTERM``, the code a shell and job schedulers (Slurm, Kubernetes) report for
   a process ended by SIGTERM, so a resubmitting script can tell "stopped" from "failed".
@@ -28,6 +30,7 @@ from .config import ConfigError
 
 EXIT_USER_ERROR = 2
 EXIT_NOTHING_TRAINED = 3
+EXIT_STOPPED_BY_GUARD = 4
 EXIT_STOPPED_BY_SIGNAL = 143
 
 #: errors a user causes with config, paths or inputs (not bugs): printed as one line

@@ -18,7 +18,7 @@ import math
 import os
 import types
 import typing
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -98,6 +98,16 @@ class EvalConfig:
     bootstrap_seed: int = 0
     #: frames per video on each clip's contact sheet
     contact_sheet_frames: int = 4
+    # --- during training (``eval_steps``) and at its end (``eval.at_end``)
+    #: held-out clips evaluated during training (the first N of the held-out set; 0: all of them)
+    train_clips: int = 4
+    #: starting noises per clip during training (seeds 0..N-1, the same at every evaluation)
+    train_seeds: int = 1
+    #: evaluations the hacking guard looks back over (training reward up while a judge falls)
+    hacking_window: int = 5
+    #: at the end of a run: evaluate base vs the final weights on the held-out clips (``seeds`` per
+    #: clip), write OUTPUT_DIR/eval and print the table
+    at_end: bool = False
 
 
 @dataclasses.dataclass
@@ -160,6 +170,24 @@ class TrainConfig:
     mixed_precision: str = "auto"
     sample_video_steps: Optional[int] = None
     sample_side_by_side: bool = True
+    #: evaluate on the held-out clips every N optimizer steps (``eval.train_clips`` x ``eval.train_seeds``
+    #: videos, fixed noise): ``eval/*`` rows in metrics.jsonl and TensorBoard, and the hacking guard
+    eval_steps: Optional[int] = None
+    #: stop the run (after saving a checkpoint) when the hacking guard fires
+    stop_on_hacking: bool = False
+    #: keep the weights of the best evaluation by this key (an ``eval/...`` metric, e.g.
+    #: ``eval/judge/sface/specificity``) in OUTPUT_DIR/best; needs ``eval_steps``
+    save_best_by: Optional[str] = None
+    #: whether a higher or a lower ``save_best_by`` is better
+    save_best_mode: Literal["max", "min"] = "max"
+    #: exponential moving average of the trainable weights (0: off): ``ema = decay * ema + (1 - decay) * w``
+    #: after every update; saved in checkpoints, used by generate/evaluate/export with ``--weights ema``
+    ema_decay: float = 0.0
+    #: where the EMA lives: ``device`` (beside the weights) or ``cpu`` (host memory; slower, frees GPU memory)
+    ema_device: Literal["device", "cpu"] = "device"
+    #: where metrics, sample videos and evaluation strips go besides metrics.jsonl:
+    #: ``tensorboard`` (OUTPUT_DIR/tensorboard) and/or ``wandb`` (pip install rewardfl[wandb])
+    report_to: list = dataclasses.field(default_factory=lambda: ["tensorboard"])
     sampler: PluginSection = dataclasses.field(default_factory=lambda: PluginSection("flow_match_euler"))
     reward: PluginSection = dataclasses.field(default_factory=lambda: PluginSection("face_identity"))
     #: options of the model plugin named by ``model_name``
@@ -181,6 +209,13 @@ class TrainConfig:
         value = os.path.expanduser(str(value))
         return value if os.path.isabs(value) else os.path.normpath(os.path.join(self.base_dir, value))
 
+
+#: the ``reward.name`` of a list of rewards (``reward: [{name: a, weight: 1}, ...]``), trained as their
+#: weighted sum by ``rewardfl.training.composite.CompositeReward``; no plugin may take this name
+COMPOSITE_REWARD = "weighted_sum"
+
+#: the trackers ``report_to`` may name (``rewardfl.training.trackers``)
+REPORT_TO = ("tensorboard", "wandb")
 
 # keys whose values are filesystem paths that must exist (when set), for check_paths
 PATH_KEYS = ("model_paths", "reward_model_path", "tokenizer_path", "data.metadata_path", "data.eval_metadata_path")
@@ -335,9 +370,15 @@ def config_from_dict(raw: dict, *, base_dir: Optional[str] = None) -> TrainConfi
         raise ConfigError(f"config: the top level must be a mapping of keys, got {type(raw).__name__}")
     raw = dict(raw)
     for key in ("sampler", "reward"):
-        if key in raw:
+        if key == "reward" and isinstance(raw.get(key), list):  # several rewards: rewardfl.training.composite
+            if not raw[key]:
+                raise ConfigError("reward: an empty list; name one reward or a list of {name, weight, ...}")
+            raw[key] = PluginSection(COMPOSITE_REWARD, list(raw[key]))
+        elif key in raw:
             sec = _normalize_plugin_section(raw[key], key)
             raw[key] = PluginSection(sec["name"], sec["options"])
+    if isinstance(raw.get("report_to"), str):
+        raw["report_to"] = [raw["report_to"]]
     if "model" in raw and raw["model"] is None:
         raw["model"] = {}
     cfg = build_dataclass(TrainConfig, raw)
@@ -413,6 +454,19 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("seeds", "bootstrap_samples", "contact_sheet_frames"):
         _need(getattr(e, key) > 0, f"eval.{key}: must be > 0, got {getattr(e, key)}")
     _need(e.bootstrap_seed >= 0, f"eval.bootstrap_seed: must be >= 0, got {e.bootstrap_seed}")
+    _need(e.train_clips >= 0, f"eval.train_clips: must be >= 0 (0: every held-out clip), got {e.train_clips}")
+    for key in ("train_seeds", "hacking_window"):
+        _need(getattr(e, key) > 0, f"eval.{key}: must be > 0, got {getattr(e, key)}")
+    _need(e.hacking_window >= 2, f"eval.hacking_window: must be >= 2 evaluations, got {e.hacking_window}")
+    _need(cfg.eval_steps is None or cfg.eval_steps > 0, f"eval_steps: must be > 0 (or unset), got {cfg.eval_steps}")
+    _need(cfg.save_best_by is None or (cfg.eval_steps is not None and cfg.save_best_by.startswith("eval/")),
+          f"save_best_by: {cfg.save_best_by!r} needs eval_steps and an eval/ metric (e.g. eval/reward_score, "
+          "eval/judge/<label>/specificity)")
+    _need(not cfg.stop_on_hacking or cfg.eval_steps is not None,
+          "stop_on_hacking: the hacking guard runs at evaluations; set eval_steps too")
+    _need(0.0 <= cfg.ema_decay < 1.0, f"ema_decay: must be in [0, 1) (0 turns the EMA off), got {cfg.ema_decay}")
+    for i, name in enumerate(cfg.report_to):
+        _need(name in REPORT_TO, f"report_to[{i}]: unknown {name!r}; known: {', '.join(REPORT_TO)}")
     _need(isinstance(cfg.resume_from_checkpoint, (bool, str)),
           f"resume_from_checkpoint: expected true, false or a checkpoint path, got {cfg.resume_from_checkpoint!r}")
 
@@ -542,6 +596,14 @@ def to_dict(cfg) -> dict:
     """Plain data (for YAML/JSON) of a config, plugin options included."""
     def conv(obj):
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            if isinstance(obj, PluginSection) and obj.name == COMPOSITE_REWARD:  # back to the user's list
+                out = []
+                for term in getattr(obj.options, "terms", obj.options):
+                    entry = conv(term)
+                    if isinstance(entry, dict) and isinstance(entry.get("options"), dict):
+                        entry = {**{k: v for k, v in entry.items() if k != "options"}, **entry["options"]}
+                    out.append(entry)
+                return out
             if isinstance(obj, PluginSection):
                 return {"name": obj.name, **conv(obj.options)}
             return {f.name: conv(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("internal")}

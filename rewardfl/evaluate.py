@@ -36,7 +36,7 @@ from .registry import load_resolved, resolve_config
 
 log = logging.getLogger("rewardfl")
 
-__all__ = ["build_judges", "judge_scores", "evaluate", "checkpoint_labels", "main"]
+__all__ = ["build_judges", "judge_scores", "Evaluation", "evaluate", "checkpoint_labels", "main"]
 
 
 def build_judges(cfg, device) -> list[tuple[str, object]]:
@@ -96,10 +96,69 @@ def checkpoint_labels(specs: Sequence[str]) -> list[str]:
     return labels
 
 
+class Evaluation:
+    """Held-out clips, the training reward and the judges, prepared once; :meth:`score` turns one
+    checkpoint's videos into per-video rows. Used by :func:`evaluate` and by training (``eval_steps``).
+
+    ``items``: dataset items (``video``, ``first_frame``, ``prompt``, ``sample_id``, ``path``);
+    ``seeds``: generation seeds per clip; ``jobs``: the (clip, seed) pairs in generation order."""
+
+    def __init__(self, items: Sequence[dict], reward, judges: Sequence[tuple[str, object]], seeds: Sequence[int]):
+        self.items, self.reward, self.judges, self.seeds = list(items), reward, list(judges), list(seeds)
+        self.contexts = [SampleContext(it["sample_id"], it["video"], it["path"], it["prompt"]) for it in self.items]
+        for scorer in [reward] + [j for _, j in self.judges]:
+            scorer.prepare(self.contexts)
+        self.jobs = [(c, s) for c in range(len(self.items)) for s in self.seeds]
+
+    def generate(self, gen, batch_size: int) -> list[torch.Tensor]:
+        """The videos of every job with ``gen``'s current weights (the same noise every time)."""
+        return gen.generate([self.items[c] for c, _ in self.jobs], [s for _, s in self.jobs], batch_size=batch_size)
+
+    @torch.no_grad()
+    def score(self, label: str, videos: Sequence[torch.Tensor]) -> list[dict]:
+        """One row per job: ``reward_score``, ``judge/<name>/<key>`` (with ``specificity``), ``motion``,
+        ``first_frame_psnr``; ``details`` holds each judge's own numbers."""
+        from .evaluation.metrics import identity_specificity, motion, psnr
+
+        rows = []
+        sims = {name: np.full((len(self.jobs), len(self.items)), np.nan) for name, _ in self.judges}
+        for v, ((c, s), video) in enumerate(zip(self.jobs, videos)):
+            out = self.reward(video[None], [self.contexts[c]])
+            row = {"checkpoint": label, "clip": self.items[c]["sample_id"], "seed": s,
+                   "reward_score": float(out.scores[0]) if bool(out.valid[0]) else None,
+                   "motion": motion(video.transpose(0, 1)),
+                   "first_frame_psnr": psnr(video[:, 0], self.items[c]["first_frame"]), "details": {}}
+            for name, judge in self.judges:
+                scores, details = judge_scores(judge, video, self.contexts)
+                sims[name][v] = [np.nan if x is None else x for x in scores]
+                own = details[c]
+                if own:
+                    row.update({f"judge/{name}/{k}": _number(x) for k, x in own.items()
+                                if _number(x) is not None or x is None})
+                    row["details"][name] = own
+                else:
+                    row[f"judge/{name}/score"] = scores[c]
+            rows.append(row)
+        for name in sims:
+            spec_values = identity_specificity(sims[name], [c for c, _ in self.jobs])
+            for row, x in zip(rows, spec_values):
+                row[f"judge/{name}/specificity"] = float(x) if math.isfinite(x) else None
+        return rows
+
+    def sheet(self, c: int, videos_by_label: Sequence[tuple[str, Sequence[torch.Tensor]]]) -> list[tuple]:
+        """Clip ``c``'s contact-sheet rows: the reference, then each label's video of the first seed."""
+        first = self.jobs.index((c, self.seeds[0]))
+        return [("reference", self.items[c]["video"])] + [(label, videos[first].transpose(0, 1))
+                                                           for label, videos in videos_by_label]
+
+
 def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir: str, *, seeds: Sequence[int],
-             metadata: Optional[str] = None, batch_size: int = 1) -> dict:
-    """Generate and score (see the module docstring); returns what ``eval.json`` holds."""
-    from .evaluation.metrics import identity_specificity, mean_with_ci, motion, paired_hacking_warnings, psnr
+             metadata: Optional[str] = None, batch_size: int = 1, generator=None, reward=None,
+             weights: str = "trained") -> dict:
+    """Generate and score (see the module docstring); returns what ``eval.json`` holds.
+
+    ``generator``/``reward``: already built ones to use (the end of a training run passes its own)."""
+    from .evaluation.metrics import mean_with_ci, motion, paired_hacking_warnings
     from .evaluation.report import contact_sheet, markdown_table, summarize
     from .evaluation.split import eval_dataset
     from .fileio import write_json
@@ -110,48 +169,23 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
     dataset = eval_dataset(cfg, metadata)
     items = [dataset[i] for i in range(len(dataset))]
     for spec in checkpoints:  # a wrong path fails before the model loads
-        if not os.path.exists(os.path.expanduser(spec)):
-            trainable_weights_of(spec)
+        if weights == "ema" or not os.path.exists(os.path.expanduser(spec)):
+            trainable_weights_of(spec, weights)
     from .training.loop import resolve_device
 
-    device = resolve_device(cfg)
+    device = generator.device if generator is not None else resolve_device(cfg)
     judges = build_judges(cfg, device)  # option errors before the model loads
-    reward = plugins["reward"](cfg, cfg.reward.options, device=device)
-    gen = Generator(cfg, plugins, device=device)
-    contexts = [SampleContext(it["sample_id"], it["video"], it["path"], it["prompt"]) for it in items]
-    for scorer in [reward] + [j for _, j in judges]:
-        scorer.prepare(contexts)
-    jobs = [(c, s) for c in range(len(items)) for s in seeds]
+    if reward is None:
+        reward = plugins["reward"](cfg, cfg.reward.options, device=device)
+    gen = generator or Generator(cfg, plugins, device=device)
+    ev = Evaluation(items, reward, judges, seeds)
     labels = checkpoint_labels(checkpoints)
-    rows, sheets = [], {c: [("reference", items[c]["video"])] for c in range(len(items))}
+    rows, generated = [], []
     for label, spec in zip(labels, ["base", *checkpoints]):
-        gen.load(spec)
-        videos = gen.generate([items[c] for c, _ in jobs], [s for _, s in jobs], batch_size=batch_size)
-        sims = {name: np.full((len(jobs), len(items)), np.nan) for name, _ in judges}
-        for v, ((c, s), video) in enumerate(zip(jobs, videos)):
-            with torch.no_grad():
-                out = reward(video[None], [contexts[c]])
-            row = {"checkpoint": label, "clip": items[c]["sample_id"], "seed": s,
-                   "reward_score": float(out.scores[0]) if bool(out.valid[0]) else None,
-                   "motion": motion(video.transpose(0, 1)),
-                   "first_frame_psnr": psnr(video[:, 0], items[c]["first_frame"]), "details": {}}
-            for name, judge in judges:
-                scores, details = judge_scores(judge, video, contexts)
-                sims[name][v] = [np.nan if x is None else x for x in scores]
-                own = details[c]
-                if own:
-                    row.update({f"judge/{name}/{k}": _number(x) for k, x in own.items()
-                                if _number(x) is not None or x is None})
-                    row["details"][name] = own
-                else:
-                    row[f"judge/{name}/score"] = scores[c]
-            rows.append(row)
-            if s == seeds[0]:
-                sheets[c].append((label, video.transpose(0, 1)))
-        for name in sims:
-            spec_values = identity_specificity(sims[name], [c for c, _ in jobs])
-            for row, x in zip(rows[-len(jobs):], spec_values):
-                row[f"judge/{name}/specificity"] = float(x) if math.isfinite(x) else None
+        gen.load(spec, weights)
+        videos = ev.generate(gen, batch_size)
+        rows += ev.score(label, videos)
+        generated.append((label, videos))
     summary = summarize(rows, labels, samples=e.bootstrap_samples, seed=e.bootstrap_seed)
     ref_motion = {it["sample_id"]: motion(it["video"]) for it in items}
     reference = {"motion": mean_with_ci(list(ref_motion.values()), samples=e.bootstrap_samples,
@@ -161,10 +195,11 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
     for line in warnings:
         log.warning("%s", line)
     os.makedirs(out_dir, exist_ok=True)
-    for c, sheet in sheets.items():
+    for c in range(len(items)):
         contact_sheet(os.path.join(out_dir, "contact_sheets", video_name(c, items[c]["sample_id"], seeds[0])
-                                   .replace(".mp4", ".png")), sheet, frames=e.contact_sheet_frames)
+                                   .replace(".mp4", ".png")), ev.sheet(c, generated), frames=e.contact_sheet_frames)
     result = {
+        "weights": weights,
         "checkpoints": [{"label": label, "checkpoint": spec} for label, spec in zip(labels, ["base", *checkpoints])],
         "clips": [it["sample_id"] for it in items], "seeds": list(seeds),
         "num_inference_steps": cfg.num_inference_steps, "device": str(gen.device),
@@ -185,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a checkpoint directory, OUTPUT_DIR/final or an exported file; repeatable (base is always "
                         "included)")
     p.add_argument("--out", help="output directory (default OUTPUT_DIR/eval)")
+    p.add_argument("--weights", choices=("trained", "ema"), default="trained",
+                   help="each checkpoint's trained weights, or their moving average (runs trained with ema_decay)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per clip: 0..K-1 (default eval.seeds)")
     p.add_argument("--metadata", help="metadata.csv of the clips (default: the config's held-out clips)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -206,7 +243,8 @@ def main(argv=None) -> int:
         raise ValueError("--checkpoint base: the base model is always evaluated; name trained checkpoints only")
     out = args.out or os.path.join(cfg.resolve_path(cfg.output_dir), "eval")
     result = evaluate(cfg, plugins, args.checkpoint, out, seeds=list(range(args.seeds or cfg.eval.seeds)),
-                      metadata=args.metadata, batch_size=args.batch_size or cfg.per_device_train_batch_size)
+                      metadata=args.metadata, batch_size=args.batch_size or cfg.per_device_train_batch_size,
+                      weights=args.weights)
     print(result["table"], end="")
     print(f"wrote eval.json, eval.md and {len(result['clips'])} contact sheets to {out}")
     return 0

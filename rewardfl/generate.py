@@ -79,31 +79,60 @@ def _read_exported(files: Sequence[str], source: str) -> dict[str, torch.Tensor]
     return state
 
 
-def trainable_weights_of(spec: str) -> Optional[dict[str, torch.Tensor]]:
-    """The trainable weights ``--checkpoint spec`` names, in ``trainable_state_dict`` keys (None: base)."""
-    from .training.checkpoints import CheckpointError, load_checkpoint, verified_checkpoint
+def trainable_weights_of(spec: str, weights: str = "trained", model=None) -> Optional[dict[str, torch.Tensor]]:
+    """The trainable weights ``--checkpoint spec`` names, in ``trainable_state_dict`` keys (None: base).
 
+    ``weights="ema"``: the moving average instead (``ema_decay``): ``ema.safetensors`` of a checkpoint
+    directory, or ``ema/`` of an export directory. Exported files are read by
+    ``model.read_exported(files)`` when the model has one (it knows its export formats, e.g. Wan's
+    comfyui/diffsynth/diffusers LoRA layouts), else as rewardfl's DiffSynth-layout export."""
+    from .training.checkpoints import CheckpointError, load_checkpoint, verified_checkpoint
+    from .training.ema import EMA_FILE
+
+    if weights not in ("trained", "ema"):
+        raise ValueError(f"--weights: trained or ema, got {weights!r}")
     if spec == "base":
         return None
     path = os.path.abspath(os.path.expanduser(spec))
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json")):
         try:
             verified_checkpoint(path)
-            weights, _ = load_checkpoint(path)
+            trained, _ = load_checkpoint(path)
         except CheckpointError as e:
             raise ValueError("--checkpoint " + str(e).removeprefix("resume_from_checkpoint: ")) from e
-        return weights
+        if weights == "ema":
+            if not os.path.isfile(os.path.join(path, EMA_FILE)):
+                raise ValueError(f"--weights ema: {path} holds no {EMA_FILE}; it was trained without ema_decay")
+            from safetensors.torch import load_file
+
+            return load_file(os.path.join(path, EMA_FILE))
+        return trained
+    if weights == "ema":
+        if not os.path.isdir(os.path.join(path, "ema")):
+            raise ValueError(f"--weights ema: {spec} has no ema/ export (give a checkpoint directory or OUTPUT_DIR/final "
+                             "of a run trained with ema_decay)")
+        path = os.path.join(path, "ema")
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
             raise ValueError(f"--checkpoint {spec}: {path} holds neither a training checkpoint (state.json) nor "
                              "exported .safetensors files; point it at OUTPUT_DIR/checkpoints/checkpoint-N or "
                              "OUTPUT_DIR/final")
-        return _read_exported(files, spec)
+        return _read_exported_by(model, files, spec)
     if os.path.isfile(path):
-        return _read_exported([path], spec)
+        return _read_exported_by(model, [path], spec)
     raise FileNotFoundError(f"--checkpoint {spec}: not found ({path}); give base, a checkpoint directory, "
                             "OUTPUT_DIR/final or an exported .safetensors file")
+
+
+def _read_exported_by(model, files: Sequence[str], source: str) -> dict[str, torch.Tensor]:
+    reader = getattr(model, "read_exported", None)
+    if reader is None:
+        return _read_exported(files, source)
+    try:
+        return reader(files)
+    except ValueError as e:
+        raise ValueError(f"--checkpoint {source}: {e}") from e
 
 
 def _check_matches(model, weights: dict[str, torch.Tensor], source: str) -> None:
@@ -137,15 +166,27 @@ class Generator:
         self.model = plugins["model"](cfg, cfg.model, device=self.device)
         self.model.eval()
         self.sampler = plugins["sampler"](cfg, cfg.sampler.options, device=self.device)
-        self.plan = full_plan(cfg, self.sampler, self.model, plugins["model"].expert_boundary(cfg.model))
+        self.plan = full_plan(cfg, self.sampler, self.model, plugins["model"].expert_boundary(cfg.model, cfg))
         # the weights as built (LoRA adapters that add nothing): what "base" restores
         self._base = {k: v.detach().clone() for k, v in self.model.trainable_state_dict().items()}
         self.checkpoint = "base"
 
-    def load(self, spec: str) -> None:
-        """Use the weights ``--checkpoint spec`` names (``base``: none)."""
-        weights = trainable_weights_of(spec)
+    @classmethod
+    def from_model(cls, cfg, model, sampler, boundary, *, base_weights: Optional[dict] = None) -> "Generator":
+        """A generator over an already built (training) model and sampler: no second copy of the model.
+        ``base_weights``: what ``load("base")`` restores (None: ``base`` cannot be loaded)."""
+        gen = cls.__new__(cls)
+        gen.cfg, gen.model, gen.sampler, gen.device = cfg, model, sampler, model.device
+        gen.plan = full_plan(cfg, sampler, model, boundary)
+        gen._base, gen.checkpoint = base_weights, "current"
+        return gen
+
+    def load(self, spec: str, which: str = "trained") -> None:
+        """Use the weights ``--checkpoint spec`` names (``base``: none; ``which="ema"``: its moving average)."""
+        weights = trainable_weights_of(spec, which, self.model)
         if weights is None:
+            if self._base is None:
+                raise ValueError("--checkpoint base: this generator kept no copy of the base weights")
             weights = self._base
         else:
             _check_matches(self.model, weights, spec)
@@ -229,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="the prompt for --image")
     p.add_argument("--out", required=True, help="output directory (mp4 files and index.json)")
     p.add_argument("--seeds", default="0", help="comma-separated generation seeds (default 0)")
+    p.add_argument("--weights", choices=("trained", "ema"), default="trained",
+                   help="the trained weights, or their moving average (runs trained with ema_decay)")
     p.add_argument("--batch-size", type=int, default=None, help="videos sampled together "
                                                                 "(default per_device_train_batch_size)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -245,11 +288,11 @@ def main(argv=None) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
     cfg, plugins = load_resolved(args.config, args.overrides)
+    if args.checkpoint != "base" and (args.weights == "ema" or not os.path.exists(os.path.expanduser(args.checkpoint))):
+        trainable_weights_of(args.checkpoint, args.weights)  # the one-line error, before the model loads
     clips = _clips(cfg, args)
-    if args.checkpoint != "base" and not os.path.exists(os.path.expanduser(args.checkpoint)):
-        trainable_weights_of(args.checkpoint)  # the one-line error, before the model loads
     gen = Generator(cfg, plugins)
-    gen.load(args.checkpoint)
+    gen.load(args.checkpoint, args.weights)
     from .fileio import write_json
     from .training.outputs import VideoWriter
 
@@ -266,7 +309,7 @@ def main(argv=None) -> int:
                         "frames": int(video.shape[1]), "height": int(video.shape[2]), "width": int(video.shape[3])})
     writer.close()
     write_json(os.path.join(args.out, "index.json"), {
-        "checkpoint": args.checkpoint, "config": os.path.abspath(args.config), "model_name": cfg.model_name,
+        "checkpoint": args.checkpoint, "weights": args.weights, "config": os.path.abspath(args.config), "model_name": cfg.model_name,
         "num_inference_steps": cfg.num_inference_steps, "dtype": str(gen.model.dtype).removeprefix("torch."),
         "device": str(gen.device), "videos": entries}, indent=1)
     print(f"wrote {len(entries)} videos and index.json to {args.out}")

@@ -38,6 +38,7 @@ __all__ = [
     "VideoModel",
     "SampleContext",
     "RewardOutput",
+    "StepCache",
     "Reward",
 ]
 
@@ -140,10 +141,11 @@ class VideoModel(ABC):
     experts: tuple[str, ...] = ()
 
     @classmethod
-    def expert_boundary(cls, options) -> Optional[float]:
+    def expert_boundary(cls, options, config=None) -> Optional[float]:
         """Where the second expert takes over: it runs while ``timestep < boundary * 1000`` (None
-        for a single-expert model). A classmethod over the validated options, so that ``run --check``
-        plans before any weights load."""
+        for a single-expert model). A classmethod over the validated options (and the whole config,
+        for a boundary read from the model's files, e.g. diffusers' model_index.json), so that
+        ``run --check`` plans before any weights load."""
         return None
 
     @classmethod
@@ -255,6 +257,9 @@ class SampleContext:
     reference: Optional[torch.Tensor] = None
     reference_path: Optional[str] = None
     prompt: str = ""
+    #: which frames of the generated video the reward is given (indices into the full video, e.g.
+    #: ``(0, 2, 4)``), when a composition scores a subset (``frames: stride|random``); None: all
+    frames: Optional[tuple[int, ...]] = None
 
 
 @dataclasses.dataclass
@@ -272,6 +277,37 @@ class RewardOutput:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
+class StepCache:
+    """Work that several rewards of one micro-batch share (the same frames resized, the same face
+    detections), computed once.
+
+    The composition (``rewardfl.training.composite``) gives every reward of a micro-batch the same cache
+    as ``reward.cache`` and the same tensor object for the same frame selection, so a key built
+    from the input tensor and the name of the computation identifies the work:
+    ``self.cache.get(frames, "face_detections", lambda: detect(frames))``. The cache lives for
+    one micro-batch (it holds its inputs, so an ``id`` is never reused while it lives); a reward
+    used alone gets a fresh one per call. ``computed``/``hits`` count, for tests and logs.
+    """
+
+    def __init__(self):
+        self._values: dict = {}
+        self._keep: list = []  # the keyed tensors stay alive, so their ids stay unique
+        self.computed: dict[str, int] = {}
+        self.hits: dict[str, int] = {}
+
+    def get(self, tensor: Any, name: str, compute):
+        """``compute()`` the first time for (``tensor``, ``name``), the stored value afterwards."""
+        key = (id(tensor), name)
+        if key in self._values:
+            self.hits[name] = self.hits.get(name, 0) + 1
+            return self._values[key]
+        value = compute()
+        self._values[key] = value
+        self._keep.append(tensor)
+        self.computed[name] = self.computed.get(name, 0) + 1
+        return value
+
+
 class Reward(ABC):
     """Scores decoded videos against per-sample context."""
 
@@ -280,11 +316,28 @@ class Reward(ABC):
     #: True when ``scores`` carry gradient to the input videos
     differentiable: ClassVar[bool] = False
 
+    #: the micro-batch's shared work (see :class:`StepCache`); set by the composition before each
+    #: call. A reward alone, or called directly, sees a fresh cache each time it reads this.
+    @property
+    def cache(self) -> StepCache:
+        return self.__dict__.get("_step_cache") or StepCache()
+
+    @cache.setter
+    def cache(self, value: Optional[StepCache]) -> None:
+        self.__dict__["_step_cache"] = value
+
     @classmethod
     def check(cls, config, options) -> list[str]:
         """``run --check``: find the reward's files without loading them; lines to print (e.g.
         "detector /path/det.onnx"). Raises ``ConfigError`` naming the key for what is missing."""
         return []
+
+    def state_dict(self) -> dict:
+        """What a training checkpoint keeps of the reward (JSON-serialisable; e.g. running statistics)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Inverse of :meth:`state_dict`."""
 
     def prepare(self, contexts: Sequence[SampleContext]) -> torch.Tensor:
         """Precompute per-sample references once (cached by ``sample_id``).

@@ -19,7 +19,7 @@ import importlib.metadata as md
 import traceback
 from typing import Any, Optional
 
-from .config import ConfigError, PluginSection, TrainConfig, build_dataclass
+from .config import COMPOSITE_REWARD, ConfigError, PluginSection, TrainConfig, build_dataclass
 from .interfaces import Reward, Sampler, VideoModel
 
 __all__ = ["KINDS", "PluginInfo", "PluginError", "list_plugins", "load_plugin", "create", "resolve_plugins", "resolve_config", "load_resolved"]
@@ -125,19 +125,29 @@ def resolve_plugins(cfg: TrainConfig) -> dict[str, type]:
     Returns ``{"model": cls, "sampler": cls, "reward": cls}``. Errors name the
     config key (``model_name``, ``sampler.name``, ``reward.name`` or an option).
     """
-    wanted = (("model", "model_name", cfg.model_name), ("sampler", "sampler.name", cfg.sampler.name),
-              ("reward", "reward.name", cfg.reward.name))
+    composite = cfg.reward.name == COMPOSITE_REWARD
+    wanted = [("model", "model_name", cfg.model_name), ("sampler", "sampler.name", cfg.sampler.name)]
+    if composite:  # reward: a list; each entry's name
+        wanted += [("reward", f"reward[{i}].name", e.get("name") if isinstance(e, dict) else e)
+                   for i, e in enumerate(cfg.reward.options) if isinstance(e, (str, dict))]
+    else:
+        wanted.append(("reward", "reward.name", cfg.reward.name))
     # names first (metadata only), so a typo is reported before anything heavy imports
     for kind, key, name in wanted:
         available = [p.name for p in list_plugins(kind)]
-        if name not in available:
+        if isinstance(name, str) and name not in available:
             raise ConfigError(f"{key}: {_unknown(kind, name, available)}")
     classes = {}
     for kind, key, name in wanted:
         try:
-            classes[kind] = load_plugin(kind, name)
+            cls = load_plugin(kind, name) if isinstance(name, str) else None
         except PluginError as e:
             raise ConfigError(f"{key}: {e}") from e
+        classes.setdefault(kind, cls)
+    if composite:
+        from .training.composite import CompositeReward
+
+        classes["reward"] = CompositeReward
     resolve_config(cfg, classes)  # every plugin's options validated here, before anything loads
     return classes
 
@@ -149,9 +159,14 @@ def resolve_config(cfg: TrainConfig, plugins: dict[str, type]) -> TrainConfig:
         model=build_options("model", cfg.model_name, plugins["model"], cfg.model),
         sampler=PluginSection(cfg.sampler.name, build_options("sampler", cfg.sampler.name, plugins["sampler"],
                                                               cfg.sampler.options)),
-        reward=PluginSection(cfg.reward.name, build_options("reward", cfg.reward.name, plugins["reward"],
-                                                            cfg.reward.options)),
+        reward=PluginSection(cfg.reward.name, _reward_options(cfg, plugins["reward"])),
     )
+
+
+def _reward_options(cfg: TrainConfig, cls) -> Any:
+    if cfg.reward.name == COMPOSITE_REWARD:  # a list of rewards: each entry validated against its plugin
+        return cls.resolve_options(cfg.reward.options, lambda name: load_plugin("reward", name))
+    return build_options("reward", cfg.reward.name, cls, cfg.reward.options)
 
 
 def load_resolved(path: str, overrides=()) -> tuple[TrainConfig, dict[str, type]]:

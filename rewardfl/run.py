@@ -44,7 +44,7 @@ def check(cfg, plugins, config_path: str) -> None:
     experts = tuple(getattr(model, "experts", ()) or ())
     if experts:
         trainable = [e.strip() for e in cfg.trainable_models.split(",") if e.strip() in experts]
-        plan = plan_steps(cfg, sampler, experts, trainable, model.expert_boundary(cfg.model))
+        plan = plan_steps(cfg, sampler, experts, trainable, model.expert_boundary(cfg.model, cfg))
         grad = [f"{p.index}:{p.expert}" for p in plan if p.grad]
         print(f"plan     {len(plan)} steps, gradient at {', '.join(grad)}")
     lo, hi = training_timestep_range(cfg.min_timestep_boundary, cfg.max_timestep_boundary)

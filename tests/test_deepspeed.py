@@ -119,7 +119,7 @@ def test_zero2_on_two_processes_matches_one_process_with_the_same_global_batch(m
     assert diff < 1e-3 * update, (diff, update)
     # rank 0 alone writes outputs: one metrics file, one config, no per-rank copies
     out = sorted(os.listdir(tmp_path / "zero2"))
-    assert out == ["checkpoints", "config.yaml", "final", "metrics.jsonl", "reward_curve.png"]
+    assert out == ["checkpoints", "config.yaml", "final", "metrics.jsonl", "reward_curve.png", "tensorboard"]
     assert len(got) == 2  # not one line per process
 
 

@@ -21,8 +21,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BUILTINS = {
     ("sampler", "flow_match_euler"),
     ("reward", "face_identity"),
+    ("reward", "identity_consistency"),
+    ("reward", "motion"),
+    ("reward", "clip_score"),
+    ("reward", "pickscore"),
+    ("reward", "hps"),
+    ("reward", "aesthetic"),
     ("model", "wan2_2"),
     ("model", "wan2_2_tiny"),
+    ("model", "wan2_2_diffusers"),
 }
 
 

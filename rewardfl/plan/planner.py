@@ -476,7 +476,7 @@ def _step(cfg, plugins, spec, sampler, reward, tracker, device, *, gpu_bytes, wo
             reward.place(tracker, device, fake=not real)
         with _disable_current_modes():  # the schedule is a few real numbers; planned as Trainer does
             plan = plan_steps(cfg, sampler, model.experts, model.trainable_experts(),
-                              plugins["model"].expert_boundary(cfg.model))
+                              plugins["model"].expert_boundary(cfg.model, cfg))
         params = [p for _, p in model.trainable_parameters()]
         if not params:
             raise ConfigError("trainable_models: the model has no trainable parameters with this config")

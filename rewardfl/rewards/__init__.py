@@ -1,1 +1,4 @@
-"""Built-in reward plugins (entry-point group ``rewardfl.rewards``): ``face_identity``."""
+"""Built-in reward plugins (entry-point group ``rewardfl.rewards``): ``face_identity`` and
+``identity_consistency`` (``face_identity/``), ``motion`` (``motion.py``), ``clip_score``,
+``pickscore``, ``hps`` and ``aesthetic`` (``clip/``). Several at once: a ``reward:`` list
+(``rewardfl.training.composite``)."""

@@ -6,7 +6,11 @@
 * ``engines``: the optimizer, LR schedule and update (plain torch or DeepSpeed ZeRO);
 * ``distributed``: processes, collectives, signals agreed on by every process;
 * ``checkpoints``: the on-disk layout of training checkpoints, saved and resumed;
-* ``outputs``: the output directory's lock, metrics, sample videos, the reward curve.
+* ``outputs``: the output directory's lock, metrics, sample videos, the reward curve;
+* ``trackers``: TensorBoard and wandb (``report_to``);
+* ``composite``: a ``reward:`` list trained as a weighted sum;
+* ``evaluator``: evaluation during training (``eval_steps``), the hacking guard, ``save_best_by``;
+* ``ema``: the moving average of the trainable weights (``ema_decay``).
 """
 
 from .loop import EXIT_NOTHING_TRAINED, EXIT_STOPPED, Trainer, TrainState, train

@@ -402,7 +402,8 @@ class CheckpointManager:
     def __init__(self, root: str, dist: Optional[DistInfo] = None, *, keep: Optional[int] = None):
         self.root, self.dist, self.keep = root, dist or DistInfo(), keep
 
-    def save(self, step: int, *, engine, model, state: dict) -> str:
+    def save(self, step: int, *, engine, model, state: dict,
+             extra_weights: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> str:
         """Checkpoint ``step`` (collective under DeepSpeed): every process writes its part into one
         temporary directory, rank 0 adds weights, state and the manifest of checksums and renames it
         into place.
@@ -410,6 +411,7 @@ class CheckpointManager:
         A failed write (a full disk) is a one-line CheckpointError naming the file and the free
         space; the temporary directory is removed and the previous checkpoints stay as they were.
         With several processes, the process that failed exits and the launcher stops the others.
+        ``extra_weights``: ``{file name: tensors}`` rank 0 also writes (e.g. the EMA), in the manifest too.
         """
         main = self.dist.is_main
         tmp = os.path.join(self.root, f".checkpoint-{step}.tmp")
@@ -427,6 +429,9 @@ class CheckpointManager:
             barrier(self.dist)
             if main:
                 write_checkpoint_files(tmp, step, weights=weights, state=state)
+                for name, tensors in (extra_weights or {}).items():
+                    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, name),
+                              metadata={"step": str(step)})
                 path = commit_checkpoint(self.root, step, tmp, keep=self.keep)
                 log.info("saved checkpoint %s", path)
         except OSError as e:

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 from typing import Optional
@@ -32,17 +33,21 @@ from typing import Optional
 import numpy as np
 import torch
 
-from rewardfl.cli import EXIT_NOTHING_TRAINED, EXIT_STOPPED_BY_SIGNAL as EXIT_STOPPED
-from rewardfl.config import ConfigError, TrainConfig, dump_config
+from rewardfl.cli import EXIT_NOTHING_TRAINED, EXIT_STOPPED_BY_GUARD, EXIT_STOPPED_BY_SIGNAL as EXIT_STOPPED
+from rewardfl.config import ConfigError, TrainConfig, dump_config, to_dict
 from rewardfl.data import VideoDataset, collate
 from rewardfl.evaluation.split import training_dataset
+from rewardfl.fileio import write_json
 from rewardfl.interfaces import SampleContext
 from rewardfl.registry import resolve_config
 
 from .algorithm import RewardBackprop
 from .checkpoints import CheckpointManager
-from .distributed import DistInfo, StopSignal, all_reduce_mean, barrier, init_distributed
+from .distributed import DistInfo, StopSignal, all_reduce_mean, all_reduce_sum_, barrier, init_distributed
 from .engines import build_engine, lr_lambda
+from .ema import EMA, EMA_FILE
+from .evaluator import TrainingEvaluator, sheet_image
+from .trackers import build_trackers
 from .outputs import MetricsLog, MetricsWindow, OutputDir, VideoWriter, check_output_dir, plot_reward_curve
 from .policy import plan_steps
 
@@ -86,6 +91,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, plugins: dict[str, type], *, dist: Optional[DistInfo] = None,
                  device: Optional[torch.device] = None):
         self.cfg = cfg = resolve_config(cfg, plugins)  # plugin options as validated Options objects
+        self.plugins = plugins
         self.dist = dist or DistInfo()
         self.rank, self.world_size, self.is_main = self.dist.rank, self.dist.world_size, self.dist.is_main
         self.device = device or resolve_device(cfg, self.dist)
@@ -107,8 +113,10 @@ class Trainer:
         self.model = plugins["model"](cfg, cfg.model, device=self.device)
         self.sampler = plugins["sampler"](cfg, cfg.sampler.options, device=self.device)
         self.reward = plugins["reward"](cfg, cfg.reward.options, device=self.device)
-        self.plan = plan_steps(cfg, self.sampler, self.model.experts, self.model.trainable_experts(),
-                               plugins["model"].expert_boundary(cfg.model))
+        if hasattr(self.reward, "reduce_sum"):  # a reward list's running statistics: over every process
+            self.reward.reduce_sum = lambda t: all_reduce_sum_(t.to(self.device), self.dist).cpu()
+        self.boundary = plugins["model"].expert_boundary(cfg.model, cfg)
+        self.plan = plan_steps(cfg, self.sampler, self.model.experts, self.model.trainable_experts(), self.boundary)
         self.algorithm = RewardBackprop(cfg, self.model, self.sampler, self.reward, self.plan)
         self.params = [p for _, p in self.model.trainable_parameters()]
         if not self.params:
@@ -121,6 +129,14 @@ class Trainer:
         self._lr = self.engine.lr  # the lr the next update uses (logged with its step)
         self.state = TrainState()
         self.stopped_by_signal = False
+        self.stopped_by_guard = False
+        # evaluation on held-out clips during training (eval_steps) and of base vs final (eval.at_end)
+        self.evaluator = TrainingEvaluator(self) if cfg.eval_steps else None
+        self._base_weights = ({k: v.detach().to("cpu", copy=True) for k, v in self.model.trainable_state_dict().items()}
+                              if cfg.eval.at_end else None)
+        # the moving average of the trainable weights (ema_decay), from the weights as built
+        self.ema = (EMA(self.model.trainable_state_dict(), cfg.ema_decay, "cpu" if cfg.ema_device == "cpu" else None)
+                    if cfg.ema_decay > 0 else None)
         self._loader = None  # the current epoch's batch iterator (built at the first batch, after resume)
 
     def _accumulation(self) -> int:
@@ -206,6 +222,9 @@ class Trainer:
             self._last_videos = (out.videos, batch["video"].detach())
         grad_norm, status = self.engine.step()
         self._count(status, sums["loss"], grad_norm)
+        if self.ema is not None and status == "updated":
+            with self.engine.gathered():
+                self.ema.update(self.model.trainable_state_dict())
         lr, self._lr = self._lr, self.engine.lr  # logged: the lr this update used
         self.state.step += 1
         reduced = dict(zip(sums, all_reduce_mean(list(sums.values()), self.dist)))  # means over processes
@@ -241,7 +260,8 @@ class Trainer:
 
     def save(self) -> str:
         return self.checkpoints.save(self.state.step, engine=self.engine, model=self.model,
-                                     state=dataclasses.asdict(self.state))
+                                     state={**dataclasses.asdict(self.state), "reward": self.reward.state_dict()},
+                                     extra_weights={EMA_FILE: self.ema.state_dict()} if self.ema else None)
 
     def maybe_resume(self) -> Optional[str]:
         r = self.cfg.resume_from_checkpoint
@@ -251,6 +271,15 @@ class Trainer:
             return None
         path, state = found
         self.state = TrainState(**{f.name: state[f.name] for f in dataclasses.fields(TrainState) if f.name in state})
+        self.reward.load_state_dict(state.get("reward", {}))
+        if self.ema is not None:
+            ema_path = os.path.join(path, EMA_FILE)
+            if not os.path.isfile(ema_path):
+                raise ConfigError(f"ema_decay: {path} holds no {EMA_FILE} (trained without an EMA); resume it with "
+                                  "ema_decay: 0, or start a fresh run")
+            from safetensors.torch import load_file
+
+            self.ema.load_state_dict(load_file(ema_path))
         return path
 
     def _export_final(self) -> None:
@@ -259,9 +288,72 @@ class Trainer:
             if self.is_main:
                 try:
                     files = self.model.save_trainable(os.path.join(self.output_dir, "final", "trainable.safetensors"))
+                    if self.ema is not None:  # the same export of the averaged weights, in final/ema
+                        trained = {k: v.detach().to("cpu", copy=True) for k, v in self.model.trainable_state_dict().items()}
+                        try:
+                            self.model.load_trainable_state_dict(self.ema.state_dict())
+                            files += self.model.save_trainable(os.path.join(self.output_dir, "final", "ema",
+                                                                            "trainable.safetensors"))
+                        finally:
+                            self.model.load_trainable_state_dict(trained)
                     log.info("exported %s", ", ".join(files))
                 except NotImplementedError:
                     pass
+        barrier(self.dist)
+
+    # ---------------------------------------------------------------- evaluation
+
+    def _evaluate(self, log_row) -> bool:
+        """One evaluation of the current weights on the held-out clips (every process runs it, so that
+        collectives inside the model stay matched; rank 0 writes). Returns whether the guard fired."""
+        step = self.state.step
+        metrics, warnings, sheets = self.evaluator.run(step)
+        for line in warnings:
+            log.warning("%s", line)
+        log_row({"step": step, **metrics})
+        for path in self.evaluator.write_sheets(step, sheets):  # reference | base | this step, per clip
+            self.trackers.log_image(f"eval/{os.path.splitext(os.path.basename(path))[0]}", step, sheet_image(path))
+        if self.evaluator.improved(metrics, step):
+            self._save_best(step)
+        return bool(warnings)
+
+    def _save_best(self, step: int) -> None:
+        """The weights of the best evaluation so far (``save_best_by``) in OUTPUT_DIR/best, replaced whole."""
+        best = os.path.join(self.output_dir, "best")
+        with self.engine.gathered():
+            if self.is_main:
+                tmp = best + ".tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                try:
+                    self.model.save_trainable(os.path.join(tmp, "trainable.safetensors"))
+                except NotImplementedError:
+                    log.warning("save_best_by: %s cannot export its weights; OUTPUT_DIR/best not written",
+                                type(self.model).__name__)
+                    return
+                write_json(os.path.join(tmp, "best.json"), self.evaluator.best, indent=1)
+                shutil.rmtree(best, ignore_errors=True)
+                os.replace(tmp, best)
+                log.info("step %d: best %s = %.4f so far: weights in %s", step, self.cfg.save_best_by,
+                         self.evaluator.best["value"], best)
+        barrier(self.dist)
+
+    def _evaluate_final(self) -> None:
+        """``eval.at_end``: base vs the final weights on the held-out clips; the table printed."""
+        from rewardfl.evaluate import evaluate
+        from rewardfl.generate import Generator
+
+        if not self.is_main:  # rank 0 evaluates (one writer of OUTPUT_DIR/eval); the others wait
+            barrier(self.dist)
+            return
+        gen = Generator.from_model(self.cfg, self.model, self.sampler, self.boundary, base_weights=self._base_weights)
+        final = os.path.join(self.output_dir, "final")
+        result = evaluate(self.cfg, self.plugins, [final], os.path.join(self.output_dir, "eval"),
+                          seeds=list(range(self.cfg.eval.seeds)), batch_size=self.cfg.per_device_train_batch_size,
+                          generator=gen, reward=self.reward)
+        if True:
+            print(result["table"], end="", flush=True)
+            print(f"evaluation of base vs final on {len(result['clips'])} held-out clip(s) x {len(result['seeds'])} "
+                  f"seed(s): {os.path.join(self.output_dir, 'eval')}", flush=True)
         barrier(self.dist)
 
     # ---------------------------------------------------------------- the loop
@@ -295,7 +387,11 @@ class Trainer:
         cfg = self.cfg
         self.maybe_resume()
         self._lr = self.engine.lr
-        metrics = MetricsLog(self.output_dir, self.is_main, resume_step=self.state.step)
+        trackers = build_trackers(cfg.report_to, self.output_dir, to_dict(cfg), self.is_main,
+                                  run_name=os.path.basename(os.path.normpath(self.output_dir)),
+                                  resume_step=self.state.step)
+        metrics = MetricsLog(self.output_dir, self.is_main, resume_step=self.state.step, trackers=trackers)
+        self.trackers = trackers
         window, videos = MetricsWindow(cfg.logging_steps), VideoWriter()
         self.model.train()
         from tqdm import tqdm
@@ -311,8 +407,12 @@ class Trainer:
             log_row(window.flush())
             self.save()
 
+        if self.evaluator is not None:
+            self.evaluator.load(self.state.step)
         try:
             with StopSignal(self.dist) as stop:
+                if self.evaluator is not None and self.evaluator.due(self.state.step):
+                    self._evaluate(log_row)  # step 0: the base every later evaluation is paired with
                 while self.state.step < self.total_steps:
                     record = self.train_step()
                     log_row(window.add(record))
@@ -324,21 +424,32 @@ class Trainer:
                         gen, ref = self._last_videos
                         videos.submit(os.path.join(self.output_dir, "samples", f"step-{step:06d}.mp4"), gen[0],
                                       ref[0] if cfg.sample_side_by_side else None)
-                    if stop.requested():
+                        trackers.log_video("samples/video", step, gen[0])
+                    if self.evaluator is not None and self.evaluator.due(step):
+                        log_row(window.flush())  # the training rows of the steps before, then the evaluation's
+                        self.stopped_by_guard = self._evaluate(log_row) and cfg.stop_on_hacking
+                    if stop.requested() or self.stopped_by_guard:
                         checkpoint()
-                        self.stopped_by_signal = True
-                        log.warning("stopped by signal at step %d (exit code %d, no final export); resume with "
-                                    "resume_from_checkpoint: true", step, EXIT_STOPPED)
+                        if self.stopped_by_guard:
+                            log.warning("stopped by the reward-hacking guard at step %d (stop_on_hacking; exit code "
+                                        "%d, no final export); the checkpoint is saved", step, EXIT_STOPPED_BY_GUARD)
+                        else:
+                            self.stopped_by_signal = True
+                            log.warning("stopped by signal at step %d (exit code %d, no final export); resume with "
+                                        "resume_from_checkpoint: true", step, EXIT_STOPPED)
                         break
                     if step % cfg.save_steps == 0 or step == self.total_steps:
                         checkpoint()
                 log_row(window.flush())
-            if not self.stopped_by_signal:
+            if not (self.stopped_by_signal or self.stopped_by_guard):
                 self._export_final()
+                if cfg.eval.at_end:
+                    self._evaluate_final()
         finally:
             bar.close()
             videos.close()
             metrics.close()
+            trackers.close()
         records = metrics.read() if self.is_main else []
         if self.is_main and records:
             plot_reward_curve(records, os.path.join(self.output_dir, "reward_curve.png"))
@@ -363,6 +474,8 @@ def train(cfg: TrainConfig, plugins: dict[str, type]) -> int:
             torch.distributed.destroy_process_group()
     if trainer.stopped_by_signal:
         return EXIT_STOPPED
+    if trainer.stopped_by_guard:
+        return EXIT_STOPPED_BY_GUARD
     s = trainer.state
     if s.updates == 0:
         if dist.is_main:

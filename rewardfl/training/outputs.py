@@ -9,6 +9,8 @@
   JSON readers reject ``NaN``). Reading drops a torn last line (a crash or a full
   disk mid-write) with a warning; any other bad line is an error naming the file
   and line. With ``logging_steps: N`` a row is the mean of N optimizer steps.
+  Each row's finite numbers also go to the run's trackers (TensorBoard, wandb:
+  ``trackers.py``) when it is given them.
 * :class:`VideoWriter` and :func:`plot_reward_curve`.
 """
 
@@ -233,21 +235,19 @@ class MetricsWindow:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (one object per logged step) and TensorBoard when installed."""
+    """``metrics.jsonl`` (one object per logged step); each row's numbers also go to ``trackers``.
 
-    def __init__(self, output_dir: str, enabled: bool, resume_step: int = 0):
+    ``trackers``: a :class:`rewardfl.training.trackers.Trackers` (or None: the file only). The
+    caller that built it closes it (it also carries the sample videos).
+    """
+
+    def __init__(self, output_dir: str, enabled: bool, resume_step: int = 0, trackers=None):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.enabled = enabled
-        self.tb = None
+        self.trackers = trackers
         if not enabled:
             return
         self._truncate_after(resume_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-        except Exception:  # tensorboard is optional
-            self.tb = None
 
     def _truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (and a torn last line): a resumed run rewrites the steps after
@@ -270,17 +270,14 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)  # one write: a crash leaves at most a torn last line, which read drops
             f.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
+        if self.trackers is not None:
+            self.trackers.log_scalars(record["step"], record)  # numbers only; None (non-finite) skipped
 
     def read(self) -> list[dict]:
         return read_metrics(self.path)
 
     def close(self):
-        if self.tb is not None:
-            self.tb.close()
+        """Nothing to release: each row is written and closed; ``trackers`` are their builder's to close."""
 
 
 # --------------------------------------------------------------------------- videos and the curve
@@ -327,22 +324,35 @@ def _write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
 
 
 def plot_reward_curve(records: list[dict], path: str) -> None:
+    """The training reward (the weighted total of a reward list), each listed reward's own score
+    (``reward/<label>/score``), the evaluations' ``eval/reward_score`` and the loss, over steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def series(key):
-        return [float("nan") if r.get(key) is None else r[key] for r in records]
+    train = [r for r in records if "loss" in r]  # evaluation rows (eval_steps) have no loss
+    evals = [r for r in records if r.get("eval/reward_score") is not None]
 
-    steps = [r["step"] for r in records]
+    def series(rows, key):
+        return [float("nan") if r.get(key) is None else r[key] for r in rows]
+
+    steps = [r["step"] for r in train]
     fig, ax1 = plt.subplots(figsize=(7, 4))
-    ax1.plot(steps, series("reward_score"), color="tab:blue", marker=".", label="reward score")
+    ax1.plot(steps, series(train, "reward_score"), color="tab:blue", marker=".", label="reward score (total)")
+    parts = sorted({k for r in train for k in r if k.startswith("reward/") and k.endswith("/score")})
+    for key in parts:
+        ax1.plot(steps, series(train, key), marker=".", alpha=0.7, label=key.removeprefix("reward/"))
+    if evals:
+        ax1.plot([r["step"] for r in evals], series(evals, "eval/reward_score"), color="tab:green", marker="o",
+                 linestyle="--", label="held-out evaluation")
     ax1.set_xlabel("optimizer step")
     ax1.set_ylabel("reward score", color="tab:blue")
     ax2 = ax1.twinx()
-    ax2.plot(steps, series("loss"), color="tab:red", alpha=0.6, label="loss")
+    ax2.plot(steps, series(train, "loss"), color="tab:red", alpha=0.6, label="loss")
     ax2.set_ylabel("loss", color="tab:red")
+    if parts or evals:
+        ax1.legend(loc="best", fontsize="small")
     ax1.set_title("reward feedback learning")
     fig.tight_layout()
     tmp = path + ".tmp.png"

@@ -1,7 +1,11 @@
-"""Export trained weights: ``python -m rewardfl.models.wan.export --merge ...`` (``rewardfl-export``).
+"""Export trained LoRA: convert between formats, or merge into an expert (``python -m rewardfl.export``).
+
+``--to comfyui|diffsynth|diffusers`` rewrites one LoRA file (any of the three layouts of
+``lora_formats``) in another; each layer adds the same update, ``scale * B @ A``, in every
+format. Its safetensors metadata (expert, rank, alpha) is kept and ``format`` updated.
 
 ``--merge`` writes one Wan DiT expert with a LoRA (as written by the ``wan2_2`` model's
-``save_trainable``, or any DiffSynth-format LoRA) added into its weights: ``W + alpha * B @ A``
+``save_trainable``, in any of the three layouts) added into its weights: ``W + alpha * scale * B @ A``
 computed in fp32 and stored in the base weights' dtype, same tensor names, one safetensors file.
 The result loads wherever the original expert did (a ``model_paths`` JSON, diffsynth's
 ``ModelConfig(path=...)``) and needs no peft. Tensors stream one at a time, so merging a 14B
@@ -10,10 +14,14 @@ written atomically (``rewardfl.fileio``: a temporary name beside ``--out``, rena
 complete); an ``--out`` that is one of the inputs (the LoRA, the JSON, any file it lists, the
 config) is refused.
 
-Example::
+Examples::
 
-    python -m rewardfl.models.wan.export --merge --model-paths wan22_paths.json \\
-        --lora output/lora_dit2.safetensors --expert dit2 --out dit2_merged.safetensors
+    python -m rewardfl.export --to diffusers --lora output/final/trainable_low_noise.safetensors \\
+        --out lora_low_noise_diffusers.safetensors
+    python -m rewardfl.export --merge --model-paths wan22_paths.json \\
+        --lora output/final/trainable.safetensors --expert dit2 --out dit2_merged.safetensors
+
+(``python -m rewardfl.models.wan.export`` and ``rewardfl-export`` are the same tool.)
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import torch
 
 from rewardfl.cli import finite_float, user_error_exit
 
-__all__ = ["merge_expert", "main"]
+__all__ = ["merge_expert", "convert_file", "run_export", "main"]
 
 
 def _dit_weights(model_paths: str, expert: str):
@@ -81,6 +89,22 @@ def _read_lora(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"--lora: {path} is not a readable safetensors file: {e}") from e
 
 
+def convert_file(lora_path: str, out_path: str, to: str) -> tuple[str, int]:
+    """Write ``lora_path`` in the ``to`` layout to ``out_path``; returns (the input's format, #layers)."""
+    from rewardfl.fileio import write_safetensors
+
+    from .lora_formats import read_lora, write_lora
+
+    _check_out_path(out_path)
+    _refuse_overwriting_inputs(out_path, [("the --lora file", lora_path)])
+    state, meta = _read_lora(lora_path)
+    fmt, layers = read_lora(state, f"--lora {lora_path}")
+    out = write_lora(layers, to)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    write_safetensors(out_path, out, {**meta, "format": f"{to}-lora", "converted_from": fmt})
+    return fmt, len(layers)
+
+
 def merge_expert(model_paths: str, lora_path: str, out_path: str, *, expert: Optional[str] = None,
                  alpha: float = 1.0, dtype: Optional[torch.dtype] = None) -> int:
     """Write ``expert`` of ``model_paths`` with ``lora_path`` merged to ``out_path``; returns #layers merged.
@@ -93,7 +117,8 @@ def merge_expert(model_paths: str, lora_path: str, out_path: str, *, expert: Opt
     from rewardfl.fileio import write_safetensors
 
     from .architectures import dit_architecture, dit_key
-    from .lora import lora_pairs, merge_lora_into
+    from .lora import merge_lora_into
+    from .lora_formats import read_lora
     from .weights import WeightFile, load_state_dict, read_shapes, resolve_model_paths
 
     if not math.isfinite(alpha):
@@ -109,18 +134,19 @@ def merge_expert(model_paths: str, lora_path: str, out_path: str, *, expert: Opt
     _refuse_overwriting_inputs(out_path, inputs)
     shapes = read_shapes(base)
     dit_architecture({k2: v for k, v in shapes.items() if (k2 := dit_key(k)) is not None}, base.where)
-    pairs = lora_pairs(lora)
+    _, pairs = read_lora(lora, f"--lora {lora_path}")
     if not pairs:
-        raise ValueError(f"--lora: {lora_path} holds no LoRA pairs (<module>.lora_A.weight / lora_B.weight)")
+        raise ValueError(f"--lora: {lora_path} holds no LoRA layers (<module>.lora_A.weight / lora_B.weight)")
     by_native = {dit_key(k): k for k in shapes if dit_key(k) is not None}
     missing = [m for m in pairs if f"{m}.weight" not in by_native]
     if missing:
         raise ValueError(f"--lora: {len(missing)} LoRA layer(s) name modules the {expert} DiT lacks, e.g. "
                          f"{missing[0]}; was the LoRA trained on another architecture?")
-    for m, (a, b) in pairs.items():
+    for m, layer in pairs.items():
         shape = shapes[by_native[f"{m}.weight"]]
-        if tuple(shape) != (b.shape[0], a.shape[1]):
-            raise ValueError(f"--lora: {m}: LoRA maps {a.shape[1]} -> {b.shape[0]}, the DiT weight is {tuple(shape)}")
+        if tuple(shape) != (layer.up.shape[0], layer.down.shape[1]):
+            raise ValueError(f"--lora: {m}: LoRA maps {layer.down.shape[1]} -> {layer.up.shape[0]}, the DiT weight "
+                             f"is {tuple(shape)}")
 
     # tensors in file order, each read, merged and written when its turn comes
     items = []
@@ -174,21 +200,31 @@ def _torch_dtype(name: str) -> torch.dtype:
             "BOOL": torch.bool}[name]
 
 
-@user_error_exit("rewardfl.models.wan.export")
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rewardfl.models.wan.export", description=__doc__.split("\n")[0])
-    parser.add_argument("--merge", action="store_true", required=True,
-                        help="merge a LoRA into its expert's full weights (the only export mode)")
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model-paths", help="the model_paths JSON that lists the base experts")
-    src.add_argument("--config", help="a training YAML; its model_paths is used")
-    parser.add_argument("--lora", required=True, help="LoRA safetensors (DiffSynth format, from save_trainable)")
-    parser.add_argument("--expert", default=None, help="dit (high noise) or dit2 (low noise); default: the LoRA "
-                        "file's recorded expert, else dit2")
-    parser.add_argument("--alpha", type=finite_float, default=1.0, help="LoRA strength (1 = as trained)")
-    parser.add_argument("--dtype", choices=("keep", "bf16", "fp32"), default="keep", help="dtype of the output")
+def run_export(argv=None, prog: str = "python -m rewardfl.models.wan.export") -> int:
+    """The command line (see the module docstring); raises user errors, the caller prints them."""
+    from .lora_formats import FORMATS
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--merge", action="store_true", help="merge a LoRA into its expert's full weights")
+    mode.add_argument("--to", choices=FORMATS, help="convert a LoRA file to this key layout")
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--model-paths", help="--merge: the model_paths JSON that lists the base experts")
+    src.add_argument("--config", help="--merge: a training YAML; its model_paths is used")
+    parser.add_argument("--lora", required=True, help="LoRA safetensors (comfyui, diffsynth or diffusers layout, "
+                        "e.g. from save_trainable)")
+    parser.add_argument("--expert", default=None, help="--merge: dit (high noise) or dit2 (low noise); default: the "
+                        "LoRA file's recorded expert, else dit2")
+    parser.add_argument("--alpha", type=finite_float, default=1.0, help="--merge: LoRA strength (1 = as trained)")
+    parser.add_argument("--dtype", choices=("keep", "bf16", "fp32"), default="keep", help="--merge: dtype of the output")
     parser.add_argument("--out", required=True, help="output .safetensors path")
     args = parser.parse_args(argv)
+    if args.to:
+        fmt, n = convert_file(args.lora, args.out, args.to)
+        print(f"{args.out}: {n} LoRA layers, {fmt} -> {args.to}")
+        return 0
+    if not (args.model_paths or args.config):
+        raise ValueError("--merge needs the base weights: give --model-paths JSON or --config YAML")
     model_paths = args.model_paths
     if args.config:
         from rewardfl.config import load_config
@@ -202,6 +238,11 @@ def main(argv=None) -> int:
     n = merge_expert(model_paths, args.lora, args.out, expert=args.expert, alpha=args.alpha, dtype=dtype)
     print(f"{args.out}: {n} LoRA layers merged")
     return 0
+
+
+@user_error_exit("rewardfl.models.wan.export")
+def main(argv=None) -> int:
+    return run_export(argv)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
-"""LoRA on a Wan DiT through peft, in DiffSynth-Studio's file format.
+"""LoRA on a Wan DiT through peft: inject, list, bypass, and hand the trained layers to the file formats.
 
-DiffSynth-Studio's LoRA files name a layer's factors ``<module>.lora_A.weight`` (rank x in) and
-``<module>.lora_B.weight`` (out x rank) and its loader adds ``alpha * B @ A`` (alpha = 1 by
-default) to ``<module>.weight``. peft computes ``W x + (lora_alpha / r) * B A x``, so files
-written here carry ``B * lora_alpha / r`` and load unchanged in both.
+peft computes ``W x + (lora_alpha / r) * B A x`` with the Wan module names (``blocks.0.self_attn.q``);
+:func:`lora_layers` gives each adapted layer as a :class:`~.lora_formats.LoraLayer` (A, B, alpha),
+which ``lora_formats`` writes in ComfyUI's, DiffSynth-Studio's or diffusers' key layout.
 """
 
 from __future__ import annotations
@@ -13,8 +12,10 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from .lora_formats import LoraLayer
+
 __all__ = ["check_lora_targets", "add_lora", "lora_named_parameters", "adapters_disabled",
-           "diffsynth_lora_key", "lora_file_state", "merge_lora_into"]
+           "diffsynth_lora_key", "lora_layers", "merge_lora_into"]
 
 
 def _linear_names(module: torch.nn.Module) -> list[str]:
@@ -78,32 +79,25 @@ def diffsynth_lora_key(peft_name: str) -> str:
     return peft_name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
 
 
-def lora_file_state(dit: torch.nn.Module, scale: float, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-    """DiffSynth-format LoRA tensors of ``dit`` with ``scale`` (lora_alpha / r) folded into B."""
-    out = {}
-    for name, p in lora_named_parameters(dit):
-        t = p.detach().float()
-        if ".lora_B." in name:
-            t = t * scale
-        out[diffsynth_lora_key(name)] = t.to(dtype or t.dtype).cpu().contiguous()
-    return out
+def lora_layers(dit: torch.nn.Module, alpha: float) -> dict[str, LoraLayer]:
+    """``{Wan module name: LoraLayer}`` of ``dit``'s adapters as trained: ``up`` = B (unscaled),
+    ``alpha`` = lora_alpha (scale alpha / rank), detached fp32 copies on the CPU."""
+    params = {diffsynth_lora_key(n): p for n, p in lora_named_parameters(dit)}
+    layers = {}
+    for key, down in params.items():
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            up = params[f"{module}.lora_B.weight"]
+            layers[module] = LoraLayer(down.detach().float().cpu().contiguous(),
+                                       up.detach().float().cpu().contiguous(), float(alpha))
+    return layers
 
 
-def lora_pairs(lora: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """module name -> (A, B) from a DiffSynth-format LoRA state dict (via diffsynth's own loader rules)."""
-    from diffsynth.utils.lora.general import GeneralLoRALoader
-
-    converted = GeneralLoRALoader().convert_state_dict(lora)
-    return {k[: -len(".lora_A.weight")]: (converted[k], converted[k.replace(".lora_A.", ".lora_B.")])
-            for k in converted if k.endswith(".lora_A.weight")}
-
-
-def merge_lora_into(name: str, weight: torch.Tensor, pairs: dict, alpha: float = 1.0) -> torch.Tensor:
-    """``weight + alpha * B @ A`` (computed in fp32, returned in the weight's dtype) when ``name``
-    (``<module>.weight``) has a LoRA pair, else ``weight``."""
+def merge_lora_into(name: str, weight: torch.Tensor, layers: dict[str, LoraLayer], strength: float = 1.0) -> torch.Tensor:
+    """``weight + strength * scale * B @ A`` (computed in fp32, returned in the weight's dtype) when
+    ``name`` (``<module>.weight``) has a LoRA layer, else ``weight``."""
     module = name[: -len(".weight")] if name.endswith(".weight") else None
-    if module is None or module not in pairs:
+    if module is None or module not in layers:
         return weight
-    a, b = pairs[module]
-    merged = weight.float() + alpha * (b.float() @ a.float())
+    merged = weight.float() + strength * layers[module].delta()
     return merged.to(weight.dtype)

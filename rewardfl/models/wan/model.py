@@ -91,6 +91,11 @@ class Wan22Options:
     #: the low-noise expert (dit2) runs while timestep < boundary * 1000, the high-noise one (dit)
     #: above: Wan2.2 I2V-A14B 0.9, T2V-A14B 0.875 (ignored by single-expert TI2V-5B)
     boundary: float = 0.9
+    #: key layout of the exported LoRA files (``save_trainable``, OUTPUT_DIR/final): "comfyui"
+    #: (``diffusion_model.<module>.lora_A/B.weight`` + ``.alpha``: loads in ComfyUI, diffusers'
+    #: WanPipeline.load_lora_weights and DiffSynth-Studio), "diffsynth" (``<module>.lora_A/B.weight``,
+    #: scale in B) or "diffusers" (``transformer.blocks.N.attn1.to_q.lora_A/B.weight``); see lora_formats.py
+    lora_format: Literal["comfyui", "diffsynth", "diffusers"] = "comfyui"
 
     def __post_init__(self):  # checked where the config enters (run --check too), before any weights load
         if self.text_len <= 0:
@@ -122,7 +127,7 @@ class Wan22Model(VideoModel):
     DEFAULT_TOKENIZER = ("Wan-AI/Wan2.1-T2V-1.3B", "google/umt5-xxl/")
 
     @classmethod
-    def expert_boundary(cls, options) -> float:
+    def expert_boundary(cls, options, config=None) -> float:
         return options.boundary
 
     @classmethod
@@ -582,24 +587,29 @@ class Wan22Model(VideoModel):
                                      f"{tuple(p.shape)}")
                 p.copy_(state[k].to(p.device, p.dtype))
 
-    def save_trainable(self, path: str) -> list[str]:
+    def save_trainable(self, path: str, lora_format: Optional[str] = None) -> list[str]:
         """Write each trained expert's weights as safetensors; returns the files written.
 
-        LoRA experts: DiffSynth-format LoRA files (``<module>.lora_A/B.weight``, B scaled by
-        lora_alpha / rank) that diffsynth's ``pipe.load_lora(pipe.dit2, path)`` and
-        ``python -m rewardfl.models.wan.export --merge`` accept. Full fine-tuning: the expert's whole state dict.
-        With one trained expert the file is ``path``; with several, ``<stem>_<expert>.safetensors``.
+        LoRA experts: a LoRA file in ``lora_format`` (default ``model.lora_format``; the layouts are
+        in ``lora_formats.py``), metadata ``expert``, ``lora_rank``, ``lora_alpha``, ``format``.
+        Full fine-tuning: the expert's whole state dict (``format: wan-dit``). With one trained
+        expert the file is ``path``; with both, ``<stem>_high_noise.safetensors`` (dit) and
+        ``<stem>_low_noise.safetensors`` (dit2), the pair ComfyUI's and diffusers' Wan2.2 loaders take.
         """
-        from .lora import lora_file_state
+        from .lora import lora_layers
+        from .lora_formats import FORMATS, expert_file, write_lora
 
+        fmt = lora_format or self.options.lora_format
+        if fmt not in FORMATS:
+            raise ValueError(f"model.lora_format: '{fmt}' is not one of {', '.join(FORMATS)}")
         experts = self.trainable_experts()
         out = []
         for r in experts:
-            target = path if len(experts) == 1 else f"{os.path.splitext(path)[0]}_{r}.safetensors"
+            target = expert_file(path, r, experts)
             os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
             if r in self.lora_experts:
-                state = lora_file_state(self.dits[r], self.lora_scale)
-                meta = {"format": "diffsynth-lora", "expert": r, "lora_rank": str(self.config.lora_rank),
+                state = write_lora(lora_layers(self.dits[r], self.lora_alpha), fmt)
+                meta = {"format": f"{fmt}-lora", "expert": r, "lora_rank": str(self.config.lora_rank),
                         "lora_alpha": str(self.lora_alpha), "lora_target_modules": self.config.lora_target_modules}
             else:
                 state = {k: v.detach().cpu().contiguous() for k, v in self.dits[r].state_dict().items()}
@@ -607,6 +617,43 @@ class Wan22Model(VideoModel):
             write_safetensors(target, state, meta)
             out.append(target)
         return out
+
+    def read_exported(self, files: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``save_trainable``'s files (LoRA in any layout, or a fully fine-tuned expert; each names its
+        ``expert`` in its metadata) in :meth:`trainable_state_dict` keys. LoRA B as trained: the
+        file's scale divided by this model's ``lora_alpha / lora_rank``, so that the model then adds
+        what the file's loaders add."""
+        from safetensors import safe_open
+
+        from .lora_formats import read_lora
+
+        state: dict[str, torch.Tensor] = {}
+        for path in files:
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            expert = meta.get("expert")
+            if expert in self.full_experts and meta.get("format") == "wan-dit":  # a fully fine-tuned expert
+                state.update({f"{expert}.{k}": v for k, v in tensors.items()})
+                continue
+            if expert not in self.lora_experts:
+                raise ValueError(f"{path}: its metadata names expert {expert!r}, this model trains LoRA on "
+                                 f"{list(self.lora_experts)} (lora_base_model); give a LoRA file rewardfl exported")
+            _, layers = read_lora(tensors, path)
+            for module, layer in layers.items():
+                state[f"{expert}.{module}.lora_A.weight"] = layer.down
+                up = layer.up
+                if layer.scale != self.lora_scale:
+                    up = (up.float() * layer.scale / self.lora_scale).to(up.dtype)
+                state[f"{expert}.{module}.lora_B.weight"] = up
+        return state
+
+    @classmethod
+    def export_main(cls, argv=None, prog: str = "python -m rewardfl.export") -> int:
+        """``python -m rewardfl.export`` for this model: convert LoRA formats or merge (``export.py``)."""
+        from .export import run_export
+
+        return run_export(argv, prog)
 
     def train(self, mode: bool = True) -> "Wan22Model":
         self.training = mode

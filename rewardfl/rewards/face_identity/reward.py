@@ -11,6 +11,11 @@ Per step, for a batch of videos ``(B, 3, F, H, W)`` in [-1, 1]:
    them with the recognizer's torch twin (differentiable);
 4. score against the reference's cached embeddings with :func:`pooled_identity_score`.
 
+Steps 1-3 are :class:`FaceReward`'s, shared with ``identity_consistency`` (``consistency.py``):
+their results go through the micro-batch's ``StepCache`` (``Reward.cache``), keyed by the videos
+tensor and by what they depend on (:attr:`FaceReward.detections_key`, :attr:`FaceReward.faces_key`),
+so that two face rewards of one step detect and embed once.
+
 Reference embeddings are computed once per sample (``prepare``), kept in memory by
 ``sample_id`` and on disk keyed by the reference file's sha256, the model files and the
 detection options.
@@ -37,7 +42,7 @@ from .onnx_runner import Backend
 from .recognizer import ChannelOrder, FaceRecognizer
 from .scoring import facesim_arc, pooled_identity_score, shaped_reward_loss
 
-__all__ = ["FaceIdentityReward", "ReferenceFaces"]
+__all__ = ["FaceReward", "FaceModelOptions", "GeneratedFaces", "FaceIdentityReward", "ReferenceFaces"]
 
 log = logging.getLogger("rewardfl")
 
@@ -75,67 +80,82 @@ class ReferenceFaces:
         return self.embeddings[use].mean(0) if bool(use.any()) else None
 
 
-class FaceIdentityReward(Reward):
-    """Face identity reward on ONNX face models from ``reward_model_path`` (see ``model_pack``)."""
+@dataclasses.dataclass
+class FaceModelOptions:
+    """Options of every face reward: the models, detection, which face counts, references."""
+
+    #: detector file (in reward_model_path or absolute); default: recognised by name
+    detector: Optional[str] = None
+    #: the detector's decoder; default: from the detector's file name
+    detector_type: Optional[DetectorType] = None
+    #: recognizer file; default: recognised by name
+    recognizer: Optional[str] = None
+    #: detector canvas side (letterbox), a multiple of 32
+    det_size: int = 640
+    #: detection score threshold (default 0.5 for scrfd, 0.6 for yunet)
+    det_threshold: Optional[float] = None
+    #: NMS IoU threshold (default 0.4 for scrfd, 0.3 for yunet)
+    nms_threshold: Optional[float] = None
+    #: frames per detector call
+    det_batch_size: int = 16
+    #: which face of a generated frame counts
+    face_select: Literal["largest", "most_similar", "all"] = "largest"
+    #: frames without a detected face use the reference video's landmarks of that frame
+    #: (scaled to the generated size); counted in metrics as fallback_frames. Not with face_select: all
+    landmark_fallback: bool = False
+    #: leave the reference's frame 0 out of its embedding (when it has other frames)
+    exclude_reference_frame0: bool = True
+    #: leave the generated frame 0 (the conditioning image) out of the score
+    exclude_generated_frame0: bool = True
+    #: no-gradient backend: auto is onnxruntime where it has a provider, else the torch twin
+    backend: Backend = "auto"
+    #: recognizer preprocessing overrides (default: read from the graph, insightface's rule)
+    recognizer_channel_order: Optional[ChannelOrder] = None
+    recognizer_mean: Optional[float] = None
+    recognizer_std: Optional[float] = None
+    #: where reference embeddings are cached on disk; default $REWARDFL_CACHE/face_references;
+    #: "none" disables the disk cache
+    reference_cache_dir: Optional[str] = None
+
+    # Checked where the config enters (run --check too), before any model loads; the values of
+    # the Literal fields are checked by the config's type check. The modules below trust these.
+    def __post_init__(self):
+        if self.landmark_fallback and self.face_select == "all":
+            raise ConfigError("reward.landmark_fallback: needs face_select largest or most_similar "
+                              "(one face per frame)")
+        if self.det_size <= 0 or self.det_size % 32:
+            raise ConfigError(f"reward.det_size: must be a positive multiple of 32, got {self.det_size}")
+        if self.recognizer_std == 0:
+            raise ConfigError("reward.recognizer_std: must be non-zero")
+        if self.det_batch_size <= 0:
+            raise ConfigError(f"reward.det_batch_size: must be > 0, got {self.det_batch_size}")
+
+
+@dataclasses.dataclass
+class GeneratedFaces:
+    """The faces of a batch of generated videos that count, one row per face.
+
+    ``embeddings`` ``(K, D)`` float32 normalised (differentiable in the videos when they require
+    grad); ``index`` ``(K,)`` int64 flat frame index ``b * F + f``; ``fallback`` ``(K,)`` bool
+    (landmarks borrowed from the reference); ``degenerate`` 0-dim int64: detections dropped because
+    ``face_align`` would reject their landmarks.
+    """
+
+    embeddings: torch.Tensor
+    index: torch.Tensor
+    fallback: torch.Tensor
+    degenerate: torch.Tensor
+
+
+class FaceReward(Reward):
+    """What every face reward does: the model pack of ``reward_model_path`` (see ``model_pack``),
+    reference faces (memory and disk cache), and detection, face choice, alignment and embedding of
+    the generated frames, shared between the face rewards of a step through ``self.cache``."""
 
     differentiable = True
-
-    @dataclasses.dataclass
-    class Options:
-        #: detector file (in reward_model_path or absolute); default: recognised by name
-        detector: Optional[str] = None
-        #: the detector's decoder; default: from the detector's file name
-        detector_type: Optional[DetectorType] = None
-        #: recognizer file; default: recognised by name
-        recognizer: Optional[str] = None
-        #: detector canvas side (letterbox), a multiple of 32
-        det_size: int = 640
-        #: detection score threshold (default 0.5 for scrfd, 0.6 for yunet)
-        det_threshold: Optional[float] = None
-        #: NMS IoU threshold (default 0.4 for scrfd, 0.3 for yunet)
-        nms_threshold: Optional[float] = None
-        #: frames per detector call
-        det_batch_size: int = 16
-        #: which face of a generated frame counts
-        face_select: Literal["largest", "most_similar", "all"] = "largest"
-        #: frames without a detected face use the reference video's landmarks of that frame
-        #: (scaled to the generated size); counted in metrics as fallback_frames. Not with face_select: all
-        landmark_fallback: bool = False
-        #: leave the reference's frame 0 out of its embedding (when it has other frames)
-        exclude_reference_frame0: bool = True
-        #: leave the generated frame 0 (the conditioning image) out of the score
-        exclude_generated_frame0: bool = True
-        #: loss shaping: loss = -(score - score_mean) / score_std * loss_scale
-        score_mean: float = 0.54
-        score_std: float = 0.16
-        loss_scale: float = 0.1
-        #: no-gradient backend: auto is onnxruntime where it has a provider, else the torch twin
-        backend: Backend = "auto"
-        #: recognizer preprocessing overrides (default: read from the graph, insightface's rule)
-        recognizer_channel_order: Optional[ChannelOrder] = None
-        recognizer_mean: Optional[float] = None
-        recognizer_std: Optional[float] = None
-        #: where reference embeddings are cached on disk; default $REWARDFL_CACHE/face_references;
-        #: "none" disables the disk cache
-        reference_cache_dir: Optional[str] = None
-        #: frames sampled per video for FaceSim-Arc (evaluation)
-        eval_num_frames: int = 16
-
-        # Checked where the config enters (run --check too), before any model loads; the values of
-        # the Literal fields are checked by the config's type check. The modules below trust these.
-        def __post_init__(self):
-            if self.landmark_fallback and self.face_select == "all":
-                raise ConfigError("reward.landmark_fallback: needs face_select largest or most_similar "
-                                  "(one face per frame)")
-            if self.score_std <= 0:
-                raise ConfigError(f"reward.score_std: must be > 0, got {self.score_std}")
-            if self.det_size <= 0 or self.det_size % 32:
-                raise ConfigError(f"reward.det_size: must be a positive multiple of 32, got {self.det_size}")
-            if self.recognizer_std == 0:
-                raise ConfigError("reward.recognizer_std: must be non-zero")
-            if self.det_batch_size <= 0 or self.eval_num_frames <= 0:
-                raise ConfigError("reward.det_batch_size/reward.eval_num_frames: must be > 0, got "
-                                  f"{self.det_batch_size}, {self.eval_num_frames}")
+    Options = FaceModelOptions
+    #: the plugin's name in messages
+    plugin_name = "face_reward"
 
     @classmethod
     def check(cls, config, options) -> list[str]:
@@ -149,7 +169,7 @@ class FaceIdentityReward(Reward):
         return find_model_pack(path, detector=opts.detector, detector_type=opts.detector_type,
                                recognizer=opts.recognizer)
 
-    def __init__(self, config, options: Optional["FaceIdentityReward.Options"] = None, *, device=None, **_runtime):
+    def __init__(self, config, options: Optional[FaceModelOptions] = None, *, device=None, **_runtime):
         opts = options if options is not None else self.Options()
         self.options = opts
         self.pack: ModelPack = self._find_pack(config, opts)
@@ -225,7 +245,7 @@ class FaceIdentityReward(Reward):
         if key in self._references:
             return self._references[key]
         if context.reference is None:
-            raise ValueError(f"face_identity reward: sample {context.sample_id!r} has no reference video "
+            raise ValueError(f"{self.plugin_name} reward: sample {context.sample_id!r} has no reference video "
                              "(SampleContext.reference is None)")
         ref = context.reference
         cache_file = None
@@ -239,11 +259,11 @@ class FaceIdentityReward(Reward):
                     self._references[key] = faces
                     return faces
                 except Exception as e:  # noqa: BLE001 - a corrupt cache entry is recomputed
-                    log.warning("face_identity: ignoring unreadable reference cache %s (%s)", cache_file, e)
+                    log.warning("%s: ignoring unreadable reference cache %s (%s)", self.plugin_name, cache_file, e)
         faces = self.embed_reference(ref)
         if faces.degenerate:
-            log.warning("face_identity: %d face(s) in the reference of sample %r (%s) have landmarks that cannot "
-                        "be aligned; their frames count as frames without a face", faces.degenerate,
+            log.warning("%s: %d face(s) in the reference of sample %r (%s) have landmarks that cannot "
+                        "be aligned; their frames count as frames without a face", self.plugin_name, faces.degenerate,
                         context.sample_id, context.reference_path or "in memory")
         if cache_file:
             os.makedirs(cache_root, exist_ok=True)
@@ -261,15 +281,28 @@ class FaceIdentityReward(Reward):
             faces = self.reference(ctx)
             valid[i] = faces.mean_embedding(self.options.exclude_reference_frame0) is not None
             if not valid[i] and not seen:
-                log.warning("face_identity: no face found in the reference of sample %r (%s); the sample is "
-                            "skipped", ctx.sample_id, ctx.reference_path or "in memory")
+                log.warning("%s: no face found in the reference of sample %r (%s); the sample is "
+                            "skipped", self.plugin_name, ctx.sample_id, ctx.reference_path or "in memory")
         return valid
 
     # ------------------------------------------------------------------ scoring
 
+    @staticmethod
+    def source_frames(contexts: Sequence[SampleContext], num_frames: int) -> torch.Tensor:
+        """``(B, F)`` int64: which frame of the full generated video each given frame is
+        (``SampleContext.frames`` when a composition scores a subset; else 0..F-1)."""
+        rows = []
+        for ctx in contexts:
+            if ctx.frames is not None and len(ctx.frames) != num_frames:
+                raise ValueError(f"face reward: sample {ctx.sample_id!r} lists {len(ctx.frames)} frames "
+                                 f"(SampleContext.frames) for a video of {num_frames}")
+            rows.append(list(ctx.frames) if ctx.frames is not None else list(range(num_frames)))
+        return torch.tensor(rows, dtype=torch.long).view(len(contexts), num_frames)
+
     def _faces(self, frames: torch.Tensor, det: Detections, refs: list[Optional[ReferenceFaces]],
-               ref_mean: torch.Tensor, batch: int, num_frames: int):
-        """``(landmarks (K, 5, 2), flat frame index (K,), fallback (K,) bool)`` of the faces that count."""
+               ref_mean: torch.Tensor, batch: int, num_frames: int, source: torch.Tensor):
+        """``(landmarks (K, 5, 2), flat frame index (K,), fallback (K,) bool)`` of the faces that count;
+        ``source`` ``(B, F)`` the frames' indices in the full video (see :meth:`source_frames`)."""
         o = self.options
         n = batch * num_frames
         fallback = torch.zeros(n, dtype=torch.bool, device=frames.device)
@@ -284,30 +317,110 @@ class FaceIdentityReward(Reward):
                 sims = (e * ref_mean.to(e.device)[det.frame_index // num_frames]).sum(-1)
                 landmarks, _, found = det.pick(sims)
             if o.landmark_fallback:
-                landmarks, fallback = self._fallback(landmarks, found, refs, batch, num_frames, frames.shape[-2:])
+                landmarks, fallback = self._fallback(landmarks, found, refs, source, frames.shape[-2:])
                 found = found | fallback
             index = found.nonzero().flatten()
             landmarks = landmarks[index]
         if o.exclude_generated_frame0 and num_frames > 1:
-            keep = (index % num_frames) != 0
+            keep = source.flatten().to(index.device)[index] != 0
             landmarks, index = landmarks[keep], index[keep]
         return landmarks, index, fallback[index]
 
-    def _fallback(self, landmarks, found, refs, batch, num_frames, size):
-        """Reference landmarks (scaled to the generated frame size) where no face was found."""
+    def _fallback(self, landmarks, found, refs, source, size):
+        """Reference landmarks of the same frame (scaled to the generated frame size) where no face was found."""
         height, width = int(size[0]), int(size[1])
+        batch, num_frames = source.shape
         ref_lm = torch.zeros(batch, num_frames, 5, 2)
         ref_ok = torch.zeros(batch, num_frames, dtype=torch.bool)
         for b, ref in enumerate(refs):
             if ref is None:
                 continue
-            f = min(num_frames, ref.found.shape[0])
+            inside = source[b] < ref.found.shape[0]  # generated frames the reference has
+            src = source[b][inside]
             scale = torch.tensor([width / ref.width, height / ref.height])
-            ref_lm[b, :f] = ref.landmarks[:f] * scale
-            ref_ok[b, :f] = ref.found[:f]
+            ref_lm[b, inside] = ref.landmarks[src] * scale
+            ref_ok[b, inside] = ref.found[src]
         ref_lm, ref_ok = ref_lm.view(-1, 5, 2).to(landmarks.device), ref_ok.view(-1).to(found.device)
         use = ~found & ref_ok
         return torch.where(use[:, None, None], ref_lm.to(landmarks.dtype), landmarks), use
+
+    @property
+    def detections_key(self) -> str:
+        """The ``StepCache`` name of the detections: detector file, decoder, canvas, thresholds, backend
+        (what the faces found depend on; the batch size does not change them)."""
+        d, o = self.detector, self.options
+        return (f"face_detections/{os.path.abspath(self.pack.detector)}:{self.pack.detector_type}/size={d.size}"
+                f"/score={d.score_threshold}/nms={d.nms_threshold}/backend={o.backend}")
+
+    @property
+    def faces_key(self) -> str:
+        """The ``StepCache`` name of the generated faces' embeddings: the detections, the recognizer and
+        its preprocessing, and the options that choose the faces that count."""
+        o = self.options
+        choice = o.face_select + (f"/ref_frame0={not o.exclude_reference_frame0}" if o.face_select == "most_similar"
+                                  else "")
+        recognizer = f"{os.path.abspath(self.pack.recognizer)}:{dataclasses.astuple(self.recognizer.preprocessing)}"
+        return (f"face_embeddings/{self.detections_key}/{recognizer}/{choice}/fallback={o.landmark_fallback}"
+                f"/gen_frame0={not o.exclude_generated_frame0}")
+
+    def reference_means(self, contexts: Sequence[SampleContext], device) -> tuple[list, torch.Tensor, torch.Tensor]:
+        """``(refs, ref_mean (B, D) on device, ref_valid (B,) bool)``: each sample's reference faces and
+        the mean of their usable embeddings (zeros and False where the reference has no face)."""
+        refs = [self.reference(c) for c in contexts]
+        means = [r.mean_embedding(self.options.exclude_reference_frame0) if r is not None else None for r in refs]
+        emb_dim = next((m.shape[0] for m in means if m is not None), self.recognizer.embedding_dim or 1)
+        ref_valid = torch.tensor([m is not None for m in means], dtype=torch.bool)
+        ref_mean = torch.stack([m if m is not None else torch.zeros(emb_dim) for m in means]).to(device)
+        return refs, ref_mean, ref_valid
+
+    def generated_faces(self, videos: torch.Tensor, refs: list[Optional[ReferenceFaces]], ref_mean: torch.Tensor,
+                        source: torch.Tensor) -> GeneratedFaces:
+        """Detect (no gradient), choose, align and embed the faces of ``videos`` ``(B, 3, F, H, W)`` in
+        [-1, 1]; embeddings differentiable in ``videos`` when it requires grad. ``source`` ``(B, F)``:
+        the frames' indices in the full video (:meth:`source_frames`).
+
+        Both steps go through ``self.cache`` keyed by ``videos``: another face reward of the same
+        micro-batch, given the same tensor, reuses the detections (same detector options) and the
+        embeddings (same recognizer and face choice) instead of computing them again."""
+        cache = self.cache  # read once: a reward used alone gets a fresh cache per read
+        batch, _, num_frames, height, width = videos.shape
+        frames = videos.transpose(1, 2).reshape(batch * num_frames, 3, height, width)
+        det, degenerate = cache.get(videos, self.detections_key,
+                                    lambda: _drop_unalignable(self.detector(frames.detach())))
+        grad = torch.is_grad_enabled() and videos.requires_grad
+
+        def embed() -> GeneratedFaces:
+            landmarks, index, fallback = self._faces(frames, det, refs, ref_mean, batch, num_frames, source)
+            if index.numel():
+                crops = self.recognizer.align(frames, landmarks, index)
+                embeddings = self.recognizer.embed(crops, grad=grad)
+            else:
+                embeddings = torch.zeros(0, ref_mean.shape[1], device=videos.device)
+            return GeneratedFaces(embeddings=embeddings, index=index, fallback=fallback, degenerate=degenerate)
+
+        return cache.get(videos, f"{self.faces_key}/grad={grad}", embed)
+
+
+class FaceIdentityReward(FaceReward):
+    """Face identity reward on ONNX face models from ``reward_model_path`` (see ``model_pack``)."""
+
+    plugin_name = "face_identity"
+
+    @dataclasses.dataclass
+    class Options(FaceModelOptions):
+        #: loss shaping: loss = -(score - score_mean) / score_std * loss_scale
+        score_mean: float = 0.54
+        score_std: float = 0.16
+        loss_scale: float = 0.1
+        #: frames sampled per video for FaceSim-Arc (evaluation)
+        eval_num_frames: int = 16
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.score_std <= 0:
+                raise ConfigError(f"reward.score_std: must be > 0, got {self.score_std}")
+            if self.eval_num_frames <= 0:
+                raise ConfigError(f"reward.eval_num_frames: must be > 0, got {self.eval_num_frames}")
 
     def __call__(self, videos: torch.Tensor, contexts: Sequence[SampleContext]) -> RewardOutput:
         """Scores ``(B,)`` of videos ``(B, 3, F, H, W)`` in [-1, 1], differentiable in ``videos``."""
@@ -316,32 +429,22 @@ class FaceIdentityReward(Reward):
         if len(contexts) != videos.shape[0]:
             raise ValueError(f"face_identity reward: {videos.shape[0]} videos but {len(contexts)} contexts")
         o = self.options
-        batch, _, num_frames, height, width = videos.shape
-        refs = [self.reference(c) for c in contexts]
-        means = [r.mean_embedding(o.exclude_reference_frame0) if r is not None else None for r in refs]
-        emb_dim = next((m.shape[0] for m in means if m is not None), self.recognizer.embedding_dim or 1)
-        ref_valid = torch.tensor([m is not None for m in means], dtype=torch.bool)
-        ref_mean = torch.stack([m if m is not None else torch.zeros(emb_dim) for m in means]).to(videos.device)
-
-        frames = videos.transpose(1, 2).reshape(batch * num_frames, 3, height, width)
-        det, degenerate = _drop_unalignable(self.detector(frames.detach()))
-        landmarks, index, fallback = self._faces(frames, det, refs, ref_mean, batch, num_frames)
+        batch, num_frames = videos.shape[0], videos.shape[2]
+        refs, ref_mean, ref_valid = self.reference_means(contexts, videos.device)
+        source = self.source_frames(contexts, num_frames)
+        faces = self.generated_faces(videos, refs, ref_mean, source)
+        embeddings, index, fallback, degenerate = faces.embeddings, faces.index, faces.fallback, faces.degenerate
         grad = torch.is_grad_enabled() and videos.requires_grad
-        if index.numel():
-            crops = self.recognizer.align(frames, landmarks, index)
-            embeddings = self.recognizer.embed(crops, grad=grad)
-        else:
-            embeddings = torch.zeros(0, emb_dim, device=videos.device)
         scores, has_face, frame_sim = pooled_identity_score(embeddings, index // num_frames, index % num_frames,
                                                             ref_mean, num_frames)
         if grad and index.numel() == 0:  # keep the graph: the loss backpropagates zeros
             scores = scores + videos.flatten(1)[:, 0].float() * 0.0
         valid = has_face.cpu() & ref_valid
         faced_frames = int((~torch.isnan(frame_sim)).sum())
-        counted = num_frames - (1 if o.exclude_generated_frame0 and num_frames > 1 else 0)
+        counted = int((source != 0).sum()) if o.exclude_generated_frame0 and num_frames > 1 else batch * num_frames
         metrics = {
             "face_frames": float(faced_frames),
-            "face_frame_fraction": faced_frames / max(batch * counted, 1),
+            "face_frame_fraction": faced_frames / max(counted, 1),
             "fallback_frames": float(fallback.sum().cpu()),
             "degenerate_faces": float(degenerate.cpu()),
             "reference_degenerate_faces": float(sum(r.degenerate for r in refs if r is not None)),

@@ -1,4 +1,5 @@
-"""Identity scores from face embeddings: the training reward and the FaceSim-Arc metric.
+"""Identity scores from face embeddings: the training reward, identity consistency across frames, and
+the FaceSim-Arc metric.
 
 All embeddings are L2-normalised, so a dot product is a cosine similarity.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pooled_identity_score", "facesim_arc", "shaped_reward_loss"]
+__all__ = ["pooled_identity_score", "identity_consistency_score", "facesim_arc", "shaped_reward_loss"]
 
 
 def pooled_identity_score(face_embeddings: torch.Tensor, face_sample: torch.Tensor, face_frame: torch.Tensor,
@@ -42,6 +43,55 @@ def pooled_identity_score(face_embeddings: torch.Tensor, face_sample: torch.Tens
     scores = torch.where(frame_has, frame_sim, torch.zeros_like(frame_sim)).sum(1) / frames_per_sample.clamp(min=1)
     frame_sim = torch.where(frame_has, frame_sim.detach(), torch.full_like(frame_sim, float("nan")))
     return scores, frames_per_sample > 0, frame_sim
+
+
+def identity_consistency_score(face_embeddings: torch.Tensor, face_sample: torch.Tensor, reference_mean: torch.Tensor,
+                               *, spread_weight: float, reference_weight: float
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How steady a video's identity is across its frames (higher is steadier), per sample.
+
+    With ``e_f`` the normalised embeddings of the sample's ``n`` scored frames (one face each),
+    ``m = mean_f e_f`` and ``r`` its reference's mean embedding:
+
+    * ``spread = mean_f (1 - cos(e_f, m)) = 1 - |m|``, in [0, 1] (cosine distance units): 0 when
+      every frame has the same embedding, growing as the frames' faces drift apart;
+    * ``reference_std = std_f cos(e_f, r)`` (population std), in [0, 1]: how much the frames'
+      likeness to the reference flickers (its mean is ``face_identity``'s business);
+    * ``score = -(spread_weight * spread + reference_weight * reference_std)``, in
+      ``[-(spread_weight + reference_weight), 0]``.
+
+    Args:
+        face_embeddings: ``(K, D)`` normalised embeddings, at most one per (sample, frame).
+        face_sample: ``(K,)`` int64 sample (0..B-1) of each face.
+        reference_mean: ``(B, D)`` mean of each sample's normalised reference embeddings (not unit).
+
+    Returns:
+        scores ``(B,)`` (float32, or float64 for float64 inputs; 0 where fewer than 2 frames count;
+        differentiable), frames ``(B,)`` int64 scored frames, spread ``(B,)`` and reference_std ``(B,)``
+        (detached; 0 where fewer than 2 frames count). The caller masks samples with ``frames < 2``.
+    """
+    batch, dim = reference_mean.shape
+    dtype = torch.promote_types(torch.promote_types(face_embeddings.dtype, reference_mean.dtype), torch.float32)
+    e = face_embeddings.to(dtype)
+    count = e.new_zeros(batch).index_add(0, face_sample, torch.ones_like(e[:, 0]))
+    per = count.clamp(min=1)
+    mean = e.new_zeros(batch, dim).index_add(0, face_sample, e) / per[:, None]
+    spread = 1.0 - _root((mean * mean).sum(-1))
+    ref = torch.nn.functional.normalize(reference_mean.to(dtype), dim=1)
+    cos = (e * ref[face_sample]).sum(-1)  # (K,)
+    cos_mean = e.new_zeros(batch).index_add(0, face_sample, cos) / per
+    var = e.new_zeros(batch).index_add(0, face_sample, (cos - cos_mean[face_sample]) ** 2) / per
+    reference_std = _root(var)
+    enough = count >= 2
+    zero = torch.zeros_like(spread)
+    scores = torch.where(enough, -(spread_weight * spread + reference_weight * reference_std), zero)
+    return (scores, count.long(), torch.where(enough, spread, zero).detach(),
+            torch.where(enough, reference_std, zero).detach())
+
+
+def _root(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(x)`` for ``x >= 0`` whose gradient at ``x == 0`` is 0, not NaN (a still video has zero spread)."""
+    return torch.where(x > 0, x.clamp(min=1e-30).sqrt(), torch.zeros_like(x))
 
 
 def facesim_arc(embeddings: torch.Tensor, has_face: torch.Tensor, reference: torch.Tensor,

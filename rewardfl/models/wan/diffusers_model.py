@@ -1,0 +1,550 @@
+"""The ``wan2_2_diffusers`` model plugin: Wan2.2 from a local diffusers-layout folder, on diffusers' classes.
+
+``model_paths`` names the folder a diffusers ``save_pretrained`` (or a download of
+``Wan-AI/Wan2.2-I2V-A14B-Diffusers``) wrote::
+
+    model_index.json      pipeline class, components, boundary_ratio, expand_timesteps
+    transformer/          WanTransformer3DModel   high-noise expert ("dit")
+    transformer_2/        WanTransformer3DModel   low-noise expert ("dit2"; null in model_index for one expert)
+    vae/                  AutoencoderKLWan        Wan2.1 VAE (stride 4x8x8, z 16)
+    text_encoder/         UMT5EncoderModel        (transformers)
+    tokenizer/            its tokenizer (``tokenizer_path`` overrides it)
+
+Everything the ``wan2_2`` plugin does around the networks is the same code (``Wan22Model``): the
+prompt cache, the I2V conditioning (``encode``: a 4-channel mask, 1 on latent frame 0, and the VAE
+latent of [first frame, zeros], concatenated to the noisy latent, as diffusers'
+``WanImageToVideoPipeline.prepare_latents`` builds it for Wan2.2-I2V-A14B: no CLIP image
+embedding, ``expand_timesteps`` false), LoRA through peft with ``base=True`` = adapters disabled,
+frozen copies for full fine-tuning, idle-expert offload, the time-chunked checkpointed decode
+with gradient (``vae_decode.decode_latents``, here driving diffusers' decoder), per-block
+gradient checkpointing (with ``use_gradient_checkpointing_offload``: block inputs parked in host
+memory). Only the networks are diffusers': ``WanTransformer3DModel``'s own forward computes the
+velocity.
+
+Checkpoints (``trainable_state_dict``) and exported LoRA files (``save_trainable``) name tensors in
+the Wan (DiffSynth) layout (``diffusers_keys``), so they are interchangeable with ``wan2_2``'s;
+``lora_target_modules`` takes the same Wan names (``q,k,v,o,ffn.0,ffn.2``).
+
+Not supported here (``wan2_2`` with original-layout files covers them): Wan2.2-TI2V-5B
+(``expand_timesteps``, Wan2.2 VAE) and Wan2.1-I2V (CLIP image embedding, ``image_dim``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from rewardfl.fileio import write_safetensors
+
+from .architectures import DiTArch
+from .diffusers_keys import diffusers_to_wan_key
+from .model import EXPERT_ROLES, Wan22Model, Wan22Options, as_list
+
+__all__ = ["Wan22DiffusersModel", "Wan22DiffusersOptions", "DiffusersFolder", "find_diffusers_folder"]
+
+log = logging.getLogger(__name__)
+
+#: model_index.json component -> rewardfl role (high noise first)
+EXPERT_COMPONENTS = {"dit": "transformer", "dit2": "transformer_2"}
+#: Wan2.2-I2V-A14B's boundary_ratio: what ``expert_boundary`` plans with when ``model.boundary`` is
+#: unset and no config is at hand (see ``Wan22DiffusersOptions.boundary``)
+DEFAULT_BOUNDARY = 0.9
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "spiece.model")
+
+
+@dataclasses.dataclass
+class Wan22DiffusersOptions(Wan22Options):
+    """The ``model:`` section for ``wan2_2_diffusers``: ``wan2_2``'s options; ``boundary`` defaults to
+    the folder's ``model_index.json``."""
+
+    #: null (default): model_index.json's ``boundary_ratio`` (read without loading, so ``run --check``
+    #: plans with it too); a number overrides it (warned when they differ)
+    boundary: Optional[float] = None
+
+    def __post_init__(self):
+        if self.boundary is None:  # the other checks, on a copy with a boundary in range
+            dataclasses.replace(self, boundary=DEFAULT_BOUNDARY)
+        else:
+            super().__post_init__()
+
+
+@dataclasses.dataclass
+class DiffusersFolder:
+    """A checked diffusers Wan folder: ``components`` role -> subfolder (``dit``, ``dit2``, ``vae``,
+    ``text_encoder``, ``tokenizer``); ``index`` the parsed model_index.json."""
+
+    root: str
+    index: dict
+    components: dict
+
+    @property
+    def boundary_ratio(self) -> Optional[float]:
+        value = self.index.get("boundary_ratio")
+        return None if value is None else float(value)
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        return tuple(r for r in EXPERT_ROLES if r in self.components)
+
+
+def _has_weights(folder: str) -> bool:
+    return any(f.endswith(_WEIGHT_SUFFIXES) for f in os.listdir(folder))
+
+
+def find_diffusers_folder(config) -> DiffusersFolder:
+    """The diffusers folder ``model_paths`` names, its components found and checked (nothing loaded).
+
+    Raises FileNotFoundError/ValueError naming ``model_paths`` (or ``tokenizer_path``) and the path.
+    """
+    if config.model_id_with_origin_paths:
+        raise ValueError("model_id_with_origin_paths: wan2_2_diffusers reads one local diffusers folder; set "
+                         "model_paths to it and leave model_id_with_origin_paths empty (or use model_name: wan2_2)")
+    if not config.model_paths:
+        raise ValueError("model_paths: not set; for wan2_2_diffusers give the local diffusers folder holding "
+                         "model_index.json (e.g. a download of Wan-AI/Wan2.2-I2V-A14B-Diffusers)")
+    path = config.resolve_path(config.model_paths)
+    if os.path.isfile(path) and os.path.basename(path) == "model_index.json":
+        path = os.path.dirname(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model_paths: folder not found: {path} (wan2_2_diffusers needs the diffusers "
+                                "folder holding model_index.json)")
+    if not os.path.isdir(path):
+        raise ValueError(f"model_paths: {path} is a file; wan2_2_diffusers needs the diffusers folder holding "
+                         "model_index.json (for a model_paths JSON of original-layout files use model_name: wan2_2)")
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise FileNotFoundError(f"model_paths: {path} has no model_index.json; point model_paths at the diffusers "
+                                "folder (the one with transformer/, vae/, text_encoder/, tokenizer/)")
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"model_paths: {index_path} is not valid JSON: {e}") from e
+    if not isinstance(index, dict) or not str(index.get("_class_name", "")).startswith("Wan"):
+        raise ValueError(f"model_paths: {index_path} is not a Wan pipeline's model_index.json (_class_name "
+                         f"{index.get('_class_name') if isinstance(index, dict) else index!r})")
+    if index.get("expand_timesteps"):
+        raise ValueError(f"model_paths: {index_path} has expand_timesteps (Wan2.2-TI2V-5B); wan2_2_diffusers "
+                         "supports Wan2.2 A14B folders; use model_name: wan2_2 with the original-layout files")
+
+    components = {}
+    wanted = [("dit", "transformer", True), ("dit2", "transformer_2", False), ("vae", "vae", True),
+              ("text_encoder", "text_encoder", True), ("tokenizer", "tokenizer", True)]
+    for role, name, required in wanted:
+        entry = index.get(name)
+        if entry is None or (isinstance(entry, list) and None in entry):
+            if required:
+                raise ValueError(f"model_paths: {index_path} lists no '{name}' component")
+            continue
+        folder = os.path.join(path, name)
+        if role == "tokenizer" and config.tokenizer_path:
+            folder = config.resolve_path(config.tokenizer_path)
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"tokenizer_path: tokenizer folder not found: {folder}")
+            components[role] = folder
+            continue
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"model_paths: {index_path} lists '{name}' but {folder} is missing (an "
+                                    "incomplete download? fetch that folder too)")
+        if role == "tokenizer":
+            if not any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
+                raise FileNotFoundError(f"model_paths: {folder} holds no tokenizer files "
+                                        f"({', '.join(_TOKENIZER_FILES)})")
+        elif not os.path.isfile(os.path.join(folder, "config.json")) or not _has_weights(folder):
+            raise FileNotFoundError(f"model_paths: {folder} needs config.json and its weights "
+                                    "(*.safetensors or a sharded *.safetensors.index.json)")
+        components[role] = folder
+    return DiffusersFolder(path, index, components)
+
+
+def _read_config(folder: str) -> dict:
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _dit_arch(cfg: dict, where: str) -> DiTArch:
+    """The diffusers transformer config as ``wan2_2``'s architecture record (WanModel's kwarg names)."""
+    if cfg.get("image_dim") is not None:
+        raise ValueError(f"{where}: this transformer takes CLIP image features (image_dim {cfg['image_dim']}: "
+                         "Wan2.1-I2V); wan2_2_diffusers supports Wan2.2 A14B")
+    heads, head_dim = cfg.get("num_attention_heads", 40), cfg.get("attention_head_dim", 128)
+    kwargs = dict(dim=heads * head_dim, in_dim=cfg.get("in_channels", 16), ffn_dim=cfg.get("ffn_dim", 13824),
+                  out_dim=cfg.get("out_channels") or cfg.get("in_channels", 16), text_dim=cfg.get("text_dim", 4096),
+                  freq_dim=cfg.get("freq_dim", 256), eps=cfg.get("eps", 1e-6),
+                  patch_size=tuple(cfg.get("patch_size", (1, 2, 2))), num_heads=heads,
+                  num_layers=cfg.get("num_layers", 40), has_image_input=False)
+    if kwargs["in_dim"] == 2 * kwargs["out_dim"] + 4:
+        conditioning = "i2v"
+    elif kwargs["in_dim"] == kwargs["out_dim"]:
+        conditioning = "t2v"
+    else:
+        raise ValueError(f"{where}: a transformer with {kwargs['in_dim']} input channels for {kwargs['out_dim']} "
+                         "latent channels needs inputs rewardfl does not provide")
+    return DiTArch(f"diffusers:{cfg.get('_class_name', 'WanTransformer3DModel')}", kwargs, conditioning)
+
+
+def _resolve_boundary(options, folder: DiffusersFolder) -> Optional[float]:
+    """``model.boundary`` when set, else model_index.json's ``boundary_ratio`` (None: one expert)."""
+    ratio = folder.boundary_ratio
+    if len(folder.experts) < 2:
+        return None
+    if options.boundary is not None:
+        if ratio is not None and abs(ratio - options.boundary) > 1e-9:
+            log.warning("model.boundary %.4g overrides boundary_ratio %.4g of %s/model_index.json",
+                        options.boundary, ratio, folder.root)
+        return options.boundary
+    if ratio is None:
+        raise ValueError(f"model.boundary: {folder.root}/model_index.json has two transformers and no "
+                         "boundary_ratio; set model.boundary (Wan2.2-I2V-A14B: 0.9, T2V-A14B: 0.875)")
+    return ratio
+
+
+# --------------------------------------------------------------------------- adapters
+
+class _UMT5Context(torch.nn.Module):
+    """transformers' ``UMT5EncoderModel`` called as ``wan2_2`` calls diffsynth's text encoder:
+    ``(ids, mask) -> (B, L, dim)`` last hidden state."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+class _DecoderSteps(torch.nn.Module):
+    """diffusers' ``WanDecoder3d`` with diffsynth's decoder signature, for ``vae_decode._decode_tile``:
+    ``(x, feat_cache, feat_idx) -> (out, feat_cache, feat_idx)``.
+
+    ``_decode_tile`` sizes the causal-conv cache with diffsynth's ``count_conv3d``, which does not
+    count diffusers' ``WanCausalConv3d`` (it starts empty): the list is filled up to this decoder's
+    count on the first call and carried from then on.
+    """
+
+    def __init__(self, decoder: torch.nn.Module, num_convs: int):
+        super().__init__()
+        self.decoder = decoder
+        self.num_convs = num_convs
+
+    def forward(self, x, feat_cache=None, feat_idx=(0,), first_chunk=False):
+        feat_cache.extend([None] * (self.num_convs - len(feat_cache)))
+        feat_idx = list(feat_idx)
+        out = self.decoder(x, feat_cache=feat_cache, feat_idx=feat_idx, first_chunk=first_chunk)
+        return out, feat_cache, feat_idx
+
+
+class _VAEModel(torch.nn.Module):
+    """``AutoencoderKLWan`` as diffsynth's ``VideoVAE_`` looks to ``vae_decode``: ``conv1`` (dtype),
+    ``conv2`` (before the decoder), ``decoder`` (per-frame steps), ``encode(video, scale)``."""
+
+    def __init__(self, autoencoder: torch.nn.Module):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.decoder = _DecoderSteps(autoencoder.decoder, autoencoder._cached_conv_counts["decoder"])
+
+    @property
+    def conv1(self):
+        return self.autoencoder.quant_conv
+
+    @property
+    def conv2(self):
+        return self.autoencoder.post_quant_conv
+
+    def encode(self, video: torch.Tensor, scale) -> torch.Tensor:
+        """Normalised latent mean ``(mu - mean) / std`` (B, z, T, h, w) of videos (B, 3, F, H, W) in [-1, 1]."""
+        mu = self.autoencoder.encode(video).latent_dist.mode()
+        mean, inv_std = (s.to(mu.device, mu.dtype).view(1, -1, 1, 1, 1) for s in scale)
+        return (mu - mean) * inv_std
+
+
+class _DiffusersVAE(torch.nn.Module):
+    """``AutoencoderKLWan`` behind the interface of diffsynth's ``WanVideoVAE`` that
+    ``vae_decode.encode_video``/``decode_latents`` use: ``model``, ``mean``, ``std``, ``scale``,
+    ``upsampling_factor`` (the latent statistics from the VAE's config, fp32)."""
+
+    def __init__(self, autoencoder: torch.nn.Module):
+        super().__init__()
+        cfg = autoencoder.config
+        if cfg.get("is_residual") or cfg.get("patch_size") is not None or cfg.z_dim != 16:
+            raise ValueError("model_paths: the VAE is the Wan2.2 VAE (TI2V-5B); wan2_2_diffusers supports the "
+                             "Wan2.1 VAE of the A14B models")
+        self.model = _VAEModel(autoencoder)
+        self.register_buffer("mean", torch.tensor(cfg.latents_mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.latents_std, dtype=torch.float32), persistent=False)
+        self.z_dim = cfg.z_dim
+        self.upsampling_factor = 2 ** (len(cfg.dim_mult) - 1)
+
+    @property
+    def scale(self):
+        return [self.mean, 1.0 / self.std]
+
+
+def _checkpoint_function(mode: str):
+    """What diffusers' transformer calls per block under gradient checkpointing, for ``_checkpoint_mode``."""
+    from .offload import offloaded_checkpoint
+
+    if mode == "offload":  # only the block input (the large one) waits in host memory
+        def offloaded(block, *args):
+            return offloaded_checkpoint(block, *args, offload=(True,) + (False,) * (len(args) - 1))
+        return offloaded
+    return functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
+
+def _fp32_time_projection(dit) -> None:
+    """diffusers keeps ``time_embedder`` in fp32 (``_keep_in_fp32_modules``); its ``time_proj`` is made
+    to compute in fp32 too, as official Wan and ``wan2_2`` do (``dit_forward.Float32Linear``)."""
+    from .dit_forward import Float32Linear
+
+    m = dit.condition_embedder.time_proj
+    if type(m) is torch.nn.Linear:
+        m.__class__ = Float32Linear
+
+
+# --------------------------------------------------------------------------- the plugin
+
+class Wan22DiffusersModel(Wan22Model):
+    """Wan2.2 A14B (I2V, or T2V) from a diffusers folder: ``model_paths`` is the folder with
+    model_index.json. See the module docstring for what is shared with ``wan2_2``."""
+
+    Options = Wan22DiffusersOptions
+
+    @classmethod
+    def expert_boundary(cls, options, config=None) -> float:
+        """``model.boundary``; unset: model_index.json's ``boundary_ratio`` when ``config`` is given, else
+        0.9 (Wan2.2-I2V-A14B's)."""
+        if options.boundary is not None:
+            return options.boundary
+        if config is not None:
+            folder = find_diffusers_folder(config)
+            boundary = _resolve_boundary(options, folder)
+            return DEFAULT_BOUNDARY if boundary is None else boundary
+        return DEFAULT_BOUNDARY
+
+    @classmethod
+    def check(cls, config, options) -> list[str]:
+        """``run --check``: the folder's components and the boundary, from model_index.json and config.json
+        files only."""
+        folder = find_diffusers_folder(config)
+        lines = [f"model_index.json: {folder.root} ({folder.index.get('_class_name')})"]
+        for role, path in folder.components.items():
+            name = EXPERT_COMPONENTS.get(role, role)
+            label = {"dit": " (high noise)", "dit2": " (low noise)"}.get(role, "")
+            lines.append(f"{name}{label}: {path}")
+        for role in folder.experts:
+            _dit_arch(_read_config(folder.components[role]), f"model_paths: {folder.components[role]}")
+        boundary = _resolve_boundary(options, folder)
+        if boundary is not None:
+            source = "model.boundary" if options.boundary is not None else "model_index.json boundary_ratio"
+            lines.append(f"boundary: {boundary:g} ({source})")
+        return lines
+
+    def __init__(self, config, options: Optional[Wan22DiffusersOptions] = None, *, device=None, **runtime):
+        options = options or self.Options()
+        self.config, self.options = config, options
+        self.device = torch.device(device if device is not None else "cpu")
+        self.dtype = self._choose_dtype(config.mixed_precision, self.device)
+
+        # 1. the folder and the configs: cheap, every user error surfaces here
+        folder = find_diffusers_folder(config)
+        self.folder = folder
+        self.boundary = _resolve_boundary(options, folder)
+        self.experts = folder.experts
+        archs = {r: _dit_arch(_read_config(folder.components[r]), f"model_paths: {folder.components[r]}")
+                 for r in self.experts}
+        first = archs[self.experts[0]]
+        for r in self.experts[1:]:
+            if archs[r].kwargs != first.kwargs:
+                raise ValueError(f"model_paths: {folder.components['dit']} and {folder.components[r]} differ "
+                                 "in architecture; both experts must be the same")
+        self.arch = first
+        vae_cfg = _read_config(folder.components["vae"])
+        if vae_cfg.get("z_dim", 16) != first.z_dim:
+            raise ValueError(f"model_paths: the VAE ({folder.components['vae']}) has {vae_cfg.get('z_dim')} latent "
+                             f"channels, the transformer expects {first.z_dim}")
+        te_cfg = _read_config(folder.components["text_encoder"])
+        if te_cfg.get("d_model") != first.kwargs["text_dim"]:
+            raise ValueError(f"model_paths: the text encoder ({folder.components['text_encoder']}) is "
+                             f"{te_cfg.get('d_model')}-d, the transformer expects {first.kwargs['text_dim']}-d")
+        self.vae_stride = (4, 8, 8)
+        lora_experts, full_experts = self._plan_training(config)
+        targets = as_list(config.lora_target_modules)
+        if lora_experts:  # the same names and messages as wan2_2: checked on a weightless WanModel
+            from diffsynth.models.wan_video_dit import WanModel
+
+            from .lora import check_lora_targets
+            with torch.device("meta"):
+                check_lora_targets(WanModel(**first.kwargs), targets)
+
+        # 2. heavy work: diffusers' and transformers' own loaders
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        from transformers import UMT5EncoderModel
+
+        self.tokenizer = self._load_tokenizer(folder.components["tokenizer"])
+        self.dits = {r: self._load(WanTransformer3DModel, folder.components[r]) for r in self.experts}
+        self.text_encoder = _UMT5Context(self._load(UMT5EncoderModel, folder.components["text_encoder"])).eval()
+        self.vae = _DiffusersVAE(self._load(AutoencoderKLWan, folder.components["vae"])).eval()
+        self._setup(lora_experts, full_experts, targets)
+
+    def _load(self, cls, folder: str) -> torch.nn.Module:
+        try:
+            module = cls.from_pretrained(folder, torch_dtype=self.dtype, local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as e:  # missing shards, shape mismatches, bad configs
+            raise ValueError(f"model_paths: cannot load {cls.__name__} from {folder}: {e}") from e
+        return module.requires_grad_(False).eval()
+
+    def _wan_lora_targets(self, dit, targets: list[str]) -> list[str]:
+        """The full names of ``dit``'s Linear layers whose Wan-layout name matches a target (peft's rule)."""
+        names = []
+        for name, module in dit.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                wan = diffusers_to_wan_key(name)
+                if any(wan == t or wan.endswith("." + t) for t in targets):
+                    names.append(name)
+        return names
+
+    def _setup(self, lora_experts: list[str], full_experts: list[str], targets: list[str]) -> None:
+        """``Wan22Model._setup`` for diffusers' transformer: fp32 time projection, LoRA on the modules the
+        Wan-named targets select, gradient checkpointing through diffusers' per-block hook."""
+        import copy
+
+        config, options = self.config, self.options
+        for dit in self.dits.values():  # before LoRA and copies: they keep the layer class
+            _fp32_time_projection(dit)
+        self.lora_experts, self.full_experts = lora_experts, full_experts
+        self.lora_scale = self.lora_alpha = None
+        if lora_experts:
+            from .lora import add_lora
+            alpha = float(config.lora_alpha) if config.lora_alpha is not None else float(config.lora_rank)
+            self.lora_alpha, self.lora_scale = alpha, alpha / config.lora_rank
+            for r in lora_experts:
+                add_lora(self.dits[r], self._wan_lora_targets(self.dits[r], targets), config.lora_rank, alpha)
+        self._frozen = {}
+        for r in full_experts:
+            self.dits[r].requires_grad_(True)
+            log.warning("trainable_models: full fine-tuning of %s keeps a frozen copy for the regulariser's "
+                        "reference velocity (twice the expert's memory); LoRA (lora_base_model) needs none", r)
+            self._frozen[r] = copy.deepcopy(self.dits[r]).requires_grad_(False).eval()
+        if self._checkpoint_mode != "none":
+            for r in self.trainable_experts():
+                self.dits[r].enable_gradient_checkpointing(_checkpoint_function(self._checkpoint_mode))
+
+        self.offload_experts = self._want_expert_offload(options.offload_idle_expert)
+        for r in self.experts:
+            for module in (self.dits[r], self._frozen.get(r)):
+                if module is None:
+                    continue
+                if not self.offload_experts:
+                    module.to(self.device)
+                    continue
+                for p in module.parameters():  # trainable weights live on the device for good
+                    if p.requires_grad:
+                        p.data = p.data.to(self.device)
+        if self.offload_experts:
+            self._place(self.experts[0])
+        self.vae.to(self.device)
+        self.text_encoder.to(self.device if not self._offload_text else "cpu")
+        self._prompt_cache = {}
+        self.training = True
+        self.train(True)
+
+    @classmethod
+    def with_random_weights(cls, *args, **kwargs):
+        raise NotImplementedError("wan2_2_diffusers loads a diffusers folder; with_random_weights builds wan2_2")
+
+    # ------------------------------------------------------------------ VideoModel interface
+
+    def denoise(self, expert: str, x: torch.Tensor, timestep: torch.Tensor, cond, *,
+                base: bool = False) -> torch.Tensor:
+        from .lora import adapters_disabled
+
+        if expert not in self.dits:
+            raise ValueError(f"denoise: unknown expert '{expert}'; this model has {self.experts}")
+        self._place(expert)
+        timestep = timestep.to(self.device, torch.float32).reshape(-1)
+        if timestep.numel() == 1 and x.shape[0] > 1:
+            timestep = timestep.expand(x.shape[0])
+        x_in = x.to(self.device)
+        if base:
+            with torch.no_grad():
+                if expert in self.lora_experts:
+                    with adapters_disabled(self.dits[expert]):
+                        v = self._velocity(self.dits[expert], x_in, timestep, cond)
+                else:
+                    v = self._velocity(self._frozen.get(expert, self.dits[expert]), x_in, timestep, cond)
+        else:
+            v = self._velocity(self.dits[expert], x_in, timestep, cond)
+        return v.to(x.dtype)
+
+    @staticmethod
+    def _velocity(dit, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
+        """``WanTransformer3DModel``'s own forward on ``[x | y]`` (I2V: y = mask + first-frame latent)."""
+        dtype = dit.patch_embedding.weight.dtype
+        if cond.y is not None:
+            x = torch.cat([x, cond.y.to(x.dtype)], dim=1)
+        return dit(x.to(dtype), timestep=timestep, encoder_hidden_states=cond.context.to(dtype),
+                   return_dict=False)[0]
+
+    def _wan_named_trainable(self) -> dict[str, torch.nn.Parameter]:
+        """``{"<expert>.<Wan-layout name>": parameter}`` (LoRA: ``...q.lora_A.weight``)."""
+        from .lora import diffsynth_lora_key
+
+        out = {}
+        for name, p in self.trainable_parameters():  # "<expert>.<diffusers/peft name>"
+            expert, rest = name.split(".", 1)
+            out[f"{expert}.{diffusers_to_wan_key(diffsynth_lora_key(rest))}"] = p
+        return out
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """``{"<expert>.<Wan-layout LoRA key or parameter name>": tensor}``: the keys ``wan2_2`` uses."""
+        return {k: p.detach() for k, p in self._wan_named_trainable().items()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = self._wan_named_trainable()
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"load_trainable_state_dict: keys do not match this model's trainable weights "
+                             f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                             f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}); was it saved with the same "
+                             "trainable_models / lora_base_model / lora_target_modules / lora_rank?")
+        with torch.no_grad():
+            for k, p in params.items():
+                if tuple(state[k].shape) != tuple(p.shape):
+                    raise ValueError(f"load_trainable_state_dict: {k} is {tuple(state[k].shape)}, model has "
+                                     f"{tuple(p.shape)}")
+                p.copy_(state[k].to(p.device, p.dtype))
+
+    def save_trainable(self, path: str, lora_format: Optional[str] = None) -> list[str]:
+        """As ``Wan22Model.save_trainable`` (``model.lora_format``: comfyui, diffsynth or diffusers), the
+        layers named in the Wan layout first, so the files are those ``wan2_2`` writes; a fully
+        fine-tuned expert is written in the original Wan layout."""
+        from .lora import lora_layers
+        from .lora_formats import FORMATS, expert_file, write_lora
+
+        fmt = lora_format or self.options.lora_format
+        if fmt not in FORMATS:
+            raise ValueError(f"model.lora_format: '{fmt}' is not one of {', '.join(FORMATS)}")
+        experts = self.trainable_experts()
+        out = []
+        for r in experts:
+            target = expert_file(path, r, experts)
+            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+            if r in self.lora_experts:
+                layers = {diffusers_to_wan_key(k): v for k, v in lora_layers(self.dits[r], self.lora_alpha).items()}
+                state = write_lora(layers, fmt)
+                meta = {"format": f"{fmt}-lora", "expert": r, "lora_rank": str(self.config.lora_rank),
+                        "lora_alpha": str(self.lora_alpha), "lora_target_modules": self.config.lora_target_modules}
+            else:
+                state = {diffusers_to_wan_key(k): v.detach().cpu().contiguous()
+                         for k, v in self.dits[r].state_dict().items()}
+                meta = {"format": "wan-dit", "expert": r}
+            write_safetensors(target, state, meta)
+            out.append(target)
+        return out

@@ -1,0 +1,270 @@
+"""Several rewards at once: ``reward:`` as a list, trained as a weighted sum.
+
+.. code-block:: yaml
+
+    reward:
+      - {name: face_identity, weight: 1.0, landmark_fallback: true}
+      - {name: identity_consistency, weight: 0.5, normalize: running}
+      - {name: motion, weight: 0.2, frames: stride, frame_stride: 2}
+
+Each entry is one reward plugin: ``name``, the composition's keys below, and the plugin's own
+options. Per micro-batch of B videos:
+
+* each reward scores the frames it chooses (``frames: all`` / ``stride`` (every ``frame_stride``-th,
+  frame 0 first) / ``random`` (``frame_count`` frames, drawn per call from (``seed``, call count,
+  entry): resumed exactly); rewards choosing the same frames get the same tensor object and share one
+  :class:`~rewardfl.interfaces.StepCache`, so work keyed on it (resized frames, face detections) is
+  computed once;
+* a reward that cannot score a sample (no face) masks that sample for itself only (``valid``);
+* its loss: ``normalize: none`` the reward's own ``loss`` (e.g. face_identity's ROLL shaping);
+  ``fixed`` ``-mean((s - normalize_mean) / normalize_std)``; ``running`` the same with a running mean
+  and standard deviation of the reward's scores over every process (an exponential moving average with
+  ``normalize_momentum``, bias-corrected; the statistics *before* this batch; mean 0 / std 1 until
+  ``normalize_warmup`` batches have been seen), so that no reward dominates by scale;
+* ``loss = sum_i weight_i * loss_i``; a reward with ``weight: 0`` is scored without gradient and only
+  logged, which is also the only way to list a non-differentiable reward.
+
+The loop's ``reward_score`` is the weighted total ``sum_i weight_i * score_i`` over the rewards that
+could score the sample (raw scores, not normalised); each reward reports ``<label>/score`` (its mean
+over the samples it scored), ``<label>/valid_fraction`` and its own metrics as ``<label>/<key>``
+(the loop prefixes ``reward/``). Labels default to the name (``name_2``... when a name repeats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Literal, Optional, Sequence
+
+import torch
+
+from rewardfl.config import COMPOSITE_REWARD, ConfigError, build_dataclass
+from rewardfl.interfaces import Reward, RewardOutput, SampleContext, StepCache
+
+__all__ = ["CompositeReward", "RewardTerm", "CompositeOutput", "select_frames"]
+
+#: the keys of a ``reward:`` list entry that belong to the composition (the rest are the plugin's)
+TERM_KEYS = ("name", "label", "weight", "normalize", "normalize_mean", "normalize_std", "normalize_momentum",
+             "normalize_warmup", "frames", "frame_stride", "frame_count")
+
+
+@dataclasses.dataclass
+class RewardTerm:
+    """One entry of a ``reward:`` list (see the module docstring)."""
+
+    name: str
+    label: Optional[str] = None
+    weight: float = 1.0
+    normalize: Literal["none", "fixed", "running"] = "none"
+    normalize_mean: float = 0.0
+    normalize_std: float = 1.0
+    normalize_momentum: float = 0.99
+    normalize_warmup: int = 4
+    frames: Literal["all", "stride", "random"] = "all"
+    frame_stride: int = 1
+    frame_count: int = 4
+    #: the plugin's validated ``Options`` (set when resolved)
+    options: Any = None
+
+
+@dataclasses.dataclass
+class CompositeOptions:
+    terms: list
+
+
+@dataclasses.dataclass
+class CompositeOutput(RewardOutput):
+    """A :class:`RewardOutput` (scores: the weighted totals) with each reward's own output."""
+
+    terms: list = dataclasses.field(default_factory=list)
+
+
+def select_frames(num_frames: int, term: RewardTerm, generator: torch.Generator) -> Optional[tuple[int, ...]]:
+    """The frame indices ``term`` scores out of ``num_frames`` (None: all of them)."""
+    if term.frames == "stride" and term.frame_stride > 1:
+        return tuple(range(0, num_frames, term.frame_stride))
+    if term.frames == "random" and term.frame_count < num_frames:
+        return tuple(sorted(torch.randperm(num_frames, generator=generator)[:term.frame_count].tolist()))
+    return None
+
+
+class CompositeReward(Reward):
+    """The weighted sum of a list of reward plugins; a :class:`Reward` itself, so the loop, ``evaluate``
+    and ``run --check`` treat one reward and several alike."""
+
+    Options = CompositeOptions
+
+    # ------------------------------------------------------------------ config
+
+    @classmethod
+    def resolve_options(cls, entries, load_plugin: Callable[[str], type]) -> CompositeOptions:
+        """Validate the raw ``reward:`` list; errors name ``reward[i].key``."""
+        if isinstance(entries, CompositeOptions):
+            return entries
+        terms, seen = [], {}
+        for i, entry in enumerate(entries):
+            key = f"reward[{i}]"
+            if isinstance(entry, str):
+                entry = {"name": entry}
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                raise ConfigError(f"{key}: expected a mapping with 'name' (e.g. {{name: face_identity, weight: 1.0}}), "
+                                  f"got {entry!r}")
+            if entry["name"] == COMPOSITE_REWARD:
+                raise ConfigError(f"{key}.name: {COMPOSITE_REWARD} is the list itself; name a reward plugin")
+            own = {k: v for k, v in entry.items() if k in TERM_KEYS}
+            term = build_dataclass(RewardTerm, own, prefix=key)
+            try:
+                plugin = load_plugin(term.name)
+            except Exception as e:  # PluginError: unknown name, bad entry point
+                raise ConfigError(f"{key}.name: {e}") from e
+            opts_cls = plugin.Options
+            rest = {k: v for k, v in entry.items() if k not in TERM_KEYS}
+            term.options = build_dataclass(opts_cls, rest, prefix=key)
+            if term.label is None:
+                seen[term.name] = seen.get(term.name, 0) + 1
+                term.label = term.name if seen[term.name] == 1 else f"{term.name}_{seen[term.name]}"
+            _check_term(term, key, plugin)
+            terms.append(term)
+        labels = [t.label for t in terms]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"reward: labels must differ, got {labels}; give each entry a distinct label")
+        if not any(t.weight != 0 for t in terms):
+            raise ConfigError("reward: every weight is 0; give at least one reward a weight (the others are logged)")
+        return CompositeOptions(terms)
+
+    @classmethod
+    def check(cls, config, options: CompositeOptions) -> list[str]:
+        from rewardfl.registry import load_plugin
+
+        lines = []
+        for term in options.terms:
+            plugin = load_plugin("reward", term.name)
+            lines += [f"[{term.label} x{term.weight:g}] {line}" for line in plugin.check(config, term.options)]
+        return lines
+
+    # ------------------------------------------------------------------ runtime
+
+    def __init__(self, config, options: CompositeOptions, *, device=None, **runtime):
+        from rewardfl.registry import load_plugin
+
+        self.config, self.options, self.terms = config, options, options.terms
+        self.rewards = [load_plugin("reward", t.name)(config, t.options, device=device, **runtime) for t in self.terms]
+        self.differentiable = any(r.differentiable for r in self.rewards)
+        #: sums over processes (set by the trainer under several processes): running statistics agree
+        self.reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+        self.calls = 0
+        # running statistics per term: [batches seen, EMA of mean, EMA of mean square]
+        self.stats = [[0, 0.0, 0.0] for _ in self.terms]
+        self._usable: list[dict[str, bool]] = [{} for _ in self.terms]
+
+    def prepare(self, contexts: Sequence[SampleContext]) -> torch.Tensor:
+        """A sample is skipped only when no reward can use it; each reward's own answer masks it later."""
+        keep = torch.zeros(len(contexts), dtype=torch.bool)
+        for term, reward, usable in zip(self.terms, self.rewards, self._usable):
+            ok = reward.prepare(contexts).cpu().bool()
+            usable.update({c.sample_id: bool(v) for c, v in zip(contexts, ok)})
+            if term.weight != 0:
+                keep |= ok
+        return keep
+
+    def __call__(self, videos: torch.Tensor, contexts: Sequence[SampleContext]) -> CompositeOutput:
+        cache, views = StepCache(), {}
+        g = torch.Generator().manual_seed((self.config.seed * 1000003 + self.calls) % 2**63)
+        self.calls += 1
+        outputs, metrics = [], {}
+        total = torch.zeros(videos.shape[0], dtype=torch.float32, device=videos.device)
+        any_valid = torch.zeros(videos.shape[0], dtype=torch.bool, device=videos.device)
+        for term, reward, usable in zip(self.terms, self.rewards, self._usable):
+            frames = select_frames(videos.shape[2], term, g)
+            if frames not in views:  # one tensor per selection: the cache's keys
+                views[frames] = videos if frames is None else videos[:, :, list(frames)]
+            ctx = contexts if frames is None else [dataclasses.replace(c, frames=frames) for c in contexts]
+            reward.cache = cache
+            try:
+                with torch.set_grad_enabled(torch.is_grad_enabled() and term.weight != 0):
+                    out = reward(views[frames], ctx)
+            finally:
+                reward.cache = None
+            valid = out.valid.to(videos.device).bool() & torch.tensor(
+                [usable.get(c.sample_id, True) for c in contexts], device=videos.device)
+            out = RewardOutput(out.scores, valid, dict(out.metrics))
+            outputs.append(out)
+            scores = out.scores.detach().float().to(videos.device)
+            total += torch.where(valid, term.weight * scores, torch.zeros_like(scores))
+            if term.weight != 0:
+                any_valid |= valid
+            metrics[f"{term.label}/score"] = float(scores[valid].mean()) if bool(valid.any()) else float("nan")
+            metrics[f"{term.label}/valid_fraction"] = float(valid.float().mean())
+            metrics.update({f"{term.label}/{k}": v for k, v in out.metrics.items()})
+        metrics["cache/computed"] = float(sum(cache.computed.values()))  # work done once ...
+        metrics["cache/hits"] = float(sum(cache.hits.values()))  # ... and reused by another reward
+        self.last_cache = cache
+        return CompositeOutput(scores=total, valid=any_valid, metrics=metrics, terms=outputs)
+
+    def loss(self, output: CompositeOutput) -> torch.Tensor:
+        """``sum_i weight_i * loss_i`` (see the module docstring); updates the running statistics."""
+        loss = output.scores.sum() * 0.0
+        for i, (term, reward, out) in enumerate(zip(self.terms, self.rewards, output.terms)):
+            if term.weight == 0:
+                continue
+            if term.normalize == "none":
+                part = reward.loss(out)
+            else:
+                mean, std = self._normalizer(i, out)
+                valid = out.valid.to(out.scores.device)
+                part = (-((out.scores[valid].float() - mean) / std).mean() if bool(valid.any())
+                        else out.scores.sum() * 0.0)
+            loss = loss + term.weight * part
+        return loss
+
+    def _normalizer(self, i: int, out: RewardOutput) -> tuple[float, float]:
+        """``(mean, std)`` for term ``i``: fixed, or the running statistics before this batch (then updated)."""
+        term = self.terms[i]
+        if term.normalize == "fixed":
+            return term.normalize_mean, term.normalize_std
+        n, m1, m2 = self.stats[i]
+        if n >= term.normalize_warmup:
+            corr = 1.0 - term.normalize_momentum ** n
+            mean = m1 / corr
+            std = math.sqrt(max(m2 / corr - mean * mean, 0.0))
+            mean, std = mean, max(std, 1e-6)
+        else:
+            mean, std = 0.0, 1.0
+        s = out.scores.detach().double()
+        v = out.valid.to(s.device)
+        sums = self.reduce_sum(torch.stack([s[v].sum(), (s[v] ** 2).sum(), v.sum().double()]).cpu())
+        if float(sums[2]) > 0:  # a batch with no valid score anywhere leaves the statistics alone
+            b = term.normalize_momentum
+            self.stats[i] = [n + 1, b * m1 + (1 - b) * float(sums[0] / sums[2]),
+                             b * m2 + (1 - b) * float(sums[1] / sums[2])]
+        return mean, std
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """What resumes the composition exactly: the call count (random frames) and the running statistics."""
+        return {"calls": self.calls, "stats": [list(s) for s in self.stats],
+                "labels": [t.label for t in self.terms]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("labels") != [t.label for t in self.terms]:
+            raise ValueError(f"reward: the checkpoint's rewards {state.get('labels')} differ from the config's "
+                             f"{[t.label for t in self.terms]}; resume with the same reward list")
+        self.calls = int(state["calls"])
+        self.stats = [[int(n), float(a), float(b)] for n, a, b in state["stats"]]
+
+
+def _check_term(term: RewardTerm, key: str, plugin: type) -> None:
+    def need(ok, message):
+        if not ok:
+            raise ConfigError(f"{key}.{message}")
+
+    need(math.isfinite(term.weight), f"weight: must be a finite number, got {term.weight}")
+    need(term.weight == 0 or plugin.differentiable,
+         f"weight: {term.name} is not differentiable (it gives no gradient to train on); set weight: 0 to log "
+         "and evaluate it only")
+    need(term.normalize_std > 0, f"normalize_std: must be > 0, got {term.normalize_std}")
+    need(0.0 < term.normalize_momentum < 1.0, f"normalize_momentum: must be in (0, 1), got {term.normalize_momentum}")
+    need(term.normalize_warmup >= 1, f"normalize_warmup: must be >= 1, got {term.normalize_warmup}")
+    need(term.frame_stride >= 1, f"frame_stride: must be >= 1, got {term.frame_stride}")
+    need(term.frame_count >= 1, f"frame_count: must be >= 1, got {term.frame_count}")

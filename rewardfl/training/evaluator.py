@@ -1,0 +1,174 @@
+"""Evaluation during training (``eval_steps``), the reward-hacking guard and ``save_best_by``.
+
+Every ``eval_steps`` optimizer steps (and once before the first, as the base the others are paired
+with) the held-out clips' first ``eval.train_clips`` are generated with the current weights from the
+same starting noise (``eval.train_seeds`` seeds; :mod:`rewardfl.generate`'s full-step sampler, no
+gradient) and scored as ``rewardfl.evaluate`` scores them: the training reward, each judge of
+``eval.judges`` (with identity specificity), motion, first-frame PSNR. The means are logged as
+``eval/<metric>`` and the paired difference to the step-0 videos as ``eval/<metric>/diff_to_base``.
+
+The guard (:func:`rewardfl.evaluation.metrics.hacking_warnings`): over the last
+``eval.hacking_window`` evaluations, the training reward rose while a judge's score or specificity
+fell below the 95% interval of the window's first half: one warning naming both, and with
+``stop_on_hacking`` the run stops after a checkpoint. ``save_best_by: eval/<metric>`` keeps the
+weights of the best evaluation by that metric in ``OUTPUT_DIR/best`` (``best.json`` says which step).
+
+The series lives in ``OUTPUT_DIR/eval_history.json`` (rank 0 writes it; a resumed run reads it, so
+the base and the guard's window survive a restart).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+from rewardfl.config import ConfigError
+from rewardfl.evaluation.metrics import hacking_warnings, paired_difference
+from rewardfl.evaluation.report import contact_sheet
+from rewardfl.fileio import write_json
+
+log = logging.getLogger("rewardfl")
+
+__all__ = ["TrainingEvaluator", "HISTORY"]
+
+HISTORY = "eval_history.json"
+
+
+def _mean(values) -> Optional[float]:
+    v = np.asarray([np.nan if x is None else x for x in values], dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else None
+
+
+class TrainingEvaluator:
+    """Built by the trainer when ``eval_steps`` is set; :meth:`run` evaluates the current weights."""
+
+    def __init__(self, trainer):
+        from rewardfl.evaluate import Evaluation, build_judges
+        from rewardfl.evaluation.split import eval_dataset
+        from rewardfl.generate import Generator
+
+        cfg = self.cfg = trainer.cfg
+        self.output_dir, self.is_main = trainer.output_dir, trainer.is_main
+        dataset = eval_dataset(cfg)
+        n = len(dataset) if cfg.eval.train_clips == 0 else min(cfg.eval.train_clips, len(dataset))
+        items = [dataset[i] for i in range(n)]
+        self.evaluation = Evaluation(items, trainer.reward, build_judges(cfg, trainer.device),
+                                     list(range(cfg.eval.train_seeds)))
+        self.generator = Generator.from_model(cfg, trainer.model, trainer.sampler, trainer.boundary)
+        self.batch_size = cfg.per_device_train_batch_size
+        self.path = os.path.join(self.output_dir, HISTORY)
+        self.history: list[dict] = []  # [{"step", "metrics": {eval/...}, "rows": [...]}]
+        self.best: Optional[dict] = None
+
+    # ------------------------------------------------------------------ resume
+
+    def load(self, step: int) -> None:
+        """The evaluations of a resumed run up to ``step`` (later ones belong to steps being redone)."""
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            saved = json.load(f)
+        self.history = [h for h in saved.get("history", []) if h["step"] <= step]
+        best = saved.get("best")
+        self.best = best if best and best["step"] <= step else None
+
+    def _write(self) -> None:
+        if self.is_main:
+            write_json(self.path, {"history": self.history, "best": self.best}, indent=1)
+
+    # ------------------------------------------------------------------ one evaluation
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.eval_steps
+        return bool(every) and (step % every == 0) and not any(h["step"] == step for h in self.history)
+
+    def run(self, step: int) -> tuple[dict, list[str], list[tuple[str, list]]]:
+        """Evaluate the current weights at ``step``: ``(eval/* metrics, guard warnings, contact-sheet rows
+        per clip)``. The first evaluation of a run (step 0) is the base the others are paired with."""
+        ev = self.evaluation
+        was_training = getattr(self.generator.model, "training", None)
+        videos = ev.generate(self.generator, self.batch_size)
+        rows = ev.score(f"step-{step}", videos)
+        keys = sorted({k for r in rows for k in r if k not in ("checkpoint", "clip", "seed", "details")})
+        metrics = {f"eval/{k}": _mean(r.get(k) for r in rows) for k in keys}
+        base = self.history[0]["rows"] if self.history else None
+        if base is not None:
+            e = self.cfg.eval
+            for k in keys:
+                d = paired_difference([r.get(k) for r in rows], [b.get(k) for b in base],
+                                      samples=e.bootstrap_samples, seed=e.bootstrap_seed)
+                metrics[f"eval/{k}/diff_to_base"] = d["mean"]
+        slim = [{k: v for k, v in r.items() if k != "details"} for r in rows]
+        self.history.append({"step": step, "metrics": metrics, "rows": slim})
+        warnings = self.guard()
+        if was_training is not None:
+            self.generator.model.train(was_training)
+        self._write()
+        if len(self.history) == 1:
+            self._base_videos = videos  # a resumed run has the base's numbers, not its videos
+        shown = ([("base", self._base_videos)] if self._base_videos is not None and len(self.history) > 1 else [])
+        sheets = [(ev.items[c]["sample_id"], ev.sheet(c, shown + [(f"step {step}", videos)]))
+                  for c in range(len(ev.items))]
+        return metrics, warnings, sheets
+
+    _base_videos: Optional[list] = None
+
+    def guard(self) -> list[str]:
+        """The hacking guard over the series so far (see the module docstring)."""
+        window = self.cfg.eval.hacking_window
+        series = [h["metrics"] for h in self.history]
+        reward = [m.get("eval/reward_score") for m in series]
+        judges = {k.removeprefix("eval/judge/"): [m.get(k) for m in series] for k in series[-1]
+                  if k.startswith("eval/judge/") and k.endswith(("/score", "/specificity"))}
+        lines = hacking_warnings(reward, judges, window=window, samples=self.cfg.eval.bootstrap_samples,
+                                 seed=self.cfg.eval.bootstrap_seed)
+        return [f"step {self.history[-1]['step']}: {line}" for line in lines]
+
+    # ------------------------------------------------------------------ the best weights
+
+    def improved(self, metrics: dict, step: int) -> bool:
+        """Whether ``save_best_by`` is better at ``step`` than at the best so far (records it when so)."""
+        key = self.cfg.save_best_by
+        if key is None:
+            return False
+        if key not in metrics:  # checked at the base evaluation, before any training step
+            raise ConfigError(f"save_best_by: {key} is not among the evaluation's metrics "
+                              f"({', '.join(sorted(k for k in metrics if not k.endswith('/diff_to_base')))}); "
+                              "pick one of them")
+        value = metrics[key]
+        if step == 0:
+            return False
+        if value is None or not math.isfinite(value):
+            return False
+        better = (self.best is None or (value > self.best["value"] if self.cfg.save_best_mode == "max"
+                                        else value < self.best["value"]))
+        if better:
+            self.best = {"step": step, "metric": key, "value": value, "mode": self.cfg.save_best_mode}
+            self._write()
+        return better
+
+    def write_sheets(self, step: int, sheets) -> list[str]:
+        """PNG contact sheets (reference | base | this step) under ``OUTPUT_DIR/eval_steps/step-N``."""
+        paths = []
+        if self.is_main:
+            for i, (name, rows) in enumerate(sheets):
+                stem = os.path.splitext(os.path.basename(name))[0]
+                path = os.path.join(self.output_dir, "eval_steps", f"step-{step:06d}", f"{i:03d}_{stem}.png")
+                contact_sheet(path, rows, frames=self.cfg.eval.contact_sheet_frames)
+                paths.append(path)
+        return paths
+
+
+def sheet_image(path: str) -> torch.Tensor:
+    """A written contact sheet as ``(3, H, W)`` in [-1, 1] (for trackers)."""
+    from PIL import Image
+
+    a = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0

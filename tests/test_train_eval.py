@@ -1,0 +1,172 @@
+"""Evaluation during training (issue 14): ``eval_steps``, ``save_best_by``, the hacking guard in the
+loop, ``stop_on_hacking`` and ``eval.at_end``.
+
+The training-time numbers are checked against ``rewardfl.evaluate`` run afterwards as a separate
+command on the saved checkpoints (a fresh model, the same held-out clips and seed): equal numbers
+prove the fixed, paired noise and that evaluation saw the weights of that step."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from train_fixtures import small_dataset  # noqa: F401  (session fixture)
+from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
+
+from rewardfl import evaluate as evaluate_cli
+from rewardfl import run
+from rewardfl.generate import Generator
+from rewardfl.registry import load_resolved
+from rewardfl.training.outputs import read_metrics
+
+
+def _config(root, tiny_dir, small_dataset, face_assets, **over):  # noqa: F811
+    raw = {
+        "model_name": "wan2_2_tiny", "model_paths": os.path.join(tiny_dir, "model_paths.json"),
+        "reward_model_path": face_assets.scrfd_sface, "lora_rank": 4, "mixed_precision": "fp32", "device": "cpu",
+        "num_inference_steps": 4, "mid_timestep": 2, "final_timestep": 3, "learning_rate": 2e-2,
+        "warmup_steps": 0, "max_steps": 2, "save_steps": 1, "save_total_limit": None, "seed": 3,
+        "output_dir": str(root / "out"), "report_to": [],
+        "reward": {"name": "face_identity", "landmark_fallback": True, "det_size": 160,
+                   "reference_cache_dir": str(root / "refcache")},
+        "data": {"metadata_path": small_dataset, "num_frames": 5, "height": 64, "width": 64,
+                 "eval_metadata_path": small_dataset},
+        "eval": {"judges": [{"name": "face_identity", "label": "face_fb", "landmark_fallback": True,
+                             "det_size": 160, "reference_cache_dir": "none"}],
+                 "seeds": 1, "train_seeds": 1, "train_clips": 0, "bootstrap_samples": 200},
+        "eval_steps": 1,
+    }
+    for key, value in over.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+    path = root / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory, tiny_dir, small_dataset, face_assets):  # noqa: F811
+    root = tmp_path_factory.mktemp("train_eval")
+    config = _config(root, tiny_dir, small_dataset, face_assets, save_best_by="eval/reward_score")
+    assert run.main([config]) == 0
+    return root, config
+
+
+def test_eval_rows_are_logged_at_step_0_and_every_eval_steps(evaluated_run):
+    root, _ = evaluated_run
+    rows = read_metrics(str(root / "out" / "metrics.jsonl"))
+    evals = [r for r in rows if "eval/reward_score" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    for key in ("eval/motion", "eval/first_frame_psnr", "eval/judge/face_fb/score", "eval/judge/face_fb/specificity"):
+        assert all(key in r for r in evals), key
+    assert "eval/motion/diff_to_base" not in evals[0] and "eval/motion/diff_to_base" in evals[1]
+    # the paired difference: this step's mean minus the base's (same clips, same noise), by hand
+    history = json.load(open(root / "out" / "eval_history.json"))["history"]
+    for h in history[1:]:
+        base = [r["motion"] for r in history[0]["rows"]]
+        now = [r["motion"] for r in h["rows"]]
+        assert h["metrics"]["eval/motion/diff_to_base"] == pytest.approx(np.mean(np.subtract(now, base)), rel=1e-9)
+    # training rows keep their shape (every one has the training reward)
+    train = [r for r in rows if "eval/reward_score" not in r]
+    assert [r["step"] for r in train] == [1, 2] and all("reward_score" in r for r in train)
+    assert len(os.listdir(root / "out" / "eval_steps" / "step-000002")) == 2  # a contact sheet per clip
+
+
+@pytest.mark.parametrize("step", [0, 2])
+def test_training_evaluation_equals_the_evaluate_command_on_the_same_weights(evaluated_run, step, capsys):
+    """Step 0 against ``--checkpoint``-less base, step 2 against checkpoint-2: a fresh model, the same
+    noise, so the same videos and the same numbers."""
+    root, config = evaluated_run
+    out = str(root / f"eval-{step}")
+    ckpt = [] if step == 0 else ["--checkpoint", str(root / "out" / "checkpoints" / f"checkpoint-{step}")]
+    assert evaluate_cli.main([config, *ckpt, "--out", out, "--seeds", "1"]) == 0
+    capsys.readouterr()
+    result = json.load(open(os.path.join(out, "eval.json")))
+    label = "base" if step == 0 else f"checkpoint-{step}"
+    history = {h["step"]: h for h in json.load(open(root / "out" / "eval_history.json"))["history"]}
+    for key in ("reward_score", "motion", "first_frame_psnr", "judge/face_fb/score"):
+        separate = [r[key] for r in result["videos"] if r["checkpoint"] == label]
+        during = [r[key] for r in history[step]["rows"]]
+        assert [x is None for x in during] == [x is None for x in separate], key
+        assert [x for x in during if x is not None] == pytest.approx([x for x in separate if x is not None],
+                                                                     rel=1e-5, abs=1e-6), key
+        if key != "judge/face_fb/score":  # the strict judge finds no face in the tiny model's frames
+            assert any(x is not None for x in during), key
+
+
+def test_save_best_by_keeps_the_weights_of_the_best_evaluation(evaluated_run):
+    root, config = evaluated_run
+    history = json.load(open(root / "out" / "eval_history.json"))
+    series = {h["step"]: h["metrics"]["eval/reward_score"] for h in history["history"] if h["step"] > 0}
+    best_step = max(series, key=series.get)
+    best = json.load(open(root / "out" / "best" / "best.json"))
+    assert best["step"] == best_step and best["value"] == pytest.approx(series[best_step])
+    assert best == history["best"]
+    cfg, plugins = load_resolved(config)
+    gen = Generator(cfg, plugins)
+    gen.load(str(root / "out" / "best"))  # the exported weights, read back as generate reads them
+    saved = gen.model.trainable_state_dict()
+    at_step = load_file(str(root / "out" / "checkpoints" / f"checkpoint-{best_step}" / "trainable.safetensors"))
+    assert set(saved) == set(at_step)
+    for key in saved:
+        np.testing.assert_allclose(saved[key].numpy(), at_step[key].numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_stop_on_hacking_stops_after_a_checkpoint_with_exit_code_4(tmp_path, tiny_dir, small_dataset, face_assets,
+                                                                   caplog):  # noqa: F811
+    """A run resumed at step 1 whose earlier evaluations (crafted in eval_history.json) show a much
+    lower training reward and a judge (motion: always a number, at most 0) far above anything the
+    model scores: the next real evaluation
+    continues both trends, the guard fires, the run saves checkpoint-2 and stops (no final export)."""
+    config = _config(tmp_path, tiny_dir, small_dataset, face_assets, max_steps=1, stop_on_hacking=True,
+                     eval={"judges": [{"name": "motion", "label": "motion"}]})
+    assert run.main([config]) == 0
+    out = tmp_path / "out"
+    path = out / "eval_history.json"
+    saved = json.load(open(path))
+    real = saved["history"]  # steps 0 and 1
+    crafted = [{"step": -3 + i, "metrics": {"eval/reward_score": -10.0 - i * 0.0,
+                                            "eval/judge/motion/score": 10.0 + 0.01 * i}, "rows": real[0]["rows"]}
+               for i in range(3)]
+    json.dump({"history": crafted + real[1:], "best": None}, open(path, "w"))
+    cfg = yaml.safe_load(open(config))
+    cfg.update(max_steps=4, resume_from_checkpoint=True)
+    open(config, "w").write(yaml.safe_dump(cfg))
+    import shutil
+
+    shutil.rmtree(out / "final")
+    with caplog.at_level("WARNING", logger="rewardfl"):
+        assert run.main([config]) == 4
+    err = caplog.text
+    assert "possible reward hacking" in err and "judge motion/score fell" in err and "stop_on_hacking" in err
+    assert os.path.isdir(out / "checkpoints" / "checkpoint-2") and not (out / "checkpoints" / "checkpoint-3").exists()
+    assert not (out / "final").exists()
+
+
+def test_eval_at_end_prints_base_vs_final(tmp_path, tiny_dir, small_dataset, face_assets, capsys):  # noqa: F811
+    config = _config(tmp_path, tiny_dir, small_dataset, face_assets, max_steps=1, eval_steps=None,
+                     eval={"at_end": True})
+    assert run.main([config]) == 0
+    printed = capsys.readouterr().out
+    assert "| metric | base | final | final - base |" in printed
+    result = json.load(open(tmp_path / "out" / "eval" / "eval.json"))
+    # the evaluation of the run's own final export equals the evaluate command on it
+    out = str(tmp_path / "again")
+    assert evaluate_cli.main([config, "--checkpoint", str(tmp_path / "out" / "final"), "--out", out]) == 0
+    again = json.load(open(os.path.join(out, "eval.json")))
+    for key in ("reward_score", "motion"):
+        assert [r[key] for r in result["videos"]] == pytest.approx([r[key] for r in again["videos"]], rel=1e-5)
+
+
+def test_eval_config_errors_name_the_key(tmp_path, tiny_dir, small_dataset, face_assets, capsys):  # noqa: F811
+    bad = _config(tmp_path, tiny_dir, small_dataset, face_assets, eval_steps=None, save_best_by="eval/reward_score")
+    assert run.main([bad, "--check"]) == 2
+    assert "save_best_by" in capsys.readouterr().err
+    bad = _config(tmp_path, tiny_dir, small_dataset, face_assets, save_best_by="eval/no_such_metric", max_steps=1)
+    assert run.main([bad]) == 2
+    err = capsys.readouterr().err
+    assert "save_best_by: eval/no_such_metric is not among" in err and "eval/reward_score" in err
