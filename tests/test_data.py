@@ -349,3 +349,30 @@ def test_example_faces_stay_detectable_at_64px(tmp_path):
             _, faces = detector.detect(np.ascontiguousarray(f[:, :, ::-1]))
             assert faces is not None and len(faces) >= 1, ds.rows[i]["sample_id"]
             assert faces[0][2] >= 20  # the face is at least 20 px wide at 64x64
+
+
+def test_heldout_clips_show_four_other_people_each_detectable(tmp_path):
+    """The demo's held-out clips: four distinct faces of the Solvay photo (their crop windows do not
+    overlap), none of the example photos, each found by YuNet in every 256x256 frame."""
+    from rewardfl.demo.assets import fetch_face_assets
+    from rewardfl.demo.example_data import EXAMPLE_PHOTOS, build_heldout_from_face_assets, face_boxes
+
+    assets = fetch_face_assets()
+    photo = assets.photo("solvay_conference_1927")
+    boxes = face_boxes(photo, os.path.join(assets.yunet_sface, "face_detection_yunet_2023mar.onnx"))
+    assert len(boxes) == 29  # the photo's 29 people, as REFERENCE.md says
+    csv_path = build_heldout_from_face_assets(str(tmp_path / "heldout"), assets=assets, num_frames=5)
+    ds = VideoDataset(csv_path, num_frames=5, max_pixels=256 * 256, height=256, width=256)
+    assert len(ds) == 4 and not any(name in row["sample_id"] for row in ds.rows for name in EXAMPLE_PHOTOS)
+    largest = sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))[:4]
+    for a in range(4):  # four different faces: no two chosen boxes overlap
+        for b in range(a + 1, 4):
+            p, q = largest[a], largest[b]
+            assert p[2] <= q[0] or q[2] <= p[0] or p[3] <= q[1] or q[3] <= p[1]
+    detector = cv2.FaceDetectorYN.create(os.path.join(assets.yunet_sface, "face_detection_yunet_2023mar.onnx"), "",
+                                         (256, 256), 0.6)
+    for i in range(len(ds)):
+        frames = ((ds[i]["video"] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        for f in frames:
+            _, faces = detector.detect(np.ascontiguousarray(f[:, :, ::-1]))
+            assert faces is not None and len(faces) >= 1, ds.rows[i]["sample_id"]

@@ -7,7 +7,8 @@ import torch
 
 from rewardfl.demo.assets import file_sha256
 from rewardfl.demo.make_tiny import make_tiny
-from rewardfl.demo.warm_start import WarmStart, _load, flow_matching_loss, sampler_timesteps, train_experts, warm_start
+from rewardfl.demo.warm_start import (WarmStart, _load, flow_matching_loss, rollout_loss, same_position_attention_,
+                                      sampler_timesteps, train_experts, warm_start)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DITS = ("dit_high_noise.safetensors", "dit_low_noise.safetensors")
@@ -28,9 +29,9 @@ def clips(tmp_path_factory):
                                  size=(64, 64), clips_per_photo=2)
 
 
-def small(iterations=15):
+def small(iterations=15, **kw):
     return WarmStart(height=64, width=64, num_frames=5, timesteps=sampler_timesteps(4, 5.0, 0.9),
-                     iterations=iterations)
+                     iterations=iterations, **kw)
 
 
 def test_sampler_timesteps_by_hand():
@@ -41,10 +42,10 @@ def test_sampler_timesteps_by_hand():
     assert ts["dit2"] == pytest.approx([2500.0 / 3.0, 625.0])
 
 
-def test_warm_start_learns_the_clips(tmp_path, clips):
+def test_flow_matching_warm_start_learns_the_clips(tmp_path, clips):
     model_dir = str(tmp_path / "tiny")
     make_tiny(model_dir)
-    ws = small(iterations=150)
+    ws = small(iterations=150, objective="flow_matching")
     model, x0, cond = _load(model_dir, clips, ws)
     g = torch.Generator().manual_seed(123)  # held-out noise, not the training draws
     noise = torch.randn(x0.shape, generator=g)
@@ -59,6 +60,57 @@ def test_warm_start_learns_the_clips(tmp_path, clips):
     assert set(curves) == {"dit", "dit2"} and all(len(c) == 150 for c in curves.values())
     assert after < 0.3 * zero_loss, (before, after, zero_loss)
     assert after < 0.3 * before, (before, after, zero_loss)
+
+
+def test_rollout_warm_start_brings_the_sampler_output_to_the_clips(tmp_path, clips):
+    """The demo's objective: the 4-step rollout from held-out noise ends nearer the clips' latents."""
+    model_dir = str(tmp_path / "tiny")
+    make_tiny(model_dir)
+    ws = small(iterations=60, batch_size=0)
+    model, x0, cond = _load(model_dir, clips, ws)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        before = rollout_loss(model, x0, cond, ws.timesteps, noise).item()
+    curves = train_experts(model, x0, cond, ws)
+    with torch.no_grad():
+        after = rollout_loss(model, x0, cond, ws.timesteps, noise).item()
+    assert list(curves) == ["rollout"] and len(curves["rollout"]) == 60
+    assert after < 0.5 * before, (before, after)
+
+
+def test_the_copy_head_attends_to_the_same_place_one_latent_frame_back(tmp_path):
+    """``same_position_attention_``: head 0 of block 0's attention, recomputed by hand in float64 from
+    the block's q/k projections, norms and 3-D RoPE, puts most of each token's weight on the token at
+    the same (h, w) one latent frame earlier (frame 0 on itself)."""
+    from rewardfl.config import config_from_dict
+
+    model_dir = str(tmp_path / "tiny")
+    make_tiny(model_dir)
+    from rewardfl.models.wan.model import Wan22TinyModel
+
+    cfg = config_from_dict({"model_name": "wan2_2_tiny", "model_paths": os.path.join(model_dir, "model_paths.json"),
+                            "mixed_precision": "fp32", "device": "cpu"})
+    twin = Wan22TinyModel(cfg, Wan22TinyModel.Options())
+    dit = twin.dits["dit2"]
+    same_position_attention_(dit)
+    attn = dit.blocks[0].self_attn
+    hd, f, h, w = attn.head_dim, 3, 4, 4
+    x = torch.randn(1, f * h * w, attn.q.in_features, generator=torch.Generator().manual_seed(0))
+    freqs = torch.cat([dit.freqs[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+                       dit.freqs[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
+                       dit.freqs[2][:w].view(1, 1, w, -1).expand(f, h, w, -1)], dim=-1).reshape(f * h * w, -1)
+
+    def head0(lin, norm):
+        y = norm(lin(x))[0, :, :hd].double()
+        y = torch.view_as_complex(y.reshape(-1, hd // 2, 2)) * freqs.to(torch.complex128)
+        return torch.view_as_real(y).reshape(-1, hd)
+
+    q, k = head0(attn.q, attn.norm_q), head0(attn.k, attn.norm_k)
+    weights = torch.softmax(q @ k.T / hd ** 0.5, dim=-1)
+    for i in range(f * h * w):
+        t, rest = divmod(i, h * w)
+        target = max(t - 1, 0) * h * w + rest
+        assert float(weights[i, target]) > 0.9, (i, float(weights[i, target]))
 
 
 def test_warm_start_is_cached_and_deterministic(tmp_path, clips):

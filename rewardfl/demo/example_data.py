@@ -233,6 +233,44 @@ def largest_face_box(photo: str, yunet_model: str, *, score_threshold: float = 0
     return x0, y0, min(float(w), float(x + bw)), min(float(h), float(y + bh))
 
 
+def face_boxes(photo: str, yunet_model: str, *, score_threshold: float = 0.6) -> list[Box]:
+    """Every face's box ``(x0, y0, x1, y1)`` in ``photo`` (pixels), left to right, by YuNet (as
+    :func:`largest_face_box`)."""
+    import cv2
+    from PIL import Image, ImageOps
+
+    with Image.open(photo) as im:
+        bgr = np.ascontiguousarray(np.asarray(ImageOps.exif_transpose(im).convert("RGB"))[:, :, ::-1])
+    h, w = bgr.shape[:2]
+    detector = cv2.FaceDetectorYN.create(yunet_model, "", (w, h), score_threshold, 0.3, 5000)
+    _, faces = detector.detect(bgr)
+    boxes = [(max(0.0, float(x)), max(0.0, float(y)), min(float(w), float(x + bw)), min(float(h), float(y + bh)))
+             for x, y, bw, bh in (f[:4] for f in (faces if faces is not None else []))]
+    return sorted(boxes)
+
+
+#: the held-out people of the demo: faces of the 1927 Solvay conference photo (29 people, none of
+#: whom the example clips show), the largest ones, left to right
+HELDOUT_PHOTO = "solvay_conference_1927"
+
+
+def build_heldout_from_face_assets(out_dir: str, *, assets=None, count: int = 4, **build_kwargs) -> str:
+    """Held-out clips of ``count`` people neither the warm start nor training sees: the ``count``
+    largest faces of the Solvay photo, one clip each; returns the CSV path."""
+    if assets is None:
+        from .assets import fetch_face_assets
+
+        assets = fetch_face_assets()
+    yunet = os.path.join(assets.yunet_sface, "face_detection_yunet_2023mar.onnx")
+    photo = assets.photo(HELDOUT_PHOTO)
+    boxes = sorted(face_boxes(photo, yunet), key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))[:count]
+    boxes = sorted(boxes)
+    if len(boxes) < count:
+        raise ValueError(f"count: the held-out photo holds {len(boxes)} faces YuNet finds, asked for {count}")
+    return build_example_dataset(out_dir, [photo] * count, face_boxes=boxes, subjects=["a person"] * count,
+                                 clips_per_photo=1, **build_kwargs)
+
+
 def build_from_face_assets(out_dir: str, *, assets=None, photo_names: Sequence[str] = tuple(EXAMPLE_PHOTOS),
                            **build_kwargs) -> str:
     """The example dataset from the fetched face photos (``rewardfl.demo.assets``); returns the CSV path.

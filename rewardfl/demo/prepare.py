@@ -7,6 +7,10 @@ about a second):
   fetched from the package registry and folded to fp32 (``rewardfl.demo.assets``);
 * ``data/example_video_dataset/``: short pan/zoom clips of real face photos and
   their ``metadata.csv`` (``rewardfl.demo.example_data``);
+* ``data/heldout_video_dataset/``: clips of four people none of those clips shows (faces of the
+  1927 Solvay conference photo), the held-out clips ``examples/demo.yaml`` evaluates on;
+* ``data/demo/judge_models/``: the YuNet detector (and SFace) for the evaluation's judge, a
+  detector training never used;
 * ``data/demo/wan_tiny/``: the tiny Wan2.2 twin's checkpoints, tokenizer and
   ``model_paths.json`` (``rewardfl.demo.make_tiny``), its two DiTs warm-started
   on those clips (``rewardfl.demo.warm_start``: a short flow-matching
@@ -42,28 +46,31 @@ def demo_warm_start():
 
 
 def prepare(root: str = "data/demo", dataset: str = "data/example_video_dataset", *, num_frames: int = 17,
-            warm=None) -> dict:
+            warm=None, heldout: str = "data/heldout_video_dataset") -> dict:
     """Fetch/build the demo's face models, dataset and (warm-started) tiny model; returns their paths.
 
     ``warm``: the warm start's settings (default :func:`demo_warm_start`).
     """
     from rewardfl.demo.assets import fetch_face_assets
-    from rewardfl.demo.example_data import build_from_face_assets
+    from rewardfl.demo.example_data import build_from_face_assets, build_heldout_from_face_assets
     from rewardfl.demo.make_tiny import make_tiny
     from rewardfl.demo.warm_start import warm_start
 
     assets = fetch_face_assets(quiet=False)
-    face_models = os.path.join(root, "face_models")
-    os.makedirs(face_models, exist_ok=True)
-    for name in sorted(os.listdir(assets.scrfd_sface)):
-        src, dst = os.path.join(assets.scrfd_sface, name), os.path.join(face_models, name)
-        if not os.path.exists(dst) or os.path.getsize(dst) != os.path.getsize(src):
-            shutil.copyfile(src, dst)
+    face_models, judge_models = os.path.join(root, "face_models"), os.path.join(root, "judge_models")
+    for pack, folder in ((assets.scrfd_sface, face_models), (assets.yunet_sface, judge_models)):
+        os.makedirs(folder, exist_ok=True)
+        for name in sorted(os.listdir(pack)):
+            src, dst = os.path.join(pack, name), os.path.join(folder, name)
+            if not os.path.exists(dst) or os.path.getsize(dst) != os.path.getsize(src):
+                shutil.copyfile(src, dst)
     metadata = build_from_face_assets(dataset, assets=assets, num_frames=num_frames)
+    heldout_metadata = build_heldout_from_face_assets(heldout, assets=assets, num_frames=num_frames)
     tiny = os.path.join(root, "wan_tiny")
     model_paths = make_tiny(tiny)
     warm_start(tiny, metadata, warm or demo_warm_start(), reset=lambda: make_tiny(tiny, force=True))
-    return {"reward_model_path": face_models, "model_paths": model_paths, "metadata_path": metadata}
+    return {"reward_model_path": face_models, "model_paths": model_paths, "metadata_path": metadata,
+            "eval_metadata_path": heldout_metadata, "judge_models": judge_models}
 
 
 @user_error_exit("rewardfl.demo")

@@ -1,14 +1,24 @@
-"""Warm-start the tiny Wan twin on a dataset: a short flow-matching pre-training of its DiTs.
+"""Warm-start the tiny Wan twin on a dataset: a short pre-training of its DiTs.
 
 A randomly initialised tiny DiT samples blocky noise: no face for the reward to score, so reward
-feedback learning has nothing to improve. This trains each expert with the plain flow-matching
-objective on the dataset's clips (what pre-training does to the real Wan, in miniature), at the
-timesteps the demo's sampler visits, so the base model turns noise + the conditioning frame into
-a blurry, face-like video. Reward feedback learning then starts from a model that makes faces,
-as it does with the real Wan2.2::
+feedback learning has nothing to improve. The demo's objective (``objective="rollout"``, the
+default) trains both experts together through the demo sampler's whole few-step rollout, with an
+L2 loss from its output to the clip's latents (a regression through the sampler, as few-step
+distillation does)::
 
-    x0 = VAE latent of the clip, n ~ N(0, 1), s = t / 1000 (t one of the expert's timesteps)
-    x_s = (1 - s) x0 + s n,   loss = mean((v(x_s, t, prompt, first frame) - (n - x0))^2)
+    x_T = n ~ N(0, 1);  x_{i+1} = x_i + (s_{i+1} - s_i) v_expert(i)(x_i, t_i, prompt, first frame)
+    loss = mean((x_N - x0)^2),   x0 = VAE latent of the clip
+
+Before training, one attention head of each DiT's first block is set by hand
+(:func:`same_position_attention_`) to look at the same place one latent frame back: the first
+frame enters an I2V DiT only at latent frame 0, and a tiny random DiT does not learn to carry it
+forward in a few hundred steps (its later frames stay grey). With the head, the base model turns
+noise + the conditioning frame into a blurry video of that person, also for people the warm start
+never saw (a strict YuNet finds a face in most generated frames of the demo's held-out clips), and
+reward feedback learning starts from a model that makes faces, as it does with the real Wan2.2.
+The head is demo scaffolding for this twin's layout, not something rewardfl does to real models.
+``objective="flow_matching"`` is the plain per-expert objective
+(``x_s = (1 - s) x0 + s n``, ``loss = mean((v(x_s) - (n - x0))^2)``).
 
 The warm-started DiTs replace the twin's ``dit_*.safetensors`` files. The result is deterministic
 (fixed seeds, on a given machine) and cached: ``warm_start.json`` records the settings, the
@@ -27,9 +37,10 @@ import torch
 
 from rewardfl.fileio import stamp_matches, write_safetensors, write_stamp
 
-__all__ = ["WarmStart", "warm_start", "flow_matching_loss", "sampler_timesteps"]
+__all__ = ["WarmStart", "warm_start", "flow_matching_loss", "rollout_loss", "same_position_attention_",
+           "sampler_timesteps"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _DIT_FILES = {"dit": "dit_high_noise.safetensors", "dit2": "dit_low_noise.safetensors"}
 
 
@@ -42,9 +53,17 @@ class WarmStart:
     num_frames: int
     #: expert -> timesteps in [0, 1000] it is trained at (e.g. from :func:`sampler_timesteps`)
     timesteps: dict
-    iterations: int = 300  # per expert, full batch of every clip
+    iterations: int = 300  # rollout: steps of both experts together; flow_matching: per expert
     learning_rate: float = 3e-3  # AdamW, cosine decay to 0
     seed: int = 0
+    #: "rollout": regress the sampler's output (all timesteps, both experts, gradient through every
+    #: step) onto the clip latents; "flow_matching": the plain per-expert objective
+    objective: str = "rollout"
+    #: clips per step (0: every clip; the rollout default 4 of 8: twice the steps at the same cost)
+    batch_size: int = 4
+    #: hand-set one attention head of the first block to copy the previous latent frame
+    #: (:func:`same_position_attention_`) before training
+    copy_head: bool = True
 
 
 def sampler_timesteps(num_steps: int, shift: float, boundary: float) -> dict[str, list[float]]:
@@ -67,6 +86,53 @@ def flow_matching_loss(model, expert: str, x0: torch.Tensor, cond, timesteps: to
     x_s = (1 - s) * x0 + s * noise
     v = model.denoise(expert, x_s, timesteps, cond)
     return (v.float() - (noise - x0).float()).pow(2).mean()
+
+
+def same_position_attention_(dit, *, sharpness: float = 3.0, spatial: float = 10.0, temporal: float = 20.0) -> None:
+    """Set head 0 of ``dit.blocks[0]``'s self-attention to look one latent frame back, same place.
+
+    The first frame enters the I2V DiT only at latent frame 0's tokens (``y``); a randomly
+    initialised tiny DiT takes thousands of steps to learn to carry it to the later frames (its
+    generations stay grey mush). Here q and k of head 0 are the same constant in the real parts of
+    the fastest RoPE pairs of the h and w axes (score ~ sum cos(w dh) + cos(w dw): peaked at the same
+    position) and in the fastest temporal pair with q rotated by -1 rad (score ~ cos(dt - 1): peaked
+    at the previous frame; frame 0 looks at itself). About 0.98 of each token's attention then falls
+    on that one token; values and everything else stay random and are trained.
+    """
+    attn = dit.blocks[0].self_attn
+    hd = attn.head_dim
+    t_pairs = (hd - 2 * (hd // 3)) // 2  # diffsynth's 3-D RoPE: time, h, w pairs, in that order
+    s_pairs = (hd // 3) // 2
+    with torch.no_grad():
+        for lin, norm in ((attn.q, attn.norm_q), (attn.k, attn.norm_k)):
+            lin.weight[:hd] = 0
+            lin.bias[:hd] = 0
+            for axis in range(2):  # h, w: their two fastest pairs
+                for j in range(2):
+                    lin.bias[2 * (t_pairs + axis * s_pairs + j)] = spatial
+            norm.weight[:hd] = sharpness
+        attn.q.bias[0], attn.q.bias[1] = temporal * math.cos(-1.0), temporal * math.sin(-1.0)
+        attn.k.bias[0] = temporal
+
+
+def rollout_loss(model, x0: torch.Tensor, cond, timesteps: dict, noise: torch.Tensor) -> torch.Tensor:
+    """``mean((sample(noise) - x0)^2)``: the ``flow_match_euler`` rollout over ``timesteps`` (expert ->
+    its timesteps, as :func:`sampler_timesteps` gives them), every step with gradient."""
+    steps = sorted(((t, e) for e, ts in timesteps.items() for t in ts), reverse=True)
+    sigmas = [t / 1000.0 for t, _ in steps] + [0.0]
+    x = noise
+    for i, (t, expert) in enumerate(steps):
+        v = model.denoise(expert, x, torch.full((x.shape[0],), float(t)), cond)
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return (x.float() - x0.float()).pow(2).mean()
+
+
+def _rows(cond, idx: torch.Tensor):
+    """The condition of the samples ``idx`` (tensors with a batch dimension are indexed)."""
+    n = cond.context.shape[0]
+    return dataclasses.replace(cond, **{
+        f.name: getattr(cond, f.name)[idx] for f in dataclasses.fields(cond)
+        if torch.is_tensor(getattr(cond, f.name)) and getattr(cond, f.name).dim() and getattr(cond, f.name).shape[0] == n})
 
 
 def _load(model_dir: str, metadata_path: str, ws: WarmStart):
@@ -96,8 +162,45 @@ def _load(model_dir: str, metadata_path: str, ws: WarmStart):
     return model, x0, cond
 
 
+def train_rollout(model, x0: torch.Tensor, cond, ws: WarmStart, log=None) -> dict[str, list[float]]:
+    """Both experts trained together through the sampler's rollout (:func:`rollout_loss`), in place."""
+    g = torch.Generator().manual_seed(ws.seed)
+    experts = list(ws.timesteps)
+    params = []
+    for expert in experts:
+        dit = model.dits[expert].requires_grad_(True).train()
+        if ws.copy_head:
+            same_position_attention_(dit)
+        params += list(dit.parameters())
+    opt = torch.optim.AdamW(params, lr=ws.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / ws.iterations)))
+    n = x0.shape[0]
+    curve = []
+    for i in range(ws.iterations):
+        if 0 < ws.batch_size < n:
+            idx = torch.randperm(n, generator=g)[:ws.batch_size]
+            xb, cb = x0[idx], _rows(cond, idx)
+        else:
+            xb, cb = x0, cond
+        loss = rollout_loss(model, xb, cb, ws.timesteps, torch.randn(xb.shape, generator=g))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        curve.append(loss.item())
+        if log and (i + 1) % 100 == 0:
+            log(f"warm start: step {i + 1}/{ws.iterations}, rollout loss {loss.item():.4f}")
+    for expert in experts:
+        model.dits[expert].requires_grad_(False).eval()
+    return {"rollout": curve}
+
+
 def train_experts(model, x0: torch.Tensor, cond, ws: WarmStart, log=None) -> dict[str, list[float]]:
-    """Flow-matching training of each expert in ``ws.timesteps``, in place; returns the loss curves."""
+    """Training of the experts in ``ws.timesteps``, in place, by ``ws.objective``; returns the loss curves."""
+    if ws.objective == "rollout":
+        return train_rollout(model, x0, cond, ws, log=log)
+    if ws.objective != "flow_matching":
+        raise ValueError(f"warm start: objective must be rollout or flow_matching, got {ws.objective!r}")
     g = torch.Generator().manual_seed(ws.seed)
     curves = {}
     for expert, ts in ws.timesteps.items():
