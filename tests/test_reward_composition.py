@@ -199,6 +199,9 @@ def test_a_two_reward_config_trains_and_logs_each_reward(make_config, face_asset
     for r in rows:  # batch 1, both rewards valid: the total is the weighted sum of the two scores
         assert r["reward_score"] == pytest.approx(r["reward/face_identity/score"] + 0.5 * r["reward/motion/score"],
                                                   rel=1e-5)
+    # the checkpoint keeps the composition's state (call count, running statistics) for an exact resume
+    state = json.load(open(os.path.join(out, "checkpoints", "checkpoint-2", "state.json")))
+    assert state["reward"]["labels"] == ["face_identity", "motion"] and state["reward"]["calls"] == 2
     # the run's config.yaml holds the list again, and loads
     again = load_config(os.path.join(out, "config.yaml"), paths=False)
     assert again.reward.name == COMPOSITE_REWARD and [e["name"] for e in again.reward.options] == [
