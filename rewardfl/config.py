@@ -181,7 +181,8 @@ class TrainConfig:
     #: whether a higher or a lower ``save_best_by`` is better
     save_best_mode: Literal["max", "min"] = "max"
     #: exponential moving average of the trainable weights (0: off): ``ema = decay * ema + (1 - decay) * w``
-    #: after every update; saved in checkpoints, used by generate/evaluate/export with ``--weights ema``
+    #: after every update; saved in checkpoints and exported to final/ema, used by generate/evaluate with
+    #: ``--weights ema``
     ema_decay: float = 0.0
     #: where the EMA lives: ``device`` (beside the weights) or ``cpu`` (host memory; slower, frees GPU memory)
     ema_device: Literal["device", "cpu"] = "device"

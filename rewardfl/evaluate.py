@@ -154,10 +154,11 @@ class Evaluation:
 
 def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir: str, *, seeds: Sequence[int],
              metadata: Optional[str] = None, batch_size: int = 1, generator=None, reward=None,
-             weights: str = "trained") -> dict:
+             weights: str = "trained", write: bool = True) -> dict:
     """Generate and score (see the module docstring); returns what ``eval.json`` holds.
 
-    ``generator``/``reward``: already built ones to use (the end of a training run passes its own)."""
+    ``generator``/``reward``: already built ones to use (the end of a training run passes its own);
+    ``write``: whether this process writes the files (rank 0 of a training run)."""
     from .evaluation.metrics import mean_with_ci, motion, paired_hacking_warnings
     from .evaluation.report import contact_sheet, markdown_table, summarize
     from .evaluation.split import eval_dataset
@@ -194,10 +195,6 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
     warnings = paired_hacking_warnings(summary, labels)
     for line in warnings:
         log.warning("%s", line)
-    os.makedirs(out_dir, exist_ok=True)
-    for c in range(len(items)):
-        contact_sheet(os.path.join(out_dir, "contact_sheets", video_name(c, items[c]["sample_id"], seeds[0])
-                                   .replace(".mp4", ".png")), ev.sheet(c, generated), frames=e.contact_sheet_frames)
     result = {
         "weights": weights,
         "checkpoints": [{"label": label, "checkpoint": spec} for label, spec in zip(labels, ["base", *checkpoints])],
@@ -206,9 +203,14 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
         "bootstrap": {"samples": e.bootstrap_samples, "seed": e.bootstrap_seed, "level": 0.95},
         "summary": summary, "reference": reference, "warnings": warnings, "videos": rows,
     }
-    write_json(os.path.join(out_dir, "eval.json"), result, indent=1)
-    with open(os.path.join(out_dir, "eval.md"), "w", encoding="utf-8") as f:
-        f.write(table)
+    if write:
+        os.makedirs(out_dir, exist_ok=True)
+        for c in range(len(items)):
+            contact_sheet(os.path.join(out_dir, "contact_sheets", video_name(c, items[c]["sample_id"], seeds[0])
+                                       .replace(".mp4", ".png")), ev.sheet(c, generated), frames=e.contact_sheet_frames)
+        write_json(os.path.join(out_dir, "eval.json"), result, indent=1)
+        with open(os.path.join(out_dir, "eval.md"), "w", encoding="utf-8") as f:
+            f.write(table)
     result["table"] = table
     return result
 

@@ -166,7 +166,9 @@ class Generator:
         self.model = plugins["model"](cfg, cfg.model, device=self.device)
         self.model.eval()
         self.sampler = plugins["sampler"](cfg, cfg.sampler.options, device=self.device)
-        self.plan = full_plan(cfg, self.sampler, self.model, plugins["model"].expert_boundary(cfg.model, cfg))
+        from .training.policy import expert_boundary_of
+
+        self.plan = full_plan(cfg, self.sampler, self.model, expert_boundary_of(plugins["model"], cfg))
         # the weights as built (LoRA adapters that add nothing): what "base" restores
         self._base = {k: v.detach().clone() for k, v in self.model.trainable_state_dict().items()}
         self.checkpoint = "base"

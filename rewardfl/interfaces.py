@@ -320,7 +320,8 @@ class Reward(ABC):
     #: call. A reward alone, or called directly, sees a fresh cache each time it reads this.
     @property
     def cache(self) -> StepCache:
-        return self.__dict__.get("_step_cache") or StepCache()
+        cache = self.__dict__.get("_step_cache")
+        return StepCache() if cache is None else cache
 
     @cache.setter
     def cache(self, value: Optional[StepCache]) -> None:

@@ -35,7 +35,7 @@ def check(cfg, plugins, config_path: str) -> None:
     """What ``--check`` verifies and prints (nothing heavy loads)."""
     from .data import VideoDataset
     from .training.outputs import check_output_dir
-    from .training.policy import plan_steps
+    from .training.policy import expert_boundary_of, plan_steps
 
     # the sampler is light: build it and plan against the model's declared experts, so that
     # gradient-window errors surface here rather than after the model has loaded
@@ -44,7 +44,7 @@ def check(cfg, plugins, config_path: str) -> None:
     experts = tuple(getattr(model, "experts", ()) or ())
     if experts:
         trainable = [e.strip() for e in cfg.trainable_models.split(",") if e.strip() in experts]
-        plan = plan_steps(cfg, sampler, experts, trainable, model.expert_boundary(cfg.model, cfg))
+        plan = plan_steps(cfg, sampler, experts, trainable, expert_boundary_of(model, cfg))
         grad = [f"{p.index}:{p.expert}" for p in plan if p.grad]
         print(f"plan     {len(plan)} steps, gradient at {', '.join(grad)}")
     lo, hi = training_timestep_range(cfg.min_timestep_boundary, cfg.max_timestep_boundary)

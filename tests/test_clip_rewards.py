@@ -373,13 +373,33 @@ def test_two_rewards_share_preprocessed_pixels(clip_dir, tmp_path):
     for r in rewards:
         r.cache = cache
     shared = [r(videos, contexts).scores for r in rewards]
-    name = rewards[0].backbone.pixels.cache_name
+    name = rewards[0].backbone.pixels.cache_name + "/grad=False"
     assert name.startswith("clip_pixels_32_")
     assert cache.computed[name] == 1 and cache.hits[name] == 1
-    other = rewards[2].backbone.pixels.cache_name
+    other = rewards[2].backbone.pixels.cache_name + "/grad=False"
     assert other != name and cache.computed[other] == 1 and other not in cache.hits
     for a, b in zip(alone, shared):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_pixels_computed_without_gradient_never_serve_a_reward_that_trains(clip_dir, tmp_path):
+    """A logged-only reward (scored under no_grad) first, a weighted one second, one shared cache: the
+    second still gets its gradient, equal to its gradient alone."""
+    torch.save(_head_state(16, seed=9), tmp_path / "head.pth")
+    logged = AestheticReward(_config(), AestheticReward.Options(model_path=clip_dir, head_path=str(tmp_path / "head.pth")))
+    trained = ClipScoreReward(_config(), ClipScoreReward.Options(model_path=clip_dir))
+    _, videos = _videos(batch=2)
+    contexts = _contexts(PROMPTS[:2])
+    alone = videos.float().clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(trained(alone, contexts).scores.sum(), alone)
+    shared = videos.float().clone().requires_grad_(True)
+    cache = StepCache()
+    logged.cache = trained.cache = cache
+    with torch.no_grad():
+        logged(shared, contexts)
+    (got,) = torch.autograd.grad(trained(shared, contexts).scores.sum(), shared)
+    torch.testing.assert_close(got, want)
+    assert float(got.abs().sum()) > 0
 
 
 # --------------------------------------------------------------------------- user errors and --check

@@ -127,6 +127,10 @@ def test_running_normalisation_matches_a_float64_hand_computation_and_resumes_ex
         assert loss == pytest.approx(want, rel=1e-5), i
         v = torch.tensor(values, dtype=torch.float32).double()  # as the scores arrive (float32)
         n, m1, m2 = n + 1, b * m1 + (1 - b) * float(v.mean()), b * m2 + (1 - b) * float((v ** 2).mean())
+    # a non-finite score of a valid sample leaves the statistics alone (it must not poison them for good)
+    before = [list(x) for x in mix.stats]
+    mix.loss(output([float("nan"), 0.3]))
+    assert all(math.isfinite(x) for x in mix.stats[0]) and mix.stats[0][0] == before[0][0] + 1
     with pytest.raises(ValueError, match="reward: the checkpoint's rewards"):
         CompositeReward(_resolved(face_assets, [{**terms[0], "label": "other"}]),
                         _resolved(face_assets, [{**terms[0], "label": "other"}]).reward.options).load_state_dict(state)

@@ -466,7 +466,7 @@ def run_step(cfg, plugins, spec, *, gpu_bytes: int = 80 * GiB, world_size: int =
 
 def _step(cfg, plugins, spec, sampler, reward, tracker, device, *, gpu_bytes, world_size, target, ds, notes, real):
     from .plugins import build_skeleton
-    from rewardfl.training.policy import plan_steps
+    from rewardfl.training.policy import expert_boundary_of, plan_steps
 
     with tracker.phase("setup", "setup"):
         model = build_skeleton(plugins["model"], cfg, cfg.model, spec, device=device, target=target,
@@ -476,7 +476,7 @@ def _step(cfg, plugins, spec, sampler, reward, tracker, device, *, gpu_bytes, wo
             reward.place(tracker, device, fake=not real)
         with _disable_current_modes():  # the schedule is a few real numbers; planned as Trainer does
             plan = plan_steps(cfg, sampler, model.experts, model.trainable_experts(),
-                              plugins["model"].expert_boundary(cfg.model, cfg))
+                              expert_boundary_of(plugins["model"], cfg))
         params = [p for _, p in model.trainable_parameters()]
         if not params:
             raise ConfigError("trainable_models: the model has no trainable parameters with this config")

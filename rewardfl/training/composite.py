@@ -231,7 +231,7 @@ class CompositeReward(Reward):
         else:
             mean, std = 0.0, 1.0
         s = out.scores.detach().double()
-        v = out.valid.to(s.device)
+        v = out.valid.to(s.device) & torch.isfinite(s)  # one NaN score must not poison the statistics for good
         sums = self.reduce_sum(torch.stack([s[v].sum(), (s[v] ** 2).sum(), v.sum().double()]).cpu())
         if float(sums[2]) > 0:  # a batch with no valid score anywhere leaves the statistics alone
             b = term.normalize_momentum
@@ -244,7 +244,7 @@ class CompositeReward(Reward):
     def state_dict(self) -> dict:
         """What resumes the composition exactly: the call count (random frames) and the running statistics."""
         return {"calls": self.calls, "stats": [list(s) for s in self.stats],
-                "labels": [t.label for t in self.terms]}
+                "labels": [t.label for t in self.terms], "terms": [r.state_dict() for r in self.rewards]}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("labels") != [t.label for t in self.terms]:
@@ -252,6 +252,8 @@ class CompositeReward(Reward):
                              f"{[t.label for t in self.terms]}; resume with the same reward list")
         self.calls = int(state["calls"])
         self.stats = [[int(n), float(a), float(b)] for n, a, b in state["stats"]]
+        for reward, own in zip(self.rewards, state.get("terms") or [{}] * len(self.rewards)):
+            reward.load_state_dict(own)
 
 
 def _check_term(term: RewardTerm, key: str, plugin: type) -> None:

@@ -76,8 +76,22 @@ class TrainingEvaluator:
         with open(self.path, encoding="utf-8") as f:
             saved = json.load(f)
         self.history = [h for h in saved.get("history", []) if h["step"] <= step]
-        best = saved.get("best")
-        self.best = best if best and best["step"] <= step else None
+        if self.history:  # the base is paired by (clip, seed): the same evaluation set, or an error
+            have = [(r["clip"], r["seed"]) for r in self.history[0]["rows"]]
+            want = [(self.evaluation.items[c]["sample_id"], s) for c, s in self.evaluation.jobs]
+            if have != want:
+                raise ConfigError(f"eval.train_clips/eval.train_seeds: {self.path} was evaluated on other clips or "
+                                  f"seeds ({len(have)} videos) than this config's ({len(want)}); resume with the same "
+                                  "eval settings and held-out clips, or start a fresh run")
+        # the best so far among the evaluations kept (one dropped with the steps being redone does not count)
+        key, sign = self.cfg.save_best_by, (1.0 if self.cfg.save_best_mode == "max" else -1.0)
+        scored = [(h["metrics"].get(key), h["step"]) for h in self.history[1:] if key]
+        scored = [(v, s) for v, s in scored if v is not None and math.isfinite(v)]
+        if scored:
+            value, at = max(scored, key=lambda vs: (sign * vs[0], -vs[1]))
+            self.best = {"step": at, "metric": key, "value": value, "mode": self.cfg.save_best_mode}
+        else:
+            self.best = None
 
     def _write(self) -> None:
         if self.is_main:
@@ -93,7 +107,8 @@ class TrainingEvaluator:
         """Evaluate the current weights at ``step``: ``(eval/* metrics, guard warnings, contact-sheet rows
         per clip)``. The first evaluation of a run (step 0) is the base the others are paired with."""
         ev = self.evaluation
-        was_training = getattr(self.generator.model, "training", None)
+        model = self.generator.model
+        model.eval()  # sampling as generate does; training mode comes back below
         videos = ev.generate(self.generator, self.batch_size)
         rows = ev.score(f"step-{step}", videos)
         keys = sorted({k for r in rows for k in r if k not in ("checkpoint", "clip", "seed", "details")})
@@ -108,8 +123,7 @@ class TrainingEvaluator:
         slim = [{k: v for k, v in r.items() if k != "details"} for r in rows]
         self.history.append({"step": step, "metrics": metrics, "rows": slim})
         warnings = self.guard()
-        if was_training is not None:
-            self.generator.model.train(was_training)
+        model.train()
         self._write()
         if len(self.history) == 1:
             self._base_videos = videos  # a resumed run has the base's numbers, not its videos

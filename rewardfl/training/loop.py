@@ -49,7 +49,7 @@ from .ema import EMA, EMA_FILE
 from .evaluator import TrainingEvaluator, sheet_image
 from .trackers import build_trackers
 from .outputs import MetricsLog, MetricsWindow, OutputDir, VideoWriter, check_output_dir, plot_reward_curve
-from .policy import plan_steps
+from .policy import expert_boundary_of, plan_steps
 
 log = logging.getLogger("rewardfl")
 
@@ -115,7 +115,7 @@ class Trainer:
         self.reward = plugins["reward"](cfg, cfg.reward.options, device=self.device)
         if hasattr(self.reward, "reduce_sum"):  # a reward list's running statistics: over every process
             self.reward.reduce_sum = lambda t: all_reduce_sum_(t.to(self.device), self.dist).cpu()
-        self.boundary = plugins["model"].expert_boundary(cfg.model, cfg)
+        self.boundary = expert_boundary_of(plugins["model"], cfg)
         self.plan = plan_steps(cfg, self.sampler, self.model.experts, self.model.trainable_experts(), self.boundary)
         self.algorithm = RewardBackprop(cfg, self.model, self.sampler, self.reward, self.plan)
         self.params = [p for _, p in self.model.trainable_parameters()]
@@ -132,11 +132,12 @@ class Trainer:
         self.stopped_by_guard = False
         # evaluation on held-out clips during training (eval_steps) and of base vs final (eval.at_end)
         self.evaluator = TrainingEvaluator(self) if cfg.eval_steps else None
-        self._base_weights = ({k: v.detach().to("cpu", copy=True) for k, v in self.model.trainable_state_dict().items()}
-                              if cfg.eval.at_end else None)
-        # the moving average of the trainable weights (ema_decay), from the weights as built
-        self.ema = (EMA(self.model.trainable_state_dict(), cfg.ema_decay, "cpu" if cfg.ema_device == "cpu" else None)
-                    if cfg.ema_decay > 0 else None)
+        with self.engine.gathered():  # whole tensors under ZeRO-3 too
+            self._base_weights = ({k: v.detach().to("cpu", copy=True)
+                                   for k, v in self.model.trainable_state_dict().items()} if cfg.eval.at_end else None)
+            # the moving average of the trainable weights (ema_decay), from the weights as built
+            self.ema = (EMA(self.model.trainable_state_dict(), cfg.ema_decay,
+                            "cpu" if cfg.ema_device == "cpu" else None) if cfg.ema_decay > 0 else None)
         self._loader = None  # the current epoch's batch iterator (built at the first batch, after resume)
 
     def _accumulation(self) -> int:
@@ -313,28 +314,37 @@ class Trainer:
         log_row({"step": step, **metrics})
         for path in self.evaluator.write_sheets(step, sheets):  # reference | base | this step, per clip
             self.trackers.log_image(f"eval/{os.path.splitext(os.path.basename(path))[0]}", step, sheet_image(path))
-        if self.evaluator.improved(metrics, step):
+        # rank 0's numbers decide for every rank (another GPU's last bits must not split the run)
+        improved, fired = self._rank0_flags(self.evaluator.improved(metrics, step), bool(warnings))
+        if improved:
             self._save_best(step)
-        return bool(warnings)
+        return fired
+
+    def _rank0_flags(self, *flags: bool) -> list[bool]:
+        values = all_reduce_mean([float(f) if self.is_main else 0.0 for f in flags], self.dist)
+        return [v * self.world_size > 0.5 for v in values]
 
     def _save_best(self, step: int) -> None:
         """The weights of the best evaluation so far (``save_best_by``) in OUTPUT_DIR/best, replaced whole."""
         best = os.path.join(self.output_dir, "best")
         with self.engine.gathered():
             if self.is_main:
-                tmp = best + ".tmp"
+                tmp, old = best + ".tmp", best + ".old"
                 shutil.rmtree(tmp, ignore_errors=True)
                 try:
                     self.model.save_trainable(os.path.join(tmp, "trainable.safetensors"))
+                    write_json(os.path.join(tmp, "best.json"), self.evaluator.best, indent=1)
                 except NotImplementedError:
                     log.warning("save_best_by: %s cannot export its weights; OUTPUT_DIR/best not written",
                                 type(self.model).__name__)
-                    return
-                write_json(os.path.join(tmp, "best.json"), self.evaluator.best, indent=1)
-                shutil.rmtree(best, ignore_errors=True)
-                os.replace(tmp, best)
-                log.info("step %d: best %s = %.4f so far: weights in %s", step, self.cfg.save_best_by,
-                         self.evaluator.best["value"], best)
+                else:  # the previous best moves aside first: a kill at any moment leaves one of them whole
+                    shutil.rmtree(old, ignore_errors=True)
+                    if os.path.isdir(best):
+                        os.replace(best, old)
+                    os.replace(tmp, best)
+                    shutil.rmtree(old, ignore_errors=True)
+                    log.info("step %d: best %s = %.4f so far: weights in %s", step, self.cfg.save_best_by,
+                             self.evaluator.best["value"], best)
         barrier(self.dist)
 
     def _evaluate_final(self) -> None:
@@ -342,19 +352,19 @@ class Trainer:
         from rewardfl.evaluate import evaluate
         from rewardfl.generate import Generator
 
-        if not self.is_main:  # rank 0 evaluates (one writer of OUTPUT_DIR/eval); the others wait
-            barrier(self.dist)
-            return
+        # every process runs it (collectives inside the model stay matched); rank 0 writes and prints
         gen = Generator.from_model(self.cfg, self.model, self.sampler, self.boundary, base_weights=self._base_weights)
         final = os.path.join(self.output_dir, "final")
-        result = evaluate(self.cfg, self.plugins, [final], os.path.join(self.output_dir, "eval"),
-                          seeds=list(range(self.cfg.eval.seeds)), batch_size=self.cfg.per_device_train_batch_size,
-                          generator=gen, reward=self.reward)
-        if True:
-            print(result["table"], end="", flush=True)
-            print(f"evaluation of base vs final on {len(result['clips'])} held-out clip(s) x {len(result['seeds'])} "
-                  f"seed(s): {os.path.join(self.output_dir, 'eval')}", flush=True)
-        barrier(self.dist)
+        try:
+            result = evaluate(self.cfg, self.plugins, [final], os.path.join(self.output_dir, "eval"),
+                              seeds=list(range(self.cfg.eval.seeds)), batch_size=self.cfg.per_device_train_batch_size,
+                              generator=gen, reward=self.reward, write=self.is_main)
+            if self.is_main:
+                print(result["table"], end="", flush=True)
+                print(f"evaluation of base vs final on {len(result['clips'])} held-out clip(s) x "
+                      f"{len(result['seeds'])} seed(s): {os.path.join(self.output_dir, 'eval')}", flush=True)
+        finally:
+            barrier(self.dist)
 
     # ---------------------------------------------------------------- the loop
 
@@ -407,7 +417,7 @@ class Trainer:
             log_row(window.flush())
             self.save()
 
-        if self.evaluator is not None:
+        if self.evaluator is not None and self.state.step > 0:  # a resumed run: its evaluations so far
             self.evaluator.load(self.state.step)
         try:
             with StopSignal(self.dist) as stop:

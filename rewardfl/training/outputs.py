@@ -116,12 +116,16 @@ class OutputDir:
         raise ConfigError(f"output_dir: could not take the lock {self.lock_path}; another run is starting there")
 
     def clear_previous_run(self, checkpoints_dir: str, metrics_path: str) -> None:
-        """``overwrite_output_dir: true``: the previous run's checkpoints, metrics and export go."""
-        for path in (checkpoints_dir, os.path.join(self.path, "final")):
+        """``overwrite_output_dir: true``: the previous run's checkpoints, metrics, export and evaluations go."""
+        for name in ("final", "best", "eval", "eval_steps"):
+            path = os.path.join(self.path, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
-        if os.path.exists(metrics_path):
-            os.unlink(metrics_path)
+        if os.path.isdir(checkpoints_dir):
+            shutil.rmtree(checkpoints_dir)
+        for path in (metrics_path, os.path.join(self.path, "eval_history.json")):
+            if os.path.exists(path):
+                os.unlink(path)
 
     def release(self) -> None:
         if self._held:

@@ -101,7 +101,8 @@ class _ClipReward(Reward):
             raise ValueError(f"{self.name} reward: {videos.shape[0]} videos but {len(contexts)} contexts")
         batch, _, num_frames, height, width = videos.shape
         spec = self.backbone.pixels
-        pixels = self.cache.get(videos, spec.cache_name, lambda: clip_pixels(
+        grad = torch.is_grad_enabled() and videos.requires_grad  # a no-gradient copy must not serve a weighted reward
+        pixels = self.cache.get(videos, f"{spec.cache_name}/grad={grad}", lambda: clip_pixels(
             videos.transpose(1, 2).reshape(batch * num_frames, 3, height, width), spec))
         images = self.backbone.image_embeddings(pixels.to(self.device)).view(batch, num_frames, -1)
         scores = self.frame_scores(images, contexts).mean(1)
