@@ -139,6 +139,8 @@ setup(
         "deepspeed": ["deepspeed==0.19.8"],
         # report_to: [wandb]
         "wandb": ["wandb==0.31.0"],
+        # model_name: wan2_2_diffusers (Wan2.2 from a diffusers folder)
+        "diffusers": ["diffusers==0.42.1"],
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",
@@ -147,6 +149,8 @@ setup(
             "ninja",
             "deepspeed==0.19.8",
             "import-linter>=2.1",  # tests/test_architecture.py: the import contracts of pyproject.toml
+            "diffusers==0.42.1",  # tests: wan2_2_diffusers, LoRA files in diffusers' real loader
+            "wandb==0.31.0",  # tests: report_to wandb, offline
         ],
     },
     entry_points={

@@ -384,7 +384,11 @@ class Wan22DiffusersModel(Wan22Model):
                 check_lora_targets(WanModel(**first.kwargs), targets)
 
         # 2. heavy work: diffusers' and transformers' own loaders
-        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        try:
+            from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        except ImportError:
+            raise ValueError("model_name: wan2_2_diffusers needs diffusers; install it with "
+                             'pip install --no-build-isolation -e ".[diffusers]" (or pip install diffusers==0.42.1)') from None
         from transformers import UMT5EncoderModel
 
         self.tokenizer = self._load_tokenizer(folder.components["tokenizer"])
