@@ -97,15 +97,15 @@ def trainable_weights_of(spec: str, weights: str = "trained", model=None) -> Opt
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json")):
         try:
             verified_checkpoint(path)
+            if weights == "ema":  # the average alone; the trained weights are not read
+                if not os.path.isfile(os.path.join(path, EMA_FILE)):
+                    raise ValueError(f"--weights ema: {path} holds no {EMA_FILE}; it was trained without ema_decay")
+                from safetensors.torch import load_file
+
+                return load_file(os.path.join(path, EMA_FILE))
             trained, _ = load_checkpoint(path)
         except CheckpointError as e:
             raise ValueError("--checkpoint " + str(e).removeprefix("resume_from_checkpoint: ")) from e
-        if weights == "ema":
-            if not os.path.isfile(os.path.join(path, EMA_FILE)):
-                raise ValueError(f"--weights ema: {path} holds no {EMA_FILE}; it was trained without ema_decay")
-            from safetensors.torch import load_file
-
-            return load_file(os.path.join(path, EMA_FILE))
         return trained
     if weights == "ema":
         if not os.path.isdir(os.path.join(path, "ema")):

@@ -40,7 +40,6 @@ from typing import Optional
 
 import torch
 
-from rewardfl.fileio import write_safetensors
 
 from .architectures import DiTArch
 from .diffusers_keys import diffusers_to_wan_key
@@ -414,78 +413,23 @@ class Wan22DiffusersModel(Wan22Model):
                     names.append(name)
         return names
 
-    def _setup(self, lora_experts: list[str], full_experts: list[str], targets: list[str]) -> None:
-        """``Wan22Model._setup`` for diffusers' transformer: fp32 time projection, LoRA on the modules the
-        Wan-named targets select, gradient checkpointing through diffusers' per-block hook."""
-        import copy
+    def _prepare_dit(self, dit) -> None:
+        _fp32_time_projection(dit)
 
-        config, options = self.config, self.options
-        for dit in self.dits.values():  # before LoRA and copies: they keep the layer class
-            _fp32_time_projection(dit)
-        self.lora_experts, self.full_experts = lora_experts, full_experts
-        self.lora_scale = self.lora_alpha = None
-        if lora_experts:
-            from .lora import add_lora
-            alpha = float(config.lora_alpha) if config.lora_alpha is not None else float(config.lora_rank)
-            self.lora_alpha, self.lora_scale = alpha, alpha / config.lora_rank
-            for r in lora_experts:
-                add_lora(self.dits[r], self._wan_lora_targets(self.dits[r], targets), config.lora_rank, alpha)
-        self._frozen = {}
-        for r in full_experts:
-            self.dits[r].requires_grad_(True)
-            log.warning("trainable_models: full fine-tuning of %s keeps a frozen copy for the regulariser's "
-                        "reference velocity (twice the expert's memory); LoRA (lora_base_model) needs none", r)
-            self._frozen[r] = copy.deepcopy(self.dits[r]).requires_grad_(False).eval()
+    def _lora_targets(self, dit, targets: list[str]) -> list[str]:
+        return self._wan_lora_targets(dit, targets)
+
+    def _enable_checkpointing(self) -> None:
+        """Gradient checkpointing through diffusers' per-block hook."""
         if self._checkpoint_mode != "none":
             for r in self.trainable_experts():
                 self.dits[r].enable_gradient_checkpointing(_checkpoint_function(self._checkpoint_mode))
-
-        self.offload_experts = self._want_expert_offload(options.offload_idle_expert)
-        for r in self.experts:
-            for module in (self.dits[r], self._frozen.get(r)):
-                if module is None:
-                    continue
-                if not self.offload_experts:
-                    module.to(self.device)
-                    continue
-                for p in module.parameters():  # trainable weights live on the device for good
-                    if p.requires_grad:
-                        p.data = p.data.to(self.device)
-        if self.offload_experts:
-            self._place(self.experts[0])
-        self.vae.to(self.device)
-        self.text_encoder.to(self.device if not self._offload_text else "cpu")
-        self._prompt_cache = {}
-        self.training = True
-        self.train(True)
 
     @classmethod
     def with_random_weights(cls, *args, **kwargs):
         raise NotImplementedError("wan2_2_diffusers loads a diffusers folder; with_random_weights builds wan2_2")
 
     # ------------------------------------------------------------------ VideoModel interface
-
-    def denoise(self, expert: str, x: torch.Tensor, timestep: torch.Tensor, cond, *,
-                base: bool = False) -> torch.Tensor:
-        from .lora import adapters_disabled
-
-        if expert not in self.dits:
-            raise ValueError(f"denoise: unknown expert '{expert}'; this model has {self.experts}")
-        self._place(expert)
-        timestep = timestep.to(self.device, torch.float32).reshape(-1)
-        if timestep.numel() == 1 and x.shape[0] > 1:
-            timestep = timestep.expand(x.shape[0])
-        x_in = x.to(self.device)
-        if base:
-            with torch.no_grad():
-                if expert in self.lora_experts:
-                    with adapters_disabled(self.dits[expert]):
-                        v = self._velocity(self.dits[expert], x_in, timestep, cond)
-                else:
-                    v = self._velocity(self._frozen.get(expert, self.dits[expert]), x_in, timestep, cond)
-        else:
-            v = self._velocity(self.dits[expert], x_in, timestep, cond)
-        return v.to(x.dtype)
 
     @staticmethod
     def _velocity(dit, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
@@ -496,59 +440,13 @@ class Wan22DiffusersModel(Wan22Model):
         return dit(x.to(dtype), timestep=timestep, encoder_hidden_states=cond.context.to(dtype),
                    return_dict=False)[0]
 
-    def _wan_named_trainable(self) -> dict[str, torch.nn.Parameter]:
-        """``{"<expert>.<Wan-layout name>": parameter}`` (LoRA: ``...q.lora_A.weight``)."""
+    def _checkpoint_key(self, name: str) -> str:
+        """``<expert>.<diffusers/peft name>`` -> ``<expert>.<Wan-layout name>``: the keys ``wan2_2`` uses, so
+        checkpoints and LoRA files move between the two plugins."""
         from .lora import diffsynth_lora_key
 
-        out = {}
-        for name, p in self.trainable_parameters():  # "<expert>.<diffusers/peft name>"
-            expert, rest = name.split(".", 1)
-            out[f"{expert}.{diffusers_to_wan_key(diffsynth_lora_key(rest))}"] = p
-        return out
+        expert, rest = name.split(".", 1)
+        return f"{expert}.{diffusers_to_wan_key(diffsynth_lora_key(rest))}"
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """``{"<expert>.<Wan-layout LoRA key or parameter name>": tensor}``: the keys ``wan2_2`` uses."""
-        return {k: p.detach() for k, p in self._wan_named_trainable().items()}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = self._wan_named_trainable()
-        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        if missing or unexpected:
-            raise ValueError(f"load_trainable_state_dict: keys do not match this model's trainable weights "
-                             f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
-                             f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}); was it saved with the same "
-                             "trainable_models / lora_base_model / lora_target_modules / lora_rank?")
-        with torch.no_grad():
-            for k, p in params.items():
-                if tuple(state[k].shape) != tuple(p.shape):
-                    raise ValueError(f"load_trainable_state_dict: {k} is {tuple(state[k].shape)}, model has "
-                                     f"{tuple(p.shape)}")
-                p.copy_(state[k].to(p.device, p.dtype))
-
-    def save_trainable(self, path: str, lora_format: Optional[str] = None) -> list[str]:
-        """As ``Wan22Model.save_trainable`` (``model.lora_format``: comfyui, diffsynth or diffusers), the
-        layers named in the Wan layout first, so the files are those ``wan2_2`` writes; a fully
-        fine-tuned expert is written in the original Wan layout."""
-        from .lora import lora_layers
-        from .lora_formats import FORMATS, expert_file, write_lora
-
-        fmt = lora_format or self.options.lora_format
-        if fmt not in FORMATS:
-            raise ValueError(f"model.lora_format: '{fmt}' is not one of {', '.join(FORMATS)}")
-        experts = self.trainable_experts()
-        out = []
-        for r in experts:
-            target = expert_file(path, r, experts)
-            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-            if r in self.lora_experts:
-                layers = {diffusers_to_wan_key(k): v for k, v in lora_layers(self.dits[r], self.lora_alpha).items()}
-                state = write_lora(layers, fmt)
-                meta = {"format": f"{fmt}-lora", "expert": r, "lora_rank": str(self.config.lora_rank),
-                        "lora_alpha": str(self.lora_alpha), "lora_target_modules": self.config.lora_target_modules}
-            else:
-                state = {diffusers_to_wan_key(k): v.detach().cpu().contiguous()
-                         for k, v in self.dits[r].state_dict().items()}
-                meta = {"format": "wan-dit", "expert": r}
-            write_safetensors(target, state, meta)
-            out.append(target)
-        return out
+    def _wan_name(self, name: str) -> str:
+        return diffusers_to_wan_key(name)

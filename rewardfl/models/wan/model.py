@@ -198,11 +198,9 @@ class Wan22Model(VideoModel):
 
     def _setup(self, lora_experts: list[str], full_experts: list[str], targets: list[str]) -> None:
         """What trains (LoRA or full, frozen copies) and where each module lives."""
-        from .dit_forward import use_fp32_time_embedding
-
         config, options = self.config, self.options
         for dit in self.dits.values():  # before LoRA, copies and DeepSpeed: they keep the layer class
-            use_fp32_time_embedding(dit)
+            self._prepare_dit(dit)
         self.lora_experts, self.full_experts = lora_experts, full_experts
         self.lora_scale = self.lora_alpha = None
         if lora_experts:
@@ -211,13 +209,14 @@ class Wan22Model(VideoModel):
             self.lora_alpha = alpha
             self.lora_scale = alpha / config.lora_rank
             for r in lora_experts:
-                add_lora(self.dits[r], targets, config.lora_rank, alpha)
+                add_lora(self.dits[r], self._lora_targets(self.dits[r], targets), config.lora_rank, alpha)
         self._frozen: dict[str, torch.nn.Module] = {}
         for r in full_experts:
             self.dits[r].requires_grad_(True)
             log.warning("trainable_models: full fine-tuning of %s keeps a frozen copy for the regulariser's "
                         "reference velocity (twice the expert's memory); LoRA (lora_base_model) needs none", r)
             self._frozen[r] = copy.deepcopy(self.dits[r]).requires_grad_(False).eval()
+        self._enable_checkpointing()
 
         self.offload_experts = self._want_expert_offload(options.offload_idle_expert)
         for r in self.experts:
@@ -240,6 +239,39 @@ class Wan22Model(VideoModel):
         self._prompt_cache: dict[str, torch.Tensor] = {}
         self.training = True
         self.train(True)
+
+    # hooks a DiT of another layout (wan2_2_diffusers) overrides; the rest of the model is shared
+
+    def _prepare_dit(self, dit) -> None:
+        """Before LoRA and copies: the time embedding computes in fp32 (as official Wan does)."""
+        from .dit_forward import use_fp32_time_embedding
+
+        use_fp32_time_embedding(dit)
+
+    def _lora_targets(self, dit, targets: list[str]) -> list[str]:
+        """The module names LoRA goes on, for ``lora_target_modules`` (Wan names)."""
+        return targets
+
+    def _enable_checkpointing(self) -> None:
+        """Gradient checkpointing that lives in the module (this layout checkpoints in ``dit_forward``)."""
+
+    def _velocity(self, dit, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
+        """One DiT forward: the velocity at ``x`` (on the device) and ``timestep`` ``(B,)``."""
+        from .dit_forward import dit_forward
+
+        clean_first = self.arch.conditioning == "ti2v" and bool(self.arch.kwargs.get("seperated_timestep"))
+        return dit_forward(dit, x, timestep, cond.context, cond.y, clean_first_frame=clean_first,
+                           checkpoint=self._checkpoint_mode)
+
+    def _checkpoint_key(self, name: str) -> str:
+        """A ``trainable_parameters`` name (``<expert>.<module>...``) as checkpoints and exports key it."""
+        from .lora import diffsynth_lora_key
+
+        return diffsynth_lora_key(name)
+
+    def _wan_name(self, name: str) -> str:
+        """A DiT module/parameter name in the Wan layout the export files use."""
+        return name
 
     @classmethod
     def with_random_weights(cls, config, options=None, *, dit: str, experts: Sequence[str] = EXPERT_ROLES,
@@ -520,7 +552,6 @@ class Wan22Model(VideoModel):
 
     def denoise(self, expert: str, x: torch.Tensor, timestep: torch.Tensor, cond: WanCondition, *,
                 base: bool = False) -> torch.Tensor:
-        from .dit_forward import dit_forward
         from .lora import adapters_disabled
 
         if expert not in self.dits:
@@ -529,19 +560,16 @@ class Wan22Model(VideoModel):
         timestep = timestep.to(self.device, torch.float32).reshape(-1)
         if timestep.numel() == 1 and x.shape[0] > 1:
             timestep = timestep.expand(x.shape[0])
-        kwargs = dict(clean_first_frame=self.arch.conditioning == "ti2v" and
-                      bool(self.arch.kwargs.get("seperated_timestep")), checkpoint=self._checkpoint_mode)
         x_in = x.to(self.device)
         if base:
             with torch.no_grad():
                 if expert in self.lora_experts:
                     with adapters_disabled(self.dits[expert]):
-                        v = dit_forward(self.dits[expert], x_in, timestep, cond.context, cond.y, **kwargs)
+                        v = self._velocity(self.dits[expert], x_in, timestep, cond)
                 else:
-                    v = dit_forward(self._frozen.get(expert, self.dits[expert]), x_in, timestep, cond.context,
-                                    cond.y, **kwargs)
+                    v = self._velocity(self._frozen.get(expert, self.dits[expert]), x_in, timestep, cond)
         else:
-            v = dit_forward(self.dits[expert], x_in, timestep, cond.context, cond.y, **kwargs)
+            v = self._velocity(self.dits[expert], x_in, timestep, cond)
         return v.to(x.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -566,14 +594,10 @@ class Wan22Model(VideoModel):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """``{"<expert>.<diffsynth LoRA key or parameter name>": tensor}``, detached, as trained (B unscaled)."""
-        from .lora import diffsynth_lora_key
-
-        return {diffsynth_lora_key(n): p.detach() for n, p in self.trainable_parameters()}
+        return {self._checkpoint_key(n): p.detach() for n, p in self.trainable_parameters()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from .lora import diffsynth_lora_key
-
-        params = {diffsynth_lora_key(n): p for n, p in self.trainable_parameters()}
+        params = {self._checkpoint_key(n): p for n, p in self.trainable_parameters()}
         missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or unexpected:
             raise ValueError(f"load_trainable_state_dict: keys do not match this model's trainable weights "
@@ -608,11 +632,12 @@ class Wan22Model(VideoModel):
             target = expert_file(path, r, experts)
             os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
             if r in self.lora_experts:
-                state = write_lora(lora_layers(self.dits[r], self.lora_alpha), fmt)
+                layers = {self._wan_name(k): v for k, v in lora_layers(self.dits[r], self.lora_alpha).items()}
+                state = write_lora(layers, fmt)
                 meta = {"format": f"{fmt}-lora", "expert": r, "lora_rank": str(self.config.lora_rank),
                         "lora_alpha": str(self.lora_alpha), "lora_target_modules": self.config.lora_target_modules}
             else:
-                state = {k: v.detach().cpu().contiguous() for k, v in self.dits[r].state_dict().items()}
+                state = {self._wan_name(k): v.detach().cpu().contiguous() for k, v in self.dits[r].state_dict().items()}
                 meta = {"format": "wan-dit", "expert": r}
             write_safetensors(target, state, meta)
             out.append(target)
