@@ -206,8 +206,9 @@ def wandb_records(path):
             pos += block - pos % block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0 and length == 0:
-            break
+        if kind == 0 and length == 0:  # zeros: the rest of this block is unwritten; go on at the next one
+            pos += block - pos % block
+            continue
         chunks += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL, LAST
@@ -254,7 +255,12 @@ def test_wandb_offline_run_holds_the_scalars_video_image_and_config(tmp_path, mo
 
     run_id = (out / WANDB_RUN_ID_FILE).read_text().strip()
     (run_dir,) = glob.glob(str(out / "wandb" / f"offline-run-*-{run_id}"))
-    records = list(wandb_records(os.path.join(run_dir, f"run-{run_id}.wandb")))
+    path = os.path.join(run_dir, f"run-{run_id}.wandb")
+    for _ in range(60):  # wandb's service process may still be writing its file after finish() returns
+        records = list(wandb_records(path))
+        if any(r.WhichOneof("record_type") == "run" for r in records) and len(wandb_history(records)) == 2:
+            break
+        time.sleep(0.5)
 
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert (run.run_id, run.project, run.display_name) == (run_id, "rewardfl", "tiny-run")
