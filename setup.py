@@ -165,6 +165,9 @@ setup(
             "import-linter>=2.1",  # tests/test_architecture.py: the import contracts of pyproject.toml
             "diffusers==0.42.1",  # tests: wan2_2_diffusers, LoRA files in diffusers' real loader
             "wandb==0.31.0",  # tests: report_to wandb, offline
+            # tests/test_install.py: the checkout's kernels/ folder must never shadow Hugging Face's
+            # kernels (a transformers dependency); listed so that the test cannot pass for want of it
+            "kernels",
         ],
     },
     entry_points={

@@ -141,6 +141,14 @@ def _import_errors(exc: BaseException) -> Iterator[ImportError]:
         exc = exc.__cause__ or exc.__context__
 
 
+def _findable(module: str) -> bool:
+    """Whether Python can find ``module`` (False for a None entry in sys.modules: an import blocked)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _version(dist_name: str) -> str:
     try:
         return md.version(dist_name)
@@ -168,7 +176,7 @@ def explain_import_error(exc: BaseException) -> Optional[str]:
             return (f"the package '{top}' ({dist} {_version(dist)}{by}) is shadowed by {shadow}: Python imported "
                     f"that {'folder' if shadow.is_dir() else 'file'} instead, because it lies in the current directory "
                     f"or on PYTHONPATH; run the command from another directory, or rename it")
-        if isinstance(err, ModuleNotFoundError) and not dists:
+        if isinstance(err, ModuleNotFoundError) and err.name == top and not _findable(top):
             wanted = requirements()
             extra = wanted.get(canonical(top))
             if extra:

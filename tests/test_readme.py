@@ -13,7 +13,8 @@ def ci_commands():
     for line in lines:
         line = line.strip()
         if not line or line.startswith("#") or line.startswith(("set ", "cd ", "start=", "echo ", "rc=", "if ",
-                                                                   "fi", "exit", "  ", "python -c")):
+                                                                   "fi", "else", "exit", "python -c", "deps=",
+                                                                   "case ", "esac", "pinned|", "*)", "trap ")):
             continue
         line = re.sub(r"\s*\|\|\s*rc=\$\?$", "", line)
         commands.append(line)
