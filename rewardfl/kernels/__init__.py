@@ -4,6 +4,9 @@
   first-frame injection in one pass (``flow_step.py``).
 * :func:`velocity_kl`: the velocity regulariser ``mean((v - v_ref)^2) / (2 sigma^2)``
   reduced in fp32 in one pass (``velocity_kl.py``).
+* :func:`sde_step`: one stochastic flow step (the SDE with the flow's marginals) and the
+  log-probability of its Gaussian transition per sample, for policy-gradient training
+  (``sde_step.py``; :func:`sde_coefficients` gives the step's coefficients).
 
 Dispatch: Triton for CUDA tensors, the torch reference otherwise. Force either
 with ``set_backend("triton" | "torch" | "auto")``, ``with use_backend(...)``, the
@@ -26,6 +29,7 @@ if not (_HERE / "flow_step.py").is_file() and _SOURCE.is_dir():
 
 from ._utils import BACKENDS, get_backend, interpreting, set_backend, use_backend  # noqa: E402
 from .flow_step import flow_step, flow_step_reference  # noqa: E402
+from .sde_step import SdeCoefficients, sde_coefficients, sde_step, sde_step_reference  # noqa: E402
 from .velocity_kl import velocity_kl, velocity_kl_reference  # noqa: E402
 
 __all__ = [
@@ -34,6 +38,10 @@ __all__ = [
     "flow_step_reference",
     "velocity_kl",
     "velocity_kl_reference",
+    "SdeCoefficients",
+    "sde_coefficients",
+    "sde_step",
+    "sde_step_reference",
     "get_backend",
     "set_backend",
     "use_backend",
