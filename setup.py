@@ -189,6 +189,7 @@ setup(
             "aesthetic = rewardfl.rewards.clip:AestheticReward",
             "identity_consistency = rewardfl.rewards.face_identity:IdentityConsistencyReward",
             "motion = rewardfl.rewards.motion:MotionReward",
+            "command = rewardfl.rewards.command:CommandReward",
         ],
         "rewardfl.models": [
             "wan2_2 = rewardfl.models.wan.model:Wan22Model",
