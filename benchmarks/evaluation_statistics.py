@@ -76,14 +76,21 @@ def coverage_table(rng, experiments: int = 2000) -> list[str]:
 
 
 def simulated_runs(rng, runs: int, clips: int, seeds: int, evaluations: int = 10, hack: float = 0.0,
-                   hack_from: int = 5) -> np.ndarray:
+                   hack_from: int = 5, rho: float = 0.0) -> np.ndarray:
     """``(R, 2, E, clips, seeds)``: training reward and judge per video and evaluation (the noise model of
     tests/test_evaluation_statistics.py: clip sd 1, seed sd 0.5, a per-clip random walk with step sd
-    0.1, fresh noise sd 0.3), with a hack of size ``hack`` growing from evaluation ``hack_from``."""
+    0.1, fresh noise sd 0.3), with a hack of size ``hack`` growing from evaluation ``hack_from``;
+    ``rho``: the correlation of the reward's and the judge's changes (random walk and fresh noise)."""
     shape = (runs, 2)
+
+    def correlated(*tail):
+        z = rng.standard_normal(shape + tail)
+        z[:, 1] = rho * z[:, 0] + np.sqrt(1.0 - rho * rho) * z[:, 1]
+        return z
+
     y = (rng.standard_normal(shape + (1, clips, 1)) + 0.5 * rng.standard_normal(shape + (1, clips, seeds))
-         + np.cumsum(0.1 * rng.standard_normal(shape + (evaluations, clips, 1)), axis=2)
-         + 0.3 * rng.standard_normal(shape + (evaluations, clips, seeds)))
+         + np.cumsum(0.1 * correlated(evaluations, clips, 1), axis=2)
+         + 0.3 * correlated(evaluations, clips, seeds))
     shift = hack * np.clip((np.arange(evaluations) - (hack_from - 1)) / (evaluations - hack_from), 0.0, None)
     y[:, 0] += shift[:, None, None]
     y[:, 1] -= shift[:, None, None]
@@ -120,17 +127,21 @@ def old_guard(y: np.ndarray, window: int = 5, samples: int = 1000) -> np.ndarray
 
 
 def guard_table(rng, runs: int = 2000) -> list[str]:
-    lines = ["| guard | runs | clips x seeds | hack d | runs with a warning | evaluations with a warning |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| guard | runs | clips x seeds | hack d | reward/judge correlation | runs with a warning | "
+             "evaluations with a warning |", "|---|---|---|---|---|---|---|"]
     for clips, seeds in ((8, 1), (4, 1), (8, 2)):
         y = simulated_runs(rng, runs, clips, seeds)
         for name, guard in (("new (paired, t over clips)", new_guard), ("old (means, bootstrap of 1-2 means)", old_guard)):
             fired = guard(y)
-            lines.append(f"| {name} | {runs} | {clips} x {seeds} | 0 (null) | {fired.any(1).mean():.4f} | "
+            lines.append(f"| {name} | {runs} | {clips} x {seeds} | 0 (null) | 0 | {fired.any(1).mean():.4f} | "
                          f"{fired[:, 1:].mean():.4f} |")
+    for rho in (0.5, -0.5, -0.9):
+        fired = new_guard(simulated_runs(rng, runs, 8, 1, rho=rho))
+        lines.append(f"| new (paired, t over clips) | {runs} | 8 x 1 | 0 (null) | {rho} | {fired.any(1).mean():.4f} | "
+                     f"{fired[:, 1:].mean():.4f} |")
     for d in (0.25, 0.5, 0.75, 1.0):
         fired = new_guard(simulated_runs(rng, runs, 8, 1, hack=d))
-        lines.append(f"| new (paired, t over clips) | {runs} | 8 x 1 | {d} | {fired.any(1).mean():.4f} | "
+        lines.append(f"| new (paired, t over clips) | {runs} | 8 x 1 | {d} | 0 | {fired.any(1).mean():.4f} | "
                      f"{fired[:, 1:].mean():.4f} |")
     return lines
 
