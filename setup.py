@@ -15,6 +15,7 @@ import glob
 import os
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 import torch
 from torch.utils import cpp_extension
@@ -89,6 +90,20 @@ def extensions():
     return [cpp_extension.CppExtension("rewardfl._C", cpp_sources, extra_compile_args={"cxx": cxx})]
 
 
+class BuildPyWithKernels(build_py):
+    """Wheels: the modules of the checkout's top-level ``kernels/`` folder (the Triton kernels, no
+    ``__init__.py`` there so that the folder never shadows an installed ``kernels`` package) become
+    modules of ``rewardfl.kernels``. An editable install reads them in place instead (see
+    ``rewardfl/kernels/__init__.py``)."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        if package == "rewardfl.kernels":
+            for path in sorted(glob.glob(os.path.join("kernels", "*.py"))):
+                modules.append((package, os.path.splitext(os.path.basename(path))[0], path))
+        return modules
+
+
 def read(path):
     with open(os.path.join(ROOT, path), encoding="utf-8") as f:
         return f.read()
@@ -101,10 +116,9 @@ setup(
     long_description=read("README.md"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["rewardfl", "rewardfl.*"]) + ["rewardfl.kernels"],
-    package_dir={"rewardfl.kernels": "kernels"},
+    packages=find_packages(include=["rewardfl", "rewardfl.*"]),
     ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithKernels},
     install_requires=[
         # torch is installed first, by hand, with an exact pin (see README); this
         # range only guards against an incompatible one and never pulls a new torch.

@@ -27,6 +27,7 @@ import shutil
 import sys
 
 from .config import ConfigError
+from .deps import explain_import_error
 
 EXIT_USER_ERROR = 2
 EXIT_NOTHING_TRAINED = 3
@@ -83,7 +84,10 @@ def user_error_exit(prog: str, also: tuple[type[BaseException], ...] = ()):
 
     ``prog`` is the module's name (``rewardfl.run``, ``rewardfl.score``, ...) for every tool.
     ``also``: further exception types this tool reports the same way (e.g. a failed download).
-    An ``OSError`` for a full disk, a read-only file system or a forbidden path is a user error too.
+    An ``OSError`` for a full disk, a read-only file system or a forbidden path is a user error too,
+    and so is a failed import of another distribution (missing, shadowed by a local folder, or an
+    incompatible version; see :func:`rewardfl.deps.explain_import_error`), even when a library
+    wrapped the ImportError in another exception.
     """
 
     def wrap(main):
@@ -97,7 +101,9 @@ def user_error_exit(prog: str, also: tuple[type[BaseException], ...] = ()):
                 elif isinstance(e, USER_ERRORS + also):
                     message = " ".join(str(e).split()) or type(e).__name__
                 else:
-                    raise  # a bug: the traceback is what helps
+                    message = explain_import_error(e)
+                    if message is None:
+                        raise  # a bug: the traceback is what helps
             print(f"{prog}: error: {message}", file=sys.stderr)
             return EXIT_USER_ERROR
 

@@ -20,6 +20,7 @@ import traceback
 from typing import Any, Optional
 
 from .config import COMPOSITE_REWARD, ConfigError, PluginSection, TrainConfig, build_dataclass
+from .deps import explain_import_error
 from .interfaces import Reward, Sampler, VideoModel
 
 __all__ = ["KINDS", "PluginInfo", "PluginError", "list_plugins", "load_plugin", "create", "resolve_plugins", "resolve_config", "load_resolved"]
@@ -96,9 +97,10 @@ def load_plugin(kind: str, name: str):
     except Exception as e:  # any failure in third-party import code
         last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
         where = f" at {last.filename}:{last.lineno}" if last else ""
+        why = explain_import_error(e) or f"{type(e).__name__}: {e}{where}"
         raise PluginError(
             f"{kind} plugin '{name}' from distribution {info.distribution} {info.version} failed to import "
-            f"({info.module}): {type(e).__name__}: {e}{where}"
+            f"({info.module}): {why}"
         ) from e
     interface = KINDS[kind][1]
     if not (isinstance(obj, type) and issubclass(obj, interface)):
