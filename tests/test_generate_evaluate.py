@@ -274,7 +274,7 @@ def test_generate_refuses_a_checkpoint_of_another_model_in_one_line(trained, cap
 
 def test_generate_from_one_image_and_prompt(trained, face_assets):
     out = str(trained["root"] / "gen-image")
-    exported = os.path.join(trained["final"], "trainable.safetensors")  # one exported file
+    exported = os.path.join(trained["final"], "trainable_low_noise.safetensors")  # one exported file
     assert generate_cli.main([trained["config"], "--checkpoint", exported, "--image",
                               face_assets.photos["person_a_1"], "--prompt", "a face", "--out", out]) == 0
     (video,) = json.load(open(os.path.join(out, "index.json")))["videos"]
