@@ -15,8 +15,7 @@ import torch
 
 __all__ = ["motion", "psnr", "t_quantile", "clip_t_interval", "paired_interval", "paired_difference",
            "beyond_interval", "MIN_CLIPS_FOR_CLAIM", "identity_specificity", "paired_rows", "paired_change",
-           "hacking_warnings",
-           "PSNR_CAP_DB"]
+           "hacking_warnings", "PSNR_CAP_DB"]
 
 #: PSNR of identical images (infinite) is reported as this, so that means and intervals stay finite
 PSNR_CAP_DB = 100.0
