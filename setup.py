@@ -125,6 +125,7 @@ setup(
         "torch>=2.11,<2.15",
         "triton>=3.6",
         "numpy",
+        "scipy",  # Student-t quantiles of the evaluation intervals (rewardfl.evaluation.metrics)
         "pyyaml>=6",
         "safetensors>=0.4",
         "tqdm",

@@ -18,7 +18,7 @@ import math
 import os
 import types
 import typing
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
@@ -86,21 +86,27 @@ class DataConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
-    """``rewardfl.evaluate``: judges besides the training reward, seeds per clip, the bootstrap.
+    """``rewardfl.evaluate``: judges besides the training reward, seeds per clip, evaluation during training.
 
     ``judges``: reward plugins, each ``{name: <reward plugin>, label: <optional>, <its options>}`` (or a
-    bare name), built through the registry and reported separately."""
+    bare name), built through the registry and reported separately. Intervals are Student-t over
+    held-out clips (``rewardfl.evaluation.metrics.paired_interval``): nothing to configure."""
+
+    #: keys earlier versions had, with what replaced them (named in the error a config using one gets)
+    REMOVED_KEYS: ClassVar[dict] = {
+        "bootstrap_samples": "intervals are Student-t over held-out clips now (no bootstrap); delete the key",
+        "bootstrap_seed": "intervals are Student-t over held-out clips now (no bootstrap); delete the key",
+    }
 
     judges: list = dataclasses.field(default_factory=list)
     #: starting noises per held-out clip (seeds 0..seeds-1), the same for every checkpoint
     seeds: int = 2
-    bootstrap_samples: int = 1000
-    bootstrap_seed: int = 0
     #: frames per video on each clip's contact sheet
     contact_sheet_frames: int = 4
     # --- during training (``eval_steps``) and at its end (``eval.at_end``)
-    #: held-out clips evaluated during training (the first N of the held-out set; 0: all of them)
-    train_clips: int = 4
+    #: held-out clips evaluated during training (the first N of the held-out set; 0: all of them); the
+    #: hacking guard needs at least 5 (``MIN_CLIPS_FOR_CLAIM``)
+    train_clips: int = 8
     #: starting noises per clip during training (seeds 0..N-1, the same at every evaluation)
     train_seeds: int = 1
     #: evaluations the hacking guard looks back over (training reward up while a judge falls)
@@ -194,7 +200,7 @@ class TrainConfig:
     #: options of the model plugin named by ``model_name``
     model: dict = dataclasses.field(default_factory=dict)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    #: ``rewardfl.evaluate``'s judges, seeds and bootstrap
+    #: ``rewardfl.evaluate``'s judges and seeds, and evaluation during training
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     #: a DeepSpeed config: a mapping, or a path to a DeepSpeed JSON
     deepspeed: Optional[Union[dict, str]] = None
@@ -318,7 +324,8 @@ def build_dataclass(cls, values: dict, prefix: str = ""):
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
 
     Used for the config and for every plugin's ``Options``; ``prefix`` is the
-    dotted key of the section, used in messages.
+    dotted key of the section, used in messages. A dataclass may name keys it no longer
+    takes in a ``REMOVED_KEYS`` class attribute (key -> what replaced it) for a clearer error.
     """
     if values is None:
         values = {}
@@ -330,6 +337,9 @@ def build_dataclass(cls, values: dict, prefix: str = ""):
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
+            removed = getattr(cls, "REMOVED_KEYS", {}).get(key)
+            if removed:
+                raise ConfigError(f"{dotted}: removed; {removed}")
             known = ("known keys: " + ", ".join(sorted(fields)) if len(fields) <= 12
                      else "see the config reference in README.md")
             raise ConfigError(f"unknown key '{dotted}'{_did_you_mean(str(key), fields)}; {known}")
@@ -452,9 +462,8 @@ def validate(cfg: TrainConfig) -> None:
         _need(isinstance(judge, str) or (isinstance(judge, dict) and isinstance(judge.get("name"), str)),
               f"eval.judges[{i}]: expected a reward plugin name or a mapping with 'name' (e.g. "
               f"{{name: face_identity, det_size: 320}}), got {judge!r}")
-    for key in ("seeds", "bootstrap_samples", "contact_sheet_frames"):
+    for key in ("seeds", "contact_sheet_frames"):
         _need(getattr(e, key) > 0, f"eval.{key}: must be > 0, got {getattr(e, key)}")
-    _need(e.bootstrap_seed >= 0, f"eval.bootstrap_seed: must be >= 0, got {e.bootstrap_seed}")
     _need(e.train_clips >= 0, f"eval.train_clips: must be >= 0 (0: every held-out clip), got {e.train_clips}")
     for key in ("train_seeds", "hacking_window"):
         _need(getattr(e, key) > 0, f"eval.{key}: must be > 0, got {getattr(e, key)}")

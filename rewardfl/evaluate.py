@@ -11,8 +11,12 @@ The base model is always evaluated too. Every checkpoint generates from the same
 * ``motion``: mean absolute difference of consecutive frames ([0, 1] pixel range);
 * ``first_frame_psnr``: PSNR (dB) of generated frame 0 against the input image.
 
-Per checkpoint and metric: the mean with a 95% percentile-bootstrap interval, and the paired
-difference to base with its interval (``eval.bootstrap_samples`` resamples, ``eval.bootstrap_seed``).
+Per checkpoint and metric: the mean with its 95% interval, and the paired difference to base (the
+same clip and seed) with its interval; the held-out clip is the unit of evidence: seeds are averaged
+within a clip, the interval is Student-t over the clip means, and the number of clips stands beside
+each interval (:func:`rewardfl.evaluation.metrics.paired_interval`). The hacking guard
+(:func:`rewardfl.evaluation.metrics.hacking_warnings`) warns when a checkpoint's training reward rose
+beyond its interval while a judge's higher-is-better metric (``Reward.higher_is_better``) fell beyond its.
 Writes ``eval.json``, ``eval.md`` (the table, printed too) and ``contact_sheets/*.png`` (per clip:
 reference | base | each checkpoint, a few frames each) to ``--out`` (default ``OUTPUT_DIR/eval``).
 """
@@ -110,6 +114,16 @@ class Evaluation:
             scorer.prepare(self.contexts)
         self.jobs = [(c, s) for c in range(len(self.items)) for s in self.seeds]
 
+    @property
+    def guarded_keys(self) -> list[str]:
+        """The judge metrics the hacking guard watches: each judge's ``higher_is_better`` keys, and its
+        ``specificity`` (computed from its score) when its score is one of them."""
+        keys = []
+        for name, judge in self.judges:
+            better = tuple(judge.higher_is_better)
+            keys += [f"judge/{name}/{k}" for k in better] + ([f"judge/{name}/specificity"] if "score" in better else [])
+        return keys
+
     def generate(self, gen, batch_size: int) -> list[torch.Tensor]:
         """The videos of every job with ``gen``'s current weights (the same noise every time)."""
         return gen.generate([self.items[c] for c, _ in self.jobs], [s for _, s in self.jobs], batch_size=batch_size)
@@ -159,7 +173,7 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
 
     ``generator``/``reward``: already built ones to use (the end of a training run passes its own);
     ``write``: whether this process writes the files (rank 0 of a training run)."""
-    from .evaluation.metrics import mean_with_ci, motion, paired_hacking_warnings
+    from .evaluation.metrics import MIN_CLIPS_FOR_CLAIM, hacking_warnings, motion, paired_interval
     from .evaluation.report import contact_sheet, markdown_table, summarize
     from .evaluation.split import eval_dataset
     from .fileio import write_json
@@ -187,12 +201,13 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
         videos = ev.generate(gen, batch_size)
         rows += ev.score(label, videos)
         generated.append((label, videos))
-    summary = summarize(rows, labels, samples=e.bootstrap_samples, seed=e.bootstrap_seed)
+    summary = summarize(rows, labels)
     ref_motion = {it["sample_id"]: motion(it["video"]) for it in items}
-    reference = {"motion": mean_with_ci(list(ref_motion.values()), samples=e.bootstrap_samples,
-                                        seed=e.bootstrap_seed), "motion_per_clip": ref_motion}
+    reference = {"motion": paired_interval(list(ref_motion.values()), list(ref_motion)), "motion_per_clip": ref_motion}
     table = markdown_table(summary, labels, reference_motion=reference["motion"])
-    warnings = paired_hacking_warnings(summary, labels)
+    warnings = [f"{label} vs base: {line}" for label in labels[1:]
+                for line in hacking_warnings([r for r in rows if r["checkpoint"] == label],
+                                             [r for r in rows if r["checkpoint"] == labels[0]], ev.guarded_keys)]
     for line in warnings:
         log.warning("%s", line)
     result = {
@@ -200,7 +215,8 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
         "checkpoints": [{"label": label, "checkpoint": spec} for label, spec in zip(labels, ["base", *checkpoints])],
         "clips": [it["sample_id"] for it in items], "seeds": list(seeds),
         "num_inference_steps": cfg.num_inference_steps, "device": str(gen.device),
-        "bootstrap": {"samples": e.bootstrap_samples, "seed": e.bootstrap_seed, "level": 0.95},
+        "interval": {"level": 0.95, "method": "Student-t over clip means (seeds averaged within a clip)",
+                     "min_clips_for_claim": MIN_CLIPS_FOR_CLAIM},
         "summary": summary, "reference": reference, "warnings": warnings, "videos": rows,
     }
     if write:

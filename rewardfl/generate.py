@@ -8,7 +8,7 @@ truncation). One mp4 per (clip, seed) plus ``index.json``. The clips are ``--met
 
 ``--checkpoint`` is ``base`` (the model as loaded, no trained weights), a training checkpoint
 directory (``OUTPUT_DIR/checkpoints/checkpoint-N``, verified against its manifest), an exported
-directory (``OUTPUT_DIR/final``) or one exported file (``final/trainable.safetensors``).
+directory (``OUTPUT_DIR/final``) or one exported file (``final/trainable_low_noise.safetensors``).
 
 Starting noise depends only on (config ``seed``, ``--seeds`` entry, clip ``sample_id``): every
 checkpoint starts from the same noise, and the same checkpoint, seed and device give bit-identical

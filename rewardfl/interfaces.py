@@ -316,6 +316,14 @@ class Reward(ABC):
     #: True when ``scores`` carry gradient to the input videos
     differentiable: ClassVar[bool] = False
 
+    #: which of this reward's numbers are better when higher, as a judge of ``rewardfl.evaluate``
+    #: reports them: ``"score"`` (the per-sample score, which training maximises) and keys of the
+    #: dict its optional ``evaluate(video, context)`` returns. The reward-hacking guard watches only
+    #: these (and ``specificity``, computed from ``score``); counts such as ``frames_with_face`` and
+    #: lower-is-better numbers such as ``degenerate_faces`` have no direction the guard could read.
+    #: A reward whose score is not a quality (none is expected) declares ``()``.
+    higher_is_better: ClassVar[tuple[str, ...]] = ("score",)
+
     #: the micro-batch's shared work (see :class:`StepCache`); set by the composition before each
     #: call. A reward alone, or called directly, sees a fresh cache each time it reads this.
     @property

@@ -107,6 +107,17 @@ def test_the_regulariser_compares_each_expert_with_its_own_base(tiny_dir):  # no
     torch.testing.assert_close(kl.detach(), torch.stack(terms).mean(), rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("trained,name", [("dit", "trainable_high_noise.safetensors"),
+                                          ("dit2", "trainable_low_noise.safetensors")])
+def test_export_of_one_expert_names_the_expert(tiny_dir, tmp_path, trained, name):  # noqa: F811
+    """One trained expert of the two-expert model: its file still says which expert it fits."""
+    model = build_tiny(tiny_dir, trainable_models=trained, lora_base_model=trained)
+    files = model.save_trainable(str(tmp_path / "trainable.safetensors"))
+    assert [os.path.basename(f) for f in files] == [name]
+    with safe_open(files[0], "pt") as f:
+        assert f.metadata()["expert"] == trained
+
+
 def test_export_of_both_experts_is_a_high_low_pair_each_loading_into_its_own_expert(tiny_dir, tmp_path):  # noqa: F811
     from diffsynth.models.wan_video_dit import WanModel
     from diffsynth.pipelines.wan_video import model_fn_wan_video

@@ -196,12 +196,101 @@ def test_clip_pixels_crop_larger_than_image_pads_like_processor(reference):
     torch.testing.assert_close(got, expected.double(), atol=2e-6, rtol=0)
 
 
+def _resize_max_size(img, max_size: int, fill: int = 0):
+    """open_clip's ``ResizeMaxSize`` (``src/open_clip/transform.py``, the eval transform HPSv2's scorer
+    builds with ``resize_longest_max=True``), reproduced from its source: a PIL image, or a tensor
+    ``(..., H, W)`` (the size read from the last two dims, as later open_clip versions read it)."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    if isinstance(img, torch.Tensor):
+        height, width = img.shape[-2:]
+    else:
+        width, height = img.size
+    scale = max_size / float(max(height, width))
+    if scale != 1.0:
+        new_size = tuple(round(dim * scale) for dim in (height, width))
+        img = TF.resize(img, new_size, InterpolationMode.BICUBIC)
+        pad_h = max_size - new_size[0]
+        pad_w = max_size - new_size[1]
+        img = TF.pad(img, padding=[pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=fill)
+    return img
+
+
+def _hps_reference_pixels(images, spec):
+    """HPSv2's eval transform on [0, 1] float images ``(3, H, W)``: ResizeMaxSize(fill=0), Normalize."""
+    import torchvision.transforms.functional as TF
+
+    size = spec.crop[0]
+    return torch.stack([TF.normalize(_resize_max_size(x, size), list(spec.mean), list(spec.std)) for x in images])
+
+
+@pytest.mark.parametrize("size,height,width", [(224, 480, 832), (224, 120, 208), (32, 90, 70), (32, 20, 26)])
+@pytest.mark.parametrize("content", ["noise", "photo"])
+def test_hps_letterboxes_as_open_clips_resize_max_size(size, height, width, content):
+    """hps preprocesses as HPSv2 does: the uint8 image through the reproduced ResizeMaxSize (PIL bicubic,
+    zero padding), ToTensor and Normalize vs clip_pixels of the same image, within the uint8 rounding.
+    The whole frame is kept: at 832x480 the CLIP crop would drop 42% of the width."""
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    if content == "noise":
+        u = torch.from_numpy(np.random.RandomState(height * width).randint(0, 256, (3, height, width), dtype=np.uint8))
+    else:
+        import skimage.data
+
+        photo = Image.fromarray(skimage.data.astronaut()).resize((width, height), Image.BILINEAR)
+        u = torch.from_numpy(np.array(photo)).permute(2, 0, 1).contiguous()
+    spec = PixelSpec.from_processor(CLIPImageProcessor(size={"shortest_edge": size},
+                                                       crop_size={"height": size, "width": size}), "processor")
+    hps = spec.letterboxed(size)
+    got = clip_pixels(u[None].double() / 127.5 - 1.0, hps)
+    letterboxed = _resize_max_size(Image.fromarray(u.permute(1, 2, 0).numpy()), size)
+    expected = TF.normalize(TF.to_tensor(letterboxed).double(), list(spec.mean), list(spec.std))[None]
+    assert got.shape == expected.shape == (1, 3, size, size)
+    std = torch.tensor(spec.std, dtype=torch.float64).view(1, 3, 1, 1)
+    error = ((got - expected) * std).abs()
+    assert float(error.max()) <= UINT8_MAX_TOL and float(error.mean()) <= UINT8_MEAN_TOL, float(error.max()) * 255
+    # the padding is black in pixel space, and the image spans the whole long side
+    scale = size / max(height, width)
+    rows, cols = round(height * scale), round(width * scale)
+    black = (-torch.tensor(spec.mean, dtype=torch.float64) / torch.tensor(spec.std, dtype=torch.float64)).view(3, 1, 1)
+    top, left = (size - rows) // 2, (size - cols) // 2
+    if top:
+        torch.testing.assert_close(got[0, :, :top], black.expand(3, top, size), atol=1e-12, rtol=0)
+    if left:
+        torch.testing.assert_close(got[0, :, :, :left], black.expand(3, size, left), atol=1e-12, rtol=0)
+    assert hps.resized_size(height, width) == (rows, cols) and hps.cache_name != spec.cache_name
+
+
+def test_hps_scores_equal_transformers_forward_on_letterboxed_pixels(clip_dir, reference):
+    """hps = mean over frames of cos(image, text) with the image embedded from HPSv2's letterboxed
+    pixels (the reproduced ResizeMaxSize on float images, no uint8 rounding), float64."""
+    model, processor, tokenizer = reference
+    frames_u8, videos = _videos(batch=3)  # 40x56 frames: longest side to 32, 9 rows of padding
+    spec = PixelSpec.from_processor(processor, "processor")
+    pixels = _hps_reference_pixels([x.double() / 255.0 for x in frames_u8.flatten(0, 1)], spec)
+    tokens = tokenizer(PROMPTS, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=pixels).pooler_output
+        text = model.get_text_features(**tokens).pooler_output
+    image = (image / image.norm(dim=-1, keepdim=True)).view(3, 3, -1)
+    text = text / text.norm(dim=-1, keepdim=True)
+    expected = (image * text[:, None]).sum(-1).mean(1)
+    reward = _double(HpsReward(_config(), HpsReward.Options(model_path=clip_dir)))
+    out = reward(videos, _contexts(PROMPTS))
+    torch.testing.assert_close(out.scores, expected, atol=1e-6 * (1 + expected.abs().max()), rtol=0)
+    cropped, _, _ = _reference_embeddings(reference, frames_u8, PROMPTS)  # CLIP's crop scores differently
+    assert not torch.allclose((cropped * text[:, None]).sum(-1).mean(1), expected, atol=1e-4)
+
+
 # --------------------------------------------------------------------------- scores
 
 
-@pytest.mark.parametrize("cls,scaled", [(ClipScoreReward, False), (HpsReward, False), (PickScoreReward, True)])
+@pytest.mark.parametrize("cls,scaled", [(ClipScoreReward, False), (PickScoreReward, True)])
 def test_prompt_scores_equal_transformers_forward(clip_dir, reference, cls, scaled):
-    """Score per video = mean over frames of cos(image, text) (clip_score, hps) or of the model's own
+    """Score per video = mean over frames of cos(image, text) (clip_score) or of the model's own
     logits_per_image = logit_scale.exp() * cos (pickscore)."""
     frames_u8, videos = _videos(batch=3)
     image, text, logits = _reference_embeddings(reference, frames_u8, PROMPTS)
@@ -376,7 +465,7 @@ def test_two_rewards_share_preprocessed_pixels(clip_dir, tmp_path):
     name = rewards[0].backbone.pixels.cache_name + "/grad=False"
     assert name.startswith("clip_pixels_32_")
     assert cache.computed[name] == 1 and cache.hits[name] == 1
-    other = rewards[2].backbone.pixels.cache_name + "/grad=False"
+    other = rewards[2].pixels.cache_name + "/grad=False"
     assert other != name and cache.computed[other] == 1 and other not in cache.hits
     for a, b in zip(alone, shared):
         torch.testing.assert_close(a, b, atol=0, rtol=0)

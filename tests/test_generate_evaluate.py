@@ -25,8 +25,7 @@ from rewardfl import generate as generate_cli
 from rewardfl import run
 from rewardfl.config import load_config
 from rewardfl.data import VideoDataset
-from rewardfl.evaluation.metrics import (bootstrap_ci, hacking_warnings, identity_specificity, motion,
-                                         paired_difference, paired_hacking_warnings, psnr)
+from rewardfl.evaluation.metrics import identity_specificity, motion, paired_difference, psnr
 from rewardfl.evaluation.split import eval_dataset, training_dataset
 from rewardfl.training import Trainer, TrainState
 
@@ -142,21 +141,14 @@ def test_motion_and_psnr_against_hand_computations():
     assert psnr(a, a) == 100.0
 
 
-def test_bootstrap_interval_matches_numpy_and_scipy_percentile_bootstrap():
-    values = np.array([0.12, 0.31, 0.05, 0.44, 0.27, 0.19, 0.38, 0.08])
-    lo, hi = bootstrap_ci(values, samples=2000, seed=11)
-    rng = np.random.default_rng(11)
-    means = [values[rng.integers(0, len(values), len(values))].mean() for _ in range(2000)]
-    assert (lo, hi) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])), rel=1e-12)
-    from scipy.stats import bootstrap
+def test_paired_difference_pairs_videos_and_averages_seeds_within_a_clip():
+    """Pairs where both sides are numbers; clip a's two seeds averaged (0.75), clip b's one (-1.0)."""
+    d = paired_difference([1.0, 2.0, None, 4.0], [0.5, 1.0, 3.0, 5.0], ["a", "a", "b", "b"])
+    assert d["n"] == 3 and d["n_clips"] == 2 and d["mean"] == pytest.approx((0.75 - 1.0) / 2)
+    from scipy.stats import ttest_1samp
 
-    res = bootstrap((values,), np.mean, n_resamples=2000, method="percentile", random_state=np.random.default_rng(11),
-                    vectorized=True)
-    assert (lo, hi) == pytest.approx((res.confidence_interval.low, res.confidence_interval.high), rel=1e-12)
-
-    d = paired_difference([1.0, 2.0, None, 4.0], [0.5, 1.0, 3.0, 5.0], samples=500, seed=3)
-    assert d["n"] == 3 and d["mean"] == pytest.approx((0.5 + 1.0 - 1.0) / 3)
-    assert d["ci"] == pytest.approx(list(bootstrap_ci([0.5, 1.0, -1.0], samples=500, seed=3)))
+    ref = ttest_1samp([0.75, -1.0], 0.0).confidence_interval(0.95)
+    assert d["ci"] == pytest.approx([ref.low, ref.high], rel=1e-12)
 
 
 def test_identity_specificity_on_a_hand_made_matrix():
@@ -168,30 +160,6 @@ def test_identity_specificity_on_a_hand_made_matrix():
     got = identity_specificity(sim, [0, 1, 2, 0])
     np.testing.assert_allclose(got[:3], [0.9 - 0.15, 0.8 - 0.3, 0.0], rtol=1e-12)
     assert np.isnan(got[3])
-
-
-def test_hacking_guard_fires_on_a_crafted_series_and_not_on_a_clean_one():
-    reward = [0.10, 0.14, 0.19, 0.25, 0.31]
-    judge_falls = [0.60, 0.61, 0.59, 0.45, 0.40]
-    judge_holds = [0.60, 0.62, 0.61, 0.63, 0.62]
-    lines = hacking_warnings(reward, {"face_arcface": judge_falls, "face_sface": judge_holds}, window=5)
-    assert len(lines) == 1 and "face_arcface" in lines[0] and "training reward" in lines[0]
-    assert hacking_warnings(reward, {"face_sface": judge_holds}, window=5) == []
-    # a falling reward is not hacking, whatever the judge does
-    assert hacking_warnings(reward[::-1], {"face_arcface": judge_falls}, window=5) == []
-
-
-def test_paired_guard_fires_when_the_reward_rises_and_a_judge_falls_beyond_their_intervals():
-    def entry(mean, lo, hi):
-        return {"base": {"mean": 0.0}, "ckpt": {"mean": 0.0, "diff_to_base": {"mean": mean, "ci": [lo, hi]}}}
-
-    summary = {"reward_score": entry(0.05, 0.02, 0.08), "judge/arcface/score": entry(-0.04, -0.07, -0.01),
-               "judge/sface/score": entry(-0.01, -0.03, 0.01), "motion": entry(-0.02, -0.03, -0.01)}
-    lines = paired_hacking_warnings(summary, ["base", "ckpt"])
-    # only the judge whose whole interval lies below 0; motion is not a judge
-    assert len(lines) == 1 and "ckpt" in lines[0] and "judge/arcface/score" in lines[0]
-    summary["reward_score"] = entry(0.05, -0.01, 0.1)  # the reward's rise is within its noise
-    assert paired_hacking_warnings(summary, ["base", "ckpt"]) == []
 
 
 # --------------------------------------------------------------------------- generate and evaluate, end to end
@@ -211,7 +179,7 @@ def trained(tmp_path_factory, tiny_dir, small_dataset, face_assets):  # noqa: F8
         "data": {"metadata_path": small_dataset, "num_frames": 5, "height": 64, "width": 64,
                  "eval_metadata_path": small_dataset},
         "eval": {"judges": [{"name": "face_identity", "label": "face_strict", "det_size": 160,
-                             "reference_cache_dir": "none"}], "seeds": 1, "bootstrap_samples": 200},
+                             "reference_cache_dir": "none"}], "seeds": 1},
     }
     config = root / "cfg.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -274,7 +242,7 @@ def test_generate_refuses_a_checkpoint_of_another_model_in_one_line(trained, cap
 
 def test_generate_from_one_image_and_prompt(trained, face_assets):
     out = str(trained["root"] / "gen-image")
-    exported = os.path.join(trained["final"], "trainable.safetensors")  # one exported file
+    exported = os.path.join(trained["final"], "trainable_low_noise.safetensors")  # one exported file
     assert generate_cli.main([trained["config"], "--checkpoint", exported, "--image",
                               face_assets.photos["person_a_1"], "--prompt", "a face", "--out", out]) == 0
     (video,) = json.load(open(os.path.join(out, "index.json")))["videos"]
@@ -298,7 +266,11 @@ def test_evaluate_writes_metrics_table_and_contact_sheets(trained, capsys):
             values = [r[metric] for r in rows if r["checkpoint"] == label]
             entry = result["summary"][metric][label]
             assert entry["mean"] == pytest.approx(np.mean(values), rel=1e-12) and entry["n"] == 2
-            assert entry["ci"] == pytest.approx(list(bootstrap_ci(values, samples=200, seed=0)))
+            assert entry["n_clips"] == 2  # one seed per clip: a t interval over the 2 values, 1 df
+            from scipy.stats import ttest_1samp
+
+            ref = ttest_1samp(values, 0.0).confidence_interval(0.95)
+            assert entry["ci"] == pytest.approx([ref.low, ref.high], rel=1e-9)
         base = [r[metric] for r in rows if r["checkpoint"] == "base"]
         assert base != [r[metric] for r in rows if r["checkpoint"] == "checkpoint-1"]  # the trained LoRA acts
         trained_values = [r[metric] for r in rows if r["checkpoint"] == "checkpoint-1"]
@@ -314,6 +286,9 @@ def test_evaluate_writes_metrics_table_and_contact_sheets(trained, capsys):
     table = open(os.path.join(out, "eval.md")).read()
     assert table in printed and "| metric | base | checkpoint-1 | checkpoint-1 - base |" in table
     assert "| reward_score |" in table and "| first_frame_psnr |" in table
+    # the clips behind every interval, and why nothing is called beyond one with 2 held-out clips
+    assert "(2 clips)" in table and "No difference is called beyond its interval" in table
+    assert result["interval"]["min_clips_for_claim"] == 5 and result["warnings"] == []
     from PIL import Image
 
     sheets = sorted(os.listdir(os.path.join(out, "contact_sheets")))

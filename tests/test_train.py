@@ -60,7 +60,9 @@ def test_three_step_run_writes_metrics_checkpoint_video_and_curve(make_config, t
     assert [s for s, _ in list_checkpoints(os.path.join(out, "checkpoints"))] == [2, 3]
     assert os.path.getsize(os.path.join(out, "samples", "step-000003.mp4")) > 0
     assert os.path.getsize(os.path.join(out, "reward_curve.png")) > 0
-    assert os.path.getsize(os.path.join(out, "final", "trainable.safetensors")) > 0  # diffsynth LoRA format
+    # diffsynth LoRA format; the low-noise expert alone, named for it (ComfyUI users load files by name)
+    assert os.listdir(os.path.join(out, "final")) == ["trainable_low_noise.safetensors"]
+    assert os.path.getsize(os.path.join(out, "final", "trainable_low_noise.safetensors")) > 0
     resolved = yaml.safe_load(open(os.path.join(out, "config.yaml")))
     assert resolved["max_steps"] == 3 and resolved["reward"]["name"] == "face_identity"
 

@@ -38,7 +38,7 @@ def _config(root, tiny_dir, small_dataset, face_assets, **over):  # noqa: F811
                  "eval_metadata_path": small_dataset},
         "eval": {"judges": [{"name": "face_identity", "label": "face_fb", "landmark_fallback": True,
                              "det_size": 160, "reference_cache_dir": "none"}],
-                 "seeds": 1, "train_seeds": 1, "train_clips": 0, "bootstrap_samples": 200},
+                 "seeds": 1, "train_seeds": 1, "train_clips": 0},
         "eval_steps": 1,
     }
     for key, value in over.items():
@@ -116,23 +116,35 @@ def test_save_best_by_keeps_the_weights_of_the_best_evaluation(evaluated_run):
         np.testing.assert_allclose(saved[key].numpy(), at_step[key].numpy(), rtol=1e-6, atol=1e-7)
 
 
-def test_stop_on_hacking_stops_after_a_checkpoint_with_exit_code_4(tmp_path, tiny_dir, small_dataset, face_assets,
-                                                                   caplog):  # noqa: F811
-    """A run resumed at step 1 whose earlier evaluations (crafted in eval_history.json) show a much
-    lower training reward and a judge (motion: always a number, at most 0) far above anything the
-    model scores: the next real evaluation
-    continues both trends, the guard fires, the run saves checkpoint-2 and stops (no final export)."""
+@pytest.fixture(scope="module")
+def six_clips(tmp_path_factory, face_assets):
+    """Six short 64x64 held-out clips (two photos, three camera motions each): enough clips (>= 5)
+    for the hacking guard to call a change."""
+    from rewardfl.demo.example_data import build_from_face_assets
+
+    out = str(tmp_path_factory.mktemp("six_clips"))
+    return build_from_face_assets(out, assets=face_assets, photo_names=("person_a_1", "person_b_1"),
+                                  num_frames=5, size=(64, 64), clips_per_photo=3)
+
+
+def test_stop_on_hacking_stops_after_a_checkpoint_with_exit_code_4(tmp_path, tiny_dir, small_dataset, six_clips,
+                                                                   face_assets, caplog):  # noqa: F811
+    """A run resumed at step 1 whose base evaluation (step 0, the window's start; crafted in
+    eval_history.json, video by video) had a much lower training reward and a judge (motion: always
+    a number, at most 0) far above anything the model scores: the next real evaluation, paired with
+    it by (clip, seed) on 6 clips, shows the reward up and the judge down beyond their intervals; the
+    guard fires, the run saves checkpoint-2 and stops (no final export)."""
     config = _config(tmp_path, tiny_dir, small_dataset, face_assets, max_steps=1, stop_on_hacking=True,
-                     eval={"judges": [{"name": "motion", "label": "motion"}]})
+                     data={"eval_metadata_path": six_clips}, eval={"judges": [{"name": "motion", "label": "motion"}]})
     assert run.main([config]) == 0
     out = tmp_path / "out"
     path = out / "eval_history.json"
     saved = json.load(open(path))
-    real = saved["history"]  # steps 0 and 1
-    crafted = [{"step": -3 + i, "metrics": {"eval/reward_score": -10.0 - i * 0.0,
-                                            "eval/judge/motion/score": 10.0 + 0.01 * i}, "rows": real[0]["rows"]}
-               for i in range(3)]
-    json.dump({"history": crafted + real[1:], "best": None}, open(path, "w"))
+    base = saved["history"][0]
+    assert base["step"] == 0 and len({r["clip"] for r in base["rows"]}) == 6
+    for i, row in enumerate(base["rows"]):  # per video, with a little spread between clips
+        row["reward_score"], row["judge/motion/score"] = -10.0 - 0.01 * i, 10.0 + 0.01 * i
+    json.dump(saved, open(path, "w"))
     cfg = yaml.safe_load(open(config))
     cfg.update(max_steps=4, resume_from_checkpoint=True)
     open(config, "w").write(yaml.safe_dump(cfg))
@@ -142,9 +154,19 @@ def test_stop_on_hacking_stops_after_a_checkpoint_with_exit_code_4(tmp_path, tin
     with caplog.at_level("WARNING", logger="rewardfl"):
         assert run.main([config]) == 4
     err = caplog.text
-    assert "possible reward hacking" in err and "judge motion/score fell" in err and "stop_on_hacking" in err
+    assert "step 2 vs step 0: possible reward hacking: reward_score rose" in err, err
+    assert "judge/motion/score fell" in err and "(6 clips)" in err and "stop_on_hacking" in err
     assert os.path.isdir(out / "checkpoints" / "checkpoint-2") and not (out / "checkpoints" / "checkpoint-3").exists()
     assert not (out / "final").exists()
+
+
+def test_stop_on_hacking_with_fewer_than_5_held_out_clips_is_a_config_error(tmp_path, tiny_dir, small_dataset,
+                                                                             face_assets, capsys):  # noqa: F811
+    config = _config(tmp_path, tiny_dir, small_dataset, face_assets, max_steps=1, stop_on_hacking=True)
+    assert run.main([config]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stop_on_hacking: the hacking guard needs at least 5 held-out clips" in err[0], err
+    assert "evaluates 2" in err[0] and "eval.train_clips" in err[0]
 
 
 def test_eval_at_end_prints_base_vs_final(tmp_path, tiny_dir, small_dataset, face_assets, capsys):  # noqa: F811
@@ -163,6 +185,10 @@ def test_eval_at_end_prints_base_vs_final(tmp_path, tiny_dir, small_dataset, fac
 
 
 def test_eval_config_errors_name_the_key(tmp_path, tiny_dir, small_dataset, face_assets, capsys):  # noqa: F811
+    removed = _config(tmp_path, tiny_dir, small_dataset, face_assets, eval={"bootstrap_samples": 200})
+    assert run.main([removed, "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "eval.bootstrap_samples: removed; intervals are Student-t over held-out clips" in err[0]
     bad = _config(tmp_path, tiny_dir, small_dataset, face_assets, eval_steps=None, save_best_by="eval/reward_score")
     assert run.main([bad, "--check"]) == 2
     assert "save_best_by" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Evaluation metrics, as pure functions of tensors and arrays (tested against hand computations).
+"""Evaluation metrics, as pure functions of tensors and arrays (tested against hand computations),
+the clip-level intervals every table reports, and the reward-hacking guard.
 
 Image tensors are in [-1, 1]; the metrics map them to [0, 1] first, so that ``motion`` is a
 fraction of the pixel range and ``psnr`` uses peak 1.
@@ -12,8 +13,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["motion", "psnr", "bootstrap_ci", "mean_with_ci", "paired_difference", "identity_specificity",
-           "hacking_warnings", "paired_hacking_warnings", "PSNR_CAP_DB"]
+__all__ = ["motion", "psnr", "t_quantile", "clip_t_interval", "paired_interval", "paired_difference",
+           "beyond_interval", "MIN_CLIPS_FOR_CLAIM", "identity_specificity", "paired_rows", "paired_change",
+           "hacking_warnings", "PSNR_CAP_DB"]
 
 #: PSNR of identical images (infinite) is reported as this, so that means and intervals stay finite
 PSNR_CAP_DB = 100.0
@@ -38,42 +40,79 @@ def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
     return PSNR_CAP_DB if mse <= 10 ** (-PSNR_CAP_DB / 10) else 10.0 * math.log10(1.0 / mse)
 
 
-def bootstrap_ci(values: Sequence[float], *, samples: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values``: ``samples`` resamples with replacement
-    (``numpy.random.default_rng(seed).integers(0, n, (samples, n))``), the ``(1-level)/2`` and
-    ``(1+level)/2`` percentiles of their means (numpy's linear interpolation). One value gives (v, v)."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return (float("nan"), float("nan"))
-    idx = np.random.default_rng(seed).integers(0, v.size, (samples, v.size))
-    means = v[idx].mean(axis=1)
-    lo, hi = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-    return float(lo), float(hi)
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (scipy's ``t.ppf``)."""
+    from scipy.stats import t
+
+    return float(t.ppf(p, df))
 
 
-def _finite(values) -> np.ndarray:
-    v = np.asarray([np.nan if x is None else x for x in values], dtype=np.float64)
-    return v[np.isfinite(v)]
+def clip_t_interval(clip_means: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and Student-t interval over the last axis of ``clip_means`` ``(..., k)`` (one value per clip):
+    ``m +- t_{k-1}((1 + level) / 2) * sd / sqrt(k)``, ``sd`` with ``ddof=1``. Returns ``(mean, lo, hi)``
+    of shape ``(...)``; ``lo``/``hi`` NaN for fewer than 2 clips. The vectorised core of
+    :func:`paired_interval` (simulations call it on thousands of experiments at once)."""
+    x = np.asarray(clip_means, dtype=np.float64)
+    k = x.shape[-1]
+    mean = x.mean(axis=-1)
+    if k < 2:
+        nan = np.full(mean.shape, np.nan)
+        return mean, nan, nan
+    half = t_quantile((1.0 + level) / 2.0, k - 1) * x.std(axis=-1, ddof=1) / math.sqrt(k)
+    return mean, mean - half, mean + half
 
 
-def mean_with_ci(values: Sequence[Optional[float]], *, samples: int = 1000, seed: int = 0) -> dict:
-    """``{"mean", "ci": [lo, hi], "n"}`` over the finite values (None/NaN are left out, and counted out)."""
-    v = _finite(values)
-    if v.size == 0:
-        return {"mean": None, "ci": [None, None], "n": 0}
-    lo, hi = bootstrap_ci(v, samples=samples, seed=seed)
-    return {"mean": float(v.mean()), "ci": [lo, hi], "n": int(v.size)}
+def paired_interval(diffs: Sequence[Optional[float]], clips: Sequence, level: float = 0.95) -> dict:
+    """Mean and ``level`` interval of per-video values with the held-out clip as the unit of evidence.
+
+    ``diffs`` ``(V,)``: one number per video: a paired difference (the same clip and starting noise
+    on both sides), or the value itself for a plain mean; None/NaN are left out. ``clips`` ``(V,)``:
+    the clip each video was generated from (any hashable id). Videos of one clip share the image,
+    prompt and reference, so they are not independent: the values are first averaged within each
+    clip (over its seeds), then the k clip means give the mean and a Student-t interval with k - 1
+    degrees of freedom (:func:`clip_t_interval`; its coverage is measured in
+    ``tests/test_evaluation_statistics.py``).
+
+    Returns ``{"mean", "ci": [lo, hi] or None, "n_clips": k, "n": videos used}``: ``ci`` None for
+    fewer than 2 clips (one clip says nothing about clip-to-clip spread), ``mean`` None for none.
+    """
+    if len(diffs) != len(clips):
+        raise ValueError(f"paired_interval: {len(diffs)} values but {len(clips)} clip ids")
+    by_clip: dict = {}
+    for value, clip in zip(diffs, clips):
+        if value is not None and math.isfinite(value):
+            by_clip.setdefault(clip, []).append(float(value))
+    n = sum(len(v) for v in by_clip.values())
+    if not by_clip:
+        return {"mean": None, "ci": None, "n_clips": 0, "n": 0}
+    means = np.array([np.mean(v) for v in by_clip.values()])
+    mean, lo, hi = clip_t_interval(means, level)
+    ci = None if len(means) < 2 else [float(lo), float(hi)]
+    return {"mean": float(mean), "ci": ci, "n_clips": len(means), "n": n}
 
 
-def paired_difference(values: Sequence[Optional[float]], base: Sequence[Optional[float]], *,
-                      samples: int = 1000, seed: int = 0) -> dict:
-    """Mean of ``values[i] - base[i]`` over pairs where both are finite, with its bootstrap interval
-    (pairs resampled together: the same clip and starting noise on both sides)."""
+def paired_difference(values: Sequence[Optional[float]], base: Sequence[Optional[float]], clips: Sequence,
+                      level: float = 0.95) -> dict:
+    """:func:`paired_interval` of ``values[i] - base[i]`` (video i of a checkpoint and of the base: the
+    same clip ``clips[i]`` and starting noise), over pairs where both are numbers."""
     if len(values) != len(base):
         raise ValueError(f"paired_difference: {len(values)} values but {len(base)} base values")
     diffs = [None if a is None or b is None else a - b for a, b in zip(values, base)]
-    return mean_with_ci(diffs, samples=samples, seed=seed)
+    return paired_interval(diffs, clips, level)
+
+
+#: fewer held-out clips than this and no difference is called beyond its interval (nor does the
+#: guard fire): a t interval over 2-4 clip means rests on their spread alone and on their normality
+MIN_CLIPS_FOR_CLAIM = 5
+
+
+def beyond_interval(entry: Optional[dict]) -> int:
+    """+1 when ``entry`` (a :func:`paired_interval` result) lies above 0 beyond its interval, -1 below,
+    0 when its interval holds 0, it has none, or it rests on fewer than :data:`MIN_CLIPS_FOR_CLAIM` clips."""
+    if not entry or entry.get("ci") is None or entry.get("n_clips", 0) < MIN_CLIPS_FOR_CLAIM:
+        return 0
+    lo, hi = entry["ci"]
+    return 1 if lo > 0 else -1 if hi < 0 else 0
 
 
 def identity_specificity(similarity: np.ndarray, own: Sequence[int]) -> np.ndarray:
@@ -92,45 +131,43 @@ def identity_specificity(similarity: np.ndarray, own: Sequence[int]) -> np.ndarr
     return out
 
 
-def hacking_warnings(reward: Sequence[float], judges: dict[str, Sequence[float]], *, window: int = 5,
-                     samples: int = 1000, seed: int = 0) -> list[str]:
-    """Reward hacking guard over metric series (one value per evaluation point, oldest first).
+def paired_rows(rows: Sequence[dict], base_rows: Sequence[dict]) -> list[tuple[dict, dict]]:
+    """``(row, base_row)`` for each (clip, seed) job both lists hold, in ``rows``' order."""
+    base = {(r["clip"], r["seed"]): r for r in base_rows}
+    return [(r, base[(r["clip"], r["seed"])]) for r in rows if (r["clip"], r["seed"]) in base]
 
-    Over the last ``window`` points, compare the last value with the first: when the training reward
-    rose and a judge fell by more than its bootstrap interval allows (the judge's last value lies below
-    the lower end of the 95% interval of the window's first half), returns one line naming both. A
-    series shorter than 2 points, or with missing values, gives nothing.
-    """
-    r = np.asarray([np.nan if x is None else x for x in reward], dtype=np.float64)[-window:]
-    if r.size < 2 or not np.all(np.isfinite(r)) or r[-1] <= r[0]:
+
+def paired_change(rows: Sequence[dict], base_rows: Sequence[dict], key: str, level: float = 0.95) -> dict:
+    """:func:`paired_interval` of ``row[key] - base_row[key]`` over the (clip, seed) jobs both lists of
+    per-video rows hold (rows without a number for ``key`` on either side are left out)."""
+    pairs = paired_rows(rows, base_rows)
+    return paired_difference([r.get(key) for r, _ in pairs], [b.get(key) for _, b in pairs],
+                             [r["clip"] for r, _ in pairs], level)
+
+
+def hacking_warnings(rows: Sequence[dict], base_rows: Sequence[dict], judge_keys: Sequence[str], *,
+                     reward_key: str = "reward_score", level: float = 0.95) -> list[str]:
+    """The reward-hacking guard: the same (clip, seed) jobs scored twice, ``base_rows`` earlier, ``rows``
+    later (per-video rows with ``clip``, ``seed`` and the metrics).
+
+    When the training reward's paired difference is above 0 beyond its ``level`` interval and a judge
+    metric's is below 0 beyond its interval (:func:`paired_interval` over clips, each on at least
+    :data:`MIN_CLIPS_FOR_CLAIM` clips), one line names both. ``judge_keys``: the judge metrics whose
+    higher values are better (``Reward.higher_is_better``); the guard reads no others. Both tests at
+    95% on independent noise fire together on about 0.06% of null comparisons; the false-alarm rate
+    over a run is measured in ``tests/test_evaluation_statistics.py``."""
+    reward = paired_change(rows, base_rows, reward_key, level)
+    if beyond_interval(reward) <= 0:
         return []
     lines = []
-    for name, series in judges.items():
-        j = np.asarray([np.nan if x is None else x for x in series], dtype=np.float64)[-window:]
-        if j.size < 2 or not np.all(np.isfinite(j)):
-            continue
-        head = j[: max(1, j.size // 2)]
-        lo, _ = bootstrap_ci(head, samples=samples, seed=seed)
-        if j[-1] < lo and j[-1] < j[0]:
-            lines.append(f"possible reward hacking: training reward rose {r[0]:.4f} -> {r[-1]:.4f} over the last "
-                         f"{r.size} points while judge {name} fell {j[0]:.4f} -> {j[-1]:.4f} (below {lo:.4f}, the "
-                         "lower end of its 95% interval over the window's first half)")
+    for key in judge_keys:
+        judge = paired_change(rows, base_rows, key, level)
+        if beyond_interval(judge) < 0:
+            lines.append(f"possible reward hacking: {reward_key} rose by {_interval(reward)} while {key} fell by "
+                         f"{_interval(judge)} (paired by clip and seed; {level:.0%} intervals over clips)")
     return lines
 
 
-def paired_hacking_warnings(summary: dict, labels: Sequence[str], reward_key: str = "reward_score") -> list[str]:
-    """The guard over one evaluation: for each checkpoint, when the training reward's paired difference
-    to base is above 0 beyond its 95% interval while a judge's (``judge/...``) is below 0 beyond its
-    interval, one line naming both. ``summary`` as ``report.summarize`` returns it."""
-    lines = []
-    for label in labels[1:]:
-        r = summary.get(reward_key, {}).get(label, {}).get("diff_to_base")
-        if not r or r.get("ci") is None or r["ci"][0] is None or not r["ci"][0] > 0:
-            continue
-        for key, per in summary.items():
-            d = per.get(label, {}).get("diff_to_base") if key.startswith("judge/") else None
-            if d and d.get("ci") is not None and d["ci"][1] is not None and d["ci"][1] < 0:
-                lines.append(f"possible reward hacking in {label}: {reward_key} rose by {r['mean']:+.4f} "
-                             f"[{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}] over base while {key} fell by "
-                             f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]")
-    return lines
+def _interval(entry: dict) -> str:
+    lo, hi = entry["ci"]
+    return f"{entry['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] ({entry['n_clips']} clips)"

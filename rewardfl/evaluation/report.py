@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .metrics import mean_with_ci, paired_difference
+from .metrics import MIN_CLIPS_FOR_CLAIM, beyond_interval, paired_change, paired_interval
 
 __all__ = ["summarize", "markdown_table", "contact_sheet"]
 
@@ -16,53 +16,76 @@ __all__ = ["summarize", "markdown_table", "contact_sheet"]
 ROW_KEYS = ("checkpoint", "clip", "seed", "details")
 
 
-def summarize(rows: list[dict], labels: Sequence[str], *, samples: int = 1000, seed: int = 0) -> dict:
-    """``{metric: {label: {"mean", "ci", "n", "diff_to_base": {...}}}}`` over per-video ``rows``.
+def summarize(rows: list[dict], labels: Sequence[str], *, level: float = 0.95) -> dict:
+    """``{metric: {label: {"mean", "ci", "n_clips", "n", "diff_to_base": {...}}}}`` over per-video ``rows``.
 
-    Rows of each checkpoint come in the same (clip, seed) order, so the difference to ``labels[0]``
-    (the base) is paired: the same clip and starting noise on both sides."""
+    Every entry is :func:`~rewardfl.evaluation.metrics.paired_interval`'s: seeds averaged within a
+    clip, a Student-t interval over the clip means. The difference to ``labels[0]`` (the base) pairs
+    the videos of the same (clip, seed): the same clip and starting noise on both sides."""
     metrics = sorted({k for r in rows for k in r if k not in ROW_KEYS})
     by_label = {label: [r for r in rows if r["checkpoint"] == label] for label in labels}
-    base = by_label[labels[0]]
     out: dict = {}
     for metric in metrics:
         out[metric] = {}
-        base_values = [r.get(metric) for r in base]
         for label in labels:
-            values = [r.get(metric) for r in by_label[label]]
-            entry = mean_with_ci(values, samples=samples, seed=seed)
+            mine = by_label[label]
+            entry = paired_interval([r.get(metric) for r in mine], [r["clip"] for r in mine], level)
             if label != labels[0]:
-                entry["diff_to_base"] = paired_difference(values, base_values, samples=samples, seed=seed)
+                entry["diff_to_base"] = paired_change(mine, by_label[labels[0]], metric, level)
             out[metric][label] = entry
     return out
 
 
 def _cell(entry: Optional[dict], signed: bool = False) -> str:
+    """``mean [lo, hi] (k clips)``; ``*`` after a difference beyond its interval; ``mean (1 clip)``
+    without an interval."""
     if not entry or entry["mean"] is None:
         return "n/a"
     fmt = "{:+.4f}" if signed else "{:.4f}"
+    k = entry["n_clips"]
+    if entry["ci"] is None:
+        return f"{fmt.format(entry['mean'])} ({k} clip{'s' if k != 1 else ''}, no interval)"
     lo, hi = entry["ci"]
-    return f"{fmt.format(entry['mean'])} [{fmt.format(lo)}, {fmt.format(hi)}]"
+    mark = " *" if signed and beyond_interval(entry) else ""
+    return f"{fmt.format(entry['mean'])} [{fmt.format(lo)}, {fmt.format(hi)}] ({k} clips){mark}"
 
 
-def markdown_table(summary: dict, labels: Sequence[str], *, reference_motion: Optional[dict] = None) -> str:
-    """Metrics as rows; per checkpoint its mean [95% interval], then the paired difference to base.
+def markdown_table(summary: dict, labels: Sequence[str], *, reference_motion: Optional[dict] = None,
+                   level: float = 0.95) -> str:
+    """Metrics as rows; per checkpoint its mean [interval] (clips), then the paired difference to base.
 
-    Metrics that are the same number for every video of every checkpoint are left out of the table
-    (they are in ``eval.json``)."""
+    A note under the table says how the intervals are made, marks (``*``) the differences beyond
+    their interval, and says why none is marked when fewer than
+    :data:`~rewardfl.evaluation.metrics.MIN_CLIPS_FOR_CLAIM` clips back them. Metrics that are the
+    same number for every clip of every checkpoint are left out of the table (they are in ``eval.json``)."""
     header = ["metric", labels[0]]
     for label in labels[1:]:
         header += [label, f"{label} - {labels[0]}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    counts = []  # clips behind each difference shown
     for metric, per in summary.items():
-        ends = {v for e in per.values() if e["mean"] is not None for v in (e["ci"][0], e["ci"][1], e["mean"])}
+        ends = {v for e in per.values() if e["mean"] is not None for v in (*(e["ci"] or ()), e["mean"])}
         if len(ends) == 1:
             continue  # constant: says nothing about the checkpoints
         cells = [metric, _cell(per[labels[0]])]
         for label in labels[1:]:
-            cells += [_cell(per[label]), _cell(per[label].get("diff_to_base"), signed=True)]
+            diff = per[label].get("diff_to_base")
+            cells += [_cell(per[label]), _cell(diff, signed=True)]
+            if diff and diff["mean"] is not None:
+                counts.append(diff["n_clips"])
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
+    text += (f"\nmean [{level:.0%} interval] (held-out clips): seeds averaged within each clip, a Student-t "
+             "interval over the clip means; the differences are paired by clip and seed.")
+    if counts and max(counts) < MIN_CLIPS_FOR_CLAIM:
+        text += (f" No difference is called beyond its interval: they rest on {max(counts)} clip"
+                 f"{'s' if max(counts) != 1 else ''}, fewer than {MIN_CLIPS_FOR_CLAIM}, too few to judge the "
+                 "spread between clips.")
+    elif counts:
+        text += " *: beyond its interval (0 lies outside it)."
+        if min(counts) < MIN_CLIPS_FOR_CLAIM:
+            text += f" Differences on fewer than {MIN_CLIPS_FOR_CLAIM} clips are not marked (too few clips)."
+    text += "\n"
     if reference_motion is not None and reference_motion["mean"] is not None:
         text += f"\nreference clips: motion {_cell(reference_motion)}\n"
     return text

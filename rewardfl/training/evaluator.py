@@ -7,14 +7,17 @@ gradient) and scored as ``rewardfl.evaluate`` scores them: the training reward, 
 ``eval.judges`` (with identity specificity), motion, first-frame PSNR. The means are logged as
 ``eval/<metric>`` and the paired difference to the step-0 videos as ``eval/<metric>/diff_to_base``.
 
-The guard (:func:`rewardfl.evaluation.metrics.hacking_warnings`): over the last
-``eval.hacking_window`` evaluations, the training reward rose while a judge's score or specificity
-fell below the 95% interval of the window's first half: one warning naming both, and with
-``stop_on_hacking`` the run stops after a checkpoint. ``save_best_by: eval/<metric>`` keeps the
-weights of the best evaluation by that metric in ``OUTPUT_DIR/best`` (``best.json`` says which step).
+The guard (:func:`rewardfl.evaluation.metrics.hacking_warnings`, the same test ``rewardfl.evaluate``
+applies to each checkpoint): the latest evaluation against the first of the last
+``eval.hacking_window`` evaluations, video by video on the same (clip, seed) jobs; when the training
+reward rose beyond its clip-level 95% interval while a judge's higher-is-better metric
+(``Reward.higher_is_better``, and specificity) fell beyond its, one warning names both, and with
+``stop_on_hacking`` the run stops after a checkpoint. Its false-alarm rate over a run and its power
+are measured by simulation in ``tests/test_evaluation_statistics.py``. ``save_best_by: eval/<metric>``
+keeps the weights of the best evaluation by that metric in ``OUTPUT_DIR/best`` (``best.json`` says which step).
 
-The series lives in ``OUTPUT_DIR/eval_history.json`` (rank 0 writes it; a resumed run reads it, so
-the base and the guard's window survive a restart).
+The series lives in ``OUTPUT_DIR/eval_history.json`` with every evaluation's per-video rows (rank 0
+writes it; a resumed run reads it, so the base and the guard's window, video by video, survive a restart).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 
 from rewardfl.config import ConfigError
-from rewardfl.evaluation.metrics import hacking_warnings, paired_difference
+from rewardfl.evaluation.metrics import MIN_CLIPS_FOR_CLAIM, hacking_warnings, paired_change, paired_interval
 from rewardfl.evaluation.report import contact_sheet
 from rewardfl.fileio import write_json
 
@@ -38,12 +41,6 @@ log = logging.getLogger("rewardfl")
 __all__ = ["TrainingEvaluator", "HISTORY"]
 
 HISTORY = "eval_history.json"
-
-
-def _mean(values) -> Optional[float]:
-    v = np.asarray([np.nan if x is None else x for x in values], dtype=np.float64)
-    v = v[np.isfinite(v)]
-    return float(v.mean()) if v.size else None
 
 
 class TrainingEvaluator:
@@ -58,6 +55,13 @@ class TrainingEvaluator:
         self.output_dir, self.is_main = trainer.output_dir, trainer.is_main
         dataset = eval_dataset(cfg)
         n = len(dataset) if cfg.eval.train_clips == 0 else min(cfg.eval.train_clips, len(dataset))
+        if n < MIN_CLIPS_FOR_CLAIM:  # the guard calls nothing on fewer clips (see paired_interval)
+            if cfg.stop_on_hacking:
+                raise ConfigError(f"stop_on_hacking: the hacking guard needs at least {MIN_CLIPS_FOR_CLAIM} held-out "
+                                  f"clips per evaluation, this run evaluates {n} (eval.train_clips, and the held-out "
+                                  "set's size); raise eval.train_clips or hold out more clips")
+            log.warning("eval_steps: %d held-out clips per evaluation, fewer than %d: the hacking guard cannot "
+                        "fire (raise eval.train_clips or hold out more clips)", n, MIN_CLIPS_FOR_CLAIM)
         items = [dataset[i] for i in range(n)]
         self.evaluation = Evaluation(items, trainer.reward, build_judges(cfg, trainer.device),
                                      list(range(cfg.eval.train_seeds)))
@@ -112,14 +116,12 @@ class TrainingEvaluator:
         videos = ev.generate(self.generator, self.batch_size)
         rows = ev.score(f"step-{step}", videos)
         keys = sorted({k for r in rows for k in r if k not in ("checkpoint", "clip", "seed", "details")})
-        metrics = {f"eval/{k}": _mean(r.get(k) for r in rows) for k in keys}
-        base = self.history[0]["rows"] if self.history else None
-        if base is not None:
-            e = self.cfg.eval
+        clips = [r["clip"] for r in rows]
+        # means over clips (seeds averaged within each first), as rewardfl.evaluate reports them
+        metrics = {f"eval/{k}": paired_interval([r.get(k) for r in rows], clips)["mean"] for k in keys}
+        if self.history:  # the paired difference to the base (step 0), video by video
             for k in keys:
-                d = paired_difference([r.get(k) for r in rows], [b.get(k) for b in base],
-                                      samples=e.bootstrap_samples, seed=e.bootstrap_seed)
-                metrics[f"eval/{k}/diff_to_base"] = d["mean"]
+                metrics[f"eval/{k}/diff_to_base"] = paired_change(rows, self.history[0]["rows"], k)["mean"]
         slim = [{k: v for k, v in r.items() if k != "details"} for r in rows]
         self.history.append({"step": step, "metrics": metrics, "rows": slim})
         warnings = self.guard()
@@ -135,15 +137,14 @@ class TrainingEvaluator:
     _base_videos: Optional[list] = None
 
     def guard(self) -> list[str]:
-        """The hacking guard over the series so far (see the module docstring)."""
-        window = self.cfg.eval.hacking_window
-        series = [h["metrics"] for h in self.history]
-        reward = [m.get("eval/reward_score") for m in series]
-        judges = {k.removeprefix("eval/judge/"): [m.get(k) for m in series] for k in series[-1]
-                  if k.startswith("eval/judge/") and k.endswith(("/score", "/specificity"))}
-        lines = hacking_warnings(reward, judges, window=window, samples=self.cfg.eval.bootstrap_samples,
-                                 seed=self.cfg.eval.bootstrap_seed)
-        return [f"step {self.history[-1]['step']}: {line}" for line in lines]
+        """The hacking guard: the latest evaluation against the window's first, video by video (see the
+        module docstring)."""
+        if len(self.history) < 2:
+            return []
+        start = self.history[max(0, len(self.history) - self.cfg.eval.hacking_window)]
+        latest = self.history[-1]
+        lines = hacking_warnings(latest["rows"], start["rows"], self.evaluation.guarded_keys)
+        return [f"step {latest['step']} vs step {start['step']}: {line}" for line in lines]
 
     # ------------------------------------------------------------------ the best weights
 

@@ -280,7 +280,7 @@ class Trainer:
                                   "ema_decay: 0, or start a fresh run")
             from safetensors.torch import load_file
 
-            self.ema.load_state_dict(load_file(ema_path))
+            self.ema.load_state_dict(load_file(ema_path), self.state.updates)  # every update moved the EMA
         return path
 
     def _export_final(self) -> None:

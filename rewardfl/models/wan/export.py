@@ -19,7 +19,7 @@ Examples::
     python -m rewardfl.export --to diffusers --lora output/final/trainable_low_noise.safetensors \\
         --out lora_low_noise_diffusers.safetensors
     python -m rewardfl.export --merge --model-paths wan22_paths.json \\
-        --lora output/final/trainable.safetensors --expert dit2 --out dit2_merged.safetensors
+        --lora output/final/trainable_low_noise.safetensors --expert dit2 --out dit2_merged.safetensors
 
 (``python -m rewardfl.models.wan.export`` and ``rewardfl-export`` are the same tool.)
 """

@@ -221,9 +221,11 @@ def convert_lora(state: dict[str, torch.Tensor], to: str, where: str = "LoRA") -
     return write_lora(layers, to)
 
 
-def expert_file(path: str, expert: str, experts: tuple[str, ...]) -> str:
-    """Where ``expert``'s file goes when ``experts`` are exported to ``path``: ``path`` itself for one
-    expert, ``<stem>_high_noise.safetensors`` / ``<stem>_low_noise.safetensors`` for both."""
-    if len(experts) == 1:
+def expert_file(path: str, expert: str, model_experts: tuple[str, ...]) -> str:
+    """Where ``expert``'s file goes when it is exported to ``path`` from a model with ``model_experts``:
+    ``path`` itself for a one-expert model (TI2V-5B); for a two-expert model (A14B)
+    ``<stem>_high_noise.safetensors`` (dit) or ``<stem>_low_noise.safetensors`` (dit2), whether one
+    or both of them trained, so the file says which expert it fits (ComfyUI users load it by name)."""
+    if len(model_experts) == 1:
         return path
     return f"{os.path.splitext(path)[0]}_{EXPERT_FILE_SUFFIX.get(expert, expert)}.safetensors"

@@ -616,9 +616,10 @@ class Wan22Model(VideoModel):
 
         LoRA experts: a LoRA file in ``lora_format`` (default ``model.lora_format``; the layouts are
         in ``lora_formats.py``), metadata ``expert``, ``lora_rank``, ``lora_alpha``, ``format``.
-        Full fine-tuning: the expert's whole state dict (``format: wan-dit``). With one trained
-        expert the file is ``path``; with both, ``<stem>_high_noise.safetensors`` (dit) and
-        ``<stem>_low_noise.safetensors`` (dit2), the pair ComfyUI's and diffusers' Wan2.2 loaders take.
+        Full fine-tuning: the expert's whole state dict (``format: wan-dit``). A one-expert model
+        (TI2V-5B) writes ``path``; a two-expert model (A14B) names the expert in each file:
+        ``<stem>_high_noise.safetensors`` (dit) and/or ``<stem>_low_noise.safetensors`` (dit2), one
+        file per trained expert, the names ComfyUI's and diffusers' Wan2.2 loaders take.
         """
         from .lora import lora_layers
         from .lora_formats import FORMATS, expert_file, write_lora
@@ -629,7 +630,7 @@ class Wan22Model(VideoModel):
         experts = self.trainable_experts()
         out = []
         for r in experts:
-            target = expert_file(path, r, experts)
+            target = expert_file(path, r, self.experts)
             os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
             if r in self.lora_experts:
                 layers = {self._wan_name(k): v for k, v in lora_layers(self.dits[r], self.lora_alpha).items()}

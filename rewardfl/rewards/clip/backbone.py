@@ -11,7 +11,8 @@ tokenizer (``tokenizer.json``, or ``vocab.json`` + ``merges.txt``) sit in the sa
 Preprocessing (:func:`clip_pixels`) is the image processor's, in torch and with gradient: frames in
 [-1, 1] -> [0, 1] -> resize (shortest side to ``size.shortest_edge``, the long side
 ``int(size * long / short)`` as transformers computes it; bicubic with antialias) -> centre crop
--> ``(x - image_mean) / image_std``. The resize runs width first, then height, each pass clamped
+-> ``(x - image_mean) / image_std``; or, for a reward whose scorer letterboxes (``hps``), longest side
+to the crop size and zero padding to the square instead of the resize and crop (:meth:`PixelSpec.letterboxed`). The resize runs width first, then height, each pass clamped
 to [0, 1]: transformers' processors resize uint8 images in two such passes (PIL, and torchvision's
 uint8 kernel, which matches PIL), so bicubic overshoot at hard edges is cut at 0 and 255 after
 each; the model was trained on such pixels. The clamp zeroes the gradient only where overshoot is
@@ -134,6 +135,8 @@ class PixelSpec:
     ``shortest_edge`` (resize the short side to it) or ``height``/``width`` (resize to exactly that),
     or neither when the processor does not resize; ``crop`` ``(h, w)`` or None; ``mean``/``std`` per
     channel in [0, 1] units, or None when it does not normalise; ``mode`` the interpolation.
+    ``letterbox``: instead of all that, resize the *longest* side to it and pad with zeros (black, before
+    normalisation) to a ``letterbox`` square, the whole frame kept (:meth:`letterboxed`).
     """
 
     shortest_edge: Optional[int]
@@ -143,6 +146,16 @@ class PixelSpec:
     mean: Optional[tuple[float, float, float]]
     std: Optional[tuple[float, float, float]]
     mode: str = "bicubic"
+    letterbox: Optional[int] = None
+
+    def letterboxed(self, size: int) -> "PixelSpec":
+        """This spec with its resize and crop replaced by a letterbox to ``size``: HPSv2's eval transform,
+        open_clip's ``ResizeMaxSize(size, fill=0)``: scale ``size / max(h, w)``, the new sides
+        ``round(side * scale)`` (Python's round), zero padding ``pad // 2`` before and the rest after,
+        then ``ToTensor`` and ``Normalize``. One difference: ``ResizeMaxSize`` neither resizes nor pads
+        an image whose longest side already is ``size``, so a non-square one would reach the model
+        unpadded (which a ViT with a fixed grid cannot take); here it is padded."""
+        return dataclasses.replace(self, shortest_edge=None, height=None, width=None, crop=None, letterbox=size)
 
     @classmethod
     def from_processor(cls, processor, path: str) -> "PixelSpec":
@@ -180,11 +193,17 @@ class PixelSpec:
         """The :class:`~rewardfl.interfaces.StepCache` name of these pixels: rewards whose processors
         agree on every field share them."""
         digest = hashlib.sha1(repr(dataclasses.astuple(self)).encode()).hexdigest()[:10]
-        side = self.crop[0] if self.crop else (self.shortest_edge or self.height or "full")
+        side = self.crop[0] if self.crop else (self.shortest_edge or self.height or self.letterbox or "full")
+        if self.letterbox is not None:
+            side = f"letterbox{side}"
         return f"clip_pixels_{side}_{digest}"
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
-        """``(h, w)`` after the resize, as transformers' ``get_resize_output_image_size`` computes it."""
+        """``(h, w)`` after the resize, as transformers' ``get_resize_output_image_size`` computes it (or,
+        with ``letterbox``, open_clip's ``ResizeMaxSize``)."""
+        if self.letterbox is not None:
+            scale = self.letterbox / float(max(height, width))
+            return round(height * scale), round(width * scale)
         if self.shortest_edge is not None:
             short, long = (width, height) if width <= height else (height, width)
             new_long = int(self.shortest_edge * long / short)
@@ -216,6 +235,9 @@ def clip_pixels(frames: torch.Tensor, spec: PixelSpec) -> torch.Tensor:
                           align_corners=False).clamp(0.0, 1.0)
     if new_size[0] != height:
         x = F.interpolate(x, size=new_size, mode=spec.mode, antialias=True, align_corners=False).clamp(0.0, 1.0)
+    if spec.letterbox is not None:  # zero padding to the square, in [0, 1] pixels (black)
+        pad_h, pad_w = spec.letterbox - new_size[0], spec.letterbox - new_size[1]
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
     if spec.crop is not None:
         x = _center_crop(x, *spec.crop)
     if spec.mean is not None:

@@ -8,7 +8,8 @@ and the reward's frame score; ``score = mean over frames``.
 * ``clip_score``: ``cos(image, text(prompt))``, or ``logit_scale.exp() * cos`` with
   ``times_logit_scale``;
 * ``pickscore``: PickScore_v1, ``logit_scale.exp() * cos(image, text)`` (about 20 for a good match);
-* ``hps``: HPS v2.1 in transformers format, ``cos(image, text)`` as HPSv2's own ``score`` computes it;
+* ``hps``: HPS v2.1 in transformers format, ``cos(image, text)`` as HPSv2's own ``score`` computes it,
+  on frames letterboxed as HPSv2 preprocesses them (longest side to 224, zero padding);
 * ``aesthetic``: LAION aesthetic predictor v2, a linear head on the normalised image embedding
   (about 1..10).
 
@@ -27,7 +28,7 @@ from rewardfl.config import ConfigError
 from rewardfl.interfaces import Reward, RewardOutput, SampleContext
 
 from .aesthetic_head import AestheticHead, HeadActivation, head_file, load_aesthetic_head
-from .backbone import ClipBackbone, ClipFiles, ModelDtype, clip_pixels, find_clip_files
+from .backbone import ClipBackbone, ClipFiles, ModelDtype, PixelSpec, clip_pixels, find_clip_files
 
 __all__ = ["ClipOptions", "ClipScoreReward", "PickScoreReward", "HpsReward", "AestheticReward"]
 
@@ -78,6 +79,12 @@ class _ClipReward(Reward):
             self._backbone = ClipBackbone(self.files, device=self.device, dtype=self.options.dtype)
         return self._backbone
 
+    @property
+    def pixels(self) -> PixelSpec:
+        """How frames become this reward's ``pixel_values``: the CLIP image processor's resize, crop and
+        normalisation (``hps`` letterboxes instead)."""
+        return self.backbone.pixels
+
     def _valid(self, contexts: Sequence[SampleContext]) -> torch.Tensor:
         return torch.tensor([bool(c.prompt.strip()) or not self.uses_prompt for c in contexts], dtype=torch.bool)
 
@@ -100,7 +107,7 @@ class _ClipReward(Reward):
         if len(contexts) != videos.shape[0]:
             raise ValueError(f"{self.name} reward: {videos.shape[0]} videos but {len(contexts)} contexts")
         batch, _, num_frames, height, width = videos.shape
-        spec = self.backbone.pixels
+        spec = self.pixels
         grad = torch.is_grad_enabled() and videos.requires_grad  # a no-gradient copy must not serve a weighted reward
         pixels = self.cache.get(videos, f"{spec.cache_name}/grad={grad}", lambda: clip_pixels(
             videos.transpose(1, 2).reshape(batch * num_frames, 3, height, width), spec))
@@ -163,7 +170,8 @@ class PickScoreReward(_PromptSimilarity):
 
 class HpsReward(_PromptSimilarity):
     """HPS v2.1: ``cos(image, text)`` (HPSv2's ``score``) with HPS v2.1's ViT-H-14 weights converted to
-    a transformers ``CLIPModel`` directory; the open_clip checkpoint itself does not load here."""
+    a transformers ``CLIPModel`` directory (the open_clip checkpoint itself does not load here), on
+    letterboxed frames as HPSv2's own scorer preprocesses them (:attr:`pixels`)."""
 
     name = "hps"
     example = ("HPS v2.1 (HPS_v2.1_compressed.pt, an open_clip ViT-H-14 checkpoint) converted to a transformers "
@@ -172,6 +180,14 @@ class HpsReward(_PromptSimilarity):
     @dataclasses.dataclass
     class Options(ClipOptions):
         pass
+
+    @property
+    def pixels(self) -> PixelSpec:
+        """HPSv2's own preprocessing: the whole frame, longest side to the image size (224) and zero
+        padding to the square (open_clip's ``ResizeMaxSize``), not CLIP's shortest side and centre crop,
+        which would leave the sides of a wide frame unscored (42% of an 832x480 frame's width)."""
+        spec = self.backbone.pixels
+        return spec.letterboxed(spec.crop[0] if spec.crop else spec.shortest_edge or spec.height)
 
 
 class AestheticReward(_ClipReward):

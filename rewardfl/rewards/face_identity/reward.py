@@ -405,6 +405,9 @@ class FaceIdentityReward(FaceReward):
     """Face identity reward on ONNX face models from ``reward_model_path`` (see ``model_pack``)."""
 
     plugin_name = "face_identity"
+    #: of :meth:`evaluate`'s numbers: the similarities (frames_with_face and the other counts have no
+    #: quality direction; degenerate_faces is lower-is-better)
+    higher_is_better = ("score", "facesim_arc")
 
     @dataclasses.dataclass
     class Options(FaceModelOptions):
