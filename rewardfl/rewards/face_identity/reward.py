@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 from typing import Literal, Optional, Sequence
 
@@ -35,6 +36,7 @@ from rewardfl.config import ConfigError
 from rewardfl.interfaces import Reward, RewardOutput, SampleContext
 
 from .align import landmark_problems
+from .augment import AugmentOptions, color_jitter, draw_views, gaussian_blur, transform_landmarks
 from .detectors import Detections, FaceDetector
 from .fetch import cache_dir, file_sha256
 from .model_pack import DetectorType, ModelPack, find_model_pack
@@ -116,6 +118,18 @@ class FaceModelOptions:
     #: where reference embeddings are cached on disk; default $REWARDFL_CACHE/face_references;
     #: "none" disables the disk cache
     reference_cache_dir: Optional[str] = None
+    #: expectation over transformations (augment.py), where the score carries gradient (training):
+    #: each face is scored as the mean of this many randomly transformed views (0: off; cost: views
+    #: times the recognizer's forward and backward)
+    augment_views: int = 0
+    #: a view's scale U(1 -+ augment_scale), rotation U(-+ degrees), shift and per-landmark jitter
+    #: U(-+ face sizes), Gaussian blur sigma U(0, augment_blur) crop pixels, contrast/brightness U(-+ augment_color)
+    augment_scale: float = 0.05
+    augment_rotation: float = 5.0
+    augment_shift: float = 0.05
+    augment_jitter: float = 0.02
+    augment_blur: float = 1.0
+    augment_color: float = 0.1
 
     # Checked where the config enters (run --check too), before any model loads; the values of
     # the Literal fields are checked by the config's type check. The modules below trust these.
@@ -129,6 +143,20 @@ class FaceModelOptions:
             raise ConfigError("reward.recognizer_std: must be non-zero")
         if self.det_batch_size <= 0:
             raise ConfigError(f"reward.det_batch_size: must be > 0, got {self.det_batch_size}")
+        if self.augment_views < 0:
+            raise ConfigError(f"reward.augment_views: must be >= 0 (0: off), got {self.augment_views}")
+        for key, upper in (("augment_scale", 1.0), ("augment_rotation", 180.0), ("augment_shift", None),
+                           ("augment_jitter", None), ("augment_blur", None), ("augment_color", 1.0)):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0 or (upper is not None and value >= upper):
+                bound = f" and < {upper:g}" if upper is not None else ""
+                raise ConfigError(f"reward.{key}: must be a finite number >= 0{bound}, got {value}")
+
+    @property
+    def augment(self) -> AugmentOptions:
+        """The ``augment_*`` options as one value."""
+        return AugmentOptions(self.augment_views, self.augment_scale, self.augment_rotation, self.augment_shift,
+                              self.augment_jitter, self.augment_blur, self.augment_color)
 
 
 @dataclasses.dataclass
@@ -136,7 +164,7 @@ class GeneratedFaces:
     """The faces of a batch of generated videos that count, one row per face.
 
     ``embeddings`` ``(K, D)`` float32 normalised (differentiable in the videos when they require
-    grad); ``index`` ``(K,)`` int64 flat frame index ``b * F + f``; ``fallback`` ``(K,)`` bool
+    grad; with ``augment_views``, the mean of the views' normalised embeddings, so its length is <= 1); ``index`` ``(K,)`` int64 flat frame index ``b * F + f``; ``fallback`` ``(K,)`` bool
     (landmarks borrowed from the reference); ``degenerate`` 0-dim int64: detections dropped because
     ``face_align`` would reject their landmarks.
     """
@@ -178,6 +206,8 @@ class FaceReward(Reward):
         self._recognizer: Optional[FaceRecognizer] = None
         self._references: dict[str, Optional[ReferenceFaces]] = {}
         self._model_key: Optional[str] = None
+        self._seed = int(getattr(config, "seed", 0) or 0)
+        self._augment_calls = 0  # draws of augmented views so far (a training checkpoint keeps it)
 
     # ------------------------------------------------------------------ models (loaded on first use)
 
@@ -360,8 +390,29 @@ class FaceReward(Reward):
         choice = o.face_select + (f"/ref_frame0={not o.exclude_reference_frame0}" if o.face_select == "most_similar"
                                   else "")
         recognizer = f"{os.path.abspath(self.pack.recognizer)}:{dataclasses.astuple(self.recognizer.preprocessing)}"
+        augment = f"/augment={dataclasses.astuple(o.augment)}" if o.augment.enabled else ""
         return (f"face_embeddings/{self.detections_key}/{recognizer}/{choice}/fallback={o.landmark_fallback}"
-                f"/gen_frame0={not o.exclude_generated_frame0}")
+                f"/gen_frame0={not o.exclude_generated_frame0}{augment}")
+
+    def state_dict(self) -> dict:
+        return {"augment_calls": self._augment_calls} if self.options.augment.enabled else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._augment_calls = int(state.get("augment_calls", 0))
+
+    def augmented_embeddings(self, frames: torch.Tensor, landmarks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` the mean of ``augment_views`` views' normalised embeddings per face (augment.py),
+        differentiable in ``frames`` ``(F, 3, H, W)``; ``landmarks`` ``(N, 5, 2)``, ``index`` ``(N,)``."""
+        a = self.options.augment
+        n = index.numel()
+        generator = torch.Generator().manual_seed(self._seed * 1_000_003 + self._augment_calls)
+        self._augment_calls += 1
+        views = draw_views(a, n, generator)
+        moved = transform_landmarks(landmarks.repeat(a.views, 1, 1), views)
+        crops = self.recognizer.align(frames, moved, index.repeat(a.views))
+        p = self.recognizer.preprocessing
+        crops = color_jitter(gaussian_blur(crops, views.sigma), views, p.mean, p.std)
+        return self.recognizer.embed(crops, grad=True).view(a.views, n, -1).mean(0)
 
     def reference_means(self, contexts: Sequence[SampleContext], device) -> tuple[list, torch.Tensor, torch.Tensor]:
         """``(refs, ref_mean (B, D) on device, ref_valid (B,) bool)``: each sample's reference faces and
@@ -391,7 +442,9 @@ class FaceReward(Reward):
 
         def embed() -> GeneratedFaces:
             landmarks, index, fallback = self._faces(frames, det, refs, ref_mean, batch, num_frames, source)
-            if index.numel():
+            if index.numel() and grad and self.options.augment.enabled:
+                embeddings = self.augmented_embeddings(frames, landmarks, index)
+            elif index.numel():
                 crops = self.recognizer.align(frames, landmarks, index)
                 embeddings = self.recognizer.embed(crops, grad=grad)
             else:
