@@ -86,10 +86,10 @@ def _install_root(dist_name: str, top: str) -> Optional[Path]:
     except md.PackageNotFoundError:
         return None
     for f in dist.files or ():
-        parts = Path(str(f)).parts
-        if parts and parts[0] in (top, f"{top}.py") or (parts and parts[0].startswith(f"{top}.") and
-                                                        parts[0].endswith((".so", ".pyd"))):
-            return Path(dist.locate_file(parts[0]))
+        first = Path(str(f)).parts[0] if Path(str(f)).parts else ""
+        is_extension = first.startswith(f"{top}.") and first.endswith((".so", ".pyd"))
+        if first in (top, f"{top}.py") or is_extension:
+            return Path(dist.locate_file(first))
     return None
 
 
@@ -100,14 +100,10 @@ def shadowing_path(module: str, loaded_from: Optional[str]) -> Optional[Path]:
     if not loaded_from:
         return None
     where = Path(loaded_from).resolve()
-    for dist_name in _distributions_of(top):
-        root = _install_root(dist_name, top)
-        if root is None:
-            continue
-        root = root.resolve()
-        if where == root or root in where.parents:
-            return None
-    if not _distributions_of(top):
+    roots = [r.resolve() for r in (_install_root(d, top) for d in _distributions_of(top)) if r is not None]
+    if not roots:  # not installed, or installed in a way whose files we cannot see (editable): no claim
+        return None
+    if any(where == root or root in where.parents for root in roots):
         return None
     # name the top-level folder (or file) that stood in for the package
     for parent in [where] + list(where.parents):
