@@ -192,6 +192,10 @@ setup(
             "motion = rewardfl.rewards.motion:MotionReward",
             "command = rewardfl.rewards.command:CommandReward",
         ],
+        "rewardfl.algorithms": [
+            "reward_backprop = rewardfl.training.algorithm:RewardBackprop",
+            "grpo = rewardfl.algorithms.grpo:GRPO",
+        ],
         "rewardfl.models": [
             "wan2_2 = rewardfl.models.wan.model:Wan22Model",
             "wan2_2_tiny = rewardfl.models.wan.model:Wan22TinyModel",

@@ -197,6 +197,9 @@ class TrainConfig:
     report_to: list = dataclasses.field(default_factory=lambda: ["tensorboard"])
     sampler: PluginSection = dataclasses.field(default_factory=lambda: PluginSection("flow_match_euler"))
     reward: PluginSection = dataclasses.field(default_factory=lambda: PluginSection("face_identity"))
+    #: the training algorithm (a plugin): ``reward_backprop`` (reward feedback learning, needs a reward with
+    #: gradients) or ``grpo`` (policy gradient: any reward), with its options
+    algorithm: PluginSection = dataclasses.field(default_factory=lambda: PluginSection("reward_backprop"))
     #: options of the model plugin named by ``model_name``
     model: dict = dataclasses.field(default_factory=dict)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -380,7 +383,7 @@ def config_from_dict(raw: dict, *, base_dir: Optional[str] = None) -> TrainConfi
     if not isinstance(raw, dict):
         raise ConfigError(f"config: the top level must be a mapping of keys, got {type(raw).__name__}")
     raw = dict(raw)
-    for key in ("sampler", "reward"):
+    for key in ("sampler", "reward", "algorithm"):
         if key == "reward" and isinstance(raw.get(key), list):  # several rewards: rewardfl.training.composite
             if not raw[key]:
                 raise ConfigError("reward: an empty list; name one reward or a list of {name, weight, ...}")
@@ -569,7 +572,7 @@ def _merge(base: dict, over: dict) -> dict:
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
-        elif isinstance(value, dict) and isinstance(out.get(key), str) and key in ("sampler", "reward"):
+        elif isinstance(value, dict) and isinstance(out.get(key), str) and key in ("sampler", "reward", "algorithm"):
             out[key] = _merge({"name": out[key]}, value)
         else:
             out[key] = value

@@ -1,4 +1,4 @@
-"""The three plugin kinds the core knows: samplers, models and rewards.
+"""The plugin kinds the core knows: samplers, models, rewards and training algorithms.
 
 The core (config, registry, training loop, checkpointing) talks to plugins only
 through these classes. Concrete plugins live in ``rewardfl.samplers``,
@@ -40,6 +40,8 @@ __all__ = [
     "RewardOutput",
     "StepCache",
     "Reward",
+    "MicroBatch",
+    "Algorithm",
 ]
 
 
@@ -366,3 +368,50 @@ class Reward(ABC):
         if not bool(valid.any()):
             return output.scores.sum() * 0.0
         return -(output.scores[valid]).mean()
+
+
+# --------------------------------------------------------------------------- training algorithms
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """What an algorithm returns for one micro-batch.
+
+    ``loss``: 0-dim, to backpropagate (already 0-weighted when no sample is valid);
+    ``scores``/``valid``: ``(N,)`` detached reward scores of the N videos it generated (N = B for
+    reward backprop, B * group_size for GRPO) and which of them count; ``reward_loss``/``kl_loss``:
+    the loss's parts as floats; ``metrics``: the reward's and the algorithm's own scalars;
+    ``videos``: ``(N, 3, F, H, W)`` in [-1, 1], detached (for sample videos).
+    """
+
+    loss: torch.Tensor
+    scores: torch.Tensor
+    valid: torch.Tensor
+    reward_loss: float
+    kl_loss: float
+    metrics: dict
+    videos: torch.Tensor
+
+
+class Algorithm(ABC):
+    """Turns a micro-batch of clips into a loss to backpropagate (entry-point group
+    ``rewardfl.algorithms``, config key ``algorithm``).
+
+    The training loop owns everything around it: data, gradient accumulation, the optimizer engine,
+    skips, checkpoints, evaluation and metrics. Constructed as
+    ``cls(config, options, *, model, sampler, reward, plan)`` with the loop's model, sampler and
+    reward plugins and the step plan (``rewardfl.training.policy.plan_steps``: which steps run, which
+    carry gradient, which expert runs each).
+    """
+
+    Options: ClassVar[type] = NoOptions
+
+    @classmethod
+    def check(cls, config, options, reward_cls) -> list[str]:
+        """``run --check``: raise ``ConfigError`` naming the key for a config this algorithm cannot
+        train (e.g. a reward without gradient under reward backprop); lines to print."""
+        return []
+
+    @abstractmethod
+    def micro_batch(self, batch: dict, contexts: Sequence[SampleContext], step: int) -> MicroBatch:
+        """``batch`` as :func:`rewardfl.data.collate` makes it; ``step`` the optimizer step (noise seeds)."""

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from .config import COMPOSITE_REWARD, ConfigError, PluginSection, TrainConfig, build_dataclass
 from .deps import explain_import_error
-from .interfaces import Reward, Sampler, VideoModel
+from .interfaces import Algorithm, Reward, Sampler, VideoModel
 
 __all__ = ["KINDS", "PluginInfo", "PluginError", "list_plugins", "load_plugin", "create", "resolve_plugins", "resolve_config", "load_resolved"]
 
@@ -30,6 +30,7 @@ KINDS = {
     "sampler": ("rewardfl.samplers", Sampler),
     "reward": ("rewardfl.rewards", Reward),
     "model": ("rewardfl.models", VideoModel),
+    "algorithm": ("rewardfl.algorithms", Algorithm),
 }
 
 
@@ -124,11 +125,12 @@ def build_options(kind: str, name: str, cls, options) -> Any:
 def resolve_plugins(cfg: TrainConfig) -> dict[str, type]:
     """Load the three plugins a config names and validate their options (the config is not changed).
 
-    Returns ``{"model": cls, "sampler": cls, "reward": cls}``. Errors name the
-    config key (``model_name``, ``sampler.name``, ``reward.name`` or an option).
+    Returns ``{"model": cls, "sampler": cls, "reward": cls, "algorithm": cls}``. Errors name the
+    config key (``model_name``, ``sampler.name``, ``reward.name``, ``algorithm.name`` or an option).
     """
     composite = cfg.reward.name == COMPOSITE_REWARD
-    wanted = [("model", "model_name", cfg.model_name), ("sampler", "sampler.name", cfg.sampler.name)]
+    wanted = [("model", "model_name", cfg.model_name), ("sampler", "sampler.name", cfg.sampler.name),
+              ("algorithm", "algorithm.name", cfg.algorithm.name)]
     if composite:  # reward: a list; each entry's name
         wanted += [("reward", f"reward[{i}].name", e.get("name") if isinstance(e, dict) else e)
                    for i, e in enumerate(cfg.reward.options) if isinstance(e, (str, dict))]
@@ -162,6 +164,8 @@ def resolve_config(cfg: TrainConfig, plugins: dict[str, type]) -> TrainConfig:
         sampler=PluginSection(cfg.sampler.name, build_options("sampler", cfg.sampler.name, plugins["sampler"],
                                                               cfg.sampler.options)),
         reward=PluginSection(cfg.reward.name, _reward_options(cfg, plugins["reward"])),
+        algorithm=PluginSection(cfg.algorithm.name, build_options("algorithm", cfg.algorithm.name,
+                                                                  plugins["algorithm"], cfg.algorithm.options)),
     )
 
 

@@ -52,13 +52,16 @@ def check(cfg, plugins, config_path: str) -> None:
           f"{cfg.max_timestep_boundary:g}] are DiffSynth-Studio training-schedule keys (timesteps "
           f"{lo:.0f}..{hi:.0f} of its 1000-step shift-5 schedule); they do not change reward-FL sampling, "
           "whose gradient window is mid_timestep..final_timestep")
-    names = {"model": cfg.model_name, "sampler": cfg.sampler.name, "reward": cfg.reward.name}
+    names = {"model": cfg.model_name, "sampler": cfg.sampler.name, "reward": cfg.reward.name,
+             "algorithm": cfg.algorithm.name}
     for kind, cls in plugins.items():
         print(f"{kind:8s} {names[kind]:20s} {cls.__module__}.{cls.__name__}")
     for line in model.check(cfg, cfg.model):
         print(f"model    {line}")
     for line in plugins["reward"].check(cfg, cfg.reward.options):
         print(f"reward   {line}")
+    for line in plugins["algorithm"].check(cfg, cfg.algorithm.options, plugins["reward"]):
+        print(f"algorithm {line}")
     d = cfg.data
     if d.metadata_path is not None:
         dataset = VideoDataset(cfg.resolve_path(d.metadata_path), num_frames=d.num_frames, max_pixels=d.max_pixels,

@@ -31,6 +31,8 @@ BUILTINS = {
     ("model", "wan2_2"),
     ("model", "wan2_2_tiny"),
     ("model", "wan2_2_diffusers"),
+    ("algorithm", "reward_backprop"),
+    ("algorithm", "grpo"),
 }
 
 

@@ -2,59 +2,44 @@
 
 The loop (``loop.py``) owns everything around an algorithm: data, gradient
 accumulation, the optimizer engine, skips, checkpoints and metrics. An
-:class:`Algorithm` turns one micro-batch into a loss to backpropagate. Today's is
-:class:`RewardBackprop` (reward feedback learning): sample under the policy's
-gradient window, decode with gradient, score with a differentiable reward, add
-the velocity regulariser. A policy-gradient algorithm for rewards that give no
-gradient would be another :class:`Algorithm` over the same model, sampler and
-reward plugins.
+:class:`~rewardfl.interfaces.Algorithm` (a plugin of the ``rewardfl.algorithms`` group, chosen by
+the config key ``algorithm``) turns one micro-batch into a loss to backpropagate. This module holds
+the default, :class:`RewardBackprop` (``algorithm: reward_backprop``, reward feedback learning):
+sample under the policy's gradient window, decode with gradient, score with a differentiable reward,
+add the velocity regulariser. ``algorithm: grpo`` (``rewardfl.algorithms.grpo``) is the policy
+gradient for rewards that give no gradient.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from abc import ABC, abstractmethod
 from typing import Sequence
 
 import torch
 
-from rewardfl.interfaces import Reward, Sampler, SampleContext, StepPlan, VideoModel
+from rewardfl.config import COMPOSITE_REWARD, ConfigError
+from rewardfl.interfaces import (Algorithm, MicroBatch, NoOptions, Reward, Sampler, SampleContext, StepPlan,
+                                 VideoModel)
 
 __all__ = ["Algorithm", "MicroBatch", "RewardBackprop", "rollout", "sample_latents"]
-
-
-@dataclasses.dataclass
-class MicroBatch:
-    """What an algorithm returns for one micro-batch of B samples.
-
-    ``loss``: 0-dim, to backpropagate (already 0-weighted when no sample is valid);
-    ``scores``/``valid``: ``(B,)`` detached reward scores and which of them count;
-    ``reward_loss``/``kl_loss``: the loss's parts as floats; ``metrics``: the reward's own;
-    ``videos``: ``(B, 3, F, H, W)`` in [-1, 1], detached (for sample videos).
-    """
-
-    loss: torch.Tensor
-    scores: torch.Tensor
-    valid: torch.Tensor
-    reward_loss: float
-    kl_loss: float
-    metrics: dict
-    videos: torch.Tensor
-
-
-class Algorithm(ABC):
-    """Turns a micro-batch into a loss; see the module docstring."""
-
-    @abstractmethod
-    def micro_batch(self, batch: dict, contexts: Sequence[SampleContext], step: int) -> MicroBatch:
-        """``batch`` as :func:`rewardfl.data.collate` makes it; ``step`` the optimizer step (noise seeds)."""
 
 
 class RewardBackprop(Algorithm):
     """Reward feedback learning: ``loss = reward.loss(scores) + kl_weight * regulariser``."""
 
-    def __init__(self, config, model: VideoModel, sampler: Sampler, reward: Reward, plan: list[StepPlan]):
+    Options = NoOptions
+
+    def __init__(self, config, options=None, *, model: VideoModel, sampler: Sampler, reward: Reward,
+                 plan: list[StepPlan]):
         self.config, self.model, self.sampler, self.reward, self.plan = config, model, sampler, reward, plan
+
+    @classmethod
+    def check(cls, config, options, reward_cls) -> list[str]:
+        # a reward list checks its own entries (weight 0 or differentiable)
+        if config.reward.name != COMPOSITE_REWARD and not getattr(reward_cls, "differentiable", False):
+            raise ConfigError(f"algorithm: reward_backprop needs a reward with gradients; {config.reward.name} gives "
+                              "none: use algorithm: grpo (policy gradient), or list it with weight 0 beside a "
+                              "differentiable reward")
+        return []
 
     def micro_batch(self, batch: dict, contexts: Sequence[SampleContext], step: int) -> MicroBatch:
         cfg = self.config

@@ -41,7 +41,6 @@ from rewardfl.fileio import write_json
 from rewardfl.interfaces import SampleContext
 from rewardfl.registry import resolve_config
 
-from .algorithm import RewardBackprop
 from .checkpoints import CheckpointManager
 from .distributed import DistInfo, StopSignal, all_reduce_mean, all_reduce_sum_, barrier, init_distributed
 from .engines import build_engine, lr_lambda
@@ -110,6 +109,7 @@ class Trainer:
             raise ConfigError(
                 f"per_device_train_batch_size: {cfg.per_device_train_batch_size} x {self.world_size} process(es) "
                 f"exceeds the {len(self.dataset)} training videos of data.metadata_path")
+        plugins["algorithm"].check(cfg, cfg.algorithm.options, plugins["reward"])  # before the model loads
         self.model = plugins["model"](cfg, cfg.model, device=self.device)
         self.sampler = plugins["sampler"](cfg, cfg.sampler.options, device=self.device)
         self.reward = plugins["reward"](cfg, cfg.reward.options, device=self.device)
@@ -117,7 +117,8 @@ class Trainer:
             self.reward.reduce_sum = lambda t: all_reduce_sum_(t.to(self.device), self.dist).cpu()
         self.boundary = expert_boundary_of(plugins["model"], cfg)
         self.plan = plan_steps(cfg, self.sampler, self.model.experts, self.model.trainable_experts(), self.boundary)
-        self.algorithm = RewardBackprop(cfg, self.model, self.sampler, self.reward, self.plan)
+        self.algorithm = plugins["algorithm"](cfg, cfg.algorithm.options, model=self.model, sampler=self.sampler,
+                                              reward=self.reward, plan=self.plan)
         self.params = [p for _, p in self.model.trainable_parameters()]
         if not self.params:
             raise ConfigError("trainable_models: the model has no trainable parameters with this config")

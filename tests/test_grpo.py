@@ -1,0 +1,157 @@
+"""``algorithm: grpo``: advantages and the clipped surrogate against hand computations, the policy
+gradient against the analytic gradient of an expected reward, and real runs on the tiny model with a
+reward used without its gradient (the ratio of the first update exactly 1, kill and resume exact)."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from rewardfl import run
+from rewardfl.algorithms.grpo import STD_EPS, clipped_surrogate, group_advantages
+from rewardfl.kernels import sde_coefficients, sde_step
+from train_fixtures import make_config, small_dataset  # noqa: F401  (fixtures)
+from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
+from test_train import ROOT, read_metrics, stable
+
+
+def test_group_advantages_by_hand():
+    scores = torch.tensor([0.2, 0.5, 0.8, 0.1, 0.4, 0.4, 0.9, 0.3, 0.7])
+    valid = torch.tensor([True, True, True, True, True, False, True, False, False])
+    adv = group_advantages(scores, valid, 3).numpy()
+    g1 = np.array([0.2, 0.5, 0.8])
+    np.testing.assert_allclose(adv[:3], (g1 - g1.mean()) / (g1.std() + STD_EPS), rtol=1e-6, atol=1e-6)
+    g2 = np.array([0.1, 0.4])  # the invalid member is left out of mean and std, and gets 0
+    np.testing.assert_allclose(adv[3:5], (g2 - g2.mean()) / (g2.std() + STD_EPS), rtol=1e-6, atol=1e-6)
+    assert adv[5] == 0
+    assert (adv[6:] == 0).all()  # one valid video: nothing to compare
+    flat = np.array([0.2, 0.5, 0.8, 0.1, 0.4, 0.9])
+    glob = group_advantages(scores, valid, 3, std="global").numpy()
+    np.testing.assert_allclose(glob[:3], (g1 - g1.mean()) / (flat.std() + STD_EPS), rtol=1e-6, atol=1e-6)
+
+
+def test_clipped_surrogate_by_hand():
+    old = torch.zeros(4, dtype=torch.float64)
+    new = torch.tensor([0.0, 0.3, -0.3, 0.05], dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([1.0, 1.0, -2.0, -1.0], dtype=torch.float64)
+    loss, stats = clipped_surrogate(new, old, adv, 0.1)
+    r = np.exp([0.0, 0.3, -0.3, 0.05])
+    a = adv.numpy()
+    terms = np.maximum(-a * r, -a * np.clip(r, 0.9, 1.1))
+    assert loss.item() == pytest.approx(terms.mean(), rel=1e-12)
+    loss.backward()
+    # clipped terms (r > 1.1 with A > 0; r < 0.9 with A < 0) give no gradient; the others -A r / N
+    expected = np.where([False, True, True, False], 0.0, -a * r / 4)
+    np.testing.assert_allclose(new.grad.numpy(), expected, rtol=1e-12)
+    assert stats["clip_fraction"] == pytest.approx(0.5)
+
+
+def test_the_surrogate_gradient_is_the_policy_gradient_of_the_expected_reward():
+    """A Gaussian policy (one SDE step, v the parameter) and a quadratic reward R(x) = -(x - c)^2:
+    E[R] = -((m - c)^2 + s^2) with m = c_x x + c_v v, so dE/dv = -2 c_v (m - c). The surrogate's gradient
+    at ratio 1 with advantages R - mean(R) (REINFORCE with a baseline) estimates it."""
+    n, c = 200_000, 0.3
+    coef = sde_coefficients(0.6, 0.45, 0.8)
+    x = torch.full((n, 1), 0.5, dtype=torch.float64)
+    v = torch.full((n, 1), -0.2, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    x_next, logp_old = sde_step(x, v.detach(), coef, noise=torch.randn(n, 1, generator=g, dtype=torch.float64))
+    reward = -(x_next[:, 0] - c) ** 2
+    _, logp = sde_step(x, v, coef, x_next=x_next)
+    loss, stats = clipped_surrogate(logp, logp_old, reward - reward.mean(), 0.2)
+    assert stats["ratio_max_dev"] == 0.0
+    loss.backward()
+    estimate = -v.grad.sum().item()  # minimising the surrogate ascends E[R]: -grad is the ascent direction
+    m = coef.c_x * 0.5 + coef.c_v * -0.2
+    exact = -2 * coef.c_v * (m - c)
+    se = 4 * abs(coef.c_v) * coef.s / math.sqrt(n) * (abs(m - c) + coef.s) / coef.s  # a loose MC bound
+    assert estimate == pytest.approx(exact, abs=max(se, 0.02 * abs(exact)))
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+def _grpo_config(make_config, tmp_path, **overrides):
+    return make_config(**{"algorithm": {"name": "grpo", "group_size": 2, "noise_level": 0.7, "beta": 0.04},
+                          "mid_timestep": 1, "final_timestep": 3, "learning_rate": 3e-3,
+                          "output_dir": str(tmp_path / "out"), **overrides})
+
+
+def test_grpo_trains_with_the_reward_used_without_gradient(make_config, tmp_path):
+    from rewardfl.registry import load_resolved
+    from rewardfl.training import Trainer
+
+    cfg, plugins = load_resolved(_grpo_config(make_config, tmp_path))
+    trainer = Trainer(cfg, plugins)
+    before = {k: v.clone() for k, v in trainer.model.trainable_state_dict().items()}
+    record = trainer.train_step()
+    assert record["updated"] and math.isfinite(record["loss"])
+    # the stored transitions re-scored under the same weights: the ratio is exactly 1
+    assert record["reward/grpo/ratio_max_dev"] == 0.0
+    assert record["reward/grpo/trained_steps"] == 2.0  # steps 1..3 run the trainable low-noise expert at 2 and 3
+    after = trainer.model.trainable_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_grpo_kill_and_resume_reproduce_an_uninterrupted_run(make_config, tmp_path):
+    ref = _grpo_config(make_config, tmp_path, max_steps=3, output_dir=str(tmp_path / "ref"))
+    assert run.main([ref]) == 0
+    expected = stable(read_metrics(str(tmp_path / "ref")))
+    cut = _grpo_config(make_config, tmp_path, max_steps=3, output_dir=str(tmp_path / "cut"))
+    proc = subprocess.Popen([sys.executable, "-m", "rewardfl.run", cut], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    ckpt = tmp_path / "cut" / "checkpoints" / "checkpoint-2"
+    deadline = time.time() + 600
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = _grpo_config(make_config, tmp_path, max_steps=3, output_dir=str(tmp_path / "cut"),
+                           resume_from_checkpoint=True)
+    assert run.main([resumed]) == 0
+    got = stable(read_metrics(str(tmp_path / "cut")))
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert got == expected
+
+
+def _with_reward(path, reward):
+    import yaml
+
+    raw = yaml.safe_load(open(path))
+    raw["reward"] = reward
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f)
+    return path
+
+
+def test_reward_backprop_with_a_reward_without_gradient_is_one_line(make_config, tmp_path, capsys):
+    cfg = _with_reward(make_config(), {"name": "command", "command": [sys.executable, "-c", "print(1)"]})
+    assert run.main([cfg, "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rewardfl.run: error: algorithm: reward_backprop needs a reward with gradients; "
+                          "command gives none") and "\n" not in err
+
+
+def test_grpo_check_accepts_a_command_reward(make_config, tmp_path, capsys):
+    cfg = _with_reward(_grpo_config(make_config, tmp_path), {"name": "command", "command": [sys.executable, "-c", "1"]})
+    assert run.main([cfg, "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "algorithm grpo: 2 videos per clip, stochastic steps 1..3" in out
+
+
+@pytest.mark.parametrize("options, key", [({"group_size": 1}, "algorithm.group_size"),
+                                          ({"noise_level": 0}, "algorithm.noise_level"),
+                                          ({"train_fraction": 0}, "algorithm.train_fraction"),
+                                          ({"bogus": 1}, "algorithm")])
+def test_bad_grpo_options_name_the_key(make_config, tmp_path, capsys, options, key):
+    cfg = make_config(algorithm={"name": "grpo", **options})
+    assert run.main([cfg, "--check"]) == 2
+    assert key in capsys.readouterr().err
