@@ -164,8 +164,9 @@ def resolve_config(cfg: TrainConfig, plugins: dict[str, type]) -> TrainConfig:
         sampler=PluginSection(cfg.sampler.name, build_options("sampler", cfg.sampler.name, plugins["sampler"],
                                                               cfg.sampler.options)),
         reward=PluginSection(cfg.reward.name, _reward_options(cfg, plugins["reward"])),
-        algorithm=PluginSection(cfg.algorithm.name, build_options("algorithm", cfg.algorithm.name,
-                                                                  plugins["algorithm"], cfg.algorithm.options)),
+        algorithm=PluginSection(cfg.algorithm.name, build_options(
+            "algorithm", cfg.algorithm.name, plugins.get("algorithm") or load_plugin("algorithm", cfg.algorithm.name),
+            cfg.algorithm.options)),
     )
 
 
