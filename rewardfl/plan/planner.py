@@ -54,6 +54,8 @@ from torch.utils._pytree import tree_leaves
 from rewardfl.cli import user_error_exit
 from rewardfl.config import ConfigError, TrainConfig, load_config
 
+from .plugins import FacePlan, build_skeleton, dtype_name, resolve_spec
+
 __all__ = ["MemoryTracker", "fake_device", "Plan", "plan_memory", "run_step", "parse_size", "dtype_name", "main"]
 
 GiB = 2**30
@@ -366,7 +368,6 @@ def plan_memory(cfg: TrainConfig, plugins: dict, *, preset: Optional[str] = None
     ``plugins.ModelSpec``) directly; ``target``: "cuda" (the plan) or "cpu" (to compare with a
     measured CPU run); ``fast``: extrapolate from 1- and 2-block DiTs.
     """
-    from .plugins import resolve_spec
 
     t0 = time.perf_counter()
     spec = spec or resolve_spec(cfg, preset)
@@ -411,7 +412,6 @@ def _summarise(cfg, spec, result: dict, *, target, gpu_bytes, world_size, mode, 
 def _settle_auto_choices(cfg, plugins, spec, gpu_bytes: int, target: str):
     """``cfg`` with ``model.offload_idle_expert: auto`` decided for the full-size model (the
     plugin's rule weighs the experts' bytes, which 1- and 2-block runs would understate)."""
-    from .plugins import build_skeleton
 
     if getattr(cfg.model, "offload_idle_expert", None) != "auto":
         return cfg
@@ -449,7 +449,6 @@ def run_step(cfg, plugins, spec, *, gpu_bytes: int = 80 * GiB, world_size: int =
     the same code on real tensors there, weights random. Returns ``{"phases", "notes", "engine",
     "step_peak", "device"}`` (``device``: the tracker's name for the accelerator).
     """
-    from .plugins import FacePlan
 
     cfg = copy.deepcopy(cfg)
     notes: list[str] = []
@@ -465,7 +464,6 @@ def run_step(cfg, plugins, spec, *, gpu_bytes: int = 80 * GiB, world_size: int =
 
 
 def _step(cfg, plugins, spec, sampler, reward, tracker, device, *, gpu_bytes, world_size, target, ds, notes, real):
-    from .plugins import build_skeleton
     from rewardfl.training.policy import expert_boundary_of, plan_steps
 
     with tracker.phase("setup", "setup"):
@@ -511,12 +509,6 @@ def _tag_weights(tracker: MemoryTracker, model) -> None:
     kind = "LoRA" if model.lora_experts else "full fine-tuning"
     for _, p in model.trainable_parameters():
         tracker.retag(p, f"trainable parameters ({kind}), {dtype_name(p)}")
-
-
-def dtype_name(t: torch.Tensor) -> str:
-    """``bf16``, ``fp32``, ... for category names."""
-    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16", torch.float64: "fp64",
-            torch.complex128: "complex128", torch.complex64: "complex64"}.get(t.dtype, str(t.dtype))
 
 
 def _train_step(cfg, model, sampler, plan, reward, engine, tracker: MemoryTracker, device) -> None:

@@ -24,6 +24,12 @@ import torch
 
 from rewardfl.models.wan import architectures as arch
 
+
+def dtype_name(t: torch.Tensor) -> str:
+    """``bf16``, ``fp32``, ... for category names."""
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16", torch.float64: "fp64",
+            torch.complex128: "complex128", torch.complex64: "complex64"}.get(t.dtype, str(t.dtype))
+
 __all__ = ["ModelSpec", "PRESETS", "spec_from_preset", "spec_from_checkpoints", "resolve_spec", "build_skeleton",
            "FacePlan"]
 
@@ -284,7 +290,6 @@ class FacePlan:
 
         from torch.utils._python_dispatch import _disable_current_modes
 
-        from .planner import dtype_name
 
         mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
         for name, model in (("face recognizer", self.reward.recognizer.model),):
