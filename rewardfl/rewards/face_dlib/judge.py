@@ -3,8 +3,8 @@
 Per video ``(3, F, H, W)`` in [-1, 1], frame by frame (uint8 RGB, as dlib reads images):
 
 1. detect faces with dlib's HOG frontal detector (``detector: hog``) or its MMOD CNN detector
-   (``detector: cnn``), the image upsampled ``upsample`` times first (HOG finds faces of about
-   80 px and more; each upsampling halves that), and keep the largest face;
+   (``detector: cnn``), the image upsampled ``upsample`` times first (each upsampling lets it find
+   faces half as large), and keep the largest face;
 2. find its 5 landmarks (``shape_predictor_5_face_landmarks``) and compute dlib's 128-d descriptor
    (``face_recognition_model_v1.compute_face_descriptor``: dlib aligns a 150 x 150 chip, 0.25
    padding, and runs the ResNet);
