@@ -15,16 +15,15 @@ import pytest
 import torch
 import yaml
 
-from wan_fixtures import tiny_dir  # noqa: E402,F401  (session fixture)
+import dlib  # the dev extra brings it (dlib-bin): the tests must not pass for want of it
+from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
 
-dlib = pytest.importorskip("dlib", reason="the face_dlib judge needs dlib (pip install dlib-bin)")
-
-from rewardfl import run  # noqa: E402
-from rewardfl.demo.example_data import crop_windows  # noqa: E402
-from rewardfl.evaluate import Evaluation, build_judges, judge_scores  # noqa: E402
-from rewardfl.interfaces import SampleContext  # noqa: E402
-from rewardfl.registry import load_plugin  # noqa: E402
-from rewardfl.rewards.face_dlib import DlibFaceJudge, fetch_dlib_models  # noqa: E402
+from rewardfl import run
+from rewardfl.demo.example_data import crop_windows
+from rewardfl.evaluate import Evaluation, build_judges, judge_scores
+from rewardfl.interfaces import SampleContext
+from rewardfl.registry import load_plugin
+from rewardfl.rewards.face_dlib import DlibFaceJudge, fetch_dlib_models
 
 PEOPLE = ("person_a_1", "person_a_2", "person_b_1", "person_b_2", "impostor_1", "impostor_2")
 
@@ -95,10 +94,14 @@ def test_judge_descriptor_is_dlibs_own_on_the_same_face(face_assets, face_photo,
         np.testing.assert_allclose(faces.descriptors[0], dlib_direct(_rgb(face_assets.photos[name])), atol=1e-6)
 
 
-def _hand_numbers(gen_rgb, ref_rgb, descriptor, threshold=0.6):
-    """The judge's numbers from dlib directly, frame 0 left out on both sides (float64)."""
-    g = np.stack([descriptor(f) for f in gen_rgb[1:]])
-    r = np.stack([descriptor(f) for f in ref_rgb[1:]])
+def _descriptors(rgb, descriptor):
+    """dlib's descriptors ``(F - 1, 128)`` of frames 1.. of a clip (frame 0 is left out on both sides)."""
+    return np.stack([descriptor(f) for f in rgb[1:]])
+
+
+def _hand_numbers(g, r, threshold=0.6):
+    """The judge's numbers from dlib's descriptors of the scored generated frames ``g`` and reference
+    frames ``r`` (float64)."""
     gu, ru = g / np.linalg.norm(g, axis=1)[:, None], r / np.linalg.norm(r, axis=1)[:, None]
     distance = np.linalg.norm(g - r.mean(0), axis=1)
     return {"score": float(np.mean(gu @ ru.mean(0))),
@@ -112,10 +115,11 @@ def test_judge_scores_the_same_person_above_others_and_matches_dlib_by_hand(face
     context = SampleContext("a", reference=ref.transpose(0, 1))
     assert judge.prepare([context]).tolist() == [True]
     scores = {}
+    ref_descriptors = _descriptors(ref_rgb, dlib_direct)
     for name in ("person_a_2", "person_b_1", "impostor_1", "impostor_2"):
         gen_rgb, video = _clip(face_assets.photos[name], "pan_right")
         got = judge.evaluate(video, context)
-        want = _hand_numbers(gen_rgb, ref_rgb, dlib_direct)
+        want = _hand_numbers(_descriptors(gen_rgb, dlib_direct), ref_descriptors)
         for key, value in want.items():
             assert got[key] == pytest.approx(value, abs=1e-6), (name, key)
         assert (got["frames"], got["frames_with_face"], got["reference_frames_with_face"]) == (3, 3, 2)
@@ -143,21 +147,21 @@ def test_identity_specificity_of_a_three_person_toy_by_hand(face_assets, dlib_di
     photo (or another camera motion) of its clip's person; the evaluation table's specificity against
     ``s[i, i] - mean_{j != i} s[i, j]`` from dlib's descriptors by hand."""
     clips = [("person_a_1", "person_a_2"), ("person_b_1", "person_b_2"), ("impostor_1", "impostor_1")]
-    items, videos, ref_rgbs, gen_rgbs = [], [], [], []
+    items, videos, ref_descriptors, gen_descriptors = [], [], [], []
     for i, (ref_name, gen_name) in enumerate(clips):
         ref_rgb, ref = _clip(face_assets.photos[ref_name], "zoom_in")
         gen_rgb, gen = _clip(face_assets.photos[gen_name], "pan_left")
         items.append({"sample_id": f"clip{i}", "video": ref.transpose(0, 1), "first_frame": ref[:, 0],
                       "prompt": "a face", "path": f"clip{i}.mp4"})
         videos.append(gen)
-        ref_rgbs.append(ref_rgb)
-        gen_rgbs.append(gen_rgb)
+        ref_descriptors.append(_descriptors(ref_rgb, dlib_direct))
+        gen_descriptors.append(_descriptors(gen_rgb, dlib_direct))
     judge = DlibFaceJudge()
-    ev = Evaluation(items, judge, [("dlib", judge)], seeds=[0])
+    ev = Evaluation(items, load_plugin("reward", "motion")(), [("dlib", judge)], seeds=[0])  # motion: the training reward
     assert ev.guarded_keys == ["judge/dlib/score", "judge/dlib/facesim", "judge/dlib/match_fraction",
                                "judge/dlib/specificity"]
     rows = ev.score("base", videos)
-    s = np.array([[_hand_numbers(gen_rgbs[i], ref_rgbs[j], dlib_direct)["score"] for j in range(3)] for i in range(3)])
+    s = np.array([[_hand_numbers(gen_descriptors[i], ref_descriptors[j])["score"] for j in range(3)] for i in range(3)])
     for i, row in enumerate(rows):
         assert row["judge/dlib/score"] == pytest.approx(s[i, i], abs=1e-6)
         want = s[i, i] - (s[i].sum() - s[i, i]) / 2
