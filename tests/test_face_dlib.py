@@ -16,6 +16,7 @@ import torch
 import yaml
 
 import dlib  # the dev extra brings it (dlib-bin): the tests must not pass for want of it
+from train_fixtures import make_config, small_dataset  # noqa: F401  (fixtures)
 from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
 
 from rewardfl import run
@@ -228,3 +229,34 @@ def test_without_dlib_the_judge_fails_in_one_line_naming_the_wheel():
     assert proc.stdout.strip() == ("the package 'dlib' is not installed: the face_dlib judge needs dlib, which the "
                                    "dlib-bin wheel brings: pip install -c constraints.txt dlib-bin (or rewardfl's "
                                    "'dlib' extra)")
+
+
+def test_evaluate_reports_the_judge_end_to_end(make_config, small_dataset, tmp_path, capsys):  # noqa: F811
+    """``python -m rewardfl.evaluate`` with ``eval.judges: [{name: face_dlib}]``: the base model (the
+    untrained tiny twin) on two real 64x64 clips. Its blurry videos hold no face dlib finds, so the
+    judge's numbers are n/a and its counts say why; the reference clips' faces are counted as dlib's
+    own detector counts them."""
+    from rewardfl import evaluate as evaluate_cli
+    from rewardfl.data import VideoDataset
+
+    config = make_config(reward="motion", data={"eval_metadata_path": small_dataset},
+                         eval={"judges": [{"name": "face_dlib", "upsample": 2}], "seeds": 1})
+    out = str(tmp_path / "eval")
+    assert evaluate_cli.main([config, "--out", out]) == 0, capsys.readouterr().err
+    import json
+
+    result = json.load(open(os.path.join(out, "eval.json")))
+    rows = {r["clip"]: r for r in result["videos"]}
+    detector = dlib.get_frontal_face_detector()
+    clips = VideoDataset(small_dataset, num_frames=5, max_pixels=4096, height=64, width=64)
+    for i in range(len(clips)):
+        frames = ((clips[i]["video"] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        found = sum(len(detector(np.ascontiguousarray(f), 2)) > 0 for f in frames[1:])
+        row = rows[clips[i]["sample_id"]]
+        assert row["judge/face_dlib/reference_frames_with_face"] == found > 0
+        assert row["judge/face_dlib/frames"] == 5
+        if row["judge/face_dlib/frames_with_face"] == 0:
+            assert row["judge/face_dlib/score"] is None and row["judge/face_dlib/specificity"] is None
+    table = open(os.path.join(out, "eval.md")).read()
+    for key in ("score", "facesim", "distance", "match_fraction", "specificity"):
+        assert f"| judge/face_dlib/{key} |" in table
