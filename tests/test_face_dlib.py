@@ -223,12 +223,13 @@ def test_without_dlib_the_judge_fails_in_one_line_naming_the_wheel():
     code = ("import sys; sys.modules['dlib'] = None\n"
             "from rewardfl.deps import explain_import_error\n"
             "from rewardfl.rewards.face_dlib import DlibFaceJudge\n"
-            "try:\n    DlibFaceJudge()\nexcept ImportError as e:\n    print(explain_import_error(e))\n")
+            "for build in (DlibFaceJudge, lambda: DlibFaceJudge.check(None, DlibFaceJudge.Options())):\n"
+            "    try:\n        build()\n    except ImportError as e:\n        print(explain_import_error(e))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == ("the package 'dlib' is not installed: the face_dlib judge needs dlib, which the "
-                                   "dlib-bin wheel brings: pip install -c constraints.txt dlib-bin (or rewardfl's "
-                                   "'dlib' extra)")
+    line = ("the package 'dlib' is not installed: the face_dlib judge needs dlib, which the dlib-bin wheel brings: "
+            "pip install -c constraints.txt dlib-bin (or rewardfl's 'dlib' extra)")
+    assert proc.stdout.splitlines() == [line, line]  # building the judge, and run --check's check
 
 
 def test_evaluate_reports_the_judge_end_to_end(make_config, small_dataset, tmp_path, capsys):  # noqa: F811

@@ -144,7 +144,8 @@ class DlibFaceJudge(Reward):
 
     @classmethod
     def check(cls, config, options) -> list[str]:
-        """The model files, without loading (or downloading) them."""
+        """The model files, without loading (or downloading) them; that dlib imports."""
+        _import_dlib()
         models = cls._models(config, options)
         if models is None:
             root = default_dir()
