@@ -30,7 +30,6 @@ against; in a ``reward:`` list it can only log (weight 0).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Literal, Optional, Sequence
 
