@@ -156,6 +156,8 @@ setup(
         "wandb": ["wandb==0.31.0"],
         # model_name: wan2_2_diffusers (Wan2.2 from a diffusers folder)
         "diffusers": ["diffusers==0.42.1"],
+        # eval.judges: [face_dlib] (dlib's face recognizer; a prebuilt wheel, no compiler, no dependencies)
+        "dlib": ["dlib-bin==20.0.1.post1"],
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",
@@ -166,6 +168,7 @@ setup(
             "import-linter>=2.1",  # tests/test_architecture.py: the import contracts of pyproject.toml
             "diffusers==0.42.1",  # tests: wan2_2_diffusers, LoRA files in diffusers' real loader
             "wandb==0.31.0",  # tests: report_to wandb, offline
+            "dlib-bin==20.0.1.post1",  # tests: the face_dlib judge on real photos
             # tests/test_install.py: the checkout's kernels/ folder must never shadow Hugging Face's
             # kernels (a transformers dependency); listed so that the test cannot pass for want of it
             "kernels",
@@ -191,6 +194,7 @@ setup(
             "identity_consistency = rewardfl.rewards.face_identity:IdentityConsistencyReward",
             "motion = rewardfl.rewards.motion:MotionReward",
             "command = rewardfl.rewards.command:CommandReward",
+            "face_dlib = rewardfl.rewards.face_dlib:DlibFaceJudge",
         ],
         "rewardfl.algorithms": [
             "reward_backprop = rewardfl.training.algorithm:RewardBackprop",

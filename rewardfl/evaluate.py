@@ -40,12 +40,13 @@ from .registry import load_resolved, resolve_config
 
 log = logging.getLogger("rewardfl")
 
-__all__ = ["build_judges", "judge_scores", "Evaluation", "evaluate", "checkpoint_labels", "main"]
+__all__ = ["judge_plugins", "build_judges", "judge_scores", "Evaluation", "evaluate", "checkpoint_labels", "main"]
 
 
-def build_judges(cfg, device) -> list[tuple[str, object]]:
-    """``[(label, reward)]`` for ``eval.judges``: each entry ``{name, label?, <options>}`` built through the
-    registry; the label defaults to the name (``name_2``, ... when a name repeats)."""
+def judge_plugins(cfg) -> list[tuple[str, type, object]]:
+    """``[(label, plugin class, options)]`` for ``eval.judges``, nothing built: each entry
+    ``{name, label?, <options>}`` resolved through the registry and its options validated (``run
+    --check`` stops here); the label defaults to the name (``name_2``, ... when a name repeats)."""
     from .config import build_dataclass
     from .registry import PluginError, load_plugin
 
@@ -62,11 +63,16 @@ def build_judges(cfg, device) -> list[tuple[str, object]]:
         except PluginError as e:
             raise ConfigError(f"eval.judges[{i}].name: {e}") from e
         options = build_dataclass(cls.Options, spec, prefix=f"eval.judges[{i}]")  # errors name eval.judges[i].key
-        judges.append((str(label), cls(cfg, options, device=device)))
-    labels = [label for label, _ in judges]
+        judges.append((str(label), cls, options))
+    labels = [label for label, _, _ in judges]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"eval.judges: labels must differ, got {labels}; give each judge a distinct label")
     return judges
+
+
+def build_judges(cfg, device) -> list[tuple[str, object]]:
+    """``[(label, reward)]`` for ``eval.judges`` (see :func:`judge_plugins`), each built with its options."""
+    return [(label, cls(cfg, options, device=device)) for label, cls, options in judge_plugins(cfg)]
 
 
 def _number(value) -> Optional[float]:

@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check(cfg, plugins, config_path: str) -> None:
     """What ``--check`` verifies and prints (nothing heavy loads)."""
     from .data import VideoDataset
+    from .evaluate import judge_plugins
     from .training.outputs import check_output_dir
     from .training.policy import expert_boundary_of, plan_steps
 
@@ -62,6 +63,10 @@ def check(cfg, plugins, config_path: str) -> None:
         print(f"reward   {line}")
     for line in plugins["algorithm"].check(cfg, cfg.algorithm.options, plugins["reward"]):
         print(f"algorithm {line}")
+    for label, cls, options in judge_plugins(cfg):  # names and options, as rewardfl.evaluate builds them
+        print(f"judge    {label:20s} {cls.__module__}.{cls.__name__}")
+        for line in cls.check(cfg, options):
+            print(f"judge    {line}")
     d = cfg.data
     if d.metadata_path is not None:
         dataset = VideoDataset(cfg.resolve_path(d.metadata_path), num_frames=d.num_frames, max_pixels=d.max_pixels,

@@ -27,6 +27,7 @@ BUILTINS = {
     ("reward", "pickscore"),
     ("reward", "hps"),
     ("reward", "aesthetic"),
+    ("reward", "face_dlib"),
     ("reward", "command"),
     ("model", "wan2_2"),
     ("model", "wan2_2_tiny"),

