@@ -3,7 +3,9 @@
 * :func:`atomic_write`: a context manager yielding a file object on a temporary
   name in the target's folder; on success the data is flushed, fsynced and
   renamed over the target (a rename within one folder is atomic); on error the
-  temporary file is removed and the target is untouched.
+  temporary file is removed and the target is untouched, and an ``OSError`` names
+  the target (a full disk says which file). A temporary file left by a killed
+  writer (its process gone) is removed by the next write of the same target.
 * :func:`write_json` and :func:`write_safetensors` on top of it.
 * Build stamps (:func:`stamp_matches`, :func:`write_stamp`): a JSON file that
   records the inputs a generated folder was built from, written last, so that a
@@ -15,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from typing import Any, Iterator, Optional
 
-__all__ = ["atomic_write", "write_json", "write_safetensors", "stamp_matches", "write_stamp", "read_utf8"]
+__all__ = ["atomic_write", "remove_stale_temporaries", "pid_alive", "write_json", "write_safetensors", "stamp_matches", "write_stamp", "read_utf8"]
 
 
 @contextlib.contextmanager
@@ -25,7 +28,8 @@ def atomic_write(path: str, mode: str = "w", *, encoding: Optional[str] = "utf-8
     """``with atomic_write(path) as f: f.write(...)``: ``path`` holds all of it or is unchanged."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    remove_stale_temporaries(path)
+    tmp = _temporary_name(path, os.getpid())
     binary = "b" in mode
     try:
         with open(tmp, mode, encoding=None if binary else encoding) as f:
@@ -33,10 +37,47 @@ def atomic_write(path: str, mode: str = "w", *, encoding: Optional[str] = "utf-8
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # f.write names no file
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), path) from e
         raise
+
+
+def _temporary_name(path: str, pid: int) -> str:
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{pid}.tmp")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Remove what :func:`atomic_write` left of ``path`` in a process that was killed (a ``.NAME.PID.tmp``
+    whose process is gone); returns the paths removed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(\d+)\.tmp$")
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in names:
+        m = pattern.match(entry)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(os.path.join(folder, entry))
+                removed.append(os.path.join(folder, entry))
+    return removed
 
 
 def write_json(path: str, obj, **dump_kwargs) -> None:

@@ -26,7 +26,7 @@ import torch
 
 from rewardfl.config import ConfigError, TrainConfig
 
-from .checkpoints import CheckpointError, load_torch_file
+from .checkpoints import CheckpointError, load_torch_file, save_torch_file
 from .distributed import DistInfo, all_reduce_sum_
 
 __all__ = ["PlainEngine", "DeepSpeedEngine", "build_engine", "deepspeed_config", "all_finite", "lr_lambda"]
@@ -114,8 +114,8 @@ class PlainEngine:
         return norm, status
 
     def save(self, tmp_dir: str) -> None:
-        torch.save(self.optimizer.state_dict(), os.path.join(tmp_dir, "optimizer.pt"))
-        torch.save(self.scheduler.state_dict(), os.path.join(tmp_dir, "scheduler.pt"))
+        save_torch_file(self.optimizer.state_dict(), os.path.join(tmp_dir, "optimizer.pt"))
+        save_torch_file(self.scheduler.state_dict(), os.path.join(tmp_dir, "scheduler.pt"))
 
     def load(self, ckpt_dir: str) -> None:
         # both read before either is applied: a refused file leaves the engine as it was

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from rewardfl.config import ConfigError
+from rewardfl.fileio import pid_alive
 
 log = logging.getLogger("rewardfl")
 
@@ -39,16 +40,6 @@ LOCK = ".lock"
 
 
 # --------------------------------------------------------------------------- the output directory
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 class OutputDir:
@@ -78,7 +69,7 @@ class OutputDir:
         except (OSError, ValueError):
             return None
         pid, host = int(info.get("pid", -1)), str(info.get("host", ""))
-        if host == socket.gethostname() and not _pid_alive(pid):
+        if host == socket.gethostname() and not pid_alive(pid):
             return None
         return f"pid {pid} on {host}"
 
