@@ -163,15 +163,18 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
     from .evaluation.report import contact_sheet, markdown_table, summarize
     from .evaluation.split import eval_dataset
     from .fileio import write_json
-    from .generate import Generator, trainable_weights_of, video_name
+    from .generate import Generator, check_weights_source, trainable_weights_of, video_name
+
+    from .training.outputs import check_command_output
 
     cfg = resolve_config(cfg, plugins)
+    if write:
+        check_command_output(out_dir)  # before the model loads, not after every video is scored
     e = cfg.eval
     dataset = eval_dataset(cfg, metadata)
     items = [dataset[i] for i in range(len(dataset))]
-    for spec in checkpoints:  # a wrong path fails before the model loads
-        if weights == "ema" or not os.path.exists(os.path.expanduser(spec)):
-            trainable_weights_of(spec, weights)
+    for spec in checkpoints:  # a wrong path, a damaged or truncated file: before the model loads
+        check_weights_source(spec, weights)
     from .training.loop import resolve_device
 
     device = generator.device if generator is not None else resolve_device(cfg)
@@ -179,6 +182,8 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
     if reward is None:
         reward = plugins["reward"](cfg, cfg.reward.options, device=device)
     gen = generator or Generator(cfg, plugins, device=device)
+    for spec in checkpoints:  # every checkpoint fits the model before the base is generated and scored
+        gen.check_fits(spec, weights)
     ev = Evaluation(items, reward, judges, seeds)
     labels = checkpoint_labels(checkpoints)
     rows, generated = [], []

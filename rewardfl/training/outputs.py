@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import threading
@@ -33,7 +34,7 @@ from rewardfl.fileio import pid_alive
 
 log = logging.getLogger("rewardfl")
 
-__all__ = ["OutputDir", "check_output_dir", "MetricsLog", "MetricsWindow", "VideoWriter", "plot_reward_curve", "read_metrics",
+__all__ = ["OutputDir", "check_output_dir", "check_command_output", "MetricsLog", "MetricsWindow", "VideoWriter", "plot_reward_curve", "read_metrics",
            "finite_or_none"]
 
 LOCK = ".lock"
@@ -145,6 +146,55 @@ def check_output_dir(cfg) -> None:
                           "another output_dir")
     out.check_fresh_or_resumable(cfg.resume_from_checkpoint, cfg.overwrite_output_dir,
                                  os.path.join(path, "checkpoints"))
+
+
+#: what a training run creates inside its ``output_dir`` and no other command may write into
+RUN_OWNED = ("checkpoints", "final", "best")
+
+
+def _run_owned(folder: str) -> Optional[str]:
+    """What ``folder`` is when a training run owns it (a phrase), or None."""
+    name, parent = os.path.basename(folder), os.path.dirname(folder)
+    in_checkpoints = os.path.basename(parent) == "checkpoints" and re.match(r"^\.?checkpoint-\d+(\.tmp|\.old)?$", name)
+    has_state = os.path.isfile(os.path.join(folder, "state.json"))
+    if in_checkpoints or (has_state and any(os.path.isfile(os.path.join(folder, n))
+                                            for n in ("manifest.json", "trainable.safetensors"))):
+        return "a training checkpoint"
+    run_dir = any(os.path.exists(os.path.join(parent, n)) for n in ("config.yaml", LOCK, "metrics.jsonl", "checkpoints"))
+    if name in RUN_OWNED and run_dir:
+        return f"a training run's {name}/"
+    if name.endswith((".tmp", ".old")) and name.split(".")[0] in RUN_OWNED and run_dir:
+        return f"a training run's {name.split('.')[0]}/ being replaced"
+    return None
+
+
+def check_command_output(path: str, key: str = "--out") -> str:
+    """``path`` (the absolute form is returned) may be a command's output directory: not an existing
+    file, not inside a training checkpoint or a run's ``checkpoints/``, ``final/`` or ``best/`` (writing
+    there would break a checkpoint's manifest, so that a resume skips it, or mix files into an export),
+    and writable. ValueError naming ``key`` otherwise; reads only, before anything slow loads."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{key}: {path} is an existing file; give a directory (it is created if missing)")
+    folder = path
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{key}: {path} cannot be created ({folder} is a file); give another directory")
+    real = os.path.realpath(path)
+    probe = real
+    while True:
+        owned = _run_owned(probe)
+        if owned is not None:
+            raise ValueError(f"{key}: {path} is inside {owned} ({probe}); a command writing there would damage it "
+                             "(a resume skips a checkpoint whose files changed); choose a directory outside it")
+        if os.path.dirname(probe) == probe:
+            break
+        probe = os.path.dirname(probe)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{key}: {path} is not writable ({folder} is read-only for this user); choose another "
+                              "directory")
+    return path
 
 
 # --------------------------------------------------------------------------- metrics
