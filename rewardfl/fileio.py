@@ -7,6 +7,9 @@
   the target (a full disk says which file). A temporary file left by a killed
   writer (its process gone) is removed by the next write of the same target.
 * :func:`write_json` and :func:`write_safetensors` on top of it.
+* :func:`replace_directory`: a directory written whole under ``NAME.tmp`` takes the place of
+  ``NAME`` (exchanged in one step where the file system can, else moved aside first), and
+  :func:`recover_directory` puts back what a kill in between left.
 * Build stamps (:func:`stamp_matches`, :func:`write_stamp`): a JSON file that
   records the inputs a generated folder was built from, written last, so that a
   rerun with the same inputs skips the work and an interrupted build is redone.
@@ -15,12 +18,15 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import re
+import shutil
 from typing import Any, Iterator, Optional
 
-__all__ = ["atomic_write", "remove_stale_temporaries", "pid_alive", "write_json", "write_safetensors", "stamp_matches", "write_stamp", "read_utf8"]
+__all__ = ["atomic_write", "remove_stale_temporaries", "pid_alive", "replace_directory", "recover_directory", "write_json", "write_safetensors", "stamp_matches", "write_stamp", "read_utf8"]
 
 
 @contextlib.contextmanager
@@ -78,6 +84,49 @@ def remove_stale_temporaries(path: str) -> list[str]:
                 os.unlink(os.path.join(folder, entry))
                 removed.append(os.path.join(folder, entry))
     return removed
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap the paths ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    C library or the file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), b)
+
+
+def replace_directory(tmp: str, dest: str) -> None:
+    """``dest`` becomes the complete directory ``tmp`` (``dest + ".tmp"``), whole: nothing of the previous
+    ``dest`` stays in it. Where the file system can, the two are exchanged in one step, so that ``dest``
+    exists at every moment; elsewhere the previous one moves to ``dest + ".old"`` first and a kill
+    between the two renames leaves it there for :func:`recover_directory`."""
+    old = dest + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(dest) and _exchange(tmp, dest):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the previous one
+        return
+    if os.path.isdir(dest):
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_directory(dest: str) -> None:
+    """What a kill during :func:`replace_directory` of ``dest`` left: the previous ``dest + ".old"`` goes
+    back when ``dest`` is missing; an unfinished ``dest + ".tmp"`` (and a leftover ``.old``) is removed."""
+    old = dest + ".old"
+    if not os.path.exists(dest) and os.path.isdir(old):
+        os.replace(old, dest)
+    for leftover in (old, dest + ".tmp"):
+        if os.path.isdir(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def write_json(path: str, obj, **dump_kwargs) -> None:

@@ -139,6 +139,30 @@ def test_fresh_run_refuses_another_runs_checkpoints_unless_told(make_config, tmp
     assert [r["step"] for r in read_metrics(str(tmp_path / "out" / "metrics.jsonl"))] == [1]
 
 
+def test_a_fresh_run_keeps_the_rows_of_a_run_killed_before_its_first_checkpoint(make_config, tmp_path, capsys,
+                                                                                  caplog):
+    first = _cli(make_config(max_steps=50, save_steps=100))
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while (not metrics.exists() or not metrics.read_text().strip()) and first.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    first.kill()  # SIGKILL before any checkpoint: its rows are all that is left of it
+    first.communicate()
+    assert not (tmp_path / "out" / "checkpoints").exists() or not os.listdir(tmp_path / "out" / "checkpoints")
+    rows = metrics.read_text()
+    assert rows.strip()
+    for args in (["--check"], []):  # a fresh run, checked or started: refused
+        assert run.main([make_config(max_steps=1), *args]) == 2
+        err = one_line_error(capsys)
+        assert "holds another run's metrics.jsonl" in err and "overwrite_output_dir" in err, err
+    assert metrics.read_text() == rows  # nothing dropped
+    # told to start it over: the old rows go (said once), the new run's rows are there once each
+    assert run.main([make_config(max_steps=2, save_steps=1, resume_from_checkpoint=True)]) == 0
+    assert [r["step"] for r in read_metrics(str(metrics))] == [1, 2]
+    assert sum("dropping the" in r.getMessage() and "earlier run" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_output_dir_that_is_a_file_or_read_only(make_config, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert run.main([make_config(output_dir=str(tmp_path / "afile")), "--check"]) == 2

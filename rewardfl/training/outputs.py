@@ -82,6 +82,14 @@ class OutputDir:
             raise ConfigError(
                 f"output_dir: {self.path} holds another run's checkpoints; set resume_from_checkpoint: true to "
                 "continue it, overwrite_output_dir: true to replace it, or choose another output_dir")
+        # a run that stopped before its first checkpoint still logged: a fresh run would drop its rows
+        logged = [n for n in ("metrics.jsonl", "eval_history.json")
+                  if os.path.isfile(os.path.join(self.path, n)) and os.path.getsize(os.path.join(self.path, n)) > 0]
+        if logged:
+            raise ConfigError(
+                f"output_dir: {self.path} holds another run's {' and '.join(logged)} (and no checkpoint: it stopped "
+                "before its first save); set overwrite_output_dir: true to replace it, resume_from_checkpoint: true "
+                "to start it over, or choose another output_dir")
 
     def acquire(self) -> "OutputDir":
         self.check_usable()
@@ -286,7 +294,9 @@ class MetricsLog:
     caller that built it closes it (it also carries the sample videos).
     """
 
-    def __init__(self, output_dir: str, enabled: bool, resume_step: int = 0, trackers=None):
+    def __init__(self, output_dir: str, enabled: bool, resume_step: Optional[int] = None, trackers=None):
+        """``resume_step``: the step of the checkpoint the run resumed from (its rows up to it are kept);
+        None: the run starts from nothing, and rows an earlier run left go."""
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.enabled = enabled
         self.trackers = trackers
@@ -294,12 +304,16 @@ class MetricsLog:
             return
         self._truncate_after(resume_step)
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: Optional[int]) -> None:
         """Drop records past ``step`` (and a torn last line): a resumed run rewrites the steps after
-        its checkpoint."""
+        its checkpoint; a run started over (None) rewrites them all."""
         if not os.path.exists(self.path):
             return
-        keep = [r for r in read_metrics(self.path) if r["step"] <= step]
+        records = read_metrics(self.path)
+        keep = [r for r in records if step is not None and r["step"] <= step]
+        if step is None and records:
+            log.warning("%s: dropping the %d rows of an earlier run that saved no checkpoint (this run starts over)",
+                        self.path, len(records))
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in keep))
