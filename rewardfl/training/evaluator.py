@@ -66,6 +66,8 @@ class TrainingEvaluator:
         self.path = os.path.join(self.output_dir, HISTORY)
         self.history: list[dict] = []  # [{"step", "metrics": {eval/...}, "rows": [...]}]
         self.best: Optional[dict] = None
+        self.labels = [label for label, _ in self.evaluation.judges]
+        self.inert: dict[str, str] = {}  # judge label -> why the guard (and save_best_by) cannot use it
 
     # ------------------------------------------------------------------ resume
 
@@ -122,6 +124,7 @@ class TrainingEvaluator:
                 metrics[f"eval/{k}/diff_to_base"] = d["mean"]
         slim = [{k: v for k, v in r.items() if k != "details"} for r in rows]
         self.history.append({"step": step, "metrics": metrics, "rows": slim})
+        self._note_inert(metrics, step)
         warnings = self.guard()
         model.train()
         self._write()
@@ -133,6 +136,28 @@ class TrainingEvaluator:
         return metrics, warnings, sheets
 
     _base_videos: Optional[list] = None
+
+    def _note_inert(self, metrics: dict, step: int) -> None:
+        """A judge with no finite value at an evaluation (a face judge that finds no face) is one the guard
+        skips and ``save_best_by`` cannot rank by: said once per judge, loudly (see :meth:`summary`)."""
+        for label in self.labels:
+            keys = [k for k in metrics if k in (f"eval/judge/{label}/score", f"eval/judge/{label}/specificity")]
+            if label in self.inert or any(metrics[k] is not None for k in keys):
+                continue
+            best = self.cfg.save_best_by or ""
+            line = (f"eval.judges: judge {label} gave no finite value at step {step} (every video unscored, e.g. "
+                    "no face found): the reward-hacking guard cannot watch it"
+                    + (" and stop_on_hacking cannot stop on it" if self.cfg.stop_on_hacking else "")
+                    + (f", and save_best_by: {best} cannot save best/" if best.startswith(f"eval/judge/{label}/")
+                       else "")
+                    + "; check the judge's options (detector, det_size, landmark_fallback) on these clips")
+            self.inert[label] = line
+            if self.is_main:
+                log.warning("%s", line)
+
+    def summary(self) -> list[str]:
+        """One line per safeguard that could not work in this run (for the end of the run)."""
+        return [f"this run's safeguards were partly blind: {line}" for line in self.inert.values()]
 
     def guard(self) -> list[str]:
         """The hacking guard over the series so far (see the module docstring)."""

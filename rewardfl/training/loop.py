@@ -469,6 +469,9 @@ class Trainer:
             videos.close()
             metrics.close()
             trackers.close()
+        if self.is_main and self.evaluator is not None:  # a blind safeguard, said again where the run ends
+            for line in self.evaluator.summary():
+                log.warning("%s", line)
         records = metrics.read() if self.is_main else []
         if self.is_main and records:
             plot_reward_curve(records, os.path.join(self.output_dir, "reward_curve.png"))
