@@ -11,7 +11,8 @@ The guard (:func:`rewardfl.evaluation.metrics.hacking_warnings`): over the last
 ``eval.hacking_window`` evaluations, the training reward rose while a judge's score or specificity
 fell below the 95% interval of the window's first half: one warning naming both, and with
 ``stop_on_hacking`` the run stops after a checkpoint. ``save_best_by: eval/<metric>`` keeps the
-weights of the best evaluation by that metric in ``OUTPUT_DIR/best`` (``best.json`` says which step).
+weights of the best evaluation by that metric in ``OUTPUT_DIR/best`` (``best.json`` says which step);
+the base (step 0) is a candidate too, and the end of the run says when no evaluation beat it.
 
 The series lives in ``OUTPUT_DIR/eval_history.json`` (rank 0 writes it; a resumed run reads it, so
 the base and the guard's window survive a restart).
@@ -87,7 +88,7 @@ class TrainingEvaluator:
                                   "eval settings and held-out clips, or start a fresh run")
         # the best so far among the evaluations kept (one dropped with the steps being redone does not count)
         key, sign = self.cfg.save_best_by, (1.0 if self.cfg.save_best_mode == "max" else -1.0)
-        scored = [(h["metrics"].get(key), h["step"]) for h in self.history[1:] if key]
+        scored = [(h["metrics"].get(key), h["step"]) for h in self.history if key]  # the base (step 0) too
         scored = [(v, s) for v, s in scored if v is not None and math.isfinite(v)]
         if scored:
             value, at = max(scored, key=lambda vs: (sign * vs[0], -vs[1]))
@@ -157,7 +158,11 @@ class TrainingEvaluator:
 
     def summary(self) -> list[str]:
         """One line per safeguard that could not work in this run (for the end of the run)."""
-        return [f"this run's safeguards were partly blind: {line}" for line in self.inert.values()]
+        lines = [f"this run's safeguards were partly blind: {line}" for line in self.inert.values()]
+        if self.best is not None and self.best["step"] == 0:
+            lines.append(f"save_best_by: no evaluation beat the base ({self.best['metric']} = {self.best['value']:.4f} "
+                         "at step 0): OUTPUT_DIR/best holds the base weights")
+        return lines
 
     def guard(self) -> list[str]:
         """The hacking guard over the series so far (see the module docstring)."""
@@ -181,9 +186,7 @@ class TrainingEvaluator:
             raise ConfigError(f"save_best_by: {key} is not among the evaluation's metrics "
                               f"({', '.join(sorted(k for k in metrics if not k.endswith('/diff_to_base')))}); "
                               "pick one of them")
-        value = metrics[key]
-        if step == 0:
-            return False
+        value = metrics[key]  # the base (step 0) is a candidate too: best/ is never worse than no training
         if value is None or not math.isfinite(value):
             return False
         better = (self.best is None or (value > self.best["value"] if self.cfg.save_best_mode == "max"
