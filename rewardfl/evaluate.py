@@ -20,9 +20,11 @@ reference | base | each checkpoint, a few frames each) to ``--out`` (default ``O
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -36,16 +38,17 @@ from .registry import load_resolved, resolve_config
 
 log = logging.getLogger("rewardfl")
 
-__all__ = ["build_judges", "judge_scores", "Evaluation", "evaluate", "checkpoint_labels", "main"]
+__all__ = ["build_judges", "judge_specs", "check_judges", "check_evaluation", "judge_scores", "Evaluation", "evaluate", "checkpoint_labels", "main"]
 
 
-def build_judges(cfg, device) -> list[tuple[str, object]]:
-    """``[(label, reward)]`` for ``eval.judges``: each entry ``{name, label?, <options>}`` built through the
-    registry; the label defaults to the name (``name_2``, ... when a name repeats)."""
+def judge_specs(cfg) -> list[tuple[str, type, object]]:
+    """``[(label, plugin class, options)]`` of ``eval.judges``, validated without building any (``run
+    --check`` and the checks before a model loads): each entry ``{name, label?, <options>}``; the label
+    defaults to the name (``name_2``, ... when a name repeats). Errors name ``eval.judges[i]``."""
     from .config import build_dataclass
     from .registry import PluginError, load_plugin
 
-    judges, seen = [], {}
+    specs, seen = [], {}
     for i, spec in enumerate(cfg.eval.judges):
         spec = {"name": spec} if isinstance(spec, str) else dict(spec)
         name = spec.pop("name")
@@ -58,11 +61,54 @@ def build_judges(cfg, device) -> list[tuple[str, object]]:
         except PluginError as e:
             raise ConfigError(f"eval.judges[{i}].name: {e}") from e
         options = build_dataclass(cls.Options, spec, prefix=f"eval.judges[{i}]")  # errors name eval.judges[i].key
-        judges.append((str(label), cls(cfg, options, device=device)))
-    labels = [label for label, _ in judges]
+        specs.append((str(label), cls, options))
+    labels = [label for label, _, _ in specs]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"eval.judges: labels must differ, got {labels}; give each judge a distinct label")
+    return specs
+
+
+def check_judges(cfg) -> list[str]:
+    """What ``run --check`` prints for ``eval.judges``: each judge's own ``check`` lines (its model files),
+    with errors naming ``eval.judges[i]``; builds nothing."""
+    lines = []
+    for i, (label, cls, options) in enumerate(judge_specs(cfg)):
+        with _named_as_judge(i):
+            lines += [f"judge {label}: {line}" for line in cls.check(cfg, options)]
+    return lines
+
+
+def check_evaluation(cfg) -> list[str]:
+    """``eval.judges`` (see :func:`check_judges`) and, when a training run evaluates (``eval_steps``,
+    ``eval.at_end``), that it has held-out clips: what ``run --check`` and the trainer check before the
+    model loads. Returns the lines ``--check`` prints."""
+    from .evaluation.split import eval_dataset
+
+    lines = check_judges(cfg)
+    if cfg.eval_steps or cfg.eval.at_end:
+        lines.append(f"{len(eval_dataset(cfg))} held-out clips")
+    return lines
+
+
+def build_judges(cfg, device) -> list[tuple[str, object]]:
+    """``[(label, reward)]`` for ``eval.judges`` (see :func:`judge_specs`), each built through the registry."""
+    judges = []
+    for i, (label, cls, options) in enumerate(judge_specs(cfg)):
+        with _named_as_judge(i):
+            judges.append((label, cls(cfg, options, device=device)))
     return judges
+
+
+@contextlib.contextmanager
+def _named_as_judge(i: int):
+    """A reward plugin names its options ``reward.<key>``; as judge ``i`` they are ``eval.judges[i].<key>``."""
+    try:
+        yield
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        text = re.sub(r"\breward\.(?=[a-z_])", f"eval.judges[{i}].", str(e))
+        if text == str(e):
+            raise
+        raise type(e)(text) from e
 
 
 def _number(value) -> Optional[float]:

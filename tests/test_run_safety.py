@@ -282,3 +282,64 @@ def test_check_finds_data_and_face_model_problems_without_loading(make_config, t
     # a reward option out of range, caught by --check (no model loads)
     assert run.main([make_config(reward={"det_size": 100}), "--check"]) == 2
     assert "reward.det_size: must be a positive multiple of 32" in one_line_error(capsys)
+
+
+# --------------------------------------------------------------------------- refused before the model loads (issue 28)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Building the model fails the test: these refusals must come before it loads (minutes on Wan2.2)."""
+    from rewardfl.models.wan.model import Wan22TinyModel
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the refusal")
+
+    monkeypatch.setattr(Wan22TinyModel, "__init__", built)
+
+
+@pytest.fixture
+def no_wandb_credentials(monkeypatch, tmp_path):
+    """An environment where wandb finds no credentials: no WANDB_* variables, an empty home."""
+    for var in [v for v in os.environ if v.startswith("WANDB_")] + ["NETRC"]:
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+def test_check_and_run_refuse_what_a_run_would_meet_after_the_model_loads(make_config, capsys, no_model, monkeypatch,
+                                                                          no_wandb_credentials):
+    cases = {
+        "unknown judge": ({"eval": {"judges": [{"name": "face_identiti"}]}, "eval_steps": 1},
+                          "eval.judges[0].name: "),
+        "a judge's detector": ({"eval": {"judges": [{"name": "face_identity", "detector": "nope.onnx"}]}},
+                               "eval.judges[0].detector: file not found: "),
+        "no held-out clips": ({"eval_steps": 1}, "data.eval_metadata_path / data.eval_fraction: no held-out clips"),
+        "wandb without credentials": ({"report_to": ["wandb"]},
+                                      "report_to: wandb has no credentials for api.wandb.ai here"),
+    }
+    for name, (over, want) in cases.items():
+        cfg = make_config(max_steps=1, **over)
+        for args in (["--check"], []):
+            assert run.main([cfg, *args]) == 2, (name, args)
+            err = one_line_error(capsys)
+            assert want in err, (name, args, err)
+    # wandb's own ways of having credentials or none needed: --check passes the trackers
+    (no_wandb_credentials / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    (no_wandb_credentials / ".netrc").chmod(0o600)
+    assert run.main([make_config(report_to=["wandb"]), "--check"]) == 0
+    os.unlink(no_wandb_credentials / ".netrc")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert run.main([make_config(report_to=["wandb"]), "--check"]) == 0
+    assert "trackers wandb" in capsys.readouterr().out
+
+
+def test_a_run_into_an_output_dir_in_use_is_refused_before_the_model_loads(make_config, tmp_path, capsys, no_model):
+    import socket
+
+    os.makedirs(tmp_path / "out")
+    (tmp_path / "out" / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    assert run.main([make_config(max_steps=1)]) == 2
+    assert "in use by another run" in one_line_error(capsys)

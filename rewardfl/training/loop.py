@@ -47,7 +47,7 @@ from .distributed import DistInfo, StopSignal, all_reduce_mean, all_reduce_sum_,
 from .engines import build_engine, lr_lambda
 from .ema import EMA, EMA_FILE
 from .evaluator import TrainingEvaluator, sheet_image
-from .trackers import build_trackers
+from .trackers import build_trackers, check_report_to
 from .outputs import MetricsLog, MetricsWindow, OutputDir, VideoWriter, check_output_dir, plot_reward_curve
 from .policy import expert_boundary_of, plan_steps
 
@@ -97,7 +97,12 @@ class Trainer:
         self.device = device or resolve_device(cfg, self.dist)
         self.output_dir = cfg.resolve_path(cfg.output_dir)
         self.ckpt_dir = os.path.join(self.output_dir, "checkpoints")
-        check_output_dir(cfg)  # before anything slow loads
+        # everything that can be checked without the model, before it loads (minutes for Wan2.2)
+        check_output_dir(cfg)
+        check_report_to(cfg.report_to)
+        from rewardfl.evaluate import check_evaluation
+
+        check_evaluation(cfg)
         self.accum = self._accumulation()
         seed_everything(cfg.seed)
 
