@@ -426,3 +426,44 @@ def test_generate_refuses_a_seed_given_twice(trained, capsys, no_model):
                               "--out", str(trained["root"] / "gen-seeds")])
     assert code == 2 and _one_line(capsys, "rewardfl.generate").endswith(
         "--seeds: 0 given more than once in '0,0,1,0'; list each seed once")
+
+
+GENERATE_ON_A_FULL_DISK = """
+import json, os, sys
+sys.path.insert(0, sys.argv[5])
+import imageio_ffmpeg
+from full_disk import fill_disk
+from rewardfl import generate
+config, checkpoint, disk, leave = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+filler = fill_disk(disk, leave)
+code = generate.main([config, "--checkpoint", checkpoint, "--seeds", "0,1", "--out", disk + "/gen"])
+os.unlink(filler)  # the files as the failed command left them, read back while the tmpfs exists
+left = {}
+for name in sorted(os.listdir(disk + "/gen")) if os.path.isdir(disk + "/gen") else []:
+    try:
+        left[name] = imageio_ffmpeg.count_frames_and_secs(disk + "/gen/" + name)[0] if name.endswith(".mp4") else 0
+    except RuntimeError:
+        left[name] = -1
+print("LEFT " + json.dumps(left))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("leave", [0, 24 * 1024])
+def test_generate_onto_a_full_disk_leaves_no_truncated_video_and_names_the_file(trained, tmp_path, leave):
+    """ffmpeg meets a real ENOSPC (a full tmpfs): before, imageio did not raise and truncated or empty
+    mp4s were renamed to their final names, and index.json's error said "(path unknown)"."""
+    from full_disk import on_a_full_tmpfs
+
+    disk = tmp_path / "disk"
+    proc = on_a_full_tmpfs(tmp_path, ["-c", GENERATE_ON_A_FULL_DISK, trained["config"], trained["checkpoint"],
+                                      str(disk), str(leave), os.path.dirname(os.path.abspath(__file__))])
+    err = [line for line in proc.stderr.strip().splitlines() if line.startswith("rewardfl.generate")]
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-3000:]
+    m = re.fullmatch(rf"rewardfl\.generate: error: ({re.escape(str(disk))}/gen/\S+): no space left on device "
+                     r"\((\d+(\.\d)? (B|KiB|MiB|GiB)) free there\); free some space or write elsewhere", err[0])
+    assert m, err[0]
+    assert m.group(1).endswith((".mp4", "index.json"))  # the file, on the full disk, not "(path unknown)"
+    left = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("LEFT "))[5:])
+    assert "index.json" not in left and not [n for n in left if n.startswith(".")], left  # no temporary file left
+    assert all(frames == 5 for frames in left.values()), left  # every video under its name is whole

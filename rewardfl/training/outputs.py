@@ -343,11 +343,14 @@ class MetricsLog:
 
 
 class VideoWriter:
-    """Writes sample videos as mp4 on a background thread (training does not wait on encoding)."""
+    """Writes sample videos as mp4 on a background thread (training does not wait on encoding);
+    :meth:`close` waits for them and raises the first write's error (a full disk: an ``OSError`` naming
+    the file)."""
 
     def __init__(self, fps: int = 16):
         self.fps = fps
         self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
 
     def submit(self, path: str, video: torch.Tensor, reference: Optional[torch.Tensor] = None) -> None:
         """``video`` (3, F, H, W) in [-1, 1]; ``reference`` (F, 3, H, W) in [-1, 1] shown on the left."""
@@ -356,13 +359,23 @@ class VideoWriter:
             ref = _to_uint8(reference.detach().float().cpu().permute(0, 2, 3, 1))[: frames.shape[0]]
             if ref.shape == frames.shape:
                 frames = np.concatenate([ref, frames], axis=2)
-        t = threading.Thread(target=_write_mp4, args=(path, frames, self.fps), daemon=True)
+        t = threading.Thread(target=self._write, args=(path, frames), daemon=True)
         t.start()
         self.threads.append(t)
+
+    def _write(self, path: str, frames: np.ndarray) -> None:
+        try:
+            _write_mp4(path, frames, self.fps)
+        except BaseException as e:  # raised again by close(), in the caller's thread
+            self.errors.append(e)
 
     def close(self):
         for t in self.threads:
             t.join()
+        self.threads = []
+        if self.errors:
+            error, self.errors = self.errors[0], []
+            raise error
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -370,16 +383,36 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def _write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
-    import imageio.v2 as imageio
+    """``frames`` ``(F, H, W, 3)`` uint8 as an H.264 mp4 at ``path``: written under a temporary name and
+    renamed only once ffmpeg reads all ``F`` frames back (ffmpeg reports a full disk on its stderr and
+    exits; imageio does not raise, and would leave a truncated file). An incomplete write is an
+    ``OSError`` naming ``path`` (ENOSPC when its file system is nearly full)."""
+    import errno
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.mp4"
-    # yuv444p: no chroma subsampling, so odd sizes work; macro_block_size=1 keeps small frames unpadded
-    with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                            pixelformat="yuv444p") as w:
-        for frame in frames:
-            w.append_data(frame)
-    os.replace(tmp, path)
+    import imageio.v2 as imageio
+    import imageio_ffmpeg
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp.mp4")
+    try:
+        # yuv444p: no chroma subsampling, so odd sizes work; macro_block_size=1 keeps small frames unpadded
+        with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                                pixelformat="yuv444p") as w:
+            for frame in frames:
+                w.append_data(frame)
+        try:
+            complete = os.path.getsize(tmp) > 0 and imageio_ffmpeg.count_frames_and_secs(tmp)[0] == len(frames)
+        except (RuntimeError, OSError):
+            complete = False
+        if not complete:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free
+            code = errno.ENOSPC if free < 64 * 2**20 else errno.EIO
+            raise OSError(code, os.strerror(code) if code == errno.ENOSPC else "ffmpeg wrote an incomplete video", path)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def plot_reward_curve(records: list[dict], path: str) -> None:
