@@ -343,3 +343,29 @@ def test_a_run_into_an_output_dir_in_use_is_refused_before_the_model_loads(make_
     (tmp_path / "out" / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     assert run.main([make_config(max_steps=1)]) == 2
     assert "in use by another run" in one_line_error(capsys)
+
+
+def test_a_differentiable_reward_that_returns_detached_scores_is_one_line(make_config):
+    """The real face reward with its scores detached (a plugin computing them under no_grad or through
+    numpy): before, autograd's "element 0 of tensors does not require grad" traceback."""
+    import dataclasses as dc
+
+    from rewardfl.config import load_config
+    from rewardfl.rewards.face_identity.reward import FaceIdentityReward
+
+    class DetachedFaceReward(FaceIdentityReward):
+        differentiable = True
+
+        def __call__(self, videos, contexts):
+            out = super().__call__(videos, contexts)
+            return dc.replace(out, scores=out.scores.detach())
+
+    cfg = load_config(make_config(max_steps=1))
+    plugins = {**resolve_plugins(cfg), "reward": DetachedFaceReward}
+    trainer = Trainer(cfg, plugins)
+    with pytest.raises(ValueError) as e:
+        trainer.train_step()
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith("reward (face_identity): declares itself differentiable, but its loss carries no "
+                              "gradient from the videos"), message

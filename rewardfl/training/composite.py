@@ -41,6 +41,8 @@ import torch
 from rewardfl.config import COMPOSITE_REWARD, ConfigError, build_dataclass
 from rewardfl.interfaces import Reward, RewardOutput, SampleContext, StepCache
 
+from .algorithm import require_gradient
+
 __all__ = ["CompositeReward", "RewardTerm", "CompositeOutput", "select_frames"]
 
 #: the keys of a ``reward:`` list entry that belong to the composition (the rest are the plugin's)
@@ -214,6 +216,8 @@ class CompositeReward(Reward):
                 valid = out.valid.to(out.scores.device)
                 part = (-((out.scores[valid].float() - mean) / std).mean() if bool(valid.any())
                         else out.scores.sum() * 0.0)
+            # the weighted total carries the videos' gradient when any reward kept it: this one must too
+            require_gradient(part, output.scores, out.valid, f"reward[{i}] ({term.label})")
             loss = loss + term.weight * part
         return loss
 
