@@ -18,7 +18,7 @@ import math
 import os
 import types
 import typing
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -314,11 +314,12 @@ def _coerce(value, tp, key: str):
     return value
 
 
-def build_dataclass(cls, values: dict, prefix: str = ""):
+def build_dataclass(cls, values: dict, prefix: str = "", also_known: Sequence[str] = ()):
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
 
     Used for the config and for every plugin's ``Options``; ``prefix`` is the
-    dotted key of the section, used in messages.
+    dotted key of the section, used in messages. ``also_known``: keys the same mapping takes for
+    something else (a reward-list entry's ``weight``, ``label``, ...), listed and suggested too.
     """
     if values is None:
         values = {}
@@ -330,9 +331,11 @@ def build_dataclass(cls, values: dict, prefix: str = ""):
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            known = ("known keys: " + ", ".join(sorted(fields)) if len(fields) <= 12
-                     else "see the config reference in README.md")
-            raise ConfigError(f"unknown key '{dotted}'{_did_you_mean(str(key), fields)}; {known}")
+            names = sorted(set(fields) | set(also_known))
+            known = ("known keys: " + ", ".join(names) if len(names) <= 12
+                     else (f"known keys: {', '.join(also_known)} and the plugin's own ({', '.join(sorted(fields))})"
+                           if also_known else "see the config reference in README.md"))
+            raise ConfigError(f"unknown key '{dotted}'{_did_you_mean(str(key), names)}; {known}")
         kwargs[key] = _coerce(value, hints[key], dotted)
     try:
         return cls(**kwargs)

@@ -217,7 +217,7 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
     if write:
         check_command_output(out_dir)  # before the model loads, not after every video is scored
     e = cfg.eval
-    dataset = eval_dataset(cfg, metadata)
+    dataset = eval_dataset(cfg, metadata, command_line=True)
     items = [dataset[i] for i in range(len(dataset))]
     for spec in checkpoints:  # a wrong path, a damaged or truncated file: before the model loads
         check_weights_source(spec, weights)

@@ -290,7 +290,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def _clips(cfg, args) -> list[dict]:
     """The clips to generate from, as dataset items (``first_frame``, ``prompt``, ``sample_id``, ...)."""
-    from .data import VideoDataset, load_clip
+    from .data import load_clip
 
     d = cfg.data
     if args.image is not None:
@@ -303,13 +303,9 @@ def _clips(cfg, args) -> list[dict]:
                  "sample_id": os.path.basename(args.image), "index": 0}]
     if args.prompt is not None:
         raise ValueError("--prompt: goes with --image IMG (with --metadata, prompts come from the CSV)")
-    if args.metadata is not None:
-        dataset = VideoDataset(args.metadata, num_frames=d.num_frames, max_pixels=d.max_pixels, height=d.height,
-                               width=d.width)
-    else:
-        from .evaluation.split import eval_dataset
+    from .evaluation.split import eval_dataset
 
-        dataset = eval_dataset(cfg)
+    dataset = eval_dataset(cfg, args.metadata, command_line=True)
     return [dataset[i] for i in range(len(dataset))]
 
 

@@ -369,3 +369,23 @@ def test_a_differentiable_reward_that_returns_detached_scores_is_one_line(make_c
     assert "\n" not in message
     assert message.startswith("reward (face_identity): declares itself differentiable, but its loss carries no "
                               "gradient from the videos"), message
+
+
+def test_wrong_names_in_errors_are_the_names_the_user_wrote(make_config, capsys, tmp_path):
+    """A typo'd reward-list key is suggested among the entry's own keys (weight, label, normalize, ...) too;
+    a negative weight is refused; a missing --metadata is --metadata; rewardfl.run suggests no option it lacks."""
+    from rewardfl import generate as generate_cli
+
+    bad = {"reward": [{"name": "face_identity", "landmark_fallback": True, "weigth": 0.5}]}
+    assert run.main([make_config(**bad), "--check"]) == 2
+    err = one_line_error(capsys)
+    assert "unknown key 'reward[0].weigth' (did you mean 'weight'?)" in err and "normalize" in err, err
+    assert run.main([make_config(reward=[{"name": "face_identity", "weight": -1.0}]), "--check"]) == 2
+    assert "reward[0].weight: must be >= 0, got -1.0" in one_line_error(capsys)
+    missing = str(tmp_path / "nope.csv")
+    assert generate_cli.main([make_config(), "--checkpoint", "base", "--metadata", missing,
+                              "--out", str(tmp_path / "gen")]) == 2
+    assert one_line_error(capsys).startswith(f"rewardfl.generate: error: --metadata: file not found: {missing}")
+    assert run.main([make_config(eval_steps=1), "--check"]) == 2
+    err = one_line_error(capsys)
+    assert "no held-out clips configured" in err and "--metadata" not in err, err
