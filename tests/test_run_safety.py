@@ -389,3 +389,37 @@ def test_wrong_names_in_errors_are_the_names_the_user_wrote(make_config, capsys,
     assert run.main([make_config(eval_steps=1), "--check"]) == 2
     err = one_line_error(capsys)
     assert "no held-out clips configured" in err and "--metadata" not in err, err
+
+
+REPLACE_AND_DIE = """
+import os, signal, sys
+import rewardfl.fileio as fileio
+tmp, dest, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+if mode == "exchange":  # killed right after the one-step exchange, before the previous copy is removed
+    rmtree = fileio.shutil.rmtree
+    fileio.shutil.rmtree = lambda path, **kw: die() if path == tmp else rmtree(path, **kw)
+else:  # a file system without exchange: killed between moving the previous one aside and the rename
+    fileio._exchange = lambda a, b: False
+    real = fileio.os.replace
+    fileio.os.replace = lambda a, b: (real(a, b), die())
+fileio.replace_directory(tmp, dest)
+"""
+
+
+@pytest.mark.parametrize("mode", ["exchange", "two renames"])
+def test_a_kill_while_best_is_replaced_never_leaves_the_run_without_best(make_config, tmp_path, mode):
+    out = tmp_path / "out"
+    best, new = out / "best", out / "best.tmp"
+    for folder, value in ((best, "old"), (new, "new")):
+        folder.mkdir(parents=True)
+        (folder / "best.json").write_text(value)
+    child = subprocess.run([sys.executable, "-c", REPLACE_AND_DIE, str(new), str(best), mode], cwd=ROOT)
+    assert child.returncode == -signal.SIGKILL
+    if mode == "exchange":  # best/ is the new one at every moment; the previous one is left in best.tmp
+        assert (best / "best.json").read_text() == "new" and (new / "best.json").read_text() == "old"
+    else:  # best/ is gone until the next start puts the previous one back
+        assert not best.exists() and (out / "best.old" / "best.json").read_text() == "old"
+    assert run.main([make_config(max_steps=1)]) == 0  # the next run into output_dir
+    assert (best / "best.json").read_text() == ("new" if mode == "exchange" else "old")
+    assert sorted(n for n in os.listdir(out) if n.startswith("best")) == ["best"]
