@@ -208,7 +208,7 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
     from .evaluation.metrics import mean_with_ci, motion, paired_hacking_warnings
     from .evaluation.report import contact_sheet, markdown_table, summarize
     from .evaluation.split import eval_dataset
-    from .fileio import write_json
+    from .fileio import atomic_write, write_json
     from .generate import Generator, check_weights_source, trainable_weights_of, video_name
 
     from .training.outputs import check_command_output
@@ -260,7 +260,7 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
             contact_sheet(os.path.join(out_dir, "contact_sheets", video_name(c, items[c]["sample_id"], seeds[0])
                                        .replace(".mp4", ".png")), ev.sheet(c, generated), frames=e.contact_sheet_frames)
         write_json(os.path.join(out_dir, "eval.json"), result, indent=1)
-        with open(os.path.join(out_dir, "eval.md"), "w", encoding="utf-8") as f:
+        with atomic_write(os.path.join(out_dir, "eval.md")) as f:
             f.write(table)
     result["table"] = table
     return result

@@ -18,6 +18,7 @@ videos.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -221,21 +222,28 @@ class Generator:
         self.checkpoint = "base"
 
     @classmethod
-    def from_model(cls, cfg, model, sampler, boundary, *, base_weights: Optional[dict] = None) -> "Generator":
+    def from_model(cls, cfg, model, sampler, boundary, *, base_weights: Optional[dict] = None,
+                   whole=None) -> "Generator":
         """A generator over an already built (training) model and sampler: no second copy of the model.
-        ``base_weights``: what ``load("base")`` restores (None: ``base`` cannot be loaded)."""
+        ``base_weights``: what ``load("base")`` restores (None: ``base`` cannot be loaded); ``whole``: a
+        context in which the trainable weights are whole and loading into them lasts (the engine's
+        ``gathered(modify=True)``: under ZeRO-3 they are partitioned)."""
         gen = cls.__new__(cls)
         gen.cfg, gen.model, gen.sampler, gen.device = cfg, model, sampler, model.device
         gen.plan = full_plan(cfg, sampler, model, boundary)
         gen._base, gen.checkpoint = base_weights, "current"
+        gen._whole = whole or contextlib.nullcontext
         return gen
+
+    _whole = staticmethod(contextlib.nullcontext)  # a model built here is never partitioned
 
     def check_fits(self, spec: str, which: str = "trained") -> None:
         """The one-line error :meth:`load` would give when ``spec``'s weights do not fit the model, without
         loading them (``evaluate`` checks every checkpoint before it generates anything)."""
         weights = trainable_weights_of(spec, which, self.model)
         if weights is not None:
-            _check_matches(self.model, weights, spec)
+            with self._whole():
+                _check_matches(self.model, weights, spec)
 
     def load(self, spec: str, which: str = "trained") -> None:
         """Use the weights ``--checkpoint spec`` names (``base``: none; ``which="ema"``: its moving average)."""
@@ -244,9 +252,10 @@ class Generator:
             if self._base is None:
                 raise ValueError("--checkpoint base: this generator kept no copy of the base weights")
             weights = self._base
-        else:
-            _check_matches(self.model, weights, spec)
-        self.model.load_trainable_state_dict(weights)
+        with self._whole():
+            if weights is not self._base:
+                _check_matches(self.model, weights, spec)
+            self.model.load_trainable_state_dict(weights)
         self.checkpoint = spec
 
     @torch.no_grad()

@@ -363,7 +363,8 @@ class Trainer:
         from rewardfl.generate import Generator
 
         # every process runs it (collectives inside the model stay matched); rank 0 writes and prints
-        gen = Generator.from_model(self.cfg, self.model, self.sampler, self.boundary, base_weights=self._base_weights)
+        gen = Generator.from_model(self.cfg, self.model, self.sampler, self.boundary, base_weights=self._base_weights,
+                                   whole=lambda: self.engine.gathered(modify=True))  # ZeRO-3: partitioned
         final = os.path.join(self.output_dir, "final")
         try:
             result = evaluate(self.cfg, self.plugins, [final], os.path.join(self.output_dir, "eval"),
