@@ -79,14 +79,17 @@ def check_judges(cfg) -> list[str]:
 
 
 def check_evaluation(cfg) -> list[str]:
-    """``eval.judges`` (see :func:`check_judges`) and, when a training run evaluates (``eval_steps``,
-    ``eval.at_end``), that it has held-out clips: what ``run --check`` and the trainer check before the
-    model loads. Returns the lines ``--check`` prints."""
+    """When a training run evaluates (``eval_steps``, ``eval.at_end``): ``eval.judges`` (see
+    :func:`check_judges`) and that it has held-out clips; otherwise the judges' names and options only.
+    What ``run --check`` and the trainer check before the model loads; returns the lines ``--check``
+    prints."""
     from .evaluation.split import eval_dataset
 
+    if not (cfg.eval_steps or cfg.eval.at_end):  # a run that does not evaluate: names and options only
+        judge_specs(cfg)
+        return []
     lines = check_judges(cfg)
-    if cfg.eval_steps or cfg.eval.at_end:
-        lines.append(f"{len(eval_dataset(cfg))} held-out clips")
+    lines.append(f"{len(eval_dataset(cfg))} held-out clips")
     return lines
 
 

@@ -467,3 +467,16 @@ def test_generate_onto_a_full_disk_leaves_no_truncated_video_and_names_the_file(
     left = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("LEFT "))[5:])
     assert "index.json" not in left and not [n for n in left if n.startswith(".")], left  # no temporary file left
     assert all(frames == 5 for frames in left.values()), left  # every video under its name is whole
+
+
+def test_an_out_under_a_folder_merely_named_checkpoints_is_allowed(tmp_path):
+    """Only a run's own checkpoints/, final/ and best/ are refused, not any folder with such a name."""
+    from rewardfl.training.outputs import check_command_output
+
+    mine = tmp_path / "checkpoints" / "run1" / "videos"
+    (tmp_path / "final").mkdir()
+    assert check_command_output(str(mine)) == str(mine)
+    assert check_command_output(str(tmp_path / "final" / "gen")) == str(tmp_path / "final" / "gen")
+    (tmp_path / "metrics.jsonl").write_text("")  # now tmp_path is a run's output_dir
+    with pytest.raises(ValueError, match="is inside a training run's final/"):
+        check_command_output(str(tmp_path / "final" / "gen"))

@@ -314,8 +314,8 @@ def test_check_and_run_refuse_what_a_run_would_meet_after_the_model_loads(make_c
     cases = {
         "unknown judge": ({"eval": {"judges": [{"name": "face_identiti"}]}, "eval_steps": 1},
                           "eval.judges[0].name: "),
-        "a judge's detector": ({"eval": {"judges": [{"name": "face_identity", "detector": "nope.onnx"}]}},
-                               "eval.judges[0].detector: file not found: "),
+        "a judge's detector": ({"eval": {"judges": [{"name": "face_identity", "detector": "nope.onnx"}]},
+                                "eval_steps": 1}, "eval.judges[0].detector: file not found: "),
         "no held-out clips": ({"eval_steps": 1}, "data.eval_metadata_path / data.eval_fraction: no held-out clips"),
         "wandb without credentials": ({"report_to": ["wandb"]},
                                       "report_to: wandb has no credentials for api.wandb.ai here"),

@@ -168,7 +168,9 @@ def _run_owned(folder: str) -> Optional[str]:
     if in_checkpoints or (has_state and any(os.path.isfile(os.path.join(folder, n))
                                             for n in ("manifest.json", "trainable.safetensors"))):
         return "a training checkpoint"
-    run_dir = any(os.path.exists(os.path.join(parent, n)) for n in ("config.yaml", LOCK, "metrics.jsonl", "checkpoints"))
+    # the parent is a run's output_dir (its own entries, not the folder being asked about, tell)
+    run_dir = (any(os.path.exists(os.path.join(parent, n)) for n in ("config.yaml", LOCK, "metrics.jsonl"))
+               or (name.split(".")[0] != "checkpoints" and os.path.isdir(os.path.join(parent, "checkpoints"))))
     if name in RUN_OWNED and run_dir:
         return f"a training run's {name}/"
     if name.endswith((".tmp", ".old")) and name.split(".")[0] in RUN_OWNED and run_dir:
