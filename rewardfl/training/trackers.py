@@ -46,9 +46,11 @@ WANDB_INSTALL = 'pip install "rewardfl[wandb]"'
 WANDB_RUN_ID_FILE = "wandb_run_id.txt"
 
 
-def check_report_to(report_to) -> None:
-    """``report_to`` is a list of known tracker names whose packages import; ConfigError (a ValueError)
-    naming the key otherwise. Cheap enough for ``run --check``: wandb is imported only when named."""
+def check_report_to(report_to, credentials: bool = True) -> None:
+    """``report_to`` is a list of known tracker names whose packages import (and, with ``credentials``,
+    wandb finds its credentials or runs offline: :func:`wandb_credentials_problem`); ConfigError (a
+    ValueError) naming the key otherwise. Cheap enough for ``run --check``: wandb is imported only when
+    named."""
     if isinstance(report_to, str) or not all(isinstance(n, str) for n in report_to):
         raise ConfigError(f"report_to: expected a list of names from {', '.join(KNOWN_TRACKERS)}, got {report_to!r}")
     for i, name in enumerate(report_to):
@@ -60,7 +62,7 @@ def check_report_to(report_to) -> None:
         except ImportError:
             raise ConfigError(f"report_to: wandb is not installed; install it with {WANDB_INSTALL}, "
                               "or remove wandb from report_to") from None
-        problem = wandb_credentials_problem()
+        problem = wandb_credentials_problem() if credentials else None
         if problem is not None:
             raise ConfigError(f"report_to: wandb {problem}; run `wandb login` or set WANDB_API_KEY, or export "
                               "WANDB_MODE=offline (upload later with `wandb sync`), or remove wandb from report_to")
@@ -110,7 +112,7 @@ def build_trackers(report_to, output_dir: str, run_config: dict, is_main: bool, 
     display name; ``resume_step``: the optimizer step the run starts from (0 fresh, else the
     resumed checkpoint's step). Every rank validates ``report_to``, so all fail alike.
     """
-    check_report_to(report_to)
+    check_report_to(report_to, credentials=False)  # the trainer checked them before the model loaded
     if not is_main:
         return Trackers([])
     backends = []
