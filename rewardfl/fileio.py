@@ -26,7 +26,8 @@ import re
 import shutil
 from typing import Any, Iterator, Optional
 
-__all__ = ["atomic_write", "remove_stale_temporaries", "pid_alive", "replace_directory", "recover_directory", "write_json", "write_safetensors", "stamp_matches", "write_stamp", "read_utf8"]
+__all__ = ["atomic_write", "remove_stale_temporaries", "pid_alive", "replace_directory", "recover_directory",
+           "write_json", "write_safetensors", "stamp_matches", "write_stamp", "read_utf8"]
 
 
 @contextlib.contextmanager

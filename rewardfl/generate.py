@@ -141,8 +141,9 @@ def _check_headers(spec: str, files: Sequence[str]) -> None:
             with safe_open(path, "pt") as f:
                 f.metadata()
         except Exception as e:  # safetensors raises its own SafetensorError, or OSError
-            raise ValueError(f"--checkpoint {spec}: {path} is not a readable safetensors file ({' '.join(str(e).split())}); "
-                             "give a complete file rewardfl exported") from e
+            reason = " ".join(str(e).split())
+            raise ValueError(f"--checkpoint {spec}: {path} is not a readable safetensors file ({reason}); give a "
+                             "complete file rewardfl exported") from e
 
 
 def trainable_weights_of(spec: str, weights: str = "trained", model=None) -> Optional[dict[str, torch.Tensor]]:

@@ -395,7 +395,8 @@ def _write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
     import imageio_ffmpeg
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp.mp4")
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp.mp4")
     try:
         # yuv444p: no chroma subsampling, so odd sizes work; macro_block_size=1 keeps small frames unpadded
         with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,

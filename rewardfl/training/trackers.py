@@ -93,7 +93,8 @@ def wandb_credentials_problem(environ=None) -> Optional[str]:
         return None
     base_url = env.get("WANDB_BASE_URL") or default.get("base_url") or "https://api.wandb.ai"
     host = urlparse(base_url).hostname or base_url
-    paths = [env["NETRC"]] if env.get("NETRC") else [os.path.join(os.path.expanduser("~"), n) for n in (".netrc", "_netrc")]
+    home = os.path.expanduser("~")
+    paths = [env["NETRC"]] if env.get("NETRC") else [os.path.join(home, n) for n in (".netrc", "_netrc")]
     for path in paths:
         try:
             if netrc.netrc(path).authenticators(host):
