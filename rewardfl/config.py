@@ -18,7 +18,7 @@ import math
 import os
 import types
 import typing
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -323,12 +323,14 @@ def _coerce(value, tp, key: str):
     return value
 
 
-def build_dataclass(cls, values: dict, prefix: str = ""):
+def build_dataclass(cls, values: dict, prefix: str = "", also_known: Sequence[str] = ()):
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
 
     Used for the config and for every plugin's ``Options``; ``prefix`` is the
-    dotted key of the section, used in messages. A dataclass may name keys it no longer
-    takes in a ``REMOVED_KEYS`` class attribute (key -> what replaced it) for a clearer error.
+    dotted key of the section, used in messages. ``also_known``: keys the same mapping takes for
+    something else (a reward-list entry's ``weight``, ``label``, ...), listed and suggested too. A
+    dataclass may name keys it no longer takes in a ``REMOVED_KEYS`` class attribute (key -> what
+    replaced it) for a clearer error.
     """
     if values is None:
         values = {}
@@ -343,9 +345,11 @@ def build_dataclass(cls, values: dict, prefix: str = ""):
             removed = getattr(cls, "REMOVED_KEYS", {}).get(key)
             if removed:
                 raise ConfigError(f"{dotted}: removed; {removed}")
-            known = ("known keys: " + ", ".join(sorted(fields)) if len(fields) <= 12
-                     else "see the config reference in README.md")
-            raise ConfigError(f"unknown key '{dotted}'{_did_you_mean(str(key), fields)}; {known}")
+            names = sorted(set(fields) | set(also_known))
+            known = ("known keys: " + ", ".join(names) if len(names) <= 12
+                     else (f"known keys: {', '.join(also_known)} and the plugin's own ({', '.join(sorted(fields))})"
+                           if also_known else "see the config reference in README.md"))
+            raise ConfigError(f"unknown key '{dotted}'{_did_you_mean(str(key), names)}; {known}")
         kwargs[key] = _coerce(value, hints[key], dotted)
     try:
         return cls(**kwargs)

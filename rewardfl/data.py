@@ -250,14 +250,16 @@ class VideoDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, metadata_path: str, *, num_frames: int, max_pixels: int,
-                 height: Optional[int] = None, width: Optional[int] = None):
+                 height: Optional[int] = None, width: Optional[int] = None, key: str = "data.metadata_path"):
+        """``key``: what the user gave the path as (``data.metadata_path``, ``data.eval_metadata_path``,
+        ``--metadata``), for the error when it is not found."""
         # num_frames, height/width and max_pixels are validated where the config enters (config.validate)
         self.metadata_path = os.path.abspath(metadata_path)
         self.num_frames = num_frames
         self.max_pixels = max_pixels
         self.height = height
         self.width = width
-        self.rows = _read_metadata(self.metadata_path)
+        self.rows = _read_metadata(self.metadata_path, key)
         _check_files_exist(self.metadata_path, self.rows)
 
     @classmethod
@@ -286,10 +288,10 @@ class VideoDataset(torch.utils.data.Dataset):
                 "sample_id": row["sample_id"], "index": index, "line": row["line"], **extras}
 
 
-def _read_metadata(csv_path: str) -> list[dict[str, Any]]:
+def _read_metadata(csv_path: str, key: str = "data.metadata_path") -> list[dict[str, Any]]:
     """Rows of the CSV as dicts: ``sample_id``, ``path``, ``prompt``, ``line`` and extra columns."""
     if not os.path.isfile(csv_path):
-        raise FileNotFoundError(f"data.metadata_path: file not found: {csv_path} (point it at a metadata.csv "
+        raise FileNotFoundError(f"{key}: file not found: {csv_path} (point it at a metadata.csv "
                                 "with video and prompt columns)")
     folder = os.path.dirname(csv_path)
     how = "a header line 'video,prompt' and then one line per clip"

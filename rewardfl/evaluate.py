@@ -24,9 +24,11 @@ reference | base | each checkpoint, a few frames each) to ``--out`` (default ``O
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -40,17 +42,17 @@ from .registry import load_resolved, resolve_config
 
 log = logging.getLogger("rewardfl")
 
-__all__ = ["judge_plugins", "build_judges", "judge_scores", "Evaluation", "evaluate", "checkpoint_labels", "main"]
+__all__ = ["build_judges", "judge_specs", "check_judges", "check_evaluation", "judge_scores", "Evaluation", "evaluate", "checkpoint_labels", "main"]
 
 
-def judge_plugins(cfg) -> list[tuple[str, type, object]]:
-    """``[(label, plugin class, options)]`` for ``eval.judges``, nothing built: each entry
-    ``{name, label?, <options>}`` resolved through the registry and its options validated (``run
-    --check`` stops here); the label defaults to the name (``name_2``, ... when a name repeats)."""
+def judge_specs(cfg) -> list[tuple[str, type, object]]:
+    """``[(label, plugin class, options)]`` of ``eval.judges``, validated without building any (``run
+    --check`` and the checks before a model loads): each entry ``{name, label?, <options>}``; the label
+    defaults to the name (``name_2``, ... when a name repeats). Errors name ``eval.judges[i]``."""
     from .config import build_dataclass
     from .registry import PluginError, load_plugin
 
-    judges, seen = [], {}
+    specs, seen = [], {}
     for i, spec in enumerate(cfg.eval.judges):
         spec = {"name": spec} if isinstance(spec, str) else dict(spec)
         name = spec.pop("name")
@@ -63,16 +65,56 @@ def judge_plugins(cfg) -> list[tuple[str, type, object]]:
         except PluginError as e:
             raise ConfigError(f"eval.judges[{i}].name: {e}") from e
         options = build_dataclass(cls.Options, spec, prefix=f"eval.judges[{i}]")  # errors name eval.judges[i].key
-        judges.append((str(label), cls, options))
-    labels = [label for label, _, _ in judges]
+        specs.append((str(label), cls, options))
+    labels = [label for label, _, _ in specs]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"eval.judges: labels must differ, got {labels}; give each judge a distinct label")
-    return judges
+    return specs
+
+
+def check_judges(cfg) -> list[str]:
+    """What ``run --check`` prints for ``eval.judges``: each judge's own ``check`` lines (its model files),
+    with errors naming ``eval.judges[i]``; builds nothing."""
+    lines = []
+    for i, (label, cls, options) in enumerate(judge_specs(cfg)):
+        with _named_as_judge(i):
+            lines += [f"{label}: {line}" for line in cls.check(cfg, options)]
+    return lines
+
+
+def check_evaluation(cfg) -> list[str]:
+    """When a training run evaluates (``eval_steps``, ``eval.at_end``): ``eval.judges`` (see
+    :func:`check_judges`) and that it has held-out clips; otherwise the judges' names and options only.
+    What the trainer checks before the model loads (``run --check`` lists every judge's files itself);
+    returns the lines ``--check`` prints."""
+    from .evaluation.split import eval_dataset
+
+    if not (cfg.eval_steps or cfg.eval.at_end):  # a run that does not evaluate: names and options only
+        judge_specs(cfg)
+        return []
+    check_judges(cfg)
+    return [f"{len(eval_dataset(cfg))} held-out clips"]
 
 
 def build_judges(cfg, device) -> list[tuple[str, object]]:
-    """``[(label, reward)]`` for ``eval.judges`` (see :func:`judge_plugins`), each built with its options."""
-    return [(label, cls(cfg, options, device=device)) for label, cls, options in judge_plugins(cfg)]
+    """``[(label, reward)]`` for ``eval.judges`` (see :func:`judge_specs`), each built through the registry."""
+    judges = []
+    for i, (label, cls, options) in enumerate(judge_specs(cfg)):
+        with _named_as_judge(i):
+            judges.append((label, cls(cfg, options, device=device)))
+    return judges
+
+
+@contextlib.contextmanager
+def _named_as_judge(i: int):
+    """A reward plugin names its options ``reward.<key>``; as judge ``i`` they are ``eval.judges[i].<key>``."""
+    try:
+        yield
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        text = re.sub(r"\breward\.(?=[a-z_])", f"eval.judges[{i}].", str(e))
+        if text == str(e):
+            raise
+        raise type(e)(text) from e
 
 
 def _number(value) -> Optional[float]:
@@ -182,16 +224,19 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
     from .evaluation.metrics import MIN_CLIPS_FOR_CLAIM, hacking_warnings, motion, paired_interval
     from .evaluation.report import contact_sheet, markdown_table, summarize
     from .evaluation.split import eval_dataset
-    from .fileio import write_json
-    from .generate import Generator, trainable_weights_of, video_name
+    from .fileio import atomic_write, write_json
+    from .generate import Generator, check_weights_source, trainable_weights_of, video_name
+
+    from .training.outputs import check_command_output
 
     cfg = resolve_config(cfg, plugins)
+    if write:
+        check_command_output(out_dir)  # before the model loads, not after every video is scored
     e = cfg.eval
-    dataset = eval_dataset(cfg, metadata)
+    dataset = eval_dataset(cfg, metadata, command_line=True)
     items = [dataset[i] for i in range(len(dataset))]
-    for spec in checkpoints:  # a wrong path fails before the model loads
-        if weights == "ema" or not os.path.exists(os.path.expanduser(spec)):
-            trainable_weights_of(spec, weights)
+    for spec in checkpoints:  # a wrong path, a damaged or truncated file: before the model loads
+        check_weights_source(spec, weights)
     from .training.loop import resolve_device
 
     device = generator.device if generator is not None else resolve_device(cfg)
@@ -199,6 +244,8 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
     if reward is None:
         reward = plugins["reward"](cfg, cfg.reward.options, device=device)
     gen = generator or Generator(cfg, plugins, device=device)
+    for spec in checkpoints:  # every checkpoint fits the model before the base is generated and scored
+        gen.check_fits(spec, weights)
     ev = Evaluation(items, reward, judges, seeds)
     labels = checkpoint_labels(checkpoints)
     rows, generated = [], []
@@ -231,7 +278,7 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
             contact_sheet(os.path.join(out_dir, "contact_sheets", video_name(c, items[c]["sample_id"], seeds[0])
                                        .replace(".mp4", ".png")), ev.sheet(c, generated), frames=e.contact_sheet_frames)
         write_json(os.path.join(out_dir, "eval.json"), result, indent=1)
-        with open(os.path.join(out_dir, "eval.md"), "w", encoding="utf-8") as f:
+        with atomic_write(os.path.join(out_dir, "eval.md")) as f:
             f.write(table)
     result["table"] = table
     return result

@@ -3,8 +3,13 @@
 * :func:`atomic_write`: a context manager yielding a file object on a temporary
   name in the target's folder; on success the data is flushed, fsynced and
   renamed over the target (a rename within one folder is atomic); on error the
-  temporary file is removed and the target is untouched.
+  temporary file is removed and the target is untouched, and an ``OSError`` names
+  the target (a full disk says which file). A temporary file left by a killed
+  writer (its process gone) is removed by the next write of the same target.
 * :func:`write_json` and :func:`write_safetensors` on top of it.
+* :func:`replace_directory`: a directory written whole under ``NAME.tmp`` takes the place of
+  ``NAME`` (exchanged in one step where the file system can, else moved aside first), and
+  :func:`recover_directory` puts back what a kill in between left.
 * Build stamps (:func:`stamp_matches`, :func:`write_stamp`): a JSON file that
   records the inputs a generated folder was built from, written last, so that a
   rerun with the same inputs skips the work and an interrupted build is redone.
@@ -13,11 +18,16 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import re
+import shutil
 from typing import Any, Iterator, Optional
 
-__all__ = ["atomic_write", "write_json", "write_safetensors", "stamp_matches", "write_stamp", "read_utf8"]
+__all__ = ["atomic_write", "remove_stale_temporaries", "pid_alive", "replace_directory", "recover_directory",
+           "write_json", "write_safetensors", "stamp_matches", "write_stamp", "read_utf8"]
 
 
 @contextlib.contextmanager
@@ -25,7 +35,8 @@ def atomic_write(path: str, mode: str = "w", *, encoding: Optional[str] = "utf-8
     """``with atomic_write(path) as f: f.write(...)``: ``path`` holds all of it or is unchanged."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    remove_stale_temporaries(path)
+    tmp = _temporary_name(path, os.getpid())
     binary = "b" in mode
     try:
         with open(tmp, mode, encoding=None if binary else encoding) as f:
@@ -33,10 +44,90 @@ def atomic_write(path: str, mode: str = "w", *, encoding: Optional[str] = "utf-8
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # f.write names no file
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), path) from e
         raise
+
+
+def _temporary_name(path: str, pid: int) -> str:
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{pid}.tmp")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Remove what :func:`atomic_write` left of ``path`` in a process that was killed (a ``.NAME.PID.tmp``
+    whose process is gone); returns the paths removed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(\d+)\.tmp$")
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in names:
+        m = pattern.match(entry)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(os.path.join(folder, entry))
+                removed.append(os.path.join(folder, entry))
+    return removed
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap the paths ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    C library or the file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), b)
+
+
+def replace_directory(tmp: str, dest: str) -> None:
+    """``dest`` becomes the complete directory ``tmp`` (``dest + ".tmp"``), whole: nothing of the previous
+    ``dest`` stays in it. Where the file system can, the two are exchanged in one step, so that ``dest``
+    exists at every moment; elsewhere the previous one moves to ``dest + ".old"`` first and a kill
+    between the two renames leaves it there for :func:`recover_directory`."""
+    old = dest + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(dest) and _exchange(tmp, dest):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the previous one
+        return
+    if os.path.isdir(dest):
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_directory(dest: str) -> None:
+    """What a kill during :func:`replace_directory` of ``dest`` left: the previous ``dest + ".old"`` goes
+    back when ``dest`` is missing; an unfinished ``dest + ".tmp"`` (and a leftover ``.old``) is removed."""
+    old = dest + ".old"
+    if not os.path.exists(dest) and os.path.isdir(old):
+        os.replace(old, dest)
+    for leftover in (old, dest + ".tmp"):
+        if os.path.isdir(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def write_json(path: str, obj, **dump_kwargs) -> None:

@@ -18,6 +18,7 @@ videos.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -31,7 +32,7 @@ import torch
 from .cli import user_error_exit
 from .registry import load_resolved, resolve_config
 
-__all__ = ["Generator", "full_plan", "noise_seed", "trainable_weights_of", "parse_seeds", "main"]
+__all__ = ["Generator", "full_plan", "noise_seed", "trainable_weights_of", "check_weights_source", "parse_seeds", "main"]
 
 
 def noise_seed(seed: int, sample_id: str) -> int:
@@ -79,34 +80,30 @@ def _read_exported(files: Sequence[str], source: str) -> dict[str, torch.Tensor]
     return state
 
 
-def trainable_weights_of(spec: str, weights: str = "trained", model=None) -> Optional[dict[str, torch.Tensor]]:
-    """The trainable weights ``--checkpoint spec`` names, in ``trainable_state_dict`` keys (None: base).
+_VERIFIED: set = set()  # checkpoint directories that verified in this process
 
-    ``weights="ema"``: the moving average instead (``ema_decay``): ``ema.safetensors`` of a checkpoint
-    directory, or ``ema/`` of an export directory. Exported files are read by
-    ``model.read_exported(files)`` when the model has one (it knows its export formats, e.g. Wan's
-    comfyui/diffsynth/diffusers LoRA layouts), else as rewardfl's DiffSynth-layout export."""
-    from .training.checkpoints import CheckpointError, load_checkpoint, verified_checkpoint
+
+def _weights_source(spec: str, weights: str) -> tuple[str, list[str]]:
+    """Where ``--checkpoint spec`` (not ``base``) keeps the weights ``weights`` names: ``("checkpoint",
+    [directory])`` (verified against its manifest) or ``("exported", [files])``; the one-line errors of a
+    wrong path. Reads no tensor."""
+    from .training.checkpoints import CheckpointError, verified_checkpoint
     from .training.ema import EMA_FILE
 
     if weights not in ("trained", "ema"):
         raise ValueError(f"--weights: trained or ema, got {weights!r}")
-    if spec == "base":
-        return None
     path = os.path.abspath(os.path.expanduser(spec))
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json")):
         try:
-            verified_checkpoint(path)
-            if weights == "ema":  # the average alone; the trained weights are not read
-                if not os.path.isfile(os.path.join(path, EMA_FILE)):
-                    raise ValueError(f"--weights ema: {path} holds no {EMA_FILE}; it was trained without ema_decay")
-                from safetensors.torch import load_file
-
-                return load_file(os.path.join(path, EMA_FILE))
-            trained, _ = load_checkpoint(path)
+            stamp = (path, os.stat(path).st_mtime_ns, os.path.getmtime(os.path.join(path, "state.json")))
+            if stamp not in _VERIFIED:  # checked before the model loads, and not hashed again when it does
+                verified_checkpoint(path)
+                _VERIFIED.add(stamp)
         except CheckpointError as e:
             raise ValueError("--checkpoint " + str(e).removeprefix("resume_from_checkpoint: ")) from e
-        return trained
+        if weights == "ema" and not os.path.isfile(os.path.join(path, EMA_FILE)):
+            raise ValueError(f"--weights ema: {path} holds no {EMA_FILE}; it was trained without ema_decay")
+        return "checkpoint", [path]
     if weights == "ema":
         if not os.path.isdir(os.path.join(path, "ema")):
             raise ValueError(f"--weights ema: {spec} has no ema/ export (give a checkpoint directory or OUTPUT_DIR/final "
@@ -118,11 +115,63 @@ def trainable_weights_of(spec: str, weights: str = "trained", model=None) -> Opt
             raise ValueError(f"--checkpoint {spec}: {path} holds neither a training checkpoint (state.json) nor "
                              "exported .safetensors files; point it at OUTPUT_DIR/checkpoints/checkpoint-N or "
                              "OUTPUT_DIR/final")
-        return _read_exported_by(model, files, spec)
+        return "exported", files
     if os.path.isfile(path):
-        return _read_exported_by(model, [path], spec)
+        return "exported", [path]
     raise FileNotFoundError(f"--checkpoint {spec}: not found ({path}); give base, a checkpoint directory, "
                             "OUTPUT_DIR/final or an exported .safetensors file")
+
+
+def check_weights_source(spec: str, weights: str = "trained") -> None:
+    """The one-line error ``trainable_weights_of`` would give for a wrong path, a checkpoint that does not
+    verify or a truncated or foreign exported file, without reading a tensor or building the model: what
+    ``generate`` and ``evaluate`` run first."""
+    if spec == "base":
+        return
+    kind, files = _weights_source(spec, weights)
+    if kind == "exported":
+        _check_headers(spec, files)
+
+
+def _check_headers(spec: str, files: Sequence[str]) -> None:
+    from safetensors import safe_open
+
+    for path in files:
+        try:  # the header, and that the file covers every tensor it lists (a truncated file does not)
+            with safe_open(path, "pt") as f:
+                f.metadata()
+        except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+            reason = " ".join(str(e).split())
+            raise ValueError(f"--checkpoint {spec}: {path} is not a readable safetensors file ({reason}); give a "
+                             "complete file rewardfl exported") from e
+
+
+def trainable_weights_of(spec: str, weights: str = "trained", model=None) -> Optional[dict[str, torch.Tensor]]:
+    """The trainable weights ``--checkpoint spec`` names, in ``trainable_state_dict`` keys (None: base).
+
+    ``weights="ema"``: the moving average instead (``ema_decay``): ``ema.safetensors`` of a checkpoint
+    directory, or ``ema/`` of an export directory. Exported files are read by
+    ``model.read_exported(files)`` when the model has one (it knows its export formats, e.g. Wan's
+    comfyui/diffsynth/diffusers LoRA layouts), else as rewardfl's DiffSynth-layout export."""
+    from .training.checkpoints import CheckpointError, load_checkpoint
+    from .training.ema import EMA_FILE
+
+    if spec == "base":
+        return None
+    kind, files = _weights_source(spec, weights)
+    if kind == "checkpoint":
+        path = files[0]
+        try:
+            if weights == "ema":  # the average alone; the trained weights are not read
+                from safetensors.torch import load_file
+
+                return load_file(os.path.join(path, EMA_FILE))
+            trained, _ = load_checkpoint(path)
+        except CheckpointError as e:
+            raise ValueError("--checkpoint " + str(e).removeprefix("resume_from_checkpoint: ")) from e
+        return trained
+    _check_headers(spec, files)
+    return _read_exported_by(model, files, spec)
 
 
 def _read_exported_by(model, files: Sequence[str], source: str) -> dict[str, torch.Tensor]:
@@ -174,14 +223,28 @@ class Generator:
         self.checkpoint = "base"
 
     @classmethod
-    def from_model(cls, cfg, model, sampler, boundary, *, base_weights: Optional[dict] = None) -> "Generator":
+    def from_model(cls, cfg, model, sampler, boundary, *, base_weights: Optional[dict] = None,
+                   whole=None) -> "Generator":
         """A generator over an already built (training) model and sampler: no second copy of the model.
-        ``base_weights``: what ``load("base")`` restores (None: ``base`` cannot be loaded)."""
+        ``base_weights``: what ``load("base")`` restores (None: ``base`` cannot be loaded); ``whole``: a
+        context in which the trainable weights are whole and loading into them lasts (the engine's
+        ``gathered(modify=True)``: under ZeRO-3 they are partitioned)."""
         gen = cls.__new__(cls)
         gen.cfg, gen.model, gen.sampler, gen.device = cfg, model, sampler, model.device
         gen.plan = full_plan(cfg, sampler, model, boundary)
         gen._base, gen.checkpoint = base_weights, "current"
+        gen._whole = whole or contextlib.nullcontext
         return gen
+
+    _whole = staticmethod(contextlib.nullcontext)  # a model built here is never partitioned
+
+    def check_fits(self, spec: str, which: str = "trained") -> None:
+        """The one-line error :meth:`load` would give when ``spec``'s weights do not fit the model, without
+        loading them (``evaluate`` checks every checkpoint before it generates anything)."""
+        weights = trainable_weights_of(spec, which, self.model)
+        if weights is not None:
+            with self._whole():
+                _check_matches(self.model, weights, spec)
 
     def load(self, spec: str, which: str = "trained") -> None:
         """Use the weights ``--checkpoint spec`` names (``base``: none; ``which="ema"``: its moving average)."""
@@ -190,9 +253,10 @@ class Generator:
             if self._base is None:
                 raise ValueError("--checkpoint base: this generator kept no copy of the base weights")
             weights = self._base
-        else:
-            _check_matches(self.model, weights, spec)
-        self.model.load_trainable_state_dict(weights)
+        with self._whole():
+            if weights is not self._base:
+                _check_matches(self.model, weights, spec)
+            self.model.load_trainable_state_dict(weights)
         self.checkpoint = spec
 
     @torch.no_grad()
@@ -228,12 +292,15 @@ def parse_seeds(text: str) -> list[int]:
         seeds = []
     if not seeds or any(s < 0 for s in seeds):
         raise ValueError(f"--seeds: expected comma-separated integers >= 0 (e.g. 0,1,2), got {text!r}")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:  # the same seed gives the same video under the same name: list each seed once
+        raise ValueError(f"--seeds: {', '.join(map(str, twice))} given more than once in {text!r}; list each seed once")
     return seeds
 
 
 def _clips(cfg, args) -> list[dict]:
     """The clips to generate from, as dataset items (``first_frame``, ``prompt``, ``sample_id``, ...)."""
-    from .data import VideoDataset, load_clip
+    from .data import load_clip
 
     d = cfg.data
     if args.image is not None:
@@ -246,13 +313,9 @@ def _clips(cfg, args) -> list[dict]:
                  "sample_id": os.path.basename(args.image), "index": 0}]
     if args.prompt is not None:
         raise ValueError("--prompt: goes with --image IMG (with --metadata, prompts come from the CSV)")
-    if args.metadata is not None:
-        dataset = VideoDataset(args.metadata, num_frames=d.num_frames, max_pixels=d.max_pixels, height=d.height,
-                               width=d.width)
-    else:
-        from .evaluation.split import eval_dataset
+    from .evaluation.split import eval_dataset
 
-        dataset = eval_dataset(cfg)
+    dataset = eval_dataset(cfg, args.metadata, command_line=True)
     return [dataset[i] for i in range(len(dataset))]
 
 
@@ -289,9 +352,11 @@ def main(argv=None) -> int:
         raise ValueError("--image/--metadata: give one of them")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    from .training.outputs import check_command_output
+
+    check_command_output(args.out)  # before hours of generation, not after
     cfg, plugins = load_resolved(args.config, args.overrides)
-    if args.checkpoint != "base" and (args.weights == "ema" or not os.path.exists(os.path.expanduser(args.checkpoint))):
-        trainable_weights_of(args.checkpoint, args.weights)  # the one-line error, before the model loads
+    check_weights_source(args.checkpoint, args.weights)  # the one-line error, before the model loads
     clips = _clips(cfg, args)
     gen = Generator(cfg, plugins)
     gen.load(args.checkpoint, args.weights)

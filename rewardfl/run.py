@@ -3,8 +3,9 @@
 ``--check`` validates without loading any model: the config (types, ranges,
 paths), every plugin and its options, the gradient plan, the metadata CSV (its
 columns and that every listed video exists), where each of the model's files is
-(a path, a cache, or what ``allow_download`` would fetch), the reward's model files, and that
-``output_dir`` is writable and not another run's. It prints a summary and exits.
+(a path, a cache, or what ``allow_download`` would fetch), the reward's model files, the
+judges of ``eval.judges`` and the held-out clips, the trackers (wandb's credentials or offline
+mode), and that ``output_dir`` is writable and not another run's. It prints a summary and exits.
 A user error prints one line and exits with code 2; a run stopped by a signal
 exits 143 after saving a checkpoint; a run in which no step updated the weights
 exits 3. Under DeepSpeed or torchrun the same command runs one process per rank
@@ -34,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def check(cfg, plugins, config_path: str) -> None:
     """What ``--check`` verifies and prints (nothing heavy loads)."""
     from .data import VideoDataset
-    from .evaluate import judge_plugins
+    from .evaluate import check_evaluation, check_judges, judge_specs
     from .training.outputs import check_output_dir
+    from .training.trackers import check_report_to
     from .training.policy import expert_boundary_of, plan_steps
 
     # the sampler is light: build it and plan against the model's declared experts, so that
@@ -63,15 +65,20 @@ def check(cfg, plugins, config_path: str) -> None:
         print(f"reward   {line}")
     for line in plugins["algorithm"].check(cfg, cfg.algorithm.options, plugins["reward"]):
         print(f"algorithm {line}")
-    for label, cls, options in judge_plugins(cfg):  # names and options, as rewardfl.evaluate builds them
+    for label, cls, _ in judge_specs(cfg):  # names and options, as rewardfl.evaluate builds them
         print(f"judge    {label:20s} {cls.__module__}.{cls.__name__}")
-        for line in cls.check(cfg, options):
-            print(f"judge    {line}")
+    for line in check_judges(cfg):  # every judge's files: rewardfl.evaluate reads them even where training does not
+        print(f"judge    {line}")
     d = cfg.data
     if d.metadata_path is not None:
         dataset = VideoDataset(cfg.resolve_path(d.metadata_path), num_frames=d.num_frames, max_pixels=d.max_pixels,
                                height=d.height, width=d.width)
         print(f"data     {len(dataset)} videos listed in {dataset.metadata_path}, all present")
+    for line in check_evaluation(cfg):
+        print(f"eval     {line}")
+    check_report_to(cfg.report_to)
+    if cfg.report_to:
+        print(f"trackers {', '.join(cfg.report_to)}")
     check_output_dir(cfg)
     print(f"output   {cfg.resolve_path(cfg.output_dir)} writable"
           + (", resuming" if cfg.resume_from_checkpoint is not False else ""))

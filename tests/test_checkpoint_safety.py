@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 
+from full_disk import fill_disk, on_a_full_tmpfs
 from train_fixtures import make_config, small_dataset  # noqa: F401  (fixtures)
 from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
 
@@ -267,33 +268,56 @@ def enospc_after_half(real_write, target: str):
     return write
 
 
-@pytest.mark.parametrize("target", ["optimizer.pt", "trainable.safetensors"])
-def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(saved, make_config, monkeypatch,
-                                                                              target):
+@pytest.mark.parametrize("leave", ["none", "half"])
+def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(saved, make_config, tmp_path, leave):
+    """A real full disk (a tmpfs) during a save: torch's writer raises RuntimeError, safetensors its own
+    error; one line naming the file and the free space, exit 2, no partial .checkpoint-N.tmp left."""
     out, _, _ = saved
+    size = sum(os.path.getsize(os.path.join(out, "checkpoints", "checkpoint-2", n)) for n in PLAIN_FILES)
+    report = tmp_path / "report.json"
+    proc = on_a_full_tmpfs(tmp_path, [os.path.abspath(__file__), "full-disk", make_config(output_dir="UNUSED"), out,
+                                      str(tmp_path / "disk"), str(0 if leave == "none" else size // 2), str(report)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(report.read_text())
+    ckpts = os.path.join(str(tmp_path / "disk"), "run", "checkpoints")
+    assert got["exit"] == 2
+    assert len(got["stderr"]) == 1, got["stderr"]
+    line = got["stderr"][0]
+    assert line.startswith("rewardfl.run: error: checkpoint: could not write "), line
+    assert re.search(rf"could not write {re.escape(ckpts)}/\.checkpoint-3\.tmp/\S+: No space left on device", line), line
+    assert re.search(rf"\(\d+(\.\d)? (B|KiB|MiB|GiB) free in {re.escape(ckpts)}\)", line), line
+    assert got["left"] == ["checkpoint-1", "checkpoint-2"]  # the partial temporary directory is gone
+    assert got["intact"] is True and got["latest"] == "checkpoint-2"
+    assert got["after_freeing"] == "checkpoint-3"  # space freed: the next save goes through
+
+
+def full_disk_worker(cfg_path: str, pristine: str, disk: str, leave: int, report_path: str) -> None:
+    """Child of the test above, inside its mount namespace: resume a copy of ``pristine`` on the tmpfs
+    ``disk``, fill the disk to ``leave`` free bytes, save through the command line's error handling."""
+    import contextlib
+    import io
+
+    from rewardfl.cli import user_error_exit
+
+    out = shutil.copytree(pristine, os.path.join(disk, "run"))
     ckpts = os.path.join(out, "checkpoints")
     before = {n: sha256(os.path.join(ckpts, "checkpoint-2", n)) for n in PLAIN_FILES}
-    trainer = resuming_trainer(make_config, out, True)
+    cfg = dataclasses.replace(load_config(cfg_path), output_dir=out, resume_from_checkpoint=True)
+    trainer = Trainer(cfg, resolve_plugins(cfg))
     trainer.maybe_resume()
     update(trainer, seed=3)
     trainer.state.step = 3
-    if target == "optimizer.pt":
-        monkeypatch.setattr(torch, "save", enospc_after_half(torch.save, target))
-    else:
-        monkeypatch.setattr(checkpoint, "save_file", enospc_after_half(checkpoint.save_file, target))
-    with pytest.raises(CheckpointError) as e:
-        trainer.save()
-    message = str(e.value)
-    assert "\n" not in message
-    assert os.path.join(ckpts, ".checkpoint-3.tmp", target) in message
-    assert re.search(rf"\(\d+(\.\d)? (B|KiB|MiB|GiB) free in {re.escape(ckpts)}\)", message), message
-    assert sorted(os.listdir(ckpts)) == ["checkpoint-1", "checkpoint-2"]  # temporary directory gone
-    assert {n: sha256(os.path.join(ckpts, "checkpoint-2", n)) for n in PLAIN_FILES} == before
-    assert latest_checkpoint(ckpts) == os.path.join(ckpts, "checkpoint-2")
-
-    monkeypatch.undo()  # space freed: the next save goes through
-    assert trainer.save() == os.path.join(ckpts, "checkpoint-3")
-    assert latest_checkpoint(ckpts) == os.path.join(ckpts, "checkpoint-3")
+    filler = fill_disk(disk, leave)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = user_error_exit("rewardfl.run")(lambda argv: trainer.save() and 0)(None)
+    report = {"exit": code, "stderr": stderr.getvalue().strip().splitlines(), "left": sorted(os.listdir(ckpts)),
+              "intact": {n: sha256(os.path.join(ckpts, "checkpoint-2", n)) for n in PLAIN_FILES} == before,
+              "latest": os.path.basename(latest_checkpoint(ckpts))}
+    os.unlink(filler)
+    report["after_freeing"] = os.path.basename(trainer.save())
+    with open(report_path, "w", encoding="utf-8") as f:
+        json.dump(report, f)
 
 
 # --------------------------------------------------------------------------- DeepSpeed
@@ -381,4 +405,7 @@ def deepspeed_worker(cfg_path: str, report_path: str) -> None:
 
 
 if __name__ == "__main__":
-    deepspeed_worker(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "full-disk":
+        full_disk_worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])
+    else:
+        deepspeed_worker(sys.argv[1], sys.argv[2])

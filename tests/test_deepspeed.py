@@ -140,3 +140,28 @@ def test_zero3_runs_and_resumes(make_config, tmp_path):
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-4, abs=1e-6)
     weights = load_file(os.path.join(out, "checkpoints", "checkpoint-2", "trainable.safetensors"))
     assert weights and all(v.numel() > 0 for v in weights.values())  # gathered, not ZeRO-3 shards
+
+
+def test_zero3_eval_at_end_loads_the_final_weights_into_the_partitioned_model(make_config, tmp_path, small_dataset):
+    """Under ZeRO-3 each process holds a slice of every trainable weight: the end-of-run evaluation must
+    load base and final into the gathered weights (before: "... is (8, 64), model has (0,)", exit 1). Its
+    numbers equal rewardfl.evaluate run afterwards on the same export in one process."""
+    from rewardfl import evaluate as evaluate_cli
+
+    out = str(tmp_path / "zero3")
+    config = make_config(max_steps=1, save_steps=1, deepspeed=ZERO3, output_dir=out, report_to=[],
+                         data={"eval_metadata_path": small_dataset}, eval={"at_end": True, "seeds": 1})
+    printed = torchrun(config).stdout
+    assert "| metric | base | final | final - base |" in printed
+    during = json.load(open(os.path.join(out, "eval", "eval.json")))
+    again = str(tmp_path / "again")
+    assert evaluate_cli.main([config, "--checkpoint", os.path.join(out, "final"), "--out", again]) == 0
+    after = json.load(open(os.path.join(again, "eval.json")))
+    for key in ("reward_score", "motion", "first_frame_psnr"):
+        a, b = [r[key] for r in during["videos"]], [r[key] for r in after["videos"]]
+        assert [x is None for x in a] == [x is None for x in b], key
+        assert [x for x in a if x is not None] == pytest.approx([x for x in b if x is not None], rel=1e-4,
+                                                                 abs=1e-5), key
+    final = [r["motion"] for r in during["videos"] if r["checkpoint"] == "final"]
+    base = [r["motion"] for r in during["videos"] if r["checkpoint"] == "base"]
+    assert final != base  # the trained weights were loaded, not the base twice

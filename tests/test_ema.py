@@ -134,3 +134,29 @@ def test_weights_ema_without_an_ema_is_one_line(make_config, capsys):  # noqa: F
 def test_ema_decay_out_of_range_names_the_key(make_config, capsys):  # noqa: F811
     assert run.main([make_config(ema_decay=1.0), "--check"]) == 2
     assert "ema_decay" in capsys.readouterr().err
+
+
+def test_a_resume_with_ema_decay_0_replaces_final_whole_and_says_it_drops_the_ema(make_config, capsys,  # noqa: F811
+                                                                                  caplog):
+    config = make_config(max_steps=1, save_steps=1, ema_decay=DECAY, report_to=[])
+    assert run.main([config]) == 0
+    out = yaml.safe_load(open(config))["output_dir"]
+    assert os.path.isfile(os.path.join(out, "final", "ema", "trainable.safetensors"))
+    # resumed without the average (no step left to train: the export is redone from checkpoint-1)
+    assert run.main([make_config(max_steps=1, save_steps=1, ema_decay=0, report_to=[],
+                                 resume_from_checkpoint=True)]) == 0
+    assert not os.path.exists(os.path.join(out, "final", "ema"))  # no stale average for --weights ema to read
+    assert sorted(os.listdir(os.path.join(out, "final"))) == ["trainable.safetensors"]
+    assert not [n for n in os.listdir(out) if n.startswith(("final.", "best."))]
+    dropped = [r.getMessage() for r in caplog.records if "holds an EMA" in r.getMessage()]
+    assert len(dropped) == 1 and "this run drops it" in dropped[0], dropped
+    capsys.readouterr()
+    assert generate_cli.main([config, "--checkpoint", os.path.join(out, "final"), "--weights", "ema",
+                              "--out", os.path.join(out, "g")]) == 2
+    assert "has no ema/ export" in capsys.readouterr().err
+    # a resume refused (a checkpoint that does not fit lora_rank 8) leaves the run's config.yaml as it was
+    before = open(os.path.join(out, "config.yaml")).read()
+    assert run.main([make_config(max_steps=1, save_steps=1, lora_rank=8, report_to=[],
+                                 resume_from_checkpoint=True)]) == 2
+    assert "resume_from_checkpoint" in capsys.readouterr().err
+    assert open(os.path.join(out, "config.yaml")).read() == before

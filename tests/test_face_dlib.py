@@ -193,7 +193,7 @@ def test_face_dlib_is_a_registered_judge_that_run_check_and_evaluate_accept(tmp_
         ("face_dlib", "hog", 1), ("dlib_cnn", "cnn", 0)]
     assert run.main([str(config), "--check"]) == 0
     out = capsys.readouterr().out
-    assert "judge    face_dlib" in out and f"judge    detector   {dlib_models.cnn_detector}" in out, out
+    assert "judge    face_dlib" in out and f"judge    dlib_cnn: detector   {dlib_models.cnn_detector}" in out, out
     bad = [("eval.judges=[{name: face_dlib, detecter: cnn}]",
             "rewardfl.run: error: unknown key 'eval.judges[0].detecter' (did you mean 'detector'?)"),
            ("eval.judges=[{name: face_dlib, detector: mtcnn}]", "rewardfl.run: error: eval.judges[0].detector"),

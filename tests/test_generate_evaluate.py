@@ -303,3 +303,155 @@ def test_evaluate_judge_option_errors_name_the_judge_key_before_the_model_loads(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["rewardfl.evaluate: error: unknown key 'eval.judges[0].det_sise' (did you mean "
                                  "'det_size'?); see the config reference in README.md"], err
+
+
+# --------------------------------------------------------------------------- refusals before any work (issue 28)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Building the model fails the test: a refusal must come before the model loads (minutes on Wan2.2)."""
+    from rewardfl.models.wan.model import Wan22TinyModel
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the refusal")
+
+    monkeypatch.setattr(Wan22TinyModel, "__init__", built)
+
+
+def _one_line(capsys, prog):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
+    return err[0]
+
+
+def _tree(path):
+    return sorted(os.path.relpath(os.path.join(d, n), path) for d, _, names in os.walk(path) for n in names)
+
+
+def test_generate_and_evaluate_refuse_an_out_inside_a_checkpoint_final_or_best(trained, capsys, no_model):
+    from rewardfl.training.checkpoints import verified_checkpoint
+
+    out_dir = os.path.dirname(trained["final"])
+    before = {p: _tree(p) for p in (trained["checkpoint"], trained["final"])}
+    for target in (trained["checkpoint"], os.path.join(trained["checkpoint"], "videos"), trained["final"],
+                   os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "best", "x")):
+        code = generate_cli.main([trained["config"], "--checkpoint", trained["checkpoint"], "--out", target])
+        line = _one_line(capsys, "rewardfl.generate")
+        assert code == 2 and f"--out: {target} is inside " in line and "choose a directory outside it" in line, line
+        code = evaluate_cli.main([trained["config"], "--checkpoint", trained["checkpoint"], "--out", target])
+        line = _one_line(capsys, "rewardfl.evaluate")
+        assert code == 2 and f"--out: {target} is inside " in line, line
+    assert {p: _tree(p) for p in before} == before  # nothing written into them
+    assert not os.path.exists(os.path.join(out_dir, "best"))
+    assert verified_checkpoint(trained["checkpoint"]) == trained["checkpoint"]  # a resume still takes it
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_model_loads(trained, capsys, no_model):
+    existing = trained["root"] / "notes.txt"
+    existing.write_text("mine")
+    for cli, prog in ((generate_cli, "rewardfl.generate"), (evaluate_cli, "rewardfl.evaluate")):
+        code = cli.main([trained["config"], "--checkpoint", trained["checkpoint"], "--out", str(existing)])
+        assert code == 2 and _one_line(capsys, prog).endswith(
+            f"--out: {existing} is an existing file; give a directory (it is created if missing)")
+    assert existing.read_text() == "mine"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_truncated_or_garbage_export_is_one_line_before_the_model_loads(trained, capsys, no_model, damage):
+    good = open(os.path.join(trained["final"], "trainable.safetensors"), "rb").read()
+    bad = trained["root"] / f"{damage}.safetensors"
+    bad.write_bytes(good[: len(good) // 2] if damage == "truncated" else b"not a safetensors file" * 8)
+    for cli, prog, extra in ((generate_cli, "rewardfl.generate", ["--out", str(trained["root"] / "gen-bad")]),
+                             (evaluate_cli, "rewardfl.evaluate", ["--out", str(trained["root"] / "eval-bad")])):
+        code = cli.main([trained["config"], "--checkpoint", str(bad), *extra])
+        line = _one_line(capsys, prog)
+        assert code == 2 and f"--checkpoint {bad}: {bad} is not a readable safetensors file" in line, line
+
+
+def test_evaluate_checks_every_checkpoint_fits_before_generating_the_base(trained, capsys, monkeypatch):
+    from safetensors import safe_open
+
+    from rewardfl.evaluate import Evaluation
+    from rewardfl.fileio import write_safetensors
+
+    exported = os.path.join(trained["final"], "trainable.safetensors")
+    with safe_open(exported, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for key, value in list(tensors.items()):  # one more rank than the model's: every A and B of the file
+        if key.endswith("lora_A.weight"):
+            tensors[key] = torch.zeros(value.shape[0] + 1, value.shape[1])
+        elif key.endswith("lora_B.weight"):
+            tensors[key] = torch.zeros(value.shape[0], value.shape[1] + 1)
+    wrong = str(trained["root"] / "wrong_rank.safetensors")
+    write_safetensors(wrong, tensors, metadata=meta)
+
+    def generated(*args, **kwargs):
+        raise AssertionError("the base was generated before every checkpoint was checked")
+
+    monkeypatch.setattr(Evaluation, "generate", generated)
+    code = evaluate_cli.main([trained["config"], "--checkpoint", trained["checkpoint"], "--checkpoint", wrong,
+                              "--out", str(trained["root"] / "eval-wrong-rank")])
+    line = _one_line(capsys, "rewardfl.evaluate")
+    assert code == 2 and f"--checkpoint {wrong}: does not match the model" in line, line
+
+
+def test_generate_refuses_a_seed_given_twice(trained, capsys, no_model):
+    code = generate_cli.main([trained["config"], "--checkpoint", "base", "--seeds", "0,0,1,0",
+                              "--out", str(trained["root"] / "gen-seeds")])
+    assert code == 2 and _one_line(capsys, "rewardfl.generate").endswith(
+        "--seeds: 0 given more than once in '0,0,1,0'; list each seed once")
+
+
+GENERATE_ON_A_FULL_DISK = """
+import json, os, sys
+sys.path.insert(0, sys.argv[5])
+import imageio_ffmpeg
+from full_disk import fill_disk
+from rewardfl import generate
+config, checkpoint, disk, leave = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+filler = fill_disk(disk, leave)
+code = generate.main([config, "--checkpoint", checkpoint, "--seeds", "0,1", "--out", disk + "/gen"])
+os.unlink(filler)  # the files as the failed command left them, read back while the tmpfs exists
+left = {}
+for name in sorted(os.listdir(disk + "/gen")) if os.path.isdir(disk + "/gen") else []:
+    try:
+        left[name] = imageio_ffmpeg.count_frames_and_secs(disk + "/gen/" + name)[0] if name.endswith(".mp4") else 0
+    except RuntimeError:
+        left[name] = -1
+print("LEFT " + json.dumps(left))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("leave", [0, 24 * 1024])
+def test_generate_onto_a_full_disk_leaves_no_truncated_video_and_names_the_file(trained, tmp_path, leave):
+    """ffmpeg meets a real ENOSPC (a full tmpfs): before, imageio did not raise and truncated or empty
+    mp4s were renamed to their final names, and index.json's error said "(path unknown)"."""
+    from full_disk import on_a_full_tmpfs
+
+    disk = tmp_path / "disk"
+    proc = on_a_full_tmpfs(tmp_path, ["-c", GENERATE_ON_A_FULL_DISK, trained["config"], trained["checkpoint"],
+                                      str(disk), str(leave), os.path.dirname(os.path.abspath(__file__))])
+    err = [line for line in proc.stderr.strip().splitlines() if line.startswith("rewardfl.generate")]
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-3000:]
+    m = re.fullmatch(rf"rewardfl\.generate: error: ({re.escape(str(disk))}/gen/\S+): no space left on device "
+                     r"\((\d+(\.\d)? (B|KiB|MiB|GiB)) free there\); free some space or write elsewhere", err[0])
+    assert m, err[0]
+    assert m.group(1).endswith((".mp4", "index.json"))  # the file, on the full disk, not "(path unknown)"
+    left = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("LEFT "))[5:])
+    assert "index.json" not in left and not [n for n in left if n.startswith(".")], left  # no temporary file left
+    assert all(frames == 5 for frames in left.values()), left  # every video under its name is whole
+
+
+def test_an_out_under_a_folder_merely_named_checkpoints_is_allowed(tmp_path):
+    """Only a run's own checkpoints/, final/ and best/ are refused, not any folder with such a name."""
+    from rewardfl.training.outputs import check_command_output
+
+    mine = tmp_path / "checkpoints" / "run1" / "videos"
+    (tmp_path / "final").mkdir()
+    assert check_command_output(str(mine)) == str(mine)
+    assert check_command_output(str(tmp_path / "final" / "gen")) == str(tmp_path / "final" / "gen")
+    (tmp_path / "metrics.jsonl").write_text("")  # now tmp_path is a run's output_dir
+    with pytest.raises(ValueError, match="is inside a training run's final/"):
+        check_command_output(str(tmp_path / "final" / "gen"))

@@ -139,6 +139,30 @@ def test_fresh_run_refuses_another_runs_checkpoints_unless_told(make_config, tmp
     assert [r["step"] for r in read_metrics(str(tmp_path / "out" / "metrics.jsonl"))] == [1]
 
 
+def test_a_fresh_run_keeps_the_rows_of_a_run_killed_before_its_first_checkpoint(make_config, tmp_path, capsys,
+                                                                                  caplog):
+    first = _cli(make_config(max_steps=50, save_steps=100))
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while (not metrics.exists() or not metrics.read_text().strip()) and first.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    first.kill()  # SIGKILL before any checkpoint: its rows are all that is left of it
+    first.communicate()
+    assert not (tmp_path / "out" / "checkpoints").exists() or not os.listdir(tmp_path / "out" / "checkpoints")
+    rows = metrics.read_text()
+    assert rows.strip()
+    for args in (["--check"], []):  # a fresh run, checked or started: refused
+        assert run.main([make_config(max_steps=1), *args]) == 2
+        err = one_line_error(capsys)
+        assert "holds another run's metrics.jsonl" in err and "overwrite_output_dir" in err, err
+    assert metrics.read_text() == rows  # nothing dropped
+    # told to start it over: the old rows go (said once), the new run's rows are there once each
+    assert run.main([make_config(max_steps=2, save_steps=1, resume_from_checkpoint=True)]) == 0
+    assert [r["step"] for r in read_metrics(str(metrics))] == [1, 2]
+    assert sum("dropping the" in r.getMessage() and "earlier run" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_output_dir_that_is_a_file_or_read_only(make_config, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert run.main([make_config(output_dir=str(tmp_path / "afile")), "--check"]) == 2
@@ -258,3 +282,144 @@ def test_check_finds_data_and_face_model_problems_without_loading(make_config, t
     # a reward option out of range, caught by --check (no model loads)
     assert run.main([make_config(reward={"det_size": 100}), "--check"]) == 2
     assert "reward.det_size: must be a positive multiple of 32" in one_line_error(capsys)
+
+
+# --------------------------------------------------------------------------- refused before the model loads (issue 28)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Building the model fails the test: these refusals must come before it loads (minutes on Wan2.2)."""
+    from rewardfl.models.wan.model import Wan22TinyModel
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the refusal")
+
+    monkeypatch.setattr(Wan22TinyModel, "__init__", built)
+
+
+@pytest.fixture
+def no_wandb_credentials(monkeypatch, tmp_path):
+    """An environment where wandb finds no credentials: no WANDB_* variables, an empty home."""
+    for var in [v for v in os.environ if v.startswith("WANDB_")] + ["NETRC"]:
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+def test_check_and_run_refuse_what_a_run_would_meet_after_the_model_loads(make_config, capsys, no_model, monkeypatch,
+                                                                          no_wandb_credentials):
+    cases = {
+        "unknown judge": ({"eval": {"judges": [{"name": "face_identiti"}]}, "eval_steps": 1},
+                          "eval.judges[0].name: "),
+        "a judge's detector": ({"eval": {"judges": [{"name": "face_identity", "detector": "nope.onnx"}]},
+                                "eval_steps": 1}, "eval.judges[0].detector: file not found: "),
+        "no held-out clips": ({"eval_steps": 1}, "data.eval_metadata_path / data.eval_fraction: no held-out clips"),
+        "wandb without credentials": ({"report_to": ["wandb"]},
+                                      "report_to: wandb has no credentials for api.wandb.ai here"),
+    }
+    for name, (over, want) in cases.items():
+        cfg = make_config(max_steps=1, **over)
+        for args in (["--check"], []):
+            assert run.main([cfg, *args]) == 2, (name, args)
+            err = one_line_error(capsys)
+            assert want in err, (name, args, err)
+    # wandb's own ways of having credentials or none needed: --check passes the trackers
+    (no_wandb_credentials / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    (no_wandb_credentials / ".netrc").chmod(0o600)
+    assert run.main([make_config(report_to=["wandb"]), "--check"]) == 0
+    os.unlink(no_wandb_credentials / ".netrc")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert run.main([make_config(report_to=["wandb"]), "--check"]) == 0
+    assert "trackers wandb" in capsys.readouterr().out
+
+
+def test_a_run_into_an_output_dir_in_use_is_refused_before_the_model_loads(make_config, tmp_path, capsys, no_model):
+    import socket
+
+    os.makedirs(tmp_path / "out")
+    (tmp_path / "out" / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    assert run.main([make_config(max_steps=1)]) == 2
+    assert "in use by another run" in one_line_error(capsys)
+
+
+def test_a_differentiable_reward_that_returns_detached_scores_is_one_line(make_config):
+    """The real face reward with its scores detached (a plugin computing them under no_grad or through
+    numpy): before, autograd's "element 0 of tensors does not require grad" traceback."""
+    import dataclasses as dc
+
+    from rewardfl.config import load_config
+    from rewardfl.rewards.face_identity.reward import FaceIdentityReward
+
+    class DetachedFaceReward(FaceIdentityReward):
+        differentiable = True
+
+        def __call__(self, videos, contexts):
+            out = super().__call__(videos, contexts)
+            return dc.replace(out, scores=out.scores.detach())
+
+    cfg = load_config(make_config(max_steps=1))
+    plugins = {**resolve_plugins(cfg), "reward": DetachedFaceReward}
+    trainer = Trainer(cfg, plugins)
+    with pytest.raises(ValueError) as e:
+        trainer.train_step()
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith("reward (face_identity): declares itself differentiable, but its loss carries no "
+                              "gradient from the videos"), message
+
+
+def test_wrong_names_in_errors_are_the_names_the_user_wrote(make_config, capsys, tmp_path):
+    """A typo'd reward-list key is suggested among the entry's own keys (weight, label, normalize, ...) too;
+    a negative weight is refused; a missing --metadata is --metadata; rewardfl.run suggests no option it lacks."""
+    from rewardfl import generate as generate_cli
+
+    bad = {"reward": [{"name": "face_identity", "landmark_fallback": True, "weigth": 0.5}]}
+    assert run.main([make_config(**bad), "--check"]) == 2
+    err = one_line_error(capsys)
+    assert "unknown key 'reward[0].weigth' (did you mean 'weight'?)" in err and "normalize" in err, err
+    assert run.main([make_config(reward=[{"name": "face_identity", "weight": -1.0}]), "--check"]) == 2
+    assert "reward[0].weight: must be >= 0, got -1.0" in one_line_error(capsys)
+    missing = str(tmp_path / "nope.csv")
+    assert generate_cli.main([make_config(), "--checkpoint", "base", "--metadata", missing,
+                              "--out", str(tmp_path / "gen")]) == 2
+    assert one_line_error(capsys).startswith(f"rewardfl.generate: error: --metadata: file not found: {missing}")
+    assert run.main([make_config(eval_steps=1), "--check"]) == 2
+    err = one_line_error(capsys)
+    assert "no held-out clips configured" in err and "--metadata" not in err, err
+
+
+REPLACE_AND_DIE = """
+import os, signal, sys
+import rewardfl.fileio as fileio
+tmp, dest, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+if mode == "exchange":  # killed right after the one-step exchange, before the previous copy is removed
+    rmtree = fileio.shutil.rmtree
+    fileio.shutil.rmtree = lambda path, **kw: die() if path == tmp else rmtree(path, **kw)
+else:  # a file system without exchange: killed between moving the previous one aside and the rename
+    fileio._exchange = lambda a, b: False
+    real = fileio.os.replace
+    fileio.os.replace = lambda a, b: (real(a, b), die())
+fileio.replace_directory(tmp, dest)
+"""
+
+
+@pytest.mark.parametrize("mode", ["exchange", "two renames"])
+def test_a_kill_while_best_is_replaced_never_leaves_the_run_without_best(make_config, tmp_path, mode):
+    out = tmp_path / "out"
+    best, new = out / "best", out / "best.tmp"
+    for folder, value in ((best, "old"), (new, "new")):
+        folder.mkdir(parents=True)
+        (folder / "best.json").write_text(value)
+    child = subprocess.run([sys.executable, "-c", REPLACE_AND_DIE, str(new), str(best), mode], cwd=ROOT)
+    assert child.returncode == -signal.SIGKILL
+    if mode == "exchange":  # best/ is the new one at every moment; the previous one is left in best.tmp
+        assert (best / "best.json").read_text() == "new" and (new / "best.json").read_text() == "old"
+    else:  # best/ is gone until the next start puts the previous one back
+        assert not best.exists() and (out / "best.old" / "best.json").read_text() == "old"
+    assert run.main([make_config(max_steps=1)]) == 0  # the next run into output_dir
+    assert (best / "best.json").read_text() == ("new" if mode == "exchange" else "old")
+    assert sorted(n for n in os.listdir(out) if n.startswith("best")) == ["best"]

@@ -101,16 +101,18 @@ def test_training_evaluation_equals_the_evaluate_command_on_the_same_weights(eva
 def test_save_best_by_keeps_the_weights_of_the_best_evaluation(evaluated_run):
     root, config = evaluated_run
     history = json.load(open(root / "out" / "eval_history.json"))
-    series = {h["step"]: h["metrics"]["eval/reward_score"] for h in history["history"] if h["step"] > 0}
+    series = {h["step"]: h["metrics"]["eval/reward_score"] for h in history["history"]}  # the base (0) too
     best_step = max(series, key=series.get)
     best = json.load(open(root / "out" / "best" / "best.json"))
     assert best["step"] == best_step and best["value"] == pytest.approx(series[best_step])
     assert best == history["best"]
     cfg, plugins = load_resolved(config)
     gen = Generator(cfg, plugins)
+    built = {k: v.clone() for k, v in gen.model.trainable_state_dict().items()}
     gen.load(str(root / "out" / "best"))  # the exported weights, read back as generate reads them
     saved = gen.model.trainable_state_dict()
-    at_step = load_file(str(root / "out" / "checkpoints" / f"checkpoint-{best_step}" / "trainable.safetensors"))
+    at_step = built if best_step == 0 else load_file(
+        str(root / "out" / "checkpoints" / f"checkpoint-{best_step}" / "trainable.safetensors"))
     assert set(saved) == set(at_step)
     for key in saved:
         np.testing.assert_allclose(saved[key].numpy(), at_step[key].numpy(), rtol=1e-6, atol=1e-7)
@@ -196,3 +198,61 @@ def test_eval_config_errors_name_the_key(tmp_path, tiny_dir, small_dataset, face
     assert run.main([bad]) == 2
     err = capsys.readouterr().err
     assert "save_best_by: eval/no_such_metric is not among" in err and "eval/reward_score" in err
+
+
+def test_a_judge_with_no_finite_value_says_the_guard_cannot_watch_it(tmp_path, tiny_dir, small_dataset,  # noqa: F811
+                                                                     face_assets, caplog):
+    """The strict face judge (no landmark fallback) finds no face in the tiny model's frames: every
+    eval/judge/strict/* is null, so the guard and save_best_by on it cannot work: said once, and again at
+    the end of the run, instead of a stop_on_hacking that silently never fires."""
+    config = _config(tmp_path, tiny_dir, small_dataset, face_assets, max_steps=2, stop_on_hacking=True,
+                     save_best_by="eval/judge/strict/score",
+                     eval={"judges": [{"name": "face_identity", "label": "strict", "det_size": 160,
+                                       "reference_cache_dir": "none"}]})
+    with caplog.at_level("WARNING", logger="rewardfl"):
+        assert run.main([config]) == 0
+    evals = [r for r in read_metrics(str(tmp_path / "out" / "metrics.jsonl")) if "eval/reward_score" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    assert all(r["eval/judge/strict/score"] is None and r["eval/judge/strict/specificity"] is None for r in evals)
+    lines = [r.getMessage() for r in caplog.records if "judge strict gave no finite value" in r.getMessage()]
+    assert len(lines) == 2, lines  # once when seen (step 0), once in the run's closing summary
+    assert lines[0].startswith("eval.judges: judge strict gave no finite value at step 0")
+    assert "guard cannot watch it and stop_on_hacking cannot stop on it" in lines[0]
+    assert "save_best_by: eval/judge/strict/score cannot save best/" in lines[0]
+    assert lines[1].startswith("this run's safeguards were partly blind: ")
+    assert not (tmp_path / "out" / "best").exists()
+
+
+def test_best_compares_against_the_base_and_says_when_nothing_beat_it(tmp_path, tiny_dir, small_dataset,  # noqa: F811
+                                                                      face_assets, caplog):
+    """One step, save_best_by eval/motion as max and as min: in one of the two the base (step 0) is at
+    least as good as step 1 whichever way the step moved motion, and best/ must then hold the base weights
+    (before, the base was never a candidate and best/ held the worse step 1) and the run must say so."""
+    base_won = 0
+    for mode in ("max", "min"):
+        root = tmp_path / mode
+        root.mkdir()
+        config = _config(root, tiny_dir, small_dataset, face_assets, max_steps=1, save_best_by="eval/motion",
+                         save_best_mode=mode, eval={"judges": [{"name": "motion"}]})
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="rewardfl"):
+            assert run.main([config]) == 0
+        series = {h["step"]: h["metrics"]["eval/motion"]
+                  for h in json.load(open(root / "out" / "eval_history.json"))["history"]}
+        assert sorted(series) == [0, 1]
+        sign = 1.0 if mode == "max" else -1.0
+        want = 0 if sign * series[0] >= sign * series[1] else 1  # ties: the earlier one
+        best = json.load(open(root / "out" / "best" / "best.json"))
+        assert best["step"] == want and best["value"] == series[want]
+        said = [r.getMessage() for r in caplog.records if "no evaluation beat the base" in r.getMessage()]
+        assert len(said) == (1 if want == 0 else 0), said
+        cfg, plugins = load_resolved(config)
+        gen = Generator(cfg, plugins)
+        built = {k: v.clone() for k, v in gen.model.trainable_state_dict().items()}  # the base: LoRA as built
+        gen.load(str(root / "out" / "best"))
+        at_step = (built if want == 0 else
+                   load_file(str(root / "out" / "checkpoints" / "checkpoint-1" / "trainable.safetensors")))
+        for key, value in gen.model.trainable_state_dict().items():
+            np.testing.assert_allclose(value.numpy(), at_step[key].numpy(), rtol=1e-6, atol=1e-7)
+        base_won += want == 0
+    assert base_won >= 1

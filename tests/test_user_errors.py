@@ -83,6 +83,57 @@ def test_export_refuses_an_output_that_is_an_input(model_copy, lora_file, tmp_pa
     assert not os.path.exists(out + ".tmp")
 
 
+KILLED_WHILE_WRITING = """
+import os, sys, time
+import rewardfl.fileio as fileio
+
+def fsync(fd):  # the merged expert is all in its temporary file: say so, and wait to be killed
+    print("WRITTEN", flush=True)
+    time.sleep(600)
+
+fileio.os.fsync = fsync
+from rewardfl.models.wan.export import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_merge_killed_before_its_rename_leaves_nothing_the_next_one_does_not_clean(model_copy, lora_file, tmp_path,
+                                                                                     capsys):
+    """kill -9 once the merged expert is written but not yet renamed (a 28 GB hidden file for a 14B
+    expert): the next merge to that --out removes it; an existing --out is replaced only with --force."""
+    from rewardfl.models.wan.export import main
+
+    out = str(tmp_path / "merged.safetensors")
+    paths_json = os.path.join(model_copy, "model_paths.json")
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_WRITING, "--merge", "--model-paths", paths_json,
+                              "--lora", lora_file, "--out", out], stdout=subprocess.PIPE, text=True)
+    lines = []
+    for line in child.stdout:  # other libraries may log to stdout first
+        lines.append(line)
+        if line.strip() == "WRITTEN":
+            break
+    assert lines and lines[-1].strip() == "WRITTEN", lines
+    child.kill()
+    child.wait()
+    leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".merged.safetensors.")]
+    assert leftovers == [f".merged.safetensors.{child.pid}.tmp"] and not os.path.exists(out)
+    assert main(["--merge", "--model-paths", paths_json, "--lora", lora_file, "--out", out]) == 0
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".merged")] == []  # the killed one's file is gone
+    merged = _sha(out)
+    # an existing --out (here the previous merge; in the probe, an unrelated file) is not silently replaced
+    assert main(["--merge", "--model-paths", paths_json, "--lora", lora_file, "--out", out, "--alpha", "0.5"]) == 2
+    assert _one_line(capsys, "rewardfl.models.wan.export") == (f"--out: {out} exists; give --force to replace it, "
+                                                               "or choose another path")
+    assert _sha(out) == merged
+    assert main(["--merge", "--model-paths", paths_json, "--lora", lora_file, "--out", out, "--alpha", "0.5",
+                 "--force"]) == 0
+    assert _sha(out) != merged
+    notes = tmp_path / "notes.safetensors"
+    notes.write_bytes(b"mine")
+    assert main(["--to", "diffusers", "--lora", lora_file, "--out", str(notes)]) == 2
+    assert "exists; give --force" in _one_line(capsys, "rewardfl.models.wan.export") and notes.read_bytes() == b"mine"
+
+
 def test_export_refuses_a_directory_as_output(model_copy, lora_file, tmp_path, capsys):
     from rewardfl.models.wan.export import main
 

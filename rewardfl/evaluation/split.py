@@ -45,20 +45,20 @@ def training_dataset(config, dataset):
     return torch.utils.data.Subset(dataset, keep)
 
 
-def eval_dataset(config, metadata_path=None):
-    """The held-out clips: ``metadata_path`` (a CSV given on the command line), else
+def eval_dataset(config, metadata_path=None, *, command_line: bool = False):
+    """The held-out clips: ``metadata_path`` (a CSV given on the command line as ``--metadata``), else
     ``data.eval_metadata_path``, else the ``data.eval_fraction`` split of ``data.metadata_path``.
 
     Returns a ``VideoDataset`` or a ``Subset`` of one; ValueError naming the keys when none is set
-    or the split is empty."""
+    or the split is empty (``command_line``: a command with ``--metadata`` asks, so the error names it)."""
     from rewardfl.data import VideoDataset
 
     d = config.data
     kwargs = dict(num_frames=d.num_frames, max_pixels=d.max_pixels, height=d.height, width=d.width)
     if metadata_path is not None:
-        return VideoDataset(metadata_path, **kwargs)
+        return VideoDataset(metadata_path, key="--metadata", **kwargs)
     if d.eval_metadata_path is not None:
-        return VideoDataset(config.resolve_path(d.eval_metadata_path), **kwargs)
+        return VideoDataset(config.resolve_path(d.eval_metadata_path), key="data.eval_metadata_path", **kwargs)
     if d.eval_fraction > 0:
         full = VideoDataset.from_config(config)
         held = held_out_indices(full, config.seed, d.eval_fraction)
@@ -66,5 +66,5 @@ def eval_dataset(config, metadata_path=None):
             raise ValueError(f"data.eval_fraction: {d.eval_fraction} holds out none of the {len(full)} clips of "
                              f"data.metadata_path for seed {config.seed}; raise it, or set data.eval_metadata_path")
         return torch.utils.data.Subset(full, held)
-    raise ValueError("data.eval_metadata_path / data.eval_fraction: no held-out clips configured; set one of them "
-                     "(or pass --metadata CSV)")
+    raise ValueError("data.eval_metadata_path / data.eval_fraction: no held-out clips configured; set one of them"
+                     + (" (or pass --metadata CSV)" if command_line else ""))

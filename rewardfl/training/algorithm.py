@@ -49,12 +49,24 @@ class RewardBackprop(Algorithm):
         out = self.reward(videos, contexts)
         reward_loss = self.reward.loss(out)
         valid = out.valid.to(out.scores.device)
+        require_gradient(reward_loss, videos, valid, f"reward ({cfg.reward.name})")
         # a micro-batch with nothing to learn from still runs backward (weight 0): every process
         # must take part in the same collectives
         weight = 1.0 if bool(valid.any()) else 0.0
         return MicroBatch(loss=weight * (reward_loss + cfg.kl_weight * kl), scores=out.scores.detach(),
                           valid=valid, reward_loss=weight * reward_loss.item(), kl_loss=weight * kl.item(),
                           metrics=dict(out.metrics), videos=videos.detach())
+
+
+def require_gradient(loss: torch.Tensor, source: torch.Tensor, valid: torch.Tensor, who: str) -> None:
+    """A differentiable reward whose loss lost the gradient of ``source`` (the videos it scored) would
+    otherwise fail inside autograd with a traceback that names nothing (scores computed under
+    ``no_grad``, detached, or through numpy): one line naming the reward ``who`` instead."""
+    if source.requires_grad and bool(valid.any()) and not loss.requires_grad:
+        raise ValueError(f"{who}: declares itself differentiable, but its loss carries no gradient from the "
+                         "videos (its scores were detached: computed under torch.no_grad, .detach(), .item() or "
+                         "numpy); keep them in the autograd graph, or declare it differentiable = False and list "
+                         "it with weight: 0 to log it only")
 
 
 def rollout(model: VideoModel, sampler: Sampler, plan: list[StepPlan], batch: dict, *, num_frames: int,

@@ -49,9 +49,9 @@ from typing import Optional
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from rewardfl.fileio import write_json
+from rewardfl.fileio import atomic_write, write_json, write_safetensors
 
 from .distributed import DistInfo, barrier
 
@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointManager", "CheckpointError", "CHECKPOINT_RE", "list_checkpoints", "latest_checkpoint", "verified_checkpoint",
            "begin_checkpoint", "write_checkpoint_files", "save_rng", "write_manifest", "commit_checkpoint",
-           "save_failed", "load_checkpoint", "load_rng", "load_torch_file"]
+           "save_failed", "save_torch_file", "load_checkpoint", "load_rng", "load_torch_file"]
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHTS = "trainable.safetensors"
@@ -204,10 +204,39 @@ def begin_checkpoint(root: str, step: int) -> str:
 def write_checkpoint_files(tmp: str, step: int, *, weights: dict[str, torch.Tensor],
                            state: Optional[dict] = None) -> None:
     """The trainable weights as safetensors and ``state.json`` (step, data position, counters)."""
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-    save_file(weights, os.path.join(tmp, WEIGHTS), metadata={"step": str(step)})
-    with open(os.path.join(tmp, STATE), "w", encoding="utf-8") as f:
-        json.dump({"step": step, **(state or {})}, f, indent=1, sort_keys=True)
+    write_safetensors(os.path.join(tmp, WEIGHTS), weights, metadata={"step": str(step)})
+    write_json(os.path.join(tmp, STATE), {"step": step, **(state or {})}, indent=1, sort_keys=True)
+
+
+class _WriteErrorRecorder:
+    """A file for ``torch.save`` that keeps the ``OSError`` of a failed write: torch's writer turns it into
+    a RuntimeError that names neither the file nor the cause (``unexpected pos ...``)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_torch_file(obj, path: str) -> None:
+    """``torch.save`` under a temporary name, renamed when complete; a full disk is an ``OSError`` naming
+    ``path``."""
+    with atomic_write(path, "wb") as f:
+        recorder = _WriteErrorRecorder(f)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
 
 
 def save_rng(tmp: str, rank: int = 0) -> None:
@@ -222,7 +251,7 @@ def save_rng(tmp: str, rank: int = 0) -> None:
     metadata = {"python": json.dumps([version, list(internal), gauss_next]),
                 "numpy": json.dumps({"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss),
                                      "cached_gaussian": float(cached_gaussian)})}
-    save_file(tensors, os.path.join(tmp, f"rng-{rank}.safetensors"), metadata=metadata)
+    write_safetensors(os.path.join(tmp, f"rng-{rank}.safetensors"), tensors, metadata=metadata)
 
 
 def write_manifest(ckpt_dir: str) -> None:
@@ -273,8 +302,20 @@ def _human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def save_failed(tmp: str, error: OSError) -> CheckpointError:
-    """The one-line error for a save that failed to write (a full disk, a quota, a vanished mount).
+#: what torch's own file writer (``torch.save`` to a path, as DeepSpeed calls it) raises when a write
+#: fails, a full disk included: a RuntimeError without errno or file name
+_TORCH_WRITE_FAILED = re.compile(r"PytorchStreamWriter failed|file write failed|unexpected pos \d+ vs \d+")
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """A failed write while saving: an ``OSError``, or torch's writer's RuntimeError for one."""
+    return isinstance(error, OSError) or (isinstance(error, RuntimeError)
+                                          and _TORCH_WRITE_FAILED.search(str(error)) is not None)
+
+
+def save_failed(tmp: str, error: BaseException) -> CheckpointError:
+    """The one-line error for a save that failed to write (a full disk, a quota, a vanished mount):
+    an ``OSError``, or torch's writer's RuntimeError (:func:`is_write_failure`).
 
     Removes the temporary directory first: a later save must find the space, and the previous
     checkpoints (never touched before the final rename) stay as they were.
@@ -285,12 +326,16 @@ def save_failed(tmp: str, error: OSError) -> CheckpointError:
         free = _human_bytes(shutil.disk_usage(root).free)
     except OSError:
         free = "unknown"
-    what = error.filename or tmp
-    reason = error.strerror or str(error) or type(error).__name__
+    if isinstance(error, OSError):
+        what, code = error.filename or tmp, error.errno
+        reason = error.strerror or str(error) or type(error).__name__
+    else:  # torch's writer names neither the file nor the cause
+        what, code = tmp, errno.ENOSPC
+        reason = f"torch could not write ({_one_line(error).splitlines()[0][:160]})"
     previous = list_checkpoints(root)
     kept = f"{os.path.basename(previous[-1][1])} is intact" if previous else "no earlier checkpoint exists"
     fix = ("free some space (or lower save_total_limit, or point output_dir at a larger disk)"
-           if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make output_dir writable")
+           if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make output_dir writable")
     return CheckpointError(f"checkpoint: could not write {what}: {reason} ({free} free in {root}); {kept}; {fix} "
                            "and resume with resume_from_checkpoint: true")
 
@@ -430,11 +475,12 @@ class CheckpointManager:
             if main:
                 write_checkpoint_files(tmp, step, weights=weights, state=state)
                 for name, tensors in (extra_weights or {}).items():
-                    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, name),
-                              metadata={"step": str(step)})
+                    write_safetensors(os.path.join(tmp, name), tensors, metadata={"step": str(step)})
                 path = commit_checkpoint(self.root, step, tmp, keep=self.keep)
                 log.info("saved checkpoint %s", path)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
+            if not is_write_failure(e):
+                raise  # a bug, not the disk: the traceback is what helps
             raise save_failed(tmp, e) from e
         barrier(self.dist)
         return path

@@ -21,7 +21,7 @@ options. Per micro-batch of B videos:
   and standard deviation of the reward's scores over every process (an exponential moving average with
   ``normalize_momentum``, bias-corrected; the statistics *before* this batch; mean 0 / std 1 until
   ``normalize_warmup`` batches have been seen), so that no reward dominates by scale;
-* ``loss = sum_i weight_i * loss_i``; a reward with ``weight: 0`` is scored without gradient and only
+* ``loss = sum_i weight_i * loss_i`` (weights >= 0); a reward with ``weight: 0`` is scored without gradient and only
   logged, which is also the only way to list a non-differentiable reward.
 
 The loop's ``reward_score`` is the weighted total ``sum_i weight_i * score_i`` over the rewards that
@@ -40,6 +40,8 @@ import torch
 
 from rewardfl.config import COMPOSITE_REWARD, ConfigError, build_dataclass
 from rewardfl.interfaces import Reward, RewardOutput, SampleContext, StepCache
+
+from .algorithm import require_gradient
 
 __all__ = ["CompositeReward", "RewardTerm", "CompositeOutput", "select_frames"]
 
@@ -119,7 +121,7 @@ class CompositeReward(Reward):
                 raise ConfigError(f"{key}.name: {e}") from e
             opts_cls = plugin.Options
             rest = {k: v for k, v in entry.items() if k not in TERM_KEYS}
-            term.options = build_dataclass(opts_cls, rest, prefix=key)
+            term.options = build_dataclass(opts_cls, rest, prefix=key, also_known=TERM_KEYS)
             if term.label is None:
                 seen[term.name] = seen.get(term.name, 0) + 1
                 term.label = term.name if seen[term.name] == 1 else f"{term.name}_{seen[term.name]}"
@@ -214,6 +216,8 @@ class CompositeReward(Reward):
                 valid = out.valid.to(out.scores.device)
                 part = (-((out.scores[valid].float() - mean) / std).mean() if bool(valid.any())
                         else out.scores.sum() * 0.0)
+            # the weighted total carries the videos' gradient when any reward kept it: this one must too
+            require_gradient(part, output.scores, out.valid, f"reward[{i}] ({term.label})")
             loss = loss + term.weight * part
         return loss
 
@@ -262,6 +266,10 @@ def _check_term(term: RewardTerm, key: str, plugin: type) -> None:
             raise ConfigError(f"{key}.{message}")
 
     need(math.isfinite(term.weight), f"weight: must be a finite number, got {term.weight}")
+    # a negative weight trains the model to lower that reward's score: never what a reward list is for, and
+    # its loss shaping (e.g. face_identity's) would push the wrong way; refused rather than silently obeyed
+    need(term.weight >= 0, f"weight: must be >= 0, got {term.weight} (the loss raises every weighted score; to "
+                           "lower a score, use a reward that scores the opposite; weight: 0 logs it only)")
     need(term.weight == 0 or plugin.differentiable,
          f"weight: {term.name} is not differentiable (it gives no gradient to train on); set weight: 0 to log "
          "and evaluate it only")

@@ -26,7 +26,7 @@ import torch
 
 from rewardfl.config import ConfigError, TrainConfig
 
-from .checkpoints import CheckpointError, load_torch_file
+from .checkpoints import CheckpointError, load_torch_file, save_torch_file
 from .distributed import DistInfo, all_reduce_sum_
 
 __all__ = ["PlainEngine", "DeepSpeedEngine", "build_engine", "deepspeed_config", "all_finite", "lr_lambda"]
@@ -114,8 +114,8 @@ class PlainEngine:
         return norm, status
 
     def save(self, tmp_dir: str) -> None:
-        torch.save(self.optimizer.state_dict(), os.path.join(tmp_dir, "optimizer.pt"))
-        torch.save(self.scheduler.state_dict(), os.path.join(tmp_dir, "scheduler.pt"))
+        save_torch_file(self.optimizer.state_dict(), os.path.join(tmp_dir, "optimizer.pt"))
+        save_torch_file(self.scheduler.state_dict(), os.path.join(tmp_dir, "scheduler.pt"))
 
     def load(self, ckpt_dir: str) -> None:
         # both read before either is applied: a refused file leaves the engine as it was
@@ -124,7 +124,8 @@ class PlainEngine:
         self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(scheduler)
 
-    def gathered(self):
+    def gathered(self, modify: bool = False):
+        """Whole trainable weights (always, without DeepSpeed); ``modify``: changes made inside are kept."""
         import contextlib
 
         return contextlib.nullcontext()
@@ -296,14 +297,16 @@ class DeepSpeedEngine:
             raise CheckpointError(f"{ckpt_dir}: DeepSpeed found no checkpoint in deepspeed/ (a checkpoint saved "
                                   "without DeepSpeed?); resume it without a deepspeed section, or from another one")
 
-    def gathered(self):
-        """Context in which ZeRO-3-partitioned trainable weights are whole (for export)."""
+    def gathered(self, modify: bool = False):
+        """Context in which ZeRO-3-partitioned trainable weights are whole (for export); ``modify``: what is
+        loaded into them inside is kept (rank 0's values, partitioned again on exit; every rank loads the
+        same weights)."""
         import contextlib
 
         if self.stage == 3:
             import deepspeed
 
-            return deepspeed.zero.GatheredParameters(self.params, modifier_rank=None)
+            return deepspeed.zero.GatheredParameters(self.params, modifier_rank=0 if modify else None)
         return contextlib.nullcontext()
 
 

@@ -14,7 +14,8 @@ reward rose beyond its clip-level 95% interval while a judge's higher-is-better 
 (``Reward.higher_is_better``, and specificity) fell beyond its, one warning names both, and with
 ``stop_on_hacking`` the run stops after a checkpoint. Its false-alarm rate over a run and its power
 are measured by simulation in ``tests/test_evaluation_statistics.py``. ``save_best_by: eval/<metric>``
-keeps the weights of the best evaluation by that metric in ``OUTPUT_DIR/best`` (``best.json`` says which step).
+keeps the weights of the best evaluation by that metric in ``OUTPUT_DIR/best`` (``best.json`` says which step);
+the base (step 0) is a candidate too, and the end of the run says when no evaluation beat it.
 
 The series lives in ``OUTPUT_DIR/eval_history.json`` with every evaluation's per-video rows (rank 0
 writes it; a resumed run reads it, so the base and the guard's window, video by video, survive a restart).
@@ -70,6 +71,8 @@ class TrainingEvaluator:
         self.path = os.path.join(self.output_dir, HISTORY)
         self.history: list[dict] = []  # [{"step", "metrics": {eval/...}, "rows": [...]}]
         self.best: Optional[dict] = None
+        self.labels = [label for label, _ in self.evaluation.judges]
+        self.inert: dict[str, str] = {}  # judge label -> why the guard (and save_best_by) cannot use it
 
     # ------------------------------------------------------------------ resume
 
@@ -89,7 +92,7 @@ class TrainingEvaluator:
                                   "eval settings and held-out clips, or start a fresh run")
         # the best so far among the evaluations kept (one dropped with the steps being redone does not count)
         key, sign = self.cfg.save_best_by, (1.0 if self.cfg.save_best_mode == "max" else -1.0)
-        scored = [(h["metrics"].get(key), h["step"]) for h in self.history[1:] if key]
+        scored = [(h["metrics"].get(key), h["step"]) for h in self.history if key]  # the base (step 0) too
         scored = [(v, s) for v, s in scored if v is not None and math.isfinite(v)]
         if scored:
             value, at = max(scored, key=lambda vs: (sign * vs[0], -vs[1]))
@@ -124,6 +127,7 @@ class TrainingEvaluator:
                 metrics[f"eval/{k}/diff_to_base"] = paired_change(rows, self.history[0]["rows"], k)["mean"]
         slim = [{k: v for k, v in r.items() if k != "details"} for r in rows]
         self.history.append({"step": step, "metrics": metrics, "rows": slim})
+        self._note_inert(metrics, step)
         warnings = self.guard()
         model.train()
         self._write()
@@ -135,6 +139,32 @@ class TrainingEvaluator:
         return metrics, warnings, sheets
 
     _base_videos: Optional[list] = None
+
+    def _note_inert(self, metrics: dict, step: int) -> None:
+        """A judge with no finite value at an evaluation (a face judge that finds no face) is one the guard
+        skips and ``save_best_by`` cannot rank by: said once per judge, loudly (see :meth:`summary`)."""
+        for label in self.labels:
+            keys = [k for k in metrics if k in (f"eval/judge/{label}/score", f"eval/judge/{label}/specificity")]
+            if label in self.inert or any(metrics[k] is not None for k in keys):
+                continue
+            best = self.cfg.save_best_by or ""
+            line = (f"eval.judges: judge {label} gave no finite value at step {step} (every video unscored, e.g. "
+                    "no face found): the reward-hacking guard cannot watch it"
+                    + (" and stop_on_hacking cannot stop on it" if self.cfg.stop_on_hacking else "")
+                    + (f", and save_best_by: {best} cannot save best/" if best.startswith(f"eval/judge/{label}/")
+                       else "")
+                    + "; check the judge's options (detector, det_size, landmark_fallback) on these clips")
+            self.inert[label] = line
+            if self.is_main:
+                log.warning("%s", line)
+
+    def summary(self) -> list[str]:
+        """One line per safeguard that could not work in this run (for the end of the run)."""
+        lines = [f"this run's safeguards were partly blind: {line}" for line in self.inert.values()]
+        if self.best is not None and self.best["step"] == 0:
+            lines.append(f"save_best_by: no evaluation beat the base ({self.best['metric']} = {self.best['value']:.4f} "
+                         "at step 0): OUTPUT_DIR/best holds the base weights")
+        return lines
 
     def guard(self) -> list[str]:
         """The hacking guard: the latest evaluation against the window's first, video by video (see the
@@ -157,9 +187,7 @@ class TrainingEvaluator:
             raise ConfigError(f"save_best_by: {key} is not among the evaluation's metrics "
                               f"({', '.join(sorted(k for k in metrics if not k.endswith('/diff_to_base')))}); "
                               "pick one of them")
-        value = metrics[key]
-        if step == 0:
-            return False
+        value = metrics[key]  # the base (step 0) is a candidate too: best/ is never worse than no training
         if value is None or not math.isfinite(value):
             return False
         better = (self.best is None or (value > self.best["value"] if self.cfg.save_best_mode == "max"

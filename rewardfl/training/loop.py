@@ -37,7 +37,7 @@ from rewardfl.cli import EXIT_NOTHING_TRAINED, EXIT_STOPPED_BY_GUARD, EXIT_STOPP
 from rewardfl.config import ConfigError, TrainConfig, dump_config, to_dict
 from rewardfl.data import VideoDataset, collate
 from rewardfl.evaluation.split import training_dataset
-from rewardfl.fileio import write_json
+from rewardfl.fileio import recover_directory, replace_directory, write_json
 from rewardfl.interfaces import SampleContext
 from rewardfl.registry import resolve_config
 
@@ -46,7 +46,7 @@ from .distributed import DistInfo, StopSignal, all_reduce_mean, all_reduce_sum_,
 from .engines import build_engine, lr_lambda
 from .ema import EMA, EMA_FILE
 from .evaluator import TrainingEvaluator, sheet_image
-from .trackers import build_trackers
+from .trackers import build_trackers, check_report_to
 from .outputs import MetricsLog, MetricsWindow, OutputDir, VideoWriter, check_output_dir, plot_reward_curve
 from .policy import expert_boundary_of, plan_steps
 
@@ -96,7 +96,12 @@ class Trainer:
         self.device = device or resolve_device(cfg, self.dist)
         self.output_dir = cfg.resolve_path(cfg.output_dir)
         self.ckpt_dir = os.path.join(self.output_dir, "checkpoints")
-        check_output_dir(cfg)  # before anything slow loads
+        # everything that can be checked without the model, before it loads (minutes for Wan2.2)
+        check_output_dir(cfg)
+        check_report_to(cfg.report_to)
+        from rewardfl.evaluate import check_evaluation
+
+        check_evaluation(cfg)
         self.accum = self._accumulation()
         seed_everything(cfg.seed)
 
@@ -274,6 +279,9 @@ class Trainer:
         path, state = found
         self.state = TrainState(**{f.name: state[f.name] for f in dataclasses.fields(TrainState) if f.name in state})
         self.reward.load_state_dict(state.get("reward", {}))
+        if self.ema is None and os.path.isfile(os.path.join(path, EMA_FILE)):
+            log.warning("ema_decay: 0, but %s holds an EMA (%s): this run drops it; its final/ will have no ema/ "
+                        "(resume with the checkpoint's ema_decay to keep averaging)", path, EMA_FILE)
         if self.ema is not None:
             ema_path = os.path.join(path, EMA_FILE)
             if not os.path.isfile(ema_path):
@@ -285,22 +293,28 @@ class Trainer:
         return path
 
     def _export_final(self) -> None:
-        """The trainable weights in the model family's own format (e.g. diffsynth LoRA files)."""
+        """The trainable weights in the model family's own format (e.g. diffsynth LoRA files) in
+        ``OUTPUT_DIR/final``, replaced whole: a previous run's files (an ``ema/`` of a run with
+        ``ema_decay``) never stay beside this run's."""
+        final = os.path.join(self.output_dir, "final")
         with self.engine.gathered():
             if self.is_main:
+                tmp = final + ".tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
                 try:
-                    files = self.model.save_trainable(os.path.join(self.output_dir, "final", "trainable.safetensors"))
+                    files = self.model.save_trainable(os.path.join(tmp, "trainable.safetensors"))
                     if self.ema is not None:  # the same export of the averaged weights, in final/ema
                         trained = {k: v.detach().to("cpu", copy=True) for k, v in self.model.trainable_state_dict().items()}
                         try:
                             self.model.load_trainable_state_dict(self.ema.state_dict())
-                            files += self.model.save_trainable(os.path.join(self.output_dir, "final", "ema",
-                                                                            "trainable.safetensors"))
+                            files += self.model.save_trainable(os.path.join(tmp, "ema", "trainable.safetensors"))
                         finally:
                             self.model.load_trainable_state_dict(trained)
-                    log.info("exported %s", ", ".join(files))
                 except NotImplementedError:
-                    pass
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    replace_directory(tmp, final)
+                    log.info("exported %s", ", ".join(final + f[len(tmp):] for f in files))
         barrier(self.dist)
 
     # ---------------------------------------------------------------- evaluation
@@ -330,7 +344,7 @@ class Trainer:
         best = os.path.join(self.output_dir, "best")
         with self.engine.gathered():
             if self.is_main:
-                tmp, old = best + ".tmp", best + ".old"
+                tmp = best + ".tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 try:
                     self.model.save_trainable(os.path.join(tmp, "trainable.safetensors"))
@@ -338,12 +352,8 @@ class Trainer:
                 except NotImplementedError:
                     log.warning("save_best_by: %s cannot export its weights; OUTPUT_DIR/best not written",
                                 type(self.model).__name__)
-                else:  # the previous best moves aside first: a kill at any moment leaves one of them whole
-                    shutil.rmtree(old, ignore_errors=True)
-                    if os.path.isdir(best):
-                        os.replace(best, old)
-                    os.replace(tmp, best)
-                    shutil.rmtree(old, ignore_errors=True)
+                else:  # exchanged whole (or the previous one moved aside first, put back by the next start)
+                    replace_directory(tmp, best)
                     log.info("step %d: best %s = %.4f so far: weights in %s", step, self.cfg.save_best_by,
                              self.evaluator.best["value"], best)
         barrier(self.dist)
@@ -354,7 +364,8 @@ class Trainer:
         from rewardfl.generate import Generator
 
         # every process runs it (collectives inside the model stay matched); rank 0 writes and prints
-        gen = Generator.from_model(self.cfg, self.model, self.sampler, self.boundary, base_weights=self._base_weights)
+        gen = Generator.from_model(self.cfg, self.model, self.sampler, self.boundary, base_weights=self._base_weights,
+                                   whole=lambda: self.engine.gathered(modify=True))  # ZeRO-3: partitioned
         final = os.path.join(self.output_dir, "final")
         try:
             result = evaluate(self.cfg, self.plugins, [final], os.path.join(self.output_dir, "eval"),
@@ -378,7 +389,8 @@ class Trainer:
                 out.acquire()
                 if self.cfg.overwrite_output_dir and self.cfg.resume_from_checkpoint is False:
                     out.clear_previous_run(self.ckpt_dir, os.path.join(self.output_dir, "metrics.jsonl"))
-                dump_config(self.cfg, os.path.join(self.output_dir, "config.yaml"))
+                for name in ("final", "best"):  # what a kill while replacing one of them left
+                    recover_directory(os.path.join(self.output_dir, name))
             except (ConfigError, OSError) as e:
                 out.release()
                 error = e
@@ -396,12 +408,15 @@ class Trainer:
 
     def _run(self) -> list[dict]:
         cfg = self.cfg
-        self.maybe_resume()
+        resumed = self.maybe_resume()
+        if self.is_main:  # after the resume was accepted: a refused one leaves the run's config.yaml as it was
+            dump_config(cfg, os.path.join(self.output_dir, "config.yaml"))
         self._lr = self.engine.lr
         trackers = build_trackers(cfg.report_to, self.output_dir, to_dict(cfg), self.is_main,
                                   run_name=os.path.basename(os.path.normpath(self.output_dir)),
                                   resume_step=self.state.step)
-        metrics = MetricsLog(self.output_dir, self.is_main, resume_step=self.state.step, trackers=trackers)
+        metrics = MetricsLog(self.output_dir, self.is_main, resume_step=self.state.step if resumed else None,
+                             trackers=trackers)
         self.trackers = trackers
         window, videos = MetricsWindow(cfg.logging_steps), VideoWriter()
         self.model.train()
@@ -461,6 +476,9 @@ class Trainer:
             videos.close()
             metrics.close()
             trackers.close()
+        if self.is_main and self.evaluator is not None:  # a blind safeguard, said again where the run ends
+            for line in self.evaluator.summary():
+                log.warning("%s", line)
         records = metrics.read() if self.is_main else []
         if self.is_main and records:
             plot_reward_curve(records, os.path.join(self.output_dir, "reward_curve.png"))

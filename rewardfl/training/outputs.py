@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import threading
@@ -29,26 +30,17 @@ import numpy as np
 import torch
 
 from rewardfl.config import ConfigError
+from rewardfl.fileio import pid_alive
 
 log = logging.getLogger("rewardfl")
 
-__all__ = ["OutputDir", "check_output_dir", "MetricsLog", "MetricsWindow", "VideoWriter", "plot_reward_curve", "read_metrics",
+__all__ = ["OutputDir", "check_output_dir", "check_command_output", "MetricsLog", "MetricsWindow", "VideoWriter", "plot_reward_curve", "read_metrics",
            "finite_or_none"]
 
 LOCK = ".lock"
 
 
 # --------------------------------------------------------------------------- the output directory
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 class OutputDir:
@@ -78,7 +70,7 @@ class OutputDir:
         except (OSError, ValueError):
             return None
         pid, host = int(info.get("pid", -1)), str(info.get("host", ""))
-        if host == socket.gethostname() and not _pid_alive(pid):
+        if host == socket.gethostname() and not pid_alive(pid):
             return None
         return f"pid {pid} on {host}"
 
@@ -90,6 +82,14 @@ class OutputDir:
             raise ConfigError(
                 f"output_dir: {self.path} holds another run's checkpoints; set resume_from_checkpoint: true to "
                 "continue it, overwrite_output_dir: true to replace it, or choose another output_dir")
+        # a run that stopped before its first checkpoint still logged: a fresh run would drop its rows
+        logged = [n for n in ("metrics.jsonl", "eval_history.json")
+                  if os.path.isfile(os.path.join(self.path, n)) and os.path.getsize(os.path.join(self.path, n)) > 0]
+        if logged:
+            raise ConfigError(
+                f"output_dir: {self.path} holds another run's {' and '.join(logged)} (and no checkpoint: it stopped "
+                "before its first save); set overwrite_output_dir: true to replace it, resume_from_checkpoint: true "
+                "to start it over, or choose another output_dir")
 
     def acquire(self) -> "OutputDir":
         self.check_usable()
@@ -154,6 +154,57 @@ def check_output_dir(cfg) -> None:
                           "another output_dir")
     out.check_fresh_or_resumable(cfg.resume_from_checkpoint, cfg.overwrite_output_dir,
                                  os.path.join(path, "checkpoints"))
+
+
+#: what a training run creates inside its ``output_dir`` and no other command may write into
+RUN_OWNED = ("checkpoints", "final", "best")
+
+
+def _run_owned(folder: str) -> Optional[str]:
+    """What ``folder`` is when a training run owns it (a phrase), or None."""
+    name, parent = os.path.basename(folder), os.path.dirname(folder)
+    in_checkpoints = os.path.basename(parent) == "checkpoints" and re.match(r"^\.?checkpoint-\d+(\.tmp|\.old)?$", name)
+    has_state = os.path.isfile(os.path.join(folder, "state.json"))
+    if in_checkpoints or (has_state and any(os.path.isfile(os.path.join(folder, n))
+                                            for n in ("manifest.json", "trainable.safetensors"))):
+        return "a training checkpoint"
+    # the parent is a run's output_dir (its own entries, not the folder being asked about, tell)
+    run_dir = (any(os.path.exists(os.path.join(parent, n)) for n in ("config.yaml", LOCK, "metrics.jsonl"))
+               or (name.split(".")[0] != "checkpoints" and os.path.isdir(os.path.join(parent, "checkpoints"))))
+    if name in RUN_OWNED and run_dir:
+        return f"a training run's {name}/"
+    if name.endswith((".tmp", ".old")) and name.split(".")[0] in RUN_OWNED and run_dir:
+        return f"a training run's {name.split('.')[0]}/ being replaced"
+    return None
+
+
+def check_command_output(path: str, key: str = "--out") -> str:
+    """``path`` (the absolute form is returned) may be a command's output directory: not an existing
+    file, not inside a training checkpoint or a run's ``checkpoints/``, ``final/`` or ``best/`` (writing
+    there would break a checkpoint's manifest, so that a resume skips it, or mix files into an export),
+    and writable. ValueError naming ``key`` otherwise; reads only, before anything slow loads."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{key}: {path} is an existing file; give a directory (it is created if missing)")
+    folder = path
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{key}: {path} cannot be created ({folder} is a file); give another directory")
+    real = os.path.realpath(path)
+    probe = real
+    while True:
+        owned = _run_owned(probe)
+        if owned is not None:
+            raise ValueError(f"{key}: {path} is inside {owned} ({probe}); a command writing there would damage it "
+                             "(a resume skips a checkpoint whose files changed); choose a directory outside it")
+        if os.path.dirname(probe) == probe:
+            break
+        probe = os.path.dirname(probe)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{key}: {path} is not writable ({folder} is read-only for this user); choose another "
+                              "directory")
+    return path
 
 
 # --------------------------------------------------------------------------- metrics
@@ -245,7 +296,9 @@ class MetricsLog:
     caller that built it closes it (it also carries the sample videos).
     """
 
-    def __init__(self, output_dir: str, enabled: bool, resume_step: int = 0, trackers=None):
+    def __init__(self, output_dir: str, enabled: bool, resume_step: Optional[int] = None, trackers=None):
+        """``resume_step``: the step of the checkpoint the run resumed from (its rows up to it are kept);
+        None: the run starts from nothing, and rows an earlier run left go."""
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.enabled = enabled
         self.trackers = trackers
@@ -253,12 +306,16 @@ class MetricsLog:
             return
         self._truncate_after(resume_step)
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: Optional[int]) -> None:
         """Drop records past ``step`` (and a torn last line): a resumed run rewrites the steps after
-        its checkpoint."""
+        its checkpoint; a run started over (None) rewrites them all."""
         if not os.path.exists(self.path):
             return
-        keep = [r for r in read_metrics(self.path) if r["step"] <= step]
+        records = read_metrics(self.path)
+        keep = [r for r in records if step is not None and r["step"] <= step]
+        if step is None and records:
+            log.warning("%s: dropping the %d rows of an earlier run that saved no checkpoint (this run starts over)",
+                        self.path, len(records))
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in keep))
@@ -288,11 +345,14 @@ class MetricsLog:
 
 
 class VideoWriter:
-    """Writes sample videos as mp4 on a background thread (training does not wait on encoding)."""
+    """Writes sample videos as mp4 on a background thread (training does not wait on encoding);
+    :meth:`close` waits for them and raises the first write's error (a full disk: an ``OSError`` naming
+    the file)."""
 
     def __init__(self, fps: int = 16):
         self.fps = fps
         self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
 
     def submit(self, path: str, video: torch.Tensor, reference: Optional[torch.Tensor] = None) -> None:
         """``video`` (3, F, H, W) in [-1, 1]; ``reference`` (F, 3, H, W) in [-1, 1] shown on the left."""
@@ -301,13 +361,23 @@ class VideoWriter:
             ref = _to_uint8(reference.detach().float().cpu().permute(0, 2, 3, 1))[: frames.shape[0]]
             if ref.shape == frames.shape:
                 frames = np.concatenate([ref, frames], axis=2)
-        t = threading.Thread(target=_write_mp4, args=(path, frames, self.fps), daemon=True)
+        t = threading.Thread(target=self._write, args=(path, frames), daemon=True)
         t.start()
         self.threads.append(t)
+
+    def _write(self, path: str, frames: np.ndarray) -> None:
+        try:
+            _write_mp4(path, frames, self.fps)
+        except BaseException as e:  # raised again by close(), in the caller's thread
+            self.errors.append(e)
 
     def close(self):
         for t in self.threads:
             t.join()
+        self.threads = []
+        if self.errors:
+            error, self.errors = self.errors[0], []
+            raise error
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -315,16 +385,37 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def _write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
-    import imageio.v2 as imageio
+    """``frames`` ``(F, H, W, 3)`` uint8 as an H.264 mp4 at ``path``: written under a temporary name and
+    renamed only once ffmpeg reads all ``F`` frames back (ffmpeg reports a full disk on its stderr and
+    exits; imageio does not raise, and would leave a truncated file). An incomplete write is an
+    ``OSError`` naming ``path`` (ENOSPC when its file system is nearly full)."""
+    import errno
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.mp4"
-    # yuv444p: no chroma subsampling, so odd sizes work; macro_block_size=1 keeps small frames unpadded
-    with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                            pixelformat="yuv444p") as w:
-        for frame in frames:
-            w.append_data(frame)
-    os.replace(tmp, path)
+    import imageio.v2 as imageio
+    import imageio_ffmpeg
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp.mp4")
+    try:
+        # yuv444p: no chroma subsampling, so odd sizes work; macro_block_size=1 keeps small frames unpadded
+        with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                                pixelformat="yuv444p") as w:
+            for frame in frames:
+                w.append_data(frame)
+        try:
+            complete = os.path.getsize(tmp) > 0 and imageio_ffmpeg.count_frames_and_secs(tmp)[0] == len(frames)
+        except (RuntimeError, OSError):
+            complete = False
+        if not complete:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free
+            code = errno.ENOSPC if free < 64 * 2**20 else errno.EIO
+            raise OSError(code, os.strerror(code) if code == errno.ENOSPC else "ffmpeg wrote an incomplete video", path)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def plot_reward_curve(records: list[dict], path: str) -> None:

@@ -40,15 +40,17 @@ from .outputs import _to_uint8, _write_mp4
 
 log = logging.getLogger("rewardfl")
 
-__all__ = ["Trackers", "build_trackers", "check_report_to", "wandb_run_id", "KNOWN_TRACKERS", "WANDB_RUN_ID_FILE"]
+__all__ = ["Trackers", "build_trackers", "check_report_to", "wandb_credentials_problem", "wandb_run_id", "KNOWN_TRACKERS", "WANDB_RUN_ID_FILE"]
 
 WANDB_INSTALL = 'pip install "rewardfl[wandb]"'
 WANDB_RUN_ID_FILE = "wandb_run_id.txt"
 
 
-def check_report_to(report_to) -> None:
-    """``report_to`` is a list of known tracker names whose packages import; ConfigError (a ValueError)
-    naming the key otherwise. Cheap enough for ``run --check``: wandb is imported only when named."""
+def check_report_to(report_to, credentials: bool = True) -> None:
+    """``report_to`` is a list of known tracker names whose packages import (and, with ``credentials``,
+    wandb finds its credentials or runs offline: :func:`wandb_credentials_problem`); ConfigError (a
+    ValueError) naming the key otherwise. Cheap enough for ``run --check``: wandb is imported only when
+    named."""
     if isinstance(report_to, str) or not all(isinstance(n, str) for n in report_to):
         raise ConfigError(f"report_to: expected a list of names from {', '.join(KNOWN_TRACKERS)}, got {report_to!r}")
     for i, name in enumerate(report_to):
@@ -60,6 +62,47 @@ def check_report_to(report_to) -> None:
         except ImportError:
             raise ConfigError(f"report_to: wandb is not installed; install it with {WANDB_INSTALL}, "
                               "or remove wandb from report_to") from None
+        problem = wandb_credentials_problem() if credentials else None
+        if problem is not None:
+            raise ConfigError(f"report_to: wandb {problem}; run `wandb login` or set WANDB_API_KEY, or export "
+                              "WANDB_MODE=offline (upload later with `wandb sync`), or remove wandb from report_to")
+
+
+def wandb_credentials_problem(environ=None) -> Optional[str]:
+    """Why ``wandb.init`` would stop for want of credentials (a phrase), or None: where wandb finds them
+    (``WANDB_MODE`` offline/disabled, ``WANDB_API_KEY``, an identity token file, the ``api_key`` or
+    ``mode`` of its settings file, the ``.netrc`` entry ``wandb login`` writes for the server's host)."""
+    import configparser
+    import netrc
+    from urllib.parse import urlparse
+
+    env = os.environ if environ is None else environ
+    if env.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or \
+            env.get("WANDB_DISABLED", "").lower() in ("true", "1"):
+        return None
+    if env.get("WANDB_API_KEY") or env.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    config_dir = env.get("WANDB_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".config", "wandb")
+    settings = configparser.ConfigParser()
+    try:
+        settings.read(os.path.join(config_dir, "settings"))
+        default = settings["default"] if settings.has_section("default") else {}
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        default = {}
+    if default.get("api_key") or default.get("mode", "").lower() in ("offline", "disabled", "dryrun"):
+        return None
+    base_url = env.get("WANDB_BASE_URL") or default.get("base_url") or "https://api.wandb.ai"
+    host = urlparse(base_url).hostname or base_url
+    home = os.path.expanduser("~")
+    paths = [env["NETRC"]] if env.get("NETRC") else [os.path.join(home, n) for n in (".netrc", "_netrc")]
+    for path in paths:
+        try:
+            if netrc.netrc(path).authenticators(host):
+                return None
+        except (OSError, netrc.NetrcParseError):
+            continue
+    return (f"has no credentials for {host} here (no WANDB_API_KEY, no `wandb login` entry in "
+            f"{paths[0]}) and WANDB_MODE is not offline: the run would stop once the model has loaded")
 
 
 def build_trackers(report_to, output_dir: str, run_config: dict, is_main: bool, run_name: Optional[str] = None,
@@ -70,7 +113,7 @@ def build_trackers(report_to, output_dir: str, run_config: dict, is_main: bool, 
     display name; ``resume_step``: the optimizer step the run starts from (0 fresh, else the
     resumed checkpoint's step). Every rank validates ``report_to``, so all fail alike.
     """
-    check_report_to(report_to)
+    check_report_to(report_to, credentials=False)  # the trainer checked them before the model loaded
     if not is_main:
         return Trackers([])
     backends = []

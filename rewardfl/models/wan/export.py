@@ -11,8 +11,9 @@ The result loads wherever the original expert did (a ``model_paths`` JSON, diffs
 ``ModelConfig(path=...)``) and needs no peft. Tensors stream one at a time, so merging a 14B
 expert needs about one tensor of extra memory, not a second copy of the expert. The output is
 written atomically (``rewardfl.fileio``: a temporary name beside ``--out``, renamed when
-complete); an ``--out`` that is one of the inputs (the LoRA, the JSON, any file it lists, the
-config) is refused.
+complete; the temporary file of a merge killed before is removed by the next write of that
+``--out``); an ``--out`` that is one of the inputs (the LoRA, the JSON, any file it lists, the
+config) is refused, and an existing ``--out`` is replaced only with ``--force``.
 
 Examples::
 
@@ -89,14 +90,22 @@ def _read_lora(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"--lora: {path} is not a readable safetensors file: {e}") from e
 
 
-def convert_file(lora_path: str, out_path: str, to: str) -> tuple[str, int]:
-    """Write ``lora_path`` in the ``to`` layout to ``out_path``; returns (the input's format, #layers)."""
+def _refuse_replacing(out_path: str, replace: bool) -> None:
+    """An existing ``--out`` (not an input: checked before) is replaced only when asked (``--force``)."""
+    if os.path.exists(out_path) and not replace:
+        raise ValueError(f"--out: {out_path} exists; give --force to replace it, or choose another path")
+
+
+def convert_file(lora_path: str, out_path: str, to: str, *, replace: bool = False) -> tuple[str, int]:
+    """Write ``lora_path`` in the ``to`` layout to ``out_path``; returns (the input's format, #layers).
+    An existing ``out_path`` is replaced only with ``replace`` (``--force``)."""
     from rewardfl.fileio import write_safetensors
 
     from .lora_formats import read_lora, write_lora
 
     _check_out_path(out_path)
     _refuse_overwriting_inputs(out_path, [("the --lora file", lora_path)])
+    _refuse_replacing(out_path, replace)
     state, meta = _read_lora(lora_path)
     fmt, layers = read_lora(state, f"--lora {lora_path}")
     out = write_lora(layers, to)
@@ -106,11 +115,13 @@ def convert_file(lora_path: str, out_path: str, to: str) -> tuple[str, int]:
 
 
 def merge_expert(model_paths: str, lora_path: str, out_path: str, *, expert: Optional[str] = None,
-                 alpha: float = 1.0, dtype: Optional[torch.dtype] = None) -> int:
+                 alpha: float = 1.0, dtype: Optional[torch.dtype] = None, replace: bool = False) -> int:
     """Write ``expert`` of ``model_paths`` with ``lora_path`` merged to ``out_path``; returns #layers merged.
 
     ``expert`` defaults to the one recorded in the LoRA file's metadata, else ``dit2``. ``dtype``
-    (default: each tensor's own) casts the written floating-point tensors.
+    (default: each tensor's own) casts the written floating-point tensors. An existing ``out_path``
+    is replaced only with ``replace`` (``--force``). What a killed earlier merge to ``out_path`` left
+    (its temporary file) is removed when this one starts.
     """
     from safetensors import safe_open
 
@@ -132,6 +143,7 @@ def merge_expert(model_paths: str, lora_path: str, out_path: str, *, expert: Opt
     for listed in resolve_model_paths(os.path.abspath(model_paths)):
         inputs += [(f"listed in {model_paths} as {listed.where}", f) for f in listed.files]
     _refuse_overwriting_inputs(out_path, inputs)
+    _refuse_replacing(out_path, replace)
     shapes = read_shapes(base)
     dit_architecture({k2: v for k, v in shapes.items() if (k2 := dit_key(k)) is not None}, base.where)
     _, pairs = read_lora(lora, f"--lora {lora_path}")
@@ -218,9 +230,10 @@ def run_export(argv=None, prog: str = "python -m rewardfl.models.wan.export") ->
     parser.add_argument("--alpha", type=finite_float, default=1.0, help="--merge: LoRA strength (1 = as trained)")
     parser.add_argument("--dtype", choices=("keep", "bf16", "fp32"), default="keep", help="--merge: dtype of the output")
     parser.add_argument("--out", required=True, help="output .safetensors path")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out (never an input)")
     args = parser.parse_args(argv)
     if args.to:
-        fmt, n = convert_file(args.lora, args.out, args.to)
+        fmt, n = convert_file(args.lora, args.out, args.to, replace=args.force)
         print(f"{args.out}: {n} LoRA layers, {fmt} -> {args.to}")
         return 0
     if not (args.model_paths or args.config):
@@ -235,7 +248,8 @@ def run_export(argv=None, prog: str = "python -m rewardfl.models.wan.export") ->
         model_paths = cfg.resolve_path(cfg.model_paths)
         _refuse_overwriting_inputs(args.out, [("the --config file", args.config)])
     dtype = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    n = merge_expert(model_paths, args.lora, args.out, expert=args.expert, alpha=args.alpha, dtype=dtype)
+    n = merge_expert(model_paths, args.lora, args.out, expert=args.expert, alpha=args.alpha, dtype=dtype,
+                     replace=args.force)
     print(f"{args.out}: {n} LoRA layers merged")
     return 0
 
