@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 from typing import Literal, Optional, Sequence
 
@@ -34,7 +35,7 @@ import torch
 from rewardfl.config import ConfigError
 from rewardfl.interfaces import Reward, RewardOutput, SampleContext
 
-from .align import landmark_problems
+from .align import ARCFACE_TEMPLATE, landmark_problems
 from .detectors import Detections, FaceDetector
 from .fetch import cache_dir, file_sha256
 from .model_pack import DetectorType, ModelPack, find_model_pack
@@ -45,6 +46,13 @@ from .scoring import facesim_arc, pooled_identity_score, shaped_reward_loss
 __all__ = ["FaceReward", "FaceModelOptions", "GeneratedFaces", "FaceIdentityReward", "ReferenceFaces"]
 
 log = logging.getLogger("rewardfl")
+
+#: the ArcFace template's eye distance in its 112 px crop (``align.ARCFACE_TEMPLATE``)
+ARCFACE_EYE_DISTANCE = math.dist(ARCFACE_TEMPLATE[0], ARCFACE_TEMPLATE[1])
+#: a reference face the recognizer's crop magnifies more than this is refused by ``prepare`` (at
+#: 112 px: eyes under 9 px apart, a face about 22 px wide): magnified further, the embedding comes
+#: from a blur. A floor, not a quality guarantee (the demo's 64x64 clips have eyes 10-12 px apart)
+MAX_REFERENCE_UPSCALE = 4.0
 
 #: part of the reference cache key: bump when the same models and options give other references
 #: (2: insightface heads read per frame, unalignable faces dropped)
@@ -284,6 +292,23 @@ class FaceReward(Reward):
                 log.warning("%s: no face found in the reference of sample %r (%s); the sample is "
                             "skipped", self.plugin_name, ctx.sample_id, ctx.reference_path or "in memory")
         return valid
+
+    def reference_problem(self, frame: torch.Tensor) -> Optional[str]:
+        """``"no face"``, ``"several faces: ..."`` or ``"face too small: ..."`` for a first frame
+        ``(3, H, W)`` in [-1, 1] that cannot be a reference; None when it holds exactly one face
+        that the recognizer's crop magnifies at most ``MAX_REFERENCE_UPSCALE`` times."""
+        det, _ = _drop_unalignable(self.detector(frame[None].detach().to(self.device)))
+        if len(det) == 0:
+            return "no face"
+        if len(det) > 1:
+            return f"several faces: {len(det)} found, a reference needs exactly one"
+        size = self.recognizer.preprocessing.size
+        eye_distance = float((det.landmarks[0, 1] - det.landmarks[0, 0]).norm())
+        needed = ARCFACE_EYE_DISTANCE * size / 112 / MAX_REFERENCE_UPSCALE
+        if eye_distance < needed:
+            return (f"face too small: its eyes are {eye_distance:.0f} px apart, the recognizer's {size} px crop "
+                    f"needs at least {needed:.0f} (a closer shot, or larger frames: data.height/width)")
+        return None
 
     # ------------------------------------------------------------------ scoring
 
