@@ -27,6 +27,7 @@ from rewardfl.fileio import write_safetensors
 from rewardfl.interfaces import VideoModel
 
 from . import architectures as arch
+from .merge_loras import describe_merges, merge_loras, merge_plan, validate_merge_loras
 from .vae_decode import DecodeClamp
 from .weights import WeightFile, detect_role, find_hub_files, load_state_dict, read_shapes, resolve_model_paths
 
@@ -96,8 +97,12 @@ class Wan22Options:
     #: WanPipeline.load_lora_weights and DiffSynth-Studio), "diffsynth" (``<module>.lora_A/B.weight``,
     #: scale in B) or "diffusers" (``transformer.blocks.N.attn1.to_q.lora_A/B.weight``); see lora_formats.py
     lora_format: Literal["comfyui", "diffsynth", "diffusers"] = "comfyui"
+    #: LoRA files merged into the frozen experts at load, before the trainable LoRA is added (e.g.
+    #: the distilled few-step pair): [{path, strength, expert}]; see merge_loras.py
+    merge_loras: Optional[list] = None
 
     def __post_init__(self):  # checked where the config enters (run --check too), before any weights load
+        validate_merge_loras(self.merge_loras)
         if self.text_len <= 0:
             raise ConfigError(f"model.text_len: must be > 0, got {self.text_len}")
         for key in ("vae_tile", "vae_tile_stride"):
@@ -140,7 +145,7 @@ class Wan22Model(VideoModel):
         listed = next((wf for wf in files if wf.role == "tokenizer"), None)
         path, source = cls._tokenizer_dir(config, listed, dry_run=True)
         lines.append(f"tokenizer: {source}" + (f"; {path}" if path else ""))
-        return lines
+        return lines + describe_merges(merge_plan(config, options.merge_loras, cls.experts))
 
     def __init__(self, config, options: Optional[Wan22Options] = None, *, device=None, **runtime):
         options = options or self.Options()
@@ -199,6 +204,10 @@ class Wan22Model(VideoModel):
     def _setup(self, lora_experts: list[str], full_experts: list[str], targets: list[str]) -> None:
         """What trains (LoRA or full, frozen copies) and where each module lives."""
         config, options = self.config, self.options
+        # distilled/style LoRAs become part of the frozen base: before the trainable LoRA and frozen copies
+        for line in merge_loras(self.dits, merge_plan(config, options.merge_loras, self.experts),
+                                wan_name=self._wan_name):
+            log.info("model.merge_loras: %s", line)
         for dit in self.dits.values():  # before LoRA, copies and DeepSpeed: they keep the layer class
             self._prepare_dit(dit)
         self.lora_experts, self.full_experts = lora_experts, full_experts
