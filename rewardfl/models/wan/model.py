@@ -648,9 +648,26 @@ class Wan22Model(VideoModel):
             else:
                 state = {self._wan_name(k): v.detach().cpu().contiguous() for k, v in self.dits[r].state_dict().items()}
                 meta = {"format": "wan-dit", "expert": r}
-            write_safetensors(target, state, meta)
+            write_safetensors(target, state, {**meta, **self._boundary_metadata()})
             out.append(target)
         return out
+
+    def _boundary_metadata(self) -> dict[str, str]:
+        """``expert_boundary`` of the exported files: the timestep fraction below which the low-noise
+        expert ran while these weights trained (loaders default to other values: DiffSynth's pipeline
+        0.875, the I2V-A14B model card 0.9); none for a one-expert model."""
+        if len(self.experts) < 2:
+            return {}
+        return {"expert_boundary": repr(float(type(self).expert_boundary(self.options, self.config)))}
+
+    def _check_boundary(self, meta: dict, path: str) -> None:
+        """A warning when an exported file was trained with another expert boundary than this model samples with."""
+        mine = self._boundary_metadata().get("expert_boundary")
+        theirs = meta.get("expert_boundary")
+        if mine is not None and theirs is not None and float(theirs) != float(mine):
+            log.warning("%s was trained with the experts switching at timestep %g x 1000 (its metadata "
+                        "expert_boundary), this config samples with %g; set model.boundary: %s to sample as it trained",
+                        path, float(theirs), float(mine), theirs)
 
     def read_exported(self, files: Sequence[str]) -> dict[str, torch.Tensor]:
         """``save_trainable``'s files (LoRA in any layout, or a fully fine-tuned expert; each names its
@@ -666,6 +683,7 @@ class Wan22Model(VideoModel):
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
+            self._check_boundary(meta, path)
             expert = meta.get("expert")
             if expert in self.full_experts and meta.get("format") == "wan-dit":  # a fully fine-tuned expert
                 state.update({f"{expert}.{k}": v for k, v in tensors.items()})
