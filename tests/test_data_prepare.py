@@ -174,3 +174,17 @@ def test_a_folder_without_usable_videos_is_an_error(tmp_path, capsys):
     code, _, stderr = _cli(capsys, "prepare", str(folder), "--out", str(tmp_path / "m.csv"), "--reward", "none",
                            "--num-frames", "9", "--no-progress")
     assert code == 2 and "no usable video among 1" in stderr and not (tmp_path / "m.csv").exists()
+
+
+def test_python_dash_m_runs_the_command(video_dir, tmp_path):
+    import subprocess
+    import sys
+
+    root, _, _ = video_dir
+    out = tmp_path / "m.csv"
+    proc = subprocess.run([sys.executable, "-m", "rewardfl.data", "prepare", root, "--out", str(out), "--reward", "none",
+                           "--num-frames", "9", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    # without a face check: every decodable video with 9 frames is kept (b has 7, e 3; g is broken)
+    assert proc.stdout.strip().splitlines()[-1] == (f"wrote {out}: 4 videos; skipped 3 (too few frames 2, "
+                                                    "unreadable 1)")
