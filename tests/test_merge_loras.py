@@ -178,3 +178,32 @@ def test_check_prints_the_merges_and_generate_builds_the_same_merged_model(make_
     for name in ("blocks.0.self_attn.q.weight", "blocks.1.ffn.0.weight"):
         want = (before[name].double() + expected["dit"][name]).float()
         torch.testing.assert_close(after[name], want, rtol=0, atol=2e-7)
+
+
+def test_export_merge_with_the_config_writes_the_fully_merged_expert(tiny_dir, base, tmp_path):  # noqa: F811
+    """``export --merge --config``: the expert as training loaded it (merge_loras) plus the trained LoRA."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from rewardfl.export import main as export_main
+    from rewardfl.models.wan.architectures import dit_key
+
+    entries, expected = _files(str(tmp_path), base)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({"model_name": "wan2_2_tiny", "model_paths": os.path.join(tiny_dir, "model_paths.json"),
+                                      "model": {"merge_loras": entries}}))
+    g = torch.Generator().manual_seed(1)
+    w = _weights(base, "dit")
+    d, u = _factors(g, *w["blocks.0.self_attn.q.weight"].shape)
+    trained = str(tmp_path / "trained.safetensors")
+    save_file({"blocks.0.self_attn.q.lora_A.weight": d, "blocks.0.self_attn.q.lora_B.weight": u}, trained,
+              metadata={"expert": "dit"})
+    out = str(tmp_path / "dit_merged.safetensors")
+    assert export_main(["--merge", "--config", str(config), "--lora", trained, "--out", out, "--dtype", "fp32"]) == 0
+    merged = {dit_key(k) or k: v for k, v in load_file(out).items()}
+    expected["dit"]["blocks.0.self_attn.q.weight"] = (expected["dit"]["blocks.0.self_attn.q.weight"]
+                                                      + u.double() @ d.double())
+    assert merged.keys() == w.keys()
+    for name, before in w.items():
+        want = (before.double() + expected["dit"].get(name, 0)).float()
+        torch.testing.assert_close(merged[name], want, rtol=0, atol=4e-7)

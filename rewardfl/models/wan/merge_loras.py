@@ -40,7 +40,7 @@ from .lora import merge_lora_into
 from .lora_formats import COMFYUI_PREFIX, DIFFUSERS_PREFIX, LoraLayer, read_lora
 
 __all__ = ["MergeLora", "EXPERT_ALIASES", "validate_merge_loras", "merge_plan", "read_merge_file", "merge_loras",
-           "describe_merges"]
+           "describe_merges", "expert_merges", "apply_merges"]
 
 #: what ``expert`` may say -> the model's expert names
 EXPERT_ALIASES = {"dit": ("dit",), "high_noise": ("dit",), "dit2": ("dit2",), "low_noise": ("dit2",),
@@ -240,3 +240,37 @@ def describe_merges(plan: list[MergeLora]) -> list[str]:
         lines.append(f"merge_loras: {item.path} -> {', '.join(item.experts)} strength {item.strength:g} "
                      f"({len(layers)} LoRA layer(s), {diffs} difference(s))")
     return lines
+
+
+def expert_merges(config, entries, expert: str, param_shapes: dict[str, tuple]) -> list[tuple]:
+    """For ``export --merge`` (tensor by tensor, no model built): the files of ``entries`` that go into
+    ``expert``, read and checked against the expert's Wan parameter names and shapes, as
+    ``[(MergeLora, layers, diffs)]`` for :func:`apply_merges`."""
+    validate_merge_loras(entries)  # a config read without its plugins: not validated yet
+    modules = {n.rsplit(".", 1)[0] for n in param_shapes}
+    out = []
+    for item in merge_plan(config, entries, ("dit", "dit2")):
+        if expert not in item.experts:
+            continue
+        where = f"{item.key} ({item.path})"
+        layers, diffs, keys = read_merge_file(_load(item.path, item.key), where, modules)
+        for module, layer in layers.items():
+            shape = param_shapes.get(f"{module}.weight")
+            if shape is None or tuple(shape) != (layer.up.shape[0], layer.down.shape[1]):
+                raise ValueError(f"{where}: key {keys.get(module, module)} matches no linear module of expert {expert} "
+                                 "of this shape; is this LoRA for another model?")
+        for param, diff in diffs.items():
+            if tuple(param_shapes.get(param, ())) != tuple(diff.shape):
+                raise ValueError(f"{where}: key {keys[param]} matches no parameter of expert {expert} of its shape")
+        out.append((item, layers, diffs))
+    return out
+
+
+def apply_merges(name: str, tensor: torch.Tensor, merges: list[tuple]) -> torch.Tensor:
+    """``tensor`` (the expert's parameter ``name``, Wan layout) with :func:`expert_merges`' files merged,
+    in order, as :func:`merge_loras` does at load."""
+    for item, layers, diffs in merges:
+        tensor = merge_lora_into(name, tensor, layers, item.strength)
+        if name in diffs:
+            tensor = (tensor.float() + item.strength * diffs[name].float()).to(tensor.dtype)
+    return tensor
