@@ -358,6 +358,13 @@ class Reward(ABC):
         """
         return torch.ones(len(contexts), dtype=torch.bool)
 
+    def reference_problem(self, frame: torch.Tensor) -> Optional[str]:
+        """Why ``frame`` ``(3, H, W)`` in [-1, 1] (a clip's first frame as training sees it) cannot be
+        a sample's reference, or None when it can. The reason is one short line, its kind before the
+        first colon (``"no face"``, ``"several faces: 2 found"``); ``python -m rewardfl.data prepare``
+        skips such videos and counts them by kind. The default accepts every frame."""
+        return None
+
     @abstractmethod
     def __call__(self, videos: torch.Tensor, contexts: Sequence[SampleContext]) -> RewardOutput:
         """Score videos ``(B, 3, F, H, W)`` in [-1, 1]."""

@@ -46,6 +46,7 @@ from .distributed import DistInfo, StopSignal, all_reduce_mean, all_reduce_sum_,
 from .engines import build_engine, lr_lambda
 from .ema import EMA, EMA_FILE
 from .evaluator import TrainingEvaluator, sheet_image
+from .gradient_check import ZeroGradientCheck
 from .trackers import build_trackers, check_report_to
 from .outputs import MetricsLog, MetricsWindow, OutputDir, VideoWriter, check_output_dir, plot_reward_curve
 from .policy import expert_boundary_of, plan_steps
@@ -125,6 +126,8 @@ class Trainer:
         self.algorithm = plugins["algorithm"](cfg, cfg.algorithm.options, model=self.model, sampler=self.sampler,
                                               reward=self.reward, plan=self.plan)
         self.params = [p for _, p in self.model.trainable_parameters()]
+        # a trainable tensor the first updates' gradient never reaches is named in a warning
+        self.gradient_check = ZeroGradientCheck(set(self.model.experts) - {s.expert for s in self.plan if s.grad})
         if not self.params:
             raise ConfigError("trainable_models: the model has no trainable parameters with this config")
         self.total_steps = cfg.max_steps or cfg.num_train_epochs * max(1, self.micro_per_epoch // self.accum)
@@ -227,7 +230,10 @@ class Trainer:
             for k, v in out.metrics.items():
                 extra[k] = extra.get(k, 0.0) + float(v) / self.accum
             self._last_videos = (out.videos, batch["video"].detach())
+        if sums["score_count"]:
+            self.gradient_check.before_update(self.model.trainable_parameters())
         grad_norm, status = self.engine.step()
+        self.gradient_check.after_update(status)
         self._count(status, sums["loss"], grad_norm)
         if self.ema is not None and status == "updated":
             with self.engine.gathered():

@@ -43,6 +43,7 @@ import torch
 
 from .architectures import DiTArch
 from .diffusers_keys import diffusers_to_wan_key
+from .merge_loras import describe_merges, merge_plan
 from .model import EXPERT_ROLES, Wan22Model, Wan22Options, as_list
 
 __all__ = ["Wan22DiffusersModel", "Wan22DiffusersOptions", "DiffusersFolder", "find_diffusers_folder"]
@@ -343,7 +344,7 @@ class Wan22DiffusersModel(Wan22Model):
         if boundary is not None:
             source = "model.boundary" if options.boundary is not None else "model_index.json boundary_ratio"
             lines.append(f"boundary: {boundary:g} ({source})")
-        return lines
+        return lines + describe_merges(merge_plan(config, options.merge_loras, tuple(folder.experts)))
 
     def __init__(self, config, options: Optional[Wan22DiffusersOptions] = None, *, device=None, **runtime):
         options = options or self.Options()

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from einops import rearrange
 
+from .attention import ensure_attention_backward
 from .offload import offloaded_checkpoint
 
 __all__ = ["dit_forward", "embed_timesteps", "use_fp32_time_embedding", "Float32Linear"]
@@ -114,6 +115,8 @@ def dit_forward(
     ``wan2_2`` model does it at load); without it the fp32 sinusoid meets bf16 weights and the
     matmul raises a dtype error rather than silently computing in bf16.
     """
+    if torch.is_grad_enabled():  # a forward-only attention kernel would cut the reward's gradient
+        ensure_attention_backward()
     dtype = dit.patch_embedding.weight.dtype
     B = x.shape[0]
     if context.shape[0] != B or timestep.shape != (B,):

@@ -115,14 +115,17 @@ def convert_file(lora_path: str, out_path: str, to: str, *, replace: bool = Fals
 
 
 def merge_expert(model_paths: str, lora_path: str, out_path: str, *, expert: Optional[str] = None,
-                 alpha: float = 1.0, dtype: Optional[torch.dtype] = None, replace: bool = False) -> int:
+                 alpha: float = 1.0, dtype: Optional[torch.dtype] = None, replace: bool = False, config=None) -> int:
     """Write ``expert`` of ``model_paths`` with ``lora_path`` merged to ``out_path``; returns #layers merged.
 
     ``expert`` defaults to the one recorded in the LoRA file's metadata, else ``dit2``. ``dtype``
     (default: each tensor's own) casts the written floating-point tensors. An existing ``out_path``
     is replaced only with ``replace`` (``--force``). What a killed earlier merge to ``out_path`` left
-    (its temporary file) is removed when this one starts.
+    (its temporary file) is removed when this one starts. ``config``: a training config whose
+    ``model.merge_loras`` files are merged first, as training loaded the expert.
     """
+    from .merge_loras import apply_merges, expert_merges
+
     from safetensors import safe_open
 
     from rewardfl.fileio import write_safetensors
@@ -150,6 +153,8 @@ def merge_expert(model_paths: str, lora_path: str, out_path: str, *, expert: Opt
     if not pairs:
         raise ValueError(f"--lora: {lora_path} holds no LoRA layers (<module>.lora_A.weight / lora_B.weight)")
     by_native = {dit_key(k): k for k in shapes if dit_key(k) is not None}
+    entries = (config.model or {}).get("merge_loras") if config is not None and isinstance(config.model, dict) else None
+    base_merges = expert_merges(config, entries, expert, {w: shapes[k] for w, k in by_native.items()}) if entries else []
     missing = [m for m in pairs if f"{m}.weight" not in by_native]
     if missing:
         raise ValueError(f"--lora: {len(missing)} LoRA layer(s) name modules the {expert} DiT lacks, e.g. "
@@ -174,6 +179,7 @@ def merge_expert(model_paths: str, lora_path: str, out_path: str, *, expert: Opt
                 def make(path=path, key=key, out=out):
                     with safe_open(path, framework="pt") as f:
                         t = f.get_tensor(key)
+                    t = apply_merges(dit_key(key) or key, t, base_merges)
                     return merge_lora_into(dit_key(key) or key, t, pairs, alpha).to(out)
 
                 items.append((key, shapes[key], out, make))
@@ -182,13 +188,17 @@ def merge_expert(model_paths: str, lora_path: str, out_path: str, *, expert: Opt
             for key, t in state.items():
                 out = dtype if dtype is not None and t.is_floating_point() else t.dtype
                 items.append((key, tuple(t.shape), out,
-                              lambda key=key, t=t, out=out: merge_lora_into(dit_key(key) or key, t, pairs, alpha).to(out)))
+                              lambda key=key, t=t, out=out: merge_lora_into(
+                                  dit_key(key) or key, apply_merges(dit_key(key) or key, t, base_merges), pairs,
+                                  alpha).to(out)))
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     # written under a temporary name beside out_path and renamed (removed on failure), so a failure
     # never leaves a truncated output nor a half-replaced old one
     try:
         write_safetensors(out_path, items, {"format": "wan-dit", "merged_lora": os.path.basename(lora_path),
-                                            "expert": expert, "lora_strength": str(alpha)})
+                                            "expert": expert, "lora_strength": str(alpha),
+                                            **({"merged_base_loras": ", ".join(m.path for m, _, _ in base_merges)}
+                                               if base_merges else {})})
     except OSError as e:
         if e.filename is None or _is_temporary_of(e.filename, out_path):
             # a failed write() names no file, a failed open() the temporary one: name what the user gave
@@ -249,7 +259,7 @@ def run_export(argv=None, prog: str = "python -m rewardfl.models.wan.export") ->
         _refuse_overwriting_inputs(args.out, [("the --config file", args.config)])
     dtype = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     n = merge_expert(model_paths, args.lora, args.out, expert=args.expert, alpha=args.alpha, dtype=dtype,
-                     replace=args.force)
+                     replace=args.force, config=cfg if args.config else None)
     print(f"{args.out}: {n} LoRA layers merged")
     return 0
 

@@ -27,6 +27,7 @@ from rewardfl.fileio import write_safetensors
 from rewardfl.interfaces import VideoModel
 
 from . import architectures as arch
+from .merge_loras import describe_merges, merge_loras, merge_plan, validate_merge_loras
 from .vae_decode import DecodeClamp
 from .weights import WeightFile, detect_role, find_hub_files, load_state_dict, read_shapes, resolve_model_paths
 
@@ -96,8 +97,12 @@ class Wan22Options:
     #: WanPipeline.load_lora_weights and DiffSynth-Studio), "diffsynth" (``<module>.lora_A/B.weight``,
     #: scale in B) or "diffusers" (``transformer.blocks.N.attn1.to_q.lora_A/B.weight``); see lora_formats.py
     lora_format: Literal["comfyui", "diffsynth", "diffusers"] = "comfyui"
+    #: LoRA files merged into the frozen experts at load, before the trainable LoRA is added (e.g.
+    #: the distilled few-step pair): [{path, strength, expert}]; see merge_loras.py
+    merge_loras: Optional[list] = None
 
     def __post_init__(self):  # checked where the config enters (run --check too), before any weights load
+        validate_merge_loras(self.merge_loras)
         if self.text_len <= 0:
             raise ConfigError(f"model.text_len: must be > 0, got {self.text_len}")
         for key in ("vae_tile", "vae_tile_stride"):
@@ -140,7 +145,7 @@ class Wan22Model(VideoModel):
         listed = next((wf for wf in files if wf.role == "tokenizer"), None)
         path, source = cls._tokenizer_dir(config, listed, dry_run=True)
         lines.append(f"tokenizer: {source}" + (f"; {path}" if path else ""))
-        return lines
+        return lines + describe_merges(merge_plan(config, options.merge_loras, cls.experts))
 
     def __init__(self, config, options: Optional[Wan22Options] = None, *, device=None, **runtime):
         options = options or self.Options()
@@ -199,6 +204,10 @@ class Wan22Model(VideoModel):
     def _setup(self, lora_experts: list[str], full_experts: list[str], targets: list[str]) -> None:
         """What trains (LoRA or full, frozen copies) and where each module lives."""
         config, options = self.config, self.options
+        # distilled/style LoRAs become part of the frozen base: before the trainable LoRA and frozen copies
+        for line in merge_loras(self.dits, merge_plan(config, options.merge_loras, self.experts),
+                                wan_name=self._wan_name):
+            log.info("model.merge_loras: %s", line)
         for dit in self.dits.values():  # before LoRA, copies and DeepSpeed: they keep the layer class
             self._prepare_dit(dit)
         self.lora_experts, self.full_experts = lora_experts, full_experts
@@ -640,9 +649,26 @@ class Wan22Model(VideoModel):
             else:
                 state = {self._wan_name(k): v.detach().cpu().contiguous() for k, v in self.dits[r].state_dict().items()}
                 meta = {"format": "wan-dit", "expert": r}
-            write_safetensors(target, state, meta)
+            write_safetensors(target, state, {**meta, **self._boundary_metadata()})
             out.append(target)
         return out
+
+    def _boundary_metadata(self) -> dict[str, str]:
+        """``expert_boundary`` of the exported files: the timestep fraction below which the low-noise
+        expert ran while these weights trained (loaders default to other values: DiffSynth's pipeline
+        0.875, the I2V-A14B model card 0.9); none for a one-expert model."""
+        if len(self.experts) < 2:
+            return {}
+        return {"expert_boundary": repr(float(type(self).expert_boundary(self.options, self.config)))}
+
+    def _check_boundary(self, meta: dict, path: str) -> None:
+        """A warning when an exported file was trained with another expert boundary than this model samples with."""
+        mine = self._boundary_metadata().get("expert_boundary")
+        theirs = meta.get("expert_boundary")
+        if mine is not None and theirs is not None and float(theirs) != float(mine):
+            log.warning("%s was trained with the experts switching at timestep %g x 1000 (its metadata "
+                        "expert_boundary), this config samples with %g; set model.boundary: %s to sample as it trained",
+                        path, float(theirs), float(mine), theirs)
 
     def read_exported(self, files: Sequence[str]) -> dict[str, torch.Tensor]:
         """``save_trainable``'s files (LoRA in any layout, or a fully fine-tuned expert; each names its
@@ -658,6 +684,7 @@ class Wan22Model(VideoModel):
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
+            self._check_boundary(meta, path)
             expert = meta.get("expert")
             if expert in self.full_experts and meta.get("format") == "wan-dit":  # a fully fine-tuned expert
                 state.update({f"{expert}.{k}": v for k, v in tensors.items()})

@@ -31,22 +31,30 @@ import os
 from typing import Literal, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from rewardfl.config import ConfigError
 from rewardfl.interfaces import Reward, RewardOutput, SampleContext
 
-from .align import landmark_problems
+from .align import ARCFACE_TEMPLATE, landmark_problems
 from .augment import AugmentOptions, color_jitter, draw_views, gaussian_blur, transform_landmarks
 from .detectors import Detections, FaceDetector
 from .fetch import cache_dir, file_sha256
 from .model_pack import DetectorType, ModelPack, find_model_pack
 from .onnx_runner import Backend
 from .recognizer import ChannelOrder, FaceRecognizer
-from .scoring import facesim_arc, pooled_identity_score, shaped_reward_loss
+from .scoring import facesim_arc, facesim_consisid, pooled_identity_score, shaped_reward_loss
 
 __all__ = ["FaceReward", "FaceModelOptions", "GeneratedFaces", "FaceIdentityReward", "ReferenceFaces"]
 
 log = logging.getLogger("rewardfl")
+
+#: the ArcFace template's eye distance in its 112 px crop (``align.ARCFACE_TEMPLATE``)
+ARCFACE_EYE_DISTANCE = math.dist(ARCFACE_TEMPLATE[0], ARCFACE_TEMPLATE[1])
+#: a reference face the recognizer's crop magnifies more than this is refused by ``prepare`` (at
+#: 112 px: eyes under 9 px apart, a face about 22 px wide): magnified further, the embedding comes
+#: from a blur. A floor, not a quality guarantee (the demo's 64x64 clips have eyes 10-12 px apart)
+MAX_REFERENCE_UPSCALE = 4.0
 
 #: part of the reference cache key: bump when the same models and options give other references
 #: (2: insightface heads read per frame, unalignable faces dropped)
@@ -315,6 +323,23 @@ class FaceReward(Reward):
                             "skipped", self.plugin_name, ctx.sample_id, ctx.reference_path or "in memory")
         return valid
 
+    def reference_problem(self, frame: torch.Tensor) -> Optional[str]:
+        """``"no face"``, ``"several faces: ..."`` or ``"face too small: ..."`` for a first frame
+        ``(3, H, W)`` in [-1, 1] that cannot be a reference; None when it holds exactly one face
+        that the recognizer's crop magnifies at most ``MAX_REFERENCE_UPSCALE`` times."""
+        det, _ = _drop_unalignable(self.detector(frame[None].detach().to(self.device)))
+        if len(det) == 0:
+            return "no face"
+        if len(det) > 1:
+            return f"several faces: {len(det)} found, a reference needs exactly one"
+        size = self.recognizer.preprocessing.size
+        eye_distance = float((det.landmarks[0, 1] - det.landmarks[0, 0]).norm())
+        needed = ARCFACE_EYE_DISTANCE * size / 112 / MAX_REFERENCE_UPSCALE
+        if eye_distance < needed:
+            return (f"face too small: its eyes are {eye_distance:.0f} px apart, the recognizer's {size} px crop "
+                    f"needs at least {needed:.0f} (a closer shot, or larger frames: data.height/width)")
+        return None
+
     # ------------------------------------------------------------------ scoring
 
     @staticmethod
@@ -470,6 +495,13 @@ class FaceIdentityReward(FaceReward):
         loss_scale: float = 0.1
         #: frames sampled per video for FaceSim-Arc (evaluation)
         eval_num_frames: int = 16
+        #: evaluation protocol: "rewardfl" (``score``, ``facesim_arc`` against the reference clip's
+        #: faces) or "consisid", which adds ``facesim_arc_consisid`` (and ``facesim_cur_consisid``
+        #: with ``facesim_cur_recognizer``) computed as ConsisID's evaluation does (scoring.facesim_consisid)
+        eval_protocol: Literal["rewardfl", "consisid"] = "rewardfl"
+        #: a second recognizer ONNX file for FaceSim-Cur (CurricularFace in ConsisID); in
+        #: reward_model_path or absolute
+        facesim_cur_recognizer: Optional[str] = None
 
         def __post_init__(self):
             super().__post_init__()
@@ -477,6 +509,9 @@ class FaceIdentityReward(FaceReward):
                 raise ConfigError(f"reward.score_std: must be > 0, got {self.score_std}")
             if self.eval_num_frames <= 0:
                 raise ConfigError(f"reward.eval_num_frames: must be > 0, got {self.eval_num_frames}")
+            if self.facesim_cur_recognizer is not None and self.eval_protocol != "consisid":
+                raise ConfigError("reward.facesim_cur_recognizer: only the consisid protocol reports FaceSim-Cur; "
+                                  "set eval_protocol: consisid")
 
     def __call__(self, videos: torch.Tensor, contexts: Sequence[SampleContext]) -> RewardOutput:
         """Scores ``(B,)`` of videos ``(B, 3, F, H, W)`` in [-1, 1], differentiable in ``videos``."""
@@ -542,7 +577,7 @@ class FaceIdentityReward(FaceReward):
                                                            ref_mean[None], num_frames)
         arc = facesim_arc(emb, found, ref.embeddings[ref_use], o.eval_num_frames)
         valid = bool(has_face[0]) and bool(ref_use.any())
-        return {
+        result = {
             "score": float(score[0]) if valid else None,
             "facesim_arc": None if torch.isnan(arc) else float(arc),
             "frames": int(video.shape[1]),
@@ -551,6 +586,80 @@ class FaceIdentityReward(FaceReward):
             "degenerate_faces": faces.degenerate,
             "frame_similarity": [None if torch.isnan(s) else round(float(s), 6) for s in frame_sim[0]],
         }
+        if o.eval_protocol == "consisid":
+            result.update(self._consisid_scores(video.transpose(0, 1), context))
+        return result
+
+    # ------------------------------------------------------------------ ConsisID's evaluation protocol
+
+    @property
+    def cur_recognizer(self) -> Optional[FaceRecognizer]:
+        """The FaceSim-Cur recognizer (``facesim_cur_recognizer``), loaded on first use."""
+        path = self.options.facesim_cur_recognizer
+        if path is None:
+            return None
+        if getattr(self, "_cur_recognizer", None) is None:
+            root = os.path.dirname(self.pack.recognizer)
+            full = path if os.path.isabs(path) else os.path.join(root, path)
+            if not os.path.isfile(full):
+                raise FileNotFoundError(f"reward.facesim_cur_recognizer: file not found: {full}")
+            self._cur_recognizer = FaceRecognizer(full, backend=self.options.backend)
+        return self._cur_recognizer
+
+    def consisid_faces(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The largest face per frame as ConsisID finds it: ``(landmarks (F, 5, 2), found (F,))`` of
+        frames ``(F, 3, H, W)`` in [-1, 1]; a frame without one is padded by a quarter of its height
+        and width on each side with gray (128) and searched again (its ``pad_np_bgr_image``)."""
+        frames = frames.detach().to(self.device)
+        det, _ = _drop_unalignable(self.detector(frames))
+        landmarks, _, found = det.largest()
+        missing = (~found).nonzero().flatten()
+        if missing.numel():
+            h, w = frames.shape[-2:]
+            top, left = int(h * 0.25), int(w * 0.25)
+            gray = 128 / 127.5 - 1.0
+            padded = F.pad(frames[missing], (left, left, top, top), value=gray)
+            det2, _ = _drop_unalignable(self.detector(padded))
+            lm2, _, found2 = det2.largest()
+            shift = torch.tensor([left, top], dtype=lm2.dtype, device=lm2.device)
+            landmarks[missing] = torch.where(found2[:, None, None], lm2 - shift, landmarks[missing])
+            found[missing] = found2
+        return landmarks, found
+
+    def _consisid_embeddings(self, frames: torch.Tensor, recognizer: FaceRecognizer) -> tuple[torch.Tensor, torch.Tensor]:
+        landmarks, found = self.consisid_faces(frames)
+        idx = found.nonzero().flatten()
+        emb = None
+        if idx.numel():
+            e = recognizer.embed(recognizer.align(frames.to(self.device), landmarks[idx], idx)).cpu()
+            emb = torch.zeros(frames.shape[0], e.shape[1])
+            emb[idx.cpu()] = e
+        return emb, found.cpu()
+
+    @torch.no_grad()
+    def _consisid_scores(self, frames: torch.Tensor, context: SampleContext) -> dict:
+        """``facesim_arc_consisid`` (and ``facesim_cur_consisid``) of generated ``frames`` ``(F, 3, H, W)``
+        against the face of the reference's frame 0 (the conditioning image: ConsisID's reference image).
+        None when the reference image has no face (ConsisID stops there)."""
+        out = {}
+        for name, recognizer in (("arc", self.recognizer), ("cur", self.cur_recognizer)):
+            if recognizer is None:
+                continue
+            cache = self.__dict__.setdefault("_consisid_refs", {})
+            key = (name, context.sample_id)
+            if key not in cache:
+                ref_emb, ref_found = self._consisid_embeddings(context.reference[:1], recognizer)
+                cache[key] = ref_emb[0] if bool(ref_found[0]) else None
+            ref = cache[key]
+            emb, found = self._consisid_embeddings(frames, recognizer)
+            if ref is None:
+                value = None
+            elif emb is None:
+                value = 0.0
+            else:
+                value = float(facesim_consisid(emb, found, ref))
+            out[f"facesim_{name}_consisid"] = value
+        return out
 
 
 def _drop_unalignable(det: Detections) -> tuple[Detections, torch.Tensor]:

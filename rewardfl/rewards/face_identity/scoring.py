@@ -7,8 +7,10 @@ All embeddings are L2-normalised, so a dot product is a cosine similarity.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["pooled_identity_score", "identity_consistency_score", "facesim_arc", "shaped_reward_loss"]
+__all__ = ["pooled_identity_score", "identity_consistency_score", "facesim_arc", "consisid_frame_indices",
+           "facesim_consisid", "shaped_reward_loss"]
 
 
 def pooled_identity_score(face_embeddings: torch.Tensor, face_sample: torch.Tensor, face_frame: torch.Tensor,
@@ -110,6 +112,31 @@ def facesim_arc(embeddings: torch.Tensor, has_face: torch.Tensor, reference: tor
         return torch.tensor(float("nan"))
     cos = embeddings[keep].float() @ reference.float().T
     return cos.clamp(min=0).mean()
+
+
+def consisid_frame_indices(num_frames: int, samples: int = 16) -> torch.Tensor:
+    """``(samples,)`` int64: the frames ConsisID's evaluation reads from a video of ``num_frames``
+    (``np.linspace(0, F - 1, samples, dtype=int)``: truncated, repeated when the video is shorter)."""
+    return torch.linspace(0, num_frames - 1, samples, dtype=torch.float64).long()
+
+
+def facesim_consisid(embeddings: torch.Tensor, has_face: torch.Tensor, reference: torch.Tensor,
+                     samples: int = 16) -> torch.Tensor:
+    """FaceSim (Arc or Cur, by the recognizer that made the embeddings) of one video as ConsisID's
+    evaluation computes it (``eval/get_facesim_fid.py``, ``process_video``): the frames of
+    :func:`consisid_frame_indices`, each with a face scored ``max(0, cos(reference, frame))``, the
+    mean over those; 0 when none has a face.
+
+    ``embeddings`` ``(F, D)`` the largest face per frame, ``has_face`` ``(F,)``, ``reference``
+    ``(D,)`` the reference image's face. 0-dim float32.
+    """
+    idx = consisid_frame_indices(embeddings.shape[0], samples).to(has_face.device)
+    idx = idx[has_face[idx]]
+    if idx.numel() == 0:
+        return torch.zeros((), dtype=torch.float32)
+    e = F.normalize(embeddings[idx].float(), dim=-1)
+    r = F.normalize(reference.float(), dim=-1)
+    return (e @ r).clamp(min=0).mean()
 
 
 def shaped_reward_loss(scores: torch.Tensor, valid: torch.Tensor, *, mean: float, std: float,

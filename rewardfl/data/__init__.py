@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .fileio import read_utf8
+from ..fileio import read_utf8
 
 __all__ = [
     "IMAGE_EXTENSIONS",
