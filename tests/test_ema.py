@@ -141,12 +141,12 @@ def test_a_resume_with_ema_decay_0_replaces_final_whole_and_says_it_drops_the_em
     config = make_config(max_steps=1, save_steps=1, ema_decay=DECAY, report_to=[])
     assert run.main([config]) == 0
     out = yaml.safe_load(open(config))["output_dir"]
-    assert os.path.isfile(os.path.join(out, "final", "ema", "trainable.safetensors"))
+    assert os.path.isfile(os.path.join(out, "final", "ema", "trainable_low_noise.safetensors"))
     # resumed without the average (no step left to train: the export is redone from checkpoint-1)
     assert run.main([make_config(max_steps=1, save_steps=1, ema_decay=0, report_to=[],
                                  resume_from_checkpoint=True)]) == 0
     assert not os.path.exists(os.path.join(out, "final", "ema"))  # no stale average for --weights ema to read
-    assert sorted(os.listdir(os.path.join(out, "final"))) == ["trainable.safetensors"]
+    assert sorted(os.listdir(os.path.join(out, "final"))) == ["trainable_low_noise.safetensors"]
     assert not [n for n in os.listdir(out) if n.startswith(("final.", "best."))]
     dropped = [r.getMessage() for r in caplog.records if "holds an EMA" in r.getMessage()]
     assert len(dropped) == 1 and "this run drops it" in dropped[0], dropped

@@ -359,7 +359,7 @@ def test_an_out_that_is_a_file_is_refused_before_the_model_loads(trained, capsys
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_a_truncated_or_garbage_export_is_one_line_before_the_model_loads(trained, capsys, no_model, damage):
-    good = open(os.path.join(trained["final"], "trainable.safetensors"), "rb").read()
+    good = open(os.path.join(trained["final"], "trainable_low_noise.safetensors"), "rb").read()
     bad = trained["root"] / f"{damage}.safetensors"
     bad.write_bytes(good[: len(good) // 2] if damage == "truncated" else b"not a safetensors file" * 8)
     for cli, prog, extra in ((generate_cli, "rewardfl.generate", ["--out", str(trained["root"] / "gen-bad")]),
@@ -375,7 +375,7 @@ def test_evaluate_checks_every_checkpoint_fits_before_generating_the_base(traine
     from rewardfl.evaluate import Evaluation
     from rewardfl.fileio import write_safetensors
 
-    exported = os.path.join(trained["final"], "trainable.safetensors")
+    exported = os.path.join(trained["final"], "trainable_low_noise.safetensors")
     with safe_open(exported, "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     for key, value in list(tensors.items()):  # one more rank than the model's: every A and B of the file

@@ -205,7 +205,8 @@ def test_a_judge_with_no_finite_value_says_the_guard_cannot_watch_it(tmp_path, t
     """The strict face judge (no landmark fallback) finds no face in the tiny model's frames: every
     eval/judge/strict/* is null, so the guard and save_best_by on it cannot work: said once, and again at
     the end of the run, instead of a stop_on_hacking that silently never fires."""
-    config = _config(tmp_path, tiny_dir, small_dataset, face_assets, max_steps=2, stop_on_hacking=True,
+    # (stop_on_hacking needs 5 held-out clips, these are 2: the guard's own refusal, tested elsewhere)
+    config = _config(tmp_path, tiny_dir, small_dataset, face_assets, max_steps=2,
                      save_best_by="eval/judge/strict/score",
                      eval={"judges": [{"name": "face_identity", "label": "strict", "det_size": 160,
                                        "reference_cache_dir": "none"}]})
@@ -217,7 +218,7 @@ def test_a_judge_with_no_finite_value_says_the_guard_cannot_watch_it(tmp_path, t
     lines = [r.getMessage() for r in caplog.records if "judge strict gave no finite value" in r.getMessage()]
     assert len(lines) == 2, lines  # once when seen (step 0), once in the run's closing summary
     assert lines[0].startswith("eval.judges: judge strict gave no finite value at step 0")
-    assert "guard cannot watch it and stop_on_hacking cannot stop on it" in lines[0]
+    assert "the reward-hacking guard cannot watch it" in lines[0] and "stop_on_hacking" not in lines[0]
     assert "save_best_by: eval/judge/strict/score cannot save best/" in lines[0]
     assert lines[1].startswith("this run's safeguards were partly blind: ")
     assert not (tmp_path / "out" / "best").exists()
