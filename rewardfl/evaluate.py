@@ -35,7 +35,7 @@ import torch
 
 from .cli import user_error_exit
 from .config import ConfigError
-from .interfaces import SampleContext
+from .interfaces import SampleContext, StepCache
 from .registry import load_resolved, resolve_config
 
 log = logging.getLogger("rewardfl")
@@ -81,7 +81,13 @@ def judge_scores(judge, video: torch.Tensor, contexts: Sequence[SampleContext]) 
     ``evaluate`` dicts (empty dicts for a judge without ``evaluate``); None where it cannot score."""
     evaluate = getattr(judge, "evaluate", None)
     if callable(evaluate):
-        details = [evaluate(video, c) for c in contexts]
+        # one cache for the video's scoring against every clip: a judge that keys its work on the video
+        # (face identity: detections and embeddings) does it once, not once per clip
+        judge.cache = StepCache()
+        try:
+            details = [evaluate(video, c) for c in contexts]
+        finally:
+            judge.cache = None
         return [_number(d.get("score")) for d in details], details
     out = judge(video[None].expand(len(contexts), *video.shape), list(contexts))
     scores = [float(s) if bool(v) and math.isfinite(float(s)) else None for s, v in zip(out.scores, out.valid)]
