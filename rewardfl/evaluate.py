@@ -7,7 +7,8 @@ The base model is always evaluated too. Every checkpoint generates from the same
 * ``judge/<label>/<key>``: each judge of ``eval.judges`` (a reward plugin built through the registry
   with its own options): the numbers of its ``evaluate(video, context)`` when it has one, else its
   ``score``; and ``judge/<label>/specificity``: the judge's score of the video against its own clip's
-  reference minus the mean of its scores against the other clips' references;
+  reference minus the mean of its scores against the other clips' references (judges whose score
+  depends on the reference's content: ``Reward.reference_specific``; not ``motion``);
 * ``motion``: mean absolute difference of consecutive frames ([0, 1] pixel range);
 * ``first_frame_psnr``: PSNR (dB) of generated frame 0 against the input image.
 
@@ -37,7 +38,7 @@ import torch
 
 from .cli import user_error_exit
 from .config import ConfigError
-from .interfaces import SampleContext
+from .interfaces import SampleContext, StepCache
 from .registry import load_resolved, resolve_config
 
 log = logging.getLogger("rewardfl")
@@ -129,7 +130,13 @@ def judge_scores(judge, video: torch.Tensor, contexts: Sequence[SampleContext]) 
     ``evaluate`` dicts (empty dicts for a judge without ``evaluate``); None where it cannot score."""
     evaluate = getattr(judge, "evaluate", None)
     if callable(evaluate):
-        details = [evaluate(video, c) for c in contexts]
+        # one cache for the video's scoring against every clip: a judge that keys its work on the video
+        # (face identity: detections and embeddings) does it once, not once per clip
+        judge.cache = StepCache()
+        try:
+            details = [evaluate(video, c) for c in contexts]
+        finally:
+            judge.cache = None
         return [_number(d.get("score")) for d in details], details
     out = judge(video[None].expand(len(contexts), *video.shape), list(contexts))
     scores = [float(s) if bool(v) and math.isfinite(float(s)) else None for s, v in zip(out.scores, out.valid)]
@@ -169,7 +176,8 @@ class Evaluation:
         keys = []
         for name, judge in self.judges:
             better = tuple(judge.higher_is_better)
-            keys += [f"judge/{name}/{k}" for k in better] + ([f"judge/{name}/specificity"] if "score" in better else [])
+            specific = "score" in better and getattr(judge, "reference_specific", True)
+            keys += [f"judge/{name}/{k}" for k in better] + ([f"judge/{name}/specificity"] if specific else [])
         return keys
 
     def generate(self, gen, batch_size: int) -> list[torch.Tensor]:
@@ -191,17 +199,22 @@ class Evaluation:
                    "motion": motion(video.transpose(0, 1)),
                    "first_frame_psnr": psnr(video[:, 0], self.items[c]["first_frame"]), "details": {}}
             for name, judge in self.judges:
-                scores, details = judge_scores(judge, video, self.contexts)
-                sims[name][v] = [np.nan if x is None else x for x in scores]
-                own = details[c]
+                if getattr(judge, "reference_specific", True):  # against every clip, for specificity
+                    scores, details = judge_scores(judge, video, self.contexts)
+                    sims[name][v] = [np.nan if x is None else x for x in scores]
+                    score, own = scores[c], details[c]
+                else:
+                    (score,), (own,) = judge_scores(judge, video, [self.contexts[c]])
                 if own:
                     row.update({f"judge/{name}/{k}": _number(x) for k, x in own.items()
                                 if _number(x) is not None or x is None})
                     row["details"][name] = own
                 else:
-                    row[f"judge/{name}/score"] = scores[c]
+                    row[f"judge/{name}/score"] = score
             rows.append(row)
-        for name in sims:
+        for name, judge in self.judges:
+            if not getattr(judge, "reference_specific", True):
+                continue
             spec_values = identity_specificity(sims[name], [c for c, _ in self.jobs])
             for row, x in zip(rows, spec_values):
                 row[f"judge/{name}/specificity"] = float(x) if math.isfinite(x) else None

@@ -326,6 +326,12 @@ class Reward(ABC):
     #: A reward whose score is not a quality (none is expected) declares ``()``.
     higher_is_better: ClassVar[tuple[str, ...]] = ("score",)
 
+    #: whether the score against another clip's reference says something about the video, so that a
+    #: judge's ``specificity`` (own clip minus the others, ``rewardfl.evaluate``) means anything:
+    #: likeness to the reference does; ``motion``, whose target is only the reference's amount of
+    #: motion, does not (below every target its specificity is the same number at every checkpoint)
+    reference_specific: ClassVar[bool] = True
+
     #: the micro-batch's shared work (see :class:`StepCache`); set by the composition before each
     #: call. A reward alone, or called directly, sees a fresh cache each time it reads this.
     @property

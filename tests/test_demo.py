@@ -145,11 +145,17 @@ def test_warm_start_is_cached_and_deterministic(tmp_path, clips):
     assert shas(c) == shas(a)
 
 
-def test_demo_config_matches_the_warm_start():
+#: the configs that run on the demo's warm-started twin: the demo and the runs that hack on purpose
+DEMO_CONFIGS = sorted(name for name in os.listdir(os.path.join(ROOT, "examples"))
+                      if name == "demo.yaml" or name.startswith("hack_"))
+
+
+@pytest.mark.parametrize("name", DEMO_CONFIGS)
+def test_demo_config_matches_the_warm_start(name):
     from rewardfl.config import load_config
     from rewardfl.demo import DEMO_FRAMES, DEMO_SAMPLER, DEMO_SIZE
 
-    cfg = load_config(os.path.join(ROOT, "examples", "demo.yaml"), paths=False)
+    cfg = load_config(os.path.join(ROOT, "examples", name), paths=False)
     assert (cfg.data.height, cfg.data.width) == DEMO_SIZE
     assert cfg.data.num_frames == DEMO_FRAMES
     assert cfg.num_inference_steps == DEMO_SAMPLER["num_steps"]

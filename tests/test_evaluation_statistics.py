@@ -119,9 +119,12 @@ def test_the_guard_reads_only_declared_higher_is_better_judge_metrics():
 
     assert Reward.higher_is_better == ("score",)
     assert FaceIdentityReward.higher_is_better == ("score", "facesim_arc")  # not the counts, not degenerate_faces
-    ev = Evaluation([], _Plain(), [("face", _Judge()), ("plain", _Plain())], [0])
+    from rewardfl.rewards.motion import MotionReward
+
+    ev = Evaluation([], _Plain(), [("face", _Judge()), ("plain", _Plain()), ("motion", MotionReward())], [0])
+    # motion's score against another clip's reference is only that clip's amount of motion: no specificity
     assert ev.guarded_keys == ["judge/face/score", "judge/face/facesim_arc", "judge/face/specificity",
-                               "judge/plain/score", "judge/plain/specificity"]
+                               "judge/plain/score", "judge/plain/specificity", "judge/motion/score"]
     rng = np.random.default_rng(2)
     shape = (6, 2)
     before = {k: rng.normal(size=shape) for k in ("reward_score", "judge/face/score", "judge/face/degenerate_faces",

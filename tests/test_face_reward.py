@@ -381,3 +381,33 @@ def test_bfloat16_videos_score_like_float32(reward, face_photo):
     assert abs(float(out.scores.detach()[0]) - float(full[0])) < 0.02
     reward.loss(out).backward()
     assert half.grad.dtype == torch.bfloat16 and float(half.grad.float().abs().sum()) > 0
+
+
+def test_judge_scores_detect_a_video_once_for_every_clip_with_the_same_numbers(face_photo, face_assets, tmp_path,
+                                                                                monkeypatch):
+    """rewardfl.evaluate scores each video against every held-out clip (specificity): the face judge
+    finds the video's faces once per video, not once per clip, and the numbers equal separate
+    ``evaluate`` calls (each with its own detection)."""
+    from rewardfl.evaluate import judge_scores
+
+    judge = make_reward(face_assets.scrfd_sface, tmp_path)
+    names = ("person_a_1", "person_b_1", "impostor_1")
+    contexts = [context(n, torch.stack([face_photo(n, SIZE)] * 2)) for n in names]
+    judge.prepare(contexts)
+    video = torch.stack([face_photo("person_a_2", SIZE), edits(face_photo("person_a_2", SIZE))[0]], dim=1)
+    calls, embed = [], judge.embed_reference
+
+    def counted(frames):  # the real detection and embedding, its calls counted
+        calls.append(frames.shape[0])
+        return embed(frames)
+
+    monkeypatch.setattr(judge, "embed_reference", counted)
+    separate = [judge.evaluate(video, c) for c in contexts]
+    assert calls == [2, 2, 2]  # alone, each call detects the video's two frames
+    calls.clear()
+    scores, details = judge_scores(judge, video, contexts)
+    assert calls == [2]  # once for the three clips
+    assert details == separate and scores == [d["score"] for d in separate]
+    assert scores[0] > max(scores[1:])  # person a's video is nearest person a's clip
+    judge_scores(judge, video.clone(), contexts)  # another video: found again (a cache per call)
+    assert calls == [2, 2]

@@ -162,6 +162,41 @@ def test_stop_on_hacking_stops_after_a_checkpoint_with_exit_code_4(tmp_path, tin
     assert not (out / "final").exists()
 
 
+def test_a_run_that_collapses_motion_is_stopped_by_the_guard(tmp_path, tiny_dir, small_dataset, six_clips,
+                                                            face_assets, caplog):  # noqa: F811
+    """examples/hack_motion_collapse.yaml cut down to CI size: training that really collapses motion (no
+    crafted history), caught by the guard on 6 held-out clips, the run stopped with exit code 4.
+
+    The demo's hack trains the identity reward on the warm-started twin, where copying the sharp first
+    frame is the cheapest way up; the fixture's untrained twin has no face to copy, so here the training
+    reward is one a still video maximises outright (``motion`` with target 0: score = -energy). The judge
+    is ``motion`` against 3x the reference clips' energy (the untrained twin moves more than the clips,
+    unlike the warm-started one), so less motion is worse for it. Frames 1-4 of a 5-frame video decode
+    from one latent frame, so less motion means frame 1 nearer the injected first frame."""
+    config = _config(tmp_path, tiny_dir, small_dataset, face_assets, max_steps=8, save_steps=100,
+                     stop_on_hacking=True, eval_steps=2, data={"eval_metadata_path": six_clips},
+                     eval={"judges": [{"name": "motion", "label": "motion", "target_scale": 3.0}],
+                           "hacking_window": 5})
+    raw = yaml.safe_load(open(config))
+    raw["reward"] = {"name": "motion", "target_scale": 0.0}
+    open(config, "w").write(yaml.safe_dump(raw))
+    with caplog.at_level("WARNING", logger="rewardfl"):
+        assert run.main([config]) == 4
+    out = tmp_path / "out"
+    history = json.load(open(out / "eval_history.json"))["history"]
+    stop, base = history[-1], history[0]
+    assert base["step"] == 0 and len({r["clip"] for r in stop["rows"]}) == 6
+    # what the guard saw, from the per-video rows: the held-out videos move less than at the base (the
+    # training reward up) and the judge's score fell with it, on (nearly) every clip
+    for key, sign in (("motion", -1), ("reward_score", 1), ("judge/motion/score", -1)):
+        diffs = np.array([r[key] - b[key] for r, b in zip(stop["rows"], base["rows"])])
+        assert (sign * diffs > 0).sum() >= 5, (key, diffs)
+    err = caplog.text
+    assert f"step {stop['step']} vs step 0: possible reward hacking: reward_score rose" in err, err
+    assert "judge/motion/score fell" in err and "(6 clips)" in err and "stopped by the reward-hacking guard" in err
+    assert os.path.isdir(out / "checkpoints" / f"checkpoint-{stop['step']}") and not (out / "final").exists()
+
+
 def test_stop_on_hacking_with_fewer_than_5_held_out_clips_is_a_config_error(tmp_path, tiny_dir, small_dataset,
                                                                              face_assets, capsys):  # noqa: F811
     config = _config(tmp_path, tiny_dir, small_dataset, face_assets, max_steps=1, stop_on_hacking=True)

@@ -252,9 +252,13 @@ def face_boxes(photo: str, yunet_model: str, *, score_threshold: float = 0.6) ->
 #: the held-out people of the demo: faces of the 1927 Solvay conference photo (29 people, none of
 #: whom the example clips show), the largest ones, left to right
 HELDOUT_PHOTO = "solvay_conference_1927"
+#: how many: the clip-level intervals call no difference on fewer than 5 clips
+#: (``rewardfl.evaluation.metrics.MIN_CLIPS_FOR_CLAIM``); 12 gives them 11 degrees of freedom
+HELDOUT_PEOPLE = 12
 
 
-def build_heldout_from_face_assets(out_dir: str, *, assets=None, count: int = 4, **build_kwargs) -> str:
+def build_heldout_from_face_assets(out_dir: str, *, assets=None, count: int = HELDOUT_PEOPLE,
+                                   **build_kwargs) -> str:
     """Held-out clips of ``count`` people neither the warm start nor training sees: the ``count``
     largest faces of the Solvay photo, one clip each; returns the CSV path."""
     if assets is None:

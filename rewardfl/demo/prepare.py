@@ -7,8 +7,9 @@ about a second):
   fetched from the package registry and folded to fp32 (``rewardfl.demo.assets``);
 * ``data/example_video_dataset/``: short pan/zoom clips of real face photos and
   their ``metadata.csv`` (``rewardfl.demo.example_data``);
-* ``data/heldout_video_dataset/``: clips of four people none of those clips shows (faces of the
-  1927 Solvay conference photo), the held-out clips ``examples/demo.yaml`` evaluates on;
+* ``data/heldout_video_dataset/``: clips of twelve people none of those clips shows (faces of the
+  1927 Solvay conference photo, ``example_data.HELDOUT_PEOPLE``), the held-out clips
+  ``examples/demo.yaml`` evaluates on;
 * ``data/demo/judge_models/``: the YuNet detector (and SFace) for the evaluation's judge, a
   detector training never used;
 * ``data/demo/wan_tiny/``: the tiny Wan2.2 twin's checkpoints, tokenizer and

@@ -58,6 +58,7 @@ class MotionReward(Reward):
     module docstring for the formula)."""
 
     differentiable = True
+    reference_specific = False  # only the reference's amount of motion counts: no specificity
 
     @dataclasses.dataclass
     class Options:

@@ -564,7 +564,10 @@ class FaceIdentityReward(FaceReward):
         (pooled), FaceSim-Arc over ``eval_num_frames`` frames, and per-frame similarities."""
         o = self.options
         ref = self.reference(context)
-        faces = self.embed_reference(video.transpose(0, 1))
+        # the video's faces do not depend on the context: scored against every clip (rewardfl.evaluate's
+        # specificity), they are found once per cache (judge_scores gives one per video)
+        faces = self.cache.get(video, f"video_faces/{self.faces_key}",
+                               lambda: self.embed_reference(video.transpose(0, 1)))
         emb, found = faces.embeddings, faces.found
         ref_use = ref.usable(o.exclude_reference_frame0)
         num_frames = emb.shape[0]
