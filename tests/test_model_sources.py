@@ -338,6 +338,8 @@ def test_run_check_prints_the_model_lines_and_fails_in_one_line(caches, tiny_dir
     from rewardfl.registry import resolve_config, resolve_plugins
 
     class NoFilesReward(Reward):  # a reward without files of its own: only the model's lines print
+        differentiable = True  # as the default algorithm (reward backprop) needs
+
         def __call__(self, videos, contexts):
             raise NotImplementedError
 

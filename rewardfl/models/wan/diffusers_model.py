@@ -344,7 +344,8 @@ class Wan22DiffusersModel(Wan22Model):
         if boundary is not None:
             source = "model.boundary" if options.boundary is not None else "model_index.json boundary_ratio"
             lines.append(f"boundary: {boundary:g} ({source})")
-        return lines + describe_merges(merge_plan(config, options.merge_loras, tuple(folder.experts)))
+        merges = options.merge_loras if options is not None else []  # no options: the defaults, nothing to merge
+        return lines + describe_merges(merge_plan(config, merges, tuple(folder.experts)))
 
     def __init__(self, config, options: Optional[Wan22DiffusersOptions] = None, *, device=None, **runtime):
         options = options or self.Options()

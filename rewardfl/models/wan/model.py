@@ -145,7 +145,8 @@ class Wan22Model(VideoModel):
         listed = next((wf for wf in files if wf.role == "tokenizer"), None)
         path, source = cls._tokenizer_dir(config, listed, dry_run=True)
         lines.append(f"tokenizer: {source}" + (f"; {path}" if path else ""))
-        return lines + describe_merges(merge_plan(config, options.merge_loras, cls.experts))
+        merges = options.merge_loras if options is not None else []  # no options: the defaults, nothing to merge
+        return lines + describe_merges(merge_plan(config, merges, cls.experts))
 
     def __init__(self, config, options: Optional[Wan22Options] = None, *, device=None, **runtime):
         options = options or self.Options()
