@@ -132,12 +132,12 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(make_config,
             trainer.state.step = trainer.state.position = step
             trainer.save()
         save(1, 0.25)
-        real_save_file = checkpoint.save_file
-        def dying_save_file(tensors, path, *a, **k):
-            real_save_file(tensors, path, *a, **k)
+        real_write = checkpoint.write_safetensors
+        def dying_write(path, tensors, *a, **k):
+            real_write(path, tensors, *a, **k)
             if path.endswith("trainable.safetensors"):
                 os.kill(os.getpid(), signal.SIGKILL)
-        checkpoint.save_file = dying_save_file
+        checkpoint.write_safetensors = dying_write
         save(2, 0.0)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
