@@ -129,15 +129,16 @@ class FaceModelOptions:
     #: expectation over transformations (augment.py), where the score carries gradient (training):
     #: each face is scored as the mean of this many randomly transformed views (0: off; cost: views
     #: times the recognizer's forward and backward)
-    augment_views: int = 0
+    augment_views: int = AugmentOptions.views
     #: a view's scale U(1 -+ augment_scale), rotation U(-+ degrees), shift and per-landmark jitter
     #: U(-+ face sizes), Gaussian blur sigma U(0, augment_blur) crop pixels, contrast/brightness U(-+ augment_color)
-    augment_scale: float = 0.05
-    augment_rotation: float = 5.0
-    augment_shift: float = 0.05
-    augment_jitter: float = 0.02
-    augment_blur: float = 1.0
-    augment_color: float = 0.1
+    #: (defaults: augment.AugmentOptions)
+    augment_scale: float = AugmentOptions.scale
+    augment_rotation: float = AugmentOptions.rotation
+    augment_shift: float = AugmentOptions.shift
+    augment_jitter: float = AugmentOptions.jitter
+    augment_blur: float = AugmentOptions.blur
+    augment_color: float = AugmentOptions.color
 
     # Checked where the config enters (run --check too), before any model loads; the values of
     # the Literal fields are checked by the config's type check. The modules below trust these.
