@@ -1,0 +1,69 @@
+"""The docs say what the code does: docs/configuration.md is generated from the config and plugin
+``Options`` dataclasses, and every link between the docs pages (and from README.md) resolves."""
+
+import importlib.util
+import os
+import re
+
+from rewardfl.plugins import config_reference
+from rewardfl.registry import list_plugins
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(ROOT, "docs")
+REGENERATE = "python -m rewardfl.plugins --config-reference > docs/configuration.md"
+
+
+def read(path):
+    return open(path, encoding="utf-8").read()
+
+
+def shipped_plugins():
+    """The plugins rewardfl ships, as installed: a plugin package installed beside it (tests/plugin_pkg)
+    is not part of this checkout's docs, nor is an entry point whose module this checkout lacks
+    (installed metadata of another tree)."""
+    return [p for p in list_plugins() if p.distribution == "rewardfl"
+            and importlib.util.find_spec(p.module.split(":")[0]) is not None]
+
+
+def test_configuration_reference_is_current():
+    shipped = shipped_plugins()
+    assert read(os.path.join(DOCS, "configuration.md")) == config_reference(shipped), (
+        f"docs/configuration.md is stale: run `{REGENERATE}` and commit it")
+
+
+def test_configuration_reference_reads_field_comments():
+    """Names, defaults and the ``#:`` comments of fields reach the page (a field of a plugin's Options
+    included), so a docs-less page cannot pass as current."""
+    page = read(os.path.join(DOCS, "configuration.md"))
+    assert "| `kl_weight` | `float` | `1.0` | weight of the velocity regulariser (kl) in the loss; 0 disables it |" in page
+    assert "| `data.eval_fraction` | `float` | `0.0` |" in page
+    assert re.search(r"\| `shift` \| `float` \| `5.0` \| .+ \|", page), "the sampler's shift option is undocumented"
+
+
+def test_every_docs_link_resolves():
+    """Relative links in README.md and docs/*.md point at files that exist."""
+    pages = [os.path.join(ROOT, "README.md")] + [os.path.join(root, name) for root, _, names in os.walk(DOCS)
+                                                   for name in names if name.endswith(".md")]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", read(page)):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            if not os.path.exists(os.path.normpath(os.path.join(os.path.dirname(page), target))):
+                broken.append(f"{os.path.relpath(page, ROOT)} -> {target}")
+    assert not broken, broken
+
+
+def test_nothing_cites_a_file_outside_the_repository():
+    """Facts the code relies on are stated in docs/ (docs/design.md), not in a document only some have."""
+    cited = []
+    for top in ("rewardfl", "tests", "benchmarks", "examples", "kernels", "csrc", "docs", "README.md", "setup.py"):
+        base = os.path.join(ROOT, top)
+        paths = [base] if os.path.isfile(base) else [os.path.join(r, n) for r, _, ns in os.walk(base) for n in ns]
+        for path in paths:
+            if not path.endswith((".py", ".md", ".yaml", ".cpp", ".cu", ".h", ".txt")) or path == __file__:
+                continue
+            for number, line in enumerate(read(path).splitlines(), 1):
+                if re.search(r"REFERENCE\.md|user's document|(?<![/\w])shared/", line):
+                    cited.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()}")
+    assert not cited, cited
