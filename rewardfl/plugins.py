@@ -35,9 +35,9 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
 #: the docs page of each plugin kind (docs/configuration.md links each plugin there)
 KIND_PAGES = {"model": "models.md", "sampler": "samplers.md", "reward": "rewards.md", "algorithm": "algorithms.md"}
 
-#: how each plugin kind is selected in the YAML
-KIND_KEYS = {"model": "model_name: NAME; options under model:", "sampler": "sampler: {name: NAME, ...}",
-             "reward": "reward: {name: NAME, ...} (or a list of them)", "algorithm": "algorithm: {name: NAME, ...}"}
+#: how each plugin kind is selected in the YAML (markdown)
+KIND_KEYS = {"model": "`model_name: NAME`, its options under `model:`", "sampler": "`sampler: {name: NAME, ...}`",
+             "reward": "`reward: {name: NAME, ...}` or a list of them", "algorithm": "`algorithm: {name: NAME, ...}`"}
 
 CONFIG_REFERENCE_HEADER = """\
 # Configuration reference
@@ -48,9 +48,11 @@ CONFIG_REFERENCE_HEADER = """\
 Every key a config YAML may hold, read from the config dataclasses (`rewardfl/config.py`) and each
 plugin's `Options` dataclass: the name, the type, the default and the `#:` comment above the field
 in the source. `python -m rewardfl.run cfg.yaml --check` validates a config against exactly these
-fields: an unknown key (with a did-you-mean), a wrong type or an out-of-range value is one line naming
-the key. Relative paths are relative to the working directory. The resolved config (defaults filled
-in) is written to `OUTPUT_DIR/config.yaml`. What the keys do, topic by topic: [the docs](README.md).
+fields: an unknown key (with a did-you-mean), a wrong type, an out-of-range value, a missing path or an
+unregistered plugin is one line naming the key. Relative paths are relative to the working directory.
+The seed recipe's ROLL config block loads as it stands (`examples/reward_fl_wan22.yaml`). The resolved
+config (defaults filled in) is written to `OUTPUT_DIR/config.yaml`. What the keys do, topic by topic:
+[the docs](README.md).
 """
 
 
@@ -156,7 +158,7 @@ def fields_table(cls: type, prefix: str = "") -> list[str]:
 
 def _first_paragraph(obj) -> str:
     doc = inspect.getdoc(obj) or ""
-    return " ".join(doc.split("\n\n")[0].split())
+    return " ".join(doc.split("\n\n")[0].split()).replace("``", "`")
 
 
 def config_reference(plugins: list[PluginInfo]) -> str:
@@ -169,7 +171,7 @@ def config_reference(plugins: list[PluginInfo]) -> str:
         if not infos:
             continue
         out += [f"## {kind.capitalize()} plugins", "",
-                f"Selected with `{KIND_KEYS[kind]}`. What they do: [{KIND_PAGES[kind]}]({KIND_PAGES[kind]}).", ""]
+                f"Selected with {KIND_KEYS[kind]}. What they do: [{KIND_PAGES[kind]}]({KIND_PAGES[kind]}).", ""]
         for info in infos:
             cls = load_plugin(kind, info.name)
             options = cls.Options
