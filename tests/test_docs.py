@@ -40,17 +40,31 @@ def test_configuration_reference_reads_field_comments():
     assert re.search(r"\| `shift` \| `float` \| `5.0` \| .+ \|", page), "the sampler's shift option is undocumented"
 
 
+def anchors(path):
+    """GitHub's anchors of the headings of a markdown file (outside code blocks)."""
+    out, fenced = set(), False
+    for line in read(path).splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#+ ", line):
+            out.add(re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-"))
+    return out
+
+
 def test_every_docs_link_resolves():
-    """Relative links in README.md and docs/*.md point at files that exist."""
+    """Relative links in README.md and docs/*.md point at files that exist, and at headings that exist."""
     pages = [os.path.join(ROOT, "README.md")] + [os.path.join(root, name) for root, _, names in os.walk(DOCS)
                                                    for name in names if name.endswith(".md")]
     broken = []
     for page in pages:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", read(page)):
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", read(page)):
             if "://" in target or target.startswith("mailto:"):
                 continue
-            if not os.path.exists(os.path.normpath(os.path.join(os.path.dirname(page), target))):
+            path = os.path.normpath(os.path.join(os.path.dirname(page), target)) if target else page
+            if not os.path.exists(path):
                 broken.append(f"{os.path.relpath(page, ROOT)} -> {target}")
+            elif anchor and path.endswith(".md") and anchor not in anchors(path):
+                broken.append(f"{os.path.relpath(page, ROOT)} -> {target}#{anchor}")
     assert not broken, broken
 
 
