@@ -1,11 +1,13 @@
 """The docs say what the code does: docs/configuration.md is generated from the config and plugin
 ``Options`` dataclasses, and every link between the docs pages (and from README.md) resolves."""
 
+import dataclasses
 import importlib.util
 import os
 import re
+from typing import Optional
 
-from rewardfl.plugins import config_reference
+from rewardfl.plugins import config_reference, fields_table
 from rewardfl.registry import list_plugins
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,9 +37,42 @@ def test_configuration_reference_reads_field_comments():
     """Names, defaults and the ``#:`` comments of fields reach the page (a field of a plugin's Options
     included), so a docs-less page cannot pass as current."""
     page = read(os.path.join(DOCS, "configuration.md"))
-    assert "| `kl_weight` | `float` | `1.0` | weight of the velocity regulariser (kl) in the loss; 0 disables it |" in page
+    assert re.search(r"\| `kl_weight` \| `float` \| `1.0` \| weight of the velocity regulariser", page)
     assert "| `data.eval_fraction` | `float` | `0.0` |" in page
     assert re.search(r"\| `shift` \| `float` \| `5.0` \| .+ \|", page), "the sampler's shift option is undocumented"
+
+
+@dataclasses.dataclass
+class _Options:
+    #: the score's mean and spread: loss = -(score - score_mean) / score_std
+    score_mean: float = 0.5
+    score_std: float = 0.25
+    unrelated: int = 3
+    #: a file the plugin reads, also a top-level key
+    path: Optional[str] = dataclasses.field(default=None, metadata={"top_level": True})
+    tags: list = dataclasses.field(default_factory=lambda: ["a", "b|c"])
+
+
+@dataclasses.dataclass
+class _TinyOptions(_Options):
+    score_std: float = 0.5
+
+
+def test_fields_table_rules():
+    """A field's own comment; a group's comment for a field right below that it names or shares a first
+    word with; none for an unrelated neighbour; a subclass keeps the base's comment; top-level keys and
+    pipes in cells are marked."""
+    rows = fields_table(_TinyOptions, "reward.")
+    assert rows[:2] == ["| key | type | default | meaning |", "|---|---|---|---|"]
+    mean_doc = "the score's mean and spread: loss = -(score - score_mean) / score_std"
+    assert rows[2:] == [
+        f"| `reward.score_mean` | `float` | `0.5` | {mean_doc} |",
+        f"| `reward.score_std` | `float` | `0.5` | {mean_doc} (with `score_mean`) |",
+        "| `reward.unrelated` | `int` | `3` |  |",
+        "| `reward.path` | `Optional[str]` | `null` | a file the plugin reads, also a top-level key "
+        "(also accepted at the top level) |",
+        "| `reward.tags` | `list` | `[a, b\\|c]` |  |",
+    ]
 
 
 def anchors(path):
