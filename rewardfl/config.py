@@ -1,6 +1,6 @@
 """Typed, validated configuration: YAML -> dataclasses.
 
-The top level accepts the user's document's keys exactly as written there
+The top level accepts the seed recipe's keys (examples/reward_fl_wan22.yaml) exactly as written there
 (``learning_rate``, ``model_paths``, ``min_timestep_boundary``, ...), the
 reference implementation's (``mid_timestep``, ``lora_rank``, ...), and sections
 for what rewardfl adds: ``sampler``, ``reward``, ``model`` (plugin name and
@@ -123,7 +123,7 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    # --- the user's document (reward FL + wan2_2 keys), names as written there
+    # --- the seed recipe's keys (reward FL + wan2_2, examples/reward_fl_wan22.yaml), names as written there
     #: AdamW learning rate (> 0)
     learning_rate: float = 2.5e-6
     #: ``constant``, ``linear`` or ``cosine`` decay after warm-up
@@ -378,7 +378,7 @@ def build_dataclass(cls, values: dict, prefix: str = "", also_known: Sequence[st
             names = sorted(set(fields) | set(also_known))
             known = ("known keys: " + ", ".join(names) if len(names) <= 12
                      else (f"known keys: {', '.join(also_known)} and the plugin's own ({', '.join(sorted(fields))})"
-                           if also_known else "see the config reference in README.md"))
+                           if also_known else "see docs/configuration.md"))
             raise ConfigError(f"unknown key '{dotted}'{_did_you_mean(str(key), names)}; {known}")
         kwargs[key] = _coerce(value, hints[key], dotted)
     try:

@@ -9,7 +9,7 @@ mode), and that ``output_dir`` is writable and not another run's. It prints a su
 A user error prints one line and exits with code 2; a run stopped by a signal
 exits 143 after saving a checkpoint; a run in which no step updated the weights
 exits 3. Under DeepSpeed or torchrun the same command runs one process per rank
-(see README, "Scaling out").
+(see docs/scaling-out.md).
 """
 
 from __future__ import annotations

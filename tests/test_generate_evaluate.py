@@ -302,7 +302,7 @@ def test_evaluate_judge_option_errors_name_the_judge_key_before_the_model_loads(
                               "--out", str(trained["root"] / "eval-wrong")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["rewardfl.evaluate: error: unknown key 'eval.judges[0].det_sise' (did you mean "
-                                 "'det_size'?); see the config reference in README.md"], err
+                                 "'det_size'?); see docs/configuration.md"], err
 
 
 # --------------------------------------------------------------------------- refusals before any work (issue 28)

@@ -161,7 +161,7 @@ def test_fast_mode_extrapolates_the_full_run(make_config):  # noqa: F811
 
 
 def a14b_expert_params(blocks: int = 40) -> int:
-    """Wan2.2-I2V-A14B's DiT (one expert), counted from its layer shapes (REFERENCE.md section 2):
+    """Wan2.2-I2V-A14B's DiT (one expert), counted from its layer shapes (docs/design.md section 4):
     dim 5120, ffn 13824, 40 blocks, 36 input / 16 output channels, patch 1x2x2, text 4096, freq 256.
     (14,288,901,184 for the 40 blocks.)"""
     d, f = 5120, 13824

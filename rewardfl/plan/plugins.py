@@ -39,7 +39,7 @@ UMT5_XXL = dict(vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=
 
 #: name -> (DiT key of ``architectures.known_dits``, expert roles, text encoder kwargs, VAE arch)
 PRESETS = {
-    # two 14B experts (high noise ``dit``, low noise ``dit2``), Wan2.1 VAE: REFERENCE.md section 2
+    # two 14B experts (high noise ``dit``, low noise ``dit2``), Wan2.1 VAE: docs/design.md section 4
     "wan2.2-i2v-a14b": ("diffsynth:5b013604280dd715f8457c6ed6d6a626", ("dit", "dit2"), UMT5_XXL,
                         {"kind": "wan2.1", "dim": 96, "z_dim": 16}),
     # one 5B expert with first-frame injection, Wan2.2 VAE (stride 4x16x16, z 48)

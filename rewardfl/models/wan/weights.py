@@ -283,7 +283,7 @@ def find_hub_files(model_id: str, pattern: str, *, where: str, config_dir: str =
         raise ModelSourceNotFound(
             f"{where}: no local file matches {asked} (looked in {base} and {_cache_dirs()}); rewardfl never "
             "downloads unless allow_download: true; or fetch it on a machine with network and copy the cache "
-            "over (README, \"Model\")")
+            "over (docs/models.md)")
     hub = _download_source(where)
     mid, pat = candidates[-1]
     try:
