@@ -47,7 +47,7 @@ def demo_trainer(tmp_path_factory):
 
 def one_step(trainer, timings: dict) -> None:
     from rewardfl.interfaces import SampleContext
-    from rewardfl.training.algorithm import sample_latents
+    from rewardfl.sampling.rollout import sample_latents
 
     cfg = trainer.cfg
     batch = trainer._next_batch()

@@ -22,8 +22,8 @@ from rewardfl import registry, run
 from rewardfl.config import config_from_dict, load_config
 from rewardfl.registry import resolve_plugins
 from rewardfl.training import Trainer
-from rewardfl.training.algorithm import sample_latents
-from rewardfl.training.policy import plan_steps
+from rewardfl.sampling.rollout import sample_latents
+from rewardfl.sampling.policy import plan_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

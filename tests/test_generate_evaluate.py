@@ -330,7 +330,7 @@ def _tree(path):
 
 
 def test_generate_and_evaluate_refuse_an_out_inside_a_checkpoint_final_or_best(trained, capsys, no_model):
-    from rewardfl.training.checkpoints import verified_checkpoint
+    from rewardfl.checkpoints import verified_checkpoint
 
     out_dir = os.path.dirname(trained["final"])
     before = {p: _tree(p) for p in (trained["checkpoint"], trained["final"])}
@@ -372,7 +372,7 @@ def test_a_truncated_or_garbage_export_is_one_line_before_the_model_loads(traine
 def test_evaluate_checks_every_checkpoint_fits_before_generating_the_base(trained, capsys, monkeypatch):
     from safetensors import safe_open
 
-    from rewardfl.evaluate import Evaluation
+    from rewardfl.evaluation.evaluation import Evaluation
     from rewardfl.fileio import write_safetensors
 
     exported = os.path.join(trained["final"], "trainable_low_noise.safetensors")

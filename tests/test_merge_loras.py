@@ -163,7 +163,7 @@ from train_fixtures import make_config, small_dataset  # noqa: E402,F401  (fixtu
 def test_check_prints_the_merges_and_generate_builds_the_same_merged_model(make_config, base, tmp_path, capsys):  # noqa: F811
     from rewardfl import run
     from rewardfl.config import load_config
-    from rewardfl.generate import Generator
+    from rewardfl.sampling.generator import Generator
     from rewardfl.registry import resolve_plugins
 
     entries, expected = _files(str(tmp_path), base)

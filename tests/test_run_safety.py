@@ -19,11 +19,12 @@ from train_fixtures import make_config, small_dataset  # noqa: F401  (fixtures)
 from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
 
 from rewardfl import run
-from rewardfl.training.checkpoints import list_checkpoints
+from rewardfl.checkpoints import list_checkpoints
 from rewardfl.config import load_config
 from rewardfl.training.outputs import MetricsLog, OutputDir, read_metrics
 from rewardfl.registry import resolve_plugins
-from rewardfl.training import EXIT_NOTHING_TRAINED, EXIT_STOPPED, Trainer
+from rewardfl.cli import EXIT_NOTHING_TRAINED, EXIT_STOPPED_BY_SIGNAL as EXIT_STOPPED
+from rewardfl.training import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

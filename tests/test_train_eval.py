@@ -20,7 +20,7 @@ from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
 
 from rewardfl import evaluate as evaluate_cli
 from rewardfl import run
-from rewardfl.generate import Generator
+from rewardfl.sampling.generator import Generator
 from rewardfl.registry import load_resolved
 from rewardfl.training.outputs import read_metrics
 

@@ -1,4 +1,4 @@
-"""Evaluate checkpoints on held-out clips: ``python -m rewardfl.evaluate cfg.yaml --checkpoint A [--checkpoint B]``.
+"""The evaluation of checkpoints on held-out clips (``python -m rewardfl.evaluate`` and training's).
 
 The base model is always evaluated too. Every checkpoint generates from the same starting noise
 (``--seeds K``: seeds 0..K-1 per clip; :mod:`rewardfl.generate`), and each video gets:
@@ -24,35 +24,37 @@ reference | base | each checkpoint, a few frames each) to ``--out`` (default ``O
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
 import os
 import re
-import sys
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from .cli import user_error_exit
-from .config import ConfigError
-from .interfaces import SampleContext, StepCache
-from .registry import load_resolved, resolve_config
+from rewardfl.config import ConfigError, build_dataclass
+from rewardfl.fileio import atomic_write, write_json
+from rewardfl.interfaces import SampleContext, StepCache
+from rewardfl.registry import PluginError, load_plugin, resolve_config
+from rewardfl.runtime import resolve_device
+from rewardfl.sampling.generator import Generator, video_name
+from rewardfl.sampling.weights import check_weights_source
+
+from .metrics import MIN_CLIPS_FOR_CLAIM, hacking_warnings, identity_specificity, motion, paired_interval, psnr
+from .report import contact_sheet, markdown_table, summarize
+from .split import eval_dataset
 
 log = logging.getLogger("rewardfl")
 
-__all__ = ["build_judges", "judge_specs", "check_judges", "check_evaluation", "judge_scores", "Evaluation", "evaluate", "checkpoint_labels", "main"]
+__all__ = ["build_judges", "judge_specs", "check_judges", "check_evaluation", "judge_scores", "Evaluation", "evaluate", "checkpoint_labels"]
 
 
 def judge_specs(cfg) -> list[tuple[str, type, object]]:
     """``[(label, plugin class, options)]`` of ``eval.judges``, validated without building any (``run
     --check`` and the checks before a model loads): each entry ``{name, label?, <options>}``; the label
     defaults to the name (``name_2``, ... when a name repeats). Errors name ``eval.judges[i]``."""
-    from .config import build_dataclass
-    from .registry import PluginError, load_plugin
-
     specs, seen = [], {}
     for i, spec in enumerate(cfg.eval.judges):
         spec = {"name": spec} if isinstance(spec, str) else dict(spec)
@@ -88,8 +90,6 @@ def check_evaluation(cfg) -> list[str]:
     :func:`check_judges`) and that it has held-out clips; otherwise the judges' names and options only.
     What the trainer checks before the model loads (``run --check`` lists every judge's files itself);
     returns the lines ``--check`` prints."""
-    from .evaluation.split import eval_dataset
-
     if not (cfg.eval_steps or cfg.eval.at_end):  # a run that does not evaluate: names and options only
         judge_specs(cfg)
         return []
@@ -188,8 +188,6 @@ class Evaluation:
     def score(self, label: str, videos: Sequence[torch.Tensor]) -> list[dict]:
         """One row per job: ``reward_score``, ``judge/<name>/<key>`` (with ``specificity``), ``motion``,
         ``first_frame_psnr``; ``details`` holds each judge's own numbers."""
-        from .evaluation.metrics import identity_specificity, motion, psnr
-
         rows = []
         sims = {name: np.full((len(self.jobs), len(self.items)), np.nan) for name, _ in self.judges}
         for v, ((c, s), video) in enumerate(zip(self.jobs, videos)):
@@ -234,24 +232,12 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
 
     ``generator``/``reward``: already built ones to use (the end of a training run passes its own);
     ``write``: whether this process writes the files (rank 0 of a training run)."""
-    from .evaluation.metrics import MIN_CLIPS_FOR_CLAIM, hacking_warnings, motion, paired_interval
-    from .evaluation.report import contact_sheet, markdown_table, summarize
-    from .evaluation.split import eval_dataset
-    from .fileio import atomic_write, write_json
-    from .generate import Generator, check_weights_source, trainable_weights_of, video_name
-
-    from .training.outputs import check_command_output
-
     cfg = resolve_config(cfg, plugins)
-    if write:
-        check_command_output(out_dir)  # before the model loads, not after every video is scored
     e = cfg.eval
     dataset = eval_dataset(cfg, metadata, command_line=True)
     items = [dataset[i] for i in range(len(dataset))]
     for spec in checkpoints:  # a wrong path, a damaged or truncated file: before the model loads
         check_weights_source(spec, weights)
-    from .training.loop import resolve_device
-
     device = generator.device if generator is not None else resolve_device(cfg)
     judges = build_judges(cfg, device)  # option errors before the model loads
     if reward is None:
@@ -295,44 +281,3 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
             f.write(table)
     result["table"] = table
     return result
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rewardfl.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("config", help="YAML config file (the training config)")
-    p.add_argument("--checkpoint", action="append", default=[],
-                   help="a checkpoint directory, OUTPUT_DIR/final or an exported file; repeatable (base is always "
-                        "included)")
-    p.add_argument("--out", help="output directory (default OUTPUT_DIR/eval)")
-    p.add_argument("--weights", choices=("trained", "ema"), default="trained",
-                   help="each checkpoint's trained weights, or their moving average (runs trained with ema_decay)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per clip: 0..K-1 (default eval.seeds)")
-    p.add_argument("--metadata", help="metadata.csv of the clips (default: the config's held-out clips)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="videos sampled together (default per_device_train_batch_size)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key; repeatable")
-    return p
-
-
-@user_error_exit("rewardfl.evaluate")
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.seeds is not None and args.seeds < 1:
-        raise ValueError(f"--seeds: the number of seeds per clip must be >= 1, got {args.seeds}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
-    cfg, plugins = load_resolved(args.config, args.overrides)
-    if "base" in args.checkpoint:
-        raise ValueError("--checkpoint base: the base model is always evaluated; name trained checkpoints only")
-    out = args.out or os.path.join(cfg.resolve_path(cfg.output_dir), "eval")
-    result = evaluate(cfg, plugins, args.checkpoint, out, seeds=list(range(args.seeds or cfg.eval.seeds)),
-                      metadata=args.metadata, batch_size=args.batch_size or cfg.per_device_train_batch_size,
-                      weights=args.weights)
-    print(result["table"], end="")
-    print(f"wrote eval.json, eval.md and {len(result['clips'])} contact sheets to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
