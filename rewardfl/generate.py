@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     cfg, plugins = load_resolved(args.config, args.overrides)
     check_weights_source(args.checkpoint, args.weights)  # the one-line error, before the model loads
     clips = _clips(cfg, args)
-    gen = Generator(cfg, plugins)
+    gen = Generator.build(cfg, plugins)
     gen.load(args.checkpoint, args.weights)
     jobs = [(i, s) for i in range(len(clips)) for s in seeds]
     videos = gen.generate([clips[i] for i, _ in jobs], [s for _, s in jobs],

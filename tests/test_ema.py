@@ -62,7 +62,7 @@ def test_ema_follows_the_hand_computed_average_and_resumes_exactly(make_config, 
     from rewardfl.sampling.generator import Generator
     from rewardfl.registry import load_resolved
 
-    gen = Generator(*load_resolved(config))
+    gen = Generator.build(*load_resolved(config))
     gen.load(os.path.join(out, "final"), "ema")
     exported = gen.model.trainable_state_dict()
     assert exported.keys() == a.keys()

@@ -242,7 +242,7 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
     judges = build_judges(cfg, device)  # option errors before the model loads
     if reward is None:
         reward = plugins["reward"](cfg, cfg.reward.options, device=device)
-    gen = generator or Generator(cfg, plugins, device=device)
+    gen = generator or Generator.build(cfg, plugins, device=device)
     for spec in checkpoints:  # every checkpoint fits the model before the base is generated and scored
         gen.check_fits(spec, weights)
     ev = Evaluation(items, reward, judges, seeds)

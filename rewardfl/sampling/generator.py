@@ -43,35 +43,33 @@ def full_plan(cfg, sampler, model, boundary):
 
 
 class Generator:
-    """The model and sampler of a config, built once; :meth:`load` swaps trained weights in and out."""
+    """A model and sampler with the config's full-step plan; :meth:`load` swaps trained weights in and out.
 
-    def __init__(self, cfg, plugins: dict[str, type], *, device: Optional[torch.device] = None):
-        self.cfg = cfg = resolve_config(cfg, plugins)
-        self.device = device or resolve_device(cfg)
-        seed_everything(cfg.seed)
-        self.model = plugins["model"](cfg, cfg.model, device=self.device)
-        self.model.eval()
-        self.sampler = plugins["sampler"](cfg, cfg.sampler.options, device=self.device)
-        self.plan = full_plan(cfg, self.sampler, self.model, expert_boundary_of(plugins["model"], cfg))
-        # the weights as built (LoRA adapters that add nothing): what "base" restores
-        self._base = {k: v.detach().clone() for k, v in self.model.trainable_state_dict().items()}
-        self.checkpoint = "base"
+    :meth:`build` builds the model and sampler of a config (``generate``, ``evaluate``); training
+    passes its own (no second copy of the model). ``base_weights``: what ``load("base")`` restores
+    (default: a copy of the trainable weights as they are now; None: ``base`` cannot be loaded);
+    ``whole``: a context in which the trainable weights are whole and loading into them lasts (the
+    engine's ``gathered(modify=True)``: under ZeRO-3 they are partitioned)."""
+
+    def __init__(self, cfg, model, sampler, boundary, *, base_weights="copy", whole=None,
+                 checkpoint: str = "current"):
+        self.cfg, self.model, self.sampler, self.device = cfg, model, sampler, model.device
+        self.plan = full_plan(cfg, sampler, model, boundary)
+        if base_weights == "copy":  # the weights as built (LoRA adapters that add nothing)
+            base_weights = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
+        self._base, self.checkpoint = base_weights, checkpoint
+        self._whole = whole or contextlib.nullcontext
 
     @classmethod
-    def from_model(cls, cfg, model, sampler, boundary, *, base_weights: Optional[dict] = None,
-                   whole=None) -> "Generator":
-        """A generator over an already built (training) model and sampler: no second copy of the model.
-        ``base_weights``: what ``load("base")`` restores (None: ``base`` cannot be loaded); ``whole``: a
-        context in which the trainable weights are whole and loading into them lasts (the engine's
-        ``gathered(modify=True)``: under ZeRO-3 they are partitioned)."""
-        gen = cls.__new__(cls)
-        gen.cfg, gen.model, gen.sampler, gen.device = cfg, model, sampler, model.device
-        gen.plan = full_plan(cfg, sampler, model, boundary)
-        gen._base, gen.checkpoint = base_weights, "current"
-        gen._whole = whole or contextlib.nullcontext
-        return gen
-
-    _whole = staticmethod(contextlib.nullcontext)  # a model built here is never partitioned
+    def build(cls, cfg, plugins: dict[str, type], *, device: Optional[torch.device] = None) -> "Generator":
+        """The model and sampler of ``cfg`` built (seeded by the config's ``seed``), in eval mode."""
+        cfg = resolve_config(cfg, plugins)
+        device = device or resolve_device(cfg)
+        seed_everything(cfg.seed)
+        model = plugins["model"](cfg, cfg.model, device=device)
+        model.eval()
+        sampler = plugins["sampler"](cfg, cfg.sampler.options, device=device)
+        return cls(cfg, model, sampler, expert_boundary_of(plugins["model"], cfg), checkpoint="base")
 
     def check_fits(self, spec: str, which: str = "trained") -> None:
         """The one-line error :meth:`load` would give when ``spec``'s weights do not fit the model, without

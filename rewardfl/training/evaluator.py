@@ -66,7 +66,7 @@ class TrainingEvaluator:
         items = [dataset[i] for i in range(n)]
         self.evaluation = Evaluation(items, trainer.reward, build_judges(cfg, trainer.device),
                                      list(range(cfg.eval.train_seeds)))
-        self.generator = Generator.from_model(cfg, trainer.model, trainer.sampler, trainer.boundary)
+        self.generator = Generator(cfg, trainer.model, trainer.sampler, trainer.boundary, base_weights=None)
         self.batch_size = cfg.per_device_train_batch_size
         self.path = os.path.join(self.output_dir, HISTORY)
         self.history: list[dict] = []  # [{"step", "metrics": {eval/...}, "rows": [...]}]
@@ -222,9 +222,8 @@ def evaluate_at_end(trainer) -> None:
     OUTPUT_DIR/eval; the table printed. Every process runs it (collectives inside the model stay
     matched); rank 0 writes and prints."""
     cfg, out = trainer.cfg, trainer.output_dir
-    gen = Generator.from_model(cfg, trainer.model, trainer.sampler, trainer.boundary,
-                               base_weights=trainer.base_weights,
-                               whole=lambda: trainer.engine.gathered(modify=True))  # ZeRO-3: partitioned
+    gen = Generator(cfg, trainer.model, trainer.sampler, trainer.boundary, base_weights=trainer.base_weights,
+                    whole=lambda: trainer.engine.gathered(modify=True))  # ZeRO-3: partitioned
     try:
         result = evaluate(cfg, trainer.plugins, [os.path.join(out, "final")], os.path.join(out, "eval"),
                           seeds=list(range(cfg.eval.seeds)), batch_size=cfg.per_device_train_batch_size,
