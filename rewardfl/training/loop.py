@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from rewardfl.checkpoints import EMA_FILE, CheckpointManager
 from rewardfl.config import ConfigError, TrainConfig, dump_config, to_dict
-from rewardfl.data import VideoDataset, collate
+from rewardfl.data import VideoDataset
 from rewardfl.evaluation.evaluation import check_evaluation
 from rewardfl.evaluation.split import training_dataset
 from rewardfl.interfaces import SampleContext
@@ -44,6 +44,7 @@ from rewardfl.runtime import (DistInfo, StopSignal, all_reduce_mean, all_reduce_
 from rewardfl.sampling.policy import expert_boundary_of, plan_steps
 
 from .engines import build_engine, lr_lambda
+from .batches import MicroBatches
 from .ema import EMA
 from .evaluator import TrainingEvaluator, evaluate_at_end, sheet_image
 from .exports import export_final, save_best
@@ -90,10 +91,9 @@ class Trainer:
 
         # the clips training draws from: data.metadata_path without the held-out ones (data.eval_fraction)
         self.dataset = training_dataset(cfg, VideoDataset.from_config(cfg))
-        # videos of one micro-batch over all processes; an epoch is the whole micro-batches it holds
-        self.global_micro = cfg.per_device_train_batch_size * self.world_size
-        self.micro_per_epoch = len(self.dataset) // self.global_micro
-        if self.micro_per_epoch == 0:
+        self.batches = MicroBatches(self.dataset, batch_size=cfg.per_device_train_batch_size, seed=cfg.seed,
+                                    rank=self.rank, world_size=self.world_size, num_workers=cfg.data.num_workers)
+        if self.batches.per_epoch == 0:
             raise ConfigError(
                 f"per_device_train_batch_size: {cfg.per_device_train_batch_size} x {self.world_size} process(es) "
                 f"exceeds the {len(self.dataset)} training videos of data.metadata_path")
@@ -112,7 +112,7 @@ class Trainer:
         self.gradient_check = ZeroGradientCheck(set(self.model.experts) - {s.expert for s in self.plan if s.grad})
         if not self.params:
             raise ConfigError("trainable_models: the model has no trainable parameters with this config")
-        self.total_steps = cfg.max_steps or cfg.num_train_epochs * max(1, self.micro_per_epoch // self.accum)
+        self.total_steps = cfg.max_steps or cfg.num_train_epochs * max(1, self.batches.per_epoch // self.accum)
         self.engine = build_engine(cfg, self.model, self.params,
                                    lr_lambda(cfg.lr_scheduler_type, cfg.warmup_steps, self.total_steps),
                                    self.dist, self.accum)
@@ -128,7 +128,6 @@ class Trainer:
             # the moving average of the trainable weights (ema_decay), from the weights as built
             self.ema = (EMA(self.model.trainable_state_dict(), cfg.ema_decay,
                             "cpu" if cfg.ema_device == "cpu" else None) if cfg.ema_decay > 0 else None)
-        self._loader = None  # the current epoch's batch iterator (built at the first batch, after resume)
 
     def _accumulation(self) -> int:
         cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
@@ -143,39 +142,6 @@ class Trainer:
                     f"gradient_accumulation_steps ({accum}); fix one of them or leave train_batch_size unset")
         return accum
 
-    # ---------------------------------------------------------------- data
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        """The sample order of ``epoch``: one permutation seeded by (seed, epoch), the same on every process."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
-        return torch.randperm(len(self.dataset), generator=g).tolist()
-
-    def _next_batch(self) -> dict:
-        """This process's share of the next micro-batch: each global micro-batch is split by rank, so a
-        run on N processes sees the same samples per step as one process with N times the batch.
-
-        Clips are decoded by a DataLoader (``data.num_workers`` processes decode ahead of the
-        training thread); ``state.position`` counts the micro-batches *consumed*, so a checkpoint
-        resumes at the first one not trained on whatever the workers had prefetched."""
-        if self.state.position >= self.micro_per_epoch:
-            self.state.epoch += 1
-            self.state.position = 0
-            self._loader = None
-        if self._loader is None:
-            self._loader = iter(self._epoch_loader(self.state.epoch, self.state.position))
-        batch = next(self._loader)
-        self.state.position += 1
-        return batch
-
-    def _epoch_loader(self, epoch: int, start: int):
-        """The micro-batches of ``epoch`` from position ``start`` on, this rank's indices only."""
-        bs, order = self.cfg.per_device_train_batch_size, self._epoch_order(epoch)
-        batches = [order[i * self.global_micro + self.rank * bs:i * self.global_micro + (self.rank + 1) * bs]
-                   for i in range(start, self.micro_per_epoch)]
-        workers = self.cfg.data.num_workers
-        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate,
-                                           num_workers=workers, prefetch_factor=2 if workers else None)
-
     # ---------------------------------------------------------------- one optimizer step
 
     def train_step(self) -> dict:
@@ -184,7 +150,7 @@ class Trainer:
         sums = dict.fromkeys(("loss", "reward_loss", "kl_loss", "score_sum", "score_count", "skipped_samples"), 0.0)
         extra: dict[str, float] = {}
         for micro in range(self.accum):
-            batch = self._next_batch()
+            batch = self.batches.next(self.state)
             contexts = [SampleContext(*c) for c in zip(batch["sample_id"], batch["video"], batch["path"],
                                                          batch["prompt"])]
             keep = self.reward.prepare(contexts).cpu()
