@@ -82,7 +82,7 @@ class Sampler(ABC):
     """Owns the noise schedule, the starting noise, the update rule and the regulariser.
 
     Which steps run, carry gradient and use which expert is training policy
-    (``rewardfl.training.policy``), computed from ``sigmas``/``timesteps``."""
+    (``rewardfl.sampling.policy``), computed from ``sigmas``/``timesteps``."""
 
     Options: ClassVar[type] = NoOptions
 
@@ -413,7 +413,7 @@ class Algorithm(ABC):
     The training loop owns everything around it: data, gradient accumulation, the optimizer engine,
     skips, checkpoints, evaluation and metrics. Constructed as
     ``cls(config, options, *, model, sampler, reward, plan)`` with the loop's model, sampler and
-    reward plugins and the step plan (``rewardfl.training.policy.plan_steps``: which steps run, which
+    reward plugins and the step plan (``rewardfl.sampling.policy.plan_steps``: which steps run, which
     carry gradient, which expert runs each).
     """
 

@@ -273,8 +273,8 @@ def test_rollout_and_one_training_step_change_only_the_lora(tiny_folders):
     video plus the regulariser, one AdamW step: every LoRA B of dit2 moves, nothing else does, and the
     regulariser (base=True = adapters off) is zero before the step and positive after it."""
     from rewardfl.samplers.flow_match_euler import FlowMatchEulerSampler
-    from rewardfl.training.algorithm import rollout
-    from rewardfl.training.policy import plan_steps
+    from rewardfl.sampling.rollout import rollout
+    from rewardfl.sampling.policy import plan_steps
 
     model = _diffusers_model(tiny_folders[0])
     cfg = model.config

@@ -9,7 +9,7 @@ import torch
 from rewardfl import registry
 from rewardfl.config import ConfigError, config_from_dict, training_timestep_range
 from rewardfl.samplers.flow_match_euler import FlowMatchEulerSampler
-from rewardfl.training.policy import gradient_steps, plan_steps
+from rewardfl.sampling.policy import gradient_steps, plan_steps
 
 HAS_TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])

@@ -15,19 +15,20 @@ An engine owns the optimizer, LR schedule, gradient clipping and the update:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import math
 import os
 import re
+import warnings
 
 import torch
 
+from rewardfl.checkpoints import CheckpointError, load_torch_file, save_torch_file
 from rewardfl.config import ConfigError, TrainConfig
-
-from .checkpoints import CheckpointError, load_torch_file, save_torch_file
-from .distributed import DistInfo, all_reduce_sum_
+from rewardfl.runtime import DistInfo, all_reduce_sum_
 
 __all__ = ["PlainEngine", "DeepSpeedEngine", "build_engine", "deepspeed_config", "all_finite", "lr_lambda"]
 
@@ -106,8 +107,6 @@ class PlainEngine:
                 status = "weights"
         self.optimizer.zero_grad(set_to_none=True)
         self._skip = False
-        import warnings
-
         with warnings.catch_warnings():  # a skipped update still counts as a step of the schedule
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
@@ -126,8 +125,6 @@ class PlainEngine:
 
     def gathered(self, modify: bool = False):
         """Whole trainable weights (always, without DeepSpeed); ``modify``: changes made inside are kept."""
-        import contextlib
-
         return contextlib.nullcontext()
 
 
@@ -301,8 +298,6 @@ class DeepSpeedEngine:
         """Context in which ZeRO-3-partitioned trainable weights are whole (for export); ``modify``: what is
         loaded into them inside is kept (rank 0's values, partitioned again on exit; every rank loads the
         same weights)."""
-        import contextlib
-
         if self.stage == 3:
             import deepspeed
 

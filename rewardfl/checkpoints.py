@@ -1,6 +1,7 @@
 """Training checkpoints: trainable weights, optimizer, scheduler, RNG states, step and data position.
 
-:class:`CheckpointManager` owns ``OUTPUT_DIR/checkpoints/``: the loop asks it to
+The on-disk format, written by training and read by the generator (``--checkpoint DIR``), so it
+lives below both. :class:`CheckpointManager` owns ``OUTPUT_DIR/checkpoints/``: the loop asks it to
 save and to resume; the functions below are its parts (the on-disk layout).
 
 Layout of ``OUTPUT_DIR/checkpoints/checkpoint-<step>/``::
@@ -21,7 +22,7 @@ Nothing in a checkpoint can run code when it is loaded: weights and RNG states a
 safetensors (tensors, plus JSON in the header), ``state.json`` and ``manifest.json``
 are JSON, and the ``.pt`` files (ours and DeepSpeed's) are read with torch's
 ``weights_only=True`` unpickler, which builds tensors and plain containers only (and,
-for DeepSpeed, the few data classes its states hold, see ``distributed.py``). A file
+for DeepSpeed, the few data classes its states hold, see :func:`load_torch_file`). A file
 holding anything else is refused with :class:`CheckpointError`.
 
 A checkpoint is written into ``.checkpoint-<step>.tmp``; the manifest is written
@@ -51,13 +52,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from rewardfl.fileio import atomic_write, write_json, write_safetensors
+try:  # what numpy's pickles rebuild arrays with (an older rewardfl's rng-<rank>.pt holds one)
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct  # numpy 2
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
 
-from .distributed import DistInfo, barrier
+from rewardfl.fileio import atomic_write, write_json, write_safetensors
+from rewardfl.runtime import DistInfo, barrier
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointManager", "CheckpointError", "CHECKPOINT_RE", "list_checkpoints", "latest_checkpoint", "verified_checkpoint",
+__all__ = ["CheckpointManager", "CheckpointError", "CHECKPOINT_RE", "EMA_FILE", "list_checkpoints", "latest_checkpoint", "verified_checkpoint",
            "begin_checkpoint", "write_checkpoint_files", "save_rng", "write_manifest", "commit_checkpoint",
            "save_failed", "save_torch_file", "load_checkpoint", "load_rng", "load_torch_file"]
 
@@ -66,6 +71,8 @@ WEIGHTS = "trainable.safetensors"
 STATE = "state.json"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+#: the moving average of the trainable weights (``ema_decay``; ``rewardfl.training.ema``) in a checkpoint
+EMA_FILE = "ema.safetensors"
 _CHUNK = 1 << 20
 
 
@@ -394,11 +401,7 @@ def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _old_rng_globals() -> list:
     """What an ``rng-<rank>.pt`` of an older rewardfl holds besides tensors: numpy's key array."""
-    try:
-        from numpy._core.multiarray import _reconstruct  # numpy 2
-    except ImportError:  # numpy 1
-        from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    return [_np_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def load_rng(path: str, rank: int = 0) -> None:
