@@ -94,12 +94,12 @@ def spec_from_checkpoints(cfg) -> ModelSpec:
 
     The same reading and checks as ``Wan22Model.__init__``'s first stage.
     """
-    from rewardfl.models.wan.model import EXPERT_ROLES, Wan22Model
-    from rewardfl.models.wan.weights import read_shapes, resolve_model_paths
+    from rewardfl.models.wan.model import EXPERT_ROLES
+    from rewardfl.models.wan.weights import assign_roles, read_shapes, resolve_model_paths
 
     ckpts = resolve_model_paths(cfg.resolve_path(cfg.model_paths), cfg.model_id_with_origin_paths,
                                 cfg.resolve_path("."))
-    roles = Wan22Model.assign_roles(ckpts)
+    roles = assign_roles(ckpts)
     shapes = {role: read_shapes(ck) for role, ck in roles.items() if role != "tokenizer"}
     archs = {r: arch.dit_architecture({k2: v for k, v in shapes[r].items() if (k2 := arch.dit_key(k)) is not None},
                                       roles[r].where)

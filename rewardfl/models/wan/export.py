@@ -37,14 +37,15 @@ import torch
 
 from rewardfl.cli import finite_float, user_error_exit
 
+from .weights import assign_roles
+
 __all__ = ["merge_expert", "convert_file", "run_export", "main"]
 
 
 def _dit_weights(model_paths: str, expert: str):
-    from .model import Wan22Model
     from .weights import resolve_model_paths
 
-    roles = Wan22Model.assign_roles(resolve_model_paths(os.path.abspath(model_paths)))
+    roles = assign_roles(resolve_model_paths(os.path.abspath(model_paths)))
     if expert not in roles:
         have = [r for r in ("dit", "dit2") if r in roles]
         raise ValueError(f"--expert: '{expert}' is not in {model_paths} (it has {', '.join(have)}; dit = "

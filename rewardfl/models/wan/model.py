@@ -27,9 +27,10 @@ from rewardfl.fileio import write_safetensors
 from rewardfl.interfaces import VideoModel
 
 from . import architectures as arch
+from .export import run_export
 from .merge_loras import describe_merges, merge_loras, merge_plan, validate_merge_loras
 from .vae_decode import DecodeClamp
-from .weights import WeightFile, detect_role, find_hub_files, load_state_dict, read_shapes, resolve_model_paths
+from .weights import WeightFile, assign_roles, find_hub_files, load_state_dict, read_shapes, resolve_model_paths
 
 __all__ = ["Wan22Model", "Wan22TinyModel", "WanCondition"]
 
@@ -157,7 +158,7 @@ class Wan22Model(VideoModel):
         # 1. files, headers and architectures: cheap, every user error surfaces here
         files = resolve_model_paths(config.resolve_path(config.model_paths), config.model_id_with_origin_paths,
                                     config.resolve_path("."), allow_download=config.allow_download)
-        roles = self.assign_roles(files)
+        roles = assign_roles(files)
         shapes = {role: read_shapes(wf) if role != "tokenizer" else None for role, wf in roles.items()}
         dit_shapes = {r: {k2: v for k, v in shapes[r].items() if (k2 := arch.dit_key(k)) is not None}
                       for r in roles if r in EXPERT_ROLES}
@@ -344,33 +345,6 @@ class Wan22Model(VideoModel):
         if mixed_precision == "bf16":
             return torch.bfloat16
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    @staticmethod
-    def assign_roles(files: list[WeightFile]) -> dict[str, WeightFile]:
-        """Role (``dit``, ``dit2``, ``text_encoder``, ``vae``, ``tokenizer``) -> its weights.
-
-        ``files`` as :func:`weights.resolve_model_paths` returns them; a file without a role (the
-        list form) gets one from its tensor names, the first DiT being the high-noise expert.
-        Raises ValueError for an unrecognised file, a role given twice or a missing one.
-        """
-        roles: dict[str, WeightFile] = {}
-        for wf in files:
-            role = wf.role
-            if role is None:
-                detected = detect_role(read_shapes(wf))
-                if detected is None:
-                    raise ValueError(f"{wf.where}: {wf.files[0]} is neither a Wan DiT, a umT5 text encoder nor a "
-                                     "Wan VAE (by its tensor names)")
-                role = detected if detected != "dit" else ("dit" if "dit" not in roles else "dit2")
-            if role in roles:
-                raise ValueError(f"model_paths: two weight files for the role '{role}': {roles[role].where} and "
-                                 f"{wf.where}")
-            roles[role] = wf
-        for role, name in (("dit", "high_noise_model"), ("text_encoder", "text_encoder"), ("vae", "vae")):
-            if role not in roles:
-                raise ValueError(f"model_paths: no {name} weights listed (needs high_noise_model, "
-                                 "low_noise_model (A14B), text_encoder and vae)")
-        return roles
 
     def _plan_training(self, config) -> tuple[list[str], list[str]]:
         trainable = as_list(config.trainable_models)
@@ -705,8 +679,6 @@ class Wan22Model(VideoModel):
     @classmethod
     def export_main(cls, argv=None, prog: str = "python -m rewardfl.export") -> int:
         """``python -m rewardfl.export`` for this model: convert LoRA formats or merge (``export.py``)."""
-        from .export import run_export
-
         return run_export(argv, prog)
 
     def train(self, mode: bool = True) -> "Wan22Model":

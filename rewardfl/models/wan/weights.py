@@ -51,6 +51,7 @@ __all__ = [
     "read_shapes",
     "load_state_dict",
     "detect_role",
+    "assign_roles",
 ]
 
 #: role -> names accepted for it in the dict form of model_paths
@@ -441,3 +442,30 @@ def detect_role(shapes: dict[str, tuple[int, ...]]) -> Optional[str]:
     if any(k.startswith(("encoder.conv1.", "model.encoder.conv1.", "decoder.conv1.")) for k in shapes):
         return "vae"
     return None
+
+
+def assign_roles(files: list[WeightFile]) -> dict[str, WeightFile]:
+    """Role (``dit``, ``dit2``, ``text_encoder``, ``vae``, ``tokenizer``) -> its weights.
+
+    ``files`` as :func:`resolve_model_paths` returns them; a file without a role (the
+    list form) gets one from its tensor names, the first DiT being the high-noise expert.
+    Raises ValueError for an unrecognised file, a role given twice or a missing one.
+    """
+    roles: dict[str, WeightFile] = {}
+    for wf in files:
+        role = wf.role
+        if role is None:
+            detected = detect_role(read_shapes(wf))
+            if detected is None:
+                raise ValueError(f"{wf.where}: {wf.files[0]} is neither a Wan DiT, a umT5 text encoder nor a "
+                                 "Wan VAE (by its tensor names)")
+            role = detected if detected != "dit" else ("dit" if "dit" not in roles else "dit2")
+        if role in roles:
+            raise ValueError(f"model_paths: two weight files for the role '{role}': {roles[role].where} and "
+                             f"{wf.where}")
+        roles[role] = wf
+    for role, name in (("dit", "high_noise_model"), ("text_encoder", "text_encoder"), ("vae", "vae")):
+        if role not in roles:
+            raise ValueError(f"model_paths: no {name} weights listed (needs high_noise_model, "
+                             "low_noise_model (A14B), text_encoder and vae)")
+    return roles
