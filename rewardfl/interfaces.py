@@ -36,6 +36,7 @@ __all__ = [
     "StepPlan",
     "Sampler",
     "VideoModel",
+    "DeviceTarget",
     "SampleContext",
     "RewardOutput",
     "StepCache",
@@ -127,6 +128,20 @@ class Sampler(ABC):
 
 
 # --------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceTarget:
+    """The device a model is built for, when that is not the device its tensors are on.
+
+    The memory planner (``rewardfl.plan``) builds a model on fake tensors (the ``meta`` device) to
+    plan a step on a GPU it may not have: the model's device-dependent choices (its dtype, what waits
+    in host memory between uses) follow ``type`` ("cuda" or "cpu") and ``total_memory`` (bytes of
+    one accelerator; None: ask the device) instead of the device it was given.
+    """
+
+    type: str
+    total_memory: Optional[int] = None
 
 
 class VideoModel(ABC):

@@ -8,8 +8,9 @@ the files ``model_paths`` names (safetensors headers: names and shapes only, as 
 them before loading) or, before anything is downloaded, from a preset (:data:`PRESETS`).
 
 :func:`build_skeleton` builds the ``wan2_2`` model from a spec inside the planner's fake-tensor
-mode: modules are constructed with fake weights (no memory), then the plugin's own ``_setup``
-adds LoRA, makes frozen copies and places every module as it would on the real device.
+mode: its networks are constructed with fake weights (no memory) and handed to the model's own
+constructor (``parts``), which adds LoRA, makes frozen copies and places every module as it would
+on the target device (``target``: the device and its memory, which the plugin's rules consult).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from typing import Optional
 
 import torch
 
+from rewardfl.interfaces import DeviceTarget
 from rewardfl.models.wan import architectures as arch
+from rewardfl.models.wan.model import WanParts, default_dtype, new_vae
 
 
 def dtype_name(t: torch.Tensor) -> str:
@@ -132,82 +135,28 @@ def resolve_spec(cfg, preset: Optional[str]) -> ModelSpec:
 # --------------------------------------------------------------------------- skeletons
 
 
-def _planned_class(model_cls, target: str, gpu_bytes: int):
-    """``model_cls`` answering its device questions as it would on ``target``.
-
-    The planner's accelerator is the meta device (fake tensors there need no GPU, and autograd runs
-    on them); the plugin asks ``self.device.type == "cuda"`` in two places, which this subclass
-    answers for the target instead: the text encoder parks on the CPU between uses, and
-    ``offload_idle_expert: auto`` compares the experts' bytes with ``gpu_bytes`` by the plugin's
-    own rule.
-    """
-    cuda = target == "cuda"
-
-    class Planned(model_cls):
-        @property
-        def _offload_text(self) -> bool:
-            return self.options.offload_text_encoder and cuda
-
-        def _want_expert_offload(self, choice) -> bool:
-            if not cuda:
-                return super()._want_expert_offload(choice)
-            device, self.device = self.device, torch.device("cuda")
-            props = torch.cuda.get_device_properties
-            torch.cuda.get_device_properties = lambda *_: type("Props", (), {"total_memory": gpu_bytes})()
-            try:
-                return super()._want_expert_offload(choice)
-            finally:
-                torch.cuda.get_device_properties = props
-                self.device = device
-
-    Planned.__name__ = Planned.__qualname__ = f"Planned{model_cls.__name__}"
-    return Planned
-
-
 def build_skeleton(model_cls, cfg, options, spec: ModelSpec, *, device: torch.device, target: str,
                    gpu_bytes: int, build_device: Optional[torch.device] = None):
     """The ``wan2_2`` model of ``spec`` with fake weights (call inside the planner's fake mode).
 
     Weights are born on the CPU in the model dtype, as ``Wan22Model._build`` leaves them after
-    loading; the plugin's ``_setup`` then adds LoRA, frozen copies and places the modules on
-    ``device`` (the planner's stand-in for the GPU) or the CPU. ``target`` ("cuda"/"cpu") is the
-    device the plan is for: it decides the dtype (``mixed_precision: auto``) and the offloads.
+    loading; the model's own constructor then adds LoRA, frozen copies and places the modules on
+    ``device`` (the planner's stand-in for the GPU) or the CPU. ``target`` ("cuda"/"cpu", with
+    ``gpu_bytes`` of memory) is the device the plan is for: the model's ``DeviceTarget``, which
+    decides the dtype (``mixed_precision: auto``) and the offloads by the model's own rules.
     ``build_device``: where modules are constructed (default the CPU); outside fake mode (the GPU
     check) the weights are then real and random, made directly on the GPU.
     """
     from diffsynth.models.wan_video_dit import WanModel
     from diffsynth.models.wan_video_text_encoder import WanTextEncoder
-    from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE, WanVideoVAE38
 
-    from rewardfl.models.wan.model import as_list
-
-    cls = _planned_class(model_cls, target, gpu_bytes)
-    model = cls.__new__(cls)
-    model.config, model.options = cfg, options
-    model.device = device
-    model.dtype = cls._choose_dtype(cfg.mixed_precision, torch.device(target))
-    model.arch = spec.dit
-    model.experts = tuple(spec.experts)
-    model.vae_stride = (4, 8, 8) if spec.vae["kind"] == "wan2.1" else (4, 16, 16)
-    model.tokenizer = None
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(model.dtype)  # born in the model dtype: no fp32 copy that loading never makes
-    try:
-        with torch.device(build_device or "cpu"):
-            model.dits = {r: WanModel(**spec.dit.kwargs).requires_grad_(False) for r in model.experts}
-            model.text_encoder = WanTextEncoder(**spec.text_encoder).requires_grad_(False).eval()
-            if spec.vae["kind"] == "wan2.2":
-                vae = WanVideoVAE38()
-            else:
-                vae = WanVideoVAE(z_dim=spec.vae["z_dim"])
-                if spec.vae["dim"] != 96:
-                    vae.model = VideoVAE_(dim=spec.vae["dim"], z_dim=spec.vae["z_dim"])
-            model.vae = vae.requires_grad_(False).eval()
-    finally:
-        torch.set_default_dtype(default)
-    lora_experts, full_experts = model._plan_training(cfg)
-    model._setup(lora_experts, full_experts, as_list(cfg.lora_target_modules))
-    return model
+    with default_dtype(model_cls.choose_dtype(cfg.mixed_precision, target)), torch.device(build_device or "cpu"):
+        dits = {r: WanModel(**spec.dit.kwargs).requires_grad_(False) for r in spec.experts}
+        text_encoder = WanTextEncoder(**spec.text_encoder).requires_grad_(False).eval()
+        vae = new_vae(spec.vae).requires_grad_(False).eval()
+    parts = WanParts(spec.dit, dits, vae, arch.vae_stride(spec.vae), text_encoder)
+    return model_cls(cfg, options, device=device, parts=parts,
+                     target=DeviceTarget(target, gpu_bytes if target == "cuda" else None))
 
 
 # --------------------------------------------------------------------------- the face reward

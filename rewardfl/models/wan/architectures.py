@@ -14,7 +14,7 @@ import re
 from typing import Optional
 
 __all__ = ["TINY_DITS", "TINY_TEXT_ENCODER", "TINY_VAE", "DiTArch", "known_dits", "dit_architecture", "dit_key",
-           "vae_architecture", "vae_key", "text_encoder_architecture"]
+           "vae_architecture", "vae_key", "vae_stride", "text_encoder_architecture"]
 
 #: tiny twins of the Wan DiTs, for tests and the CPU demo (diffsynth's WanModel kwargs)
 TINY_DITS = {
@@ -133,6 +133,12 @@ def dit_architecture(shapes: dict[str, tuple[int, ...]], where: str) -> DiTArch:
 def vae_key(key: str) -> str:
     """A VAE tensor name as ``VideoVAE_`` names it (``model.`` prefix stripped)."""
     return key[len("model."):] if key.startswith("model.") else key
+
+
+def vae_stride(vae_arch: dict) -> tuple[int, int, int]:
+    """(time, height, width) pixels per latent of the VAE ``vae_arch`` describes: 4x8x8 for the
+    Wan2.1 family, 4x16x16 for the Wan2.2 VAE."""
+    return (4, 8, 8) if vae_arch["kind"] == "wan2.1" else (4, 16, 16)
 
 
 def vae_architecture(shapes: dict[str, tuple[int, ...]], where: str) -> dict:

@@ -14,6 +14,7 @@ Shapes: ``T = (F - 1) // 4 + 1`` and ``h, w = H / 8, W / 8`` for the Wan2.1 VAE 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -24,15 +25,16 @@ import torch
 
 from rewardfl.config import ConfigError
 from rewardfl.fileio import write_safetensors
-from rewardfl.interfaces import VideoModel
+from rewardfl.interfaces import DeviceTarget, VideoModel
 
 from . import architectures as arch
 from .export import run_export
+from .lora import check_lora_targets
 from .merge_loras import describe_merges, merge_loras, merge_plan, validate_merge_loras
 from .vae_decode import DecodeClamp
 from .weights import WeightFile, assign_roles, find_hub_files, load_state_dict, read_shapes, resolve_model_paths
 
-__all__ = ["Wan22Model", "Wan22TinyModel", "WanCondition"]
+__all__ = ["Wan22Model", "Wan22TinyModel", "WanCondition", "WanParts", "new_vae", "default_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,47 @@ class Wan22Options:
             raise ConfigError(f"model.boundary: must be in [0, 1] (a fraction of 1000 timesteps), got {self.boundary}")
 
 
+@dataclasses.dataclass
+class WanParts:
+    """The networks of a Wan model before training is set up: what ``Wan22Model.__init__`` is made
+    from, whether loaded from files, random (``with_random_weights``) or fake (the memory planner).
+
+    ``dits``: expert role -> DiT, high noise first; ``vae_stride``: (time, height, width) of the VAE
+    (:func:`architectures.vae_stride`); no ``text_encoder``/``tokenizer``: the caller encodes prompts.
+    """
+
+    arch: arch.DiTArch
+    dits: dict[str, torch.nn.Module]
+    vae: torch.nn.Module
+    vae_stride: tuple[int, int, int]
+    text_encoder: Optional[torch.nn.Module] = None
+    tokenizer: object = None
+
+
+def new_vae(vae_arch: dict) -> torch.nn.Module:
+    """diffsynth's VAE for ``vae_arch`` (``architectures.vae_architecture``), its weights as the
+    surrounding context makes them (skipped, random, fake)."""
+    from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE, WanVideoVAE38
+
+    if vae_arch["kind"] == "wan2.2":
+        return WanVideoVAE38()
+    vae = WanVideoVAE(z_dim=vae_arch["z_dim"])
+    if vae_arch["dim"] != 96:
+        vae.model = VideoVAE_(dim=vae_arch["dim"], z_dim=vae_arch["z_dim"])
+    return vae
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Modules built inside are born in ``dtype`` (no fp32 copy that loading never makes)."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
 class Wan22Model(VideoModel):
     """Wan2.2 I2V-A14B (two experts) / TI2V-5B (one) with LoRA or full fine-tuning of chosen experts.
 
@@ -149,13 +192,28 @@ class Wan22Model(VideoModel):
         merges = options.merge_loras if options is not None else []  # no options: the defaults, nothing to merge
         return lines + describe_merges(merge_plan(config, merges, cls.experts))
 
-    def __init__(self, config, options: Optional[Wan22Options] = None, *, device=None, **runtime):
-        options = options or self.Options()
-        self.config, self.options = config, options
+    def __init__(self, config, options: Optional[Wan22Options] = None, *, device=None,
+                 parts: Optional[WanParts] = None, target: Optional[DeviceTarget] = None, **runtime):
+        """The one way a Wan model is made: its networks (``parts``, by default read from the files
+        ``model_paths`` names, see :meth:`_load_parts`), then what trains and where each module
+        lives (:meth:`_setup`). ``parts`` built elsewhere: random weights (:meth:`with_random_weights`)
+        or fake ones (the memory planner, which also gives the ``target`` it plans for)."""
+        self.config, self.options = config, options or self.Options()
         self.device = torch.device(device if device is not None else "cpu")
-        self.dtype = self._choose_dtype(config.mixed_precision, self.device)
+        self.target = target or DeviceTarget(self.device.type)
+        self.dtype = self.choose_dtype(config.mixed_precision, self.target.type)
+        if parts is None:
+            parts = self._load_parts()
+        self.arch, self.vae_stride, self.tokenizer = parts.arch, parts.vae_stride, parts.tokenizer
+        self.experts = tuple(parts.dits)
+        self.dits: dict[str, torch.nn.Module] = dict(parts.dits)
+        self.text_encoder, self.vae = parts.text_encoder, parts.vae
+        self._setup(*self.plan_training(config, self.experts), as_list(config.lora_target_modules))
 
-        # 1. files, headers and architectures: cheap, every user error surfaces here
+    def _load_parts(self) -> WanParts:
+        """The networks of the files ``model_paths`` names, in ``self.dtype``: headers first (cheap:
+        every user error surfaces before a weight is read), then the weights."""
+        config = self.config
         files = resolve_model_paths(config.resolve_path(config.model_paths), config.model_id_with_origin_paths,
                                     config.resolve_path("."), allow_download=config.allow_download)
         roles = assign_roles(files)
@@ -163,13 +221,12 @@ class Wan22Model(VideoModel):
         dit_shapes = {r: {k2: v for k, v in shapes[r].items() if (k2 := arch.dit_key(k)) is not None}
                       for r in roles if r in EXPERT_ROLES}
         archs = {r: arch.dit_architecture(s, roles[r].where) for r, s in dit_shapes.items()}
-        self.experts = tuple(r for r in EXPERT_ROLES if r in archs)
-        first = archs[self.experts[0]]
-        for r in self.experts[1:]:
+        experts = tuple(r for r in EXPERT_ROLES if r in archs)
+        first = archs[experts[0]]
+        for r in experts[1:]:
             if archs[r].kwargs != first.kwargs:
                 raise ValueError(f"model_paths: the two DiTs differ ({roles['dit'].where} is {archs['dit'].name}, "
                                  f"{roles[r].where} is {archs[r].name}); both experts must be the same architecture")
-        self.arch = first
         vae_arch = arch.vae_architecture({arch.vae_key(k): v for k, v in shapes["vae"].items()}, roles["vae"].where)
         if vae_arch["z_dim"] != first.z_dim:
             raise ValueError(f"model_paths: the VAE ({roles['vae'].where}) has {vae_arch['z_dim']} latent channels, "
@@ -178,30 +235,28 @@ class Wan22Model(VideoModel):
         if te_arch["dim"] != first.kwargs["text_dim"]:
             raise ValueError(f"model_paths: the text encoder ({roles['text_encoder'].where}) is {te_arch['dim']}-d, "
                              f"the DiT expects {first.kwargs['text_dim']}-d prompt embeddings")
-        self.vae_stride = (4, 8, 8) if vae_arch["kind"] == "wan2.1" else (4, 16, 16)
-        lora_experts, full_experts = self._plan_training(config)
-        targets = as_list(config.lora_target_modules)
-        if lora_experts:
-            from diffsynth.models.wan_video_dit import WanModel
-
-            from .lora import check_lora_targets
-            with torch.device("meta"):  # the module names, no weights allocated
-                check_lora_targets(WanModel(**first.kwargs), targets)
+        self._check_training(config, experts, first)
         tokenizer_dir, _ = self._tokenizer_dir(config, roles.get("tokenizer"))
 
-        # 2. heavy work: build and load
         from diffsynth.models.wan_video_dit import WanModel
         from diffsynth.models.wan_video_text_encoder import WanTextEncoder
 
-        self.tokenizer = self._load_tokenizer(tokenizer_dir)
-        self.dits: dict[str, torch.nn.Module] = {}
-        for r in self.experts:
-            dit = self._build(WanModel, first.kwargs, roles[r], arch.dit_key)
-            self.dits[r] = dit
-        self.text_encoder = self._build(WanTextEncoder, te_arch, roles["text_encoder"], lambda k: k).eval()
-        self.vae = self._build_vae(vae_arch, roles["vae"])
+        tokenizer = self._load_tokenizer(tokenizer_dir)
+        dits = {r: self._build(WanModel, first.kwargs, roles[r], arch.dit_key) for r in experts}
+        text_encoder = self._build(WanTextEncoder, te_arch, roles["text_encoder"], lambda k: k).eval()
+        vae = self._build_vae(vae_arch, roles["vae"])
+        return WanParts(first, dits, vae, arch.vae_stride(vae_arch), text_encoder, tokenizer)
 
-        self._setup(lora_experts, full_experts, targets)
+    @classmethod
+    def _check_training(cls, config, experts: tuple[str, ...], dit: arch.DiTArch) -> None:
+        """``trainable_models``/``lora_base_model`` against ``experts`` and ``lora_target_modules``
+        against the DiT's module names (a weightless one), before any weight is read."""
+        lora_experts, _ = cls.plan_training(config, experts)
+        if lora_experts:
+            from diffsynth.models.wan_video_dit import WanModel
+
+            with torch.device("meta"):  # the module names, no weights allocated
+                check_lora_targets(WanModel(**dit.kwargs), as_list(config.lora_target_modules))
 
     def _setup(self, lora_experts: list[str], full_experts: list[str], targets: list[str]) -> None:
         """What trains (LoRA or full, frozen copies) and where each module lives."""
@@ -298,69 +353,57 @@ class Wan22Model(VideoModel):
         from diffsynth.core.vram.initialization import skip_model_initialization
         from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE
 
-        self = cls.__new__(cls)
-        self.config, self.options = config, options or cls.Options()
-        self.device = torch.device(device if device is not None else "cpu")
-        self.dtype = self._choose_dtype(config.mixed_precision, self.device)
+        device = torch.device(device if device is not None else "cpu")
         known = dict(arch.known_dits())
         key = dit if dit in known else f"diffsynth:{dit}"
         if key not in known:
             raise ValueError(f"with_random_weights: unknown DiT '{dit}'")
         kw = dict(known[key], patch_size=tuple(known[key]["patch_size"]))
-        shapes = None
         with torch.device("meta"):
             shapes = {k: tuple(v.shape) for k, v in WanModel(**kw).state_dict().items()}
-        self.arch = arch.dit_architecture(shapes, dit)
-        self.experts = tuple(experts)
-        self.vae_stride = (4, 8, 8)
-        self.tokenizer = self.text_encoder = None
+        dit_arch = arch.dit_architecture(shapes, dit)
         with skip_model_initialization():  # the wrapper: fp32 latent statistics, no weights of its own
-            vae = WanVideoVAE(z_dim=self.arch.z_dim)
-        default = torch.get_default_dtype()
-        self.dits = {}
-        try:
-            torch.set_default_dtype(self.dtype)  # weights born in the model dtype, on the device
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                for r in self.experts:  # _setup parks the idle ones when memory is short
-                    with torch.device(self.device):
-                        self.dits[r] = WanModel(**self.arch.kwargs).requires_grad_(False)
-                with torch.device(self.device):
-                    vae.model = VideoVAE_(dim=vae_dim, z_dim=self.arch.z_dim)
-        finally:
-            torch.set_default_dtype(default)
-        self.vae = vae.requires_grad_(False).eval()
-        lora_experts, full_experts = self._plan_training(config)
-        self._setup(lora_experts, full_experts, as_list(config.lora_target_modules))
-        return self
+            vae = WanVideoVAE(z_dim=dit_arch.z_dim)
+        # weights born in the model dtype, on the device (the constructor parks the idle ones when memory is short)
+        with default_dtype(cls.choose_dtype(config.mixed_precision, device.type)), \
+                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+            torch.manual_seed(seed)
+            dits = {r: WanModel(**dit_arch.kwargs).requires_grad_(False) for r in experts}
+            vae.model = VideoVAE_(dim=vae_dim, z_dim=dit_arch.z_dim)
+        parts = WanParts(dit_arch, dits, vae.requires_grad_(False).eval(), arch.vae_stride({"kind": "wan2.1"}))
+        return cls(config, options, device=device, parts=parts)
 
     # ------------------------------------------------------------------ construction helpers
 
     @staticmethod
-    def _choose_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    def choose_dtype(mixed_precision: str, device_type: str) -> torch.dtype:
+        """The weights' and latents' dtype for ``mixed_precision`` on a ``device_type`` ("cuda", "cpu")."""
         if mixed_precision in ("no", "fp32"):
             return torch.float32
         if mixed_precision == "fp16":
             raise ValueError("mixed_precision: fp16 is not supported by the Wan models (overflows); use bf16 or auto")
         if mixed_precision == "bf16":
             return torch.bfloat16
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
 
-    def _plan_training(self, config) -> tuple[list[str], list[str]]:
+    @staticmethod
+    def plan_training(config, experts: tuple[str, ...]) -> tuple[list[str], list[str]]:
+        """(LoRA experts, fully trained experts) among ``experts`` by ``trainable_models`` and
+        ``lora_base_model``; ValueError naming the key for an expert that cannot train."""
         trainable = as_list(config.trainable_models)
         for name in trainable:
             if name not in TRAINABLE_CHOICES:
                 raise ValueError(f"trainable_models: '{name}' cannot be trained; choose among the experts "
-                                 f"{', '.join(self.experts)} (dit = high noise, dit2 = low noise)")
-            if name not in self.experts:
+                                 f"{', '.join(experts)} (dit = high noise, dit2 = low noise)")
+            if name not in experts:
                 raise ValueError(f"trainable_models: '{name}' does not exist in these model_paths (its experts: "
-                                 f"{', '.join(self.experts)})")
+                                 f"{', '.join(experts)})")
         lora = as_list(config.lora_base_model)
         for name in lora:
             if name not in trainable:
                 raise ValueError(f"lora_base_model: '{name}' is not in trainable_models ({config.trainable_models}); "
                                  "add it there or set lora_base_model to a trained expert")
-        return [r for r in self.experts if r in lora], [r for r in self.experts if r in trainable and r not in lora]
+        return [r for r in experts if r in lora], [r for r in experts if r in trainable and r not in lora]
 
     @classmethod
     def _tokenizer_dir(cls, config, listed: Optional[WeightFile], *,
@@ -406,15 +449,9 @@ class Wan22Model(VideoModel):
 
     def _build_vae(self, vae_arch: dict, wf: WeightFile) -> torch.nn.Module:
         from diffsynth.core.vram.initialization import skip_model_initialization
-        from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE, WanVideoVAE38
 
         with skip_model_initialization():
-            if vae_arch["kind"] == "wan2.2":
-                vae = WanVideoVAE38()
-            else:
-                vae = WanVideoVAE(z_dim=vae_arch["z_dim"])
-                if vae_arch["dim"] != 96:
-                    vae.model = VideoVAE_(dim=vae_arch["dim"], z_dim=vae_arch["z_dim"])
+            vae = new_vae(vae_arch)
         state = load_state_dict(wf, self.dtype, arch.vae_key)
         try:
             vae.model.load_state_dict(state, assign=True, strict=True)
@@ -425,14 +462,17 @@ class Wan22Model(VideoModel):
     def _want_expert_offload(self, choice) -> bool:
         if choice != "auto":  # YAML reads yes/no as true/false
             return choice in (True, "yes")
-        if self.device.type != "cuda" or len(self.experts) < 2:
+        if self.target.type != "cuda" or len(self.experts) < 2:
             return False
         expert_bytes = sum(p.numel() * p.element_size() for d in self.dits.values() for p in d.parameters())
-        return expert_bytes > 0.5 * torch.cuda.get_device_properties(self.device).total_memory
+        total = self.target.total_memory
+        if total is None:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+        return expert_bytes > 0.5 * total
 
     @property
     def _offload_text(self) -> bool:
-        return self.options.offload_text_encoder and self.device.type == "cuda"
+        return self.options.offload_text_encoder and self.target.type == "cuda"
 
     @property
     def _checkpoint_mode(self) -> str:
