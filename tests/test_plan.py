@@ -108,6 +108,24 @@ def test_lora_gradient_and_adamw_bytes_match_a_hand_count(measured_and_planned):
     assert plan.snapshots["optimizer update"]["gradients, fp32"] == psi * 4
 
 
+def test_update_counts_the_rollback_copies_only_where_the_engine_makes_them(make_config, monkeypatch):  # noqa: F811
+    """The plain engine's rule (``PlainEngine.pre_update_copy``): during an update it keeps copies of
+    the trainable weights and of AdamW's two moments to roll a non-finite update back, but only
+    while the trainable weights take at most ``engines.ROLLBACK_MAX_BYTES`` (2 GiB: LoRA); above
+    that (a full fine-tune) it keeps none. The planned update peak differs by exactly those copies."""
+    from rewardfl.training import engines
+
+    cfg, plugins = _resolved(make_config(reward_model_path=None, data={"num_frames": 1}))
+    psi, limit = tiny_lora_params(rank=4), engines.ROLLBACK_MAX_BYTES
+    assert psi * 4 <= limit == 2 << 30
+    update = {}
+    for limit in (limit, 0):  # the LoRA as configured; then as if it were too large to copy
+        monkeypatch.setattr(engines, "ROLLBACK_MAX_BYTES", limit)
+        plan = planner.plan_memory(cfg, plugins)
+        update[limit] = dict((n, g) for n, g, _ in plan.phases)["optimizer update"]
+    assert update[2 << 30] - update[0] == psi * 4 * (1 + 2)  # fp32 weights, exp_avg, exp_avg_sq
+
+
 def test_deepspeed_zero2_buffers_match_a_hand_count(make_config):  # noqa: F811
     ds = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}, "bf16": {"enabled": True}}
     psi, ranks = tiny_lora_params(rank=4), 8

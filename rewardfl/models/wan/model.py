@@ -276,17 +276,18 @@ class Wan22Model(VideoModel):
             self.lora_scale = alpha / config.lora_rank
             for r in lora_experts:
                 add_lora(self.dits[r], self._lora_targets(self.dits[r], targets), config.lora_rank, alpha)
-        self._frozen: dict[str, torch.nn.Module] = {}
+        #: fully trained expert -> its frozen copy (the regulariser's base velocity)
+        self.frozen_copies: dict[str, torch.nn.Module] = {}
         for r in full_experts:
             self.dits[r].requires_grad_(True)
             log.warning("trainable_models: full fine-tuning of %s keeps a frozen copy for the regulariser's "
                         "reference velocity (twice the expert's memory); LoRA (lora_base_model) needs none", r)
-            self._frozen[r] = copy.deepcopy(self.dits[r]).requires_grad_(False).eval()
+            self.frozen_copies[r] = copy.deepcopy(self.dits[r]).requires_grad_(False).eval()
         self._enable_checkpointing()
 
         self.offload_experts = self._want_expert_offload(options.offload_idle_expert)
         for r in self.experts:
-            for module in (self.dits[r], self._frozen.get(r)):
+            for module in (self.dits[r], self.frozen_copies.get(r)):
                 if module is None:
                     continue
                 if not self.offload_experts:
@@ -506,21 +507,36 @@ class Wan22Model(VideoModel):
         if missing:
             from diffsynth.models.wan_video_text_encoder import basic_clean, whitespace_clean
 
-            self.text_encoder.to(self.device)
             # Wan's preprocessing (diffsynth's HuggingfaceTokenizer with clean="whitespace")
             texts = [whitespace_clean(basic_clean(p)) for p in missing]
             tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.options.text_len,
                                  return_tensors="pt", add_special_tokens=True)
-            ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
-            emb = self.text_encoder(ids, mask)
-            lengths = mask.gt(0).sum(dim=1)
-            for i, p in enumerate(missing):
-                e = emb[i:i + 1].clone()
-                e[:, int(lengths[i]):] = 0
-                self._prompt_cache[p] = e.to("cpu", self.dtype)  # 4 MB per prompt at 512x4096: host memory
-            if self._offload_text:
-                self.text_encoder.to("cpu")
+            self._encode_tokens(missing, tok.input_ids, tok.attention_mask, tok.attention_mask.gt(0).sum(dim=1))
         return torch.cat([self._prompt_cache[p] for p in prompts], dim=0).to(self.device)
+
+    @torch.no_grad()
+    def plan_prompts(self, prompts: Sequence[str]) -> None:
+        """For the memory planner: the prompt cache filled as :meth:`encode_prompts` fills it, from
+        token ids of the full ``text_len`` (the memory depends on the length, not on the tokens, so
+        no tokenizer is needed and fake tensors do)."""
+        ids = torch.zeros(len(prompts), self.options.text_len, dtype=torch.long, device=self.device)
+        self._encode_tokens(prompts, ids, torch.ones_like(ids))
+
+    def _encode_tokens(self, prompts: Sequence[str], ids: torch.Tensor, mask: torch.Tensor,
+                       lengths: Optional[torch.Tensor] = None) -> None:
+        """The text encoder on ``ids``/``mask`` (B, text_len); each prompt's embedding cached in host
+        memory (4 MB per prompt at 512x4096), zero past its length when ``lengths`` are given. The
+        encoder comes to the device for it and goes back to the CPU after (``offload_text_encoder``)."""
+        self.text_encoder.to(self.device)
+        emb = self.text_encoder(ids.to(self.device), mask.to(self.device))
+        for i, p in enumerate(prompts):
+            e = emb[i:i + 1].clone()
+            if lengths is not None:
+                e[:, int(lengths[i]):] = 0
+            self._prompt_cache[p] = e.to("cpu", self.dtype)
+        del emb
+        if self._offload_text:
+            self.text_encoder.to("cpu")
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], first_frames: torch.Tensor, num_frames: int) -> WanCondition:
@@ -571,8 +587,8 @@ class Wan22Model(VideoModel):
         for r in self.experts:
             target = self.device if r == expert else torch.device("cpu")
             move_frozen_(self.dits[r], target)
-            if r in self._frozen:
-                move_frozen_(self._frozen[r], target)
+            if r in self.frozen_copies:
+                move_frozen_(self.frozen_copies[r], target)
 
     def denoise(self, expert: str, x: torch.Tensor, timestep: torch.Tensor, cond: WanCondition, *,
                 base: bool = False) -> torch.Tensor:
@@ -591,7 +607,7 @@ class Wan22Model(VideoModel):
                     with adapters_disabled(self.dits[expert]):
                         v = self._velocity(self.dits[expert], x_in, timestep, cond)
                 else:
-                    v = self._velocity(self._frozen.get(expert, self.dits[expert]), x_in, timestep, cond)
+                    v = self._velocity(self.frozen_copies.get(expert, self.dits[expert]), x_in, timestep, cond)
         else:
             v = self._velocity(self.dits[expert], x_in, timestep, cond)
         return v.to(x.dtype)
