@@ -42,7 +42,6 @@ import torch
 
 
 from . import architectures as arch
-from .architectures import DiTArch
 from .diffusers_keys import diffusers_to_wan_key
 from .merge_loras import describe_merges, merge_plan
 from .model import EXPERT_ROLES, Wan22Model, Wan22Options, WanParts
@@ -170,7 +169,7 @@ def _read_config(folder: str) -> dict:
         return json.load(f)
 
 
-def _dit_arch(cfg: dict, where: str) -> DiTArch:
+def _dit_arch(cfg: dict, where: str) -> arch.DiTArch:
     """The diffusers transformer config as ``wan2_2``'s architecture record (WanModel's kwarg names)."""
     if cfg.get("image_dim") is not None:
         raise ValueError(f"{where}: this transformer takes CLIP image features (image_dim {cfg['image_dim']}: "
@@ -181,14 +180,11 @@ def _dit_arch(cfg: dict, where: str) -> DiTArch:
                   freq_dim=cfg.get("freq_dim", 256), eps=cfg.get("eps", 1e-6),
                   patch_size=tuple(cfg.get("patch_size", (1, 2, 2))), num_heads=heads,
                   num_layers=cfg.get("num_layers", 40), has_image_input=False)
-    if kwargs["in_dim"] == 2 * kwargs["out_dim"] + 4:
-        conditioning = "i2v"
-    elif kwargs["in_dim"] == kwargs["out_dim"]:
-        conditioning = "t2v"
-    else:
+    conditioning = arch.conditioning_of(kwargs)
+    if conditioning is None:
         raise ValueError(f"{where}: a transformer with {kwargs['in_dim']} input channels for {kwargs['out_dim']} "
                          "latent channels needs inputs rewardfl does not provide")
-    return DiTArch(f"diffusers:{cfg.get('_class_name', 'WanTransformer3DModel')}", kwargs, conditioning)
+    return arch.DiTArch(f"diffusers:{cfg.get('_class_name', 'WanTransformer3DModel')}", kwargs, conditioning)
 
 
 def _resolve_boundary(options, folder: DiffusersFolder) -> Optional[float]:
