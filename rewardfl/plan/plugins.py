@@ -16,16 +16,25 @@ on the target device (``target``: the device and its memory, which the plugin's 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import os
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from rewardfl.interfaces import DeviceTarget
 from rewardfl.models.wan import architectures as arch
-from rewardfl.models.wan.model import WanParts, default_dtype, new_vae
+from rewardfl.models.wan.model import EXPERT_ROLES, WanParts, default_dtype, new_vae
+from rewardfl.models.wan.weights import assign_roles, read_shapes, resolve_model_paths
+from rewardfl.rewards.face_identity import FaceIdentityReward, align
+from rewardfl.rewards.face_identity.scoring import pooled_identity_score
+
+
+__all__ = ["ModelSpec", "PRESETS", "spec_from_preset", "spec_from_checkpoints", "resolve_spec", "build_skeleton",
+           "FacePlan", "dtype_name"]
 
 
 def dtype_name(t: torch.Tensor) -> str:
@@ -33,8 +42,6 @@ def dtype_name(t: torch.Tensor) -> str:
     return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16", torch.float64: "fp64",
             torch.complex128: "complex128", torch.complex64: "complex64"}.get(t.dtype, str(t.dtype))
 
-__all__ = ["ModelSpec", "PRESETS", "spec_from_preset", "spec_from_checkpoints", "resolve_spec", "build_skeleton",
-           "FacePlan"]
 
 #: umT5-xxl encoder (Wan's text encoder, ``models_t5_umt5-xxl-enc-bf16.pth``): 5.7B parameters
 UMT5_XXL = dict(vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=24,
@@ -97,9 +104,6 @@ def spec_from_checkpoints(cfg) -> ModelSpec:
 
     The same reading and checks as ``Wan22Model.__init__``'s first stage.
     """
-    from rewardfl.models.wan.model import EXPERT_ROLES
-    from rewardfl.models.wan.weights import assign_roles, read_shapes, resolve_model_paths
-
     ckpts = resolve_model_paths(cfg.resolve_path(cfg.model_paths), cfg.model_id_with_origin_paths,
                                 cfg.resolve_path("."))
     roles = assign_roles(ckpts)
@@ -179,8 +183,6 @@ class FacePlan:
     @classmethod
     def load(cls, cfg, reward_cls, notes: list) -> Optional["FacePlan"]:
         """The reward's models, or None (with a note) for another reward plugin or missing files."""
-        from rewardfl.rewards.face_identity import FaceIdentityReward
-
         if not (isinstance(reward_cls, type) and issubclass(reward_cls, FaceIdentityReward)):
             notes.append(f"reward {cfg.reward.name}: not planned (the planner knows face_identity); a stand-in "
                          "-mean(video) carries the graph")
@@ -203,10 +205,6 @@ class FacePlan:
         """``face_align`` on the accelerator as on ``target``: the compiled op (its fake kernel gives
         the shapes) where the target has it, and no landmark *value* checks (fake tensors have no
         values; the checks allocate nothing). ``None``: real tensors, nothing changed."""
-        import torch
-
-        from rewardfl.rewards.face_identity import align
-
         if target is None:
             yield
             return
@@ -227,18 +225,11 @@ class FacePlan:
 
     def place(self, tracker, device, *, fake: bool = True) -> None:
         """The recognizer's twin on ``device`` (as fake tensors when ``fake``), counted as its weights."""
-        import torch
-
         if not fake:
             twin = self.reward.recognizer.model.twin(device, torch.float32)
             for t in list(twin.parameters()) + list(twin.buffers()):
                 tracker.retag(t, "face recognizer (torch twin)")
             return
-
-        import copy
-
-        from torch.utils._python_dispatch import _disable_current_modes
-
 
         mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
         for name, model in (("face recognizer", self.reward.recognizer.model),):
@@ -266,10 +257,6 @@ class FacePlan:
 
     def loss(self, videos, tracker, device):
         """The shaped reward loss of ``videos`` (B, 3, F, H, W) in [-1, 1], 0-dim, differentiable."""
-        import torch
-
-        from rewardfl.rewards.face_identity.scoring import pooled_identity_score
-
         reward, o = self.reward, self.reward.options
         batch, _, num_frames, height, width = videos.shape
         frames = videos.transpose(1, 2).reshape(batch * num_frames, 3, height, width)  # as reward.__call__

@@ -40,11 +40,13 @@ from typing import Optional
 
 import torch
 
-
 from . import architectures as arch
 from .diffusers_keys import diffusers_to_wan_key
+from .dit_forward import Float32Linear
+from .lora import diffsynth_lora_key
 from .merge_loras import describe_merges, merge_plan
 from .model import EXPERT_ROLES, Wan22Model, Wan22Options, WanParts
+from .offload import offloaded_checkpoint
 
 __all__ = ["Wan22DiffusersModel", "Wan22DiffusersOptions", "DiffusersFolder", "find_diffusers_folder"]
 
@@ -286,8 +288,6 @@ class _DiffusersVAE(torch.nn.Module):
 
 def _checkpoint_function(mode: str):
     """What diffusers' transformer calls per block under gradient checkpointing, for ``_checkpoint_mode``."""
-    from .offload import offloaded_checkpoint
-
     if mode == "offload":  # only the block input (the large one) waits in host memory
         def offloaded(block, *args):
             return offloaded_checkpoint(block, *args, offload=(True,) + (False,) * (len(args) - 1))
@@ -298,8 +298,6 @@ def _checkpoint_function(mode: str):
 def _fp32_time_projection(dit) -> None:
     """diffusers keeps ``time_embedder`` in fp32 (``_keep_in_fp32_modules``); its ``time_proj`` is made
     to compute in fp32 too, as official Wan and ``wan2_2`` do (``dit_forward.Float32Linear``)."""
-    from .dit_forward import Float32Linear
-
     m = dit.condition_embedder.time_proj
     if type(m) is torch.nn.Linear:
         m.__class__ = Float32Linear
@@ -430,8 +428,6 @@ class Wan22DiffusersModel(Wan22Model):
     def _checkpoint_key(self, name: str) -> str:
         """``<expert>.<diffusers/peft name>`` -> ``<expert>.<Wan-layout name>``: the keys ``wan2_2`` uses, so
         checkpoints and LoRA files move between the two plugins."""
-        from .lora import diffsynth_lora_key
-
         expert, rest = name.split(".", 1)
         return f"{expert}.{diffusers_to_wan_key(diffsynth_lora_key(rest))}"
 

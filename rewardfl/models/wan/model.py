@@ -22,16 +22,21 @@ import os
 from typing import Iterator, Literal, Optional, Sequence, Union
 
 import torch
+from safetensors import safe_open
 
 from rewardfl.config import ConfigError
 from rewardfl.fileio import write_safetensors
 from rewardfl.interfaces import DeviceTarget, VideoModel
 
 from . import architectures as arch
+from .dit_forward import dit_forward, use_fp32_time_embedding
 from .export import run_export
-from .lora import check_lora_targets
+from .lora import (add_lora, adapters_disabled, check_lora_targets, diffsynth_lora_key, lora_layers,
+                   lora_named_parameters)
+from .lora_formats import FORMATS, expert_file, read_lora, write_lora
 from .merge_loras import describe_merges, merge_loras, merge_plan, validate_merge_loras
-from .vae_decode import DecodeClamp
+from .offload import move_frozen_
+from .vae_decode import DecodeClamp, decode_latents, encode_video
 from .weights import WeightFile, assign_roles, find_hub_files, load_state_dict, read_shapes, resolve_model_paths
 
 __all__ = ["Wan22Model", "Wan22TinyModel", "WanCondition", "WanParts", "new_vae", "default_dtype"]
@@ -270,7 +275,6 @@ class Wan22Model(VideoModel):
         self.lora_experts, self.full_experts = lora_experts, full_experts
         self.lora_scale = self.lora_alpha = None
         if lora_experts:
-            from .lora import add_lora
             alpha = float(config.lora_alpha) if config.lora_alpha is not None else float(config.lora_rank)
             self.lora_alpha = alpha
             self.lora_scale = alpha / config.lora_rank
@@ -311,8 +315,6 @@ class Wan22Model(VideoModel):
 
     def _prepare_dit(self, dit) -> None:
         """Before LoRA and copies: the time embedding computes in fp32 (as official Wan does)."""
-        from .dit_forward import use_fp32_time_embedding
-
         use_fp32_time_embedding(dit)
 
     def _lora_targets(self, dit, targets: list[str]) -> list[str]:
@@ -324,16 +326,12 @@ class Wan22Model(VideoModel):
 
     def _velocity(self, dit, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
         """One DiT forward: the velocity at ``x`` (on the device) and ``timestep`` ``(B,)``."""
-        from .dit_forward import dit_forward
-
         clean_first = self.arch.conditioning == "ti2v" and bool(self.arch.kwargs.get("seperated_timestep"))
         return dit_forward(dit, x, timestep, cond.context, cond.y, clean_first_frame=clean_first,
                            checkpoint=self._checkpoint_mode)
 
     def _checkpoint_key(self, name: str) -> str:
         """A ``trainable_parameters`` name (``<expert>.<module>...``) as checkpoints and exports key it."""
-        from .lora import diffsynth_lora_key
-
         return diffsynth_lora_key(name)
 
     def _wan_name(self, name: str) -> str:
@@ -540,8 +538,6 @@ class Wan22Model(VideoModel):
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], first_frames: torch.Tensor, num_frames: int) -> WanCondition:
-        from .vae_decode import encode_video
-
         if first_frames.dim() != 4 or first_frames.shape[1] != 3 or first_frames.shape[0] != len(prompts):
             raise ValueError(f"encode: first_frames must be (B, 3, H, W) with B = {len(prompts)} prompts, got "
                              f"{tuple(first_frames.shape)}")
@@ -580,8 +576,6 @@ class Wan22Model(VideoModel):
         comparison per parameter when nothing moves, so that whatever else placed a module
         (DeepSpeed moves the whole trained expert to the device at start) is put right.
         """
-        from .offload import move_frozen_
-
         if not self.offload_experts:
             return
         for r in self.experts:
@@ -592,8 +586,6 @@ class Wan22Model(VideoModel):
 
     def denoise(self, expert: str, x: torch.Tensor, timestep: torch.Tensor, cond: WanCondition, *,
                 base: bool = False) -> torch.Tensor:
-        from .lora import adapters_disabled
-
         if expert not in self.dits:
             raise ValueError(f"denoise: unknown expert '{expert}'; this model has {self.experts}")
         self._place(expert)
@@ -613,8 +605,6 @@ class Wan22Model(VideoModel):
         return v.to(x.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        from .vae_decode import decode_latents
-
         o = self.options
         checkpoint = o.vae_checkpointing and ("offload" if self.config.use_gradient_checkpointing_offload else True)
         return decode_latents(self.vae, latents.to(self.device), checkpoint=checkpoint,
@@ -623,8 +613,6 @@ class Wan22Model(VideoModel):
                               clamp=o.decode_clamp)
 
     def trainable_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        from .lora import lora_named_parameters
-
         for r in self.lora_experts:
             for name, p in lora_named_parameters(self.dits[r]):
                 yield f"{r}.{name}", p
@@ -661,9 +649,6 @@ class Wan22Model(VideoModel):
         ``<stem>_high_noise.safetensors`` (dit) and/or ``<stem>_low_noise.safetensors`` (dit2), one
         file per trained expert, the names ComfyUI's and diffusers' Wan2.2 loaders take.
         """
-        from .lora import lora_layers
-        from .lora_formats import FORMATS, expert_file, write_lora
-
         fmt = lora_format or self.options.lora_format
         if fmt not in FORMATS:
             raise ValueError(f"model.lora_format: '{fmt}' is not one of {', '.join(FORMATS)}")
@@ -706,10 +691,6 @@ class Wan22Model(VideoModel):
         ``expert`` in its metadata) in :meth:`trainable_state_dict` keys. LoRA B as trained: the
         file's scale divided by this model's ``lora_alpha / lora_rank``, so that the model then adds
         what the file's loaders add."""
-        from safetensors import safe_open
-
-        from .lora_formats import read_lora
-
         state: dict[str, torch.Tensor] = {}
         for path in files:
             with safe_open(path, "pt") as f:

@@ -39,6 +39,7 @@ import os
 from typing import Callable, Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 __all__ = [
     "ROLES",
@@ -378,8 +379,6 @@ def read_shapes(weights: WeightFile) -> dict[str, tuple[int, ...]]:
 
     A truncated or corrupt file raises ValueError naming the role and path.
     """
-    from safetensors import SafetensorError, safe_open
-
     shapes: dict[str, tuple[int, ...]] = {}
     for path in weights.files:
         if path.endswith(".safetensors"):
@@ -414,8 +413,6 @@ def _load_pth(path: str, where: str) -> dict[str, torch.Tensor]:
 def load_state_dict(weights: WeightFile, dtype: Optional[torch.dtype] = None,
                     rename: Callable[[str], Optional[str]] = lambda k: k) -> dict[str, torch.Tensor]:
     """All tensors of ``weights`` on the CPU, renamed by ``rename`` (None drops a key), cast to ``dtype``."""
-    from safetensors import safe_open
-
     out: dict[str, torch.Tensor] = {}
     for path in weights.files:
         if path.endswith(".safetensors"):
