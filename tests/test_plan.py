@@ -163,6 +163,23 @@ def test_planner_step_on_real_tensors_matches_its_fake_run(make_config):  # noqa
                                                                                       real["step_peak"])
 
 
+def test_the_model_decides_its_offloads_for_the_planned_target(make_config):  # noqa: F811
+    """``offload_idle_expert: auto`` and the text encoder's parking follow the model's ``DeviceTarget``
+    (the GPU the plan is for and its memory), not the meta device the skeleton is built on."""
+    from rewardfl.plan.plugins import build_skeleton, resolve_spec
+
+    cfg, plugins = _resolved(make_config(reward_model_path=None, mixed_precision="auto", data={"num_frames": 1}))
+    spec = resolve_spec(cfg, None)
+    decided = {}
+    for target, gpu_bytes in (("cuda", 1), ("cuda", 2**40), ("cpu", 1)):
+        with planner.fake_device(target) as (_, device):
+            model = build_skeleton(plugins["model"], cfg, cfg.model, spec, device=device, target=target,
+                                   gpu_bytes=gpu_bytes)
+            decided[(target, gpu_bytes)] = (model.offload_experts, model._offload_text, model.dtype)
+    assert decided == {("cuda", 1): (True, True, torch.bfloat16), ("cuda", 2**40): (False, True, torch.bfloat16),
+                       ("cpu", 1): (False, False, torch.float32)}
+
+
 def test_fast_mode_extrapolates_the_full_run(make_config):  # noqa: F811
     from rewardfl.plan.plugins import resolve_spec
 

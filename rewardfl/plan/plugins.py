@@ -27,8 +27,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from rewardfl.interfaces import DeviceTarget
 from rewardfl.models.wan import architectures as arch
-from rewardfl.models.wan.model import EXPERT_ROLES, WanParts, default_dtype, new_vae
-from rewardfl.models.wan.weights import assign_roles, read_shapes, resolve_model_paths
+from rewardfl.models.wan.model import WanParts, default_dtype, new_vae, read_model_files
 from rewardfl.rewards.face_identity import FaceIdentityReward, align
 from rewardfl.rewards.face_identity.scoring import pooled_identity_score
 
@@ -100,27 +99,12 @@ def spec_from_preset(name: str) -> ModelSpec:
 
 
 def spec_from_checkpoints(cfg) -> ModelSpec:
-    """The architecture of the files ``model_paths`` names, from their headers (no weights read).
-
-    The same reading and checks as ``Wan22Model.__init__``'s first stage.
-    """
-    ckpts = resolve_model_paths(cfg.resolve_path(cfg.model_paths), cfg.model_id_with_origin_paths,
-                                cfg.resolve_path("."))
-    roles = assign_roles(ckpts)
-    shapes = {role: read_shapes(ck) for role, ck in roles.items() if role != "tokenizer"}
-    archs = {r: arch.dit_architecture({k2: v for k, v in shapes[r].items() if (k2 := arch.dit_key(k)) is not None},
-                                      roles[r].where)
-             for r in EXPERT_ROLES if r in roles}
-    experts = tuple(r for r in EXPERT_ROLES if r in archs)
-    first = archs[experts[0]]
-    for r in experts[1:]:
-        if archs[r].kwargs != first.kwargs:
-            raise ValueError(f"model_paths: the two DiTs differ ({archs['dit'].name} and {archs[r].name}); both "
-                             "experts must be the same architecture")
-    vae = arch.vae_architecture({arch.vae_key(k): v for k, v in shapes["vae"].items()}, roles["vae"].where)
-    te = arch.text_encoder_architecture(shapes["text_encoder"], roles["text_encoder"].where)
-    return ModelSpec(os.path.basename(cfg.model_paths or "model_id_with_origin_paths"), first, experts,
-                     te, vae, f"checkpoint headers ({cfg.model_paths or cfg.model_id_with_origin_paths})")
+    """The architecture of the files ``model_paths`` names, from their headers (no weights read),
+    as ``Wan22Model`` reads and checks them (``model.read_model_files``)."""
+    found = read_model_files(cfg)
+    return ModelSpec(os.path.basename(cfg.model_paths or "model_id_with_origin_paths"), found.dit, found.experts,
+                     found.text_encoder, found.vae,
+                     f"checkpoint headers ({cfg.model_paths or cfg.model_id_with_origin_paths})")
 
 
 def resolve_spec(cfg, preset: Optional[str]) -> ModelSpec:

@@ -39,7 +39,8 @@ from .offload import move_frozen_
 from .vae_decode import DecodeClamp, decode_latents, encode_video
 from .weights import WeightFile, assign_roles, find_hub_files, load_state_dict, read_shapes, resolve_model_paths
 
-__all__ = ["Wan22Model", "Wan22TinyModel", "WanCondition", "WanParts", "new_vae", "default_dtype"]
+__all__ = ["Wan22Model", "Wan22TinyModel", "WanCondition", "WanParts", "WanFiles", "read_model_files", "new_vae",
+           "default_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,47 @@ class WanParts:
     tokenizer: object = None
 
 
+@dataclasses.dataclass
+class WanFiles:
+    """The weight files ``model_paths`` names and the architectures their headers give (no weight
+    read): ``roles`` role -> file; ``dit`` and its ``experts`` (high noise first); ``vae``
+    (``architectures.vae_architecture``) and ``text_encoder`` (``WanTextEncoder`` kwargs)."""
+
+    roles: dict[str, WeightFile]
+    dit: arch.DiTArch
+    experts: tuple[str, ...]
+    vae: dict
+    text_encoder: dict
+
+
+def read_model_files(config, *, allow_download: bool = False) -> WanFiles:
+    """The files of ``model_paths`` / ``model_id_with_origin_paths`` and what they hold, from their
+    headers, checked to fit together (two experts of one architecture, the VAE's latent channels and
+    the text encoder's width as the DiT expects): what the model loads, and what the planner plans."""
+    files = resolve_model_paths(config.resolve_path(config.model_paths), config.model_id_with_origin_paths,
+                                config.resolve_path("."), allow_download=allow_download)
+    roles = assign_roles(files)
+    shapes = {role: read_shapes(wf) if role != "tokenizer" else None for role, wf in roles.items()}
+    dit_shapes = {r: {k2: v for k, v in shapes[r].items() if (k2 := arch.dit_key(k)) is not None}
+                  for r in roles if r in EXPERT_ROLES}
+    archs = {r: arch.dit_architecture(s, roles[r].where) for r, s in dit_shapes.items()}
+    experts = tuple(r for r in EXPERT_ROLES if r in archs)
+    first = archs[experts[0]]
+    for r in experts[1:]:
+        if archs[r].kwargs != first.kwargs:
+            raise ValueError(f"model_paths: the two DiTs differ ({roles['dit'].where} is {archs['dit'].name}, "
+                             f"{roles[r].where} is {archs[r].name}); both experts must be the same architecture")
+    vae_arch = arch.vae_architecture({arch.vae_key(k): v for k, v in shapes["vae"].items()}, roles["vae"].where)
+    if vae_arch["z_dim"] != first.z_dim:
+        raise ValueError(f"model_paths: the VAE ({roles['vae'].where}) has {vae_arch['z_dim']} latent channels, "
+                         f"the DiT expects {first.z_dim}")
+    te_arch = arch.text_encoder_architecture(shapes["text_encoder"], roles["text_encoder"].where)
+    if te_arch["dim"] != first.kwargs["text_dim"]:
+        raise ValueError(f"model_paths: the text encoder ({roles['text_encoder'].where}) is {te_arch['dim']}-d, "
+                         f"the DiT expects {first.kwargs['text_dim']}-d prompt embeddings")
+    return WanFiles(roles, first, experts, vae_arch, te_arch)
+
+
 def new_vae(vae_arch: dict) -> torch.nn.Module:
     """diffsynth's VAE for ``vae_arch`` (``architectures.vae_architecture``), its weights as the
     surrounding context makes them (skipped, random, fake)."""
@@ -167,7 +209,8 @@ class Wan22Model(VideoModel):
 
     Built as ``Wan22Model(config, options, device=torch.device)``; ``config`` is the TrainConfig
     (``model_paths``, ``tokenizer_path``, ``trainable_models``, ``lora_*``,
-    ``use_gradient_checkpointing_offload``, ``mixed_precision``).
+    ``use_gradient_checkpointing_offload``, ``mixed_precision``). Every way of making one (the
+    files, :meth:`with_random_weights`, the memory planner's fake weights) goes through ``__init__``.
     """
 
     #: the expert roles a set of weight files can fill (high noise, low noise); an instance keeps the
@@ -219,38 +262,19 @@ class Wan22Model(VideoModel):
         """The networks of the files ``model_paths`` names, in ``self.dtype``: headers first (cheap:
         every user error surfaces before a weight is read), then the weights."""
         config = self.config
-        files = resolve_model_paths(config.resolve_path(config.model_paths), config.model_id_with_origin_paths,
-                                    config.resolve_path("."), allow_download=config.allow_download)
-        roles = assign_roles(files)
-        shapes = {role: read_shapes(wf) if role != "tokenizer" else None for role, wf in roles.items()}
-        dit_shapes = {r: {k2: v for k, v in shapes[r].items() if (k2 := arch.dit_key(k)) is not None}
-                      for r in roles if r in EXPERT_ROLES}
-        archs = {r: arch.dit_architecture(s, roles[r].where) for r, s in dit_shapes.items()}
-        experts = tuple(r for r in EXPERT_ROLES if r in archs)
-        first = archs[experts[0]]
-        for r in experts[1:]:
-            if archs[r].kwargs != first.kwargs:
-                raise ValueError(f"model_paths: the two DiTs differ ({roles['dit'].where} is {archs['dit'].name}, "
-                                 f"{roles[r].where} is {archs[r].name}); both experts must be the same architecture")
-        vae_arch = arch.vae_architecture({arch.vae_key(k): v for k, v in shapes["vae"].items()}, roles["vae"].where)
-        if vae_arch["z_dim"] != first.z_dim:
-            raise ValueError(f"model_paths: the VAE ({roles['vae'].where}) has {vae_arch['z_dim']} latent channels, "
-                             f"the DiT expects {first.z_dim}")
-        te_arch = arch.text_encoder_architecture(shapes["text_encoder"], roles["text_encoder"].where)
-        if te_arch["dim"] != first.kwargs["text_dim"]:
-            raise ValueError(f"model_paths: the text encoder ({roles['text_encoder'].where}) is {te_arch['dim']}-d, "
-                             f"the DiT expects {first.kwargs['text_dim']}-d prompt embeddings")
-        self._check_training(config, experts, first)
+        found = read_model_files(config, allow_download=config.allow_download)
+        roles, first = found.roles, found.dit
+        self._check_training(config, found.experts, first)
         tokenizer_dir, _ = self._tokenizer_dir(config, roles.get("tokenizer"))
 
         from diffsynth.models.wan_video_dit import WanModel
         from diffsynth.models.wan_video_text_encoder import WanTextEncoder
 
         tokenizer = self._load_tokenizer(tokenizer_dir)
-        dits = {r: self._build(WanModel, first.kwargs, roles[r], arch.dit_key) for r in experts}
-        text_encoder = self._build(WanTextEncoder, te_arch, roles["text_encoder"], lambda k: k).eval()
-        vae = self._build_vae(vae_arch, roles["vae"])
-        return WanParts(first, dits, vae, arch.vae_stride(vae_arch), text_encoder, tokenizer)
+        dits = {r: self._build(WanModel, first.kwargs, roles[r], arch.dit_key) for r in found.experts}
+        text_encoder = self._build(WanTextEncoder, found.text_encoder, roles["text_encoder"], lambda k: k).eval()
+        vae = self._build_vae(found.vae, roles["vae"])
+        return WanParts(first, dits, vae, arch.vae_stride(found.vae), text_encoder, tokenizer)
 
     @classmethod
     def _check_training(cls, config, experts: tuple[str, ...], dit: arch.DiTArch) -> None:
