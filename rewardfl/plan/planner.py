@@ -16,7 +16,8 @@ bytes off when the last tensor using it dies (autograd's saved tensors included)
 device, and what was live at it, is the prediction. The accelerator is played by the *meta*
 device (fake CUDA tensors cannot run backward on a machine without a GPU); :func:`fake_device`
 lists where the real code's device-dependent choices are answered for the target (attention
-kernel, ``tensor.data`` moves; ``plugins``: the compiled face-align op, the offload rules).
+kernel, ``tensor.data`` moves; ``plugins``: the compiled face-align op; the model decides its offloads
+and dtype itself for the ``interfaces.DeviceTarget`` it is given).
 
 Counted by formula instead of run: DeepSpeed's ZeRO buffers (master weights, Adam states and
 gradient partitions per rank, the reduce bucket: the engine's own rule, ``engines.zero_buffers``,
