@@ -36,6 +36,7 @@ __all__ = [
     "StepPlan",
     "Sampler",
     "VideoModel",
+    "DeviceTarget",
     "SampleContext",
     "RewardOutput",
     "StepCache",
@@ -129,6 +130,20 @@ class Sampler(ABC):
 # --------------------------------------------------------------------------- models
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceTarget:
+    """The device a model is built for, when that is not the device its tensors are on.
+
+    The memory planner (``rewardfl.plan``) builds a model on fake tensors (the ``meta`` device) to
+    plan a step on a GPU it may not have: the model's device-dependent choices (its dtype, what waits
+    in host memory between uses) follow ``type`` ("cuda" or "cpu") and ``total_memory`` (bytes of
+    one accelerator; None: ask the device) instead of the device it was given.
+    """
+
+    type: str
+    total_memory: Optional[int] = None
+
+
 class VideoModel(ABC):
     """A video generator: conditioning encoders, one or more denoising experts, a decoder.
 
@@ -220,6 +235,21 @@ class VideoModel(ABC):
         """Export the trainable weights in the model family's own format (e.g. LoRA files its
         loaders accept); returns the files written. Optional."""
         raise NotImplementedError(f"{type(self).__name__} does not export trainable weights")
+
+    def read_exported(self, files: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``save_trainable``'s files read back in :meth:`trainable_state_dict` keys, for
+        ``generate``/``evaluate --checkpoint OUTPUT_DIR/final``: only the model knows the layouts it
+        exports (and what a loader's scale means for its trainable weights). Optional; raises
+        ``ValueError`` naming the file for one it cannot read."""
+        raise ValueError(f"{type(self).__name__} cannot read exported weight files (the model plugin has no "
+                         "read_exported); give a training checkpoint directory instead")
+
+    @classmethod
+    def export_main(cls, argv: Optional[Sequence[str]], prog: str) -> int:
+        """``python -m rewardfl.export --model NAME ...``: the model family's exporter (convert or merge
+        what ``save_trainable`` wrote) on the rest of the command line; returns the exit status and
+        raises user errors (``ValueError``/``FileNotFoundError``) for the caller to print. Optional."""
+        raise ValueError(f"{cls.__name__} has no exporter (the model plugin has no export_main)")
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         """The ``nn.Module``s that hold the trainable parameters (DeepSpeed wraps these).

@@ -21,33 +21,6 @@ from rewardfl.checkpoints import EMA_FILE, CheckpointError, load_checkpoint, ver
 __all__ = ["check_weights_source", "trainable_weights_of", "check_matches"]
 
 
-def _read_exported(files: Sequence[str], source: str) -> dict[str, torch.Tensor]:
-    """Exported trainable weights (``VideoModel.save_trainable``'s files) in ``trainable_state_dict`` keys.
-
-    Each file's safetensors metadata names its ``expert`` (keys get that prefix); a LoRA export also
-    records ``lora_alpha`` and ``lora_rank`` and folds ``alpha / rank`` into ``lora_B`` (DiffSynth's
-    convention), which is undone here."""
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
-            with safe_open(path, "pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error type, or OSError
-            raise ValueError(f"--checkpoint {source}: {path} is not a readable safetensors file ({e})") from e
-        expert = meta.get("expert")
-        if not expert:
-            raise ValueError(f"--checkpoint {source}: {path} has no 'expert' in its metadata; give a file written "
-                             "by rewardfl's export (OUTPUT_DIR/final/*.safetensors) or a checkpoint directory")
-        scale = (float(meta["lora_alpha"]) / float(meta["lora_rank"])
-                 if "lora_alpha" in meta and "lora_rank" in meta else None)
-        for key, value in tensors.items():
-            if scale is not None and ".lora_B." in key:
-                value = value / scale
-            state[f"{expert}.{key}"] = value
-    return state
-
-
 _VERIFIED: set = set()  # checkpoint directories that verified in this process
 
 
@@ -114,8 +87,8 @@ def trainable_weights_of(spec: str, weights: str = "trained", model=None) -> Opt
 
     ``weights="ema"``: the moving average instead (``ema_decay``): ``ema.safetensors`` of a checkpoint
     directory, or ``ema/`` of an export directory. Exported files are read by
-    ``model.read_exported(files)`` when the model has one (it knows its export formats, e.g. Wan's
-    comfyui/diffsynth/diffusers LoRA layouts), else as rewardfl's DiffSynth-layout export."""
+    ``model.read_exported(files)`` (it knows its export formats, e.g. Wan's comfyui/diffsynth/diffusers
+    LoRA layouts)."""
     if spec == "base":
         return None
     kind, files = _weights_source(spec, weights)
@@ -133,11 +106,12 @@ def trainable_weights_of(spec: str, weights: str = "trained", model=None) -> Opt
 
 
 def _read_exported_by(model, files: Sequence[str], source: str) -> dict[str, torch.Tensor]:
-    reader = getattr(model, "read_exported", None)
-    if reader is None:
-        return _read_exported(files, source)
+    """The model's own reader of its exported files (``VideoModel.read_exported``: it knows its formats)."""
+    if model is None:
+        raise ValueError(f"--checkpoint {source}: exported files are read by the model that wrote them; "
+                         "pass the model")
     try:
-        return reader(files)
+        return model.read_exported(files)
     except ValueError as e:
         raise ValueError(f"--checkpoint {source}: {e}") from e
 
