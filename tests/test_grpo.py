@@ -4,6 +4,7 @@ reward used without its gradient (the ratio of the first update exactly 1, kill 
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import subprocess
@@ -222,3 +223,51 @@ def test_inner_updates_train_again_on_the_sampled_groups_without_drawing(make_co
     third = trainer.train_step()  # a new cycle: new clips, sampled under the current weights
     assert len(drawn) == 2 and (trainer.state.epoch, trainer.state.position) != position
     assert third["reward/grpo/ratio_max_dev"] == 0.0
+
+
+def test_kill_and_resume_between_inner_updates_reproduce_an_uninterrupted_run(make_config, tmp_path):
+    from safetensors.torch import load_file
+
+    def config(name, **overrides):
+        return _grpo_config(make_config, tmp_path, algorithm={"name": "grpo", "group_size": 2, "inner_updates": 2},
+                            max_steps=3, save_steps=1, save_total_limit=3, output_dir=str(tmp_path / name),
+                            **overrides)
+
+    assert run.main([config("ref")]) == 0
+    ref = tmp_path / "ref" / "checkpoints"
+    # mid-cycle checkpoints keep the sampled groups; at a cycle's end there is nothing to keep
+    assert [(ref / f"checkpoint-{s}" / "algorithm-0.safetensors").exists() for s in (1, 2, 3)] == [True, False, True]
+    proc = subprocess.Popen([sys.executable, "-m", "rewardfl.run", config("cut")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    ckpt = tmp_path / "cut" / "checkpoints" / "checkpoint-1"
+    deadline = time.time() + 600
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # resumed after the cycle's first update: step 2 trains on the groups of step 1, from the checkpoint
+    assert run.main([config("cut", resume_from_checkpoint=str(ckpt))]) == 0
+    assert stable(read_metrics(str(tmp_path / "cut"))) == stable(read_metrics(str(tmp_path / "ref")))
+    cut = tmp_path / "cut" / "checkpoints"
+    for s in (2, 3):
+        got, expected = load_file(cut / f"checkpoint-{s}" / "trainable.safetensors"), load_file(
+            ref / f"checkpoint-{s}" / "trainable.safetensors")
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+        state = json.loads((cut / f"checkpoint-{s}" / "state.json").read_text())
+        assert state == json.loads((ref / f"checkpoint-{s}" / "state.json").read_text())
+
+
+def test_one_inner_update_keeps_nothing_between_steps(make_config, tmp_path):
+    from rewardfl.registry import load_resolved
+    from rewardfl.training import Trainer
+
+    trainer = Trainer(*load_resolved(_grpo_config(make_config, tmp_path)))
+    trainer.train_step()
+    # no groups, no micro-batches held for a next step, nothing for a checkpoint to write
+    assert trainer.algorithm.state_dict() == {} and trainer.algorithm._cycle == [] and trainer._drawn is None
+
+
+def test_inner_updates_below_one_name_the_key(make_config, capsys):
+    assert run.main([make_config(algorithm={"name": "grpo", "inner_updates": 0}), "--check"]) == 2
+    assert "algorithm.inner_updates: must be >= 1" in capsys.readouterr().err
