@@ -194,15 +194,15 @@ def test_inner_updates_train_again_on_the_sampled_groups_without_drawing(make_co
     from rewardfl.registry import load_resolved
     from rewardfl.training import Trainer
 
-    cfg, plugins = load_resolved(_grpo_config(make_config, tmp_path, algorithm={"name": "grpo", "group_size": 2,
-                                                                                "inner_updates": 2,
-                                                                                "clip_range": 2e-3}, learning_rate=3e-2))
+    options = {"name": "grpo", "group_size": 2, "inner_updates": 2, "clip_range": 2e-3}
+    cfg, plugins = load_resolved(_grpo_config(make_config, tmp_path, algorithm=options, learning_rate=3e-2,
+                                              max_steps=None, num_train_epochs=1))
     trainer = Trainer(cfg, plugins)
+    assert trainer.total_steps == 4  # an epoch: 2 clips drawn one by one, each trained on twice
     drawn, trained = [], []
     draw, micro_batch = trainer.batches.next, trainer.algorithm.micro_batch
     trainer.batches.next = lambda state: drawn.append(1) or draw(state)
-    trainer.algorithm.micro_batch = lambda batch, contexts, step: trained.append(batch) or micro_batch(batch, contexts,
-                                                                                                        step)
+    trainer.algorithm.micro_batch = lambda batch, *rest: trained.append(batch) or micro_batch(batch, *rest)
     first = trainer.train_step()
     assert first["reward/grpo/ratio_max_dev"] == 0.0  # the first update of a cycle: the sampling weights
     position = (trainer.state.epoch, trainer.state.position)

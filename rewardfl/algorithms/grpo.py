@@ -22,16 +22,28 @@ reward used without its gradient. One micro-batch of B clips:
 
        KL = mean((mean_theta - mean_ref)^2) / (2 s^2) = mean(c_v^2 (v - v_ref)^2) / (2 s^2)
 
-   averaged over the trained steps. One update per sampled batch (on-policy, Flow-GRPO's default):
-   the ratio is then 1 up to numerics (exactly 1: the log-probabilities are recomputed by the same
-   kernel from the same inputs), so its gradient is the REINFORCE estimate ``-mean(A * grad logp)``
-   and the clip only guards against the sampling and training passes drifting apart.
+   averaged over the trained steps. With one update per sampled batch (``inner_updates: 1``, on-policy,
+   Flow-GRPO's default) the ratio is 1 up to numerics (exactly 1: the log-probabilities are recomputed
+   by the same kernel from the same inputs), so its gradient is the REINFORCE estimate
+   ``-mean(A * grad logp)`` and the clip only guards against the sampling and training passes drifting
+   apart.
+4. **Inner updates** (``inner_updates: K``, Flow-GRPO's ``num_inner_epochs``, PPO's epochs). Optimizer
+   steps come in cycles of K: the first samples and scores as above; the next K - 1 (:meth:`GRPO.replays`:
+   the loop hands them the same micro-batches and draws nothing) train again on the same groups (the
+   stored latents, old log-probabilities and advantages; the conditioning is encoded again from the
+   clips, the encoders being frozen), under weights that moved: the ratio leaves 1 and the clip
+   bounds how far one cycle moves the policy. The trained steps are drawn anew each step. A replay
+   costs the trained steps' forward and backward (and the reference forward for the KL) plus one
+   encode: no sampling, decoding or scoring. A replay step logs the scores of the samples it trains on.
 
-Memory: the B*G trajectories' latents of the trained steps only (the others are dropped as sampling
-goes on), and the autograd graph of the trained steps' forwards. Resume is exact: the starting noise
-and the SDE noise are seeded by (seed, clip index, group member, training step), nothing is carried
-between steps. Not yet: several updates per sampled batch, classifier-free guidance, first-frame
-injection models (TI2V), a hybrid with reward backprop in one run.
+Memory: the B*G trajectories' latents of the window's trainable steps only (the others are dropped as
+sampling goes on), and the autograd graph of the trained steps' forwards; with ``inner_updates > 1``
+those latents, log-probabilities and advantages of every micro-batch of the step stay until the
+cycle's last update (the loop keeps the micro-batches' clips too). Resume is exact: the starting noise
+and the SDE noise are seeded by (seed, clip index, group member, training step); between two updates
+of a cycle a checkpoint keeps the cycle's groups (:meth:`GRPO.state_dict`, ``algorithm-<rank>.safetensors``)
+and the loop the data position the cycle's clips were drawn from. Not yet: classifier-free guidance,
+first-frame injection models (TI2V), a hybrid with reward backprop in one run.
 """
 
 from __future__ import annotations

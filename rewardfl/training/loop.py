@@ -118,7 +118,8 @@ class Trainer:
         self.gradient_check = ZeroGradientCheck(set(self.model.experts) - {s.expert for s in self.plan if s.grad})
         if not self.params:
             raise ConfigError("trainable_models: the model has no trainable parameters with this config")
-        self.total_steps = cfg.max_steps or cfg.num_train_epochs * max(1, self.batches.per_epoch // self.accum)
+        self.total_steps = cfg.max_steps or self._steps_drawing(cfg.num_train_epochs *
+                                                                max(1, self.batches.per_epoch // self.accum))
         self.engine = build_engine(cfg, self.model, self.params,
                                    lr_lambda(cfg.lr_scheduler_type, cfg.warmup_steps, self.total_steps),
                                    self.dist, self.accum)
@@ -149,6 +150,16 @@ class Trainer:
                     f"({cfg.per_device_train_batch_size}) x processes ({self.world_size}) x "
                     f"gradient_accumulation_steps ({accum}); fix one of them or leave train_batch_size unset")
         return accum
+
+    def _steps_drawing(self, draws: int) -> int:
+        """The optimizer steps in which the run draws ``draws`` times (``num_train_epochs`` counts passes
+        over the clips): each draw, then the steps the algorithm replays its micro-batches in."""
+        steps = 0
+        for _ in range(draws):
+            steps += 1
+            while self.algorithm.replays(steps):
+                steps += 1
+        return steps
 
     # ---------------------------------------------------------------- one optimizer step
 
