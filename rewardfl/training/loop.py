@@ -393,7 +393,8 @@ class Trainer:
         return records
 
     def _sample_video(self, step: int) -> None:
-        """Every ``sample_video_steps``: the step's first video (beside its clip) in OUTPUT_DIR/samples."""
+        """Every ``sample_video_steps``: the last generated first video (beside its clip) in OUTPUT_DIR/samples
+        (a step the algorithm replays generates none: its cycle's; none yet after a resume mid-cycle)."""
         every = self.cfg.sample_video_steps
         if self.is_main and every and step % every == 0 and self._last_videos is not None:
             gen, ref = self._last_videos
