@@ -15,6 +15,9 @@ Layout of ``OUTPUT_DIR/checkpoints/checkpoint-<step>/``::
     latest, zero_to_fp32.py,  the tag file and conversion scripts DeepSpeed writes beside it
     zero_to_torch.py          (never run by rewardfl)
     rng-<rank>.safetensors    python, numpy, torch (and CUDA) RNG states of each process
+    ema.safetensors           the moving average of the trainable weights (ema_decay > 0)
+    algorithm-<rank>.safetensors  what each process's algorithm needs for the next step (GRPO
+                              between inner updates: the sampled groups); only when it needs any
     state.json                step, epoch, data position, counters
     manifest.json             size and sha256 of every file above (written last)
 
@@ -62,7 +65,8 @@ from rewardfl.runtime import DistInfo, barrier
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointManager", "CheckpointError", "CHECKPOINT_RE", "EMA_FILE", "list_checkpoints", "latest_checkpoint", "verified_checkpoint",
+__all__ = ["CheckpointManager", "CheckpointError", "CHECKPOINT_RE", "EMA_FILE", "ALGORITHM_FILE", "list_checkpoints",
+           "latest_checkpoint", "verified_checkpoint",
            "begin_checkpoint", "write_checkpoint_files", "save_rng", "write_manifest", "commit_checkpoint",
            "save_failed", "save_torch_file", "load_checkpoint", "load_rng", "load_torch_file"]
 
@@ -73,6 +77,8 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 #: the moving average of the trainable weights (``ema_decay``; ``rewardfl.training.ema``) in a checkpoint
 EMA_FILE = "ema.safetensors"
+#: the algorithm's state of process ``rank`` (``Algorithm.state_dict``: GRPO's sampled groups mid-cycle)
+ALGORITHM_FILE = "algorithm-{rank}.safetensors"
 _CHUNK = 1 << 20
 
 
@@ -451,7 +457,8 @@ class CheckpointManager:
         self.root, self.dist, self.keep = root, dist or DistInfo(), keep
 
     def save(self, step: int, *, engine, model, state: dict,
-             extra_weights: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> str:
+             extra_weights: Optional[dict[str, dict[str, torch.Tensor]]] = None,
+             process_weights: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> str:
         """Checkpoint ``step`` (collective under DeepSpeed): every process writes its part into one
         temporary directory, rank 0 adds weights, state and the manifest of checksums and renames it
         into place.
@@ -459,7 +466,8 @@ class CheckpointManager:
         A failed write (a full disk) is a one-line CheckpointError naming the file and the free
         space; the temporary directory is removed and the previous checkpoints stay as they were.
         With several processes, the process that failed exits and the launcher stops the others.
-        ``extra_weights``: ``{file name: tensors}`` rank 0 also writes (e.g. the EMA), in the manifest too.
+        ``extra_weights``: ``{file name: tensors}`` rank 0 also writes (e.g. the EMA), in the manifest too;
+        ``process_weights``: the same that every process writes (names of its own, e.g. with its rank).
         """
         main = self.dist.is_main
         tmp = os.path.join(self.root, f".checkpoint-{step}.tmp")
@@ -470,6 +478,8 @@ class CheckpointManager:
             barrier(self.dist)
             engine.save(tmp)
             save_rng(tmp, self.dist.rank)
+            for name, tensors in (process_weights or {}).items():
+                write_safetensors(os.path.join(tmp, name), tensors, metadata={"step": str(step)})
             with engine.gathered():
                 weights = model.trainable_state_dict() if main else None
                 if main:

@@ -424,7 +424,9 @@ class MicroBatch:
     ``scores``/``valid``: ``(N,)`` detached reward scores of the N videos it generated (N = B for
     reward backprop, B * group_size for GRPO) and which of them count; ``reward_loss``/``kl_loss``:
     the loss's parts as floats; ``metrics``: the reward's and the algorithm's own scalars;
-    ``videos``: ``(N, 3, F, H, W)`` in [-1, 1], detached (for sample videos).
+    ``videos``: ``(N, 3, F, H, W)`` in [-1, 1], detached (for sample videos), or None when the step
+    generated none (it trained again on samples of an earlier step, see :meth:`Algorithm.replays`;
+    ``scores``/``valid`` are then those samples').
     """
 
     loss: torch.Tensor
@@ -433,7 +435,7 @@ class MicroBatch:
     reward_loss: float
     kl_loss: float
     metrics: dict
-    videos: torch.Tensor
+    videos: Optional[torch.Tensor]
 
 
 class Algorithm(ABC):
@@ -458,3 +460,24 @@ class Algorithm(ABC):
     @abstractmethod
     def micro_batch(self, batch: dict, contexts: Sequence[SampleContext], step: int) -> MicroBatch:
         """``batch`` as :func:`rewardfl.data.collate` makes it; ``step`` the optimizer step (noise seeds)."""
+
+    # Optional: several optimizer steps per sampled batch (PPO's epochs). The defaults sample anew
+    # every step and keep nothing between steps.
+
+    def replays(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) trains again on the samples of step ``step - 1``
+        instead of drawing new clips: the loop then hands :meth:`micro_batch` the micro-batches of
+        the step before (the same clips, contexts and skips, in the same order) and the data
+        position stays where it is. A function of ``step`` and the options only: the loop asks it
+        on resume too."""
+        return False
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint saved after the last step must keep of this process's algorithm for the
+        next step to go on exactly as in an uninterrupted run (e.g. the sampled groups a replay
+        trains on again), as tensors (on any device: the checkpoint writes them one at a time);
+        empty when the next step needs nothing (then nothing is written)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict`, on resume (``{}`` when the checkpoint holds nothing)."""

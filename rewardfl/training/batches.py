@@ -10,6 +10,9 @@ at the first one not trained on, whatever the workers had prefetched.
 
 from __future__ import annotations
 
+import copy
+import types
+
 import torch
 
 from rewardfl.data import collate
@@ -42,6 +45,14 @@ class MicroBatches:
         batch = next(self._loader)
         state.position += 1
         return batch
+
+    def replay(self, epoch: int, position: int, count: int) -> list[dict]:
+        """The ``count`` micro-batches :meth:`next` gave from ``epoch``/``position`` on (a resumed run
+        rebuilding the micro-batches an algorithm trains on again), without moving this run's iterator."""
+        scratch = copy.copy(self)
+        scratch._loader = None
+        state = types.SimpleNamespace(epoch=epoch, position=position)
+        return [scratch.next(state) for _ in range(count)]
 
     def restart(self) -> None:
         """Forget the current epoch's iterator (after the position was changed from outside)."""

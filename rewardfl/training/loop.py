@@ -5,7 +5,9 @@ One optimizer step (:meth:`Trainer.train_step`) reads top to bottom:
 1. for each of ``gradient_accumulation_steps`` micro-batches: the reward prepares its
    references (samples it can never score are skipped and counted), the algorithm
    (``algorithm.py``: sample under the policy's gradient window, decode, score) gives a
-   loss, and the engine backpropagates it;
+   loss, and the engine backpropagates it. A step the algorithm replays
+   (``Algorithm.replays``: several updates per sampled batch) draws nothing: it hands the
+   algorithm the previous step's micro-batches again, and the data position stays;
 2. the engine clips and updates: a non-finite loss or gradient skips the update, an
    update that makes a weight non-finite is rolled back, and a step with no sample
    to learn from anywhere (on every process) does not call the optimizer at all;
@@ -32,7 +34,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from rewardfl.checkpoints import EMA_FILE, CheckpointManager
+from rewardfl.checkpoints import ALGORITHM_FILE, EMA_FILE, CheckpointManager
 from rewardfl.config import ConfigError, TrainConfig, dump_config, to_dict
 from rewardfl.data import VideoDataset
 from rewardfl.evaluation.evaluation import check_evaluation
@@ -68,6 +70,10 @@ class TrainState:
     skipped_no_reference: int = 0  # samples whose reference the reward could not use
     skipped_empty: int = 0  # optimizer steps with no sample to learn from (no update)
     updates: int = 0  # optimizer steps that changed the weights
+    # the data position before the last step that drew micro-batches: a run resumed between an
+    # algorithm's replays (Algorithm.replays) draws that step's micro-batches again from here
+    drawn_epoch: int = 0
+    drawn_position: int = 0
 
 
 class Trainer:
@@ -112,13 +118,16 @@ class Trainer:
         self.gradient_check = ZeroGradientCheck(set(self.model.experts) - {s.expert for s in self.plan if s.grad})
         if not self.params:
             raise ConfigError("trainable_models: the model has no trainable parameters with this config")
-        self.total_steps = cfg.max_steps or cfg.num_train_epochs * max(1, self.batches.per_epoch // self.accum)
+        self.total_steps = cfg.max_steps or self._steps_drawing(cfg.num_train_epochs *
+                                                                max(1, self.batches.per_epoch // self.accum))
         self.engine = build_engine(cfg, self.model, self.params,
                                    lr_lambda(cfg.lr_scheduler_type, cfg.warmup_steps, self.total_steps),
                                    self.dist, self.accum)
         self.checkpoints = CheckpointManager(self.ckpt_dir, self.dist, keep=cfg.save_total_limit)
         self._lr = self.engine.lr  # the lr the next update uses (logged with its step)
         self.state = TrainState()
+        self._drawn = None  # the last step's micro-batches while the next step replays them
+        self._last_videos = None  # the last generated videos and their clips (sample videos)
         self.stopped_by_signal = self.stopped_by_guard = False
         # evaluation on held-out clips during training (eval_steps) and of base vs final (eval.at_end)
         self.evaluator = TrainingEvaluator(self) if cfg.eval_steps else None
@@ -142,6 +151,16 @@ class Trainer:
                     f"gradient_accumulation_steps ({accum}); fix one of them or leave train_batch_size unset")
         return accum
 
+    def _steps_drawing(self, draws: int) -> int:
+        """The optimizer steps in which the run draws ``draws`` times (``num_train_epochs`` counts passes
+        over the clips): each draw, then the steps the algorithm replays its micro-batches in."""
+        steps = 0
+        for _ in range(draws):
+            steps += 1
+            while self.algorithm.replays(steps):
+                steps += 1
+        return steps
+
     # ---------------------------------------------------------------- one optimizer step
 
     def train_step(self) -> dict:
@@ -149,17 +168,20 @@ class Trainer:
         self.engine.zero_grad()
         sums = dict.fromkeys(("loss", "reward_loss", "kl_loss", "score_sum", "score_count", "skipped_samples"), 0.0)
         extra: dict[str, float] = {}
+        drawn = self._replayed() if self.algorithm.replays(self.state.step) else None
+        if drawn is None:  # a step that samples: where its micro-batches begin (for a resume mid-cycle)
+            self.state.drawn_epoch, self.state.drawn_position = self.state.epoch, self.state.position
+        kept = [] if self.algorithm.replays(self.state.step + 1) else None
         for micro in range(self.accum):
-            batch = self.batches.next(self.state)
-            contexts = [SampleContext(*c) for c in zip(batch["sample_id"], batch["video"], batch["path"],
-                                                         batch["prompt"])]
-            keep = self.reward.prepare(contexts).cpu()
-            if not bool(keep.all()):  # a reference the reward cannot use: those samples are skipped, counted
+            if drawn is None:
+                batch, contexts, keep = self._prepared(self.batches.next(self.state))
                 self.state.skipped_no_reference += int((~keep).sum())
+            else:
+                batch, contexts, keep = drawn[micro]
+            if kept is not None:
+                kept.append((batch, contexts, keep))
+            if not bool(keep.all()):  # a reference the reward cannot use: those samples are skipped, counted
                 sums["skipped_samples"] += float((~keep).sum())
-                sel = keep.nonzero().flatten().tolist() or [0]  # all skipped: run one, weighted 0
-                batch = {k: (v[sel] if torch.is_tensor(v) else [v[i] for i in sel]) for k, v in batch.items()}
-                contexts = [contexts[i] for i in sel]
             out = self.algorithm.micro_batch(batch, contexts, self.state.step)
             if not bool(keep.any()):
                 out.valid = torch.zeros_like(out.valid)
@@ -176,7 +198,9 @@ class Trainer:
             sums["kl_loss"] += out.kl_loss / self.accum
             for k, v in out.metrics.items():
                 extra[k] = extra.get(k, 0.0) + float(v) / self.accum
-            self._last_videos = (out.videos, batch["video"].detach())
+            if out.videos is not None:
+                self._last_videos = (out.videos, batch["video"].detach())
+        self._drawn = kept
         if sums["score_count"]:
             self.gradient_check.before_update(self.model.trainable_parameters())
         grad_norm, status = self.engine.step()
@@ -205,6 +229,28 @@ class Trainer:
             **{f"reward/{k}": v for k, v in extra.items()},
         }
 
+    def _prepared(self, batch: dict) -> tuple[dict, list[SampleContext], torch.Tensor]:
+        """A drawn micro-batch, its contexts and the reward's keep mask (``reward.prepare``); the samples
+        it can never score are taken out (all of them: one is kept, to run weighted 0)."""
+        contexts = [SampleContext(*c) for c in zip(batch["sample_id"], batch["video"], batch["path"], batch["prompt"])]
+        keep = self.reward.prepare(contexts).cpu()
+        if not bool(keep.all()):
+            sel = keep.nonzero().flatten().tolist() or [0]
+            batch = {k: (v[sel] if torch.is_tensor(v) else [v[i] for i in sel]) for k, v in batch.items()}
+            contexts = [contexts[i] for i in sel]
+        return batch, contexts, keep
+
+    def _replayed(self) -> list:
+        """The micro-batches of the step before, for a step the algorithm replays: kept in memory, or
+        drawn again from where that step began after a resume (the run's own position untouched)."""
+        if self._drawn is None:
+            if self.state.step == 0:
+                raise RuntimeError(f"algorithm {self.cfg.algorithm.name}: replays(0) is true, but step 0 has no "
+                                   "step before it to train on again")
+            s = self.state
+            self._drawn = [self._prepared(b) for b in self.batches.replay(s.drawn_epoch, s.drawn_position, self.accum)]
+        return self._drawn
+
     def _count(self, status: str, loss: float, grad_norm: float) -> None:
         if status == "empty":
             self.state.skipped_empty += 1
@@ -219,9 +265,12 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints and export
 
     def save(self) -> str:
+        algorithm = self.algorithm.state_dict()  # e.g. GRPO's sampled groups between inner updates
         return self.checkpoints.save(self.state.step, engine=self.engine, model=self.model,
                                      state={**dataclasses.asdict(self.state), "reward": self.reward.state_dict()},
-                                     extra_weights={EMA_FILE: self.ema.state_dict()} if self.ema else None)
+                                     extra_weights={EMA_FILE: self.ema.state_dict()} if self.ema else None,
+                                     process_weights={ALGORITHM_FILE.format(rank=self.rank): algorithm}
+                                     if algorithm else None)
 
     def maybe_resume(self) -> Optional[str]:
         r = self.cfg.resume_from_checkpoint
@@ -232,6 +281,9 @@ class Trainer:
         path, state = found
         self.state = TrainState(**{f.name: state[f.name] for f in dataclasses.fields(TrainState) if f.name in state})
         self.reward.load_state_dict(state.get("reward", {}))
+        algorithm = os.path.join(path, ALGORITHM_FILE.format(rank=self.rank))
+        self.algorithm.load_state_dict(load_file(algorithm) if os.path.isfile(algorithm) else {})
+        self._drawn = None  # a step that replays draws the micro-batches again (_replayed)
         if self.ema is None and os.path.isfile(os.path.join(path, EMA_FILE)):
             log.warning("ema_decay: 0, but %s holds an EMA (%s): this run drops it; its final/ will have no ema/ "
                         "(resume with the checkpoint's ema_decay to keep averaging)", path, EMA_FILE)
@@ -341,9 +393,10 @@ class Trainer:
         return records
 
     def _sample_video(self, step: int) -> None:
-        """Every ``sample_video_steps``: the step's first video (beside its clip) in OUTPUT_DIR/samples."""
+        """Every ``sample_video_steps``: the last generated first video (beside its clip) in OUTPUT_DIR/samples
+        (a step the algorithm replays generates none: its cycle's; none yet after a resume mid-cycle)."""
         every = self.cfg.sample_video_steps
-        if self.is_main and every and step % every == 0:
+        if self.is_main and every and step % every == 0 and self._last_videos is not None:
             gen, ref = self._last_videos
             self._videos.submit(os.path.join(self.output_dir, "samples", f"step-{step:06d}.mp4"), gen[0],
                                 ref[0] if self.cfg.sample_side_by_side else None)
