@@ -207,3 +207,38 @@ def test_export_merge_with_the_config_writes_the_fully_merged_expert(tiny_dir, b
     for name, before in w.items():
         want = (before.double() + expected["dit"].get(name, 0)).float()
         torch.testing.assert_close(merged[name], want, rtol=0, atol=4e-7)
+
+
+# --------------------------------------------------------------------------- run --check on one-expert models
+
+
+@pytest.mark.parametrize("form", ["dict", "list"])
+def test_check_plans_merges_against_the_experts_the_files_hold(make_config, tiny_dir, tmp_path, capsys, form):  # noqa: F811
+    """A model_paths with one DiT (TI2V-5B, or A14B's high-noise expert alone): ``run --check`` checks each
+    entry against that one expert, as loading does (it used to check against both)."""
+    from wan_fixtures import write_paths
+
+    from rewardfl import run
+    from rewardfl.config import ConfigError
+
+    files = {"high_noise_model": "dit_high_noise.safetensors", "text_encoder": "text_encoder.safetensors",
+             "vae": "vae.safetensors"}
+    spec = ({**{k: os.path.join(tiny_dir, v) for k, v in files.items()}, "tokenizer": os.path.join(tiny_dir, "tokenizer")}
+            if form == "dict" else [os.path.join(tiny_dir, v) for v in files.values()])
+    paths = write_paths(str(tmp_path), spec)
+    style = str(tmp_path / "style.safetensors")  # its name says no expert: fine with one
+    save_file({"blocks.0.self_attn.o.lora_A.weight": torch.zeros(2, 64),
+               "blocks.0.self_attn.o.lora_B.weight": torch.zeros(64, 2)}, style)
+    common = dict(model_paths=paths, trainable_models="dit", lora_base_model="dit", tokenizer_path=os.path.join(tiny_dir, "tokenizer"))
+    # boundary 0: run --check's step plan counts both roles (run.py), one expert runs every step
+    assert run.main(["--check", make_config(**common, model={"merge_loras": [style], "boundary": 0.0})]) == 0
+    assert f"model    merge_loras: {style} -> dit strength 1 (1 LoRA layer(s), 0 difference(s))" in \
+        capsys.readouterr().out.splitlines()
+    # an expert the files do not hold: one line naming the entry and the experts there are, before loading
+    bad = make_config(**common, model={"merge_loras": [{"path": style, "expert": "low_noise"}], "boundary": 0.0})
+    assert run.main(["--check", bad]) == 2
+    message = "model.merge_loras[0].expert: the model has no expert dit2 (it has dit)"
+    assert capsys.readouterr().err.strip().splitlines() == [f"rewardfl.run: error: {message}"]
+    with pytest.raises(ConfigError) as e:  # loading says the same
+        build_tiny(tiny_dir, {"merge_loras": [{"path": style, "expert": "low_noise"}]}, **common)
+    assert str(e.value) == message

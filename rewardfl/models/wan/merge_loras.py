@@ -40,9 +40,10 @@ from rewardfl.config import ConfigError
 
 from .lora import merge_lora_into
 from .lora_formats import COMFYUI_PREFIX, DIFFUSERS_PREFIX, LoraLayer, diffusers_module, read_lora
+from .weights import WeightFile, detect_role, read_shapes
 
-__all__ = ["MergeLora", "EXPERT_ALIASES", "validate_merge_loras", "merge_plan", "read_merge_file", "merge_loras",
-           "describe_merges", "expert_merges", "apply_merges"]
+__all__ = ["MergeLora", "EXPERT_ALIASES", "validate_merge_loras", "merge_plan", "files_experts", "read_merge_file",
+           "merge_loras", "describe_merges", "expert_merges", "apply_merges"]
 
 #: what ``expert`` may say -> the model's expert names
 EXPERT_ALIASES = {"dit": ("dit",), "high_noise": ("dit",), "dit2": ("dit2",), "low_noise": ("dit2",),
@@ -122,6 +123,23 @@ def merge_plan(config, entries, experts: tuple[str, ...]) -> list[MergeLora]:
             raise ConfigError(f"{key}.expert: the model has no expert {missing[0]} (it has {', '.join(experts)})")
         plan.append(MergeLora(path, float(e.get("strength", 1.0)), tuple(chosen), key))
     return plan
+
+
+def files_experts(files: list[WeightFile], roles: tuple[str, ...]) -> tuple[str, ...]:
+    """The experts (of ``roles``, high noise first) that the weight files of a dry run
+    (``resolve_model_paths(..., dry_run=True)``) fill, so that ``run --check`` plans the merges against
+    the experts the model will have (one for TI2V-5B or a model_paths without low_noise_model): the
+    role model_paths gives, else the file's tensor names (headers only; the first DiT is the high-noise
+    one, as ``assign_roles`` counts). All of ``roles`` while a file is still to be downloaded."""
+    if any(not wf.files for wf in files):
+        return roles
+    found: list[str] = []
+    for wf in files:
+        role = wf.role or detect_role(read_shapes(wf))
+        if wf.role is None and role == "dit" and "dit" in found:
+            role = "dit2"
+        found.append(role)
+    return tuple(r for r in roles if r in found)
 
 
 def _load(path: str, key: str) -> dict[str, torch.Tensor]:
