@@ -17,7 +17,9 @@ has one expert. Each layer's weight becomes ``W + strength * alpha / rank * up @
 * ComfyUI / DiffSynth / diffusers keys (``lora_formats.read_lora``): ``lora_A``/``lora_B`` with
   or without ``diffusion_model.``, an optional ``.alpha``; ``transformer.`` diffusers names;
 * kohya / ComfyUI ``lora_down``/``lora_up`` (the same as ``lora_A``/``lora_B``), also with
-  kohya's ``lora_unet_blocks_0_self_attn_q`` module names;
+  kohya's ``lora_unet_blocks_0_self_attn_q`` module names; lightx2v's Wan2.2-Lightning pair is
+  ``diffusion_model.<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` for every block
+  Linear (docs/models.md cites the public code that reads it);
 * ``<module>.diff`` / ``<module>.diff_b``: a full weight / bias difference (ComfyUI's rule: added
   times ``strength``), as some distilled LoRAs carry for norms and biases.
 
