@@ -385,3 +385,29 @@ def test_diffusers_loader_fuses_the_same_weights(tiny_dir, base, tmp_path, layou
             torch.testing.assert_close(got, want, rtol=0, atol=2e-7, msg=name)
         torch.testing.assert_close(merged[name], fused[name], rtol=0, atol=2e-7)
     assert all(not torch.equal(before[n], merged[n]) for n in expected)
+
+
+def test_full_differences_of_biases_norms_and_modulation_are_merged(tiny_dir, base, tmp_path):  # noqa: F811
+    """A step-distill LoRA extracted with full differences (Kijai's lightx2v files: ComfyUI-WanVideoWrapper
+    issue 807 logs ``diffusion_model.blocks.0.diff_m`` among their keys): ``.diff_b`` on Linear biases,
+    ``.diff``/``.diff_b`` on norms, ``blocks.N.diff_m`` on the block's modulation, each added times strength
+    (lightx2v's own ``LoRALoader.extract_lora_diffs``: diff -> weight, diff_b -> bias, diff_m -> modulation)."""
+    g = torch.Generator().manual_seed(5)
+    w = _weights(base, "dit2")
+    d, u = _factors(g, *w["blocks.1.cross_attn.v.weight"].shape)
+    diffs = {"blocks.0.diff_m": "blocks.0.modulation", "blocks.1.norm3.diff": "blocks.1.norm3.weight",
+             "blocks.1.norm3.diff_b": "blocks.1.norm3.bias", "blocks.1.cross_attn.v.diff_b": "blocks.1.cross_attn.v.bias",
+             "head.head.diff_b": "head.head.bias"}
+    state = {f"diffusion_model.{k}": torch.randn(w[p].shape, generator=g) * 0.01 for k, p in diffs.items()}
+    state.update({"diffusion_model.blocks.1.cross_attn.v.lora_down.weight": d,
+                  "diffusion_model.blocks.1.cross_attn.v.lora_up.weight": u,
+                  "diffusion_model.blocks.1.cross_attn.v.alpha": torch.tensor(4.0)})
+    path = str(tmp_path / "lightx2v_step_distill_low_noise.safetensors")
+    save_file(state, path)
+    strength = 0.8
+    want = {p: strength * state[f"diffusion_model.{k}"].double() for k, p in diffs.items()}
+    want["blocks.1.cross_attn.v.weight"] = strength * 4.0 / RANK * (u.double() @ d.double())
+    after = _weights(build_tiny(tiny_dir, {"merge_loras": [{"path": path, "strength": strength}]}), "dit2")
+    for name, before in w.items():
+        expected = (before.double() + want[name]).float() if name in want else before
+        torch.testing.assert_close(after[name], expected, rtol=0, atol=2e-7, msg=name)

@@ -21,7 +21,9 @@ has one expert. Each layer's weight becomes ``W + strength * alpha / rank * up @
   ``diffusion_model.<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` for every block
   Linear (docs/models.md cites the public code that reads it);
 * ``<module>.diff`` / ``<module>.diff_b``: a full weight / bias difference (ComfyUI's rule: added
-  times ``strength``), as some distilled LoRAs carry for norms and biases.
+  times ``strength``), as some distilled LoRAs carry for norms and biases; ``blocks.N.diff_m`` /
+  ``head.diff_m``: the same for the ``modulation`` parameter (lightx2v's own loader,
+  ModelTC/LightX2V ``tools/convert/lora_loader.py``; Kijai's lightx2v step-distill LoRAs carry it).
 
 A key that matches no module or parameter of the expert, or a shape that differs, is an error
 naming the file and the key, raised before any weight changes (no partial merge).
@@ -52,6 +54,9 @@ EXPERT_ALIASES = {"dit": ("dit",), "high_noise": ("dit",), "dit2": ("dit2",), "l
                   "both": ("dit", "dit2")}
 _ENTRY_KEYS = ("path", "strength", "expert")
 _KOHYA = re.compile(r"^lora_unet_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+#: a full difference's suffix -> the parameter it is added to
+_DIFF_PARAMS = {".diff": "weight", ".diff_b": "bias", ".diff_m": "modulation"}
+_DIFFS = tuple(_DIFF_PARAMS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,9 +177,9 @@ def read_merge_file(state: dict[str, torch.Tensor], where: str,
             if module is None:
                 raise ValueError(f"{where}: key {key} matches no module of the model")
             name = f"{module}.{m[2]}"
-        if name.endswith((".diff", ".diff_b")):
-            name = name.removeprefix(COMFYUI_PREFIX)
-            param = name[: -len(".diff")] + ".weight" if name.endswith(".diff") else name[: -len(".diff_b")] + ".bias"
+        if name.endswith(_DIFFS):
+            stem, suffix = name.removeprefix(COMFYUI_PREFIX).rsplit(".", 1)
+            param = f"{stem}.{_DIFF_PARAMS['.' + suffix]}"
             diffs[param] = value
             keys[param] = key
             continue
@@ -250,8 +255,8 @@ def describe_merges(plan: list[MergeLora]) -> list[str]:
         with safe_open(item.path, framework="pt") as f:
             names = list(f.keys())
         layers = {re.sub(r"\.(lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha)$", "", k)
-                  for k in names if not k.endswith((".diff", ".diff_b"))}
-        diffs = sum(k.endswith((".diff", ".diff_b")) for k in names)
+                  for k in names if not k.endswith(_DIFFS)}
+        diffs = sum(k.endswith(_DIFFS) for k in names)
         lines.append(f"merge_loras: {item.path} -> {', '.join(item.experts)} strength {item.strength:g} "
                      f"({len(layers)} LoRA layer(s), {diffs} difference(s))")
     return lines
