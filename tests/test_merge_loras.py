@@ -359,8 +359,9 @@ def test_diffusers_loader_fuses_the_same_weights(tiny_dir, base, tmp_path, layou
 
     What diffusers cannot load, and so is not compared here: a ``diffusion_model.`` file with ``.alpha`` on a
     layer outside the blocks (its converter reads alpha for block layers only and raises on the left-over
-    key), and ``.diff`` weight differences (it turns ``head.head.diff`` into a LoRA factor with an identity
-    partner and drops norm diffs): ``merge_loras`` adds those as full differences, as ComfyUI does.
+    key), and full differences (it turns ``head.head.diff`` into a LoRA factor with an identity partner, drops
+    norm diffs, and leaves any other ``.diff``/``.diff_m`` unapplied with an info log): ``merge_loras`` adds
+    those as full differences, as ComfyUI and lightx2v do (checked against the hand merge above).
     """
     from rewardfl.models.wan.diffusers_keys import diffusers_to_wan_key
     from rewardfl.models.wan.merge_loras import merge_loras, merge_plan
