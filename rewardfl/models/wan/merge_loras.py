@@ -17,9 +17,13 @@ has one expert. Each layer's weight becomes ``W + strength * alpha / rank * up @
 * ComfyUI / DiffSynth / diffusers keys (``lora_formats.read_lora``): ``lora_A``/``lora_B`` with
   or without ``diffusion_model.``, an optional ``.alpha``; ``transformer.`` diffusers names;
 * kohya / ComfyUI ``lora_down``/``lora_up`` (the same as ``lora_A``/``lora_B``), also with
-  kohya's ``lora_unet_blocks_0_self_attn_q`` module names;
+  kohya's ``lora_unet_blocks_0_self_attn_q`` module names; lightx2v's Wan2.2-Lightning pair is
+  ``diffusion_model.<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` for every block
+  Linear (docs/models.md cites the public code that reads it);
 * ``<module>.diff`` / ``<module>.diff_b``: a full weight / bias difference (ComfyUI's rule: added
-  times ``strength``), as some distilled LoRAs carry for norms and biases.
+  times ``strength``), as some distilled LoRAs carry for norms and biases; ``blocks.N.diff_m`` /
+  ``head.diff_m``: the same for the ``modulation`` parameter (lightx2v's own loader,
+  ModelTC/LightX2V ``tools/convert/lora_loader.py``; Kijai's lightx2v step-distill LoRAs carry it).
 
 A key that matches no module or parameter of the expert, or a shape that differs, is an error
 naming the file and the key, raised before any weight changes (no partial merge).
@@ -40,15 +44,19 @@ from rewardfl.config import ConfigError
 
 from .lora import merge_lora_into
 from .lora_formats import COMFYUI_PREFIX, DIFFUSERS_PREFIX, LoraLayer, diffusers_module, read_lora
+from .weights import WeightFile, detect_role, read_shapes
 
-__all__ = ["MergeLora", "EXPERT_ALIASES", "validate_merge_loras", "merge_plan", "read_merge_file", "merge_loras",
-           "describe_merges", "expert_merges", "apply_merges"]
+__all__ = ["MergeLora", "EXPERT_ALIASES", "validate_merge_loras", "merge_plan", "files_experts", "read_merge_file",
+           "merge_loras", "describe_merges", "expert_merges", "apply_merges"]
 
 #: what ``expert`` may say -> the model's expert names
 EXPERT_ALIASES = {"dit": ("dit",), "high_noise": ("dit",), "dit2": ("dit2",), "low_noise": ("dit2",),
                   "both": ("dit", "dit2")}
 _ENTRY_KEYS = ("path", "strength", "expert")
 _KOHYA = re.compile(r"^lora_unet_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+#: a full difference's suffix -> the parameter it is added to
+_DIFF_PARAMS = {".diff": "weight", ".diff_b": "bias", ".diff_m": "modulation"}
+_DIFFS = tuple(_DIFF_PARAMS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +132,23 @@ def merge_plan(config, entries, experts: tuple[str, ...]) -> list[MergeLora]:
     return plan
 
 
+def files_experts(files: list[WeightFile], roles: tuple[str, ...]) -> tuple[str, ...]:
+    """The experts (of ``roles``, high noise first) that the weight files of a dry run
+    (``resolve_model_paths(..., dry_run=True)``) fill, so that ``run --check`` plans the merges against
+    the experts the model will have (one for TI2V-5B or a model_paths without low_noise_model): the
+    role model_paths gives, else the file's tensor names (headers only; the first DiT is the high-noise
+    one, as ``assign_roles`` counts). All of ``roles`` while a file is still to be downloaded."""
+    if any(not wf.files for wf in files):
+        return roles
+    found: list[str] = []
+    for wf in files:
+        role = wf.role or detect_role(read_shapes(wf))
+        if wf.role is None and role == "dit" and "dit" in found:
+            role = "dit2"
+        found.append(role)
+    return tuple(r for r in roles if r in found)
+
+
 def _load(path: str, key: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
@@ -152,9 +177,9 @@ def read_merge_file(state: dict[str, torch.Tensor], where: str,
             if module is None:
                 raise ValueError(f"{where}: key {key} matches no module of the model")
             name = f"{module}.{m[2]}"
-        if name.endswith((".diff", ".diff_b")):
-            name = name.removeprefix(COMFYUI_PREFIX)
-            param = name[: -len(".diff")] + ".weight" if name.endswith(".diff") else name[: -len(".diff_b")] + ".bias"
+        if name.endswith(_DIFFS):
+            stem, suffix = name.removeprefix(COMFYUI_PREFIX).rsplit(".", 1)
+            param = f"{stem}.{_DIFF_PARAMS['.' + suffix]}"
             diffs[param] = value
             keys[param] = key
             continue
@@ -230,8 +255,8 @@ def describe_merges(plan: list[MergeLora]) -> list[str]:
         with safe_open(item.path, framework="pt") as f:
             names = list(f.keys())
         layers = {re.sub(r"\.(lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha)$", "", k)
-                  for k in names if not k.endswith((".diff", ".diff_b"))}
-        diffs = sum(k.endswith((".diff", ".diff_b")) for k in names)
+                  for k in names if not k.endswith(_DIFFS)}
+        diffs = sum(k.endswith(_DIFFS) for k in names)
         lines.append(f"merge_loras: {item.path} -> {', '.join(item.experts)} strength {item.strength:g} "
                      f"({len(layers)} LoRA layer(s), {diffs} difference(s))")
     return lines

@@ -34,7 +34,7 @@ from .export import run_export
 from .lora import (add_lora, adapters_disabled, check_lora_targets, diffsynth_lora_key, lora_layers,
                    lora_named_parameters)
 from .lora_formats import FORMATS, expert_file, read_lora, write_lora
-from .merge_loras import describe_merges, merge_loras, merge_plan, validate_merge_loras
+from .merge_loras import describe_merges, files_experts, merge_loras, merge_plan, validate_merge_loras
 from .offload import move_frozen_
 from .vae_decode import DecodeClamp, decode_latents, encode_video
 from .weights import WeightFile, assign_roles, find_hub_files, load_state_dict, read_shapes, resolve_model_paths
@@ -238,7 +238,7 @@ class Wan22Model(VideoModel):
         path, source = cls._tokenizer_dir(config, listed, dry_run=True)
         lines.append(f"tokenizer: {source}" + (f"; {path}" if path else ""))
         merges = options.merge_loras if options is not None else []  # no options: the defaults, nothing to merge
-        return lines + describe_merges(merge_plan(config, merges, cls.experts))
+        return lines + describe_merges(merge_plan(config, merges, files_experts(files, cls.experts)))
 
     def __init__(self, config, options: Optional[Wan22Options] = None, *, device=None,
                  parts: Optional[WanParts] = None, target: Optional[DeviceTarget] = None, **runtime):
