@@ -7,12 +7,3 @@ when a plugin that needs them is created.
 import torch  # noqa: F401  (must precede rewardfl._C: it provides libc10/libtorch)
 
 __version__ = "0.1.0"
-
-
-def extension_available() -> bool:
-    """True when the compiled ``rewardfl._C`` extension imports."""
-    try:
-        from . import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True

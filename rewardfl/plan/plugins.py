@@ -256,7 +256,7 @@ class FacePlan:
         values; the checks allocate nothing). ``None``: real tensors, nothing changed."""
         import torch
 
-        from rewardfl.rewards.face_identity import align
+        from rewardfl.ops import align
 
         if target is None:
             yield
