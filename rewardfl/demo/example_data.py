@@ -32,7 +32,7 @@ import numpy as np
 
 from rewardfl.archives import file_sha256  # the file hash the asset fetcher checks downloads with
 from rewardfl.cli import user_error_exit
-from rewardfl.fileio import atomic_write, stamp_matches, write_stamp
+from rewardfl.fileio import atomic_path, atomic_write, stamp_matches, write_stamp
 
 from .assets import fetch_face_assets
 
@@ -110,13 +110,12 @@ def _render_clip(photo, windows: np.ndarray, size: tuple[int, int]) -> list[np.n
 def _write_mp4(path: str, frames: Sequence[np.ndarray], fps: int) -> None:
     import imageio.v2 as imageio
 
-    tmp = path + ".tmp.mp4"
     # H.264 yuv420p at high quality: plays everywhere, codec loss stays small (a few levels)
-    with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=None, pixelformat="yuv420p",
-                            macro_block_size=1, output_params=["-crf", "12"], ffmpeg_log_level="error") as writer:
+    with atomic_path(path, ".mp4") as tmp, imageio.get_writer(
+            tmp, fps=fps, codec="libx264", quality=None, pixelformat="yuv420p", macro_block_size=1,
+            output_params=["-crf", "12"], ffmpeg_log_level="error") as writer:
         for frame in frames:
             writer.append_data(frame)
-    os.replace(tmp, path)
 
 
 def _slug(path: str) -> str:

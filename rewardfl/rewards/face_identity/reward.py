@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from rewardfl.archives import cache_dir, file_sha256
 from rewardfl.config import ConfigError
+from rewardfl.fileio import atomic_write
 from rewardfl.interfaces import Reward, RewardOutput, SampleContext
 from rewardfl.ops import ARCFACE_TEMPLATE, landmark_problems
 
@@ -305,10 +306,8 @@ class FaceReward(Reward):
                         "be aligned; their frames count as frames without a face", self.plugin_name, faces.degenerate,
                         context.sample_id, context.reference_path or "in memory")
         if cache_file:
-            os.makedirs(cache_root, exist_ok=True)
-            tmp = f"{cache_file}.{os.getpid()}.tmp"
-            torch.save(dataclasses.asdict(faces), tmp)
-            os.replace(tmp, cache_file)
+            with atomic_write(cache_file, "wb") as f:
+                torch.save(dataclasses.asdict(faces), f)
         self._references[key] = faces
         return faces
 
