@@ -39,7 +39,7 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-${TMPDIR:-/tmp}/rewardfl_gpu_check}
 WHEELS=${WHEELS:-wheels}
 BUDGET=${GPU_CHECK_SECONDS:-470}
-# what the GPU image lacks (REFERENCE.md section 4; the image has torch, triton, transformers, peft, onnx,
+# what the GPU image lacks (docs/design.md section 6; the image has torch, triton, transformers, peft, onnx,
 # onnxruntime, safetensors, einops, opencv, pytest-benchmark): pinned as in the development venv
 REQUIREMENTS="diffsynth==2.1.12 onnx2torch==1.5.15 modelscope==1.40.2 modelscope-hub==0.5.1 ftfy==6.3.1 wcwidth==0.9.4 cryptography==50.0.2"
 CUDA_TESTS="tests/test_extension.py tests/test_kernels.py tests/test_sampler.py tests/test_face_align.py tests/test_face_reward_models.py"

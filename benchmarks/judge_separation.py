@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rewardfl.evaluate import build_judges, judge_scores  # noqa: E402
+from rewardfl.evaluation.evaluation import build_judges, judge_scores  # noqa: E402
 from rewardfl.evaluation.split import eval_dataset  # noqa: E402
 from rewardfl.interfaces import SampleContext  # noqa: E402
 from rewardfl.registry import load_resolved  # noqa: E402

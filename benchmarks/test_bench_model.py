@@ -47,7 +47,7 @@ def rl_step(model, frames: int, height: int, width: int, seed: int = 0) -> float
     from rewardfl.config import config_from_dict
     from rewardfl.models.wan.model import WanCondition
 
-    from rewardfl.training.policy import plan_steps
+    from rewardfl.sampling.policy import plan_steps
 
     cfg = config_from_dict({})
     sampler = registry.create("sampler", "flow_match_euler", cfg, {})

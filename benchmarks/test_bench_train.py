@@ -47,10 +47,10 @@ def demo_trainer(tmp_path_factory):
 
 def one_step(trainer, timings: dict) -> None:
     from rewardfl.interfaces import SampleContext
-    from rewardfl.training.algorithm import sample_latents
+    from rewardfl.sampling.rollout import sample_latents
 
     cfg = trainer.cfg
-    batch = trainer._next_batch()
+    batch = trainer.batches.next(trainer.state)
     contexts = [SampleContext(s, v, p, pr) for s, v, p, pr in
                 zip(batch["sample_id"], batch["video"], batch["path"], batch["prompt"])]
     trainer.reward.prepare(contexts)

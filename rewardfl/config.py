@@ -1,6 +1,6 @@
 """Typed, validated configuration: YAML -> dataclasses.
 
-The top level accepts the user's document's keys exactly as written there
+The top level accepts the seed recipe's keys (examples/reward_fl_wan22.yaml) exactly as written there
 (``learning_rate``, ``model_paths``, ``min_timestep_boundary``, ...), the
 reference implementation's (``mid_timestep``, ``lora_rank``, ...), and sections
 for what rewardfl adds: ``sampler``, ``reward``, ``model`` (plugin name and
@@ -70,9 +70,13 @@ class DataConfig:
     ``height`` x ``width`` when both are given); ``num_frames`` must be 4k+1.
     """
 
+    #: ``metadata.csv`` with ``video`` (path relative to the CSV) and ``prompt`` columns
     metadata_path: Optional[str] = None
+    #: frames per clip, 4k+1
     num_frames: int = 81
+    #: frame size: fit ``max_pixels`` (sides multiples of 16), unless ``height`` and ``width`` are given
     max_pixels: int = 480 * 832
+    #: exact frame height and width (both, multiples of 16), instead of ``max_pixels``
     height: Optional[int] = None
     width: Optional[int] = None
     #: processes that decode clips ahead of training (0: decode on the training thread)
@@ -98,6 +102,7 @@ class EvalConfig:
         "bootstrap_seed": "intervals are Student-t over held-out clips now (no bootstrap); delete the key",
     }
 
+    #: reward plugins that did not give the gradients, each ``{name, label, ...options}``, reported separately
     judges: list = dataclasses.field(default_factory=list)
     #: starting noises per held-out clip (seeds 0..seeds-1), the same for every checkpoint
     seeds: int = 2
@@ -118,13 +123,20 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    # --- the user's document (reward FL + wan2_2 keys), names as written there
+    # --- the seed recipe's keys (reward FL + wan2_2, examples/reward_fl_wan22.yaml), names as written there
+    #: AdamW learning rate (> 0)
     learning_rate: float = 2.5e-6
+    #: ``constant``, ``linear`` or ``cosine`` decay after warm-up
     lr_scheduler_type: str = "constant"
+    #: videos sampled together in one micro-batch, per process
     per_device_train_batch_size: int = 1
+    #: micro-batches per optimizer step
     gradient_accumulation_steps: int = 1
+    #: linear warm-up, in optimizer steps
     warmup_steps: int = 10
+    #: passes over the dataset (when ``max_steps`` is null)
     num_train_epochs: int = 1
+    #: AdamW weight decay
     weight_decay: float = 0.0
     model_name: str = "wan2_2"
     model_paths: Optional[str] = None
@@ -135,11 +147,15 @@ class TrainConfig:
     use_gradient_checkpointing_offload: bool = False
     extra_inputs: Optional[str] = None
     max_timestep_boundary: float = 1.0
+    #: with ``max_timestep_boundary``: DiffSynth-Studio's training-schedule keys (fractions of its 1000-step shift-5 schedule), validated (0 <= min <= max <= 1) and kept, but they do not change reward-FL sampling or the gradient window (docs/design.md); ``--check`` prints the timesteps they denote
     min_timestep_boundary: float = 0.0
+    #: sampling steps N
     num_inference_steps: int = 8
 
     # --- the reference implementation's keys
+    #: gradient window: steps before ``mid_timestep`` run without gradient, ``mid_timestep..final_timestep`` with it
     mid_timestep: int = 4
+    #: the last sampling step: it jumps to sigma 0 and ends sampling (< ``num_inference_steps``)
     final_timestep: int = 7
     lora_base_model: Optional[str] = "dit2"
     lora_target_modules: str = "q,k,v,o,ffn.0,ffn.2"
@@ -148,19 +164,28 @@ class TrainConfig:
     #: global batch per optimizer step = per_device_train_batch_size * world size *
     #: gradient_accumulation_steps; when set, must agree (checked at launch).
     train_batch_size: Optional[int] = None
+    #: gradient-norm clip
     max_grad_norm: float = 1.0
+    #: seeds data order and per-sample, per-step noise
     seed: int = 42
+    #: optimizer steps to run; overrides epochs
     max_steps: Optional[int] = None
+    #: a checkpoint every N optimizer steps
     save_steps: int = 100
+    #: keep the newest K checkpoints
     save_total_limit: Optional[int] = 3
+    #: one ``metrics.jsonl`` row (and TensorBoard point) every N optimizer steps, the mean over those N (``updated``: how many of them updated the weights)
     logging_steps: int = 1
+    #: metrics, checkpoints, samples, ``reward_curve.png``, ``final/``
     output_dir: str = "./output"
+    #: ``true``: the latest checkpoint in ``output_dir``; or a checkpoint path
     resume_from_checkpoint: Union[bool, str] = False
     #: a fresh run into an output_dir holding another run's checkpoints replaces them (HF Trainer's key);
     #: without it such a run is refused
     overwrite_output_dir: bool = False
 
     # --- rewardfl's additions
+    #: AdamW betas and epsilon (> 0)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -173,7 +198,9 @@ class TrainConfig:
     allow_download: bool = False
     #: device for training: "auto" picks cuda when available
     device: str = "auto"
+    #: the weights' dtype for training: ``bf16``, ``fp16``, ``fp32``/``no``; ``auto``: the model plugin chooses (Wan: bf16 on CUDA, fp32 on the CPU)
     mixed_precision: str = "auto"
+    #: write a sample mp4 every N steps (next to its reference with ``sample_side_by_side``)
     sample_video_steps: Optional[int] = None
     sample_side_by_side: bool = True
     #: evaluate on the held-out clips every N optimizer steps (``eval.train_clips`` x ``eval.train_seeds``
@@ -195,13 +222,16 @@ class TrainConfig:
     #: where metrics, sample videos and evaluation strips go besides metrics.jsonl:
     #: ``tensorboard`` (OUTPUT_DIR/tensorboard) and/or ``wandb`` (pip install rewardfl[wandb])
     report_to: list = dataclasses.field(default_factory=lambda: ["tensorboard"])
+    #: the sampler plugin: a name, or ``{name: ..., option: value}``
     sampler: PluginSection = dataclasses.field(default_factory=lambda: PluginSection("flow_match_euler"))
+    #: the reward plugin: a name, ``{name: ..., option: value}``, or a list of them trained as a weighted sum
     reward: PluginSection = dataclasses.field(default_factory=lambda: PluginSection("face_identity"))
     #: the training algorithm (a plugin): ``reward_backprop`` (reward feedback learning, needs a reward with
     #: gradients) or ``grpo`` (policy gradient: any reward), with its options
     algorithm: PluginSection = dataclasses.field(default_factory=lambda: PluginSection("reward_backprop"))
     #: options of the model plugin named by ``model_name``
     model: dict = dataclasses.field(default_factory=dict)
+    #: the training videos and the held-out clips (the ``data:`` section)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     #: ``rewardfl.evaluate``'s judges and seeds, and evaluation during training
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
@@ -348,7 +378,7 @@ def build_dataclass(cls, values: dict, prefix: str = "", also_known: Sequence[st
             names = sorted(set(fields) | set(also_known))
             known = ("known keys: " + ", ".join(names) if len(names) <= 12
                      else (f"known keys: {', '.join(also_known)} and the plugin's own ({', '.join(sorted(fields))})"
-                           if also_known else "see the config reference in README.md"))
+                           if also_known else "see docs/configuration.md"))
             raise ConfigError(f"unknown key '{dotted}'{_did_you_mean(str(key), names)}; {known}")
         kwargs[key] = _coerce(value, hints[key], dotted)
     try:

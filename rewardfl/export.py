@@ -26,11 +26,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, add_help=False)
     parser.add_argument("--model", default="wan2_2", help="model plugin whose LoRA files these are (default wan2_2)")
     args, rest = parser.parse_known_args(argv)
-    model = load_plugin("model", args.model)
-    export_main = getattr(model, "export_main", None)
-    if export_main is None:
-        raise ValueError(f"--model: the model plugin '{args.model}' has no exporter (no export_main classmethod)")
-    return export_main(rest, prog=PROG)
+    return load_plugin("model", args.model).export_main(rest, prog=PROG)  # VideoModel.export_main
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ __all__ = [
     "StepPlan",
     "Sampler",
     "VideoModel",
+    "DeviceTarget",
     "SampleContext",
     "RewardOutput",
     "StepCache",
@@ -82,7 +83,7 @@ class Sampler(ABC):
     """Owns the noise schedule, the starting noise, the update rule and the regulariser.
 
     Which steps run, carry gradient and use which expert is training policy
-    (``rewardfl.training.policy``), computed from ``sigmas``/``timesteps``."""
+    (``rewardfl.sampling.policy``), computed from ``sigmas``/``timesteps``."""
 
     Options: ClassVar[type] = NoOptions
 
@@ -127,6 +128,20 @@ class Sampler(ABC):
 
 
 # --------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceTarget:
+    """The device a model is built for, when that is not the device its tensors are on.
+
+    The memory planner (``rewardfl.plan``) builds a model on fake tensors (the ``meta`` device) to
+    plan a step on a GPU it may not have: the model's device-dependent choices (its dtype, what waits
+    in host memory between uses) follow ``type`` ("cuda" or "cpu") and ``total_memory`` (bytes of
+    one accelerator; None: ask the device) instead of the device it was given.
+    """
+
+    type: str
+    total_memory: Optional[int] = None
 
 
 class VideoModel(ABC):
@@ -220,6 +235,21 @@ class VideoModel(ABC):
         """Export the trainable weights in the model family's own format (e.g. LoRA files its
         loaders accept); returns the files written. Optional."""
         raise NotImplementedError(f"{type(self).__name__} does not export trainable weights")
+
+    def read_exported(self, files: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``save_trainable``'s files read back in :meth:`trainable_state_dict` keys, for
+        ``generate``/``evaluate --checkpoint OUTPUT_DIR/final``: only the model knows the layouts it
+        exports (and what a loader's scale means for its trainable weights). Optional; raises
+        ``ValueError`` naming the file for one it cannot read."""
+        raise ValueError(f"{type(self).__name__} cannot read exported weight files (the model plugin has no "
+                         "read_exported); give a training checkpoint directory instead")
+
+    @classmethod
+    def export_main(cls, argv: Optional[Sequence[str]], prog: str) -> int:
+        """``python -m rewardfl.export --model NAME ...``: the model family's exporter (convert or merge
+        what ``save_trainable`` wrote) on the rest of the command line; returns the exit status and
+        raises user errors (``ValueError``/``FileNotFoundError``) for the caller to print. Optional."""
+        raise ValueError(f"{cls.__name__} has no exporter (the model plugin has no export_main)")
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         """The ``nn.Module``s that hold the trainable parameters (DeepSpeed wraps these).
@@ -394,7 +424,9 @@ class MicroBatch:
     ``scores``/``valid``: ``(N,)`` detached reward scores of the N videos it generated (N = B for
     reward backprop, B * group_size for GRPO) and which of them count; ``reward_loss``/``kl_loss``:
     the loss's parts as floats; ``metrics``: the reward's and the algorithm's own scalars;
-    ``videos``: ``(N, 3, F, H, W)`` in [-1, 1], detached (for sample videos).
+    ``videos``: ``(N, 3, F, H, W)`` in [-1, 1], detached (for sample videos), or None when the step
+    generated none (it trained again on samples of an earlier step, see :meth:`Algorithm.replays`;
+    ``scores``/``valid`` are then those samples').
     """
 
     loss: torch.Tensor
@@ -403,7 +435,7 @@ class MicroBatch:
     reward_loss: float
     kl_loss: float
     metrics: dict
-    videos: torch.Tensor
+    videos: Optional[torch.Tensor]
 
 
 class Algorithm(ABC):
@@ -413,7 +445,7 @@ class Algorithm(ABC):
     The training loop owns everything around it: data, gradient accumulation, the optimizer engine,
     skips, checkpoints, evaluation and metrics. Constructed as
     ``cls(config, options, *, model, sampler, reward, plan)`` with the loop's model, sampler and
-    reward plugins and the step plan (``rewardfl.training.policy.plan_steps``: which steps run, which
+    reward plugins and the step plan (``rewardfl.sampling.policy.plan_steps``: which steps run, which
     carry gradient, which expert runs each).
     """
 
@@ -428,3 +460,24 @@ class Algorithm(ABC):
     @abstractmethod
     def micro_batch(self, batch: dict, contexts: Sequence[SampleContext], step: int) -> MicroBatch:
         """``batch`` as :func:`rewardfl.data.collate` makes it; ``step`` the optimizer step (noise seeds)."""
+
+    # Optional: several optimizer steps per sampled batch (PPO's epochs). The defaults sample anew
+    # every step and keep nothing between steps.
+
+    def replays(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) trains again on the samples of step ``step - 1``
+        instead of drawing new clips: the loop then hands :meth:`micro_batch` the micro-batches of
+        the step before (the same clips, contexts and skips, in the same order) and the data
+        position stays where it is. A function of ``step`` and the options only: the loop asks it
+        on resume too."""
+        return False
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint saved after the last step must keep of this process's algorithm for the
+        next step to go on exactly as in an uninterrupted run (e.g. the sampled groups a replay
+        trains on again), as tensors (on any device: the checkpoint writes them one at a time);
+        empty when the next step needs nothing (then nothing is written)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict`, on resume (``{}`` when the checkpoint holds nothing)."""

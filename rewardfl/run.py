@@ -7,9 +7,9 @@ columns and that every listed video exists), where each of the model's files is
 judges of ``eval.judges`` and the held-out clips, the trackers (wandb's credentials or offline
 mode), and that ``output_dir`` is writable and not another run's. It prints a summary and exits.
 A user error prints one line and exits with code 2; a run stopped by a signal
-exits 143 after saving a checkpoint; a run in which no step updated the weights
-exits 3. Under DeepSpeed or torchrun the same command runs one process per rank
-(see README, "Scaling out").
+exits 143 after saving a checkpoint, one stopped by the reward-hacking guard 4; a run in which no
+step updated the weights exits 3. Under DeepSpeed or torchrun the same command runs one process per rank
+(see docs/scaling-out.md).
 """
 
 from __future__ import annotations
@@ -17,9 +17,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import user_error_exit
+from .cli import EXIT_NOTHING_TRAINED, EXIT_STOPPED_BY_GUARD, EXIT_STOPPED_BY_SIGNAL, user_error_exit
 from .config import training_timestep_range
+from .data import VideoDataset
+from .evaluation.evaluation import check_evaluation, check_judges, judge_specs
 from .registry import load_resolved
+from .sampling.policy import expert_boundary_of, plan_steps
+from .training import train
+from .training.outputs import check_output_dir
+from .training.trackers import check_report_to
+
+#: how a training run ended (``Trainer.status``) -> the exit code (``rewardfl.cli``)
+EXIT_CODES = {"completed": 0, "stopped_by_signal": EXIT_STOPPED_BY_SIGNAL, "stopped_by_guard": EXIT_STOPPED_BY_GUARD,
+              "nothing_trained": EXIT_NOTHING_TRAINED}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,12 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check(cfg, plugins, config_path: str) -> None:
     """What ``--check`` verifies and prints (nothing heavy loads)."""
-    from .data import VideoDataset
-    from .evaluate import check_evaluation, check_judges, judge_specs
-    from .training.outputs import check_output_dir
-    from .training.trackers import check_report_to
-    from .training.policy import expert_boundary_of, plan_steps
-
     # the sampler is light: build it and plan against the model's declared experts, so that
     # gradient-window errors surface here rather than after the model has loaded
     sampler = plugins["sampler"](cfg, cfg.sampler.options)
@@ -92,9 +96,13 @@ def main(argv=None) -> int:
     if args.check:
         check(cfg, plugins, args.config)
         return 0
-    from .training import train  # imported late: --check must stay light
-
-    return train(cfg, plugins)
+    result = train(cfg, plugins)
+    s = result.state
+    if result.status == "nothing_trained" and result.is_main:
+        print(f"rewardfl.run: error: no step updated the weights ({s.step} steps: {s.skipped_empty} with "
+              f"nothing to score, {s.skipped_nonfinite} non-finite; {s.skipped_no_reference} samples without a "
+              "usable reference); check the data and the reward's metrics in metrics.jsonl", file=sys.stderr)
+    return EXIT_CODES[result.status]
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ from wan_fixtures import build_tiny, perturb_lora, tiny_dir  # noqa: F401
 
 from rewardfl import registry, run
 from rewardfl.config import config_from_dict
-from rewardfl.training.algorithm import sample_latents
-from rewardfl.training.policy import plan_steps
+from rewardfl.sampling.rollout import sample_latents
+from rewardfl.sampling.policy import plan_steps
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -146,7 +146,7 @@ def test_export_of_both_experts_is_a_high_low_pair_each_loading_into_its_own_exp
 
 
 def test_training_both_experts_checkpoints_exports_and_resumes_both(make_config, tmp_path):  # noqa: F811
-    from rewardfl.training.checkpoints import latest_checkpoint, load_checkpoint
+    from rewardfl.checkpoints import latest_checkpoint, load_checkpoint
 
     cfg = make_config(max_steps=2, save_steps=1, **BOTH, **WINDOW)
     assert run.main([cfg]) == 0

@@ -37,8 +37,8 @@ from train_fixtures import make_config, small_dataset  # noqa: F401  (fixtures)
 from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
 
 from rewardfl import run
-from rewardfl.training import checkpoints as checkpoint
-from rewardfl.training.checkpoints import (CheckpointError, latest_checkpoint, load_rng, save_rng, verified_checkpoint,
+from rewardfl import checkpoints as checkpoint
+from rewardfl.checkpoints import (CheckpointError, latest_checkpoint, load_rng, save_rng, verified_checkpoint,
                                  write_manifest)
 from rewardfl.config import load_config
 from rewardfl.registry import resolve_plugins
@@ -355,7 +355,7 @@ def test_deepspeed_checkpoints_load_weights_only_and_refuse_crafted_pickles(make
 
 def deepspeed_worker(cfg_path: str, report_path: str) -> None:
     """One DeepSpeed process (ZeRO-2): save, resume, crafted files, a full disk; results as JSON."""
-    from rewardfl.training.distributed import init_distributed
+    from rewardfl.runtime import init_distributed
 
     cfg = load_config(cfg_path)
     dist = init_distributed(cfg)

@@ -21,7 +21,7 @@ SEED_COPY = os.path.join(ROOT, "tests", "data", "seed_config.yaml")
 
 
 def seed_yaml_block():
-    """The YAML example of the user's source document, as shipped in tests/data (CI needs no shared/)."""
+    """The seed recipe's YAML (ROLL's reward-FL example config), as shipped in tests/data: nothing outside the checkout."""
     with open(SEED_COPY, encoding="utf-8") as f:
         return f.read()
 
@@ -29,7 +29,7 @@ def seed_yaml_block():
 def test_the_shipped_seed_config_is_the_documents():
     files = sorted(glob.glob(SEED_GLOB))
     if not files:
-        pytest.skip("shared/seed not beside this checkout: the shipped copy is what the other tests use")
+        pytest.skip("the seed document is not beside this checkout: the shipped copy is what the other tests use")
     text = open(files[0], encoding="utf-8").read()
     blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
     assert blocks, "no yaml block in the seed document"
@@ -131,7 +131,7 @@ def test_cli_error_is_one_line_without_traceback_in_a_real_process(tmp_path):
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
         "rewardfl.run: error: unknown key 'lerning_rate' (did you mean 'learning_rate'?); "
-        "see the config reference in README.md"]
+        "see docs/configuration.md"]
 
 
 def test_resolved_config_roundtrips_through_yaml(tmp_path):

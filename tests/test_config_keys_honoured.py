@@ -21,9 +21,11 @@ from wan_fixtures import build_tiny, tiny_dir  # noqa: F401  (session fixture)
 from rewardfl import registry, run
 from rewardfl.config import config_from_dict, load_config
 from rewardfl.registry import resolve_plugins
-from rewardfl.training import Trainer
-from rewardfl.training.algorithm import sample_latents
-from rewardfl.training.policy import plan_steps
+from rewardfl.data import VideoDataset
+from rewardfl.training import Trainer, TrainState
+from rewardfl.training.batches import MicroBatches
+from rewardfl.sampling.rollout import sample_latents
+from rewardfl.sampling.policy import plan_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,15 +161,11 @@ def test_num_workers_decode_ahead_and_give_the_same_batches(make_config):
     batches = {}
     for workers in (0, 2):
         cfg = load_config(make_config(data={"num_workers": workers}))
-        trainer = Trainer.__new__(Trainer)  # only the data half: no model needed to compare batches
-        trainer.cfg, trainer.rank, trainer.global_micro = cfg, 0, 1
-        from rewardfl.data import VideoDataset
-        from rewardfl.training import TrainState
-
-        trainer.dataset = VideoDataset(cfg.resolve_path(cfg.data.metadata_path), num_frames=5, max_pixels=4096,
-                                       height=64, width=64)
-        trainer.micro_per_epoch, trainer.state, trainer._loader = len(trainer.dataset), TrainState(), None
-        batches[workers] = [trainer._next_batch() for _ in range(5)]  # crosses an epoch boundary
-        assert trainer.state.epoch == 2 and trainer.state.position == 1
+        dataset = VideoDataset(cfg.resolve_path(cfg.data.metadata_path), num_frames=5, max_pixels=4096,
+                               height=64, width=64)
+        # only the data half: no model needed to compare batches
+        data, state = MicroBatches(dataset, batch_size=1, seed=cfg.seed, num_workers=cfg.data.num_workers), TrainState()
+        batches[workers] = [data.next(state) for _ in range(5)]  # crosses an epoch boundary
+        assert data.per_epoch == len(dataset) == 2 and state.epoch == 2 and state.position == 1
     for a, b in zip(batches[0], batches[2]):
         assert a["sample_id"] == b["sample_id"] and torch.equal(a["video"], b["video"])

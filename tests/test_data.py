@@ -361,7 +361,7 @@ def test_heldout_clips_show_twelve_other_people_each_detectable(tmp_path):
     assets = fetch_face_assets()
     photo = assets.photo("solvay_conference_1927")
     boxes = face_boxes(photo, os.path.join(assets.yunet_sface, "face_detection_yunet_2023mar.onnx"))
-    assert len(boxes) == 29  # the photo's 29 people, as REFERENCE.md says
+    assert len(boxes) == 29  # the photo's 29 people, as docs/design.md section 5 says
     csv_path = build_heldout_from_face_assets(str(tmp_path / "heldout"), assets=assets, num_frames=5)
     ds = VideoDataset(csv_path, num_frames=5, max_pixels=256 * 256, height=256, width=256)
     from rewardfl.evaluation.metrics import MIN_CLIPS_FOR_CLAIM

@@ -149,6 +149,31 @@ def test_transformer_keys_invert_diffusers_own_converter():
     assert diffusers_to_wan_key("blocks.0.ffn.net.0.proj.lora_A.weight") == "blocks.0.ffn.0.lora_A.weight"
 
 
+def test_one_name_table_names_state_dicts_and_lora_layers_alike():
+    """``diffusers_keys``' table serves both of its users: the state-dict renamer (``diffusers_to_wan_key``,
+    checkpoints and the diffusers plugin) and the diffusers-layout LoRA files (``lora_formats.diffusers_module``
+    and ``wan_module``). Every Linear of a WanTransformer3DModel (a Wan2.1-I2V one: with the image
+    embedder and the added key/value projections) that diffusers' LoRA loader converts is named the
+    same way by both, there and back."""
+    from diffusers import WanTransformer3DModel
+
+    from rewardfl.models.wan.diffusers_keys import diffusers_to_wan_key, wan_to_diffusers_module
+    from rewardfl.models.wan.lora_formats import BLOCK_MODULES, TOP_MODULES, diffusers_module, wan_module
+
+    with torch.device("meta"):
+        dit = WanTransformer3DModel(**dict(DIT, image_dim=16, added_kv_proj_dim=64))
+    converted = set()
+    for name, module in dit.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        wan = diffusers_to_wan_key(name)
+        assert wan_to_diffusers_module(wan) == name
+        if wan.split(".", 2)[-1] in BLOCK_MODULES or wan in TOP_MODULES:
+            assert diffusers_module(wan) == name and wan_module(name) == wan
+            converted.add(wan.split(".", 2)[-1] if wan.startswith("blocks.") else wan)
+    assert converted == set(BLOCK_MODULES) | set(TOP_MODULES)  # every LoRA layer exists in the real model
+
+
 # --------------------------------------------------------------------------- one model, two layouts
 
 
@@ -273,8 +298,8 @@ def test_rollout_and_one_training_step_change_only_the_lora(tiny_folders):
     video plus the regulariser, one AdamW step: every LoRA B of dit2 moves, nothing else does, and the
     regulariser (base=True = adapters off) is zero before the step and positive after it."""
     from rewardfl.samplers.flow_match_euler import FlowMatchEulerSampler
-    from rewardfl.training.algorithm import rollout
-    from rewardfl.training.policy import plan_steps
+    from rewardfl.sampling.rollout import rollout
+    from rewardfl.sampling.policy import plan_steps
 
     model = _diffusers_model(tiny_folders[0])
     cfg = model.config

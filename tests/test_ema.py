@@ -16,7 +16,7 @@ from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
 
 from rewardfl import generate as generate_cli
 from rewardfl import run
-from rewardfl.generate import trainable_weights_of
+from rewardfl.sampling.weights import trainable_weights_of
 
 DECAY = 0.6
 
@@ -59,10 +59,10 @@ def test_ema_follows_the_hand_computed_average_and_resumes_exactly(make_config, 
     a, b = _ckpt(out, 3, "ema.safetensors"), _ckpt(again, 3, "ema.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the export holds the average too, and generate/evaluate read it with --weights ema
-    from rewardfl.generate import Generator
+    from rewardfl.sampling.generator import Generator
     from rewardfl.registry import load_resolved
 
-    gen = Generator(*load_resolved(config))
+    gen = Generator.build(*load_resolved(config))
     gen.load(os.path.join(out, "final"), "ema")
     exported = gen.model.trainable_state_dict()
     assert exported.keys() == a.keys()

@@ -24,7 +24,7 @@ from scipy import stats
 from rewardfl.evaluation.metrics import (MIN_CLIPS_FOR_CLAIM, beyond_interval, clip_t_interval, hacking_warnings,
                                          paired_change, paired_interval)
 from rewardfl.evaluation.report import markdown_table, summarize
-from rewardfl.evaluate import Evaluation
+from rewardfl.evaluation.evaluation import Evaluation
 from rewardfl.interfaces import Reward, RewardOutput
 
 # --------------------------------------------------------------------------- the interval

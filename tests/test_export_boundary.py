@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from wan_fixtures import build_tiny, perturb_lora, tiny_dir  # noqa: F401  (session fixture)
 
-from rewardfl.generate import trainable_weights_of
+from rewardfl.sampling.weights import trainable_weights_of
 
 
 def _meta(path):

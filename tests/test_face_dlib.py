@@ -21,7 +21,7 @@ from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
 
 from rewardfl import run
 from rewardfl.demo.example_data import crop_windows
-from rewardfl.evaluate import Evaluation, build_judges, judge_scores
+from rewardfl.evaluation.evaluation import Evaluation, build_judges, judge_scores
 from rewardfl.interfaces import SampleContext
 from rewardfl.registry import load_plugin
 from rewardfl.rewards.face_dlib import DlibFaceJudge, fetch_dlib_models

@@ -388,7 +388,7 @@ def test_judge_scores_detect_a_video_once_for_every_clip_with_the_same_numbers(f
     """rewardfl.evaluate scores each video against every held-out clip (specificity): the face judge
     finds the video's faces once per video, not once per clip, and the numbers equal separate
     ``evaluate`` calls (each with its own detection)."""
-    from rewardfl.evaluate import judge_scores
+    from rewardfl.evaluation.evaluation import judge_scores
 
     judge = make_reward(face_assets.scrfd_sface, tmp_path)
     names = ("person_a_1", "person_b_1", "impostor_1")

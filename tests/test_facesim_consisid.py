@@ -54,7 +54,7 @@ def test_facesim_consisid_by_hand_on_synthetic_embeddings():
 
 
 def test_consisid_protocol_against_a_hand_computation_on_real_faces(face_assets):
-    from rewardfl.evaluate import Evaluation
+    from rewardfl.evaluation.evaluation import Evaluation
 
     cfg = config_from_dict({"reward_model_path": face_assets.scrfd_sface})
     judge = create("reward", "face_identity", cfg, {"eval_protocol": "consisid",

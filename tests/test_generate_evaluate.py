@@ -28,6 +28,7 @@ from rewardfl.data import VideoDataset
 from rewardfl.evaluation.metrics import identity_specificity, motion, paired_difference, psnr
 from rewardfl.evaluation.split import eval_dataset, training_dataset
 from rewardfl.training import Trainer, TrainState
+from rewardfl.training.batches import MicroBatches
 
 
 # --------------------------------------------------------------------------- held-out clips
@@ -57,12 +58,10 @@ def _data_config(tmp_path, csv, fraction, seed=5):
 
 def _training_epoch_ids(cfg):
     """The sample_ids the Trainer's data order draws over one epoch (its own data half, no model)."""
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.rank, trainer.global_micro = cfg, 0, 1
-    trainer.dataset = training_dataset(cfg, VideoDataset.from_config(cfg))
-    trainer.micro_per_epoch, trainer.state, trainer._loader = len(trainer.dataset), TrainState(), None
-    ids = [trainer._next_batch()["sample_id"][0] for _ in range(trainer.micro_per_epoch)]
-    assert trainer.state.epoch == 0
+    data = MicroBatches(training_dataset(cfg, VideoDataset.from_config(cfg)), batch_size=1, seed=cfg.seed)
+    state = TrainState()
+    ids = [data.next(state)["sample_id"][0] for _ in range(data.per_epoch)]
+    assert state.epoch == 0
     return ids
 
 
@@ -103,7 +102,7 @@ def test_the_trainer_itself_leaves_the_held_out_clips_out(tmp_path, tiny_dir, fa
     trained_ids = {trainer.dataset[i]["sample_id"] for i in range(len(trainer.dataset))}
     held_ids = {held[i]["sample_id"] for i in range(len(held))}
     assert trained_ids.isdisjoint(held_ids) and len(trained_ids) + len(held_ids) == 24
-    assert trainer.micro_per_epoch == len(trained_ids) < 24
+    assert trainer.batches.per_epoch == len(trained_ids) < 24
 
 
 def test_held_out_configuration_errors_name_the_key(tmp_path):
@@ -302,7 +301,7 @@ def test_evaluate_judge_option_errors_name_the_judge_key_before_the_model_loads(
                               "--out", str(trained["root"] / "eval-wrong")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["rewardfl.evaluate: error: unknown key 'eval.judges[0].det_sise' (did you mean "
-                                 "'det_size'?); see the config reference in README.md"], err
+                                 "'det_size'?); see docs/configuration.md"], err
 
 
 # --------------------------------------------------------------------------- refusals before any work (issue 28)
@@ -330,7 +329,7 @@ def _tree(path):
 
 
 def test_generate_and_evaluate_refuse_an_out_inside_a_checkpoint_final_or_best(trained, capsys, no_model):
-    from rewardfl.training.checkpoints import verified_checkpoint
+    from rewardfl.checkpoints import verified_checkpoint
 
     out_dir = os.path.dirname(trained["final"])
     before = {p: _tree(p) for p in (trained["checkpoint"], trained["final"])}
@@ -372,7 +371,7 @@ def test_a_truncated_or_garbage_export_is_one_line_before_the_model_loads(traine
 def test_evaluate_checks_every_checkpoint_fits_before_generating_the_base(trained, capsys, monkeypatch):
     from safetensors import safe_open
 
-    from rewardfl.evaluate import Evaluation
+    from rewardfl.evaluation.evaluation import Evaluation
     from rewardfl.fileio import write_safetensors
 
     exported = os.path.join(trained["final"], "trainable_low_noise.safetensors")

@@ -4,6 +4,7 @@ reward used without its gradient (the ratio of the first update exactly 1, kill 
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import subprocess
@@ -155,3 +156,118 @@ def test_bad_grpo_options_name_the_key(make_config, tmp_path, capsys, options, k
     cfg = make_config(algorithm={"name": "grpo", **options})
     assert run.main([cfg, "--check"]) == 2
     assert key in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- several updates per sampled batch
+
+
+def _hand_surrogate(trainer, state: dict, batch: dict) -> tuple[float, float]:
+    """The clipped surrogate of the next update in float64 from the stored groups of micro-batch 0: the
+    Gaussian log-probability of each stored transition under the current weights, the ratio to the
+    stored one, advantages normalised within each group, PPO's clip, averaged over videos and steps;
+    and the same without the clip."""
+    o, model, g = trainer.cfg.algorithm.options, trainer.model, trainer.cfg.algorithm.options.group_size
+    plans = {p.index: p for p in trainer.plan}
+    first = batch["first_frame"].repeat_interleave(g, 0)
+    cond = model.encode([p for p in batch["prompt"] for _ in range(g)], first, trainer.cfg.data.num_frames)
+    scores, valid = state["0.scores"].double().numpy().reshape(-1, g), state["0.valid"].numpy().reshape(-1, g)
+    assert valid.all()
+    adv = ((scores - scores.mean(1, keepdims=True)) / (scores.std(1, keepdims=True) + STD_EPS)).reshape(-1)
+    terms, j = [], 0
+    while f"0.step.{j}.plan" in state:
+        p = plans[int(state[f"0.step.{j}.plan"])]
+        x, x_next = state[f"0.step.{j}.x"], state[f"0.step.{j}.x_next"]
+        with torch.no_grad():
+            v = model.denoise(p.expert, x, torch.full((x.shape[0],), p.timestep), cond)
+        cap = float(trainer.sampler.sigmas[1]) if p.sigma >= 1.0 else None
+        c = sde_coefficients(p.sigma, p.sigma_next, o.noise_level, sigma_cap=cap)
+        r = (x_next.double() - (c.c_x * x.double() + c.c_v * v.double())).flatten(1).numpy()
+        logp = -(r * r).mean(1) / (2 * c.s**2) - math.log(c.s) - 0.5 * math.log(2 * math.pi)
+        ratio = np.exp(logp - state[f"0.step.{j}.log_prob"].double().numpy())
+        clipped = np.clip(ratio, 1 - o.clip_range, 1 + o.clip_range)
+        terms.append((np.maximum(-adv * ratio, -adv * clipped).mean(), (-adv * ratio).mean()))
+        j += 1
+    return tuple(np.mean(terms, axis=0))
+
+
+def test_inner_updates_train_again_on_the_sampled_groups_without_drawing(make_config, tmp_path):
+    from rewardfl.registry import load_resolved
+    from rewardfl.training import Trainer
+
+    options = {"name": "grpo", "group_size": 2, "inner_updates": 2, "clip_range": 2e-3}
+    cfg, plugins = load_resolved(_grpo_config(make_config, tmp_path, algorithm=options, learning_rate=3e-2,
+                                              max_steps=None, num_train_epochs=1))
+    trainer = Trainer(cfg, plugins)
+    assert trainer.total_steps == 4  # an epoch: 2 clips drawn one by one, each trained on twice
+    drawn, trained = [], []
+    draw, micro_batch = trainer.batches.next, trainer.algorithm.micro_batch
+    trainer.batches.next = lambda state: drawn.append(1) or draw(state)
+    trainer.algorithm.micro_batch = lambda batch, *rest: trained.append(batch) or micro_batch(batch, *rest)
+    first = trainer.train_step()
+    assert first["reward/grpo/ratio_max_dev"] == 0.0  # the first update of a cycle: the sampling weights
+    position = (trainer.state.epoch, trainer.state.position)
+    state = {k: v.clone() for k, v in trainer.algorithm.state_dict().items()}
+    assert int(state["step"]) == 0 and "0.step.1.x" in state and "1.index" not in state  # one micro-batch
+    expected, unclipped = _hand_surrogate(trainer, state, trained[0])
+
+    second = trainer.train_step()  # trains on the same groups under the updated weights
+    assert len(drawn) == 1 and (trainer.state.epoch, trainer.state.position) == position
+    assert trained[1] is trained[0]  # the same clips, handed over again
+    assert second["reward/grpo/ratio_max_dev"] > 0 and second["reward/grpo/clip_fraction"] > 0
+    # float32 log-probabilities (|logp| ~ 1) against float64: ~1e-7 on a ratio, the surrogate is ~1e-3
+    assert second["reward_loss"] == pytest.approx(expected, rel=0, abs=1e-8)
+    assert abs(unclipped - expected) > 1e-5  # the clip acted
+    assert second["reward_score"] == first["reward_score"]  # the scores of the samples it trained on
+    assert trainer.algorithm.state_dict() == {}  # the cycle is over: nothing for a checkpoint to keep
+
+    third = trainer.train_step()  # a new cycle: new clips, sampled under the current weights
+    assert len(drawn) == 2 and (trainer.state.epoch, trainer.state.position) != position
+    assert third["reward/grpo/ratio_max_dev"] == 0.0
+
+
+def test_kill_and_resume_between_inner_updates_reproduce_an_uninterrupted_run(make_config, tmp_path):
+    from safetensors.torch import load_file
+
+    def config(name, **overrides):
+        return _grpo_config(make_config, tmp_path, algorithm={"name": "grpo", "group_size": 2, "inner_updates": 2},
+                            max_steps=3, save_steps=1, save_total_limit=3, output_dir=str(tmp_path / name),
+                            **overrides)
+
+    assert run.main([config("ref")]) == 0
+    ref = tmp_path / "ref" / "checkpoints"
+    # mid-cycle checkpoints keep the sampled groups; at a cycle's end there is nothing to keep
+    assert [(ref / f"checkpoint-{s}" / "algorithm-0.safetensors").exists() for s in (1, 2, 3)] == [True, False, True]
+    proc = subprocess.Popen([sys.executable, "-m", "rewardfl.run", config("cut")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    ckpt = tmp_path / "cut" / "checkpoints" / "checkpoint-1"
+    deadline = time.time() + 600
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # resumed after the cycle's first update: step 2 trains on the groups of step 1, from the checkpoint
+    assert run.main([config("cut", resume_from_checkpoint=str(ckpt))]) == 0
+    assert stable(read_metrics(str(tmp_path / "cut"))) == stable(read_metrics(str(tmp_path / "ref")))
+    cut = tmp_path / "cut" / "checkpoints"
+    for s in (2, 3):
+        got, expected = load_file(cut / f"checkpoint-{s}" / "trainable.safetensors"), load_file(
+            ref / f"checkpoint-{s}" / "trainable.safetensors")
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+        state = json.loads((cut / f"checkpoint-{s}" / "state.json").read_text())
+        assert state == json.loads((ref / f"checkpoint-{s}" / "state.json").read_text())
+
+
+def test_one_inner_update_keeps_nothing_between_steps(make_config, tmp_path):
+    from rewardfl.registry import load_resolved
+    from rewardfl.training import Trainer
+
+    trainer = Trainer(*load_resolved(_grpo_config(make_config, tmp_path)))
+    trainer.train_step()
+    # no groups, no micro-batches held for a next step, nothing for a checkpoint to write
+    assert trainer.algorithm.state_dict() == {} and trainer.algorithm._cycle == [] and trainer._drawn is None
+
+
+def test_inner_updates_below_one_name_the_key(make_config, capsys):
+    assert run.main([make_config(algorithm={"name": "grpo", "inner_updates": 0}), "--check"]) == 2
+    assert "algorithm.inner_updates: must be >= 1" in capsys.readouterr().err

@@ -163,7 +163,7 @@ from train_fixtures import make_config, small_dataset  # noqa: E402,F401  (fixtu
 def test_check_prints_the_merges_and_generate_builds_the_same_merged_model(make_config, base, tmp_path, capsys):  # noqa: F811
     from rewardfl import run
     from rewardfl.config import load_config
-    from rewardfl.generate import Generator
+    from rewardfl.sampling.generator import Generator
     from rewardfl.registry import resolve_plugins
 
     entries, expected = _files(str(tmp_path), base)
@@ -173,7 +173,7 @@ def test_check_prints_the_merges_and_generate_builds_the_same_merged_model(make_
     assert lines == [f"model    merge_loras: {entries[0]['path']} -> dit strength 0.5 (1 LoRA layer(s), 0 difference(s))",
                      f"model    merge_loras: {entries[1]['path']} -> dit strength 1 (1 LoRA layer(s), 0 difference(s))"]
     cfg = load_config(config)
-    generator = Generator(cfg, resolve_plugins(cfg))  # what generate and evaluate build
+    generator = Generator.build(cfg, resolve_plugins(cfg))  # what generate and evaluate build
     before, after = _weights(base, "dit"), _weights(generator.model, "dit")
     for name in ("blocks.0.self_attn.q.weight", "blocks.1.ffn.0.weight"):
         want = (before[name].double() + expected["dit"][name]).float()

@@ -31,7 +31,7 @@ from rewardfl.models.wan.weights import ModelSourceNotFound
 I2V = "Wan-AI/Wan2.2-I2V-A14B"
 T2V = "Wan-AI/Wan2.1-T2V-1.3B"  # DiffSynth-Studio's default tokenizer repository
 CONVERTED = "DiffSynth-Studio/Wan-Series-Converted-Safetensors"  # where DiffSynth redirects the .pth files
-#: the user's document's model_id_with_origin_paths, as written there
+#: the Wan2.2-I2V-A14B files in DiffSynth-Studio's hub form, as docs/models.md writes them
 USER_SPEC = ",".join(f"{I2V}:{p}" for p in ("high_noise_model/diffusion_pytorch_model*.safetensors",
                                             "low_noise_model/diffusion_pytorch_model*.safetensors",
                                             "models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth"))

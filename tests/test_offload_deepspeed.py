@@ -47,7 +47,7 @@ def _train_and_check(label: str, overrides: dict, rank: int, tiny_dir: str) -> N
     steps that run both experts, then checks (raises on failure)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from rewardfl.training.distributed import init_distributed
+    from rewardfl.runtime import init_distributed
     from rewardfl.training.engines import DeepSpeedEngine
     from rewardfl.models.wan.lora import diffsynth_lora_key
 

@@ -108,6 +108,24 @@ def test_lora_gradient_and_adamw_bytes_match_a_hand_count(measured_and_planned):
     assert plan.snapshots["optimizer update"]["gradients, fp32"] == psi * 4
 
 
+def test_update_counts_the_rollback_copies_only_where_the_engine_makes_them(make_config, monkeypatch):  # noqa: F811
+    """The plain engine's rule (``PlainEngine.pre_update_copy``): during an update it keeps copies of
+    the trainable weights and of AdamW's two moments to roll a non-finite update back, but only
+    while the trainable weights take at most ``engines.ROLLBACK_MAX_BYTES`` (2 GiB: LoRA); above
+    that (a full fine-tune) it keeps none. The planned update peak differs by exactly those copies."""
+    from rewardfl.training import engines
+
+    cfg, plugins = _resolved(make_config(reward_model_path=None, data={"num_frames": 1}))
+    psi, limit = tiny_lora_params(rank=4), engines.ROLLBACK_MAX_BYTES
+    assert psi * 4 <= limit == 2 << 30
+    update = {}
+    for limit in (limit, 0):  # the LoRA as configured; then as if it were too large to copy
+        monkeypatch.setattr(engines, "ROLLBACK_MAX_BYTES", limit)
+        plan = planner.plan_memory(cfg, plugins)
+        update[limit] = dict((n, g) for n, g, _ in plan.phases)["optimizer update"]
+    assert update[2 << 30] - update[0] == psi * 4 * (1 + 2)  # fp32 weights, exp_avg, exp_avg_sq
+
+
 def test_deepspeed_zero2_buffers_match_a_hand_count(make_config):  # noqa: F811
     ds = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}, "bf16": {"enabled": True}}
     psi, ranks = tiny_lora_params(rank=4), 8
@@ -145,6 +163,23 @@ def test_planner_step_on_real_tensors_matches_its_fake_run(make_config):  # noqa
                                                                                       real["step_peak"])
 
 
+def test_the_model_decides_its_offloads_for_the_planned_target(make_config):  # noqa: F811
+    """``offload_idle_expert: auto`` and the text encoder's parking follow the model's ``DeviceTarget``
+    (the GPU the plan is for and its memory), not the meta device the skeleton is built on."""
+    from rewardfl.plan.plugins import build_skeleton, resolve_spec
+
+    cfg, plugins = _resolved(make_config(reward_model_path=None, mixed_precision="auto", data={"num_frames": 1}))
+    spec = resolve_spec(cfg, None)
+    decided = {}
+    for target, gpu_bytes in (("cuda", 1), ("cuda", 2**40), ("cpu", 1)):
+        with planner.fake_device(target) as (_, device):
+            model = build_skeleton(plugins["model"], cfg, cfg.model, spec, device=device, target=target,
+                                   gpu_bytes=gpu_bytes)
+            decided[(target, gpu_bytes)] = (model.offload_experts, model._offload_text, model.dtype)
+    assert decided == {("cuda", 1): (True, True, torch.bfloat16), ("cuda", 2**40): (False, True, torch.bfloat16),
+                       ("cpu", 1): (False, False, torch.float32)}
+
+
 def test_fast_mode_extrapolates_the_full_run(make_config):  # noqa: F811
     from rewardfl.plan.plugins import resolve_spec
 
@@ -161,7 +196,7 @@ def test_fast_mode_extrapolates_the_full_run(make_config):  # noqa: F811
 
 
 def a14b_expert_params(blocks: int = 40) -> int:
-    """Wan2.2-I2V-A14B's DiT (one expert), counted from its layer shapes (REFERENCE.md section 2):
+    """Wan2.2-I2V-A14B's DiT (one expert), counted from its layer shapes (docs/design.md section 4):
     dim 5120, ffn 13824, 40 blocks, 36 input / 16 output channels, patch 1x2x2, text 4096, freq 256.
     (14,288,901,184 for the 40 blocks.)"""
     d, f = 5120, 13824

@@ -19,11 +19,13 @@ from train_fixtures import make_config, small_dataset  # noqa: F401  (fixtures)
 from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
 
 from rewardfl import run
-from rewardfl.training.checkpoints import list_checkpoints
+from rewardfl.checkpoints import list_checkpoints
 from rewardfl.config import load_config
 from rewardfl.training.outputs import MetricsLog, OutputDir, read_metrics
 from rewardfl.registry import resolve_plugins
-from rewardfl.training import EXIT_NOTHING_TRAINED, EXIT_STOPPED, Trainer
+from rewardfl.cli import EXIT_NOTHING_TRAINED, EXIT_STOPPED_BY_SIGNAL as EXIT_STOPPED
+from rewardfl.training import Trainer
+from rewardfl.training.batches import MicroBatches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -240,8 +242,8 @@ def test_a_step_with_nothing_to_learn_from_does_not_move_the_weights(make_config
     assert trainer.train_step()["updated"] is True  # AdamW's momentum is non-zero from here on
     before = {k: v.clone() for k, v in trainer.model.trainable_state_dict().items()}
     # the next micro-batch is a real faceless video: its reference has no face, nothing can be scored
-    trainer.dataset = VideoDataset(blank_dataset, num_frames=5, max_pixels=4096, height=64, width=64)
-    trainer.micro_per_epoch, trainer.state.position, trainer._loader = 1, 0, None
+    blank = VideoDataset(blank_dataset, num_frames=5, max_pixels=4096, height=64, width=64)
+    trainer.batches, trainer.state.position = MicroBatches(blank, batch_size=1, seed=cfg.seed), 0
     record = trainer.train_step()
     assert record["updated"] is False and record["skipped_samples"] == 1 and record["skipped_nonfinite"] == 0
     after = trainer.model.trainable_state_dict()

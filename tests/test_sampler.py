@@ -9,7 +9,7 @@ import torch
 from rewardfl import registry
 from rewardfl.config import ConfigError, config_from_dict, training_timestep_range
 from rewardfl.samplers.flow_match_euler import FlowMatchEulerSampler
-from rewardfl.training.policy import gradient_steps, plan_steps
+from rewardfl.sampling.policy import gradient_steps, plan_steps
 
 HAS_TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
@@ -46,7 +46,7 @@ def test_schedule_matches_exact_fractions(n, k):
 
 
 def test_wan_eight_step_timesteps_as_published():
-    # ../shared/REFERENCE.md section 1: N=8, shift 5 gives about 1000, 972, 938, 893, 833, 750, 625, 417
+    # docs/design.md section 2: N=8, shift 5 gives about 1000, 972, 938, 893, 833, 750, 625, 417
     assert [round(float(t)) for t in make().timesteps] == [1000, 972, 938, 893, 833, 750, 625, 417]
 
 

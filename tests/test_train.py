@@ -19,7 +19,7 @@ from train_fixtures import make_config, small_dataset  # noqa: F401  (fixtures)
 from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
 
 from rewardfl import run
-from rewardfl.training.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
+from rewardfl.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
 from rewardfl.config import load_config
 from rewardfl.registry import resolve_plugins
 from rewardfl.training import Trainer
@@ -119,7 +119,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(make_config,
     cfg = make_config()
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from rewardfl.training import checkpoints as checkpoint
+        from rewardfl import checkpoints as checkpoint
         from rewardfl.config import load_config
         from rewardfl.registry import resolve_plugins
         from rewardfl.training import Trainer

@@ -20,7 +20,7 @@ from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
 
 from rewardfl import evaluate as evaluate_cli
 from rewardfl import run
-from rewardfl.generate import Generator
+from rewardfl.sampling.generator import Generator
 from rewardfl.registry import load_resolved
 from rewardfl.training.outputs import read_metrics
 
@@ -107,7 +107,7 @@ def test_save_best_by_keeps_the_weights_of_the_best_evaluation(evaluated_run):
     assert best["step"] == best_step and best["value"] == pytest.approx(series[best_step])
     assert best == history["best"]
     cfg, plugins = load_resolved(config)
-    gen = Generator(cfg, plugins)
+    gen = Generator.build(cfg, plugins)
     built = {k: v.clone() for k, v in gen.model.trainable_state_dict().items()}
     gen.load(str(root / "out" / "best"))  # the exported weights, read back as generate reads them
     saved = gen.model.trainable_state_dict()
@@ -283,7 +283,7 @@ def test_best_compares_against_the_base_and_says_when_nothing_beat_it(tmp_path, 
         said = [r.getMessage() for r in caplog.records if "no evaluation beat the base" in r.getMessage()]
         assert len(said) == (1 if want == 0 else 0), said
         cfg, plugins = load_resolved(config)
-        gen = Generator(cfg, plugins)
+        gen = Generator.build(cfg, plugins)
         built = {k: v.clone() for k, v in gen.model.trainable_state_dict().items()}  # the base: LoRA as built
         gen.load(str(root / "out" / "best"))
         at_step = (built if want == 0 else

@@ -288,7 +288,7 @@ def test_expert_switch_follows_the_sampler_plan(tiny_dir):
     from rewardfl.config import config_from_dict
 
     model = build_tiny(tiny_dir)
-    from rewardfl.training.policy import plan_steps
+    from rewardfl.sampling.policy import plan_steps
 
     cfg = config_from_dict({})
     sampler = registry.create("sampler", "flow_match_euler", cfg, {})
@@ -550,7 +550,7 @@ def test_ti2v_injects_the_first_frame_and_matches_diffsynth(ti2v_dir):
     from rewardfl import registry
     from rewardfl.config import config_from_dict
 
-    from rewardfl.training.policy import plan_steps
+    from rewardfl.sampling.policy import plan_steps
 
     cfg = config_from_dict({})
     sampler = registry.create("sampler", "flow_match_euler", cfg, {})

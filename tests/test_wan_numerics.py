@@ -15,7 +15,7 @@ from wan_fixtures import build_tiny, tiny_dir  # noqa: F401  (session fixture)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# the 8-step shift-5 schedule's timesteps (REFERENCE.md 1.2), most of them not exact in bf16
+# the 8-step shift-5 schedule's timesteps (docs/design.md section 2), most of them not exact in bf16
 SCHEDULE = [1000.0, 972.2222, 937.5, 892.8571, 833.3333, 750.0, 625.0, 416.6667]
 
 

@@ -22,16 +22,28 @@ reward used without its gradient. One micro-batch of B clips:
 
        KL = mean((mean_theta - mean_ref)^2) / (2 s^2) = mean(c_v^2 (v - v_ref)^2) / (2 s^2)
 
-   averaged over the trained steps. One update per sampled batch (on-policy, Flow-GRPO's default):
-   the ratio is then 1 up to numerics (exactly 1: the log-probabilities are recomputed by the same
-   kernel from the same inputs), so its gradient is the REINFORCE estimate ``-mean(A * grad logp)``
-   and the clip only guards against the sampling and training passes drifting apart.
+   averaged over the trained steps. With one update per sampled batch (``inner_updates: 1``, on-policy,
+   Flow-GRPO's default) the ratio is 1 up to numerics (exactly 1: the log-probabilities are recomputed
+   by the same kernel from the same inputs), so its gradient is the REINFORCE estimate
+   ``-mean(A * grad logp)`` and the clip only guards against the sampling and training passes drifting
+   apart.
+4. **Inner updates** (``inner_updates: K``, Flow-GRPO's ``num_inner_epochs``, PPO's epochs). Optimizer
+   steps come in cycles of K: the first samples and scores as above; the next K - 1 (:meth:`GRPO.replays`:
+   the loop hands them the same micro-batches and draws nothing) train again on the same groups (the
+   stored latents, old log-probabilities and advantages; the conditioning is encoded again from the
+   clips, the encoders being frozen), under weights that moved: the ratio leaves 1 and the clip
+   bounds how far one cycle moves the policy. The trained steps are drawn anew each step. A replay
+   costs the trained steps' forward and backward (and the reference forward for the KL) plus one
+   encode: no sampling, decoding or scoring. A replay step logs the scores of the samples it trains on.
 
-Memory: the B*G trajectories' latents of the trained steps only (the others are dropped as sampling
-goes on), and the autograd graph of the trained steps' forwards. Resume is exact: the starting noise
-and the SDE noise are seeded by (seed, clip index, group member, training step), nothing is carried
-between steps. Not yet: several updates per sampled batch, classifier-free guidance, first-frame
-injection models (TI2V), a hybrid with reward backprop in one run.
+Memory: the B*G trajectories' latents of the window's trainable steps only (the others are dropped as
+sampling goes on), and the autograd graph of the trained steps' forwards; with ``inner_updates > 1``
+those latents, log-probabilities and advantages of every micro-batch of the step stay until the
+cycle's last update (the loop keeps the micro-batches' clips too). Resume is exact: the starting noise
+and the SDE noise are seeded by (seed, clip index, group member, training step); between two updates
+of a cycle a checkpoint keeps the cycle's groups (:meth:`GRPO.state_dict`, ``algorithm-<rank>.safetensors``)
+and the loop the data position the cycle's clips were drawn from. Not yet: classifier-free guidance,
+first-frame injection models (TI2V), a hybrid with reward backprop in one run.
 """
 
 from __future__ import annotations
@@ -90,11 +102,26 @@ def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
 
 @dataclasses.dataclass
 class _Transition:
+    """One stochastic step of the B*G trajectories: its inputs, its sampled output and log-probability."""
+
     plan: StepPlan
     coef: SdeCoefficients
     x: torch.Tensor
     x_next: torch.Tensor
     log_prob: torch.Tensor
+
+
+@dataclasses.dataclass
+class _Groups:
+    """One micro-batch's sampled groups: everything its updates train on (the conditioning is encoded
+    again from the batch), kept over the cycle's inner updates."""
+
+    index: list[int]  # the clips' dataset indices: a replay checks it was handed the same clips
+    transitions: list[_Transition]  # the window's steps that run a trainable expert
+    advantages: torch.Tensor  # (B*G,) float64
+    scores: torch.Tensor  # (B*G,) float32, CPU
+    valid: torch.Tensor  # (B*G,) bool, CPU
+    metrics: dict  # the reward's scalars
 
 
 class GRPO(Algorithm):
@@ -114,6 +141,9 @@ class GRPO(Algorithm):
         beta: float = 0.04
         #: advantages divided by each group's std, or by the micro-batch's
         advantage_std: Literal["group", "global"] = "group"
+        #: optimizer steps per sampled batch (Flow-GRPO's num_inner_epochs, PPO's epochs): the first samples,
+        #: the next inner_updates - 1 train again on the same groups (no sampling, decoding or scoring)
+        inner_updates: int = 1
 
         def __post_init__(self):
             if self.group_size < 2:
@@ -127,6 +157,9 @@ class GRPO(Algorithm):
                 raise ConfigError(f"algorithm.clip_range: must be a finite number > 0, got {self.clip_range}")
             if not (math.isfinite(self.beta) and self.beta >= 0):
                 raise ConfigError(f"algorithm.beta: must be a finite number >= 0, got {self.beta}")
+            if self.inner_updates < 1:
+                raise ConfigError(f"algorithm.inner_updates: must be >= 1 (optimizer steps per sampled batch), "
+                                  f"got {self.inner_updates}")
 
     def __init__(self, config, options: "GRPO.Options", *, model: VideoModel, sampler: Sampler, reward: Reward,
                  plan: list[StepPlan]):
@@ -136,6 +169,8 @@ class GRPO(Algorithm):
         if getattr(sampler, "uses_guidance", False):
             raise ConfigError("algorithm: grpo does not support classifier-free guidance yet; set "
                               "sampler.guidance_scale: 1")
+        self._cycle: list[_Groups] = []  # the sampled groups of the current cycle, one per micro-batch
+        self._step, self._calls = -1, 0  # the last step micro_batch ran, and its calls so far
 
     @classmethod
     def check(cls, config, options, reward_cls) -> list[str]:
@@ -144,8 +179,67 @@ class GRPO(Algorithm):
             raise ConfigError("algorithm: grpo does not support classifier-free guidance yet; set "
                               "sampler.guidance_scale: 1")
         window = f"{config.mid_timestep}..{config.final_timestep}"
+        inner = f", {options.inner_updates} updates per sampled batch" if options.inner_updates > 1 else ""
         return [f"grpo: {options.group_size} videos per clip, stochastic steps {window} (noise_level "
-                f"{options.noise_level:g}), {options.train_fraction:g} of them trained per step"]
+                f"{options.noise_level:g}), {options.train_fraction:g} of them trained per step{inner}"]
+
+    # ------------------------------------------------------------------ inner updates
+
+    def replays(self, step: int) -> bool:
+        """Steps come in cycles of ``inner_updates``: the first samples, the others train on its groups."""
+        return step % self.options.inner_updates != 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The cycle's groups while the next step replays them (``{}`` otherwise): per micro-batch ``m``,
+        ``m.index``, ``m.advantages``, ``m.scores``, ``m.valid``, ``m.metric.<name>`` and per stored step
+        ``j``: ``m.step.j.plan`` (its index in the schedule), ``m.step.j.x``, ``m.step.j.x_next``,
+        ``m.step.j.log_prob``; and ``step``, the last step trained."""
+        if not (self._cycle and self.replays(self._step + 1)):
+            return {}
+        out = {"step": torch.tensor(self._step)}
+        for m, g in enumerate(self._cycle):
+            out.update({f"{m}.index": torch.tensor(g.index, dtype=torch.int64), f"{m}.advantages": g.advantages,
+                        f"{m}.scores": g.scores, f"{m}.valid": g.valid})
+            out.update({f"{m}.metric.{k}": torch.tensor(float(v), dtype=torch.float64) for k, v in g.metrics.items()})
+            for j, tr in enumerate(g.transitions):
+                out.update({f"{m}.step.{j}.plan": torch.tensor(tr.plan.index), f"{m}.step.{j}.x": tr.x,
+                            f"{m}.step.{j}.x_next": tr.x_next, f"{m}.step.{j}.log_prob": tr.log_prob})
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._cycle, self._step = [], int(state["step"]) if "step" in state else -1
+        plans, device = {p.index: p for p in self.plan}, self.model.device
+        while f"{len(self._cycle)}.index" in state:
+            m, transitions = len(self._cycle), []
+            while f"{m}.step.{len(transitions)}.plan" in state:
+                key = f"{m}.step.{len(transitions)}"
+                p = plans[int(state[f"{key}.plan"])]
+                transitions.append(_Transition(p, self._coefficients(p), state[f"{key}.x"].to(device),
+                                               state[f"{key}.x_next"].to(device), state[f"{key}.log_prob"].to(device)))
+            metrics = {k[len(f"{m}.metric."):]: float(v) for k, v in state.items() if k.startswith(f"{m}.metric.")}
+            self._cycle.append(_Groups(state[f"{m}.index"].tolist(), transitions, state[f"{m}.advantages"],
+                                       state[f"{m}.scores"], state[f"{m}.valid"], metrics))
+
+    def _slot(self, step: int) -> int:
+        """Which micro-batch of ``step`` this call is (0 .. accumulation - 1)."""
+        if step != self._step:
+            self._step, self._calls = step, 0
+        self._calls += 1
+        return self._calls - 1
+
+    def _replayed(self, slot: int, batch: dict, step: int) -> _Groups:
+        if slot >= len(self._cycle):
+            raise ConfigError(f"algorithm.inner_updates: step {step + 1} trains again on the groups sampled before "
+                              "it, but this run holds none (resumed from a checkpoint saved with another "
+                              "inner_updates or gradient_accumulation_steps?); resume with the values it was "
+                              "saved with")
+        groups = self._cycle[slot]
+        if groups.index != [int(i) for i in batch["index"]]:
+            raise RuntimeError(f"grpo: step {step + 1} replays clips {groups.index} but was handed "
+                               f"{[int(i) for i in batch['index']]}")
+        if slot == len(self._cycle) - 1 and not self.replays(step + 1):
+            self._cycle = []  # the cycle's last update: its groups go before the next sampling
+        return groups
 
     # ------------------------------------------------------------------ the pieces
 
@@ -171,16 +265,22 @@ class GRPO(Algorithm):
         return [transitions[i] for i in sorted(order[:k])]
 
     @torch.no_grad()
-    def _sample(self, batch: dict, step: int):
+    def _condition(self, batch: dict):
+        """The conditioning of the B*G videos (each clip's image and prompt G times), and the frame size."""
         cfg, model, g = self.config, self.model, self.options.group_size
         first = batch["first_frame"].repeat_interleave(g, 0).to(model.device, model.dtype)
         prompts = [p for p in batch["prompt"] for _ in range(g)]
-        num_frames = cfg.data.num_frames
-        cond = model.encode(prompts, first, num_frames)
+        cond = model.encode(prompts, first, cfg.data.num_frames)
         if model.injection(cond) is not None:
             raise ConfigError(f"algorithm: grpo does not support first-frame injection models ({cfg.model_name}) yet")
+        return cond, first.shape[-2:]
+
+    @torch.no_grad()
+    def _sample(self, batch: dict, step: int):
+        cfg, model, g = self.config, self.model, self.options.group_size
+        cond, size = self._condition(batch)
         seeds = [(cfg.seed * 7919 + int(i)) * 1009 + j for i in batch["index"] for j in range(g)]
-        x = self.sampler.initial_noise(model.latent_shape(num_frames, *first.shape[-2:]), sample_seeds=seeds,
+        x = self.sampler.initial_noise(model.latent_shape(cfg.data.num_frames, *size), sample_seeds=seeds,
                                        step=step, device=model.device, dtype=model.dtype)
         noise = self._generator(step, batch["index"], 1)
         trainable = set(model.trainable_experts())
@@ -201,17 +301,38 @@ class GRPO(Algorithm):
                 break
         return cond, model.decode(x), transitions
 
-    # ------------------------------------------------------------------ one micro-batch
-
-    def micro_batch(self, batch: dict, contexts: Sequence[SampleContext], step: int) -> MicroBatch:
-        o, model = self.options, self.model
+    def _sampled(self, batch: dict, contexts: Sequence[SampleContext], step: int):
+        """Sample and score the groups of ``batch``: ``(groups, conditioning, videos)``."""
+        o = self.options
         cond, videos, transitions = self._sample(batch, step)
         group_contexts = [c for c in contexts for _ in range(o.group_size)]
         with torch.no_grad():
             out = self.reward(videos, group_contexts)
         scores, valid = out.scores.detach().float(), out.valid.detach().cpu().bool()
         advantages = group_advantages(scores, valid, o.group_size, std=o.advantage_std)
-        trained = self._trained(transitions, step, batch["index"])
+        groups = _Groups([int(i) for i in batch["index"]], transitions, advantages, scores.cpu(), valid,
+                         dict(out.metrics))
+        return groups, cond, videos
+
+    # ------------------------------------------------------------------ one micro-batch
+
+    def micro_batch(self, batch: dict, contexts: Sequence[SampleContext], step: int) -> MicroBatch:
+        slot = self._slot(step)
+        if self.replays(step):
+            groups, videos = self._replayed(slot, batch, step), None
+            cond, _ = self._condition(batch)  # the encoders are frozen: the same conditioning as when sampled
+        else:
+            if slot == 0:
+                self._cycle = []  # the last cycle's groups go before this one samples
+            groups, cond, videos = self._sampled(batch, contexts, step)
+            if self.replays(step + 1):
+                self._cycle.append(groups)
+        return self._update(groups, cond, videos, batch, step)
+
+    def _update(self, groups: _Groups, cond, videos, batch: dict, step: int) -> MicroBatch:
+        """The clipped surrogate (and KL) over the trained steps, drawn for ``step``."""
+        o, model, advantages = self.options, self.model, groups.advantages
+        trained = self._trained(groups.transitions, step, batch["index"])
         loss = torch.zeros((), device=model.device)
         surrogate_sum, kl_sum, stats = 0.0, 0.0, []
         for tr in trained:
@@ -231,7 +352,7 @@ class GRPO(Algorithm):
             stats.append(s)
         # nothing to compare anywhere in this micro-batch: still backward (weight 0), every process must join
         weight = 1.0 if bool((advantages != 0).any()) else 0.0
-        metrics = dict(out.metrics)
+        metrics = dict(groups.metrics)
         metrics.update({
             "grpo/ratio_mean": sum(s["ratio_mean"] for s in stats) / len(stats),
             "grpo/ratio_max_dev": max(s["ratio_max_dev"] for s in stats),
@@ -239,6 +360,6 @@ class GRPO(Algorithm):
             "grpo/advantage_abs_mean": float(advantages.abs().mean()),
             "grpo/trained_steps": float(len(trained)),
         })
-        return MicroBatch(loss=weight * loss, scores=scores.cpu(), valid=valid,
+        return MicroBatch(loss=weight * loss, scores=groups.scores, valid=groups.valid,
                           reward_loss=weight * surrogate_sum / len(trained), kl_loss=weight * kl_sum / len(trained),
-                          metrics=metrics, videos=videos.detach())
+                          metrics=metrics, videos=None if videos is None else videos.detach())

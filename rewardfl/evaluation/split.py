@@ -13,6 +13,8 @@ import hashlib
 
 import torch
 
+from rewardfl.data import VideoDataset
+
 __all__ = ["is_held_out", "held_out_indices", "training_dataset", "eval_dataset"]
 
 
@@ -51,8 +53,6 @@ def eval_dataset(config, metadata_path=None, *, command_line: bool = False):
 
     Returns a ``VideoDataset`` or a ``Subset`` of one; ValueError naming the keys when none is set
     or the split is empty (``command_line``: a command with ``--metadata`` asks, so the error names it)."""
-    from rewardfl.data import VideoDataset
-
     d = config.data
     kwargs = dict(num_frames=d.num_frames, max_pixels=d.max_pixels, height=d.height, width=d.width)
     if metadata_path is not None:

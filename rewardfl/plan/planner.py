@@ -16,11 +16,12 @@ bytes off when the last tensor using it dies (autograd's saved tensors included)
 device, and what was live at it, is the prediction. The accelerator is played by the *meta*
 device (fake CUDA tensors cannot run backward on a machine without a GPU); :func:`fake_device`
 lists where the real code's device-dependent choices are answered for the target (attention
-kernel, ``tensor.data`` moves; ``plugins``: the compiled face-align op, the offload rules).
+kernel, ``tensor.data`` moves; ``plugins``: the compiled face-align op; the model decides its offloads
+and dtype itself for the ``interfaces.DeviceTarget`` it is given).
 
 Counted by formula instead of run: DeepSpeed's ZeRO buffers (master weights, Adam states and
-gradient partitions per rank, the reduce bucket; :class:`_DeepSpeedEngine`, after DeepSpeed 0.19's
-``stage_1_and_2.py``). Not counted: the face detector (no gradient; it runs in onnxruntime, whose
+gradient partitions per rank, the reduce bucket: the engine's own rule, ``engines.zero_buffers``,
+after DeepSpeed 0.19's ``stage_1_and_2.py``). Not counted: the face detector (no gradient; it runs in onnxruntime, whose
 arena is outside torch's allocator), the CUDA context and the caching allocator's fragmentation.
 
 What the planner knows of the plugins (building the Wan model from a spec, the face reward's
@@ -47,12 +48,19 @@ import weakref
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
 
 from rewardfl.cli import user_error_exit
 from rewardfl.config import ConfigError, TrainConfig, load_config
+from rewardfl.registry import resolve_config, resolve_plugins
+from rewardfl.runtime import DistInfo
+from rewardfl.sampling.policy import expert_boundary_of, plan_steps
+from rewardfl.sampling.rollout import rollout
+from rewardfl.training.engines import (PlainEngine, deepspeed_config, read_deepspeed_section, zero_buffers,
+                                       zero_settings, zero_weight_dtype)
 
 from .plugins import FacePlan, build_skeleton, dtype_name, resolve_spec
 
@@ -270,8 +278,6 @@ def fake_device(target: str = "cuda"):
     ``target`` is the device the plan is for ("cuda" or "cpu"). Two device-dependent choices of
     the real code are answered for it: :class:`_DataDevice` and :func:`_emulated_attention`.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     if target not in ("cuda", "cpu"):
         raise ValueError(f"target: must be cuda or cpu, got {target!r}")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -464,8 +470,6 @@ def run_step(cfg, plugins, spec, *, gpu_bytes: int = 80 * GiB, world_size: int =
 
 
 def _step(cfg, plugins, spec, sampler, reward, tracker, device, *, gpu_bytes, world_size, target, ds, notes, real):
-    from rewardfl.training.policy import expert_boundary_of, plan_steps
-
     with tracker.phase("setup", "setup"):
         model = build_skeleton(plugins["model"], cfg, cfg.model, spec, device=device, target=target,
                                gpu_bytes=gpu_bytes, build_device=device if real else None)
@@ -501,7 +505,7 @@ def _tag_weights(tracker: MemoryTracker, model) -> None:
         tag(dit, names.get(r, r))
         for t in getattr(dit, "freqs", ()):
             tracker.retag(t, "DiT RoPE tables (per expert, kept on the CPU)")
-    for r, dit in getattr(model, "_frozen", {}).items():
+    for r, dit in model.frozen_copies.items():
         tag(dit, f"{r} frozen copy (regulariser)")
     if model.text_encoder is not None:
         tag(model.text_encoder, "text encoder (umT5)")
@@ -514,13 +518,12 @@ def _tag_weights(tracker: MemoryTracker, model) -> None:
 def _train_step(cfg, model, sampler, plan, reward, engine, tracker: MemoryTracker, device) -> None:
     """One optimizer step of one micro-batch, as the trainer runs it: encode, sample (the core's
     ``rollout``), decode, reward, loss, backward, update; each part under its own phase."""
-    from rewardfl.training.algorithm import rollout
-
     frames, height, width = video_size(cfg)
     batch_size = cfg.per_device_train_batch_size
     prompts = [f"prompt {i}" for i in range(batch_size)]
     # classifier-free guidance also encodes the negative prompt (rollout runs the model on both)
-    _encode_prompts(model, prompts + ([sampler.negative_prompt] if sampler.uses_guidance else []), tracker, device)
+    with tracker.phase("encode (text encoder)"):
+        model.plan_prompts(prompts + ([sampler.negative_prompt] if sampler.uses_guidance else []))
 
     # label each model call with the sampling step it belongs to (sample_latents runs the plan)
     position = {"i": 0}
@@ -561,60 +564,27 @@ def _train_step(cfg, model, sampler, plan, reward, engine, tracker: MemoryTracke
         engine.update()
 
 
-def _encode_prompts(model, prompts, tracker, device) -> None:
-    """The text encoder's forward, as ``Wan22Model.encode_prompts`` runs it, on token ids of the full
-    ``text_len`` (the token values need a tokenizer; the memory does not). Fills the prompt cache
-    (with zeros for a model built without a text encoder)."""
-    if model.text_encoder is None:
-        for p in prompts:
-            model._prompt_cache[p] = torch.zeros(1, model.options.text_len, model.arch.kwargs["text_dim"],
-                                                 dtype=model.dtype)
-        return
-    with tracker.phase("encode (text encoder)"):
-        model.text_encoder.to(model.device)  # keeps the weights' category (a device move)
-        with torch.no_grad():
-            ids = torch.zeros(len(prompts), model.options.text_len, dtype=torch.long, device=model.device)
-            emb = model.text_encoder(ids, torch.ones_like(ids))
-            for i, p in enumerate(prompts):
-                model._prompt_cache[p] = emb[i:i + 1].clone().to("cpu", model.dtype)
-        del emb
-        if model._offload_text:
-            model.text_encoder.to("cpu")
-
-
 # --------------------------------------------------------------------------- optimizer engines
 
 
 def _engine(cfg, world_size: int) -> tuple[str, Optional[dict]]:
-    """(description, DeepSpeed's ZeRO settings or None for the plain AdamW engine)."""
+    """(description, DeepSpeed's ZeRO settings (``engines.zero_settings``) or None for the plain AdamW engine)."""
     if cfg.deepspeed is None:
         spread = f", gradients all-reduced over {world_size} processes" if world_size > 1 else ""
         return f"AdamW (plain engine{spread})", None
-    from rewardfl.training.engines import deepspeed_config
-
-    ds = deepspeed_config(cfg, accum=cfg.gradient_accumulation_steps, world_size=world_size)
-    zero = ds.get("zero_optimization", {})
-    stage = int(zero.get("stage", 0))
-    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
-    settings = {
-        "stage": stage, "offload": offload, "bf16": bool((ds.get("bf16") or {}).get("enabled")),
-        "reduce_bucket_size": int(float(zero.get("reduce_bucket_size", 5e8))),
-        "contiguous_gradients": bool(zero.get("contiguous_gradients", True)),
-        "overlap_comm": bool(zero.get("overlap_comm", stage == 3)),
-    }
-    name = (f"DeepSpeed ZeRO-{stage} over {world_size} rank{'s' if world_size > 1 else ''}"
-            f"{', optimizer offloaded to CPU' if offload else ''}{', bf16' if settings['bf16'] else ''}")
+    settings = zero_settings(deepspeed_config(cfg, accum=cfg.gradient_accumulation_steps, world_size=world_size))
+    name = (f"DeepSpeed ZeRO-{settings['stage']} over {world_size} rank{'s' if world_size > 1 else ''}"
+            f"{', optimizer offloaded to CPU' if settings['offload'] else ''}{', bf16' if settings['bf16'] else ''}")
     return name, settings
 
 
 class _PlainEngine:
-    """``distributed.PlainEngine`` on fake tensors: its AdamW (torch's, real code) with states made
-    up front (as after the first update), its backward, and its update with the rollback copies."""
+    """``engines.PlainEngine`` on fake tensors: its AdamW (torch's, real code) with states made up
+    front (as after the first update), its backward, and its update with the engine's own
+    pre-update copies (``PlainEngine.pre_update_copy``: only for trainable weights up to
+    ``engines.ROLLBACK_MAX_BYTES``)."""
 
     def __init__(self, cfg, tracker, params, accum: int):
-        from rewardfl.training.distributed import DistInfo
-        from rewardfl.training.engines import PlainEngine
-
         self.engine = PlainEngine(cfg, params, lambda step: 1.0, DistInfo())
         self.tracker, self.params, self.accum = tracker, params, accum
         with tracker.phase("setup", "optimizer states (AdamW), fp32"):
@@ -635,53 +605,28 @@ class _PlainEngine:
     def update(self):
         e = self.engine
         torch.nn.utils.clip_grad_norm_(self.params, e.max_grad_norm)
-        # PlainEngine.step keeps a copy of the weights and of the optimizer state to roll back to
-        weights = [p.detach().clone() for p in self.params]
-        state = {k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in s.items()}
-                 for k, s in e.optimizer.state.items()}
+        saved = e.pre_update_copy()  # live during the update, as in PlainEngine.step
         e.optimizer.step()
-        del weights, state
+        del saved
         e.optimizer.zero_grad(set_to_none=True)
 
 
 class _DeepSpeedEngine:
-    """DeepSpeed ZeRO's per-rank buffers, allocated as fake tensors where DeepSpeed keeps them.
-
-    From DeepSpeed 0.19's ``runtime/zero/stage_1_and_2.py`` with Psi trainable parameters on N
-    ranks, d bytes per trainable weight (2 with bf16, else 4): the module's trainable weights
-    become views of a flat d-byte buffer (Psi d); the fp32 master partition (Psi/N x 4) and the
-    Adam moments (2 x Psi/N x 4) live on the GPU, or on the CPU with ``offload_optimizer``; the
-    gradient partition (Psi/N x d, ZeRO-2) too (fp32 on the CPU when offloaded; ZeRO-1 keeps
-    whole gradients, Psi x d); with ``contiguous_gradients`` the reduce bucket of
-    ``reduce_bucket_size`` elements x d (two with ``overlap_comm``). Gradients are reduced into
-    these buffers as backward produces them (freed at once here). ZeRO-3's partitioning of the
-    frozen weights inside trained modules is not modelled (an over-estimate).
-    """
+    """DeepSpeed ZeRO's per-rank buffers (``engines.zero_buffers``), allocated as fake tensors where
+    DeepSpeed keeps them. Gradients are reduced into these buffers as backward produces them (freed
+    at once here)."""
 
     def __init__(self, cfg, tracker, params, settings: dict, world_size: int, device):
         self.tracker, self.params = tracker, params
-        dtype = torch.bfloat16 if settings["bf16"] else torch.float32
+        dtype = zero_weight_dtype(settings)
         psi = sum(p.numel() for p in params)
-        part = -(-psi // world_size)
-        opt_device = "cpu" if settings["offload"] else device
         with tracker.phase("setup", "DeepSpeed buffers"):
             for p in params:  # DeepSpeed casts the trained modules to bf16 (engine.module.bfloat16())
                 if p.dtype != dtype:
                     p.data = p.data.to(dtype)
                 tracker.retag(p, f"trainable parameters (flat buffer), {dtype_name(p)}")
-            self.buffers = {
-                "fp32 master weights (partition)": torch.empty(part, dtype=torch.float32, device=opt_device),
-                "optimizer states (Adam, partition)": torch.empty(2 * part, dtype=torch.float32, device=opt_device),
-            }
-            if settings["stage"] >= 2:
-                self.buffers["gradients (partition)"] = torch.empty(
-                    part, dtype=torch.float32 if settings["offload"] else dtype, device=opt_device)
-            else:
-                self.buffers["gradients"] = torch.empty(psi, dtype=dtype, device=device)
-            if settings["contiguous_gradients"]:
-                buckets = 2 if settings["overlap_comm"] else 1
-                self.buffers["reduce bucket"] = torch.empty(buckets * settings["reduce_bucket_size"], dtype=dtype,
-                                                            device=device)
+            self.buffers = {name: torch.empty(numel, dtype=dt, device="cpu" if on_cpu else device)
+                            for name, (numel, dt, on_cpu) in zero_buffers(settings, psi, world_size).items()}
             for name, t in self.buffers.items():
                 tracker.retag(t, f"DeepSpeed: {name}, {dtype_name(t)}")
         for p in params:  # reduced into the bucket / partition as they come
@@ -720,9 +665,7 @@ def lever_candidates(cfg: TrainConfig, plugins: dict) -> list[tuple[str, callabl
     if not getattr(o, "vae_checkpointing", True):
         out.append(("model.vae_checkpointing: true", lambda c: setattr(c.model, "vae_checkpointing", True)))
     if cfg.deepspeed is not None:
-        from rewardfl.training.engines import _read_deepspeed_section
-
-        section = _read_deepspeed_section(cfg)
+        section = read_deepspeed_section(cfg)
         zero = section.get("zero_optimization") or {}
         if (zero.get("offload_optimizer") or {}).get("device", "none") in ("none", None):
             def offload(c, section=section):
@@ -819,8 +762,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 @user_error_exit("rewardfl.plan")
 def main(argv=None) -> int:
-    from rewardfl.registry import resolve_config, resolve_plugins
-
     args = build_parser().parse_args(argv)
     if args.world_size < 1:
         raise ValueError(f"--world-size: must be >= 1, got {args.world_size}")

@@ -8,21 +8,33 @@ the files ``model_paths`` names (safetensors headers: names and shapes only, as 
 them before loading) or, before anything is downloaded, from a preset (:data:`PRESETS`).
 
 :func:`build_skeleton` builds the ``wan2_2`` model from a spec inside the planner's fake-tensor
-mode: modules are constructed with fake weights (no memory), then the plugin's own ``_setup``
-adds LoRA, makes frozen copies and places every module as it would on the real device.
+mode: its networks are constructed with fake weights (no memory) and handed to the model's own
+constructor (``parts``), which adds LoRA, makes frozen copies and places every module as it would
+on the target device (``target``: the device and its memory, which the plugin's rules consult).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import os
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
+from rewardfl.interfaces import DeviceTarget
 from rewardfl.models.wan import architectures as arch
+from rewardfl.models.wan.model import WanParts, default_dtype, new_vae, read_model_files
+from rewardfl.ops import align
+from rewardfl.rewards.face_identity import FaceIdentityReward
+from rewardfl.rewards.face_identity.scoring import pooled_identity_score
+
+
+__all__ = ["ModelSpec", "PRESETS", "spec_from_preset", "spec_from_checkpoints", "resolve_spec", "build_skeleton",
+           "FacePlan", "dtype_name"]
 
 
 def dtype_name(t: torch.Tensor) -> str:
@@ -30,8 +42,6 @@ def dtype_name(t: torch.Tensor) -> str:
     return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16", torch.float64: "fp64",
             torch.complex128: "complex128", torch.complex64: "complex64"}.get(t.dtype, str(t.dtype))
 
-__all__ = ["ModelSpec", "PRESETS", "spec_from_preset", "spec_from_checkpoints", "resolve_spec", "build_skeleton",
-           "FacePlan"]
 
 #: umT5-xxl encoder (Wan's text encoder, ``models_t5_umt5-xxl-enc-bf16.pth``): 5.7B parameters
 UMT5_XXL = dict(vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=24,
@@ -39,7 +49,7 @@ UMT5_XXL = dict(vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=
 
 #: name -> (DiT key of ``architectures.known_dits``, expert roles, text encoder kwargs, VAE arch)
 PRESETS = {
-    # two 14B experts (high noise ``dit``, low noise ``dit2``), Wan2.1 VAE: REFERENCE.md section 2
+    # two 14B experts (high noise ``dit``, low noise ``dit2``), Wan2.1 VAE: docs/design.md section 4
     "wan2.2-i2v-a14b": ("diffsynth:5b013604280dd715f8457c6ed6d6a626", ("dit", "dit2"), UMT5_XXL,
                         {"kind": "wan2.1", "dim": 96, "z_dim": 16}),
     # one 5B expert with first-frame injection, Wan2.2 VAE (stride 4x16x16, z 48)
@@ -90,30 +100,12 @@ def spec_from_preset(name: str) -> ModelSpec:
 
 
 def spec_from_checkpoints(cfg) -> ModelSpec:
-    """The architecture of the files ``model_paths`` names, from their headers (no weights read).
-
-    The same reading and checks as ``Wan22Model.__init__``'s first stage.
-    """
-    from rewardfl.models.wan.model import EXPERT_ROLES, Wan22Model
-    from rewardfl.models.wan.weights import read_shapes, resolve_model_paths
-
-    ckpts = resolve_model_paths(cfg.resolve_path(cfg.model_paths), cfg.model_id_with_origin_paths,
-                                cfg.resolve_path("."))
-    roles = Wan22Model.assign_roles(ckpts)
-    shapes = {role: read_shapes(ck) for role, ck in roles.items() if role != "tokenizer"}
-    archs = {r: arch.dit_architecture({k2: v for k, v in shapes[r].items() if (k2 := arch.dit_key(k)) is not None},
-                                      roles[r].where)
-             for r in EXPERT_ROLES if r in roles}
-    experts = tuple(r for r in EXPERT_ROLES if r in archs)
-    first = archs[experts[0]]
-    for r in experts[1:]:
-        if archs[r].kwargs != first.kwargs:
-            raise ValueError(f"model_paths: the two DiTs differ ({archs['dit'].name} and {archs[r].name}); both "
-                             "experts must be the same architecture")
-    vae = arch.vae_architecture({arch.vae_key(k): v for k, v in shapes["vae"].items()}, roles["vae"].where)
-    te = arch.text_encoder_architecture(shapes["text_encoder"], roles["text_encoder"].where)
-    return ModelSpec(os.path.basename(cfg.model_paths or "model_id_with_origin_paths"), first, experts,
-                     te, vae, f"checkpoint headers ({cfg.model_paths or cfg.model_id_with_origin_paths})")
+    """The architecture of the files ``model_paths`` names, from their headers (no weights read),
+    as ``Wan22Model`` reads and checks them (``model.read_model_files``)."""
+    found = read_model_files(cfg)
+    return ModelSpec(os.path.basename(cfg.model_paths or "model_id_with_origin_paths"), found.dit, found.experts,
+                     found.text_encoder, found.vae,
+                     f"checkpoint headers ({cfg.model_paths or cfg.model_id_with_origin_paths})")
 
 
 def resolve_spec(cfg, preset: Optional[str]) -> ModelSpec:
@@ -132,82 +124,28 @@ def resolve_spec(cfg, preset: Optional[str]) -> ModelSpec:
 # --------------------------------------------------------------------------- skeletons
 
 
-def _planned_class(model_cls, target: str, gpu_bytes: int):
-    """``model_cls`` answering its device questions as it would on ``target``.
-
-    The planner's accelerator is the meta device (fake tensors there need no GPU, and autograd runs
-    on them); the plugin asks ``self.device.type == "cuda"`` in two places, which this subclass
-    answers for the target instead: the text encoder parks on the CPU between uses, and
-    ``offload_idle_expert: auto`` compares the experts' bytes with ``gpu_bytes`` by the plugin's
-    own rule.
-    """
-    cuda = target == "cuda"
-
-    class Planned(model_cls):
-        @property
-        def _offload_text(self) -> bool:
-            return self.options.offload_text_encoder and cuda
-
-        def _want_expert_offload(self, choice) -> bool:
-            if not cuda:
-                return super()._want_expert_offload(choice)
-            device, self.device = self.device, torch.device("cuda")
-            props = torch.cuda.get_device_properties
-            torch.cuda.get_device_properties = lambda *_: type("Props", (), {"total_memory": gpu_bytes})()
-            try:
-                return super()._want_expert_offload(choice)
-            finally:
-                torch.cuda.get_device_properties = props
-                self.device = device
-
-    Planned.__name__ = Planned.__qualname__ = f"Planned{model_cls.__name__}"
-    return Planned
-
-
 def build_skeleton(model_cls, cfg, options, spec: ModelSpec, *, device: torch.device, target: str,
                    gpu_bytes: int, build_device: Optional[torch.device] = None):
     """The ``wan2_2`` model of ``spec`` with fake weights (call inside the planner's fake mode).
 
     Weights are born on the CPU in the model dtype, as ``Wan22Model._build`` leaves them after
-    loading; the plugin's ``_setup`` then adds LoRA, frozen copies and places the modules on
-    ``device`` (the planner's stand-in for the GPU) or the CPU. ``target`` ("cuda"/"cpu") is the
-    device the plan is for: it decides the dtype (``mixed_precision: auto``) and the offloads.
+    loading; the model's own constructor then adds LoRA, frozen copies and places the modules on
+    ``device`` (the planner's stand-in for the GPU) or the CPU. ``target`` ("cuda"/"cpu", with
+    ``gpu_bytes`` of memory) is the device the plan is for: the model's ``DeviceTarget``, which
+    decides the dtype (``mixed_precision: auto``) and the offloads by the model's own rules.
     ``build_device``: where modules are constructed (default the CPU); outside fake mode (the GPU
     check) the weights are then real and random, made directly on the GPU.
     """
     from diffsynth.models.wan_video_dit import WanModel
     from diffsynth.models.wan_video_text_encoder import WanTextEncoder
-    from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE, WanVideoVAE38
 
-    from rewardfl.models.wan.model import as_list
-
-    cls = _planned_class(model_cls, target, gpu_bytes)
-    model = cls.__new__(cls)
-    model.config, model.options = cfg, options
-    model.device = device
-    model.dtype = cls._choose_dtype(cfg.mixed_precision, torch.device(target))
-    model.arch = spec.dit
-    model.experts = tuple(spec.experts)
-    model.vae_stride = (4, 8, 8) if spec.vae["kind"] == "wan2.1" else (4, 16, 16)
-    model.tokenizer = None
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(model.dtype)  # born in the model dtype: no fp32 copy that loading never makes
-    try:
-        with torch.device(build_device or "cpu"):
-            model.dits = {r: WanModel(**spec.dit.kwargs).requires_grad_(False) for r in model.experts}
-            model.text_encoder = WanTextEncoder(**spec.text_encoder).requires_grad_(False).eval()
-            if spec.vae["kind"] == "wan2.2":
-                vae = WanVideoVAE38()
-            else:
-                vae = WanVideoVAE(z_dim=spec.vae["z_dim"])
-                if spec.vae["dim"] != 96:
-                    vae.model = VideoVAE_(dim=spec.vae["dim"], z_dim=spec.vae["z_dim"])
-            model.vae = vae.requires_grad_(False).eval()
-    finally:
-        torch.set_default_dtype(default)
-    lora_experts, full_experts = model._plan_training(cfg)
-    model._setup(lora_experts, full_experts, as_list(cfg.lora_target_modules))
-    return model
+    with default_dtype(model_cls.choose_dtype(cfg.mixed_precision, target)), torch.device(build_device or "cpu"):
+        dits = {r: WanModel(**spec.dit.kwargs).requires_grad_(False) for r in spec.experts}
+        text_encoder = WanTextEncoder(**spec.text_encoder).requires_grad_(False).eval()
+        vae = new_vae(spec.vae).requires_grad_(False).eval()
+    parts = WanParts(spec.dit, dits, vae, arch.vae_stride(spec.vae), text_encoder)
+    return model_cls(cfg, options, device=device, parts=parts,
+                     target=DeviceTarget(target, gpu_bytes if target == "cuda" else None))
 
 
 # --------------------------------------------------------------------------- the face reward
@@ -230,8 +168,6 @@ class FacePlan:
     @classmethod
     def load(cls, cfg, reward_cls, notes: list) -> Optional["FacePlan"]:
         """The reward's models, or None (with a note) for another reward plugin or missing files."""
-        from rewardfl.rewards.face_identity import FaceIdentityReward
-
         if not (isinstance(reward_cls, type) and issubclass(reward_cls, FaceIdentityReward)):
             notes.append(f"reward {cfg.reward.name}: not planned (the planner knows face_identity); a stand-in "
                          "-mean(video) carries the graph")
@@ -254,10 +190,6 @@ class FacePlan:
         """``face_align`` on the accelerator as on ``target``: the compiled op (its fake kernel gives
         the shapes) where the target has it, and no landmark *value* checks (fake tensors have no
         values; the checks allocate nothing). ``None``: real tensors, nothing changed."""
-        import torch
-
-        from rewardfl.ops import align
-
         if target is None:
             yield
             return
@@ -278,18 +210,11 @@ class FacePlan:
 
     def place(self, tracker, device, *, fake: bool = True) -> None:
         """The recognizer's twin on ``device`` (as fake tensors when ``fake``), counted as its weights."""
-        import torch
-
         if not fake:
             twin = self.reward.recognizer.model.twin(device, torch.float32)
             for t in list(twin.parameters()) + list(twin.buffers()):
                 tracker.retag(t, "face recognizer (torch twin)")
             return
-
-        import copy
-
-        from torch.utils._python_dispatch import _disable_current_modes
-
 
         mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
         for name, model in (("face recognizer", self.reward.recognizer.model),):
@@ -317,10 +242,6 @@ class FacePlan:
 
     def loss(self, videos, tracker, device):
         """The shaped reward loss of ``videos`` (B, 3, F, H, W) in [-1, 1], 0-dim, differentiable."""
-        import torch
-
-        from rewardfl.rewards.face_identity.scoring import pooled_identity_score
-
         reward, o = self.reward, self.reward.options
         batch, _, num_frames, height, width = videos.shape
         frames = videos.transpose(1, 2).reshape(batch * num_frames, 3, height, width)  # as reward.__call__

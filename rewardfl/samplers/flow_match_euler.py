@@ -11,7 +11,7 @@ diffsynth's ``FlowMatchScheduler("Wan")`` gives the same values but drops the
 final 0 (its ``sigmas`` has N entries; its ``step`` uses 0 after the last one).
 
 Which steps run, which carry gradient and which expert runs each is training
-policy, decided by the core (``rewardfl.training.policy``) from this schedule.
+policy, decided by the core (``rewardfl.sampling.policy``) from this schedule.
 
 Noise: ``initial_noise`` draws each sample's noise on the CPU from a generator
 seeded by ``sha256(seed, sample seed, training step)``: reproducible, the same on

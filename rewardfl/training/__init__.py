@@ -1,11 +1,10 @@
-"""Training: the loop and the parts it is made of (the core; it imports no plugin).
+"""Training: the loop and the parts it is made of (it imports no plugin; below it: the sampling and
+evaluation library, the registry and the foundations; see docs/architecture.md).
 
 * ``loop``: :class:`Trainer` and :func:`train`, the loop a reader holds in their head;
-* ``algorithm``: what a micro-batch contributes to the loss (reward backpropagation today);
-* ``policy``: which sampling steps run, carry gradient and use which expert;
+* ``algorithm``: the default algorithm, reward backpropagation (what a micro-batch contributes to the loss);
 * ``engines``: the optimizer, LR schedule and update (plain torch or DeepSpeed ZeRO);
-* ``distributed``: processes, collectives, signals agreed on by every process;
-* ``checkpoints``: the on-disk layout of training checkpoints, saved and resumed;
+* ``exports``: ``OUTPUT_DIR/final`` and ``OUTPUT_DIR/best``;
 * ``outputs``: the output directory's lock, metrics, sample videos, the reward curve;
 * ``trackers``: TensorBoard and wandb (``report_to``);
 * ``composite``: a ``reward:`` list trained as a weighted sum;
@@ -13,6 +12,6 @@
 * ``ema``: the moving average of the trainable weights (``ema_decay``).
 """
 
-from .loop import EXIT_NOTHING_TRAINED, EXIT_STOPPED, Trainer, TrainState, train
+from .loop import Trainer, TrainResult, TrainState, train
 
-__all__ = ["train", "Trainer", "TrainState", "EXIT_STOPPED", "EXIT_NOTHING_TRAINED"]
+__all__ = ["train", "Trainer", "TrainState", "TrainResult"]

@@ -19,10 +19,9 @@ from typing import Optional
 
 import torch
 
-__all__ = ["EMA", "EMA_FILE"]
+from rewardfl.checkpoints import EMA_FILE
 
-#: the EMA's file in a training checkpoint directory
-EMA_FILE = "ema.safetensors"
+__all__ = ["EMA", "EMA_FILE"]
 
 
 class EMA:

@@ -15,21 +15,24 @@ An engine owns the optimizer, LR schedule, gradient clipping and the update:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import math
 import os
 import re
+import warnings
+from typing import Optional
 
 import torch
 
+from rewardfl.checkpoints import CheckpointError, load_torch_file, save_torch_file
 from rewardfl.config import ConfigError, TrainConfig
+from rewardfl.runtime import DistInfo, all_reduce_sum_
 
-from .checkpoints import CheckpointError, load_torch_file, save_torch_file
-from .distributed import DistInfo, all_reduce_sum_
-
-__all__ = ["PlainEngine", "DeepSpeedEngine", "build_engine", "deepspeed_config", "all_finite", "lr_lambda"]
+__all__ = ["PlainEngine", "DeepSpeedEngine", "build_engine", "deepspeed_config", "read_deepspeed_section",
+           "zero_settings", "zero_buffers", "zero_weight_dtype", "all_finite", "lr_lambda"]
 
 
 #: trainable weights up to this size are copied before each update so that a non-finite one can be
@@ -44,6 +47,18 @@ def all_finite(params) -> bool:
     """Every element of every tensor finite (one host sync); empty (ZeRO-3-partitioned) ones count as finite."""
     flags = [torch.isfinite(p.detach()).all() for p in params if p.numel()]
     return bool(torch.stack(flags).all()) if flags else True
+
+
+def _cloned(state):
+    """A copy of an optimizer ``state_dict`` whose tensors are new (``Tensor.clone``, which fake
+    tensors support, unlike ``copy.deepcopy``); everything else deep-copied."""
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {k: _cloned(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cloned(v) for v in state)
+    return copy.deepcopy(state)
 
 
 # --------------------------------------------------------------------------- plain
@@ -76,6 +91,16 @@ class PlainEngine:
     def backward(self, loss: torch.Tensor, accum: int) -> None:
         (loss / accum).backward()
 
+    def pre_update_copy(self) -> Optional[tuple[list[torch.Tensor], dict]]:
+        """What :meth:`step` keeps during an update to roll a non-finite one back: copies of the
+        trainable weights and of the optimizer state, made only while the trainable weights take at
+        most ``ROLLBACK_MAX_BYTES`` (LoRA: megabytes); None above (a full fine-tune, 3x its weights
+        with the copies, is only checked, and stops before any checkpoint holds NaN). The memory
+        planner counts the update's peak with this too."""
+        if self._trainable_bytes > ROLLBACK_MAX_BYTES:
+            return None
+        return [p.detach().clone() for p in self.params], _cloned(self.optimizer.state_dict())
+
     def step(self) -> tuple[float, str]:
         """Average gradients over processes, clip, update. Returns ``(grad_norm, status)``, status
         ``updated``, ``empty`` (skip_update was called), ``gradient`` (non-finite gradient norm: no
@@ -89,16 +114,12 @@ class PlainEngine:
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         status = "empty" if self._skip else "updated" if math.isfinite(norm) else "gradient"
         if status == "updated":
-            # the pre-update copy is the only way back from a step that overflows: cheap for LoRA; a
-            # full fine-tune (3x its weights) is checked only, and stops before any checkpoint holds NaN
-            rollback = self._trainable_bytes <= ROLLBACK_MAX_BYTES
-            if rollback:
-                weights = [p.detach().clone() for p in self.params]
-                optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+            saved = self.pre_update_copy()
             self.optimizer.step()
             if not all_finite(self.params):
-                if not rollback:
+                if saved is None:
                     raise FloatingPointError(NON_FINITE_UPDATE.format(why="too large to keep a pre-update copy"))
+                weights, optimizer_state = saved
                 with torch.no_grad():
                     for p, w in zip(self.params, weights):
                         p.copy_(w)
@@ -106,8 +127,6 @@ class PlainEngine:
                 status = "weights"
         self.optimizer.zero_grad(set_to_none=True)
         self._skip = False
-        import warnings
-
         with warnings.catch_warnings():  # a skipped update still counts as a step of the schedule
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
@@ -126,15 +145,14 @@ class PlainEngine:
 
     def gathered(self, modify: bool = False):
         """Whole trainable weights (always, without DeepSpeed); ``modify``: changes made inside are kept."""
-        import contextlib
-
         return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- DeepSpeed
 
 
-def _read_deepspeed_section(cfg: TrainConfig) -> dict:
+def read_deepspeed_section(cfg: TrainConfig) -> dict:
+    """The user's ``deepspeed`` section (inline, or the JSON file it names), a deep copy."""
     section = cfg.deepspeed
     if isinstance(section, str):
         path = cfg.resolve_path(section)
@@ -148,13 +166,60 @@ def _read_deepspeed_section(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(section or {}))  # a deep copy
 
 
+def zero_settings(ds: dict) -> dict:
+    """What decides ZeRO's memory in a DeepSpeed config (:func:`deepspeed_config`'s result), with
+    DeepSpeed 0.19's defaults: ``stage``, ``offload`` (of the optimizer, to the CPU), ``bf16``,
+    ``reduce_bucket_size`` (elements), ``contiguous_gradients``, ``overlap_comm``."""
+    zero = ds.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    return {
+        "stage": stage,
+        "offload": (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None),
+        "bf16": bool((ds.get("bf16") or {}).get("enabled")),
+        "reduce_bucket_size": int(float(zero.get("reduce_bucket_size", 5e8))),
+        "contiguous_gradients": bool(zero.get("contiguous_gradients", True)),
+        "overlap_comm": bool(zero.get("overlap_comm", stage == 3)),
+    }
+
+
+def zero_buffers(settings: dict, psi: int, world_size: int) -> dict[str, tuple[int, torch.dtype, bool]]:
+    """DeepSpeed ZeRO's per-rank buffers for ``psi`` trainable weights on ``world_size`` ranks, by
+    :func:`zero_settings`: what -> (elements, dtype, in host memory). For the memory planner.
+
+    From DeepSpeed 0.19's ``runtime/zero/stage_1_and_2.py``, with d the trainable weights' dtype
+    (:func:`zero_weight_dtype`: bf16 with ``bf16``, else fp32): the fp32 master partition
+    (Psi/N) and the two Adam moments (2 x Psi/N) live on the GPU, or on the CPU with
+    ``offload_optimizer``; the gradient partition (Psi/N in d, ZeRO-2; fp32 on the CPU when
+    offloaded); ZeRO-1 keeps whole gradients (Psi in d); with ``contiguous_gradients`` the reduce
+    bucket of ``reduce_bucket_size`` elements in d (two with ``overlap_comm``). The trainable
+    weights themselves become views of a flat buffer in d (Psi). ZeRO-3's partitioning of the
+    frozen weights inside trained modules is not modelled (an over-estimate).
+    """
+    dtype, offload = zero_weight_dtype(settings), settings["offload"]
+    part = -(-psi // world_size)
+    out = {"fp32 master weights (partition)": (part, torch.float32, offload),
+           "optimizer states (Adam, partition)": (2 * part, torch.float32, offload)}
+    if settings["stage"] >= 2:
+        out["gradients (partition)"] = (part, torch.float32 if offload else dtype, offload)
+    else:
+        out["gradients"] = (psi, dtype, False)
+    if settings["contiguous_gradients"]:
+        out["reduce bucket"] = ((2 if settings["overlap_comm"] else 1) * settings["reduce_bucket_size"], dtype, False)
+    return out
+
+
+def zero_weight_dtype(settings: dict) -> torch.dtype:
+    """The trainable weights' dtype under ZeRO: DeepSpeed casts the trained modules to bf16 with ``bf16``."""
+    return torch.bfloat16 if settings["bf16"] else torch.float32
+
+
 def deepspeed_config(cfg: TrainConfig, *, accum: int, world_size: int) -> dict:
     """The DeepSpeed config: the user's section with batch/accumulation/clipping/optimizer from our keys.
 
     Our keys are the single source of truth: a DeepSpeed key that is set and
     disagrees raises ConfigError naming both.
     """
-    ds = _read_deepspeed_section(cfg)
+    ds = read_deepspeed_section(cfg)
     ours = {
         "train_micro_batch_size_per_gpu": (cfg.per_device_train_batch_size, "per_device_train_batch_size"),
         "gradient_accumulation_steps": (accum, "gradient_accumulation_steps"),
@@ -301,8 +366,6 @@ class DeepSpeedEngine:
         """Context in which ZeRO-3-partitioned trainable weights are whole (for export); ``modify``: what is
         loaded into them inside is kept (rank 0's values, partitioned again on exit; every rank loads the
         same weights)."""
-        import contextlib
-
         if self.stage == 3:
             import deepspeed
 

@@ -2,8 +2,8 @@
 
 Every ``eval_steps`` optimizer steps (and once before the first, as the base the others are paired
 with) the held-out clips' first ``eval.train_clips`` are generated with the current weights from the
-same starting noise (``eval.train_seeds`` seeds; :mod:`rewardfl.generate`'s full-step sampler, no
-gradient) and scored as ``rewardfl.evaluate`` scores them: the training reward, each judge of
+same starting noise (``eval.train_seeds`` seeds; the generator's full-step sampler
+(:mod:`rewardfl.sampling.generator`), no gradient) and scored as ``rewardfl.evaluate`` scores them: the training reward, each judge of
 ``eval.judges`` (with identity specificity), motion, first-frame PSNR. The means are logged as
 ``eval/<metric>`` and the paired difference to the step-0 videos as ``eval/<metric>/diff_to_base``.
 
@@ -33,13 +33,17 @@ import numpy as np
 import torch
 
 from rewardfl.config import ConfigError
+from rewardfl.evaluation.evaluation import Evaluation, build_judges, evaluate
 from rewardfl.evaluation.metrics import MIN_CLIPS_FOR_CLAIM, hacking_warnings, paired_change, paired_interval
 from rewardfl.evaluation.report import contact_sheet
+from rewardfl.evaluation.split import eval_dataset
 from rewardfl.fileio import write_json
+from rewardfl.runtime import barrier
+from rewardfl.sampling.generator import Generator
 
 log = logging.getLogger("rewardfl")
 
-__all__ = ["TrainingEvaluator", "HISTORY"]
+__all__ = ["TrainingEvaluator", "HISTORY", "evaluate_at_end", "sheet_image"]
 
 HISTORY = "eval_history.json"
 
@@ -48,10 +52,6 @@ class TrainingEvaluator:
     """Built by the trainer when ``eval_steps`` is set; :meth:`run` evaluates the current weights."""
 
     def __init__(self, trainer):
-        from rewardfl.evaluate import Evaluation, build_judges
-        from rewardfl.evaluation.split import eval_dataset
-        from rewardfl.generate import Generator
-
         cfg = self.cfg = trainer.cfg
         self.output_dir, self.is_main = trainer.output_dir, trainer.is_main
         dataset = eval_dataset(cfg)
@@ -66,7 +66,7 @@ class TrainingEvaluator:
         items = [dataset[i] for i in range(n)]
         self.evaluation = Evaluation(items, trainer.reward, build_judges(cfg, trainer.device),
                                      list(range(cfg.eval.train_seeds)))
-        self.generator = Generator.from_model(cfg, trainer.model, trainer.sampler, trainer.boundary)
+        self.generator = Generator(cfg, trainer.model, trainer.sampler, trainer.boundary, base_weights=None)
         self.batch_size = cfg.per_device_train_batch_size
         self.path = os.path.join(self.output_dir, HISTORY)
         self.history: list[dict] = []  # [{"step", "metrics": {eval/...}, "rows": [...]}]
@@ -215,3 +215,22 @@ def sheet_image(path: str) -> torch.Tensor:
 
     a = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
     return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def evaluate_at_end(trainer) -> None:
+    """``eval.at_end``: base vs the final weights on the held-out clips, ``eval.seeds`` per clip, in
+    OUTPUT_DIR/eval; the table printed. Every process runs it (collectives inside the model stay
+    matched); rank 0 writes and prints."""
+    cfg, out = trainer.cfg, trainer.output_dir
+    gen = Generator(cfg, trainer.model, trainer.sampler, trainer.boundary, base_weights=trainer.base_weights,
+                    whole=lambda: trainer.engine.gathered(modify=True))  # ZeRO-3: partitioned
+    try:
+        result = evaluate(cfg, trainer.plugins, [os.path.join(out, "final")], os.path.join(out, "eval"),
+                          seeds=list(range(cfg.eval.seeds)), batch_size=cfg.per_device_train_batch_size,
+                          generator=gen, reward=trainer.reward, write=trainer.is_main)
+        if trainer.is_main:
+            print(result["table"], end="", flush=True)
+            print(f"evaluation of base vs final on {len(result['clips'])} held-out clip(s) x "
+                  f"{len(result['seeds'])} seed(s): {os.path.join(out, 'eval')}", flush=True)
+    finally:
+        barrier(trainer.dist)

@@ -5,7 +5,9 @@ One optimizer step (:meth:`Trainer.train_step`) reads top to bottom:
 1. for each of ``gradient_accumulation_steps`` micro-batches: the reward prepares its
    references (samples it can never score are skipped and counted), the algorithm
    (``algorithm.py``: sample under the policy's gradient window, decode, score) gives a
-   loss, and the engine backpropagates it;
+   loss, and the engine backpropagates it. A step the algorithm replays
+   (``Algorithm.replays``: several updates per sampled batch) draws nothing: it hands the
+   algorithm the previous step's micro-batches again, and the data position stays;
 2. the engine clips and updates: a non-finite loss or gradient skips the update, an
    update that makes a weight non-finite is rolled back, and a step with no sample
    to learn from anywhere (on every process) does not call the optimizer at all;
@@ -24,36 +26,37 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import random
-import shutil
 import sys
 import time
 from typing import Optional
 
-import numpy as np
 import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
 
-from rewardfl.cli import EXIT_NOTHING_TRAINED, EXIT_STOPPED_BY_GUARD, EXIT_STOPPED_BY_SIGNAL as EXIT_STOPPED
+from rewardfl.checkpoints import ALGORITHM_FILE, EMA_FILE, CheckpointManager
 from rewardfl.config import ConfigError, TrainConfig, dump_config, to_dict
-from rewardfl.data import VideoDataset, collate
+from rewardfl.data import VideoDataset
+from rewardfl.evaluation.evaluation import check_evaluation
 from rewardfl.evaluation.split import training_dataset
-from rewardfl.fileio import recover_directory, replace_directory, write_json
 from rewardfl.interfaces import SampleContext
 from rewardfl.registry import resolve_config
+from rewardfl.runtime import (DistInfo, StopSignal, all_reduce_mean, all_reduce_sum_, init_distributed, resolve_device,
+                              seed_everything)
+from rewardfl.sampling.policy import expert_boundary_of, plan_steps
 
-from .checkpoints import CheckpointManager
-from .distributed import DistInfo, StopSignal, all_reduce_mean, all_reduce_sum_, barrier, init_distributed
 from .engines import build_engine, lr_lambda
-from .ema import EMA, EMA_FILE
-from .evaluator import TrainingEvaluator, sheet_image
+from .batches import MicroBatches
+from .ema import EMA
+from .evaluator import TrainingEvaluator, evaluate_at_end, sheet_image
+from .exports import export_final, save_best
 from .gradient_check import ZeroGradientCheck
+from .outputs import MetricsLog, MetricsWindow, VideoWriter, check_output_dir, claim_output_dir, plot_reward_curve
 from .trackers import build_trackers, check_report_to
-from .outputs import MetricsLog, MetricsWindow, OutputDir, VideoWriter, check_output_dir, plot_reward_curve
-from .policy import expert_boundary_of, plan_steps
 
 log = logging.getLogger("rewardfl")
 
-__all__ = ["train", "Trainer", "TrainState", "EXIT_STOPPED", "EXIT_NOTHING_TRAINED"]
+__all__ = ["train", "Trainer", "TrainState", "TrainResult"]
 
 
 @dataclasses.dataclass
@@ -67,22 +70,10 @@ class TrainState:
     skipped_no_reference: int = 0  # samples whose reference the reward could not use
     skipped_empty: int = 0  # optimizer steps with no sample to learn from (no update)
     updates: int = 0  # optimizer steps that changed the weights
-
-
-def resolve_device(cfg: TrainConfig, dist: Optional[DistInfo] = None) -> torch.device:
-    if cfg.device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank if dist else torch.cuda.current_device())
-        return torch.device("cpu")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: {cfg.device!r} requested but CUDA is not available (use device: cpu or auto)")
-    return torch.device(cfg.device)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    # the data position before the last step that drew micro-batches: a run resumed between an
+    # algorithm's replays (Algorithm.replays) draws that step's micro-batches again from here
+    drawn_epoch: int = 0
+    drawn_position: int = 0
 
 
 class Trainer:
@@ -100,18 +91,15 @@ class Trainer:
         # everything that can be checked without the model, before it loads (minutes for Wan2.2)
         check_output_dir(cfg)
         check_report_to(cfg.report_to)
-        from rewardfl.evaluate import check_evaluation
-
         check_evaluation(cfg)
         self.accum = self._accumulation()
         seed_everything(cfg.seed)
 
         # the clips training draws from: data.metadata_path without the held-out ones (data.eval_fraction)
         self.dataset = training_dataset(cfg, VideoDataset.from_config(cfg))
-        # videos of one micro-batch over all processes; an epoch is the whole micro-batches it holds
-        self.global_micro = cfg.per_device_train_batch_size * self.world_size
-        self.micro_per_epoch = len(self.dataset) // self.global_micro
-        if self.micro_per_epoch == 0:
+        self.batches = MicroBatches(self.dataset, batch_size=cfg.per_device_train_batch_size, seed=cfg.seed,
+                                    rank=self.rank, world_size=self.world_size, num_workers=cfg.data.num_workers)
+        if self.batches.per_epoch == 0:
             raise ConfigError(
                 f"per_device_train_batch_size: {cfg.per_device_train_batch_size} x {self.world_size} process(es) "
                 f"exceeds the {len(self.dataset)} training videos of data.metadata_path")
@@ -130,24 +118,25 @@ class Trainer:
         self.gradient_check = ZeroGradientCheck(set(self.model.experts) - {s.expert for s in self.plan if s.grad})
         if not self.params:
             raise ConfigError("trainable_models: the model has no trainable parameters with this config")
-        self.total_steps = cfg.max_steps or cfg.num_train_epochs * max(1, self.micro_per_epoch // self.accum)
+        self.total_steps = cfg.max_steps or self._steps_drawing(cfg.num_train_epochs *
+                                                                max(1, self.batches.per_epoch // self.accum))
         self.engine = build_engine(cfg, self.model, self.params,
                                    lr_lambda(cfg.lr_scheduler_type, cfg.warmup_steps, self.total_steps),
                                    self.dist, self.accum)
         self.checkpoints = CheckpointManager(self.ckpt_dir, self.dist, keep=cfg.save_total_limit)
         self._lr = self.engine.lr  # the lr the next update uses (logged with its step)
         self.state = TrainState()
-        self.stopped_by_signal = False
-        self.stopped_by_guard = False
+        self._drawn = None  # the last step's micro-batches while the next step replays them
+        self._last_videos = None  # the last generated videos and their clips (sample videos)
+        self.stopped_by_signal = self.stopped_by_guard = False
         # evaluation on held-out clips during training (eval_steps) and of base vs final (eval.at_end)
         self.evaluator = TrainingEvaluator(self) if cfg.eval_steps else None
         with self.engine.gathered():  # whole tensors under ZeRO-3 too
-            self._base_weights = ({k: v.detach().to("cpu", copy=True)
+            self.base_weights = ({k: v.detach().to("cpu", copy=True)
                                    for k, v in self.model.trainable_state_dict().items()} if cfg.eval.at_end else None)
             # the moving average of the trainable weights (ema_decay), from the weights as built
             self.ema = (EMA(self.model.trainable_state_dict(), cfg.ema_decay,
                             "cpu" if cfg.ema_device == "cpu" else None) if cfg.ema_decay > 0 else None)
-        self._loader = None  # the current epoch's batch iterator (built at the first batch, after resume)
 
     def _accumulation(self) -> int:
         cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
@@ -162,38 +151,15 @@ class Trainer:
                     f"gradient_accumulation_steps ({accum}); fix one of them or leave train_batch_size unset")
         return accum
 
-    # ---------------------------------------------------------------- data
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        """The sample order of ``epoch``: one permutation seeded by (seed, epoch), the same on every process."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
-        return torch.randperm(len(self.dataset), generator=g).tolist()
-
-    def _next_batch(self) -> dict:
-        """This process's share of the next micro-batch: each global micro-batch is split by rank, so a
-        run on N processes sees the same samples per step as one process with N times the batch.
-
-        Clips are decoded by a DataLoader (``data.num_workers`` processes decode ahead of the
-        training thread); ``state.position`` counts the micro-batches *consumed*, so a checkpoint
-        resumes at the first one not trained on whatever the workers had prefetched."""
-        if self.state.position >= self.micro_per_epoch:
-            self.state.epoch += 1
-            self.state.position = 0
-            self._loader = None
-        if self._loader is None:
-            self._loader = iter(self._epoch_loader(self.state.epoch, self.state.position))
-        batch = next(self._loader)
-        self.state.position += 1
-        return batch
-
-    def _epoch_loader(self, epoch: int, start: int):
-        """The micro-batches of ``epoch`` from position ``start`` on, this rank's indices only."""
-        bs, order = self.cfg.per_device_train_batch_size, self._epoch_order(epoch)
-        batches = [order[i * self.global_micro + self.rank * bs:i * self.global_micro + (self.rank + 1) * bs]
-                   for i in range(start, self.micro_per_epoch)]
-        workers = self.cfg.data.num_workers
-        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate,
-                                           num_workers=workers, prefetch_factor=2 if workers else None)
+    def _steps_drawing(self, draws: int) -> int:
+        """The optimizer steps in which the run draws ``draws`` times (``num_train_epochs`` counts passes
+        over the clips): each draw, then the steps the algorithm replays its micro-batches in."""
+        steps = 0
+        for _ in range(draws):
+            steps += 1
+            while self.algorithm.replays(steps):
+                steps += 1
+        return steps
 
     # ---------------------------------------------------------------- one optimizer step
 
@@ -202,17 +168,20 @@ class Trainer:
         self.engine.zero_grad()
         sums = dict.fromkeys(("loss", "reward_loss", "kl_loss", "score_sum", "score_count", "skipped_samples"), 0.0)
         extra: dict[str, float] = {}
+        drawn = self._replayed() if self.algorithm.replays(self.state.step) else None
+        if drawn is None:  # a step that samples: where its micro-batches begin (for a resume mid-cycle)
+            self.state.drawn_epoch, self.state.drawn_position = self.state.epoch, self.state.position
+        kept = [] if self.algorithm.replays(self.state.step + 1) else None
         for micro in range(self.accum):
-            batch = self._next_batch()
-            contexts = [SampleContext(*c) for c in zip(batch["sample_id"], batch["video"], batch["path"],
-                                                         batch["prompt"])]
-            keep = self.reward.prepare(contexts).cpu()
-            if not bool(keep.all()):  # a reference the reward cannot use: those samples are skipped, counted
+            if drawn is None:
+                batch, contexts, keep = self._prepared(self.batches.next(self.state))
                 self.state.skipped_no_reference += int((~keep).sum())
+            else:
+                batch, contexts, keep = drawn[micro]
+            if kept is not None:
+                kept.append((batch, contexts, keep))
+            if not bool(keep.all()):  # a reference the reward cannot use: those samples are skipped, counted
                 sums["skipped_samples"] += float((~keep).sum())
-                sel = keep.nonzero().flatten().tolist() or [0]  # all skipped: run one, weighted 0
-                batch = {k: (v[sel] if torch.is_tensor(v) else [v[i] for i in sel]) for k, v in batch.items()}
-                contexts = [contexts[i] for i in sel]
             out = self.algorithm.micro_batch(batch, contexts, self.state.step)
             if not bool(keep.any()):
                 out.valid = torch.zeros_like(out.valid)
@@ -229,7 +198,9 @@ class Trainer:
             sums["kl_loss"] += out.kl_loss / self.accum
             for k, v in out.metrics.items():
                 extra[k] = extra.get(k, 0.0) + float(v) / self.accum
-            self._last_videos = (out.videos, batch["video"].detach())
+            if out.videos is not None:
+                self._last_videos = (out.videos, batch["video"].detach())
+        self._drawn = kept
         if sums["score_count"]:
             self.gradient_check.before_update(self.model.trainable_parameters())
         grad_norm, status = self.engine.step()
@@ -258,6 +229,28 @@ class Trainer:
             **{f"reward/{k}": v for k, v in extra.items()},
         }
 
+    def _prepared(self, batch: dict) -> tuple[dict, list[SampleContext], torch.Tensor]:
+        """A drawn micro-batch, its contexts and the reward's keep mask (``reward.prepare``); the samples
+        it can never score are taken out (all of them: one is kept, to run weighted 0)."""
+        contexts = [SampleContext(*c) for c in zip(batch["sample_id"], batch["video"], batch["path"], batch["prompt"])]
+        keep = self.reward.prepare(contexts).cpu()
+        if not bool(keep.all()):
+            sel = keep.nonzero().flatten().tolist() or [0]
+            batch = {k: (v[sel] if torch.is_tensor(v) else [v[i] for i in sel]) for k, v in batch.items()}
+            contexts = [contexts[i] for i in sel]
+        return batch, contexts, keep
+
+    def _replayed(self) -> list:
+        """The micro-batches of the step before, for a step the algorithm replays: kept in memory, or
+        drawn again from where that step began after a resume (the run's own position untouched)."""
+        if self._drawn is None:
+            if self.state.step == 0:
+                raise RuntimeError(f"algorithm {self.cfg.algorithm.name}: replays(0) is true, but step 0 has no "
+                                   "step before it to train on again")
+            s = self.state
+            self._drawn = [self._prepared(b) for b in self.batches.replay(s.drawn_epoch, s.drawn_position, self.accum)]
+        return self._drawn
+
     def _count(self, status: str, loss: float, grad_norm: float) -> None:
         if status == "empty":
             self.state.skipped_empty += 1
@@ -272,9 +265,12 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints and export
 
     def save(self) -> str:
+        algorithm = self.algorithm.state_dict()  # e.g. GRPO's sampled groups between inner updates
         return self.checkpoints.save(self.state.step, engine=self.engine, model=self.model,
                                      state={**dataclasses.asdict(self.state), "reward": self.reward.state_dict()},
-                                     extra_weights={EMA_FILE: self.ema.state_dict()} if self.ema else None)
+                                     extra_weights={EMA_FILE: self.ema.state_dict()} if self.ema else None,
+                                     process_weights={ALGORITHM_FILE.format(rank=self.rank): algorithm}
+                                     if algorithm else None)
 
     def maybe_resume(self) -> Optional[str]:
         r = self.cfg.resume_from_checkpoint
@@ -285,6 +281,9 @@ class Trainer:
         path, state = found
         self.state = TrainState(**{f.name: state[f.name] for f in dataclasses.fields(TrainState) if f.name in state})
         self.reward.load_state_dict(state.get("reward", {}))
+        algorithm = os.path.join(path, ALGORITHM_FILE.format(rank=self.rank))
+        self.algorithm.load_state_dict(load_file(algorithm) if os.path.isfile(algorithm) else {})
+        self._drawn = None  # a step that replays draws the micro-batches again (_replayed)
         if self.ema is None and os.path.isfile(os.path.join(path, EMA_FILE)):
             log.warning("ema_decay: 0, but %s holds an EMA (%s): this run drops it; its final/ will have no ema/ "
                         "(resume with the checkpoint's ema_decay to keep averaging)", path, EMA_FILE)
@@ -293,35 +292,8 @@ class Trainer:
             if not os.path.isfile(ema_path):
                 raise ConfigError(f"ema_decay: {path} holds no {EMA_FILE} (trained without an EMA); resume it with "
                                   "ema_decay: 0, or start a fresh run")
-            from safetensors.torch import load_file
-
             self.ema.load_state_dict(load_file(ema_path), self.state.updates)  # every update moved the EMA
         return path
-
-    def _export_final(self) -> None:
-        """The trainable weights in the model family's own format (e.g. diffsynth LoRA files) in
-        ``OUTPUT_DIR/final``, replaced whole: a previous run's files (an ``ema/`` of a run with
-        ``ema_decay``) never stay beside this run's."""
-        final = os.path.join(self.output_dir, "final")
-        with self.engine.gathered():
-            if self.is_main:
-                tmp = final + ".tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                try:
-                    files = self.model.save_trainable(os.path.join(tmp, "trainable.safetensors"))
-                    if self.ema is not None:  # the same export of the averaged weights, in final/ema
-                        trained = {k: v.detach().to("cpu", copy=True) for k, v in self.model.trainable_state_dict().items()}
-                        try:
-                            self.model.load_trainable_state_dict(self.ema.state_dict())
-                            files += self.model.save_trainable(os.path.join(tmp, "ema", "trainable.safetensors"))
-                        finally:
-                            self.model.load_trainable_state_dict(trained)
-                except NotImplementedError:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                else:
-                    replace_directory(tmp, final)
-                    log.info("exported %s", ", ".join(final + f[len(tmp):] for f in files))
-        barrier(self.dist)
 
     # ---------------------------------------------------------------- evaluation
 
@@ -338,75 +310,18 @@ class Trainer:
         # rank 0's numbers decide for every rank (another GPU's last bits must not split the run)
         improved, fired = self._rank0_flags(self.evaluator.improved(metrics, step), bool(warnings))
         if improved:
-            self._save_best(step)
+            save_best(self, step, self.evaluator.best)
         return fired
 
     def _rank0_flags(self, *flags: bool) -> list[bool]:
         values = all_reduce_mean([float(f) if self.is_main else 0.0 for f in flags], self.dist)
         return [v * self.world_size > 0.5 for v in values]
 
-    def _save_best(self, step: int) -> None:
-        """The weights of the best evaluation so far (``save_best_by``) in OUTPUT_DIR/best, replaced whole."""
-        best = os.path.join(self.output_dir, "best")
-        with self.engine.gathered():
-            if self.is_main:
-                tmp = best + ".tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                try:
-                    self.model.save_trainable(os.path.join(tmp, "trainable.safetensors"))
-                    write_json(os.path.join(tmp, "best.json"), self.evaluator.best, indent=1)
-                except NotImplementedError:
-                    log.warning("save_best_by: %s cannot export its weights; OUTPUT_DIR/best not written",
-                                type(self.model).__name__)
-                else:  # exchanged whole (or the previous one moved aside first, put back by the next start)
-                    replace_directory(tmp, best)
-                    log.info("step %d: best %s = %.4f so far: weights in %s", step, self.cfg.save_best_by,
-                             self.evaluator.best["value"], best)
-        barrier(self.dist)
-
-    def _evaluate_final(self) -> None:
-        """``eval.at_end``: base vs the final weights on the held-out clips; the table printed."""
-        from rewardfl.evaluate import evaluate
-        from rewardfl.generate import Generator
-
-        # every process runs it (collectives inside the model stay matched); rank 0 writes and prints
-        gen = Generator.from_model(self.cfg, self.model, self.sampler, self.boundary, base_weights=self._base_weights,
-                                   whole=lambda: self.engine.gathered(modify=True))  # ZeRO-3: partitioned
-        final = os.path.join(self.output_dir, "final")
-        try:
-            result = evaluate(self.cfg, self.plugins, [final], os.path.join(self.output_dir, "eval"),
-                              seeds=list(range(self.cfg.eval.seeds)), batch_size=self.cfg.per_device_train_batch_size,
-                              generator=gen, reward=self.reward, write=self.is_main)
-            if self.is_main:
-                print(result["table"], end="", flush=True)
-                print(f"evaluation of base vs final on {len(result['clips'])} held-out clip(s) x "
-                      f"{len(result['seeds'])} seed(s): {os.path.join(self.output_dir, 'eval')}", flush=True)
-        finally:
-            barrier(self.dist)
-
     # ---------------------------------------------------------------- the loop
-
-    def _claim_output_dir(self) -> OutputDir:
-        """Rank 0 locks ``output_dir`` (and clears it under ``overwrite_output_dir``); every rank learns
-        whether that worked, so that none waits in a collective for a rank that stopped."""
-        out, error = OutputDir(self.output_dir), None
-        if self.is_main:
-            try:
-                out.acquire()
-                if self.cfg.overwrite_output_dir and self.cfg.resume_from_checkpoint is False:
-                    out.clear_previous_run(self.ckpt_dir, os.path.join(self.output_dir, "metrics.jsonl"))
-                for name in ("final", "best"):  # what a kill while replacing one of them left
-                    recover_directory(os.path.join(self.output_dir, name))
-            except (ConfigError, OSError) as e:
-                out.release()
-                error = e
-        if all_reduce_mean([0.0 if error else 1.0], self.dist)[0] < 1.0:
-            raise error or ConfigError(f"output_dir: {self.output_dir} could not be claimed by rank 0")
-        return out
 
     def run(self) -> list[dict]:
         """Train to ``total_steps`` (or a signal). Sets ``stopped_by_signal``; returns rank 0's metrics."""
-        out = self._claim_output_dir()
+        out = claim_output_dir(self.cfg, self.dist)
         try:
             return self._run()
         finally:
@@ -418,16 +333,12 @@ class Trainer:
         if self.is_main:  # after the resume was accepted: a refused one leaves the run's config.yaml as it was
             dump_config(cfg, os.path.join(self.output_dir, "config.yaml"))
         self._lr = self.engine.lr
-        trackers = build_trackers(cfg.report_to, self.output_dir, to_dict(cfg), self.is_main,
-                                  run_name=os.path.basename(os.path.normpath(self.output_dir)),
-                                  resume_step=self.state.step)
+        self.trackers = build_trackers(cfg.report_to, self.output_dir, to_dict(cfg), self.is_main,
+                                       run_name=os.path.basename(os.path.normpath(self.output_dir)),
+                                       resume_step=self.state.step)
         metrics = MetricsLog(self.output_dir, self.is_main, resume_step=self.state.step if resumed else None,
-                             trackers=trackers)
-        self.trackers = trackers
-        window, videos = MetricsWindow(cfg.logging_steps), VideoWriter()
-        self.model.train()
-        from tqdm import tqdm
-
+                             trackers=self.trackers)
+        window, self._videos = MetricsWindow(cfg.logging_steps), VideoWriter()
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.is_main or None,
                    dynamic_ncols=True, desc="reward-fl")
 
@@ -435,10 +346,7 @@ class Trainer:
             if row is not None:
                 metrics.write(row)
 
-        def checkpoint():  # metrics first, so a resume finds the rows of its steps
-            log_row(window.flush())
-            self.save()
-
+        self.model.train()
         if self.evaluator is not None and self.state.step > 0:  # a resumed run: its evaluations so far
             self.evaluator.load(self.state.step)
         try:
@@ -452,36 +360,30 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward_score']:.3f}",
                                     s=f"{record['step_time_s']:.1f}")
                     step = self.state.step
-                    if self.is_main and cfg.sample_video_steps and step % cfg.sample_video_steps == 0:
-                        gen, ref = self._last_videos
-                        videos.submit(os.path.join(self.output_dir, "samples", f"step-{step:06d}.mp4"), gen[0],
-                                      ref[0] if cfg.sample_side_by_side else None)
-                        trackers.log_video("samples/video", step, gen[0])
+                    self._sample_video(step)
                     if self.evaluator is not None and self.evaluator.due(step):
                         log_row(window.flush())  # the training rows of the steps before, then the evaluation's
                         self.stopped_by_guard = self._evaluate(log_row) and cfg.stop_on_hacking
-                    if stop.requested() or self.stopped_by_guard:
-                        checkpoint()
-                        if self.stopped_by_guard:
-                            log.warning("stopped by the reward-hacking guard at step %d (stop_on_hacking; exit code "
-                                        "%d, no final export); the checkpoint is saved", step, EXIT_STOPPED_BY_GUARD)
-                        else:
-                            self.stopped_by_signal = True
-                            log.warning("stopped by signal at step %d (exit code %d, no final export); resume with "
-                                        "resume_from_checkpoint: true", step, EXIT_STOPPED)
+                    self.stopped_by_signal = stop.requested() and not self.stopped_by_guard
+                    stopping = self.stopped_by_signal or self.stopped_by_guard
+                    if stopping or step % cfg.save_steps == 0 or step == self.total_steps:
+                        log_row(window.flush())  # metrics first, so a resume finds the rows of its steps
+                        self.save()
+                    if stopping:
+                        log.warning("stopped by %s at step %d (no final export); the checkpoint is saved, resume with "
+                                    "resume_from_checkpoint: true", "the reward-hacking guard (stop_on_hacking)"
+                                    if self.stopped_by_guard else "signal", step)
                         break
-                    if step % cfg.save_steps == 0 or step == self.total_steps:
-                        checkpoint()
                 log_row(window.flush())
             if not (self.stopped_by_signal or self.stopped_by_guard):
-                self._export_final()
+                export_final(self)
                 if cfg.eval.at_end:
-                    self._evaluate_final()
+                    evaluate_at_end(self)
         finally:
             bar.close()
-            videos.close()
+            self._videos.close()
             metrics.close()
-            trackers.close()
+            self.trackers.close()
         if self.is_main and self.evaluator is not None:  # a blind safeguard, said again where the run ends
             for line in self.evaluator.summary():
                 log.warning("%s", line)
@@ -490,14 +392,39 @@ class Trainer:
             plot_reward_curve(records, os.path.join(self.output_dir, "reward_curve.png"))
         return records
 
+    def _sample_video(self, step: int) -> None:
+        """Every ``sample_video_steps``: the last generated first video (beside its clip) in OUTPUT_DIR/samples
+        (a step the algorithm replays generates none: its cycle's; none yet after a resume mid-cycle)."""
+        every = self.cfg.sample_video_steps
+        if self.is_main and every and step % every == 0 and self._last_videos is not None:
+            gen, ref = self._last_videos
+            self._videos.submit(os.path.join(self.output_dir, "samples", f"step-{step:06d}.mp4"), gen[0],
+                                ref[0] if self.cfg.sample_side_by_side else None)
+            self.trackers.log_video("samples/video", step, gen[0])
 
-def train(cfg: TrainConfig, plugins: dict[str, type]) -> int:
-    """Train as configured (one process, or one per rank under torchrun/deepspeed).
+    @property
+    def status(self) -> str:
+        """How the run ended: ``completed``, ``stopped_by_signal`` (a checkpoint saved, nothing exported),
+        ``stopped_by_guard`` (the same, by ``stop_on_hacking``) or ``nothing_trained`` (no step updated the
+        weights: every sample skipped or every update non-finite)."""
+        if self.stopped_by_signal:
+            return "stopped_by_signal"
+        if self.stopped_by_guard:
+            return "stopped_by_guard"
+        return "nothing_trained" if self.state.updates == 0 else "completed"
 
-    Returns the exit code: 0 done, :data:`EXIT_STOPPED` (143) stopped by a signal after saving
-    a checkpoint (nothing exported), :data:`EXIT_NOTHING_TRAINED` (3) when no step updated the
-    weights (every sample skipped or every update non-finite).
-    """
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns: ``Trainer.status``, the counters, and whether this is rank 0."""
+
+    status: str
+    state: TrainState
+    is_main: bool = True
+
+
+def train(cfg: TrainConfig, plugins: dict[str, type]) -> TrainResult:
+    """Train as configured (one process, or one per rank under torchrun/deepspeed)."""
     dist = init_distributed(cfg)
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s rank{dist.rank} %(name)s: %(message)s")
@@ -507,15 +434,4 @@ def train(cfg: TrainConfig, plugins: dict[str, type]) -> int:
     finally:
         if dist.active:
             torch.distributed.destroy_process_group()
-    if trainer.stopped_by_signal:
-        return EXIT_STOPPED
-    if trainer.stopped_by_guard:
-        return EXIT_STOPPED_BY_GUARD
-    s = trainer.state
-    if s.updates == 0:
-        if dist.is_main:
-            print(f"rewardfl.run: error: no step updated the weights ({s.step} steps: {s.skipped_empty} with "
-                  f"nothing to score, {s.skipped_nonfinite} non-finite; {s.skipped_no_reference} samples without a "
-                  "usable reference); check the data and the reward's metrics in metrics.jsonl", file=sys.stderr)
-        return EXIT_NOTHING_TRAINED
-    return 0
+    return TrainResult(trainer.status, trainer.state, dist.is_main)

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -30,7 +31,8 @@ import numpy as np
 import torch
 
 from rewardfl.config import ConfigError
-from rewardfl.fileio import atomic_path, atomic_write, pid_alive
+from rewardfl.fileio import atomic_path, atomic_write, pid_alive, recover_directory
+from rewardfl.runtime import DistInfo, all_reduce_mean
 
 log = logging.getLogger("rewardfl")
 
@@ -154,6 +156,27 @@ def check_output_dir(cfg) -> None:
                           "another output_dir")
     out.check_fresh_or_resumable(cfg.resume_from_checkpoint, cfg.overwrite_output_dir,
                                  os.path.join(path, "checkpoints"))
+
+
+def claim_output_dir(cfg, dist: DistInfo) -> OutputDir:
+    """Rank 0 locks ``output_dir`` (and clears it under ``overwrite_output_dir``, and puts back a
+    ``final``/``best`` a kill left half-replaced); every rank learns whether that worked, so that none
+    waits in a collective for a rank that stopped. Release the returned lock when the run ends."""
+    path = cfg.resolve_path(cfg.output_dir)
+    out, error = OutputDir(path), None
+    if dist.is_main:
+        try:
+            out.acquire()
+            if cfg.overwrite_output_dir and cfg.resume_from_checkpoint is False:
+                out.clear_previous_run(os.path.join(path, "checkpoints"), os.path.join(path, "metrics.jsonl"))
+            for name in ("final", "best"):
+                recover_directory(os.path.join(path, name))
+        except (ConfigError, OSError) as e:
+            out.release()
+            error = e
+    if all_reduce_mean([0.0 if error else 1.0], dist)[0] < 1.0:
+        raise error or ConfigError(f"output_dir: {path} could not be claimed by rank 0")
+    return out
 
 
 #: what a training run creates inside its ``output_dir`` and no other command may write into
@@ -385,8 +408,6 @@ def _write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
     renamed only once ffmpeg reads all ``F`` frames back (ffmpeg reports a full disk on its stderr and
     exits; imageio does not raise, and would leave a truncated file). An incomplete write is an
     ``OSError`` naming ``path`` (ENOSPC when its file system is nearly full)."""
-    import errno
-
     import imageio.v2 as imageio
     import imageio_ffmpeg
 

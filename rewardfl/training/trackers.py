@@ -20,15 +20,18 @@ Steps are optimizer steps. Images and videos are (3, H, W) / (3, F, H, W) floats
 
 from __future__ import annotations
 
+import configparser
 import io
 import logging
 import math
+import netrc
 import numbers
 import os
 import secrets
 import string
 import tempfile
 from typing import Optional
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -73,10 +76,6 @@ def wandb_credentials_problem(environ=None) -> Optional[str]:
     """Why ``wandb.init`` would stop for want of credentials (a phrase), or None: where wandb finds them
     (``WANDB_MODE`` offline/disabled, ``WANDB_API_KEY``, an identity token file, the ``api_key`` or
     ``mode`` of its settings file, the ``.netrc`` entry ``wandb login`` writes for the server's host)."""
-    import configparser
-    import netrc
-    from urllib.parse import urlparse
-
     env = os.environ if environ is None else environ
     if env.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or \
             env.get("WANDB_DISABLED", "").lower() in ("true", "1"):

@@ -14,7 +14,7 @@ import re
 from typing import Optional
 
 __all__ = ["TINY_DITS", "TINY_TEXT_ENCODER", "TINY_VAE", "DiTArch", "known_dits", "dit_architecture", "dit_key",
-           "vae_architecture", "vae_key", "text_encoder_architecture"]
+           "conditioning_of", "vae_architecture", "vae_key", "vae_stride", "text_encoder_architecture"]
 
 #: tiny twins of the Wan DiTs, for tests and the CPU demo (diffsynth's WanModel kwargs)
 TINY_DITS = {
@@ -115,16 +115,24 @@ def dit_architecture(shapes: dict[str, tuple[int, ...]], where: str) -> DiTArch:
     if found["has_image_input"]:
         raise ValueError(f"{where}: this DiT ({_describe(found)}) needs CLIP image features (Wan2.1-I2V); "
                          "wan2_2 supports Wan2.2 I2V-A14B / TI2V-5B / T2V weights")
-    if kw.get("fuse_vae_embedding_in_latents"):
-        conditioning = "ti2v"
-    elif kw["in_dim"] == 2 * kw["out_dim"] + 4 and kw.get("require_vae_embedding", True):
-        conditioning = "i2v"
-    elif kw["in_dim"] == kw["out_dim"]:
-        conditioning = "t2v"
-    else:
+    conditioning = conditioning_of(kw)
+    if conditioning is None:
         raise ValueError(f"{where}: DiT with {kw['in_dim']} input channels ({_describe(found)}) needs control "
                          "inputs rewardfl does not provide")
     return DiTArch(name, dict(kw, patch_size=tuple(kw["patch_size"])), conditioning)
+
+
+def conditioning_of(kwargs: dict) -> Optional[str]:
+    """How the first frame enters a DiT with these ``WanModel`` kwargs (see :class:`DiTArch`), from its
+    channels: ``ti2v`` (``fuse_vae_embedding_in_latents``), ``i2v`` (input = noisy latent + 4 mask +
+    first-frame latent channels), ``t2v`` (input = latent channels); None for other inputs."""
+    if kwargs.get("fuse_vae_embedding_in_latents"):
+        return "ti2v"
+    if kwargs["in_dim"] == 2 * kwargs["out_dim"] + 4 and kwargs.get("require_vae_embedding", True):
+        return "i2v"
+    if kwargs["in_dim"] == kwargs["out_dim"]:
+        return "t2v"
+    return None
 
 
 # --------------------------------------------------------------------------- VAE
@@ -133,6 +141,12 @@ def dit_architecture(shapes: dict[str, tuple[int, ...]], where: str) -> DiTArch:
 def vae_key(key: str) -> str:
     """A VAE tensor name as ``VideoVAE_`` names it (``model.`` prefix stripped)."""
     return key[len("model."):] if key.startswith("model.") else key
+
+
+def vae_stride(vae_arch: dict) -> tuple[int, int, int]:
+    """(time, height, width) pixels per latent of the VAE ``vae_arch`` describes: 4x8x8 for the
+    Wan2.1 family, 4x16x16 for the Wan2.2 VAE."""
+    return (4, 8, 8) if vae_arch["kind"] == "wan2.1" else (4, 16, 16)
 
 
 def vae_architecture(shapes: dict[str, tuple[int, ...]], where: str) -> dict:

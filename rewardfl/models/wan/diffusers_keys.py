@@ -1,9 +1,11 @@
 """Wan DiT tensor and module names: diffusers' ``WanTransformer3DModel`` layout -> the original Wan
 (DiffSynth) layout.
 
-The inverse of diffusers' own ``convert_wan_transformer_to_diffusers``
+The one table of the two layouts' names (:data:`BLOCK_NAMES`, :data:`TOP_NAMES`), read both ways:
+the inverse of diffusers' own ``convert_wan_transformer_to_diffusers``
 (``diffusers/loaders/single_file_utils.py``, the rename table ``TRANSFORMER_KEYS_RENAME_DICT``) for the
-tensors a Wan2.1/2.2 T2V, I2V or TI2V DiT has (VACE, Animate and FLF2V extras are not covered)::
+tensors a Wan2.1/2.2 T2V, I2V or TI2V DiT has (VACE, Animate and FLF2V extras are not covered), and
+what ``lora_formats`` names diffusers-layout LoRA layers by::
 
     condition_embedder.time_embedder.linear_1/2   time_embedding.0/2
     condition_embedder.text_embedder.linear_1/2   text_embedding.0/2
@@ -20,7 +22,7 @@ tensors a Wan2.1/2.2 T2V, I2V or TI2V DiT has (VACE, Animate and FLF2V extras ar
 
 Linear weights keep their shapes in both layouts, so a LoRA factor or a full weight moves between
 them by name alone. ``rewardfl``'s ``wan2_2_diffusers`` model names its checkpoints and exported
-LoRA files in the Wan layout with these rules, so they load in ``wan2_2`` and vice versa.
+LoRA files in the Wan layout with this table, so they load in ``wan2_2`` and vice versa.
 """
 
 from __future__ import annotations
@@ -30,51 +32,72 @@ from typing import Callable
 
 import torch
 
-__all__ = ["diffusers_to_wan_key", "diffusers_to_wan_state_dict"]
+__all__ = ["BLOCK_NAMES", "TOP_NAMES", "wan_to_diffusers_module", "diffusers_to_wan_key",
+           "diffusers_to_wan_state_dict"]
 
-_NORM_SWAP = {"2": "3", "3": "2"}
+#: Wan name inside ``blocks.N`` -> diffusers' name there (modules, and the parameter ``modulation``);
+#: a name's children follow their parent (``self_attn.norm_q`` -> ``attn1.norm_q``)
+BLOCK_NAMES = {
+    "self_attn": "attn1", "cross_attn": "attn2",
+    "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
+    "self_attn.o": "attn1.to_out.0",
+    "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k", "cross_attn.v": "attn2.to_v",
+    "cross_attn.o": "attn2.to_out.0",
+    "cross_attn.k_img": "attn2.add_k_proj", "cross_attn.v_img": "attn2.add_v_proj",  # Wan2.1 I2V only
+    "cross_attn.norm_k_img": "attn2.norm_added_k",
+    "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
+    "modulation": "scale_shift_table",
+    "norm2": "norm3", "norm3": "norm2",  # swapped: diffusers' norm2 is the cross-attention norm, Wan's norm3
+}
+#: Wan name outside the blocks -> diffusers'
+TOP_NAMES = {
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+    "img_emb.proj.0": "condition_embedder.image_embedder.norm1",  # Wan2.1 I2V only
+    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+    "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
+    "head.modulation": "scale_shift_table",
+    "head.head": "proj_out",
+}
+_BLOCK = re.compile(r"(blocks\.\d+)\.(.+)")
+_BLOCK_BACK = {v: k for k, v in BLOCK_NAMES.items()}
+_TOP_BACK = {v: k for k, v in TOP_NAMES.items()}
 
-#: (pattern, replacement), applied in order to a name followed by "."
-_RULES: list[tuple[str, object]] = [
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
-    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
-    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
-    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
-    (r"^scale_shift_table\.", "head.modulation."),
-    (r"^proj_out\.", "head.head."),
-    (r"^(blocks\.\d+)\.scale_shift_table\.", r"\1.modulation."),
-    (r"^(blocks\.\d+)\.attn1\.", r"\1.self_attn."),
-    (r"^(blocks\.\d+)\.attn2\.", r"\1.cross_attn."),
-    (r"\.to_q\.", ".q."),
-    (r"\.to_k\.", ".k."),
-    (r"\.to_v\.", ".v."),
-    (r"\.to_out\.0\.", ".o."),
-    (r"\.add_k_proj\.", ".k_img."),
-    (r"\.add_v_proj\.", ".v_img."),
-    (r"\.norm_added_k\.", ".norm_k_img."),
-    (r"^(blocks\.\d+)\.norm([23])\.", lambda m: f"{m.group(1)}.norm{_NORM_SWAP[m.group(2)]}."),
-    (r"^(blocks\.\d+)\.ffn\.net\.0\.proj\.", r"\1.ffn.0."),
-    (r"^(blocks\.\d+)\.ffn\.net\.2\.", r"\1.ffn.2."),
-]
-_COMPILED: list[tuple[re.Pattern, object]] = [(re.compile(p), r) for p, r in _RULES]
+
+def _rename(name: str, table: dict[str, str]) -> str:
+    """``name`` with its longest prefix (whole dotted parts) found in ``table`` replaced."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        head = ".".join(parts[:end])
+        if head in table:
+            return ".".join([table[head]] + parts[end:])
+    return name
+
+
+def wan_to_diffusers_module(wan: str) -> str:
+    """A Wan module or parameter name as diffusers' ``WanTransformer3DModel`` names it (the inverse
+    of :func:`diffusers_to_wan_key`)."""
+    m = _BLOCK.fullmatch(wan)
+    if m:
+        return f"{m[1]}.{_rename(m[2], BLOCK_NAMES)}"
+    return _rename(wan, TOP_NAMES)
 
 
 def diffusers_to_wan_key(name: str) -> str:
     """A tensor, parameter or module name of ``WanTransformer3DModel`` in the Wan (DiffSynth) layout.
 
     ``blocks.0.attn1.to_q.lora_A.weight`` -> ``blocks.0.self_attn.q.lora_A.weight``; suffixes after
-    the module path (``weight``, ``lora_A.weight``) pass through. A name no rule touches (e.g.
-    ``patch_embedding.weight``, ``blocks.0.attn1.norm_q.weight``) is the same in both layouts.
+    the module path (``weight``, ``lora_A.weight``) pass through. A name the tables do not hold (e.g.
+    ``patch_embedding.weight``, ``blocks.0.norm1``) is the same in both layouts.
     """
-    out = name + "."
-    for pattern, repl in _COMPILED:
-        out = pattern.sub(repl, out)
-    return out[:-1]
+    m = _BLOCK.fullmatch(name)
+    if m:
+        return f"{m[1]}.{_rename(m[2], _BLOCK_BACK)}"
+    return _rename(name, _TOP_BACK)
 
 
 def diffusers_to_wan_state_dict(state: dict[str, torch.Tensor],

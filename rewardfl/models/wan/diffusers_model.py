@@ -40,11 +40,13 @@ from typing import Optional
 
 import torch
 
-
-from .architectures import DiTArch
+from . import architectures as arch
 from .diffusers_keys import diffusers_to_wan_key
+from .dit_forward import Float32Linear
+from .lora import diffsynth_lora_key
 from .merge_loras import describe_merges, merge_plan
-from .model import EXPERT_ROLES, Wan22Model, Wan22Options, as_list
+from .model import EXPERT_ROLES, Wan22Model, Wan22Options, WanParts
+from .offload import offloaded_checkpoint
 
 __all__ = ["Wan22DiffusersModel", "Wan22DiffusersOptions", "DiffusersFolder", "find_diffusers_folder"]
 
@@ -169,7 +171,7 @@ def _read_config(folder: str) -> dict:
         return json.load(f)
 
 
-def _dit_arch(cfg: dict, where: str) -> DiTArch:
+def _dit_arch(cfg: dict, where: str) -> arch.DiTArch:
     """The diffusers transformer config as ``wan2_2``'s architecture record (WanModel's kwarg names)."""
     if cfg.get("image_dim") is not None:
         raise ValueError(f"{where}: this transformer takes CLIP image features (image_dim {cfg['image_dim']}: "
@@ -180,14 +182,11 @@ def _dit_arch(cfg: dict, where: str) -> DiTArch:
                   freq_dim=cfg.get("freq_dim", 256), eps=cfg.get("eps", 1e-6),
                   patch_size=tuple(cfg.get("patch_size", (1, 2, 2))), num_heads=heads,
                   num_layers=cfg.get("num_layers", 40), has_image_input=False)
-    if kwargs["in_dim"] == 2 * kwargs["out_dim"] + 4:
-        conditioning = "i2v"
-    elif kwargs["in_dim"] == kwargs["out_dim"]:
-        conditioning = "t2v"
-    else:
+    conditioning = arch.conditioning_of(kwargs)
+    if conditioning is None:
         raise ValueError(f"{where}: a transformer with {kwargs['in_dim']} input channels for {kwargs['out_dim']} "
                          "latent channels needs inputs rewardfl does not provide")
-    return DiTArch(f"diffusers:{cfg.get('_class_name', 'WanTransformer3DModel')}", kwargs, conditioning)
+    return arch.DiTArch(f"diffusers:{cfg.get('_class_name', 'WanTransformer3DModel')}", kwargs, conditioning)
 
 
 def _resolve_boundary(options, folder: DiffusersFolder) -> Optional[float]:
@@ -289,8 +288,6 @@ class _DiffusersVAE(torch.nn.Module):
 
 def _checkpoint_function(mode: str):
     """What diffusers' transformer calls per block under gradient checkpointing, for ``_checkpoint_mode``."""
-    from .offload import offloaded_checkpoint
-
     if mode == "offload":  # only the block input (the large one) waits in host memory
         def offloaded(block, *args):
             return offloaded_checkpoint(block, *args, offload=(True,) + (False,) * (len(args) - 1))
@@ -301,8 +298,6 @@ def _checkpoint_function(mode: str):
 def _fp32_time_projection(dit) -> None:
     """diffusers keeps ``time_embedder`` in fp32 (``_keep_in_fp32_modules``); its ``time_proj`` is made
     to compute in fp32 too, as official Wan and ``wan2_2`` do (``dit_forward.Float32Linear``)."""
-    from .dit_forward import Float32Linear
-
     m = dit.condition_embedder.time_proj
     if type(m) is torch.nn.Linear:
         m.__class__ = Float32Linear
@@ -347,25 +342,22 @@ class Wan22DiffusersModel(Wan22Model):
         merges = options.merge_loras if options is not None else []  # no options: the defaults, nothing to merge
         return lines + describe_merges(merge_plan(config, merges, tuple(folder.experts)))
 
-    def __init__(self, config, options: Optional[Wan22DiffusersOptions] = None, *, device=None, **runtime):
-        options = options or self.Options()
-        self.config, self.options = config, options
-        self.device = torch.device(device if device is not None else "cpu")
-        self.dtype = self._choose_dtype(config.mixed_precision, self.device)
-
-        # 1. the folder and the configs: cheap, every user error surfaces here
+    def _load_parts(self) -> WanParts:
+        """The networks of the diffusers folder ``model_paths`` names: model_index.json and the
+        components' config.json first (every user error surfaces there), then diffusers' and
+        transformers' own loaders."""
+        config = self.config
         folder = find_diffusers_folder(config)
         self.folder = folder
-        self.boundary = _resolve_boundary(options, folder)
-        self.experts = folder.experts
+        self.boundary = _resolve_boundary(self.options, folder)
+        experts = folder.experts
         archs = {r: _dit_arch(_read_config(folder.components[r]), f"model_paths: {folder.components[r]}")
-                 for r in self.experts}
-        first = archs[self.experts[0]]
-        for r in self.experts[1:]:
+                 for r in experts}
+        first = archs[experts[0]]
+        for r in experts[1:]:
             if archs[r].kwargs != first.kwargs:
                 raise ValueError(f"model_paths: {folder.components['dit']} and {folder.components[r]} differ "
                                  "in architecture; both experts must be the same")
-        self.arch = first
         vae_cfg = _read_config(folder.components["vae"])
         if vae_cfg.get("z_dim", 16) != first.z_dim:
             raise ValueError(f"model_paths: the VAE ({folder.components['vae']}) has {vae_cfg.get('z_dim')} latent "
@@ -374,17 +366,8 @@ class Wan22DiffusersModel(Wan22Model):
         if te_cfg.get("d_model") != first.kwargs["text_dim"]:
             raise ValueError(f"model_paths: the text encoder ({folder.components['text_encoder']}) is "
                              f"{te_cfg.get('d_model')}-d, the transformer expects {first.kwargs['text_dim']}-d")
-        self.vae_stride = (4, 8, 8)
-        lora_experts, full_experts = self._plan_training(config)
-        targets = as_list(config.lora_target_modules)
-        if lora_experts:  # the same names and messages as wan2_2: checked on a weightless WanModel
-            from diffsynth.models.wan_video_dit import WanModel
+        self._check_training(config, experts, first)  # the same names and messages as wan2_2
 
-            from .lora import check_lora_targets
-            with torch.device("meta"):
-                check_lora_targets(WanModel(**first.kwargs), targets)
-
-        # 2. heavy work: diffusers' and transformers' own loaders
         try:
             from diffusers import AutoencoderKLWan, WanTransformer3DModel
         except ImportError:
@@ -392,11 +375,11 @@ class Wan22DiffusersModel(Wan22Model):
                              'pip install --no-build-isolation -e ".[diffusers]" (or pip install diffusers==0.42.1)') from None
         from transformers import UMT5EncoderModel
 
-        self.tokenizer = self._load_tokenizer(folder.components["tokenizer"])
-        self.dits = {r: self._load(WanTransformer3DModel, folder.components[r]) for r in self.experts}
-        self.text_encoder = _UMT5Context(self._load(UMT5EncoderModel, folder.components["text_encoder"])).eval()
-        self.vae = _DiffusersVAE(self._load(AutoencoderKLWan, folder.components["vae"])).eval()
-        self._setup(lora_experts, full_experts, targets)
+        tokenizer = self._load_tokenizer(folder.components["tokenizer"])
+        dits = {r: self._load(WanTransformer3DModel, folder.components[r]) for r in experts}
+        text_encoder = _UMT5Context(self._load(UMT5EncoderModel, folder.components["text_encoder"])).eval()
+        vae = _DiffusersVAE(self._load(AutoencoderKLWan, folder.components["vae"])).eval()
+        return WanParts(first, dits, vae, arch.vae_stride({"kind": "wan2.1"}), text_encoder, tokenizer)
 
     def _load(self, cls, folder: str) -> torch.nn.Module:
         try:
@@ -445,8 +428,6 @@ class Wan22DiffusersModel(Wan22Model):
     def _checkpoint_key(self, name: str) -> str:
         """``<expert>.<diffusers/peft name>`` -> ``<expert>.<Wan-layout name>``: the keys ``wan2_2`` uses, so
         checkpoints and LoRA files move between the two plugins."""
-        from .lora import diffsynth_lora_key
-
         expert, rest = name.split(".", 1)
         return f"{expert}.{diffusers_to_wan_key(diffsynth_lora_key(rest))}"
 

@@ -34,17 +34,23 @@ import sys
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from rewardfl.cli import finite_float, user_error_exit
+from rewardfl.config import load_config
+from rewardfl.fileio import write_safetensors
+
+from .architectures import dit_architecture, dit_key
+from .lora import merge_lora_into
+from .lora_formats import FORMATS, read_lora, write_lora
+from .merge_loras import apply_merges, expert_merges
+from .weights import WeightFile, assign_roles, load_state_dict, read_shapes, resolve_model_paths
 
 __all__ = ["merge_expert", "convert_file", "run_export", "main"]
 
 
 def _dit_weights(model_paths: str, expert: str):
-    from .model import Wan22Model
-    from .weights import resolve_model_paths
-
-    roles = Wan22Model.assign_roles(resolve_model_paths(os.path.abspath(model_paths)))
+    roles = assign_roles(resolve_model_paths(os.path.abspath(model_paths)))
     if expert not in roles:
         have = [r for r in ("dit", "dit2") if r in roles]
         raise ValueError(f"--expert: '{expert}' is not in {model_paths} (it has {', '.join(have)}; dit = "
@@ -79,8 +85,6 @@ def _refuse_overwriting_inputs(out_path: str, inputs: list[tuple[str, str]]) -> 
 
 
 def _read_lora(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import SafetensorError, safe_open
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--lora: file not found: {path}")
     try:
@@ -99,10 +103,6 @@ def _refuse_replacing(out_path: str, replace: bool) -> None:
 def convert_file(lora_path: str, out_path: str, to: str, *, replace: bool = False) -> tuple[str, int]:
     """Write ``lora_path`` in the ``to`` layout to ``out_path``; returns (the input's format, #layers).
     An existing ``out_path`` is replaced only with ``replace`` (``--force``)."""
-    from rewardfl.fileio import write_safetensors
-
-    from .lora_formats import read_lora, write_lora
-
     _check_out_path(out_path)
     _refuse_overwriting_inputs(out_path, [("the --lora file", lora_path)])
     _refuse_replacing(out_path, replace)
@@ -124,17 +124,6 @@ def merge_expert(model_paths: str, lora_path: str, out_path: str, *, expert: Opt
     (its temporary file) is removed when this one starts. ``config``: a training config whose
     ``model.merge_loras`` files are merged first, as training loaded the expert.
     """
-    from .merge_loras import apply_merges, expert_merges
-
-    from safetensors import safe_open
-
-    from rewardfl.fileio import write_safetensors
-
-    from .architectures import dit_architecture, dit_key
-    from .lora import merge_lora_into
-    from .lora_formats import read_lora
-    from .weights import WeightFile, load_state_dict, read_shapes, resolve_model_paths
-
     if not math.isfinite(alpha):
         raise ValueError(f"--alpha: must be a finite number, got {alpha}")
     _check_out_path(out_path)
@@ -224,8 +213,6 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 def run_export(argv=None, prog: str = "python -m rewardfl.models.wan.export") -> int:
     """The command line (see the module docstring); raises user errors, the caller prints them."""
-    from .lora_formats import FORMATS
-
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--merge", action="store_true", help="merge a LoRA into its expert's full weights")
@@ -250,8 +237,6 @@ def run_export(argv=None, prog: str = "python -m rewardfl.models.wan.export") ->
         raise ValueError("--merge needs the base weights: give --model-paths JSON or --config YAML")
     model_paths = args.model_paths
     if args.config:
-        from rewardfl.config import load_config
-
         cfg = load_config(args.config, paths=False)
         if cfg.model_paths is None:
             raise ValueError(f"--config: {args.config} sets no model_paths")

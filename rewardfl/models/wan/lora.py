@@ -8,7 +8,7 @@ which ``lora_formats`` writes in ComfyUI's, DiffSynth-Studio's or diffusers' key
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import torch
 

@@ -22,8 +22,8 @@ The loaders' rules, read in their source:
   Its Wan model (``comfy/ldm/wan/model.py``) keeps the original Wan module names.
 - diffusers (``loaders/lora_conversion_utils.py``, ``_convert_non_diffusers_wan_lora_to_diffusers``,
   reached from ``WanLoraLoaderMixin.lora_state_dict`` when any key starts with ``diffusion_model.``):
-  strips ``diffusion_model.`` from *every* key, renames by the table :data:`BLOCK_MODULES` /
-  :data:`TOP_MODULES`, folds ``alpha / rank`` into A and B for the block layers (self/cross
+  strips ``diffusion_model.`` from *every* key, renames the layers :data:`BLOCK_MODULES` /
+  :data:`TOP_MODULES` (named by ``diffusers_keys``' table), folds ``alpha / rank`` into A and B for the block layers (self/cross
   attention, ffn) only, and raises on any key left over, so an ``.alpha`` of a non-block layer
   would make the file unloadable: there the scale is folded into B instead. A file already in
   diffusers' names (``transformer.`` prefix) is loaded as it is, with scale 1.
@@ -41,6 +41,8 @@ from typing import Literal, Optional
 
 import torch
 
+from .diffusers_keys import BLOCK_NAMES, TOP_NAMES
+
 __all__ = ["FORMATS", "LoraFormat", "LoraLayer", "BLOCK_MODULES", "TOP_MODULES", "diffusers_module", "wan_module",
            "detect_format", "read_lora", "write_lora", "convert_lora", "expert_file", "EXPERT_FILE_SUFFIX"]
 
@@ -50,27 +52,15 @@ FORMATS: tuple[str, ...] = ("comfyui", "diffsynth", "diffusers")
 COMFYUI_PREFIX = "diffusion_model."
 DIFFUSERS_PREFIX = "transformer."
 
-#: Wan module inside ``blocks.N`` -> diffusers' ``WanTransformer3DModel`` module inside ``blocks.N``
-#: (diffusers' ``_convert_non_diffusers_wan_lora_to_diffusers``)
-BLOCK_MODULES = {
-    "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0",
-    "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k", "cross_attn.v": "attn2.to_v",
-    "cross_attn.o": "attn2.to_out.0",
-    "cross_attn.k_img": "attn2.add_k_proj", "cross_attn.v_img": "attn2.add_v_proj",  # Wan2.1 I2V only
-    "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
-}
-#: Wan modules outside the blocks -> diffusers' (the same function's "Remaining" part)
-TOP_MODULES = {
-    "time_projection.1": "condition_embedder.time_proj",
-    "head.head": "proj_out",
-    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
-    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
-    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
-    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
-    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
-    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
-}
+#: the Wan layers diffusers' Wan LoRA loader converts (``_convert_non_diffusers_wan_lora_to_diffusers``):
+#: the Linear layers of a block, then those outside the blocks (the same function's "Remaining" part);
+#: their diffusers names come from the one table of both layouts (``diffusers_keys``)
+BLOCK_MODULES = {w: BLOCK_NAMES[w] for w in (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k", "cross_attn.v",
+    "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2")}
+TOP_MODULES = {w: TOP_NAMES[w] for w in (
+    "time_projection.1", "head.head", "text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2",
+    "img_emb.proj.1", "img_emb.proj.3")}
 _BLOCK_BACK = {v: k for k, v in BLOCK_MODULES.items()}
 _TOP_BACK = {v: k for k, v in TOP_MODULES.items()}
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")

@@ -33,11 +33,13 @@ import re
 from typing import Callable, Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from rewardfl.config import ConfigError
 
 from .lora import merge_lora_into
-from .lora_formats import COMFYUI_PREFIX, DIFFUSERS_PREFIX, LoraLayer, read_lora
+from .lora_formats import COMFYUI_PREFIX, DIFFUSERS_PREFIX, LoraLayer, diffusers_module, read_lora
 
 __all__ = ["MergeLora", "EXPERT_ALIASES", "validate_merge_loras", "merge_plan", "read_merge_file", "merge_loras",
            "describe_merges", "expert_merges", "apply_merges"]
@@ -123,9 +125,6 @@ def merge_plan(config, entries, experts: tuple[str, ...]) -> list[MergeLora]:
 
 
 def _load(path: str, key: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(path)
     except (SafetensorError, OSError) as e:
@@ -167,8 +166,6 @@ def read_merge_file(state: dict[str, torch.Tensor], where: str,
     if lora:
         fmt, layers = read_lora(lora, where)
         if fmt == "diffusers":  # keys were recorded in diffusers' names: index them by Wan name too
-            from .lora_formats import diffusers_module
-
             keys.update({wan: keys.get(diffusers_module(wan), wan) for wan in layers})
     return layers, diffs, keys
 
@@ -228,8 +225,6 @@ def merge_loras(dits: dict[str, torch.nn.Module], plan: list[MergeLora], *,
 
 def describe_merges(plan: list[MergeLora]) -> list[str]:
     """``run --check``: what will be merged, from the files' headers (no tensor is read)."""
-    from safetensors import safe_open
-
     lines = []
     for item in plan:
         with safe_open(item.path, framework="pt") as f:

@@ -14,6 +14,7 @@ Shapes: ``T = (F - 1) // 4 + 1`` and ``h, w = H / 8, W / 8`` for the Wan2.1 VAE 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -21,17 +22,25 @@ import os
 from typing import Iterator, Literal, Optional, Sequence, Union
 
 import torch
+from safetensors import safe_open
 
 from rewardfl.config import ConfigError
 from rewardfl.fileio import write_safetensors
-from rewardfl.interfaces import VideoModel
+from rewardfl.interfaces import DeviceTarget, VideoModel
 
 from . import architectures as arch
+from .dit_forward import dit_forward, use_fp32_time_embedding
+from .export import run_export
+from .lora import (add_lora, adapters_disabled, check_lora_targets, diffsynth_lora_key, lora_layers,
+                   lora_named_parameters)
+from .lora_formats import FORMATS, expert_file, read_lora, write_lora
 from .merge_loras import describe_merges, merge_loras, merge_plan, validate_merge_loras
-from .vae_decode import DecodeClamp
-from .weights import WeightFile, detect_role, find_hub_files, load_state_dict, read_shapes, resolve_model_paths
+from .offload import move_frozen_
+from .vae_decode import DecodeClamp, decode_latents, encode_video
+from .weights import WeightFile, assign_roles, find_hub_files, load_state_dict, read_shapes, resolve_model_paths
 
-__all__ = ["Wan22Model", "Wan22TinyModel", "WanCondition"]
+__all__ = ["Wan22Model", "Wan22TinyModel", "WanCondition", "WanParts", "WanFiles", "read_model_files", "new_vae",
+           "default_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +122,95 @@ class Wan22Options:
             raise ConfigError(f"model.boundary: must be in [0, 1] (a fraction of 1000 timesteps), got {self.boundary}")
 
 
+@dataclasses.dataclass
+class WanParts:
+    """The networks of a Wan model before training is set up: what ``Wan22Model.__init__`` is made
+    from, whether loaded from files, random (``with_random_weights``) or fake (the memory planner).
+
+    ``dits``: expert role -> DiT, high noise first; ``vae_stride``: (time, height, width) of the VAE
+    (:func:`architectures.vae_stride`); no ``text_encoder``/``tokenizer``: the caller encodes prompts.
+    """
+
+    arch: arch.DiTArch
+    dits: dict[str, torch.nn.Module]
+    vae: torch.nn.Module
+    vae_stride: tuple[int, int, int]
+    text_encoder: Optional[torch.nn.Module] = None
+    tokenizer: object = None
+
+
+@dataclasses.dataclass
+class WanFiles:
+    """The weight files ``model_paths`` names and the architectures their headers give (no weight
+    read): ``roles`` role -> file; ``dit`` and its ``experts`` (high noise first); ``vae``
+    (``architectures.vae_architecture``) and ``text_encoder`` (``WanTextEncoder`` kwargs)."""
+
+    roles: dict[str, WeightFile]
+    dit: arch.DiTArch
+    experts: tuple[str, ...]
+    vae: dict
+    text_encoder: dict
+
+
+def read_model_files(config, *, allow_download: bool = False) -> WanFiles:
+    """The files of ``model_paths`` / ``model_id_with_origin_paths`` and what they hold, from their
+    headers, checked to fit together (two experts of one architecture, the VAE's latent channels and
+    the text encoder's width as the DiT expects): what the model loads, and what the planner plans."""
+    files = resolve_model_paths(config.resolve_path(config.model_paths), config.model_id_with_origin_paths,
+                                config.resolve_path("."), allow_download=allow_download)
+    roles = assign_roles(files)
+    shapes = {role: read_shapes(wf) if role != "tokenizer" else None for role, wf in roles.items()}
+    dit_shapes = {r: {k2: v for k, v in shapes[r].items() if (k2 := arch.dit_key(k)) is not None}
+                  for r in roles if r in EXPERT_ROLES}
+    archs = {r: arch.dit_architecture(s, roles[r].where) for r, s in dit_shapes.items()}
+    experts = tuple(r for r in EXPERT_ROLES if r in archs)
+    first = archs[experts[0]]
+    for r in experts[1:]:
+        if archs[r].kwargs != first.kwargs:
+            raise ValueError(f"model_paths: the two DiTs differ ({roles['dit'].where} is {archs['dit'].name}, "
+                             f"{roles[r].where} is {archs[r].name}); both experts must be the same architecture")
+    vae_arch = arch.vae_architecture({arch.vae_key(k): v for k, v in shapes["vae"].items()}, roles["vae"].where)
+    if vae_arch["z_dim"] != first.z_dim:
+        raise ValueError(f"model_paths: the VAE ({roles['vae'].where}) has {vae_arch['z_dim']} latent channels, "
+                         f"the DiT expects {first.z_dim}")
+    te_arch = arch.text_encoder_architecture(shapes["text_encoder"], roles["text_encoder"].where)
+    if te_arch["dim"] != first.kwargs["text_dim"]:
+        raise ValueError(f"model_paths: the text encoder ({roles['text_encoder'].where}) is {te_arch['dim']}-d, "
+                         f"the DiT expects {first.kwargs['text_dim']}-d prompt embeddings")
+    return WanFiles(roles, first, experts, vae_arch, te_arch)
+
+
+def new_vae(vae_arch: dict) -> torch.nn.Module:
+    """diffsynth's VAE for ``vae_arch`` (``architectures.vae_architecture``), its weights as the
+    surrounding context makes them (skipped, random, fake)."""
+    from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE, WanVideoVAE38
+
+    if vae_arch["kind"] == "wan2.2":
+        return WanVideoVAE38()
+    vae = WanVideoVAE(z_dim=vae_arch["z_dim"])
+    if vae_arch["dim"] != 96:
+        vae.model = VideoVAE_(dim=vae_arch["dim"], z_dim=vae_arch["z_dim"])
+    return vae
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Modules built inside are born in ``dtype`` (no fp32 copy that loading never makes)."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
 class Wan22Model(VideoModel):
     """Wan2.2 I2V-A14B (two experts) / TI2V-5B (one) with LoRA or full fine-tuning of chosen experts.
 
     Built as ``Wan22Model(config, options, device=torch.device)``; ``config`` is the TrainConfig
     (``model_paths``, ``tokenizer_path``, ``trainable_models``, ``lora_*``,
-    ``use_gradient_checkpointing_offload``, ``mixed_precision``).
+    ``use_gradient_checkpointing_offload``, ``mixed_precision``). Every way of making one (the
+    files, :meth:`with_random_weights`, the memory planner's fake weights) goes through ``__init__``.
     """
 
     #: the expert roles a set of weight files can fill (high noise, low noise); an instance keeps the
@@ -148,59 +240,52 @@ class Wan22Model(VideoModel):
         merges = options.merge_loras if options is not None else []  # no options: the defaults, nothing to merge
         return lines + describe_merges(merge_plan(config, merges, cls.experts))
 
-    def __init__(self, config, options: Optional[Wan22Options] = None, *, device=None, **runtime):
-        options = options or self.Options()
-        self.config, self.options = config, options
+    def __init__(self, config, options: Optional[Wan22Options] = None, *, device=None,
+                 parts: Optional[WanParts] = None, target: Optional[DeviceTarget] = None, **runtime):
+        """The one way a Wan model is made: its networks (``parts``, by default read from the files
+        ``model_paths`` names, see :meth:`_load_parts`), then what trains and where each module
+        lives (:meth:`_setup`). ``parts`` built elsewhere: random weights (:meth:`with_random_weights`)
+        or fake ones (the memory planner, which also gives the ``target`` it plans for)."""
+        self.config, self.options = config, options or self.Options()
         self.device = torch.device(device if device is not None else "cpu")
-        self.dtype = self._choose_dtype(config.mixed_precision, self.device)
+        self.target = target or DeviceTarget(self.device.type)
+        self.dtype = self.choose_dtype(config.mixed_precision, self.target.type)
+        if parts is None:
+            parts = self._load_parts()
+        self.arch, self.vae_stride, self.tokenizer = parts.arch, parts.vae_stride, parts.tokenizer
+        self.experts = tuple(parts.dits)
+        self.dits: dict[str, torch.nn.Module] = dict(parts.dits)
+        self.text_encoder, self.vae = parts.text_encoder, parts.vae
+        self._setup(*self.plan_training(config, self.experts), as_list(config.lora_target_modules))
 
-        # 1. files, headers and architectures: cheap, every user error surfaces here
-        files = resolve_model_paths(config.resolve_path(config.model_paths), config.model_id_with_origin_paths,
-                                    config.resolve_path("."), allow_download=config.allow_download)
-        roles = self.assign_roles(files)
-        shapes = {role: read_shapes(wf) if role != "tokenizer" else None for role, wf in roles.items()}
-        dit_shapes = {r: {k2: v for k, v in shapes[r].items() if (k2 := arch.dit_key(k)) is not None}
-                      for r in roles if r in EXPERT_ROLES}
-        archs = {r: arch.dit_architecture(s, roles[r].where) for r, s in dit_shapes.items()}
-        self.experts = tuple(r for r in EXPERT_ROLES if r in archs)
-        first = archs[self.experts[0]]
-        for r in self.experts[1:]:
-            if archs[r].kwargs != first.kwargs:
-                raise ValueError(f"model_paths: the two DiTs differ ({roles['dit'].where} is {archs['dit'].name}, "
-                                 f"{roles[r].where} is {archs[r].name}); both experts must be the same architecture")
-        self.arch = first
-        vae_arch = arch.vae_architecture({arch.vae_key(k): v for k, v in shapes["vae"].items()}, roles["vae"].where)
-        if vae_arch["z_dim"] != first.z_dim:
-            raise ValueError(f"model_paths: the VAE ({roles['vae'].where}) has {vae_arch['z_dim']} latent channels, "
-                             f"the DiT expects {first.z_dim}")
-        te_arch = arch.text_encoder_architecture(shapes["text_encoder"], roles["text_encoder"].where)
-        if te_arch["dim"] != first.kwargs["text_dim"]:
-            raise ValueError(f"model_paths: the text encoder ({roles['text_encoder'].where}) is {te_arch['dim']}-d, "
-                             f"the DiT expects {first.kwargs['text_dim']}-d prompt embeddings")
-        self.vae_stride = (4, 8, 8) if vae_arch["kind"] == "wan2.1" else (4, 16, 16)
-        lora_experts, full_experts = self._plan_training(config)
-        targets = as_list(config.lora_target_modules)
-        if lora_experts:
-            from diffsynth.models.wan_video_dit import WanModel
-
-            from .lora import check_lora_targets
-            with torch.device("meta"):  # the module names, no weights allocated
-                check_lora_targets(WanModel(**first.kwargs), targets)
+    def _load_parts(self) -> WanParts:
+        """The networks of the files ``model_paths`` names, in ``self.dtype``: headers first (cheap:
+        every user error surfaces before a weight is read), then the weights."""
+        config = self.config
+        found = read_model_files(config, allow_download=config.allow_download)
+        roles, first = found.roles, found.dit
+        self._check_training(config, found.experts, first)
         tokenizer_dir, _ = self._tokenizer_dir(config, roles.get("tokenizer"))
 
-        # 2. heavy work: build and load
         from diffsynth.models.wan_video_dit import WanModel
         from diffsynth.models.wan_video_text_encoder import WanTextEncoder
 
-        self.tokenizer = self._load_tokenizer(tokenizer_dir)
-        self.dits: dict[str, torch.nn.Module] = {}
-        for r in self.experts:
-            dit = self._build(WanModel, first.kwargs, roles[r], arch.dit_key)
-            self.dits[r] = dit
-        self.text_encoder = self._build(WanTextEncoder, te_arch, roles["text_encoder"], lambda k: k).eval()
-        self.vae = self._build_vae(vae_arch, roles["vae"])
+        tokenizer = self._load_tokenizer(tokenizer_dir)
+        dits = {r: self._build(WanModel, first.kwargs, roles[r], arch.dit_key) for r in found.experts}
+        text_encoder = self._build(WanTextEncoder, found.text_encoder, roles["text_encoder"], lambda k: k).eval()
+        vae = self._build_vae(found.vae, roles["vae"])
+        return WanParts(first, dits, vae, arch.vae_stride(found.vae), text_encoder, tokenizer)
 
-        self._setup(lora_experts, full_experts, targets)
+    @classmethod
+    def _check_training(cls, config, experts: tuple[str, ...], dit: arch.DiTArch) -> None:
+        """``trainable_models``/``lora_base_model`` against ``experts`` and ``lora_target_modules``
+        against the DiT's module names (a weightless one), before any weight is read."""
+        lora_experts, _ = cls.plan_training(config, experts)
+        if lora_experts:
+            from diffsynth.models.wan_video_dit import WanModel
+
+            with torch.device("meta"):  # the module names, no weights allocated
+                check_lora_targets(WanModel(**dit.kwargs), as_list(config.lora_target_modules))
 
     def _setup(self, lora_experts: list[str], full_experts: list[str], targets: list[str]) -> None:
         """What trains (LoRA or full, frozen copies) and where each module lives."""
@@ -214,23 +299,23 @@ class Wan22Model(VideoModel):
         self.lora_experts, self.full_experts = lora_experts, full_experts
         self.lora_scale = self.lora_alpha = None
         if lora_experts:
-            from .lora import add_lora
             alpha = float(config.lora_alpha) if config.lora_alpha is not None else float(config.lora_rank)
             self.lora_alpha = alpha
             self.lora_scale = alpha / config.lora_rank
             for r in lora_experts:
                 add_lora(self.dits[r], self._lora_targets(self.dits[r], targets), config.lora_rank, alpha)
-        self._frozen: dict[str, torch.nn.Module] = {}
+        #: fully trained expert -> its frozen copy (the regulariser's base velocity)
+        self.frozen_copies: dict[str, torch.nn.Module] = {}
         for r in full_experts:
             self.dits[r].requires_grad_(True)
             log.warning("trainable_models: full fine-tuning of %s keeps a frozen copy for the regulariser's "
                         "reference velocity (twice the expert's memory); LoRA (lora_base_model) needs none", r)
-            self._frozen[r] = copy.deepcopy(self.dits[r]).requires_grad_(False).eval()
+            self.frozen_copies[r] = copy.deepcopy(self.dits[r]).requires_grad_(False).eval()
         self._enable_checkpointing()
 
         self.offload_experts = self._want_expert_offload(options.offload_idle_expert)
         for r in self.experts:
-            for module in (self.dits[r], self._frozen.get(r)):
+            for module in (self.dits[r], self.frozen_copies.get(r)):
                 if module is None:
                     continue
                 if not self.offload_experts:
@@ -254,8 +339,6 @@ class Wan22Model(VideoModel):
 
     def _prepare_dit(self, dit) -> None:
         """Before LoRA and copies: the time embedding computes in fp32 (as official Wan does)."""
-        from .dit_forward import use_fp32_time_embedding
-
         use_fp32_time_embedding(dit)
 
     def _lora_targets(self, dit, targets: list[str]) -> list[str]:
@@ -267,16 +350,12 @@ class Wan22Model(VideoModel):
 
     def _velocity(self, dit, x: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
         """One DiT forward: the velocity at ``x`` (on the device) and ``timestep`` ``(B,)``."""
-        from .dit_forward import dit_forward
-
         clean_first = self.arch.conditioning == "ti2v" and bool(self.arch.kwargs.get("seperated_timestep"))
         return dit_forward(dit, x, timestep, cond.context, cond.y, clean_first_frame=clean_first,
                            checkpoint=self._checkpoint_mode)
 
     def _checkpoint_key(self, name: str) -> str:
         """A ``trainable_parameters`` name (``<expert>.<module>...``) as checkpoints and exports key it."""
-        from .lora import diffsynth_lora_key
-
         return diffsynth_lora_key(name)
 
     def _wan_name(self, name: str) -> str:
@@ -297,96 +376,57 @@ class Wan22Model(VideoModel):
         from diffsynth.core.vram.initialization import skip_model_initialization
         from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE
 
-        self = cls.__new__(cls)
-        self.config, self.options = config, options or cls.Options()
-        self.device = torch.device(device if device is not None else "cpu")
-        self.dtype = self._choose_dtype(config.mixed_precision, self.device)
+        device = torch.device(device if device is not None else "cpu")
         known = dict(arch.known_dits())
         key = dit if dit in known else f"diffsynth:{dit}"
         if key not in known:
             raise ValueError(f"with_random_weights: unknown DiT '{dit}'")
         kw = dict(known[key], patch_size=tuple(known[key]["patch_size"]))
-        shapes = None
         with torch.device("meta"):
             shapes = {k: tuple(v.shape) for k, v in WanModel(**kw).state_dict().items()}
-        self.arch = arch.dit_architecture(shapes, dit)
-        self.experts = tuple(experts)
-        self.vae_stride = (4, 8, 8)
-        self.tokenizer = self.text_encoder = None
+        dit_arch = arch.dit_architecture(shapes, dit)
         with skip_model_initialization():  # the wrapper: fp32 latent statistics, no weights of its own
-            vae = WanVideoVAE(z_dim=self.arch.z_dim)
-        default = torch.get_default_dtype()
-        self.dits = {}
-        try:
-            torch.set_default_dtype(self.dtype)  # weights born in the model dtype, on the device
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                for r in self.experts:  # _setup parks the idle ones when memory is short
-                    with torch.device(self.device):
-                        self.dits[r] = WanModel(**self.arch.kwargs).requires_grad_(False)
-                with torch.device(self.device):
-                    vae.model = VideoVAE_(dim=vae_dim, z_dim=self.arch.z_dim)
-        finally:
-            torch.set_default_dtype(default)
-        self.vae = vae.requires_grad_(False).eval()
-        lora_experts, full_experts = self._plan_training(config)
-        self._setup(lora_experts, full_experts, as_list(config.lora_target_modules))
-        return self
+            vae = WanVideoVAE(z_dim=dit_arch.z_dim)
+        # weights born in the model dtype, on the device (the constructor parks the idle ones when memory is short)
+        with default_dtype(cls.choose_dtype(config.mixed_precision, device.type)), \
+                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+            torch.manual_seed(seed)
+            dits = {r: WanModel(**dit_arch.kwargs).requires_grad_(False) for r in experts}
+            vae.model = VideoVAE_(dim=vae_dim, z_dim=dit_arch.z_dim)
+        parts = WanParts(dit_arch, dits, vae.requires_grad_(False).eval(), arch.vae_stride({"kind": "wan2.1"}))
+        return cls(config, options, device=device, parts=parts)
 
     # ------------------------------------------------------------------ construction helpers
 
     @staticmethod
-    def _choose_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    def choose_dtype(mixed_precision: str, device_type: str) -> torch.dtype:
+        """The weights' and latents' dtype for ``mixed_precision`` on a ``device_type`` ("cuda", "cpu")."""
         if mixed_precision in ("no", "fp32"):
             return torch.float32
         if mixed_precision == "fp16":
             raise ValueError("mixed_precision: fp16 is not supported by the Wan models (overflows); use bf16 or auto")
         if mixed_precision == "bf16":
             return torch.bfloat16
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
 
     @staticmethod
-    def assign_roles(files: list[WeightFile]) -> dict[str, WeightFile]:
-        """Role (``dit``, ``dit2``, ``text_encoder``, ``vae``, ``tokenizer``) -> its weights.
-
-        ``files`` as :func:`weights.resolve_model_paths` returns them; a file without a role (the
-        list form) gets one from its tensor names, the first DiT being the high-noise expert.
-        Raises ValueError for an unrecognised file, a role given twice or a missing one.
-        """
-        roles: dict[str, WeightFile] = {}
-        for wf in files:
-            role = wf.role
-            if role is None:
-                detected = detect_role(read_shapes(wf))
-                if detected is None:
-                    raise ValueError(f"{wf.where}: {wf.files[0]} is neither a Wan DiT, a umT5 text encoder nor a "
-                                     "Wan VAE (by its tensor names)")
-                role = detected if detected != "dit" else ("dit" if "dit" not in roles else "dit2")
-            if role in roles:
-                raise ValueError(f"model_paths: two weight files for the role '{role}': {roles[role].where} and "
-                                 f"{wf.where}")
-            roles[role] = wf
-        for role, name in (("dit", "high_noise_model"), ("text_encoder", "text_encoder"), ("vae", "vae")):
-            if role not in roles:
-                raise ValueError(f"model_paths: no {name} weights listed (needs high_noise_model, "
-                                 "low_noise_model (A14B), text_encoder and vae)")
-        return roles
-
-    def _plan_training(self, config) -> tuple[list[str], list[str]]:
+    def plan_training(config, experts: tuple[str, ...]) -> tuple[list[str], list[str]]:
+        """(LoRA experts, fully trained experts) among ``experts`` by ``trainable_models`` and
+        ``lora_base_model``; ValueError naming the key for an expert that cannot train."""
         trainable = as_list(config.trainable_models)
         for name in trainable:
             if name not in TRAINABLE_CHOICES:
                 raise ValueError(f"trainable_models: '{name}' cannot be trained; choose among the experts "
-                                 f"{', '.join(self.experts)} (dit = high noise, dit2 = low noise)")
-            if name not in self.experts:
+                                 f"{', '.join(experts)} (dit = high noise, dit2 = low noise)")
+            if name not in experts:
                 raise ValueError(f"trainable_models: '{name}' does not exist in these model_paths (its experts: "
-                                 f"{', '.join(self.experts)})")
+                                 f"{', '.join(experts)})")
         lora = as_list(config.lora_base_model)
         for name in lora:
             if name not in trainable:
                 raise ValueError(f"lora_base_model: '{name}' is not in trainable_models ({config.trainable_models}); "
                                  "add it there or set lora_base_model to a trained expert")
-        return [r for r in self.experts if r in lora], [r for r in self.experts if r in trainable and r not in lora]
+        return [r for r in experts if r in lora], [r for r in experts if r in trainable and r not in lora]
 
     @classmethod
     def _tokenizer_dir(cls, config, listed: Optional[WeightFile], *,
@@ -432,15 +472,9 @@ class Wan22Model(VideoModel):
 
     def _build_vae(self, vae_arch: dict, wf: WeightFile) -> torch.nn.Module:
         from diffsynth.core.vram.initialization import skip_model_initialization
-        from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE, WanVideoVAE38
 
         with skip_model_initialization():
-            if vae_arch["kind"] == "wan2.2":
-                vae = WanVideoVAE38()
-            else:
-                vae = WanVideoVAE(z_dim=vae_arch["z_dim"])
-                if vae_arch["dim"] != 96:
-                    vae.model = VideoVAE_(dim=vae_arch["dim"], z_dim=vae_arch["z_dim"])
+            vae = new_vae(vae_arch)
         state = load_state_dict(wf, self.dtype, arch.vae_key)
         try:
             vae.model.load_state_dict(state, assign=True, strict=True)
@@ -451,14 +485,17 @@ class Wan22Model(VideoModel):
     def _want_expert_offload(self, choice) -> bool:
         if choice != "auto":  # YAML reads yes/no as true/false
             return choice in (True, "yes")
-        if self.device.type != "cuda" or len(self.experts) < 2:
+        if self.target.type != "cuda" or len(self.experts) < 2:
             return False
         expert_bytes = sum(p.numel() * p.element_size() for d in self.dits.values() for p in d.parameters())
-        return expert_bytes > 0.5 * torch.cuda.get_device_properties(self.device).total_memory
+        total = self.target.total_memory
+        if total is None:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+        return expert_bytes > 0.5 * total
 
     @property
     def _offload_text(self) -> bool:
-        return self.options.offload_text_encoder and self.device.type == "cuda"
+        return self.options.offload_text_encoder and self.target.type == "cuda"
 
     @property
     def _checkpoint_mode(self) -> str:
@@ -492,26 +529,39 @@ class Wan22Model(VideoModel):
         if missing:
             from diffsynth.models.wan_video_text_encoder import basic_clean, whitespace_clean
 
-            self.text_encoder.to(self.device)
             # Wan's preprocessing (diffsynth's HuggingfaceTokenizer with clean="whitespace")
             texts = [whitespace_clean(basic_clean(p)) for p in missing]
             tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.options.text_len,
                                  return_tensors="pt", add_special_tokens=True)
-            ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
-            emb = self.text_encoder(ids, mask)
-            lengths = mask.gt(0).sum(dim=1)
-            for i, p in enumerate(missing):
-                e = emb[i:i + 1].clone()
-                e[:, int(lengths[i]):] = 0
-                self._prompt_cache[p] = e.to("cpu", self.dtype)  # 4 MB per prompt at 512x4096: host memory
-            if self._offload_text:
-                self.text_encoder.to("cpu")
+            self._encode_tokens(missing, tok.input_ids, tok.attention_mask, tok.attention_mask.gt(0).sum(dim=1))
         return torch.cat([self._prompt_cache[p] for p in prompts], dim=0).to(self.device)
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str], first_frames: torch.Tensor, num_frames: int) -> WanCondition:
-        from .vae_decode import encode_video
+    def plan_prompts(self, prompts: Sequence[str]) -> None:
+        """For the memory planner: the prompt cache filled as :meth:`encode_prompts` fills it, from
+        token ids of the full ``text_len`` (the memory depends on the length, not on the tokens, so
+        no tokenizer is needed and fake tensors do)."""
+        ids = torch.zeros(len(prompts), self.options.text_len, dtype=torch.long, device=self.device)
+        self._encode_tokens(prompts, ids, torch.ones_like(ids))
 
+    def _encode_tokens(self, prompts: Sequence[str], ids: torch.Tensor, mask: torch.Tensor,
+                       lengths: Optional[torch.Tensor] = None) -> None:
+        """The text encoder on ``ids``/``mask`` (B, text_len); each prompt's embedding cached in host
+        memory (4 MB per prompt at 512x4096), zero past its length when ``lengths`` are given. The
+        encoder comes to the device for it and goes back to the CPU after (``offload_text_encoder``)."""
+        self.text_encoder.to(self.device)
+        emb = self.text_encoder(ids.to(self.device), mask.to(self.device))
+        for i, p in enumerate(prompts):
+            e = emb[i:i + 1].clone()
+            if lengths is not None:
+                e[:, int(lengths[i]):] = 0
+            self._prompt_cache[p] = e.to("cpu", self.dtype)
+        del emb
+        if self._offload_text:
+            self.text_encoder.to("cpu")
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], first_frames: torch.Tensor, num_frames: int) -> WanCondition:
         if first_frames.dim() != 4 or first_frames.shape[1] != 3 or first_frames.shape[0] != len(prompts):
             raise ValueError(f"encode: first_frames must be (B, 3, H, W) with B = {len(prompts)} prompts, got "
                              f"{tuple(first_frames.shape)}")
@@ -550,20 +600,16 @@ class Wan22Model(VideoModel):
         comparison per parameter when nothing moves, so that whatever else placed a module
         (DeepSpeed moves the whole trained expert to the device at start) is put right.
         """
-        from .offload import move_frozen_
-
         if not self.offload_experts:
             return
         for r in self.experts:
             target = self.device if r == expert else torch.device("cpu")
             move_frozen_(self.dits[r], target)
-            if r in self._frozen:
-                move_frozen_(self._frozen[r], target)
+            if r in self.frozen_copies:
+                move_frozen_(self.frozen_copies[r], target)
 
     def denoise(self, expert: str, x: torch.Tensor, timestep: torch.Tensor, cond: WanCondition, *,
                 base: bool = False) -> torch.Tensor:
-        from .lora import adapters_disabled
-
         if expert not in self.dits:
             raise ValueError(f"denoise: unknown expert '{expert}'; this model has {self.experts}")
         self._place(expert)
@@ -577,14 +623,12 @@ class Wan22Model(VideoModel):
                     with adapters_disabled(self.dits[expert]):
                         v = self._velocity(self.dits[expert], x_in, timestep, cond)
                 else:
-                    v = self._velocity(self._frozen.get(expert, self.dits[expert]), x_in, timestep, cond)
+                    v = self._velocity(self.frozen_copies.get(expert, self.dits[expert]), x_in, timestep, cond)
         else:
             v = self._velocity(self.dits[expert], x_in, timestep, cond)
         return v.to(x.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        from .vae_decode import decode_latents
-
         o = self.options
         checkpoint = o.vae_checkpointing and ("offload" if self.config.use_gradient_checkpointing_offload else True)
         return decode_latents(self.vae, latents.to(self.device), checkpoint=checkpoint,
@@ -593,8 +637,6 @@ class Wan22Model(VideoModel):
                               clamp=o.decode_clamp)
 
     def trainable_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        from .lora import lora_named_parameters
-
         for r in self.lora_experts:
             for name, p in lora_named_parameters(self.dits[r]):
                 yield f"{r}.{name}", p
@@ -631,9 +673,6 @@ class Wan22Model(VideoModel):
         ``<stem>_high_noise.safetensors`` (dit) and/or ``<stem>_low_noise.safetensors`` (dit2), one
         file per trained expert, the names ComfyUI's and diffusers' Wan2.2 loaders take.
         """
-        from .lora import lora_layers
-        from .lora_formats import FORMATS, expert_file, write_lora
-
         fmt = lora_format or self.options.lora_format
         if fmt not in FORMATS:
             raise ValueError(f"model.lora_format: '{fmt}' is not one of {', '.join(FORMATS)}")
@@ -676,10 +715,6 @@ class Wan22Model(VideoModel):
         ``expert`` in its metadata) in :meth:`trainable_state_dict` keys. LoRA B as trained: the
         file's scale divided by this model's ``lora_alpha / lora_rank``, so that the model then adds
         what the file's loaders add."""
-        from safetensors import safe_open
-
-        from .lora_formats import read_lora
-
         state: dict[str, torch.Tensor] = {}
         for path in files:
             with safe_open(path, "pt") as f:
@@ -705,8 +740,6 @@ class Wan22Model(VideoModel):
     @classmethod
     def export_main(cls, argv=None, prog: str = "python -m rewardfl.export") -> int:
         """``python -m rewardfl.export`` for this model: convert LoRA formats or merge (``export.py``)."""
-        from .export import run_export
-
         return run_export(argv, prog)
 
     def train(self, mode: bool = True) -> "Wan22Model":

@@ -1,7 +1,7 @@
 """Weight files of the Wan models: where they are, what they hold, how to read them.
 
 These are the pretrained DiTs, text encoder and VAE a model is built from, not training
-checkpoints (``rewardfl.training.checkpoints``); files are written with ``rewardfl.fileio.write_safetensors``.
+checkpoints (``rewardfl.checkpoints``); files are written with ``rewardfl.fileio.write_safetensors``.
 
 A ``model_paths`` JSON (the user's key) lists the weight files of each role:
 
@@ -39,6 +39,7 @@ import os
 from typing import Callable, Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 __all__ = [
     "ROLES",
@@ -51,6 +52,7 @@ __all__ = [
     "read_shapes",
     "load_state_dict",
     "detect_role",
+    "assign_roles",
 ]
 
 #: role -> names accepted for it in the dict form of model_paths
@@ -283,7 +285,7 @@ def find_hub_files(model_id: str, pattern: str, *, where: str, config_dir: str =
         raise ModelSourceNotFound(
             f"{where}: no local file matches {asked} (looked in {base} and {_cache_dirs()}); rewardfl never "
             "downloads unless allow_download: true; or fetch it on a machine with network and copy the cache "
-            "over (README, \"Model\")")
+            "over (docs/models.md)")
     hub = _download_source(where)
     mid, pat = candidates[-1]
     try:
@@ -377,8 +379,6 @@ def read_shapes(weights: WeightFile) -> dict[str, tuple[int, ...]]:
 
     A truncated or corrupt file raises ValueError naming the role and path.
     """
-    from safetensors import SafetensorError, safe_open
-
     shapes: dict[str, tuple[int, ...]] = {}
     for path in weights.files:
         if path.endswith(".safetensors"):
@@ -413,8 +413,6 @@ def _load_pth(path: str, where: str) -> dict[str, torch.Tensor]:
 def load_state_dict(weights: WeightFile, dtype: Optional[torch.dtype] = None,
                     rename: Callable[[str], Optional[str]] = lambda k: k) -> dict[str, torch.Tensor]:
     """All tensors of ``weights`` on the CPU, renamed by ``rename`` (None drops a key), cast to ``dtype``."""
-    from safetensors import safe_open
-
     out: dict[str, torch.Tensor] = {}
     for path in weights.files:
         if path.endswith(".safetensors"):
@@ -441,3 +439,30 @@ def detect_role(shapes: dict[str, tuple[int, ...]]) -> Optional[str]:
     if any(k.startswith(("encoder.conv1.", "model.encoder.conv1.", "decoder.conv1.")) for k in shapes):
         return "vae"
     return None
+
+
+def assign_roles(files: list[WeightFile]) -> dict[str, WeightFile]:
+    """Role (``dit``, ``dit2``, ``text_encoder``, ``vae``, ``tokenizer``) -> its weights.
+
+    ``files`` as :func:`resolve_model_paths` returns them; a file without a role (the
+    list form) gets one from its tensor names, the first DiT being the high-noise expert.
+    Raises ValueError for an unrecognised file, a role given twice or a missing one.
+    """
+    roles: dict[str, WeightFile] = {}
+    for wf in files:
+        role = wf.role
+        if role is None:
+            detected = detect_role(read_shapes(wf))
+            if detected is None:
+                raise ValueError(f"{wf.where}: {wf.files[0]} is neither a Wan DiT, a umT5 text encoder nor a "
+                                 "Wan VAE (by its tensor names)")
+            role = detected if detected != "dit" else ("dit" if "dit" not in roles else "dit2")
+        if role in roles:
+            raise ValueError(f"model_paths: two weight files for the role '{role}': {roles[role].where} and "
+                             f"{wf.where}")
+        roles[role] = wf
+    for role, name in (("dit", "high_noise_model"), ("text_encoder", "text_encoder"), ("vae", "vae")):
+        if role not in roles:
+            raise ValueError(f"model_paths: no {name} weights listed (needs high_noise_model, "
+                             "low_noise_model (A14B), text_encoder and vae)")
+    return roles

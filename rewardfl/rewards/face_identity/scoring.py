@@ -16,7 +16,7 @@ __all__ = ["pooled_identity_score", "identity_consistency_score", "facesim_arc",
 def pooled_identity_score(face_embeddings: torch.Tensor, face_sample: torch.Tensor, face_frame: torch.Tensor,
                           reference_mean: torch.Tensor,
                           num_frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ROLL's pooled identity score per sample, with masks (REFERENCE.md section 1, step 6).
+    """ROLL's pooled identity score per sample, with masks (docs/design.md section 3).
 
     For each generated frame with a face: the mean cosine similarity to every reference frame
     with a face, i.e. ``e . mean_r(e_r)`` with ``reference_mean`` the mean of the reference's

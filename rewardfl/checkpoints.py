@@ -1,6 +1,7 @@
 """Training checkpoints: trainable weights, optimizer, scheduler, RNG states, step and data position.
 
-:class:`CheckpointManager` owns ``OUTPUT_DIR/checkpoints/``: the loop asks it to
+The on-disk format, written by training and read by the generator (``--checkpoint DIR``), so it
+lives below both. :class:`CheckpointManager` owns ``OUTPUT_DIR/checkpoints/``: the loop asks it to
 save and to resume; the functions below are its parts (the on-disk layout).
 
 Layout of ``OUTPUT_DIR/checkpoints/checkpoint-<step>/``::
@@ -14,6 +15,9 @@ Layout of ``OUTPUT_DIR/checkpoints/checkpoint-<step>/``::
     latest, zero_to_fp32.py,  the tag file and conversion scripts DeepSpeed writes beside it
     zero_to_torch.py          (never run by rewardfl)
     rng-<rank>.safetensors    python, numpy, torch (and CUDA) RNG states of each process
+    ema.safetensors           the moving average of the trainable weights (ema_decay > 0)
+    algorithm-<rank>.safetensors  what each process's algorithm needs for the next step (GRPO
+                              between inner updates: the sampled groups); only when it needs any
     state.json                step, epoch, data position, counters
     manifest.json             size and sha256 of every file above (written last)
 
@@ -21,7 +25,7 @@ Nothing in a checkpoint can run code when it is loaded: weights and RNG states a
 safetensors (tensors, plus JSON in the header), ``state.json`` and ``manifest.json``
 are JSON, and the ``.pt`` files (ours and DeepSpeed's) are read with torch's
 ``weights_only=True`` unpickler, which builds tensors and plain containers only (and,
-for DeepSpeed, the few data classes its states hold, see ``distributed.py``). A file
+for DeepSpeed, the few data classes its states hold, see :func:`load_torch_file`). A file
 holding anything else is refused with :class:`CheckpointError`.
 
 A checkpoint is written into ``.checkpoint-<step>.tmp``; the manifest is written
@@ -51,13 +55,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from rewardfl.fileio import atomic_write, replace_directory, write_json, write_safetensors
+try:  # what numpy's pickles rebuild arrays with (an older rewardfl's rng-<rank>.pt holds one)
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct  # numpy 2
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
 
-from .distributed import DistInfo, barrier
+from rewardfl.fileio import atomic_write, replace_directory, write_json, write_safetensors
+from rewardfl.runtime import DistInfo, barrier
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointManager", "CheckpointError", "CHECKPOINT_RE", "list_checkpoints", "latest_checkpoint", "verified_checkpoint",
+__all__ = ["CheckpointManager", "CheckpointError", "CHECKPOINT_RE", "EMA_FILE", "ALGORITHM_FILE", "list_checkpoints",
+           "latest_checkpoint", "verified_checkpoint",
            "begin_checkpoint", "write_checkpoint_files", "save_rng", "write_manifest", "commit_checkpoint",
            "save_failed", "save_torch_file", "load_checkpoint", "load_rng", "load_torch_file"]
 
@@ -66,6 +75,10 @@ WEIGHTS = "trainable.safetensors"
 STATE = "state.json"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+#: the moving average of the trainable weights (``ema_decay``; ``rewardfl.training.ema``) in a checkpoint
+EMA_FILE = "ema.safetensors"
+#: the algorithm's state of process ``rank`` (``Algorithm.state_dict``: GRPO's sampled groups mid-cycle)
+ALGORITHM_FILE = "algorithm-{rank}.safetensors"
 _CHUNK = 1 << 20
 
 
@@ -389,11 +402,7 @@ def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _old_rng_globals() -> list:
     """What an ``rng-<rank>.pt`` of an older rewardfl holds besides tensors: numpy's key array."""
-    try:
-        from numpy._core.multiarray import _reconstruct  # numpy 2
-    except ImportError:  # numpy 1
-        from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    return [_np_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def load_rng(path: str, rank: int = 0) -> None:
@@ -443,7 +452,8 @@ class CheckpointManager:
         self.root, self.dist, self.keep = root, dist or DistInfo(), keep
 
     def save(self, step: int, *, engine, model, state: dict,
-             extra_weights: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> str:
+             extra_weights: Optional[dict[str, dict[str, torch.Tensor]]] = None,
+             process_weights: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> str:
         """Checkpoint ``step`` (collective under DeepSpeed): every process writes its part into one
         temporary directory, rank 0 adds weights, state and the manifest of checksums and renames it
         into place.
@@ -451,7 +461,8 @@ class CheckpointManager:
         A failed write (a full disk) is a one-line CheckpointError naming the file and the free
         space; the temporary directory is removed and the previous checkpoints stay as they were.
         With several processes, the process that failed exits and the launcher stops the others.
-        ``extra_weights``: ``{file name: tensors}`` rank 0 also writes (e.g. the EMA), in the manifest too.
+        ``extra_weights``: ``{file name: tensors}`` rank 0 also writes (e.g. the EMA), in the manifest too;
+        ``process_weights``: the same that every process writes (names of its own, e.g. with its rank).
         """
         main = self.dist.is_main
         tmp = os.path.join(self.root, f".checkpoint-{step}.tmp")
@@ -462,6 +473,8 @@ class CheckpointManager:
             barrier(self.dist)
             engine.save(tmp)
             save_rng(tmp, self.dist.rank)
+            for name, tensors in (process_weights or {}).items():
+                write_safetensors(os.path.join(tmp, name), tensors, metadata={"step": str(step)})
             with engine.gathered():
                 weights = model.trainable_state_dict() if main else None
                 if main:

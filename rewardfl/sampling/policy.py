@@ -22,14 +22,8 @@ __all__ = ["plan_steps", "gradient_steps", "expert_boundary_of"]
 
 
 def expert_boundary_of(model_cls, config) -> Optional[float]:
-    """``model_cls.expert_boundary(config.model, config)``; a plugin written before the ``config``
-    argument existed (``expert_boundary(cls, options)``) is called with the options alone."""
-    import inspect
-
-    params = inspect.signature(model_cls.expert_boundary).parameters
-    if "config" in params or len(params) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params.values()):
-        return model_cls.expert_boundary(config.model, config)
-    return model_cls.expert_boundary(config.model)
+    """``model_cls.expert_boundary(config.model, config)``: the boundary of the validated config."""
+    return model_cls.expert_boundary(config.model, config)
 
 
 def gradient_steps(config) -> list[int]:

@@ -1,4 +1,5 @@
-"""Processes: who this process is, and the few collectives the loop needs.
+"""The runtime every layer shares: the device, seeding, and processes (who this process is, the few
+collectives the loop needs, signals every process agrees on).
 
 ``init_distributed`` reads the launcher's environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``; set by ``torchrun`` and ``deepspeed``) and starts the process
@@ -11,17 +12,38 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import random
 import signal
 import threading
 from typing import Optional
 
+import numpy as np
 import torch
 
-from rewardfl.config import TrainConfig
+from rewardfl.config import ConfigError, TrainConfig
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_mean", "all_reduce_sum_", "barrier", "StopSignal"]
+__all__ = ["resolve_device", "seed_everything", "DistInfo", "init_distributed", "all_reduce_mean", "all_reduce_sum_",
+           "barrier", "StopSignal"]
 
 log = logging.getLogger("rewardfl")
+
+
+def resolve_device(cfg: TrainConfig, dist: Optional["DistInfo"] = None) -> torch.device:
+    """The config's ``device`` (``auto``: this process's GPU when CUDA is available, else the CPU)."""
+    if cfg.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank if dist else torch.cuda.current_device())
+        return torch.device("cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {cfg.device!r} requested but CUDA is not available (use device: cpu or auto)")
+    return torch.device(cfg.device)
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's generators from one seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 @dataclasses.dataclass(frozen=True)
