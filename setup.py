@@ -1,4 +1,5 @@
-"""Build and install rewardfl.
+"""Build rewardfl's compiled parts; the metadata (name, version, dependencies, entry points) is
+``pyproject.toml``'s ``[project]`` table.
 
 Needs torch installed first (``pip install --no-build-isolation -e .``): the
 extension ``rewardfl._C`` is compiled against the installed torch with
@@ -13,14 +14,14 @@ extension ``rewardfl._C`` is compiled against the installed torch with
 
 import glob
 import os
+import site
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from setuptools.command.build_py import build_py
 
 import torch
 from torch.utils import cpp_extension
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0"
 
 
@@ -56,8 +57,6 @@ def _want_cuda():
 def _pip_cuda_includes():
     """Headers of the CUDA libraries torch's wheel brings (nvidia/cu*/include), which a
     bare toolkit may lack (e.g. cusparse.h); harmless where the toolkit has them."""
-    import site
-
     dirs = []
     for base in site.getsitepackages() + [site.getusersitepackages()]:
         dirs += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "include")))
@@ -104,107 +103,7 @@ class BuildPyWithKernels(build_py):
         return modules
 
 
-def read(path):
-    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
-        return f.read()
-
-
 setup(
-    name="rewardfl",
-    version="0.1.0",
-    description="Reward Feedback Learning for video diffusion models",
-    long_description=read("README.md"),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=find_packages(include=["rewardfl", "rewardfl.*"]),
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithKernels},
-    install_requires=[
-        # torch is installed first, by hand, with an exact pin (see README); this
-        # range only guards against an incompatible one and never pulls a new torch.
-        "torch>=2.11,<2.15",
-        "triton>=3.6",
-        "numpy",
-        "scipy",  # Student-t quantiles of the evaluation intervals (rewardfl.evaluation.metrics)
-        "pyyaml>=6",
-        "safetensors>=0.4",
-        "tqdm",
-        "onnx>=1.16",
-        # GPU build of onnxruntime: it also runs on CPU. Never add the CPU
-        # "onnxruntime" package next to it: it replaces this one's module.
-        "onnxruntime-gpu>=1.20",
-        "onnx2torch>=1.5",
-        "diffsynth==2.1.12",
-        "peft>=0.13",
-        "imageio>=2.30",
-        "imageio-ffmpeg>=0.5",
-        "matplotlib",
-        "opencv-python-headless>=4.9",
-        # imported directly (diffsynth pulls them too, but we do not lean on that): torchvision's
-        # batched NMS, einops in the DiT forward, transformers' and tokenizers' tokenizers, Pillow
-        "torchvision",
-        "einops",
-        "transformers",
-        "tokenizers",
-        "Pillow",
-        "tensorboard>=2.16",  # report_to: tensorboard (the default)
-    ],
-    extras_require={
-        # multi-GPU / multi-node training (install with --no-build-isolation: it builds against torch)
-        "deepspeed": ["deepspeed==0.19.8"],
-        # report_to: [wandb]
-        "wandb": ["wandb==0.31.0"],
-        # model_name: wan2_2_diffusers (Wan2.2 from a diffusers folder)
-        "diffusers": ["diffusers==0.42.1"],
-        # eval.judges: [face_dlib] (dlib's face recognizer; a prebuilt wheel, no compiler, no dependencies)
-        "dlib": ["dlib-bin==20.0.1.post1"],
-        "dev": [
-            "pytest>=8",
-            "pytest-benchmark>=4",
-            "scikit-image>=0.22",
-            "pybind11>=2.12",
-            "ninja",
-            "deepspeed==0.19.8",
-            "import-linter>=2.1",  # tests/test_architecture.py: the import contracts of pyproject.toml
-            "diffusers==0.42.1",  # tests: wan2_2_diffusers, LoRA files in diffusers' real loader
-            "wandb==0.31.0",  # tests: report_to wandb, offline
-            "dlib-bin==20.0.1.post1",  # tests: the face_dlib judge on real photos
-            # tests/test_install.py: the checkout's kernels/ folder must never shadow Hugging Face's
-            # kernels (a transformers dependency); listed so that the test cannot pass for want of it
-            "kernels",
-        ],
-    },
-    entry_points={
-        "console_scripts": [
-            "rewardfl-run = rewardfl.run:main",
-            "rewardfl-export = rewardfl.export:main",
-            "rewardfl-score = rewardfl.rewards.face_identity.score:main",
-            "rewardfl-generate = rewardfl.generate:main",
-            "rewardfl-evaluate = rewardfl.evaluate:main",
-        ],
-        "rewardfl.samplers": [
-            "flow_match_euler = rewardfl.samplers.flow_match_euler:FlowMatchEulerSampler",
-        ],
-        "rewardfl.rewards": [
-            "face_identity = rewardfl.rewards.face_identity:FaceIdentityReward",
-            "clip_score = rewardfl.rewards.clip:ClipScoreReward",
-            "pickscore = rewardfl.rewards.clip:PickScoreReward",
-            "hps = rewardfl.rewards.clip:HpsReward",
-            "aesthetic = rewardfl.rewards.clip:AestheticReward",
-            "identity_consistency = rewardfl.rewards.face_identity:IdentityConsistencyReward",
-            "motion = rewardfl.rewards.motion:MotionReward",
-            "command = rewardfl.rewards.command:CommandReward",
-            "face_dlib = rewardfl.rewards.face_dlib:DlibFaceJudge",
-        ],
-        "rewardfl.algorithms": [
-            "reward_backprop = rewardfl.training.algorithm:RewardBackprop",
-            "grpo = rewardfl.algorithms.grpo:GRPO",
-        ],
-        "rewardfl.models": [
-            "wan2_2 = rewardfl.models.wan.model:Wan22Model",
-            "wan2_2_tiny = rewardfl.models.wan.model:Wan22TinyModel",
-            "wan2_2_diffusers = rewardfl.models.wan.diffusers_model:Wan22DiffusersModel",
-        ],
-    },
-    zip_safe=False,
 )

@@ -1,4 +1,4 @@
-"""face_align (rewardfl.rewards.face_identity.align, the fused op) against the ways faces were aligned
+"""face_align (rewardfl.ops.align, the fused op) against the ways faces were aligned
 before.
 
 Variants, all producing the same ``(N, 3, 112, 112)`` ArcFace input from ``(F, 3, H, W)`` frames
@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rewardfl.rewards.face_identity import align
+from rewardfl.ops import align
 
 cv2 = pytest.importorskip("cv2")
 skimage_transform = pytest.importorskip("skimage.transform")

@@ -1,7 +1,7 @@
 """The face_identity reward (forward + backward) against a per-frame loop like the reference's.
 
 * ``reward``: :class:`FaceIdentityReward` as the training loop calls it: batched detection of
-  all frames, batched alignment (``rewardfl.rewards.face_identity.align.face_align``) and
+  all frames, batched alignment (``rewardfl.ops.face_align``) and
   embedding, reference embeddings cached by ``prepare``; then ``loss.backward()``.
 * ``per-frame loop``: written like the reference implementation (ROLL): for every frame,
   detect (batch of one), copy the landmarks to the host, estimate the similarity transform on
@@ -31,7 +31,7 @@ from rewardfl.config import config_from_dict
 from rewardfl.demo.assets import fetch_face_assets
 from rewardfl.interfaces import SampleContext
 from rewardfl.registry import create
-from rewardfl.rewards.face_identity.align import arcface_template
+from rewardfl.ops import arcface_template
 
 skimage_transform = pytest.importorskip("skimage.transform")
 cv2 = pytest.importorskip("cv2")

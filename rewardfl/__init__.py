@@ -4,15 +4,11 @@ Import cost is kept small: heavy modules (diffsynth, onnxruntime) load only
 when a plugin that needs them is created.
 """
 
+import importlib.metadata
+
 import torch  # noqa: F401  (must precede rewardfl._C: it provides libc10/libtorch)
 
-__version__ = "0.1.0"
-
-
-def extension_available() -> bool:
-    """True when the compiled ``rewardfl._C`` extension imports."""
-    try:
-        from . import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True
+try:  # written once, in pyproject.toml's [project] table; read back from the installed metadata
+    __version__ = importlib.metadata.version("rewardfl")
+except importlib.metadata.PackageNotFoundError:  # a checkout on sys.path that was never installed
+    __version__ = "0+unknown"

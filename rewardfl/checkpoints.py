@@ -60,7 +60,7 @@ try:  # what numpy's pickles rebuild arrays with (an older rewardfl's rng-<rank>
 except ImportError:  # numpy 1
     from numpy.core.multiarray import _reconstruct as _np_reconstruct
 
-from rewardfl.fileio import atomic_write, write_json, write_safetensors
+from rewardfl.fileio import atomic_write, replace_directory, write_json, write_safetensors
 from rewardfl.runtime import DistInfo, barrier
 
 log = logging.getLogger(__name__)
@@ -288,14 +288,9 @@ def commit_checkpoint(root: str, step: int, tmp: str, keep: Optional[int] = None
     """Write the manifest of the finished ``tmp``, rename it into place and keep the newest ``keep``."""
     write_manifest(tmp)
     final = os.path.join(root, f"checkpoint-{step}")
-    if os.path.exists(final):  # re-saving a step (a signal right after a periodic save, or a resumed run)
-        old = os.path.join(root, f".checkpoint-{step}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)  # out of the way in one step: checkpoint-<step> is never half deleted
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    # re-saving a step (a signal right after a periodic save, or a resumed run): checkpoint-<step> is
+    # replaced whole, never half deleted; a previous one moved aside is hidden (begin_checkpoint removes it)
+    replace_directory(tmp, final, old=os.path.join(root, f".checkpoint-{step}.old"))
     _fsync_dir(root)
     if keep is not None:
         for old_step, path in list_checkpoints(root)[:-keep]:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 
 import yaml
 
-from .fileio import read_utf8
+from .fileio import atomic_write, read_utf8
 
 __all__ = [
     "ConfigError",
@@ -665,9 +665,6 @@ def to_dict(cfg) -> dict:
 
 def dump_config(cfg: TrainConfig, path: str) -> None:
     """Write the resolved config (defaults filled in) as YAML, atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False, allow_unicode=True)
-    os.replace(tmp, path)
 

@@ -1,7 +1,7 @@
 """What rewardfl imports from other distributions, and what to say when such an import fails.
 
 The versions the test suite passed with are pinned in the checkout's ``constraints.txt``; the
-README's install command uses it (``pip install -c constraints.txt ...``), while ``setup.py`` keeps
+README's install command uses it (``pip install -c constraints.txt ...``), while ``pyproject.toml`` keeps
 ranges (rewardfl is a library too). ``python -m rewardfl.deps`` is the command around it::
 
     python -m rewardfl.deps check             # versions installed vs constraints.txt, and shadowing

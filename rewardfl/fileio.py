@@ -6,8 +6,10 @@
   temporary file is removed and the target is untouched, and an ``OSError`` names
   the target (a full disk says which file). A temporary file left by a killed
   writer (its process gone) is removed by the next write of the same target.
-* :func:`write_json` and :func:`write_safetensors` on top of it.
-* :func:`replace_directory`: a directory written whole under ``NAME.tmp`` takes the place of
+* :func:`atomic_path`: the same for writers that want a file name, not a file object (ffmpeg,
+  an image library): it yields the temporary name.
+* :func:`write_json` and :func:`write_safetensors` on top of them.
+* :func:`replace_directory`: a directory written whole under a temporary name takes the place of
   ``NAME`` (exchanged in one step where the file system can, else moved aside first), and
   :func:`recover_directory` puts back what a kill in between left.
 * Build stamps (:func:`stamp_matches`, :func:`write_stamp`): a JSON file that
@@ -24,25 +26,36 @@ import json
 import os
 import re
 import shutil
+import struct
 from typing import Any, Iterator, Optional
 
-__all__ = ["atomic_write", "remove_stale_temporaries", "pid_alive", "replace_directory", "recover_directory",
-           "write_json", "write_safetensors", "stamp_matches", "write_stamp", "read_utf8"]
+import torch
+
+__all__ = ["atomic_write", "atomic_path", "remove_stale_temporaries", "pid_alive", "replace_directory",
+           "recover_directory", "write_json", "write_safetensors", "stamp_matches", "write_stamp", "read_utf8"]
 
 
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "w", *, encoding: Optional[str] = "utf-8") -> Iterator[Any]:
     """``with atomic_write(path) as f: f.write(...)``: ``path`` holds all of it or is unchanged."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = _temporary_name(path, os.getpid())
     binary = "b" in mode
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, mode, encoding=None if binary else encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
+    """``with atomic_path(path, ".png") as tmp: image.save(tmp)``: the temporary name beside ``path``
+    (ending in ``suffix``, for writers that pick the format from the extension), renamed over ``path``
+    when the block ends without an error, removed otherwise. One writer per target and process."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = _temporary_name(path, os.getpid()) + suffix
+    try:
+        yield tmp
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
@@ -69,10 +82,10 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(path: str) -> list[str]:
-    """Remove what :func:`atomic_write` left of ``path`` in a process that was killed (a ``.NAME.PID.tmp``
-    whose process is gone); returns the paths removed."""
+    """Remove what :func:`atomic_write` or :func:`atomic_path` left of ``path`` in a process that was
+    killed (a ``.NAME.PID.tmp``, or ``.NAME.PID.tmp.EXT``, whose process is gone); returns the paths removed."""
     folder, name = os.path.split(os.path.abspath(path))
-    pattern = re.compile(rf"^\.{re.escape(name)}\.(\d+)\.tmp$")
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(\d+)\.tmp(\.\w+)?$")
     removed = []
     try:
         names = os.listdir(folder)
@@ -103,12 +116,13 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(code, os.strerror(code), b)
 
 
-def replace_directory(tmp: str, dest: str) -> None:
-    """``dest`` becomes the complete directory ``tmp`` (``dest + ".tmp"``), whole: nothing of the previous
-    ``dest`` stays in it. Where the file system can, the two are exchanged in one step, so that ``dest``
-    exists at every moment; elsewhere the previous one moves to ``dest + ".old"`` first and a kill
-    between the two renames leaves it there for :func:`recover_directory`."""
-    old = dest + ".old"
+def replace_directory(tmp: str, dest: str, old: Optional[str] = None) -> None:
+    """``dest`` becomes the complete directory ``tmp`` (usually ``dest + ".tmp"``; same file system), whole:
+    nothing of the previous ``dest`` stays in it. Where the file system can, the two are exchanged in one
+    step, so that ``dest`` exists at every moment; elsewhere the previous one moves to ``old`` (default
+    ``dest + ".old"``) first and a kill between the two renames leaves it there for
+    :func:`recover_directory` (or the caller's own clean-up, for another ``old``)."""
+    old = dest + ".old" if old is None else old
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(dest) and _exchange(tmp, dest):
         shutil.rmtree(tmp, ignore_errors=True)  # now the previous one
@@ -149,10 +163,6 @@ def write_safetensors(path: str, tensors, metadata: Optional[dict] = None) -> No
     ``make()`` returns the tensor when its turn comes (so a 14B expert never sits in memory twice).
     ``metadata``: str -> str. Readable by ``safetensors.torch.load_file``.
     """
-    import struct
-
-    import torch
-
     if isinstance(tensors, dict):
         items = [(k, tuple(v.shape), v.dtype, (lambda v=v: v)) for k, v in tensors.items()]
     else:

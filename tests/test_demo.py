@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from rewardfl.demo.assets import file_sha256
+from rewardfl.archives import file_sha256
 from rewardfl.demo.make_tiny import make_tiny
 from rewardfl.demo.warm_start import (WarmStart, _load, flow_matching_loss, rollout_loss, same_position_attention_,
                                       sampler_timesteps, train_experts, warm_start)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import rewardfl
+from rewardfl.ops import cuda_compiled, extension_available
 
-pytestmark = pytest.mark.skipif(not rewardfl.extension_available(), reason="rewardfl._C is not built")
+pytestmark = pytest.mark.skipif(not extension_available(), reason="rewardfl._C is not built")
 
 
 def _has_kernel(op, key):
@@ -13,9 +13,7 @@ def _has_kernel(op, key):
 
 
 def test_cuda_compiled_agrees_with_registered_kernels():
-    from rewardfl import _C
-
-    compiled = _C.cuda_compiled()
+    compiled = cuda_compiled()
     assert isinstance(compiled, bool)
     for op in ("rewardfl::face_align", "rewardfl::face_align_backward"):
         assert _has_kernel(op, "CPU"), op

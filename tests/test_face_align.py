@@ -1,4 +1,4 @@
-"""face_align (rewardfl.rewards.face_identity.align) against OpenCV, scikit-image, float64 gradcheck
+"""face_align (rewardfl.ops.align) against OpenCV, scikit-image, float64 gradcheck
 and its own two paths.
 
 References: ``cv2.warpAffine`` with ``M`` from ``skimage.transform.SimilarityTransform`` (what
@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rewardfl.rewards.face_identity import align
-from rewardfl.rewards.face_identity.align import face_align
+from rewardfl.ops import align, cuda_compiled, face_align
 
 cv2 = pytest.importorskip("cv2")
 skimage_data = pytest.importorskip("skimage.data")
@@ -20,7 +19,7 @@ skimage_transform = pytest.importorskip("skimage.transform")
 HAS_EXTENSION = align._EXTENSION
 needs_extension = pytest.mark.skipif(not HAS_EXTENSION, reason="rewardfl._C has no face_align op (not built)")
 needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and HAS_EXTENSION and align._C.cuda_compiled()),
+    not (torch.cuda.is_available() and HAS_EXTENSION and cuda_compiled()),
     reason="needs a CUDA device and rewardfl._C built with CUDA",
 )
 BACKENDS = ["torch", pytest.param("extension", marks=needs_extension)]

@@ -13,7 +13,7 @@ import torch
 from rewardfl.config import ConfigError, config_from_dict
 from rewardfl.interfaces import SampleContext
 from rewardfl.registry import create
-from rewardfl.rewards.face_identity.align import face_align
+from rewardfl.ops import face_align
 from rewardfl.rewards.face_identity.augment import (AugmentOptions, Views, color_jitter, draw_views, gaussian_blur,
                                                     transform_landmarks)
 from rewardfl.rewards.face_identity.scoring import pooled_identity_score

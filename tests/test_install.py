@@ -1,5 +1,6 @@
 """The install: no name of the checkout shadows an installed package, the pins are the ones the
-README installs, and a failed import of a dependency is one line that names the package.
+README installs, a failed import of a dependency is one line that names the package, and the
+metadata (version, dependencies, entry points) is written once, in pyproject.toml.
 
 Each shadowing test runs Python the way a user does, from a working directory first on
 ``sys.path`` (``python -m`` and ``python -c`` both put it there), in a real subprocess.
@@ -7,15 +8,18 @@ Each shadowing test runs Python the way a user does, from a working directory fi
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata as md
 import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
+import rewardfl
 from rewardfl import deps
 from train_fixtures import make_config, small_dataset  # noqa: F401  (fixtures)
 from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
@@ -183,3 +187,50 @@ def test_a_wheel_holds_the_kernels_as_modules_of_rewardfl_kernels(tmp_path):
     path_line, where = run.stdout.strip().splitlines()
     assert path_line == repr([str(lib / "rewardfl" / "kernels")])
     assert where == f"rewardfl.kernels.flow_step {lib / 'rewardfl' / 'kernels' / 'flow_step.py'}"
+
+
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+
+def test_the_version_and_the_metadata_are_written_once_in_pyproject():
+    """pyproject.toml's [project] table is the one place; setup.py only builds the extension (and the
+    wheel's kernels); rewardfl.__version__ is read back from the installed metadata."""
+    project = _project()
+    assert project["name"] == "rewardfl"
+    assert rewardfl.__version__ == md.version("rewardfl") == project["version"]
+    calls = [n for n in ast.walk(ast.parse((ROOT / "setup.py").read_text(encoding="utf-8")))
+             if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "setup"]
+    assert len(calls) == 1 and sorted(k.arg for k in calls[0].keywords) == ["cmdclass", "ext_modules"]
+    init = (ROOT / "rewardfl" / "__init__.py").read_text(encoding="utf-8")
+    assert not re.search(r"^__version__\s*=\s*[\"']", init, re.M), "a version literal in rewardfl/__init__.py"
+
+
+def _top_level_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return names
+
+
+def test_every_entry_point_of_pyproject_names_an_object_and_is_installed():
+    """Each ``module:object`` of [project.scripts] and [project.entry-points] exists in the checkout,
+    and the installed metadata declares it (an install older than pyproject.toml fails here)."""
+    project = _project()
+    groups = {"console_scripts": project["scripts"], **project["entry-points"]}
+    assert set(groups) == {"console_scripts", "rewardfl.samplers", "rewardfl.rewards", "rewardfl.algorithms",
+                           "rewardfl.models"}
+    for group, points in groups.items():
+        installed = {ep.name: ep.value for ep in md.entry_points(group=group)}
+        for name, target in points.items():
+            module, attr = target.split(":")
+            base = ROOT.joinpath(*module.split("."))
+            path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+            assert attr in _top_level_names(path), f"{group} {name} = {target}: no {attr} in {path}"
+            assert installed.get(name) == target, \
+                f"{group} {name}: installed {installed.get(name)!r}, pyproject.toml {target!r}"

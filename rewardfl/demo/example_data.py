@@ -30,10 +30,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from rewardfl.archives import file_sha256  # the file hash the asset fetcher checks downloads with
 from rewardfl.cli import user_error_exit
-from rewardfl.fileio import atomic_write, stamp_matches, write_stamp
+from rewardfl.fileio import atomic_path, atomic_write, stamp_matches, write_stamp
 
-from .assets import file_sha256  # the file hash the asset fetcher checks downloads with
+from .assets import fetch_face_assets
 
 __all__ = ["MOTIONS", "EXAMPLE_PHOTOS", "build_example_dataset", "build_from_face_assets", "crop_windows",
            "largest_face_box", "main"]
@@ -109,13 +110,12 @@ def _render_clip(photo, windows: np.ndarray, size: tuple[int, int]) -> list[np.n
 def _write_mp4(path: str, frames: Sequence[np.ndarray], fps: int) -> None:
     import imageio.v2 as imageio
 
-    tmp = path + ".tmp.mp4"
     # H.264 yuv420p at high quality: plays everywhere, codec loss stays small (a few levels)
-    with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=None, pixelformat="yuv420p",
-                            macro_block_size=1, output_params=["-crf", "12"], ffmpeg_log_level="error") as writer:
+    with atomic_path(path, ".mp4") as tmp, imageio.get_writer(
+            tmp, fps=fps, codec="libx264", quality=None, pixelformat="yuv420p", macro_block_size=1,
+            output_params=["-crf", "12"], ffmpeg_log_level="error") as writer:
         for frame in frames:
             writer.append_data(frame)
-    os.replace(tmp, path)
 
 
 def _slug(path: str) -> str:
@@ -262,8 +262,6 @@ def build_heldout_from_face_assets(out_dir: str, *, assets=None, count: int = HE
     """Held-out clips of ``count`` people neither the warm start nor training sees: the ``count``
     largest faces of the Solvay photo, one clip each; returns the CSV path."""
     if assets is None:
-        from .assets import fetch_face_assets
-
         assets = fetch_face_assets()
     yunet = os.path.join(assets.yunet_sface, "face_detection_yunet_2023mar.onnx")
     photo = assets.photo(HELDOUT_PHOTO)
@@ -285,8 +283,6 @@ def build_from_face_assets(out_dir: str, *, assets=None, photo_names: Sequence[s
     the asset cache and a hash of the photos).
     """
     if assets is None:
-        from .assets import fetch_face_assets
-
         assets = fetch_face_assets()
     yunet = os.path.join(assets.yunet_sface, "face_detection_yunet_2023mar.onnx")
     photos = [assets.photo(name) for name in photo_names]

@@ -30,6 +30,11 @@ import sys
 
 from rewardfl.cli import user_error_exit
 
+from .assets import fetch_face_assets
+from .example_data import build_from_face_assets, build_heldout_from_face_assets
+from .make_tiny import make_tiny
+from .warm_start import WarmStart, sampler_timesteps, warm_start
+
 
 #: what examples/demo.yaml trains at (data.height/width/num_frames, num_inference_steps, sampler
 #: shift/boundary); the warm start pre-trains the DiTs at the same size and timesteps
@@ -40,8 +45,6 @@ DEMO_SAMPLER = dict(num_steps=4, shift=5.0, boundary=0.9)
 
 def demo_warm_start():
     """The warm start's settings for the demo config."""
-    from rewardfl.demo.warm_start import WarmStart, sampler_timesteps
-
     return WarmStart(height=DEMO_SIZE[0], width=DEMO_SIZE[1], num_frames=DEMO_FRAMES,
                      timesteps=sampler_timesteps(**DEMO_SAMPLER))
 
@@ -52,11 +55,6 @@ def prepare(root: str = "data/demo", dataset: str = "data/example_video_dataset"
 
     ``warm``: the warm start's settings (default :func:`demo_warm_start`).
     """
-    from rewardfl.demo.assets import fetch_face_assets
-    from rewardfl.demo.example_data import build_from_face_assets, build_heldout_from_face_assets
-    from rewardfl.demo.make_tiny import make_tiny
-    from rewardfl.demo.warm_start import warm_start
-
     assets = fetch_face_assets(quiet=False)
     face_models, judge_models = os.path.join(root, "face_models"), os.path.join(root, "judge_models")
     for pack, folder in ((assets.scrfd_sface, face_models), (assets.yunet_sface, judge_models)):

@@ -35,7 +35,13 @@ from typing import Optional
 
 import torch
 
+from rewardfl.archives import file_sha256
+from rewardfl.config import config_from_dict
+from rewardfl.data import VideoDataset, collate
 from rewardfl.fileio import stamp_matches, write_safetensors, write_stamp
+from rewardfl.models.wan import model as wan_model
+from rewardfl.models.wan.vae_decode import encode_video
+from rewardfl.samplers.flow_match_euler import shifted_sigmas
 
 __all__ = ["WarmStart", "warm_start", "flow_matching_loss", "rollout_loss", "same_position_attention_",
            "sampler_timesteps"]
@@ -68,8 +74,6 @@ class WarmStart:
 
 def sampler_timesteps(num_steps: int, shift: float, boundary: float) -> dict[str, list[float]]:
     """Expert -> the timesteps a ``flow_match_euler`` sampler with these options runs it at."""
-    from rewardfl.samplers.flow_match_euler import shifted_sigmas
-
     out: dict[str, list[float]] = {"dit": [], "dit2": []}
     for s in shifted_sigmas(num_steps, shift)[:-1].tolist():
         out["dit" if 1000.0 * s >= boundary * 1000.0 else "dit2"].append(1000.0 * s)
@@ -137,11 +141,6 @@ def _rows(cond, idx: torch.Tensor):
 
 def _load(model_dir: str, metadata_path: str, ws: WarmStart):
     """The twin with trainable DiTs, the clips' latents ``x0`` and their conditioning."""
-    from rewardfl.config import config_from_dict
-    from rewardfl.data import VideoDataset, collate
-    from rewardfl.models.wan import model as wan_model
-    from rewardfl.models.wan.vae_decode import encode_video
-
     cfg = config_from_dict(dict(
         model_name="wan2_2_tiny", model_paths=os.path.join(model_dir, "model_paths.json"),
         trainable_models="dit,dit2", lora_base_model=None, mixed_precision="fp32", device="cpu"))
@@ -227,8 +226,6 @@ def train_experts(model, x0: torch.Tensor, cond, ws: WarmStart, log=None) -> dic
 
 def _stamp(ws: WarmStart, metadata_path: str, model_dir: str) -> dict:
     """What a warm start is made from: its settings, the dataset and the twin's build."""
-    from rewardfl.demo.assets import file_sha256
-
     inputs = {"metadata": file_sha256(metadata_path)}
     build = os.path.join(os.path.dirname(metadata_path), "videos", ".build.json")
     if os.path.isfile(build):  # the example dataset records its photos and settings there
@@ -241,8 +238,6 @@ def _stamp(ws: WarmStart, metadata_path: str, model_dir: str) -> dict:
 
 def _dit_files(ws: WarmStart, model_dir: str) -> dict[str, str]:
     """The trained DiT files now in ``model_dir``: name -> sha256 (a missing file is left out)."""
-    from rewardfl.demo.assets import file_sha256
-
     names = (_DIT_FILES[expert] for expert in ws.timesteps)
     return {n: file_sha256(os.path.join(model_dir, n)) for n in names if os.path.isfile(os.path.join(model_dir, n))}
 

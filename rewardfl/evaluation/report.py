@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from ..fileio import atomic_path
 from .metrics import MIN_CLIPS_FOR_CLAIM, beyond_interval, paired_change, paired_interval
 
 __all__ = ["summarize", "markdown_table", "contact_sheet"]
@@ -115,7 +115,5 @@ def contact_sheet(path: str, rows: list[tuple[str, torch.Tensor]], frames: int =
             if tile.shape[:2] != (h, w):  # a one-frame reference of another size: fit it
                 tile = np.asarray(Image.fromarray(tile).resize((w, h)))
             sheet.paste(Image.fromarray(tile), (label_w + c * (w + pad), y))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    sheet.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, ".png") as tmp:
+        sheet.save(tmp)

@@ -17,7 +17,8 @@ folder (beside ``csrc/``). That folder has no ``__init__.py``, so running Python
 root never makes it the top-level package ``kernels`` (a name that Hugging Face's ``kernels``
 distribution, a dependency of transformers, owns). This package is their front door: a wheel
 copies the folder's modules in here (setup.py), a source checkout or an editable install reads
-them in place through ``__path__``.
+them in place through ``__path__``. lint-imports therefore never analyses them: what they may import
+(torch, triton, the standard library and each other) is checked by ``tests/test_kernels_imports.py``.
 """
 
 from pathlib import Path

@@ -28,7 +28,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 from rewardfl.interfaces import DeviceTarget
 from rewardfl.models.wan import architectures as arch
 from rewardfl.models.wan.model import WanParts, default_dtype, new_vae, read_model_files
-from rewardfl.rewards.face_identity import FaceIdentityReward, align
+from rewardfl.ops import align
+from rewardfl.rewards.face_identity import FaceIdentityReward
 from rewardfl.rewards.face_identity.scoring import pooled_identity_score
 
 

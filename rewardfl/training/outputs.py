@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from rewardfl.config import ConfigError
-from rewardfl.fileio import pid_alive, recover_directory
+from rewardfl.fileio import atomic_path, atomic_write, pid_alive, recover_directory
 from rewardfl.runtime import DistInfo, all_reduce_mean
 
 log = logging.getLogger("rewardfl")
@@ -339,12 +339,8 @@ class MetricsLog:
         if step is None and records:
             log.warning("%s: dropping the %d rows of an earlier run that saved no checkpoint (this run starts over)",
                         self.path, len(records))
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(self.path) as f:
             f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in keep))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -415,10 +411,7 @@ def _write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
     import imageio.v2 as imageio
     import imageio_ffmpeg
 
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp.mp4")
-    try:
+    with atomic_path(path, ".mp4") as tmp:
         # yuv444p: no chroma subsampling, so odd sizes work; macro_block_size=1 keeps small frames unpadded
         with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
                                 pixelformat="yuv444p") as w:
@@ -432,11 +425,6 @@ def _write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free
             code = errno.ENOSPC if free < 64 * 2**20 else errno.EIO
             raise OSError(code, os.strerror(code) if code == errno.ENOSPC else "ffmpeg wrote an incomplete video", path)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def plot_reward_curve(records: list[dict], path: str) -> None:
@@ -471,7 +459,6 @@ def plot_reward_curve(records: list[dict], path: str) -> None:
         ax1.legend(loc="best", fontsize="small")
     ax1.set_title("reward feedback learning")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -38,6 +38,7 @@ import torch
 
 from rewardfl.config import REPORT_TO as KNOWN_TRACKERS
 from rewardfl.config import ConfigError
+from rewardfl.fileio import atomic_write
 
 from .outputs import _to_uint8, _write_mp4
 
@@ -249,11 +250,8 @@ def wandb_run_id(output_dir: str, resume_step: int) -> str:
         if run_id:
             return run_id
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # wandb's id form
-    os.makedirs(output_dir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         f.write(run_id + "\n")
-    os.replace(tmp, path)
     return run_id
 
 

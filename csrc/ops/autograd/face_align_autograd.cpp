@@ -1,7 +1,7 @@
 // Autograd of rewardfl::face_align (torchvision's autograd/roi_align_kernel.cpp layout).
 //
 // Gradient flows to `frames` only: the transforms come from detector landmarks computed without
-// gradient (face_align's docstring in rewardfl/rewards/face_identity/align.py says so).
+// gradient (face_align's docstring in rewardfl/ops/align.py says so).
 // face_align_backward is linear in its grad but has no double backward.
 #include <torch/autograd.h>
 #include <torch/library.h>

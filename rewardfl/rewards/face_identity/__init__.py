@@ -8,9 +8,8 @@ Modules, in the order data flows through them:
   and onnx2torch, and run batched);
 * ``onnx_runner``: one model on onnxruntime (CPU, or CUDA with IOBinding) or its torch twin;
 * ``detectors``: batched SCRFD / YuNet detection, vectorised decoding, batched NMS;
-* ``align``: ``face_align``, the Python front end of the C++/CUDA op (``rewardfl._C``, built
-  from ``csrc/``) with its pure-torch twin;
-* ``recognizer``: alignment (``align.face_align``) and embeddings;
+* ``recognizer``: alignment (``rewardfl.ops.face_align``, the C++/CUDA op's front door in the
+  core, with its pure-torch twin) and embeddings;
 * ``scoring``: pooled identity score, FaceSim-Arc, loss shaping;
 * ``reward``: ``FaceReward`` (reference caching, dropping faces that cannot be aligned, the
   detect-align-embed step shared through the step cache) and the ``face_identity`` plugin;

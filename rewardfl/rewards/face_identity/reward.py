@@ -3,11 +3,11 @@
 Per step, for a batch of videos ``(B, 3, F, H, W)`` in [-1, 1]:
 
 1. detect faces in all ``B*F`` frames at once (no gradient; onnxruntime or the torch twin), and
-   drop faces whose landmarks ``face_align`` would reject (``align.landmark_problems``:
+   drop faces whose landmarks ``face_align`` would reject (``rewardfl.ops.landmark_problems``:
    non-finite, coincident, collinear): one odd detection must not end a run;
 2. pick a face per frame (largest, most similar to the reference, or all); frames without one
    optionally borrow the reference video's landmarks for that frame (``landmark_fallback``);
-3. align those faces with ``align.face_align`` (differentiable in the frames) and embed
+3. align those faces with ``rewardfl.ops.face_align`` (differentiable in the frames) and embed
    them with the recognizer's torch twin (differentiable);
 4. score against the reference's cached embeddings with :func:`pooled_identity_score`.
 
@@ -33,13 +33,14 @@ from typing import Literal, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from rewardfl.archives import cache_dir, file_sha256
 from rewardfl.config import ConfigError
+from rewardfl.fileio import atomic_write
 from rewardfl.interfaces import Reward, RewardOutput, SampleContext
+from rewardfl.ops import ARCFACE_TEMPLATE, landmark_problems
 
-from .align import ARCFACE_TEMPLATE, landmark_problems
 from .augment import AugmentOptions, color_jitter, draw_views, gaussian_blur, transform_landmarks
 from .detectors import Detections, FaceDetector
-from .fetch import cache_dir, file_sha256
 from .model_pack import DetectorType, ModelPack, find_model_pack
 from .onnx_runner import Backend
 from .recognizer import ChannelOrder, FaceRecognizer
@@ -49,7 +50,7 @@ __all__ = ["FaceReward", "FaceModelOptions", "GeneratedFaces", "FaceIdentityRewa
 
 log = logging.getLogger("rewardfl")
 
-#: the ArcFace template's eye distance in its 112 px crop (``align.ARCFACE_TEMPLATE``)
+#: the ArcFace template's eye distance in its 112 px crop (``rewardfl.ops.ARCFACE_TEMPLATE``)
 ARCFACE_EYE_DISTANCE = math.dist(ARCFACE_TEMPLATE[0], ARCFACE_TEMPLATE[1])
 #: a reference face the recognizer's crop magnifies more than this is refused by ``prepare`` (at
 #: 112 px: eyes under 9 px apart, a face about 22 px wide): magnified further, the embedding comes
@@ -305,10 +306,8 @@ class FaceReward(Reward):
                         "be aligned; their frames count as frames without a face", self.plugin_name, faces.degenerate,
                         context.sample_id, context.reference_path or "in memory")
         if cache_file:
-            os.makedirs(cache_root, exist_ok=True)
-            tmp = f"{cache_file}.{os.getpid()}.tmp"
-            torch.save(dataclasses.asdict(faces), tmp)
-            os.replace(tmp, cache_file)
+            with atomic_write(cache_file, "wb") as f:
+                torch.save(dataclasses.asdict(faces), f)
         self._references[key] = faces
         return faces
 

@@ -18,18 +18,20 @@ import json
 import os
 import sys
 
+import numpy as np
+import torch
+
 from rewardfl.cli import user_error_exit
+from rewardfl.config import config_from_dict, parse_overrides
+from rewardfl.data import decoder_reason, frames_of
+from rewardfl.interfaces import SampleContext
+from rewardfl.registry import create
 
 __all__ = ["main", "read_frames"]
 
 
 def read_frames(path: str, max_frames: int):
     """Up to ``max_frames`` frames of a video file, frame folder or image: ``(F, 3, H, W)`` in [-1, 1]."""
-    import numpy as np
-    import torch
-
-    from rewardfl.data import decoder_reason, frames_of
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"not found: {path}")
     try:
@@ -49,8 +51,6 @@ def read_frames(path: str, max_frames: int):
 
 def parse_device(text: str):
     """``--device`` as a ``torch.device`` that exists here; ValueError naming the flag otherwise."""
-    import torch
-
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -77,10 +77,6 @@ def main(argv=None) -> int:
                         help="face_identity option, e.g. --set face_select=most_similar (repeatable)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = parser.parse_args(argv)
-    from rewardfl.config import config_from_dict, parse_overrides
-    from rewardfl.interfaces import SampleContext
-    from rewardfl.registry import create
-
     if args.max_frames <= 0:
         raise ValueError(f"--max-frames: must be > 0, got {args.max_frames}")
     device = parse_device(args.device)

@@ -1,5 +1,8 @@
 """``face_align``: Python front end of the C++/CUDA op in ``csrc/`` (torchvision's ``ops/*.py`` layout).
 
+It lives in the core (``rewardfl.ops``), not in the face reward that is its main user: the op is
+compiled into the package's own extension ``rewardfl._C``, and the planner and any reward may use it.
+
 ``face_align`` crops, aligns and normalises faces for a recognizer in one fused op:
 per face, the least-squares similarity transform (Umeyama) from its five landmarks to the
 ArcFace template, bilinear sampling of only the ``size x size`` crop pixels from its frame,
@@ -10,7 +13,8 @@ Two implementations compute the same thing:
 * ``torch.ops.rewardfl.face_align`` from ``rewardfl._C`` (``csrc/ops/face_align.cpp``,
   CPU kernel ``csrc/ops/cpu/face_align_kernel.cpp``, CUDA kernel
   ``csrc/ops/cuda/face_align_kernel.cu``, backward ``csrc/ops/autograd/face_align_autograd.cpp``),
-  with fake (meta) kernels registered here for ``torch.compile``;
+  with fake (meta) kernels registered here for ``torch.compile`` (the extension is loaded by
+  ``rewardfl.ops._extension``);
 * a pure-torch path (``affine_grid`` + ``grid_sample`` on the crop grid only), used when the
   extension or its kernel for the device is missing, and as the second oracle in the tests.
 
@@ -26,6 +30,8 @@ from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+from ._extension import _C
 
 __all__ = ["ARCFACE_TEMPLATE", "arcface_template", "similarity_transforms", "landmark_problems", "face_align"]
 
@@ -363,13 +369,7 @@ def face_align(
 
 # The autograd kernels are C++ (csrc/ops/autograd/face_align_autograd.cpp); torch.compile needs
 # the fake kernels below, which give output shapes and dtypes without computing.
-try:
-    from rewardfl import _C  # noqa: F401  (registers torch.ops.rewardfl.*)
-
-    _EXTENSION = hasattr(torch.ops.rewardfl, "face_align")
-except ImportError:
-    _C = None
-    _EXTENSION = False
+_EXTENSION = _C is not None and hasattr(torch.ops.rewardfl, "face_align")
 
 
 if _EXTENSION:
