@@ -195,6 +195,7 @@ setup(
             "motion = rewardfl.rewards.motion:MotionReward",
             "command = rewardfl.rewards.command:CommandReward",
             "face_dlib = rewardfl.rewards.face_dlib:DlibFaceJudge",
+            "weighted_sum = rewardfl.rewards.weighted_sum:WeightedSumReward",
         ],
         "rewardfl.algorithms": [
             "reward_backprop = rewardfl.training.algorithm:RewardBackprop",

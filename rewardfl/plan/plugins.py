@@ -97,7 +97,7 @@ def spec_from_checkpoints(cfg) -> ModelSpec:
     from rewardfl.models.wan.model import EXPERT_ROLES, Wan22Model
     from rewardfl.models.wan.weights import read_shapes, resolve_model_paths
 
-    ckpts = resolve_model_paths(cfg.resolve_path(cfg.model_paths), cfg.model_id_with_origin_paths,
+    ckpts = resolve_model_paths(cfg.resolve_path(cfg.model.model_paths), cfg.model.model_id_with_origin_paths,
                                 cfg.resolve_path("."))
     roles = Wan22Model.assign_roles(ckpts)
     shapes = {role: read_shapes(ck) for role, ck in roles.items() if role != "tokenizer"}
@@ -112,15 +112,15 @@ def spec_from_checkpoints(cfg) -> ModelSpec:
                              "experts must be the same architecture")
     vae = arch.vae_architecture({arch.vae_key(k): v for k, v in shapes["vae"].items()}, roles["vae"].where)
     te = arch.text_encoder_architecture(shapes["text_encoder"], roles["text_encoder"].where)
-    return ModelSpec(os.path.basename(cfg.model_paths or "model_id_with_origin_paths"), first, experts,
-                     te, vae, f"checkpoint headers ({cfg.model_paths or cfg.model_id_with_origin_paths})")
+    return ModelSpec(os.path.basename(cfg.model.model_paths or "model_id_with_origin_paths"), first, experts,
+                     te, vae, f"checkpoint headers ({cfg.model.model_paths or cfg.model.model_id_with_origin_paths})")
 
 
 def resolve_spec(cfg, preset: Optional[str]) -> ModelSpec:
     """``--preset`` when given; else the files of ``model_paths`` (headers only)."""
     if preset:
         return spec_from_preset(preset)
-    if cfg.model_paths is None and not cfg.model_id_with_origin_paths:
+    if cfg.model.model_paths is None and not cfg.model.model_id_with_origin_paths:
         raise ValueError(f"model_paths: not set; name the checkpoint files, or plan before downloading with "
                          f"--preset NAME ({', '.join(PRESETS)})")
     try:
@@ -205,8 +205,8 @@ def build_skeleton(model_cls, cfg, options, spec: ModelSpec, *, device: torch.de
             model.vae = vae.requires_grad_(False).eval()
     finally:
         torch.set_default_dtype(default)
-    lora_experts, full_experts = model._plan_training(cfg)
-    model._setup(lora_experts, full_experts, as_list(cfg.lora_target_modules))
+    lora_experts, full_experts = model._plan_training()
+    model._setup(lora_experts, full_experts, as_list(options.lora_target_modules))
     return model
 
 

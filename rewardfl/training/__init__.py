@@ -8,7 +8,6 @@
 * ``checkpoints``: the on-disk layout of training checkpoints, saved and resumed;
 * ``outputs``: the output directory's lock, metrics, sample videos, the reward curve;
 * ``trackers``: TensorBoard and wandb (``report_to``);
-* ``composite``: a ``reward:`` list trained as a weighted sum;
 * ``evaluator``: evaluation during training (``eval_steps``), the hacking guard, ``save_best_by``;
 * ``ema``: the moving average of the trainable weights (``ema_decay``).
 """

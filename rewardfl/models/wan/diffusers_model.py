@@ -36,7 +36,7 @@ import functools
 import json
 import logging
 import os
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -68,6 +68,8 @@ class Wan22DiffusersOptions(Wan22Options):
     #: plans with it too); a number overrides it (warned when they differ)
     boundary: Optional[float] = None
 
+    MODEL: ClassVar[str] = "wan2_2_diffusers"
+
     def __post_init__(self):
         if self.boundary is None:  # the other checks, on a copy with a boundary in range
             dataclasses.replace(self, boundary=DEFAULT_BOUNDARY)
@@ -98,18 +100,18 @@ def _has_weights(folder: str) -> bool:
     return any(f.endswith(_WEIGHT_SUFFIXES) for f in os.listdir(folder))
 
 
-def find_diffusers_folder(config) -> DiffusersFolder:
+def find_diffusers_folder(config, options) -> DiffusersFolder:
     """The diffusers folder ``model_paths`` names, its components found and checked (nothing loaded).
 
     Raises FileNotFoundError/ValueError naming ``model_paths`` (or ``tokenizer_path``) and the path.
     """
-    if config.model_id_with_origin_paths:
+    if options.model_id_with_origin_paths:
         raise ValueError("model_id_with_origin_paths: wan2_2_diffusers reads one local diffusers folder; set "
                          "model_paths to it and leave model_id_with_origin_paths empty (or use model_name: wan2_2)")
-    if not config.model_paths:
+    if not options.model_paths:
         raise ValueError("model_paths: not set; for wan2_2_diffusers give the local diffusers folder holding "
                          "model_index.json (e.g. a download of Wan-AI/Wan2.2-I2V-A14B-Diffusers)")
-    path = config.resolve_path(config.model_paths)
+    path = config.resolve_path(options.model_paths)
     if os.path.isfile(path) and os.path.basename(path) == "model_index.json":
         path = os.path.dirname(path)
     if not os.path.exists(path):
@@ -144,8 +146,8 @@ def find_diffusers_folder(config) -> DiffusersFolder:
                 raise ValueError(f"model_paths: {index_path} lists no '{name}' component")
             continue
         folder = os.path.join(path, name)
-        if role == "tokenizer" and config.tokenizer_path:
-            folder = config.resolve_path(config.tokenizer_path)
+        if role == "tokenizer" and options.tokenizer_path:
+            folder = config.resolve_path(options.tokenizer_path)
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"tokenizer_path: tokenizer folder not found: {folder}")
             components[role] = folder
@@ -323,7 +325,7 @@ class Wan22DiffusersModel(Wan22Model):
         if options.boundary is not None:
             return options.boundary
         if config is not None:
-            folder = find_diffusers_folder(config)
+            folder = find_diffusers_folder(config, options)
             boundary = _resolve_boundary(options, folder)
             return DEFAULT_BOUNDARY if boundary is None else boundary
         return DEFAULT_BOUNDARY
@@ -332,7 +334,7 @@ class Wan22DiffusersModel(Wan22Model):
     def check(cls, config, options) -> list[str]:
         """``run --check``: the folder's components and the boundary, from model_index.json and config.json
         files only."""
-        folder = find_diffusers_folder(config)
+        folder = find_diffusers_folder(config, options)
         lines = [f"model_index.json: {folder.root} ({folder.index.get('_class_name')})"]
         for role, path in folder.components.items():
             name = EXPERT_COMPONENTS.get(role, role)
@@ -354,7 +356,7 @@ class Wan22DiffusersModel(Wan22Model):
         self.dtype = self._choose_dtype(config.mixed_precision, self.device)
 
         # 1. the folder and the configs: cheap, every user error surfaces here
-        folder = find_diffusers_folder(config)
+        folder = find_diffusers_folder(config, options)
         self.folder = folder
         self.boundary = _resolve_boundary(options, folder)
         self.experts = folder.experts
@@ -375,8 +377,8 @@ class Wan22DiffusersModel(Wan22Model):
             raise ValueError(f"model_paths: the text encoder ({folder.components['text_encoder']}) is "
                              f"{te_cfg.get('d_model')}-d, the transformer expects {first.kwargs['text_dim']}-d")
         self.vae_stride = (4, 8, 8)
-        lora_experts, full_experts = self._plan_training(config)
-        targets = as_list(config.lora_target_modules)
+        lora_experts, full_experts = self._plan_training()
+        targets = as_list(options.lora_target_modules)
         if lora_experts:  # the same names and messages as wan2_2: checked on a weightless WanModel
             from diffsynth.models.wan_video_dit import WanModel
 

@@ -18,11 +18,11 @@ import copy
 import dataclasses
 import logging
 import os
-from typing import Iterator, Literal, Optional, Sequence, Union
+from typing import ClassVar, Iterator, Literal, Optional, Sequence, Union
 
 import torch
 
-from rewardfl.config import ConfigError
+from rewardfl.config import ConfigError, top_level_option
 from rewardfl.fileio import write_safetensors
 from rewardfl.interfaces import VideoModel
 
@@ -64,9 +64,44 @@ class WanCondition:
     size: tuple[int, int, int]
 
 
+#: values of ``extra_inputs`` rewardfl feeds to models (DiffSynth-Studio's names)
+EXTRA_INPUTS = ("input_image",)
+
+
+def parse_extra_inputs(value: Optional[str]) -> list[str]:
+    """``"input_image, end_image"`` -> ``["input_image", "end_image"]``; None -> []."""
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
 @dataclasses.dataclass
 class Wan22Options:
-    """The ``model:`` section of the config for ``wan2_2``."""
+    """The ``model:`` section of the config for ``wan2_2``. The seed's keys (``model_paths``,
+    ``lora_rank``, ...) may also be written at the top level of the YAML, as the user's document does."""
+
+    #: the model plugin these options are for, as its errors name it
+    MODEL: ClassVar[str] = "wan2_2"
+
+    # --- the user's document's and the reference implementation's keys (also at the top level)
+    #: DiffSynth-Studio's model_paths: a JSON list of weight files (or groups), or a file of one
+    model_paths: Optional[str] = top_level_option(None, path=True)
+    #: the umT5 tokenizer folder (empty: the one model_paths lists, else DiffSynth-Studio's default)
+    tokenizer_path: Optional[str] = top_level_option(None, path=True)
+    #: hub ids and file patterns instead of model_paths ("Wan-AI/Wan2.2-I2V-A14B:high_noise_model/*.safetensors,...")
+    model_id_with_origin_paths: Optional[str] = top_level_option(None)
+    #: the experts that train: dit (high noise), dit2 (low noise), comma-separated
+    trainable_models: str = top_level_option("dit2")
+    #: with gradient checkpointing, park the checkpointed inputs in host memory
+    use_gradient_checkpointing_offload: bool = top_level_option(False)
+    #: the inputs fed to the model besides the prompt (image-to-video: input_image); unset: what it needs
+    extra_inputs: Optional[str] = top_level_option(None)
+    #: the trained experts that get a LoRA (the others of trainable_models train in full); null: none
+    lora_base_model: Optional[str] = top_level_option("dit2")
+    lora_target_modules: str = top_level_option("q,k,v,o,ffn.0,ffn.2")
+    lora_rank: int = top_level_option(32)
+    #: LoRA scale alpha / rank; null: alpha = rank
+    lora_alpha: Optional[float] = top_level_option(None)
+
+    # --- rewardfl's
 
     #: recompute each DiT block in backward (``use_gradient_checkpointing_offload`` also parks
     #: the block inputs on the CPU)
@@ -102,6 +137,21 @@ class Wan22Options:
     merge_loras: Optional[list] = None
 
     def __post_init__(self):  # checked where the config enters (run --check too), before any weights load
+        inputs = parse_extra_inputs(self.extra_inputs)
+        unsupported = [i for i in inputs if i not in EXTRA_INPUTS]
+        missing = [i for i in EXTRA_INPUTS if i not in inputs]  # every Wan model here is image-to-video
+        for bad, message in (
+                (not self.trainable_models.strip(), "trainable_models: must name at least one model (e.g. dit2)"),
+                (self.lora_rank <= 0, f"lora_rank: must be > 0, got {self.lora_rank}"),
+                (not self.lora_target_modules.strip() and self.lora_base_model is not None,
+                 "lora_target_modules: empty; list module names such as q,k,v,o,ffn.0,ffn.2 or set lora_base_model: null"),
+                (unsupported, f"extra_inputs: {', '.join(unsupported)} not supported; rewardfl supports "
+                              f"{', '.join(EXTRA_INPUTS)} (the first frame of each clip conditions generation)"),
+                (self.extra_inputs is not None and missing,  # unset means "what the model needs"
+                 f"extra_inputs: {self.MODEL} is an image-to-video model and needs {', '.join(missing)}; "
+                 f"set extra_inputs: {', '.join(inputs + missing)}")):
+            if bad:
+                raise ConfigError(message)
         validate_merge_loras(self.merge_loras)
         if self.text_len <= 0:
             raise ConfigError(f"model.text_len: must be > 0, got {self.text_len}")
@@ -139,11 +189,12 @@ class Wan22Model(VideoModel):
     def check(cls, config, options) -> list[str]:
         """``run --check``: where each weights file and the tokenizer are (a path, a local folder or
         cache, or what ``allow_download`` would download), without reading or downloading them."""
-        files = resolve_model_paths(config.resolve_path(config.model_paths), config.model_id_with_origin_paths,
+        o = options if options is not None else cls.Options()
+        files = resolve_model_paths(config.resolve_path(o.model_paths), o.model_id_with_origin_paths,
                                     config.resolve_path("."), allow_download=config.allow_download, dry_run=True)
         lines = [wf.describe() for wf in files if wf.role != "tokenizer"]
         listed = next((wf for wf in files if wf.role == "tokenizer"), None)
-        path, source = cls._tokenizer_dir(config, listed, dry_run=True)
+        path, source = cls._tokenizer_dir(config, o, listed, dry_run=True)
         lines.append(f"tokenizer: {source}" + (f"; {path}" if path else ""))
         merges = options.merge_loras if options is not None else []  # no options: the defaults, nothing to merge
         return lines + describe_merges(merge_plan(config, merges, cls.experts))
@@ -155,7 +206,7 @@ class Wan22Model(VideoModel):
         self.dtype = self._choose_dtype(config.mixed_precision, self.device)
 
         # 1. files, headers and architectures: cheap, every user error surfaces here
-        files = resolve_model_paths(config.resolve_path(config.model_paths), config.model_id_with_origin_paths,
+        files = resolve_model_paths(config.resolve_path(options.model_paths), options.model_id_with_origin_paths,
                                     config.resolve_path("."), allow_download=config.allow_download)
         roles = self.assign_roles(files)
         shapes = {role: read_shapes(wf) if role != "tokenizer" else None for role, wf in roles.items()}
@@ -178,15 +229,15 @@ class Wan22Model(VideoModel):
             raise ValueError(f"model_paths: the text encoder ({roles['text_encoder'].where}) is {te_arch['dim']}-d, "
                              f"the DiT expects {first.kwargs['text_dim']}-d prompt embeddings")
         self.vae_stride = (4, 8, 8) if vae_arch["kind"] == "wan2.1" else (4, 16, 16)
-        lora_experts, full_experts = self._plan_training(config)
-        targets = as_list(config.lora_target_modules)
+        lora_experts, full_experts = self._plan_training()
+        targets = as_list(options.lora_target_modules)
         if lora_experts:
             from diffsynth.models.wan_video_dit import WanModel
 
             from .lora import check_lora_targets
             with torch.device("meta"):  # the module names, no weights allocated
                 check_lora_targets(WanModel(**first.kwargs), targets)
-        tokenizer_dir, _ = self._tokenizer_dir(config, roles.get("tokenizer"))
+        tokenizer_dir, _ = self._tokenizer_dir(config, options, roles.get("tokenizer"))
 
         # 2. heavy work: build and load
         from diffsynth.models.wan_video_dit import WanModel
@@ -215,11 +266,11 @@ class Wan22Model(VideoModel):
         self.lora_scale = self.lora_alpha = None
         if lora_experts:
             from .lora import add_lora
-            alpha = float(config.lora_alpha) if config.lora_alpha is not None else float(config.lora_rank)
+            alpha = float(options.lora_alpha) if options.lora_alpha is not None else float(options.lora_rank)
             self.lora_alpha = alpha
-            self.lora_scale = alpha / config.lora_rank
+            self.lora_scale = alpha / options.lora_rank
             for r in lora_experts:
-                add_lora(self.dits[r], self._lora_targets(self.dits[r], targets), config.lora_rank, alpha)
+                add_lora(self.dits[r], self._lora_targets(self.dits[r], targets), options.lora_rank, alpha)
         self._frozen: dict[str, torch.nn.Module] = {}
         for r in full_experts:
             self.dits[r].requires_grad_(True)
@@ -329,8 +380,8 @@ class Wan22Model(VideoModel):
         finally:
             torch.set_default_dtype(default)
         self.vae = vae.requires_grad_(False).eval()
-        lora_experts, full_experts = self._plan_training(config)
-        self._setup(lora_experts, full_experts, as_list(config.lora_target_modules))
+        lora_experts, full_experts = self._plan_training()
+        self._setup(lora_experts, full_experts, as_list(self.options.lora_target_modules))
         return self
 
     # ------------------------------------------------------------------ construction helpers
@@ -372,8 +423,8 @@ class Wan22Model(VideoModel):
                                  "low_noise_model (A14B), text_encoder and vae)")
         return roles
 
-    def _plan_training(self, config) -> tuple[list[str], list[str]]:
-        trainable = as_list(config.trainable_models)
+    def _plan_training(self) -> tuple[list[str], list[str]]:
+        trainable = as_list(self.options.trainable_models)
         for name in trainable:
             if name not in TRAINABLE_CHOICES:
                 raise ValueError(f"trainable_models: '{name}' cannot be trained; choose among the experts "
@@ -381,21 +432,21 @@ class Wan22Model(VideoModel):
             if name not in self.experts:
                 raise ValueError(f"trainable_models: '{name}' does not exist in these model_paths (its experts: "
                                  f"{', '.join(self.experts)})")
-        lora = as_list(config.lora_base_model)
+        lora = as_list(self.options.lora_base_model)
         for name in lora:
             if name not in trainable:
-                raise ValueError(f"lora_base_model: '{name}' is not in trainable_models ({config.trainable_models}); "
+                raise ValueError(f"lora_base_model: '{name}' is not in trainable_models ({self.options.trainable_models}); "
                                  "add it there or set lora_base_model to a trained expert")
         return [r for r in self.experts if r in lora], [r for r in self.experts if r in trainable and r not in lora]
 
     @classmethod
-    def _tokenizer_dir(cls, config, listed: Optional[WeightFile], *,
+    def _tokenizer_dir(cls, config, options, listed: Optional[WeightFile], *,
                        dry_run: bool = False) -> tuple[Optional[str], str]:
         """The tokenizer folder and how it was found: ``tokenizer_path``, else the model_paths entry
         (``listed``), else :attr:`DEFAULT_TOKENIZER` in the local caches (downloaded with
         ``allow_download``; in a ``dry_run`` the folder is None when it would be)."""
-        if config.tokenizer_path:
-            path, where, source = config.resolve_path(config.tokenizer_path), "tokenizer_path", "tokenizer_path"
+        if options.tokenizer_path:
+            path, where, source = config.resolve_path(options.tokenizer_path), "tokenizer_path", "tokenizer_path"
         elif listed is not None:
             path, where, source = listed.files[0], listed.where, listed.source or listed.where
         else:
@@ -462,7 +513,7 @@ class Wan22Model(VideoModel):
 
     @property
     def _checkpoint_mode(self) -> str:
-        if self.config.use_gradient_checkpointing_offload:
+        if self.options.use_gradient_checkpointing_offload:
             return "offload"
         return "block" if self.options.gradient_checkpointing else "none"
 
@@ -586,7 +637,7 @@ class Wan22Model(VideoModel):
         from .vae_decode import decode_latents
 
         o = self.options
-        checkpoint = o.vae_checkpointing and ("offload" if self.config.use_gradient_checkpointing_offload else True)
+        checkpoint = o.vae_checkpointing and ("offload" if self.options.use_gradient_checkpointing_offload else True)
         return decode_latents(self.vae, latents.to(self.device), checkpoint=checkpoint,
                               tile=tuple(o.vae_tile) if o.vae_tile else None,
                               tile_stride=tuple(o.vae_tile_stride) if o.vae_tile_stride else None,
@@ -645,8 +696,8 @@ class Wan22Model(VideoModel):
             if r in self.lora_experts:
                 layers = {self._wan_name(k): v for k, v in lora_layers(self.dits[r], self.lora_alpha).items()}
                 state = write_lora(layers, fmt)
-                meta = {"format": f"{fmt}-lora", "expert": r, "lora_rank": str(self.config.lora_rank),
-                        "lora_alpha": str(self.lora_alpha), "lora_target_modules": self.config.lora_target_modules}
+                meta = {"format": f"{fmt}-lora", "expert": r, "lora_rank": str(self.options.lora_rank),
+                        "lora_alpha": str(self.lora_alpha), "lora_target_modules": self.options.lora_target_modules}
             else:
                 state = {self._wan_name(k): v.detach().cpu().contiguous() for k, v in self.dits[r].state_dict().items()}
                 meta = {"format": "wan-dit", "expert": r}
@@ -723,6 +774,7 @@ class Wan22Model(VideoModel):
 class Wan22TinyOptions(Wan22Options):
     """``wan2_2_tiny``: the same options, with defaults sized for the CPU."""
 
+    MODEL: ClassVar[str] = "wan2_2_tiny"
     text_len: int = 128  # byte-level tokens: about 127 characters of prompt
     vae_checkpointing: bool = False
 

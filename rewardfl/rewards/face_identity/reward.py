@@ -33,7 +33,7 @@ from typing import Literal, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from rewardfl.config import ConfigError
+from rewardfl.config import ConfigError, top_level_option
 from rewardfl.interfaces import Reward, RewardOutput, SampleContext
 
 from .align import ARCFACE_TEMPLATE, landmark_problems
@@ -94,6 +94,8 @@ class ReferenceFaces:
 class FaceModelOptions:
     """Options of every face reward: the models, detection, which face counts, references."""
 
+    #: the face model pack folder (the user's document's key; also at the top level of the YAML)
+    reward_model_path: Optional[str] = top_level_option(None, path=True)
     #: detector file (in reward_model_path or absolute); default: recognised by name
     detector: Optional[str] = None
     #: the detector's decoder; default: from the detector's file name
@@ -202,7 +204,7 @@ class FaceReward(Reward):
 
     @staticmethod
     def _find_pack(config, opts) -> ModelPack:
-        path = config.resolve_path(config.reward_model_path) if config.reward_model_path else None
+        path = config.resolve_path(opts.reward_model_path) if opts.reward_model_path else None
         return find_model_pack(path, detector=opts.detector, detector_type=opts.detector_type,
                                recognizer=opts.recognizer)
 
