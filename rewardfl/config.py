@@ -407,7 +407,8 @@ def unknown_top_level(cfg, declared) -> None:
     for key in cfg.plugin_keys:
         if key not in declared:
             names = {f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")} | set(declared)
-            raise ConfigError(f"unknown key '{key}'{_did_you_mean(str(key), names)}; see the config reference in README.md")
+            raise ConfigError(f"unknown key '{key}'{_did_you_mean(str(key), names)}; "
+                              "see the config reference in README.md")
 
 
 # --------------------------------------------------------------------------- loading

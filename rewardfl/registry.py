@@ -24,8 +24,8 @@ from .config import (ConfigError, PluginSection, TrainConfig, build_plugin_optio
 from .deps import explain_import_error
 from .interfaces import Algorithm, Reward, Sampler, VideoModel
 
-__all__ = ["KINDS", "PluginInfo", "PluginError", "list_plugins", "load_plugin", "create", "resolve_plugins", "resolve_config", "load_resolved",
-           "build_options", "unknown_plugin"]
+__all__ = ["KINDS", "PluginInfo", "PluginError", "list_plugins", "load_plugin", "create", "resolve_plugins",
+           "resolve_config", "load_resolved", "build_options", "unknown_plugin"]
 
 #: kind -> (entry-point group, interface class)
 KINDS = {
@@ -165,8 +165,9 @@ def resolve_config(cfg: TrainConfig, plugins: dict[str, type]) -> TrainConfig:
                                                               cfg.sampler.options, top)),
         reward=PluginSection(cfg.reward.name, build_options("reward", cfg.reward.name, plugins["reward"],
                                                             cfg.reward.options, top)),
-        algorithm=PluginSection(cfg.algorithm.name, build_options("algorithm", cfg.algorithm.name,
-                                                                  plugins["algorithm"], cfg.algorithm.options, top)),
+        algorithm=PluginSection(cfg.algorithm.name, build_options(
+            "algorithm", cfg.algorithm.name, plugins.get("algorithm") or load_plugin("algorithm", cfg.algorithm.name),
+            cfg.algorithm.options, top)),
         plugin_keys={},
     )
     if not top:
@@ -181,19 +182,19 @@ def _route_to_judges(judges: list, top: dict) -> tuple[list, set]:
     """``eval.judges`` with the top-level keys each judge's ``Options`` declares written into its entry
     (judges are built later, by the evaluation, from these entries), and the keys so routed."""
     out, routed = [], set()
-    for i, spec in enumerate(judges):
-        spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+    for i, judge in enumerate(judges):
+        spec = {"name": judge} if isinstance(judge, str) else dict(judge)
         try:
             cls = load_plugin("reward", spec["name"])
         except PluginError as e:
             raise ConfigError(f"eval.judges[{i}].name: {e}") from e
-        for key in top_level_fields(cls.Options):
-            if key in top:
-                if key in spec:
-                    raise ConfigError(f"{key}: set both at the top level and as eval.judges[{i}].{key}; keep one")
-                spec[key] = top[key]
-                routed.add(key)
-        out.append(spec)
+        keys = [key for key in top_level_fields(cls.Options) if key in top]
+        for key in keys:
+            if key in spec:
+                raise ConfigError(f"{key}: set both at the top level and as eval.judges[{i}].{key}; keep one")
+            spec[key] = top[key]
+        routed.update(keys)
+        out.append(spec if keys else judge)
     return out, routed
 
 

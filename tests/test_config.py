@@ -168,7 +168,7 @@ def test_top_level_keys_reach_every_plugin_that_declares_them():
     assert resolved.plugin_keys == {} and resolved.model.lora_rank == 4
     assert resolved.reward.options.reward_model_path == "/faces"
     assert resolved.eval.judges == [{"name": "face_identity", "label": "f", "reward_model_path": "/faces"},
-                                    {"name": "motion"}]
+                                    "motion"]
     with pytest.raises(ConfigError, match=r"^reward_model_path: set both at the top level and as eval\.judges\[0\]"):
         resolve_config(config_from_dict({"reward_model_path": "/faces", "eval": {"judges": [
             {"name": "face_identity", "reward_model_path": "/other"}]}}), resolve_plugins(cfg))

@@ -7,8 +7,8 @@
       - {name: identity_consistency, weight: 0.5, normalize: running}
       - {name: motion, weight: 0.2, frames: stride, frame_stride: 2}
 
-is ``reward: {name: weighted_sum, terms: [...]}``. Each entry is one reward plugin: ``name``, the composition's keys below, and the plugin's own
-options. Per micro-batch of B videos:
+is ``reward: {name: weighted_sum, terms: [...]}``. Each entry is one reward plugin: ``name``, the
+composition's keys below, and the plugin's own options. Per micro-batch of B videos:
 
 * each reward scores the frames it chooses (``frames: all`` / ``stride`` (every ``frame_stride``-th,
   frame 0 first) / ``random`` (``frame_count`` frames, drawn per call from (``seed``, call count,
@@ -102,7 +102,8 @@ class WeightedSumReward(Reward):
     # ------------------------------------------------------------------ config
 
     @classmethod
-    def resolve_options(cls, values, top_level: dict, prefix: str, also_known=(), owner: str = "") -> WeightedSumOptions:
+    def resolve_options(cls, values, top_level: dict, prefix: str, also_known=(),
+                        owner: str = "") -> WeightedSumOptions:
         """Validate the ``terms`` (the ``reward:`` list), each against its plugin through the registry
         with the config's top-level keys; errors name ``reward[i].key``."""
         entries = build_dataclass(WeightedSumOptions, values, prefix=prefix, also_known=also_known, owner=owner).terms

@@ -144,7 +144,8 @@ class Wan22Options:
                 (not self.trainable_models.strip(), "trainable_models: must name at least one model (e.g. dit2)"),
                 (self.lora_rank <= 0, f"lora_rank: must be > 0, got {self.lora_rank}"),
                 (not self.lora_target_modules.strip() and self.lora_base_model is not None,
-                 "lora_target_modules: empty; list module names such as q,k,v,o,ffn.0,ffn.2 or set lora_base_model: null"),
+                 "lora_target_modules: empty; list module names such as q,k,v,o,ffn.0,ffn.2 or set "
+                 "lora_base_model: null"),
                 (unsupported, f"extra_inputs: {', '.join(unsupported)} not supported; rewardfl supports "
                               f"{', '.join(EXTRA_INPUTS)} (the first frame of each clip conditions generation)"),
                 (self.extra_inputs is not None and missing,  # unset means "what the model needs"
@@ -435,7 +436,8 @@ class Wan22Model(VideoModel):
         lora = as_list(self.options.lora_base_model)
         for name in lora:
             if name not in trainable:
-                raise ValueError(f"lora_base_model: '{name}' is not in trainable_models ({self.options.trainable_models}); "
+                raise ValueError(f"lora_base_model: '{name}' is not in trainable_models "
+                                 f"({self.options.trainable_models}); "
                                  "add it there or set lora_base_model to a trained expert")
         return [r for r in self.experts if r in lora], [r for r in self.experts if r in trainable and r not in lora]
 
