@@ -45,6 +45,7 @@ __all__ = [
     "declared_top_level",
     "top_level_fields",
     "top_level_option",
+    "unknown_top_level",
     "check_paths",
     "dump_config",
     "training_timestep_range",
@@ -169,8 +170,8 @@ class TrainConfig:
     kl_weight: float = 1.0
     #: fixed starting noise for every step (the reference implementation's behaviour)
     fixed_noise: bool = False
-    #: fetch model files named by hub id (the model's model_id_with_origin_paths, an empty tokenizer_path) that are in
-    #: no local folder or cache, with the Hugging Face / ModelScope client into its standard cache
+    #: fetch model files named by hub id (the model's model_id_with_origin_paths, an empty tokenizer_path) that
+    #: are in no local folder or cache, with the Hugging Face / ModelScope client into its standard cache
     allow_download: bool = False
     #: device for training: "auto" picks cuda when available
     device: str = "auto"

@@ -167,9 +167,9 @@ class Wan22Options:
 class Wan22Model(VideoModel):
     """Wan2.2 I2V-A14B (two experts) / TI2V-5B (one) with LoRA or full fine-tuning of chosen experts.
 
-    Built as ``Wan22Model(config, options, device=torch.device)``; ``config`` is the TrainConfig
-    (``model_paths``, ``tokenizer_path``, ``trainable_models``, ``lora_*``,
-    ``use_gradient_checkpointing_offload``, ``mixed_precision``).
+    Built as ``Wan22Model(config, options, device=torch.device)``; ``options`` hold ``model_paths``,
+    ``tokenizer_path``, ``trainable_models``, ``lora_*``, ``use_gradient_checkpointing_offload``, ...;
+    ``config`` is the TrainConfig (``mixed_precision``, ``allow_download``).
     """
 
     #: the expert roles a set of weight files can fill (high noise, low noise); an instance keeps the
