@@ -36,8 +36,9 @@ def build(dit: str, device, *, offload: bool, vae_dim: int, text_len: int):
     from rewardfl.config import config_from_dict
     from rewardfl.models.wan.model import Wan22Model
 
-    cfg = config_from_dict({"use_gradient_checkpointing_offload": offload, "lora_rank": 32})
-    opts = Wan22Model.Options(text_len=text_len, vae_checkpointing=True)
+    cfg = config_from_dict({})
+    opts = Wan22Model.Options(text_len=text_len, vae_checkpointing=True, use_gradient_checkpointing_offload=offload,
+                              lora_rank=32)
     return Wan22Model.with_random_weights(cfg, opts, dit=dit, vae_dim=vae_dim, device=device)
 
 

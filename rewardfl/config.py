@@ -6,6 +6,13 @@ reference implementation's (``mid_timestep``, ``lora_rank``, ...), and sections
 for what rewardfl adds: ``sampler``, ``reward``, ``model`` (plugin name and
 options), ``data`` and ``deepspeed``.
 
+The core owns only its own keys (:class:`TrainConfig`) and the sections. A plugin owns the rest: a
+field of its ``Options`` with ``metadata={"top_level": True}`` may also be written at the top level
+(the seed's flat keys: ``model_paths``, ``lora_rank``, ``reward_model_path``, ...). Loading keeps such
+keys in ``TrainConfig.plugin_keys``; resolving the plugins (``rewardfl.registry``) routes each to every
+configured plugin that declares it and refuses the ones none declares. A field with
+``metadata={"path": True}`` names a file or folder that must exist (:func:`check_paths`).
+
 Every user error is a :class:`ConfigError` (a ``ValueError``) whose message
 names the key (dotted, e.g. ``sampler.shift``), what is wrong and how to fix it.
 """
@@ -34,6 +41,11 @@ __all__ = [
     "config_from_dict",
     "parse_overrides",
     "build_dataclass",
+    "build_plugin_options",
+    "declared_top_level",
+    "top_level_fields",
+    "top_level_option",
+    "unknown_top_level",
     "check_paths",
     "dump_config",
     "training_timestep_range",
@@ -138,14 +150,8 @@ class TrainConfig:
     num_train_epochs: int = 1
     #: AdamW weight decay
     weight_decay: float = 0.0
+    #: the model plugin; its keys (``model_paths``, ``lora_rank``, ...) are its ``Options``'
     model_name: str = "wan2_2"
-    model_paths: Optional[str] = None
-    reward_model_path: Optional[str] = None
-    tokenizer_path: Optional[str] = None
-    model_id_with_origin_paths: Optional[str] = None
-    trainable_models: str = "dit2"
-    use_gradient_checkpointing_offload: bool = False
-    extra_inputs: Optional[str] = None
     max_timestep_boundary: float = 1.0
     #: with ``max_timestep_boundary``: DiffSynth-Studio's training-schedule keys (fractions of its 1000-step shift-5 schedule), validated (0 <= min <= max <= 1) and kept, but they do not change reward-FL sampling or the gradient window (docs/design.md); ``--check`` prints the timesteps they denote
     min_timestep_boundary: float = 0.0
@@ -157,10 +163,6 @@ class TrainConfig:
     mid_timestep: int = 4
     #: the last sampling step: it jumps to sigma 0 and ends sampling (< ``num_inference_steps``)
     final_timestep: int = 7
-    lora_base_model: Optional[str] = "dit2"
-    lora_target_modules: str = "q,k,v,o,ffn.0,ffn.2"
-    lora_rank: int = 32
-    lora_alpha: Optional[float] = None
     #: global batch per optimizer step = per_device_train_batch_size * world size *
     #: gradient_accumulation_steps; when set, must agree (checked at launch).
     train_batch_size: Optional[int] = None
@@ -193,8 +195,8 @@ class TrainConfig:
     kl_weight: float = 1.0
     #: fixed starting noise for every step (the reference implementation's behaviour)
     fixed_noise: bool = False
-    #: fetch model files named by hub id (model_id_with_origin_paths, an empty tokenizer_path) that are in
-    #: no local folder or cache, with the Hugging Face / ModelScope client into its standard cache
+    #: fetch model files named by hub id (the model's model_id_with_origin_paths, an empty tokenizer_path) that
+    #: are in no local folder or cache, with the Hugging Face / ModelScope client into its standard cache
     allow_download: bool = False
     #: device for training: "auto" picks cuda when available
     device: str = "auto"
@@ -241,6 +243,9 @@ class TrainConfig:
     #: set when loading: the directory relative paths are resolved against (the
     #: working directory at load time, as in ROLL and DiffSynth-Studio)
     base_dir: str = dataclasses.field(default=".", metadata={"internal": True})
+    #: set when loading: the top-level keys the core does not own, for the plugins that declare them
+    #: (routed by ``rewardfl.registry.resolve_config``, which empties this); written back at the top level
+    plugin_keys: dict = dataclasses.field(default_factory=dict, metadata={"internal": True, "inline": True})
 
     def resolve_path(self, value: Optional[str]) -> Optional[str]:
         """An absolute path for a path from the config (relative ones: to ``base_dir``)."""
@@ -250,19 +255,18 @@ class TrainConfig:
         return value if os.path.isabs(value) else os.path.normpath(os.path.join(self.base_dir, value))
 
 
-#: the ``reward.name`` of a list of rewards (``reward: [{name: a, weight: 1}, ...]``), trained as their
-#: weighted sum by ``rewardfl.training.composite.CompositeReward``; no plugin may take this name
-COMPOSITE_REWARD = "weighted_sum"
+#: a plugin section written as a list is shorthand for this plugin with the list as its ``terms``:
+#: ``reward: [{name: a, weight: 1}, ...]`` is the reward plugin ``weighted_sum`` (rewardfl.rewards.weighted_sum)
+LIST_SECTIONS = {"reward": "weighted_sum"}
 
 #: the trackers ``report_to`` may name (``rewardfl.training.trackers``)
 REPORT_TO = ("tensorboard", "wandb")
 
-# keys whose values are filesystem paths that must exist (when set), for check_paths
-PATH_KEYS = ("model_paths", "reward_model_path", "tokenizer_path", "data.metadata_path", "data.eval_metadata_path")
+# the core's keys whose values are filesystem paths that must exist (when set), for check_paths (the
+# plugins' are their Options fields marked ``metadata={"path": True}``)
+PATH_KEYS = ("data.metadata_path", "data.eval_metadata_path")
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
-#: values of ``extra_inputs`` rewardfl feeds to models (DiffSynth-Studio's names)
-EXTRA_INPUTS = ("input_image",)
 MIXED_PRECISION = ("auto", "no", "fp32", "bf16", "fp16")
 
 
@@ -353,14 +357,17 @@ def _coerce(value, tp, key: str):
     return value
 
 
-def build_dataclass(cls, values: dict, prefix: str = "", also_known: Sequence[str] = ()):
+def build_dataclass(cls, values: dict, prefix: str = "", also_known: Sequence[str] = (), top_level=None,
+                    owner: str = ""):
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
 
     Used for the config and for every plugin's ``Options``; ``prefix`` is the
     dotted key of the section, used in messages. ``also_known``: keys the same mapping takes for
     something else (a reward-list entry's ``weight``, ``label``, ...), listed and suggested too. A
     dataclass may name keys it no longer takes in a ``REMOVED_KEYS`` class attribute (key -> what
-    replaced it) for a clearer error.
+    replaced it) for a clearer error. ``top_level``: more values, written at the top level of the YAML
+    (messages name them without ``prefix``). ``owner``: whose keys these are (a plugin), named when
+    one is unknown.
     """
     if values is None:
         values = {}
@@ -368,7 +375,7 @@ def build_dataclass(cls, values: dict, prefix: str = "", also_known: Sequence[st
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(values).__name__} {values!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    kwargs = {}
+    kwargs = {key: _coerce(value, hints[key], key) for key, value in (top_level or {}).items()}
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
@@ -379,7 +386,8 @@ def build_dataclass(cls, values: dict, prefix: str = "", also_known: Sequence[st
             known = ("known keys: " + ", ".join(names) if len(names) <= 12
                      else (f"known keys: {', '.join(also_known)} and the plugin's own ({', '.join(sorted(fields))})"
                            if also_known else "see docs/configuration.md"))
-            raise ConfigError(f"unknown key '{dotted}'{_did_you_mean(str(key), names)}; {known}")
+            whose = f" ({owner})" if owner else ""
+            raise ConfigError(f"unknown key '{dotted}'{_did_you_mean(str(key), names)}{whose}; {known}")
         kwargs[key] = _coerce(value, hints[key], dotted)
     try:
         return cls(**kwargs)
@@ -387,6 +395,51 @@ def build_dataclass(cls, values: dict, prefix: str = "", also_known: Sequence[st
         missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]
         raise ConfigError(f"{prefix or 'config'}: missing required key(s) {missing}") from e
+
+
+def top_level_option(default, *, path: bool = False):
+    """A plugin ``Options`` field that may also be written at the top level of the YAML (``path``: a
+    file or folder that must exist, checked by :func:`check_paths`)."""
+    return dataclasses.field(default=default, metadata={"top_level": True, "path": path})
+
+
+def top_level_fields(cls) -> list[str]:
+    """The keys a plugin's ``Options`` (dataclass ``cls``) also takes at the top level of the YAML."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("top_level")]
+
+
+def build_plugin_options(cls, values, top_level: dict, prefix: str, also_known: Sequence[str] = (),
+                         owner: str = ""):
+    """A plugin's ``Options`` (dataclass ``cls``) from its config section ``values`` and the top-level
+    keys (``top_level``: ``TrainConfig.plugin_keys``) it declares with ``metadata={"top_level": True}``;
+    a key set both at the top level and in the section is an error naming both. ``owner`` names the
+    plugin in an unknown key's error."""
+    routed = {key: top_level[key] for key in top_level_fields(cls) if key in top_level}
+    for key in routed:
+        if isinstance(values, dict) and key in values:
+            raise ConfigError(f"{key}: set both at the top level and as {prefix}.{key}; keep one")
+    return build_dataclass(cls, values, prefix=prefix, also_known=also_known, top_level=routed, owner=owner)
+
+
+def declared_top_level(options) -> set[str]:
+    """The top-level keys resolved plugin options declare: ``options`` a dataclass instance, or lists and
+    dataclasses of them (a reward made of rewards keeps its terms' options inside its own)."""
+    if isinstance(options, (list, tuple)):
+        return set().union(*(declared_top_level(o) for o in options))
+    if not dataclasses.is_dataclass(options) or isinstance(options, type):
+        return set()
+    return set(top_level_fields(options)).union(
+        *(declared_top_level(getattr(options, f.name)) for f in dataclasses.fields(options)))
+
+
+def unknown_top_level(cfg, declared) -> None:
+    """Refuse the first of ``cfg.plugin_keys`` that no configured plugin declares (``declared``): the
+    same one-line "unknown key" as any other, suggesting the core's and the plugins' top-level keys."""
+    for key in cfg.plugin_keys:
+        if key not in declared:
+            names = {f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")} | set(declared)
+            raise ConfigError(f"unknown key '{key}'{_did_you_mean(str(key), names)}; "
+                              "see docs/configuration.md")
 
 
 # --------------------------------------------------------------------------- loading
@@ -418,10 +471,8 @@ def config_from_dict(raw: dict, *, base_dir: Optional[str] = None) -> TrainConfi
         raise ConfigError(f"config: the top level must be a mapping of keys, got {type(raw).__name__}")
     raw = dict(raw)
     for key in ("sampler", "reward", "algorithm"):
-        if key == "reward" and isinstance(raw.get(key), list):  # several rewards: rewardfl.training.composite
-            if not raw[key]:
-                raise ConfigError("reward: an empty list; name one reward or a list of {name, weight, ...}")
-            raw[key] = PluginSection(COMPOSITE_REWARD, list(raw[key]))
+        if key in LIST_SECTIONS and isinstance(raw.get(key), list):
+            raw[key] = PluginSection(LIST_SECTIONS[key], {"terms": list(raw[key])})
         elif key in raw:
             sec = _normalize_plugin_section(raw[key], key)
             raw[key] = PluginSection(sec["name"], sec["options"])
@@ -429,7 +480,9 @@ def config_from_dict(raw: dict, *, base_dir: Optional[str] = None) -> TrainConfi
         raw["report_to"] = [raw["report_to"]]
     if "model" in raw and raw["model"] is None:
         raw["model"] = {}
-    cfg = build_dataclass(TrainConfig, raw)
+    core = {f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")}
+    cfg = build_dataclass(TrainConfig, {k: v for k, v in raw.items() if k in core})
+    cfg.plugin_keys = {k: v for k, v in raw.items() if k not in core}
     cfg.base_dir = os.path.abspath(base_dir or os.getcwd())
     validate(cfg)
     return cfg
@@ -451,7 +504,7 @@ def validate(cfg: TrainConfig) -> None:
           f"lr_scheduler_type: must be one of {list(LR_SCHEDULERS)}, got {cfg.lr_scheduler_type!r}"
           f"{_did_you_mean(cfg.lr_scheduler_type, LR_SCHEDULERS)}")
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
-                "num_inference_steps", "save_steps", "logging_steps", "lora_rank"):
+                "num_inference_steps", "save_steps", "logging_steps"):
         value = getattr(cfg, key)
         _need(value > 0, f"{key}: must be > 0, got {value}")
     _need(cfg.warmup_steps >= 0, f"warmup_steps: must be >= 0, got {cfg.warmup_steps}")
@@ -474,13 +527,6 @@ def validate(cfg: TrainConfig) -> None:
           f"mixed_precision: must be one of {list(MIXED_PRECISION)}, got {cfg.mixed_precision!r}")
     _need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
           f"device: must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}")
-    _need(bool(cfg.trainable_models.strip()), "trainable_models: must name at least one model (e.g. dit2)")
-    _need(bool(cfg.lora_target_modules.strip()) or cfg.lora_base_model is None,
-          "lora_target_modules: empty; list module names such as q,k,v,o,ffn.0,ffn.2 or set lora_base_model: null")
-    inputs = parse_extra_inputs(cfg.extra_inputs)
-    unsupported = [i for i in inputs if i not in EXTRA_INPUTS]
-    _need(not unsupported, f"extra_inputs: {', '.join(unsupported)} not supported; rewardfl supports "
-                           f"{', '.join(EXTRA_INPUTS)} (the first frame of each clip conditions generation)")
     d = cfg.data
     _need(d.num_frames > 0 and (d.num_frames - 1) % 4 == 0,
           f"data.num_frames: must be of the form 4k+1 (1, 5, 9, ..., 81), got {d.num_frames}")
@@ -539,28 +585,30 @@ def training_timestep_range(min_boundary: float, max_boundary: float, shift: flo
     return t_of(min(hi - 1, n - 1)), t_of(lo)
 
 
-def parse_extra_inputs(value: Optional[str]) -> list[str]:
-    """``"input_image, end_image"`` -> ``["input_image", "end_image"]``; None -> []."""
-    return [v.strip() for v in (value or "").split(",") if v.strip()]
+def _plugin_paths(options, prefix: str):
+    """``(key, value)`` of the fields marked ``metadata={"path": True}`` in resolved plugin options (and
+    in the options they hold); a top-level key is named as written there."""
+    if isinstance(options, (list, tuple)):
+        for i, item in enumerate(options):
+            yield from _plugin_paths(item, f"{prefix}[{i}]")
+    elif dataclasses.is_dataclass(options) and not isinstance(options, type):
+        for f in dataclasses.fields(options):
+            value = getattr(options, f.name)
+            if f.metadata.get("path"):
+                yield (f.name if f.metadata.get("top_level") else f"{prefix}.{f.name}"), value
+            else:
+                yield from _plugin_paths(value, prefix if f.metadata.get("inline") else f"{prefix}.{f.name}")
 
 
-def check_model_inputs(cfg: TrainConfig, model_cls) -> None:
-    """The inputs the model plugin needs (its ``required_inputs``) are listed in ``extra_inputs``
-    (when the user sets it; unset means "what the model needs")."""
-    if cfg.extra_inputs is None:
-        return
-    given = parse_extra_inputs(cfg.extra_inputs)
-    missing = [i for i in getattr(model_cls, "required_inputs", ()) if i not in given]
-    if missing:
-        raise ConfigError(f"extra_inputs: {cfg.model_name} is an image-to-video model and needs "
-                          f"{', '.join(missing)}; set extra_inputs: {', '.join(given + missing)}")
-
-
-def check_paths(cfg: TrainConfig, keys=PATH_KEYS) -> None:
-    """Every configured path exists; raises ConfigError naming the key and the resolved path."""
-    for key in keys:
-        obj, attr = (cfg, key) if "." not in key else (getattr(cfg, key.split(".")[0]), key.split(".")[1])
-        value = getattr(obj, attr)
+def check_paths(cfg: TrainConfig) -> None:
+    """Every configured path exists (the core's, and the resolved plugins' path fields); raises
+    ConfigError naming the key and the resolved path."""
+    keys = []
+    for section in ("model", "sampler", "reward", "algorithm"):
+        value = getattr(cfg, section)
+        keys += _plugin_paths(value.options if isinstance(value, PluginSection) else value, section)
+    keys += [(key, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])) for key in PATH_KEYS]
+    for key, value in keys:
         if value is None:
             continue
         path = cfg.resolve_path(value)
@@ -631,7 +679,8 @@ def read_yaml(path: str) -> dict:
 
 
 def load_config(path: str, overrides=(), *, paths: bool = True) -> TrainConfig:
-    """Read YAML ``path``, apply ``--set`` overrides, validate (and check paths unless ``paths=False``)."""
+    """Read YAML ``path``, apply ``--set`` overrides, validate (and check the core's paths unless
+    ``paths=False``; the plugins' once they are resolved: ``rewardfl.registry.load_resolved``)."""
     raw = _merge(read_yaml(path), parse_overrides(overrides))
     cfg = config_from_dict(raw)
     if paths:
@@ -643,17 +692,15 @@ def to_dict(cfg) -> dict:
     """Plain data (for YAML/JSON) of a config, plugin options included."""
     def conv(obj):
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            if isinstance(obj, PluginSection) and obj.name == COMPOSITE_REWARD:  # back to the user's list
-                out = []
-                for term in getattr(obj.options, "terms", obj.options):
-                    entry = conv(term)
-                    if isinstance(entry, dict) and isinstance(entry.get("options"), dict):
-                        entry = {**{k: v for k, v in entry.items() if k != "options"}, **entry["options"]}
-                    out.append(entry)
-                return out
             if isinstance(obj, PluginSection):
                 return {"name": obj.name, **conv(obj.options)}
-            return {f.name: conv(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
+            out = {}
+            for f in dataclasses.fields(obj):  # an "inline" field's keys sit beside the others (as written)
+                if f.metadata.get("inline"):
+                    out.update(conv(getattr(obj, f.name)) or {})
+                elif not f.metadata.get("internal"):
+                    out[f.name] = conv(getattr(obj, f.name))
+            return out
         if isinstance(obj, dict):
             return {k: conv(v) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):

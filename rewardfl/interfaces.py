@@ -12,9 +12,11 @@ Every plugin class has:
   (``sampler:``, ``model:``, ``reward:``) is validated against it, with unknown
   keys, wrong types and did-you-mean reported by ``rewardfl.config``.
 * ``__init__(self, config, options, **runtime)``: ``config`` is the whole
-  validated :class:`rewardfl.config.TrainConfig` (the user's top-level keys such
-  as ``num_inference_steps`` or ``model_paths`` live there), ``options`` an
-  instance of ``Options``; ``runtime`` carries things such as ``device``.
+  validated :class:`rewardfl.config.TrainConfig` (the core's keys such as
+  ``num_inference_steps``), ``options`` an instance of ``Options`` (a field with
+  ``metadata={"top_level": True}``, such as the Wan model's ``model_paths``, may
+  also be written at the top level of the YAML and arrives here); ``runtime``
+  carries things such as ``device``.
   Constructors must stay cheap enough for ``--check`` where possible and must
   raise ``ValueError``/``FileNotFoundError`` naming the config key for user
   errors.
@@ -31,6 +33,8 @@ from typing import Any, ClassVar, Iterator, Optional, Sequence
 
 import torch
 
+from .config import build_plugin_options
+
 __all__ = [
     "NoOptions",
     "StepPlan",
@@ -43,6 +47,7 @@ __all__ = [
     "Reward",
     "MicroBatch",
     "Algorithm",
+    "require_gradient",
 ]
 
 
@@ -172,9 +177,6 @@ class VideoModel(ABC):
         naming the key for what is missing."""
         return []
 
-    #: the ``extra_inputs`` the model needs (image-to-video models: ``("input_image",)``); every
-    #: model rewardfl drives is conditioned on each clip's first frame
-    required_inputs: ClassVar[tuple[str, ...]] = ("input_image",)
     #: the model's latent dtype (bf16 on GPU, fp32 on CPU typically)
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
@@ -313,7 +315,7 @@ class StepCache:
     """Work that several rewards of one micro-batch share (the same frames resized, the same face
     detections), computed once.
 
-    The composition (``rewardfl.training.composite``) gives every reward of a micro-batch the same cache
+    The composition (``rewardfl.rewards.weighted_sum``) gives every reward of a micro-batch the same cache
     as ``reward.cache`` and the same tensor object for the same frame selection, so a key built
     from the input tensor and the name of the computation identifies the work:
     ``self.cache.get(frames, "face_detections", lambda: detect(frames))``. The cache lives for
@@ -374,10 +376,25 @@ class Reward(ABC):
         self.__dict__["_step_cache"] = value
 
     @classmethod
+    def resolve_options(cls, values, top_level: dict, prefix: str, also_known=(), owner: str = ""):
+        """This reward's validated ``Options`` from its config section ``values`` and the config's
+        top-level keys ``top_level`` (the ones its ``Options`` declares are routed in); errors name
+        ``prefix.key`` and ``owner`` (the plugin). A reward made of other rewards (``weighted_sum``)
+        overrides this to build each of theirs through ``rewardfl.registry.build_options`` with the
+        same ``top_level``."""
+        return build_plugin_options(cls.Options, values, top_level, prefix, also_known, owner)
+
+    @classmethod
     def check(cls, config, options) -> list[str]:
         """``run --check``: find the reward's files without loading them; lines to print (e.g.
         "detector /path/det.onnx"). Raises ``ConfigError`` naming the key for what is missing."""
         return []
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of ``tensor`` (on the CPU) over every training process, for a reward whose state must
+        agree across them (``weighted_sum``'s running statistics). The trainer replaces it on every
+        reward it builds with its all-reduce; built elsewhere (one process), the tensor itself."""
+        return tensor
 
     def state_dict(self) -> dict:
         """What a training checkpoint keeps of the reward (JSON-serialisable; e.g. running statistics)."""
@@ -411,6 +428,17 @@ class Reward(ABC):
         if not bool(valid.any()):
             return output.scores.sum() * 0.0
         return -(output.scores[valid]).mean()
+
+
+def require_gradient(loss: torch.Tensor, source: torch.Tensor, valid: torch.Tensor, who: str) -> None:
+    """A differentiable reward whose loss lost the gradient of ``source`` (the videos it scored) would
+    otherwise fail inside autograd with a traceback that names nothing (scores computed under
+    ``no_grad``, detached, or through numpy): one line naming the reward ``who`` instead."""
+    if source.requires_grad and bool(valid.any()) and not loss.requires_grad:
+        raise ValueError(f"{who}: declares itself differentiable, but its loss carries no gradient from the "
+                         "videos (its scores were detached: computed under torch.no_grad, .detach(), .item() or "
+                         "numpy); keep them in the autograd graph, or declare it differentiable = False and list "
+                         "it with weight: 0 to log it only")
 
 
 # --------------------------------------------------------------------------- training algorithms

@@ -1,4 +1,4 @@
-"""The plugin registry: samplers, rewards and models found through entry points.
+"""The plugin registry: samplers, rewards, models and algorithms found through entry points.
 
 Plugins (the project's built-ins included) are declared in a distribution's
 entry points::
@@ -19,11 +19,13 @@ import importlib.metadata as md
 import traceback
 from typing import Any, Optional
 
-from .config import COMPOSITE_REWARD, ConfigError, PluginSection, TrainConfig, build_dataclass
+from .config import (ConfigError, PluginSection, TrainConfig, build_plugin_options, check_paths, declared_top_level,
+                     load_config, top_level_fields, unknown_top_level)
 from .deps import explain_import_error
 from .interfaces import Algorithm, Reward, Sampler, VideoModel
 
-__all__ = ["KINDS", "PluginInfo", "PluginError", "list_plugins", "load_plugin", "create", "resolve_plugins", "resolve_config", "load_resolved"]
+__all__ = ["KINDS", "PluginInfo", "PluginError", "list_plugins", "load_plugin", "create", "resolve_plugins",
+           "resolve_config", "load_resolved", "build_options", "unknown_plugin"]
 
 #: kind -> (entry-point group, interface class)
 KINDS = {
@@ -72,7 +74,7 @@ def list_plugins(kind: Optional[str] = None) -> list[PluginInfo]:
     return sorted(out, key=lambda p: (p.kind, p.name))
 
 
-def _unknown(kind: str, name: str, available: list[str]) -> PluginError:
+def unknown_plugin(kind: str, name: str, available: list[str]) -> PluginError:
     close = difflib.get_close_matches(name, available, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     listed = ", ".join(available) if available else "none installed"
@@ -88,7 +90,7 @@ def load_plugin(kind: str, name: str):
     """
     infos = [p for p in list_plugins(kind) if p.name == name]
     if not infos:
-        raise _unknown(kind, name, [p.name for p in list_plugins(kind)])
+        raise unknown_plugin(kind, name, [p.name for p in list_plugins(kind)])
     if len({(p.distribution, p.module) for p in infos}) > 1:
         where = ", ".join(f"{p.module} from {p.distribution} {p.version}" for p in infos)
         raise PluginError(f"{kind} plugin '{name}' is registered more than once: {where}; uninstall one")
@@ -112,83 +114,103 @@ def load_plugin(kind: str, name: str):
     return obj
 
 
-def build_options(kind: str, name: str, cls, options) -> Any:
-    """Validate a plugin's config section against its ``Options`` dataclass."""
+def build_options(kind: str, name: str, cls, options, top_level=None, prefix: Optional[str] = None,
+                  also_known=()) -> Any:
+    """Validate a plugin's config section against its ``Options`` dataclass, with the top-level keys
+    (``top_level``, the config's ``plugin_keys``) it declares routed in. A reward builds its own
+    (``Reward.resolve_options``: one made of rewards builds theirs through this function)."""
     opts_cls = getattr(cls, "Options", None)
     if opts_cls is None or not dataclasses.is_dataclass(opts_cls):
         raise PluginError(f"{kind} plugin '{name}' ({cls.__module__}.{cls.__name__}) has no Options dataclass")
     if dataclasses.is_dataclass(options) and isinstance(options, opts_cls):
         return options
-    return build_dataclass(opts_cls, dict(options or {}), prefix=kind)
+    prefix, top_level, owner = prefix or kind, top_level or {}, f"the {kind} plugin '{name}'"
+    if kind == "reward":
+        return cls.resolve_options(options, top_level, prefix, also_known, owner)
+    return build_plugin_options(opts_cls, options, top_level, prefix, also_known, owner)
 
 
 def resolve_plugins(cfg: TrainConfig) -> dict[str, type]:
-    """Load the three plugins a config names and validate their options (the config is not changed).
+    """Load the plugins a config names and validate their options (the config is not changed).
 
     Returns ``{"model": cls, "sampler": cls, "reward": cls, "algorithm": cls}``. Errors name the
     config key (``model_name``, ``sampler.name``, ``reward.name``, ``algorithm.name`` or an option).
     """
-    composite = cfg.reward.name == COMPOSITE_REWARD
     wanted = [("model", "model_name", cfg.model_name), ("sampler", "sampler.name", cfg.sampler.name),
-              ("algorithm", "algorithm.name", cfg.algorithm.name)]
-    if composite:  # reward: a list; each entry's name
-        wanted += [("reward", f"reward[{i}].name", e.get("name") if isinstance(e, dict) else e)
-                   for i, e in enumerate(cfg.reward.options) if isinstance(e, (str, dict))]
-    else:
-        wanted.append(("reward", "reward.name", cfg.reward.name))
+              ("algorithm", "algorithm.name", cfg.algorithm.name), ("reward", "reward.name", cfg.reward.name)]
     # names first (metadata only), so a typo is reported before anything heavy imports
     for kind, key, name in wanted:
         available = [p.name for p in list_plugins(kind)]
-        if isinstance(name, str) and name not in available:
-            raise ConfigError(f"{key}: {_unknown(kind, name, available)}")
+        if name not in available:
+            raise ConfigError(f"{key}: {unknown_plugin(kind, name, available)}")
     classes = {}
     for kind, key, name in wanted:
         try:
-            cls = load_plugin(kind, name) if isinstance(name, str) else None
+            classes[kind] = load_plugin(kind, name)
         except PluginError as e:
             raise ConfigError(f"{key}: {e}") from e
-        classes.setdefault(kind, cls)
-    if composite:
-        from .training.composite import CompositeReward
-
-        classes["reward"] = CompositeReward
     resolve_config(cfg, classes)  # every plugin's options validated here, before anything loads
     return classes
 
 
 def resolve_config(cfg: TrainConfig, plugins: dict[str, type]) -> TrainConfig:
-    """A copy of ``cfg`` whose plugin sections hold each plugin's validated ``Options`` instance."""
-    return dataclasses.replace(
+    """A copy of ``cfg`` whose plugin sections hold each plugin's validated ``Options`` instance, the
+    top-level keys (``cfg.plugin_keys``) routed to every configured plugin that declares them (the eval
+    judges' included); a key none declares is an unknown key."""
+    top = cfg.plugin_keys
+    resolved = dataclasses.replace(
         cfg,
-        model=build_options("model", cfg.model_name, plugins["model"], cfg.model),
+        model=build_options("model", cfg.model_name, plugins["model"], cfg.model, top),
         sampler=PluginSection(cfg.sampler.name, build_options("sampler", cfg.sampler.name, plugins["sampler"],
-                                                              cfg.sampler.options)),
-        reward=PluginSection(cfg.reward.name, _reward_options(cfg, plugins["reward"])),
+                                                              cfg.sampler.options, top)),
+        reward=PluginSection(cfg.reward.name, build_options("reward", cfg.reward.name, plugins["reward"],
+                                                            cfg.reward.options, top)),
         algorithm=PluginSection(cfg.algorithm.name, build_options(
             "algorithm", cfg.algorithm.name, plugins.get("algorithm") or load_plugin("algorithm", cfg.algorithm.name),
-            cfg.algorithm.options)),
+            cfg.algorithm.options, top)),
+        plugin_keys={},
     )
+    if not top:
+        return resolved
+    judges, judged = _route_to_judges(cfg.eval.judges, top)
+    unknown_top_level(cfg, judged | declared_top_level(
+        [resolved.model, resolved.sampler.options, resolved.reward.options, resolved.algorithm.options]))
+    return dataclasses.replace(resolved, eval=dataclasses.replace(cfg.eval, judges=judges))
 
 
-def _reward_options(cfg: TrainConfig, cls) -> Any:
-    if cfg.reward.name == COMPOSITE_REWARD:  # a list of rewards: each entry validated against its plugin
-        return cls.resolve_options(cfg.reward.options, lambda name: load_plugin("reward", name))
-    return build_options("reward", cfg.reward.name, cls, cfg.reward.options)
+def _route_to_judges(judges: list, top: dict) -> tuple[list, set]:
+    """``eval.judges`` with the top-level keys each judge's ``Options`` declares written into its entry
+    (judges are built later, by the evaluation, from these entries), and the keys so routed."""
+    out, routed = [], set()
+    for i, judge in enumerate(judges):
+        spec = {"name": judge} if isinstance(judge, str) else dict(judge)
+        try:
+            cls = load_plugin("reward", spec["name"])
+        except PluginError as e:
+            raise ConfigError(f"eval.judges[{i}].name: {e}") from e
+        keys = [key for key in top_level_fields(cls.Options) if key in top]
+        for key in keys:
+            if key in spec:
+                raise ConfigError(f"{key}: set both at the top level and as eval.judges[{i}].{key}; keep one")
+            spec[key] = top[key]
+        routed.update(keys)
+        out.append(spec if keys else judge)
+    return out, routed
 
 
 def load_resolved(path: str, overrides=()) -> tuple[TrainConfig, dict[str, type]]:
     """What every command starts with: the YAML at ``path`` with ``--set`` overrides, validated, its
-    plugins loaded and their options resolved, the model's required inputs checked."""
-    from .config import check_model_inputs, load_config
-
-    cfg = load_config(path, overrides)
+    plugins loaded and their options resolved (the top-level keys routed, the plugins' paths checked)."""
+    cfg = load_config(path, overrides, paths=False)
     plugins = resolve_plugins(cfg)
     cfg = resolve_config(cfg, plugins)
-    check_model_inputs(cfg, plugins["model"])
+    check_paths(cfg)
     return cfg, plugins
 
 
 def create(kind: str, name: str, config: TrainConfig, options=None, **runtime):
-    """Instantiate plugin ``name``: ``cls(config, validated_options, **runtime)``."""
+    """Instantiate plugin ``name``: ``cls(config, validated_options, **runtime)`` (the config's top-level
+    keys the plugin declares routed into its options)."""
     cls = load_plugin(kind, name)
-    return cls(config, build_options(kind, name, cls, options), **runtime)
+    top = getattr(config, "plugin_keys", None)
+    return cls(config, build_options(kind, name, cls, options, top), **runtime)

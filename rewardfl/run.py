@@ -50,7 +50,7 @@ def check(cfg, plugins, config_path: str) -> None:
     model = plugins["model"]
     experts = tuple(getattr(model, "experts", ()) or ())
     if experts:
-        trainable = [e.strip() for e in cfg.trainable_models.split(",") if e.strip() in experts]
+        trainable = [e.strip() for e in cfg.model.trainable_models.split(",") if e.strip() in experts]
         plan = plan_steps(cfg, sampler, experts, trainable, expert_boundary_of(model, cfg))
         grad = [f"{p.index}:{p.expert}" for p in plan if p.grad]
         print(f"plan     {len(plan)} steps, gradient at {', '.join(grad)}")

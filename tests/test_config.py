@@ -1,22 +1,20 @@
 """Config loading and validation: every user error is one line naming the key, exit code 2."""
 
-import glob
 import os
 import re
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 import yaml
 
 from rewardfl import run
 from rewardfl.config import (ConfigError, config_from_dict, dump_config, load_config,
-                             parse_overrides, read_yaml)
+                             parse_overrides, read_yaml, to_dict)
+from rewardfl.registry import load_resolved, resolve_config, resolve_plugins
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEED_GLOB = os.path.join(ROOT, "..", "shared", "seed", "*.txt")
-
-
 SEED_COPY = os.path.join(ROOT, "tests", "data", "seed_config.yaml")
 
 
@@ -26,38 +24,32 @@ def seed_yaml_block():
         return f.read()
 
 
-def test_the_shipped_seed_config_is_the_documents():
-    files = sorted(glob.glob(SEED_GLOB))
-    if not files:
-        pytest.skip("the seed document is not beside this checkout: the shipped copy is what the other tests use")
-    text = open(files[0], encoding="utf-8").read()
-    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
-    assert blocks, "no yaml block in the seed document"
-    assert yaml.safe_load(blocks[0]) == yaml.safe_load(seed_yaml_block())
-
-
-def test_the_users_document_example_loads_as_it_stands():
+def test_the_seed_recipe_loads_as_it_stands():
     raw = yaml.safe_load(seed_yaml_block())
     cfg = config_from_dict(raw)
-    # every key of the document arrives with its value and type
+    cfg = resolve_config(cfg, resolve_plugins(cfg))
+    # every key of the recipe arrives with its value and type: at the core or at the plugin declaring it
     assert cfg.learning_rate == pytest.approx(2.5e-6)
     assert cfg.model_name == "wan2_2"
-    assert cfg.trainable_models == "dit2"
-    assert cfg.use_gradient_checkpointing_offload is True
-    assert cfg.extra_inputs == "input_image"
+    assert cfg.model.trainable_models == "dit2"
+    assert cfg.model.use_gradient_checkpointing_offload is True
+    assert cfg.model.extra_inputs == "input_image"
     assert (cfg.min_timestep_boundary, cfg.max_timestep_boundary) == (0.9, 1.0)
     assert cfg.num_inference_steps == 8
-    assert cfg.model_id_with_origin_paths is None
+    assert cfg.model.model_id_with_origin_paths is None
+    assert cfg.reward.options.reward_model_path == raw["reward_model_path"]
     for key, value in raw.items():
-        assert getattr(cfg, key) == value, key
+        owner = next(o for o in (cfg, cfg.model, cfg.reward.options) if key in {f.name for f in fields(o)})
+        assert getattr(owner, key) == value, key
 
 
 def test_example_config_loads_without_paths_and_names_the_missing_path():
     path = os.path.join(ROOT, "examples", "reward_fl_wan22.yaml")
     cfg = load_config(path, paths=False)
-    assert cfg.mid_timestep == 4 and cfg.final_timestep == 7 and cfg.lora_rank == 32
+    cfg = resolve_config(cfg, resolve_plugins(cfg))
+    assert cfg.mid_timestep == 4 and cfg.final_timestep == 7 and cfg.model.lora_rank == 32
     with pytest.raises(ConfigError, match=r"^model_paths: path does not exist: .*wan22_paths\.json"):
-        load_config(path)
+        load_resolved(path)
 
 
 def test_yaml_scientific_notation_without_dot_is_a_number():
@@ -102,6 +94,14 @@ BAD_CONFIGS = [
     ("- a\n- b\n", [], r"the top level must be a mapping"),
     ("seed: 1\n", ["seed"], r"--set seed: expected key=value"),
     ("resume_from_checkpoint: /nonexistent/ckpt\n", [], r"resume_from_checkpoint: checkpoint does not exist"),
+    # the plugins' keys: at the top level (the seed's) or in their section, not both
+    ("lora_rank: 4\nmodel:\n  lora_rank: 8\n", [], r"lora_rank: set both at the top level and as model\.lora_rank; keep one"),
+    ("lora_rnak: 4\n", [], r"unknown key 'lora_rnak' \(did you mean 'lora_rank'\?\); see docs/configuration\.md"),
+    ("model:\n  lora_rnak: 4\n", [], r"unknown key 'model\.lora_rnak' \(did you mean 'lora_rank'\?\) \(the model plugin 'wan2_2'\)"),
+    ("reward: motion\nreward_model_path: /tmp\n", [], r"unknown key 'reward_model_path' .*; see docs/configuration\.md"),
+    ("trainable_models: ' '\n", [], r"trainable_models: must name at least one model \(e\.g\. dit2\)"),
+    ("lora_rank: 0\n", [], r"lora_rank: must be > 0, got 0"),
+    ("lora_target_modules: ''\n", [], r"lora_target_modules: empty; list module names"),
 ]
 
 
@@ -143,3 +143,23 @@ def test_resolved_config_roundtrips_through_yaml(tmp_path):
     assert back == cfg or (back.learning_rate, back.sampler, back.data, back.model) == (
         cfg.learning_rate, cfg.sampler, cfg.data, cfg.model)
     assert back.sampler.options == {"shift": 3.0}
+
+
+def test_top_level_keys_reach_every_plugin_that_declares_them():
+    """The seed's flat reward_model_path reaches the face reward and a face judge alike; the dump writes
+    each where it arrived, and loads back to the same options."""
+    cfg = config_from_dict({"reward_model_path": "/faces", "lora_rank": 4,
+                            "eval": {"judges": [{"name": "face_identity", "label": "f"}, "motion"]}})
+    resolved = resolve_config(cfg, resolve_plugins(cfg))
+    assert resolved.plugin_keys == {} and resolved.model.lora_rank == 4
+    assert resolved.reward.options.reward_model_path == "/faces"
+    assert resolved.eval.judges == [{"name": "face_identity", "label": "f", "reward_model_path": "/faces"},
+                                    "motion"]
+    with pytest.raises(ConfigError, match=r"^reward_model_path: set both at the top level and as eval\.judges\[0\]"):
+        resolve_config(config_from_dict({"reward_model_path": "/faces", "eval": {"judges": [
+            {"name": "face_identity", "reward_model_path": "/other"}]}}), resolve_plugins(cfg))
+    back = config_from_dict(yaml.safe_load(yaml.safe_dump(to_dict(resolved))))
+    again = resolve_config(back, resolve_plugins(back))
+    assert (again.model, again.reward, again.eval) == (resolved.model, resolved.reward, resolved.eval)
+    # unresolved, the top-level keys are written back where they were
+    assert to_dict(cfg)["reward_model_path"] == "/faces" and "plugin_keys" not in to_dict(cfg)

@@ -88,9 +88,8 @@ def test_the_copy_head_attends_to_the_same_place_one_latent_frame_back(tmp_path)
     make_tiny(model_dir)
     from rewardfl.models.wan.model import Wan22TinyModel
 
-    cfg = config_from_dict({"model_name": "wan2_2_tiny", "model_paths": os.path.join(model_dir, "model_paths.json"),
-                            "mixed_precision": "fp32", "device": "cpu"})
-    twin = Wan22TinyModel(cfg, Wan22TinyModel.Options())
+    cfg = config_from_dict({"model_name": "wan2_2_tiny", "mixed_precision": "fp32", "device": "cpu"})
+    twin = Wan22TinyModel(cfg, Wan22TinyModel.Options(model_paths=os.path.join(model_dir, "model_paths.json")))
     dit = twin.dits["dit2"]
     same_position_attention_(dit)
     attn = dit.blocks[0].self_attn
@@ -161,4 +160,4 @@ def test_demo_config_matches_the_warm_start(name):
     assert cfg.num_inference_steps == DEMO_SAMPLER["num_steps"]
     assert cfg.sampler.options["shift"] == DEMO_SAMPLER["shift"]
     assert cfg.model["boundary"] == DEMO_SAMPLER["boundary"]
-    assert cfg.model_paths.endswith("wan_tiny/model_paths.json")
+    assert cfg.plugin_keys["model_paths"].endswith("wan_tiny/model_paths.json")  # the model's, at the top level

@@ -100,18 +100,33 @@ def _config(model_paths, **overrides):
     return config_from_dict(raw)
 
 
+def _options(cfg, **options):
+    """The model's options: ``options`` with the config's top-level keys (``model_paths``, ...) routed in."""
+    from rewardfl import registry
+
+    cls = registry.load_plugin("model", cfg.model_name)
+    return registry.build_options("model", cfg.model_name, cls, options, cfg.plugin_keys)
+
+
+def _check(model_paths, **overrides):
+    from rewardfl.models.wan.diffusers_model import Wan22DiffusersModel
+
+    cfg = _config(model_paths, **overrides)
+    return Wan22DiffusersModel.check(cfg, _options(cfg))
+
+
 def _diffusers_model(folder, options=None, **overrides):
     from rewardfl.models.wan.diffusers_model import Wan22DiffusersModel
 
-    opts = Wan22DiffusersModel.Options(**{"text_len": 16, **(options or {})})
-    return Wan22DiffusersModel(_config(folder, **overrides), opts, device=torch.device("cpu"))
+    cfg = _config(folder, **overrides)
+    return Wan22DiffusersModel(cfg, _options(cfg, **{"text_len": 16, **(options or {})}), device=torch.device("cpu"))
 
 
 def _diffsynth_model(paths_json, **overrides):
     from rewardfl.models.wan.model import Wan22TinyModel
 
     cfg = _config(paths_json, model_name="wan2_2_tiny", **overrides)
-    return Wan22TinyModel(cfg, Wan22TinyModel.Options(text_len=16), device=torch.device("cpu"))
+    return Wan22TinyModel(cfg, _options(cfg, text_len=16), device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -384,12 +399,11 @@ def test_exported_lora_files_are_wan2_2s(tiny_folders, tmp_path):
 def test_boundary_comes_from_model_index(tiny_folders, tmp_path):
     from rewardfl.models.wan.diffusers_model import Wan22DiffusersModel, find_diffusers_folder
 
-    Options = Wan22DiffusersModel.Options
     cfg = _config(tiny_folders[0])
-    assert find_diffusers_folder(cfg).boundary_ratio == 0.9
-    assert Wan22DiffusersModel.expert_boundary(Options(), cfg) == 0.9
-    assert Wan22DiffusersModel.expert_boundary(Options(boundary=0.8), cfg) == 0.8
-    lines = Wan22DiffusersModel.check(cfg, Options())
+    assert find_diffusers_folder(cfg, _options(cfg)).boundary_ratio == 0.9
+    assert Wan22DiffusersModel.expert_boundary(_options(cfg), cfg) == 0.9
+    assert Wan22DiffusersModel.expert_boundary(_options(cfg, boundary=0.8), cfg) == 0.8
+    lines = Wan22DiffusersModel.check(cfg, _options(cfg))
     assert any(line.startswith("transformer_2 (low noise): ") for line in lines)
     assert "boundary: 0.9 (model_index.json boundary_ratio)" in lines
 
@@ -402,30 +416,27 @@ def test_boundary_comes_from_model_index(tiny_folders, tmp_path):
     index = json.loads(open(os.path.join(tiny_folders[0], "model_index.json")).read())
     (other / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.875}))
     cfg2 = _config(str(other))
-    assert Wan22DiffusersModel.expert_boundary(Options(), cfg2) == 0.875
-    assert "boundary: 0.875 (model_index.json boundary_ratio)" in Wan22DiffusersModel.check(cfg2, Options())
-    assert "boundary: 0.875 (model.boundary)" in Wan22DiffusersModel.check(cfg2, Options(boundary=0.875))
+    assert Wan22DiffusersModel.expert_boundary(_options(cfg2), cfg2) == 0.875
+    assert "boundary: 0.875 (model_index.json boundary_ratio)" in Wan22DiffusersModel.check(cfg2, _options(cfg2))
+    assert "boundary: 0.875 (model.boundary)" in Wan22DiffusersModel.check(cfg2, _options(cfg2, boundary=0.875))
 
 
 def test_user_errors_name_the_key_and_path(tiny_folders, tmp_path):
-    from rewardfl.models.wan.diffusers_model import Wan22DiffusersModel
-
-    Options = Wan22DiffusersModel.Options
     with pytest.raises(FileNotFoundError, match=r"model_paths: folder not found: .*nowhere"):
-        Wan22DiffusersModel.check(_config(str(tmp_path / "nowhere")), Options())
+        _check(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match=r"model_paths: .*is a file; .*model_name: wan2_2"):
-        Wan22DiffusersModel.check(_config(tiny_folders[1]), Options())
+        _check(tiny_folders[1])
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"model_paths: .*empty has no model_index\.json"):
-        Wan22DiffusersModel.check(_config(str(tmp_path / "empty")), Options())
+        _check(str(tmp_path / "empty"))
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in os.listdir(tiny_folders[0]):
         if name != "vae":
             os.symlink(os.path.join(tiny_folders[0], name), broken / name)
     with pytest.raises(FileNotFoundError, match=r"model_paths: .*lists 'vae' but .*broken/vae is missing"):
-        Wan22DiffusersModel.check(_config(str(broken)), Options())
+        _check(str(broken))
     with pytest.raises(ValueError, match=r"model_id_with_origin_paths: wan2_2_diffusers reads one local"):
-        Wan22DiffusersModel.check(_config(tiny_folders[0], model_id_with_origin_paths="a/b:c"), Options())
+        _check(tiny_folders[0], model_id_with_origin_paths="a/b:c")
     with pytest.raises(ValueError, match=r"lora_target_modules: 'nope' matches no linear layer"):
         _diffusers_model(tiny_folders[0], lora_target_modules="q,nope")

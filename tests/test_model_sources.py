@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from wan_fixtures import build_tiny, tiny_config, tiny_dir  # noqa: F401  (session fixture)
+from wan_fixtures import build_tiny, tiny_config, tiny_dir, tiny_options  # noqa: F401  (session fixture)
 
 from rewardfl.models.wan.model import Wan22TinyModel
 from rewardfl.models.wan.weights import ModelSourceNotFound
@@ -38,6 +38,11 @@ USER_SPEC = ",".join(f"{I2V}:{p}" for p in ("high_noise_model/diffusion_pytorch_
 
 
 # --------------------------------------------------------------------------- the caches, as the clients write them
+
+
+def _with_options(config):
+    """``(config, its model options)``: what ``Wan22TinyModel.check`` takes."""
+    return config, tiny_options(config)
 
 
 def write_hf_cache(root: str, repo_id: str, files: dict[str, str]) -> str:
@@ -238,7 +243,7 @@ def test_demo_model_loads_from_the_hugging_face_cache(caches, tiny_dir, tmp_path
     assert_is_the_tiny_twin(model, tiny_dir)
 
     config = tiny_config(tiny_dir, model_paths=None, model_id_with_origin_paths=USER_SPEC)
-    lines = Wan22TinyModel.check(config, Wan22TinyModel.Options())
+    lines = Wan22TinyModel.check(config, tiny_options(config))
     assert len(lines) == 5, lines
     for line, pattern in zip(lines, USER_SPEC.split(",")):
         assert f"{pattern} in the Hugging Face cache" in line, line
@@ -252,8 +257,8 @@ def test_demo_model_loads_from_the_modelscope_cache(caches, tiny_dir, tmp_path, 
     model = build_tiny(tiny_dir, model_paths=None, model_id_with_origin_paths=USER_SPEC)
     assert_is_the_tiny_twin(model, tiny_dir)
 
-    lines = Wan22TinyModel.check(tiny_config(tiny_dir, model_paths=None, model_id_with_origin_paths=USER_SPEC),
-                                 Wan22TinyModel.Options())
+    config = tiny_config(tiny_dir, model_paths=None, model_id_with_origin_paths=USER_SPEC)
+    lines = Wan22TinyModel.check(config, tiny_options(config))
     assert [line.split(": ", 1)[0] for line in lines] == [f"model_id_with_origin_paths[{i}]" for i in range(4)] + [
         "tokenizer"]
     assert all("in the ModelScope cache" in line and caches["ms"] in line for line in lines), lines
@@ -272,7 +277,8 @@ def test_empty_tokenizer_path_next_to_model_paths_uses_the_default_tokenizer(cac
     paths.write_text(json.dumps(spec))
     model = build_tiny(tiny_dir, model_paths=str(paths), tokenizer_path="")
     assert_is_the_tiny_twin(model, tiny_dir)
-    lines = Wan22TinyModel.check(tiny_config(tiny_dir, model_paths=str(paths)), Wan22TinyModel.Options())
+    config = tiny_config(tiny_dir, model_paths=str(paths))
+    lines = Wan22TinyModel.check(config, tiny_options(config))
     assert lines[0] == f"model_paths['high_noise_model']: {spec['high_noise_model']}"
     assert lines[-1].startswith(f"tokenizer: {T2V}:google/umt5-xxl/ in the ModelScope cache; {caches['ms']}")
 
@@ -290,8 +296,8 @@ def test_an_id_or_pattern_matching_nothing_is_a_one_line_error(caches, tiny_dir,
                                                                connections, spec, named):
     use_caches(monkeypatch, tmp_path, hf=caches["hf"], ms=caches["ms"])
     for attempt in (lambda: build_tiny(tiny_dir, model_paths=None, model_id_with_origin_paths=spec),
-                    lambda: Wan22TinyModel.check(tiny_config(tiny_dir, model_paths=None,
-                                                             model_id_with_origin_paths=spec), None)):
+                    lambda: Wan22TinyModel.check(*_with_options(tiny_config(tiny_dir, model_paths=None,
+                                                                            model_id_with_origin_paths=spec)))):
         with pytest.raises(ModelSourceNotFound) as info:
             attempt()
         message = str(info.value)
@@ -433,7 +439,7 @@ def test_allow_download_fetches_with_the_client_into_its_cache_then_finds_it_the
     use_caches(monkeypatch, tmp_path, hf=hf, ms=ms)  # empty: ModelScope, DiffSynth's default source, downloads
     config = dict(model_paths=None, model_id_with_origin_paths=USER_SPEC, allow_download=True)
 
-    lines = Wan22TinyModel.check(tiny_config(tiny_dir, **config), None)
+    lines = Wan22TinyModel.check(*_with_options(tiny_config(tiny_dir, **config)))
     assert lines[0] == (f"model_id_with_origin_paths[0]: {I2V}:high_noise_model/diffusion_pytorch_model*.safetensors "
                         "(would download 2 files (0.0 GB) from ModelScope)")
     assert f"{CONVERTED}:Wan2.1_VAE.safetensors (would download 1 file " in lines[3]
@@ -449,7 +455,7 @@ def test_allow_download_fetches_with_the_client_into_its_cache_then_finds_it_the
                          ("modelscope", CONVERTED, "Wan2.1_VAE.safetensors", [TqdmCallback]),
                          ("modelscope", T2V, "google/umt5-xxl/*", [TqdmCallback])]
     fake_hubs.clear()
-    lines = Wan22TinyModel.check(tiny_config(tiny_dir, **config), None)
+    lines = Wan22TinyModel.check(*_with_options(tiny_config(tiny_dir, **config)))
     assert all("in the ModelScope cache" in line for line in lines) and fake_hubs == []
 
 
@@ -465,7 +471,7 @@ def test_allow_download_from_hugging_face_when_diffsynth_download_source_says_so
     spec = f"{I2V}:high_noise_model/diffusion_pytorch_model*.safetensors,{I2V}:low_noise_model/*.safetensors"
     config = dict(model_paths=str(paths), model_id_with_origin_paths=spec, allow_download=True)
 
-    lines = Wan22TinyModel.check(tiny_config(tiny_dir, **config), None)
+    lines = Wan22TinyModel.check(*_with_options(tiny_config(tiny_dir, **config)))
     assert lines[0] == f"model_paths['text_encoder']: {os.path.join(tiny_dir, listed['text_encoder'])}"
     assert lines[2].endswith(f"{I2V}:high_noise_model/diffusion_pytorch_model*.safetensors (would download 1 file "
                              "(0.0 GB) from Hugging Face)")
@@ -478,5 +484,5 @@ def test_allow_download_from_hugging_face_when_diffsynth_download_source_says_so
                          ("huggingface", I2V, "low_noise_model/*.safetensors", "download"),
                          ("huggingface", T2V, "google/umt5-xxl/*", "download")]
     fake_hubs.clear()
-    lines = Wan22TinyModel.check(tiny_config(tiny_dir, **config), None)
+    lines = Wan22TinyModel.check(*_with_options(tiny_config(tiny_dir, **config)))
     assert all("in the Hugging Face cache" in line for line in lines[2:]) and fake_hubs == []

@@ -18,11 +18,12 @@ from train_fixtures import make_config, small_dataset  # noqa: F401  (fixtures)
 from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
 
 from rewardfl import run
-from rewardfl.config import COMPOSITE_REWARD, ConfigError, config_from_dict, load_config
+from rewardfl.config import ConfigError, config_from_dict, load_config
 from rewardfl.data import VideoDataset
 from rewardfl.interfaces import Reward, RewardOutput, SampleContext
-from rewardfl.registry import load_plugin, resolve_config, resolve_plugins
-from rewardfl.training.composite import CompositeOutput, CompositeReward, RewardTerm, select_frames
+from rewardfl.registry import PluginInfo, load_plugin, resolve_config, resolve_plugins
+from rewardfl.rewards import weighted_sum
+from rewardfl.rewards.weighted_sum import RewardTerm, WeightedSumOutput, WeightedSumReward, select_frames
 from rewardfl.training.outputs import read_metrics
 
 
@@ -42,14 +43,16 @@ def clips(small_dataset):  # noqa: F811
 
 
 def _resolved(face_assets, terms, **over):
-    cfg = config_from_dict({"reward_model_path": face_assets.scrfd_sface, "reward": terms, "seed": 7, **over})
+    faces = any(t["name"] in ("face_identity", "identity_consistency") for t in terms)  # the pack's users
+    top = {"reward_model_path": face_assets.scrfd_sface} if faces else {}
+    cfg = config_from_dict({**top, "reward": terms, "seed": 7, **over})
     return resolve_config(cfg, resolve_plugins(cfg))
 
 
 def test_the_list_trains_the_weighted_sum_of_each_rewards_own_loss(face_assets, clips, tmp_path):
     cfg = _resolved(face_assets, _terms(face_assets, tmp_path / "refcache"))
-    assert cfg.reward.name == COMPOSITE_REWARD
-    mix = CompositeReward(cfg, cfg.reward.options)
+    assert cfg.reward.name == "weighted_sum"
+    mix = WeightedSumReward(cfg, cfg.reward.options)
     face = load_plugin("reward", "face_identity")(cfg, cfg.reward.options.terms[0].options)
     motion = load_plugin("reward", "motion")(cfg, cfg.reward.options.terms[1].options)
     contexts = [SampleContext(c["sample_id"], c["video"], c["path"], c["prompt"]) for c in clips]
@@ -77,7 +80,7 @@ def test_the_list_trains_the_weighted_sum_of_each_rewards_own_loss(face_assets, 
 
 def test_a_reward_that_cannot_score_a_sample_masks_it_for_itself_only(face_assets, clips, tmp_path):
     cfg = _resolved(face_assets, _terms(face_assets, tmp_path / "refcache"))
-    mix = CompositeReward(cfg, cfg.reward.options)
+    mix = WeightedSumReward(cfg, cfg.reward.options)
     c = clips[0]
     # a one-frame reference: motion has nothing to match (invalid), face identity still scores it
     ctx = [SampleContext(c["sample_id"] + "#still", c["video"][:1], c["path"], c["prompt"]),
@@ -103,19 +106,19 @@ def test_running_normalisation_matches_a_float64_hand_computation_and_resumes_ex
     terms = [{"name": "motion", "weight": 2.0, "normalize": "running", "normalize_momentum": 0.9,
               "normalize_warmup": 2}]
     cfg = _resolved(face_assets, terms)
-    mix = CompositeReward(cfg, cfg.reward.options)
+    mix = WeightedSumReward(cfg, cfg.reward.options)
     batches = [[0.1, 0.3], [0.2], [0.5, 0.4, 0.0], [0.25, 0.35]]
 
     def output(values):
         scores = torch.tensor(values, dtype=torch.float32)
         valid = torch.ones(len(values), dtype=torch.bool)
-        return CompositeOutput(scores, valid, {}, terms=[RewardOutput(scores, valid)])
+        return WeightedSumOutput(scores, valid, {}, terms=[RewardOutput(scores, valid)])
 
     n, m1, m2, b = 0, 0.0, 0.0, 0.9
     for i, values in enumerate(batches):
         if i == 2:  # a checkpoint: a new composition picks up from the state, exactly
             state = json.loads(json.dumps(mix.state_dict()))
-            mix = CompositeReward(cfg, cfg.reward.options)
+            mix = WeightedSumReward(cfg, cfg.reward.options)
             mix.load_state_dict(state)
         loss = float(mix.loss(output(values)))
         if n >= 2:  # the statistics before this batch, bias-corrected
@@ -132,7 +135,7 @@ def test_running_normalisation_matches_a_float64_hand_computation_and_resumes_ex
     mix.loss(output([float("nan"), 0.3]))
     assert all(math.isfinite(x) for x in mix.stats[0]) and mix.stats[0][0] == before[0][0] + 1
     with pytest.raises(ValueError, match="reward: the checkpoint's rewards"):
-        CompositeReward(_resolved(face_assets, [{**terms[0], "label": "other"}]),
+        WeightedSumReward(_resolved(face_assets, [{**terms[0], "label": "other"}]),
                         _resolved(face_assets, [{**terms[0], "label": "other"}]).reward.options).load_state_dict(state)
 
 
@@ -141,7 +144,7 @@ def test_rewards_on_the_same_frames_share_the_detections(face_assets, clips, tmp
         {"name": "face_identity", "landmark_fallback": True, "det_size": 160, "reference_cache_dir": "none"},
         {"name": "identity_consistency", "weight": 0.5, "landmark_fallback": True, "det_size": 160,
          "reference_cache_dir": "none"}])
-    mix = CompositeReward(cfg, cfg.reward.options)
+    mix = WeightedSumReward(cfg, cfg.reward.options)
     contexts = [SampleContext(c["sample_id"], c["video"], c["path"], c["prompt"]) for c in clips]
     mix.prepare(contexts)
     videos = torch.stack([c["video"].transpose(0, 1) for c in clips])
@@ -174,20 +177,27 @@ class _LogOnly(Reward):
         return RewardOutput(torch.zeros(len(contexts)), torch.ones(len(contexts), dtype=torch.bool))
 
 
-def test_list_errors_name_the_entry_and_key(face_assets):
+def test_list_errors_name_the_entry_and_key(face_assets, monkeypatch):
     plugins = {"log_only": _LogOnly, "motion": load_plugin("reward", "motion")}
+    monkeypatch.setattr(weighted_sum, "load_plugin", lambda kind, name: plugins[name])
+    monkeypatch.setattr(weighted_sum, "list_plugins", lambda kind: [PluginInfo(kind, n, "tests", "0", "") for n in plugins])
+
+    def resolve(terms):
+        return WeightedSumReward.resolve_options({"terms": terms}, {}, "reward")
+
     with pytest.raises(ConfigError, match=r"reward\[1\]\.weight: log_only is not differentiable .* weight: 0"):
-        CompositeReward.resolve_options([{"name": "motion"}, {"name": "log_only", "weight": 0.3}], plugins.__getitem__)
-    ok = CompositeReward.resolve_options([{"name": "motion"}, {"name": "log_only", "weight": 0}], plugins.__getitem__)
+        resolve([{"name": "motion"}, {"name": "log_only", "weight": 0.3}])
+    ok = resolve([{"name": "motion"}, {"name": "log_only", "weight": 0}])
     assert [t.label for t in ok.terms] == ["motion", "log_only"]
     with pytest.raises(ConfigError, match=r"reward\[0\]\.normalize: must be one of"):
-        CompositeReward.resolve_options([{"name": "motion", "normalize": "zscore"}], plugins.__getitem__)
+        resolve([{"name": "motion", "normalize": "zscore"}])
     with pytest.raises(ConfigError, match=r"unknown key 'reward\[0\]\.resolutoin'"):
-        CompositeReward.resolve_options([{"name": "motion", "resolutoin": 32}], plugins.__getitem__)
+        resolve([{"name": "motion", "resolutoin": 32}])
     with pytest.raises(ConfigError, match="labels must differ"):
-        CompositeReward.resolve_options([{"name": "motion"}, {"name": "motion", "label": "motion"}], plugins.__getitem__)
+        resolve([{"name": "motion"}, {"name": "motion", "label": "motion"}])
     with pytest.raises(ConfigError, match="every weight is 0"):
-        CompositeReward.resolve_options([{"name": "motion", "weight": 0}], plugins.__getitem__)
+        resolve([{"name": "motion", "weight": 0}])
+    monkeypatch.undo()
     cfg = config_from_dict({"reward": [{"name": "face_identiti"}]})
     with pytest.raises(ConfigError, match=r"reward\[0\]\.name: .*face_identity"):
         resolve_plugins(cfg)
@@ -206,8 +216,9 @@ def test_a_two_reward_config_trains_and_logs_each_reward(make_config, face_asset
     # the checkpoint keeps the composition's state (call count, running statistics) for an exact resume
     state = json.load(open(os.path.join(out, "checkpoints", "checkpoint-2", "state.json")))
     assert state["reward"]["labels"] == ["face_identity", "motion"] and state["reward"]["calls"] == 2
-    # the run's config.yaml holds the list again, and loads
+    # the run's config.yaml holds the list (as weighted_sum's terms), and loads
     again = load_config(os.path.join(out, "config.yaml"), paths=False)
-    assert again.reward.name == COMPOSITE_REWARD and [e["name"] for e in again.reward.options] == [
+    assert again.reward.name == "weighted_sum" and [e["name"] for e in again.reward.options["terms"]] == [
         "face_identity", "motion"]
+    resolve_config(again, resolve_plugins(again))
     capsys.readouterr()

@@ -179,6 +179,7 @@ def test_a_run_that_collapses_motion_is_stopped_by_the_guard(tmp_path, tiny_dir,
                            "hacking_window": 5})
     raw = yaml.safe_load(open(config))
     raw["reward"] = {"name": "motion", "target_scale": 0.0}
+    del raw["reward_model_path"]  # no face reward or judge left to declare it
     open(config, "w").write(yaml.safe_dump(raw))
     with caplog.at_level("WARNING", logger="rewardfl"):
         assert run.main([config]) == 4

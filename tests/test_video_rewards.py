@@ -26,8 +26,9 @@ def context(sample_id, frames):
 
 
 def face_reward(cls, pack, **options):
-    opts = build_dataclass(cls.Options, {"reference_cache_dir": "none", **options}, prefix="reward")
-    return cls(config_from_dict({"reward_model_path": pack}), opts)
+    opts = build_dataclass(cls.Options, {"reference_cache_dir": "none", "reward_model_path": pack, **options},
+                           prefix="reward")
+    return cls(config_from_dict({}), opts)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,14 @@ def small_dataset(tmp_path_factory, face_assets):
                                   num_frames=5, size=(64, 64), clips_per_photo=1)
 
 
+def _uses_the_face_pack(raw: dict) -> bool:
+    """Whether the reward (one, or a list) or a judge of ``raw`` is a face reward (``reward_model_path``'s users)."""
+    reward = raw.get("reward")
+    entries = (reward if isinstance(reward, list) else [reward]) + list((raw.get("eval") or {}).get("judges") or [])
+    names = [e.get("name") if isinstance(e, dict) else e for e in entries]
+    return any(name in ("face_identity", "identity_consistency") for name in names)
+
+
 @pytest.fixture
 def make_config(tmp_path, tiny_dir, small_dataset, face_assets):  # noqa: F811
     """Write a YAML config for a tiny run into tmp_path; returns its path."""
@@ -50,6 +58,8 @@ def make_config(tmp_path, tiny_dir, small_dataset, face_assets):  # noqa: F811
                 raw[key] = {**raw[key], **value}
             else:
                 raw[key] = value
+        if not _uses_the_face_pack(raw):  # the top-level key only where a configured plugin declares it
+            raw.pop("reward_model_path", None)
         path = tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*.yaml')))}.yaml"
         path.write_text(yaml.safe_dump(raw))
         return str(path)

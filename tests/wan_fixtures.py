@@ -32,6 +32,15 @@ def tiny_config(tiny_dir: str, **overrides):
     return config_from_dict(raw)
 
 
+def tiny_options(config, options=None):
+    """The ``wan2_2_tiny`` options of ``config``: ``options`` (a mapping) with the top-level keys the model
+    declares (``model_paths``, ``lora_rank``, ...) routed in, as the registry resolves them."""
+    from rewardfl import registry
+
+    cls = registry.load_plugin("model", "wan2_2_tiny")
+    return registry.build_options("model", "wan2_2_tiny", cls, options or {}, config.plugin_keys)
+
+
 def build_tiny(tiny_dir: str, options=None, **overrides):
     """A ``wan2_2_tiny`` model on the CPU through the registry (the real loading path)."""
     from rewardfl import registry

@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     d = cfg.data
     summary = prepare_videos(args.video_dir, args.out, num_frames=d.num_frames, max_pixels=d.max_pixels,
                              height=d.height, width=d.width, reference_problem=reference_problem,
-                             checker=f"{args.reward} {cfg.reward_model_path} {sorted(args.set)}", prompt=args.prompt,
-                             prompts=prompts, progress=progress)
+                             checker=f"{args.reward} {raw.get('reward_model_path')} {sorted(args.set)}",
+                             prompt=args.prompt, prompts=prompts, progress=progress)
     for line in summary_lines(summary):
         print(line, flush=True)
     return 0

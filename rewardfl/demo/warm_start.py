@@ -141,16 +141,16 @@ def _rows(cond, idx: torch.Tensor):
 
 def _load(model_dir: str, metadata_path: str, ws: WarmStart):
     """The twin with trainable DiTs, the clips' latents ``x0`` and their conditioning."""
-    cfg = config_from_dict(dict(
-        model_name="wan2_2_tiny", model_paths=os.path.join(model_dir, "model_paths.json"),
-        trainable_models="dit,dit2", lora_base_model=None, mixed_precision="fp32", device="cpu"))
+    cfg = config_from_dict(dict(model_name="wan2_2_tiny", mixed_precision="fp32", device="cpu"))
     # full fine-tuning logs that it keeps frozen copies (for a regulariser this does not use)
     wan_log = logging.getLogger(wan_model.__name__)
     level = wan_log.level
     wan_log.setLevel(logging.ERROR)
     try:
         tiny = wan_model.Wan22TinyModel
-        model = tiny(cfg, tiny.Options(gradient_checkpointing=False), device="cpu")
+        options = tiny.Options(model_paths=os.path.join(model_dir, "model_paths.json"), trainable_models="dit,dit2",
+                               lora_base_model=None, gradient_checkpointing=False)
+        model = tiny(cfg, options, device="cpu")
     finally:
         wan_log.setLevel(level)
     data = VideoDataset(metadata_path, num_frames=ws.num_frames, max_pixels=ws.height * ws.width,

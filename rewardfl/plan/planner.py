@@ -655,9 +655,9 @@ def lever_candidates(cfg: TrainConfig, plugins: dict) -> list[tuple[str, callabl
     multiplies the fake decode's cost (minutes per tile at 81x480x832); plan it with ``--set``."""
     out = []
     o = cfg.model
-    if not cfg.use_gradient_checkpointing_offload:
+    if not o.use_gradient_checkpointing_offload:
         out.append(("use_gradient_checkpointing_offload: true",
-                    lambda c: setattr(c, "use_gradient_checkpointing_offload", True)))
+                    lambda c: setattr(c.model, "use_gradient_checkpointing_offload", True)))
     if not getattr(o, "gradient_checkpointing", True):
         out.append(("model.gradient_checkpointing: true", lambda c: setattr(c.model, "gradient_checkpointing", True)))
     if getattr(o, "offload_idle_expert", "no") in ("auto", "no", False):

@@ -102,17 +102,17 @@ def spec_from_preset(name: str) -> ModelSpec:
 def spec_from_checkpoints(cfg) -> ModelSpec:
     """The architecture of the files ``model_paths`` names, from their headers (no weights read),
     as ``Wan22Model`` reads and checks them (``model.read_model_files``)."""
-    found = read_model_files(cfg)
-    return ModelSpec(os.path.basename(cfg.model_paths or "model_id_with_origin_paths"), found.dit, found.experts,
+    found = read_model_files(cfg, cfg.model)
+    return ModelSpec(os.path.basename(cfg.model.model_paths or "model_id_with_origin_paths"), found.dit, found.experts,
                      found.text_encoder, found.vae,
-                     f"checkpoint headers ({cfg.model_paths or cfg.model_id_with_origin_paths})")
+                     f"checkpoint headers ({cfg.model.model_paths or cfg.model.model_id_with_origin_paths})")
 
 
 def resolve_spec(cfg, preset: Optional[str]) -> ModelSpec:
     """``--preset`` when given; else the files of ``model_paths`` (headers only)."""
     if preset:
         return spec_from_preset(preset)
-    if cfg.model_paths is None and not cfg.model_id_with_origin_paths:
+    if cfg.model.model_paths is None and not cfg.model.model_id_with_origin_paths:
         raise ValueError(f"model_paths: not set; name the checkpoint files, or plan before downloading with "
                          f"--preset NAME ({', '.join(PRESETS)})")
     try:

@@ -1,4 +1,4 @@
 """Built-in reward plugins (entry-point group ``rewardfl.rewards``): ``face_identity`` and
 ``identity_consistency`` (``face_identity/``), ``motion`` (``motion.py``), ``clip_score``,
-``pickscore``, ``hps`` and ``aesthetic`` (``clip/``). Several at once: a ``reward:`` list
-(``rewardfl.training.composite``)."""
+``pickscore``, ``hps`` and ``aesthetic`` (``clip/``). Several at once: ``weighted_sum``
+(``weighted_sum.py``), which a ``reward:`` list means."""

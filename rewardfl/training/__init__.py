@@ -7,7 +7,6 @@ evaluation library, the registry and the foundations; see docs/architecture.md).
 * ``exports``: ``OUTPUT_DIR/final`` and ``OUTPUT_DIR/best``;
 * ``outputs``: the output directory's lock, metrics, sample videos, the reward curve;
 * ``trackers``: TensorBoard and wandb (``report_to``);
-* ``composite``: a ``reward:`` list trained as a weighted sum;
 * ``evaluator``: evaluation during training (``eval_steps``), the hacking guard, ``save_best_by``;
 * ``ema``: the moving average of the trainable weights (``ema_decay``).
 """

@@ -16,12 +16,12 @@ from typing import Sequence
 
 import torch
 
-from rewardfl.config import COMPOSITE_REWARD, ConfigError
+from rewardfl.config import ConfigError
 from rewardfl.interfaces import (Algorithm, MicroBatch, NoOptions, Reward, Sampler, SampleContext, StepPlan,
-                                 VideoModel)
+                                 VideoModel, require_gradient)
 from rewardfl.sampling.rollout import rollout
 
-__all__ = ["RewardBackprop", "require_gradient"]
+__all__ = ["RewardBackprop"]
 
 
 class RewardBackprop(Algorithm):
@@ -35,8 +35,7 @@ class RewardBackprop(Algorithm):
 
     @classmethod
     def check(cls, config, options, reward_cls) -> list[str]:
-        # a reward list checks its own entries (weight 0 or differentiable)
-        if config.reward.name != COMPOSITE_REWARD and not getattr(reward_cls, "differentiable", False):
+        if not getattr(reward_cls, "differentiable", False):
             raise ConfigError(f"algorithm: reward_backprop needs a reward with gradients; {config.reward.name} gives "
                               "none: use algorithm: grpo (policy gradient), or list it with weight 0 beside a "
                               "differentiable reward")
@@ -59,12 +58,3 @@ class RewardBackprop(Algorithm):
                           metrics=dict(out.metrics), videos=videos.detach())
 
 
-def require_gradient(loss: torch.Tensor, source: torch.Tensor, valid: torch.Tensor, who: str) -> None:
-    """A differentiable reward whose loss lost the gradient of ``source`` (the videos it scored) would
-    otherwise fail inside autograd with a traceback that names nothing (scores computed under
-    ``no_grad``, detached, or through numpy): one line naming the reward ``who`` instead."""
-    if source.requires_grad and bool(valid.any()) and not loss.requires_grad:
-        raise ValueError(f"{who}: declares itself differentiable, but its loss carries no gradient from the "
-                         "videos (its scores were detached: computed under torch.no_grad, .detach(), .item() or "
-                         "numpy); keep them in the autograd graph, or declare it differentiable = False and list "
-                         "it with weight: 0 to log it only")

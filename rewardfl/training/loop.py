@@ -107,8 +107,7 @@ class Trainer:
         self.model = plugins["model"](cfg, cfg.model, device=self.device)
         self.sampler = plugins["sampler"](cfg, cfg.sampler.options, device=self.device)
         self.reward = plugins["reward"](cfg, cfg.reward.options, device=self.device)
-        if hasattr(self.reward, "reduce_sum"):  # a reward list's running statistics: over every process
-            self.reward.reduce_sum = lambda t: all_reduce_sum_(t.to(self.device), self.dist).cpu()
+        self.reward.reduce_sum = lambda t: all_reduce_sum_(t.to(self.device), self.dist).cpu()  # Reward.reduce_sum
         self.boundary = expert_boundary_of(plugins["model"], cfg)
         self.plan = plan_steps(cfg, self.sampler, self.model.experts, self.model.trainable_experts(), self.boundary)
         self.algorithm = plugins["algorithm"](cfg, cfg.algorithm.options, model=self.model, sampler=self.sampler,

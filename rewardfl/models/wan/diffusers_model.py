@@ -36,7 +36,7 @@ import functools
 import json
 import logging
 import os
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -70,6 +70,8 @@ class Wan22DiffusersOptions(Wan22Options):
     #: plans with it too); a number overrides it (warned when they differ)
     boundary: Optional[float] = None
 
+    MODEL: ClassVar[str] = "wan2_2_diffusers"
+
     def __post_init__(self):
         if self.boundary is None:  # the other checks, on a copy with a boundary in range
             dataclasses.replace(self, boundary=DEFAULT_BOUNDARY)
@@ -100,18 +102,18 @@ def _has_weights(folder: str) -> bool:
     return any(f.endswith(_WEIGHT_SUFFIXES) for f in os.listdir(folder))
 
 
-def find_diffusers_folder(config) -> DiffusersFolder:
+def find_diffusers_folder(config, options) -> DiffusersFolder:
     """The diffusers folder ``model_paths`` names, its components found and checked (nothing loaded).
 
     Raises FileNotFoundError/ValueError naming ``model_paths`` (or ``tokenizer_path``) and the path.
     """
-    if config.model_id_with_origin_paths:
+    if options.model_id_with_origin_paths:
         raise ValueError("model_id_with_origin_paths: wan2_2_diffusers reads one local diffusers folder; set "
                          "model_paths to it and leave model_id_with_origin_paths empty (or use model_name: wan2_2)")
-    if not config.model_paths:
+    if not options.model_paths:
         raise ValueError("model_paths: not set; for wan2_2_diffusers give the local diffusers folder holding "
                          "model_index.json (e.g. a download of Wan-AI/Wan2.2-I2V-A14B-Diffusers)")
-    path = config.resolve_path(config.model_paths)
+    path = config.resolve_path(options.model_paths)
     if os.path.isfile(path) and os.path.basename(path) == "model_index.json":
         path = os.path.dirname(path)
     if not os.path.exists(path):
@@ -146,8 +148,8 @@ def find_diffusers_folder(config) -> DiffusersFolder:
                 raise ValueError(f"model_paths: {index_path} lists no '{name}' component")
             continue
         folder = os.path.join(path, name)
-        if role == "tokenizer" and config.tokenizer_path:
-            folder = config.resolve_path(config.tokenizer_path)
+        if role == "tokenizer" and options.tokenizer_path:
+            folder = config.resolve_path(options.tokenizer_path)
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"tokenizer_path: tokenizer folder not found: {folder}")
             components[role] = folder
@@ -318,7 +320,7 @@ class Wan22DiffusersModel(Wan22Model):
         if options.boundary is not None:
             return options.boundary
         if config is not None:
-            folder = find_diffusers_folder(config)
+            folder = find_diffusers_folder(config, options)
             boundary = _resolve_boundary(options, folder)
             return DEFAULT_BOUNDARY if boundary is None else boundary
         return DEFAULT_BOUNDARY
@@ -327,7 +329,7 @@ class Wan22DiffusersModel(Wan22Model):
     def check(cls, config, options) -> list[str]:
         """``run --check``: the folder's components and the boundary, from model_index.json and config.json
         files only."""
-        folder = find_diffusers_folder(config)
+        folder = find_diffusers_folder(config, options if options is not None else cls.Options())
         lines = [f"model_index.json: {folder.root} ({folder.index.get('_class_name')})"]
         for role, path in folder.components.items():
             name = EXPERT_COMPONENTS.get(role, role)
@@ -346,8 +348,8 @@ class Wan22DiffusersModel(Wan22Model):
         """The networks of the diffusers folder ``model_paths`` names: model_index.json and the
         components' config.json first (every user error surfaces there), then diffusers' and
         transformers' own loaders."""
-        config = self.config
-        folder = find_diffusers_folder(config)
+        config, options = self.config, self.options
+        folder = find_diffusers_folder(config, options)
         self.folder = folder
         self.boundary = _resolve_boundary(self.options, folder)
         experts = folder.experts
@@ -366,7 +368,7 @@ class Wan22DiffusersModel(Wan22Model):
         if te_cfg.get("d_model") != first.kwargs["text_dim"]:
             raise ValueError(f"model_paths: the text encoder ({folder.components['text_encoder']}) is "
                              f"{te_cfg.get('d_model')}-d, the transformer expects {first.kwargs['text_dim']}-d")
-        self._check_training(config, experts, first)  # the same names and messages as wan2_2
+        self._check_training(options, experts, first)  # the same names and messages as wan2_2
 
         try:
             from diffusers import AutoencoderKLWan, WanTransformer3DModel

@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from rewardfl.cli import finite_float, user_error_exit
 from rewardfl.config import load_config
 from rewardfl.fileio import write_safetensors
+from rewardfl.registry import resolve_config, resolve_plugins
 
 from .architectures import dit_architecture, dit_key
 from .lora import merge_lora_into
@@ -238,9 +239,10 @@ def run_export(argv=None, prog: str = "python -m rewardfl.models.wan.export") ->
     model_paths = args.model_paths
     if args.config:
         cfg = load_config(args.config, paths=False)
-        if cfg.model_paths is None:
+        model = resolve_config(cfg, resolve_plugins(cfg)).model  # the top-level model_paths is the model's option
+        if model.model_paths is None:
             raise ValueError(f"--config: {args.config} sets no model_paths")
-        model_paths = cfg.resolve_path(cfg.model_paths)
+        model_paths = cfg.resolve_path(model.model_paths)
         _refuse_overwriting_inputs(args.out, [("the --config file", args.config)])
     dtype = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     n = merge_expert(model_paths, args.lora, args.out, expert=args.expert, alpha=args.alpha, dtype=dtype,

@@ -19,12 +19,12 @@ import copy
 import dataclasses
 import logging
 import os
-from typing import Iterator, Literal, Optional, Sequence, Union
+from typing import ClassVar, Iterator, Literal, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
 
-from rewardfl.config import ConfigError
+from rewardfl.config import ConfigError, top_level_option
 from rewardfl.fileio import write_safetensors
 from rewardfl.interfaces import DeviceTarget, VideoModel
 
@@ -73,9 +73,47 @@ class WanCondition:
     size: tuple[int, int, int]
 
 
+#: values of ``extra_inputs`` rewardfl feeds to models (DiffSynth-Studio's names)
+EXTRA_INPUTS = ("input_image",)
+
+
+def parse_extra_inputs(value: Optional[str]) -> list[str]:
+    """``"input_image, end_image"`` -> ``["input_image", "end_image"]``; None -> []."""
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
 @dataclasses.dataclass
 class Wan22Options:
-    """The ``model:`` section of the config for ``wan2_2``."""
+    """The ``model:`` section of the config for ``wan2_2``. The seed's keys (``model_paths``,
+    ``lora_rank``, ...) may also be written at the top level of the YAML, as the seed recipe
+    (examples/reward_fl_wan22.yaml) does."""
+
+    #: the model plugin these options are for, as its errors name it
+    MODEL: ClassVar[str] = "wan2_2"
+
+    # --- the seed recipe's and the reference implementation's keys (also at the top level)
+    #: DiffSynth-Studio's model_paths: a JSON list of weight files (or groups), or a file of one
+    model_paths: Optional[str] = top_level_option(None, path=True)
+    #: the umT5 tokenizer folder (empty: the one model_paths lists, else DiffSynth-Studio's default)
+    tokenizer_path: Optional[str] = top_level_option(None, path=True)
+    #: hub ids and file patterns instead of model_paths ("Wan-AI/Wan2.2-I2V-A14B:high_noise_model/*.safetensors,...")
+    model_id_with_origin_paths: Optional[str] = top_level_option(None)
+    #: the experts that train: dit (high noise), dit2 (low noise), comma-separated
+    trainable_models: str = top_level_option("dit2")
+    #: with gradient checkpointing, park the checkpointed inputs in host memory
+    use_gradient_checkpointing_offload: bool = top_level_option(False)
+    #: the inputs fed to the model besides the prompt (image-to-video: input_image); unset: what it needs
+    extra_inputs: Optional[str] = top_level_option(None)
+    #: the trained experts that get a LoRA (the others of trainable_models train in full); null: none
+    lora_base_model: Optional[str] = top_level_option("dit2")
+    #: the DiT modules that get a LoRA, comma-separated names or suffixes (q,k,v,o: attention; ffn.0, ffn.2: MLP)
+    lora_target_modules: str = top_level_option("q,k,v,o,ffn.0,ffn.2")
+    #: LoRA rank (> 0)
+    lora_rank: int = top_level_option(32)
+    #: LoRA scale alpha / rank; null: alpha = rank
+    lora_alpha: Optional[float] = top_level_option(None)
+
+    # --- rewardfl's
 
     #: recompute each DiT block in backward (``use_gradient_checkpointing_offload`` also parks
     #: the block inputs on the CPU)
@@ -111,6 +149,22 @@ class Wan22Options:
     merge_loras: Optional[list] = None
 
     def __post_init__(self):  # checked where the config enters (run --check too), before any weights load
+        inputs = parse_extra_inputs(self.extra_inputs)
+        unsupported = [i for i in inputs if i not in EXTRA_INPUTS]
+        missing = [i for i in EXTRA_INPUTS if i not in inputs]  # every Wan model here is image-to-video
+        for bad, message in (
+                (not self.trainable_models.strip(), "trainable_models: must name at least one model (e.g. dit2)"),
+                (self.lora_rank <= 0, f"lora_rank: must be > 0, got {self.lora_rank}"),
+                (not self.lora_target_modules.strip() and self.lora_base_model is not None,
+                 "lora_target_modules: empty; list module names such as q,k,v,o,ffn.0,ffn.2 or set "
+                 "lora_base_model: null"),
+                (unsupported, f"extra_inputs: {', '.join(unsupported)} not supported; rewardfl supports "
+                              f"{', '.join(EXTRA_INPUTS)} (the first frame of each clip conditions generation)"),
+                (self.extra_inputs is not None and missing,  # unset means "what the model needs"
+                 f"extra_inputs: {self.MODEL} is an image-to-video model and needs {', '.join(missing)}; "
+                 f"set extra_inputs: {', '.join(inputs + missing)}")):
+            if bad:
+                raise ConfigError(message)
         validate_merge_loras(self.merge_loras)
         if self.text_len <= 0:
             raise ConfigError(f"model.text_len: must be > 0, got {self.text_len}")
@@ -152,11 +206,11 @@ class WanFiles:
     text_encoder: dict
 
 
-def read_model_files(config, *, allow_download: bool = False) -> WanFiles:
+def read_model_files(config, options: Wan22Options, *, allow_download: bool = False) -> WanFiles:
     """The files of ``model_paths`` / ``model_id_with_origin_paths`` and what they hold, from their
     headers, checked to fit together (two experts of one architecture, the VAE's latent channels and
     the text encoder's width as the DiT expects): what the model loads, and what the planner plans."""
-    files = resolve_model_paths(config.resolve_path(config.model_paths), config.model_id_with_origin_paths,
+    files = resolve_model_paths(config.resolve_path(options.model_paths), options.model_id_with_origin_paths,
                                 config.resolve_path("."), allow_download=allow_download)
     roles = assign_roles(files)
     shapes = {role: read_shapes(wf) if role != "tokenizer" else None for role, wf in roles.items()}
@@ -207,9 +261,9 @@ def default_dtype(dtype: torch.dtype):
 class Wan22Model(VideoModel):
     """Wan2.2 I2V-A14B (two experts) / TI2V-5B (one) with LoRA or full fine-tuning of chosen experts.
 
-    Built as ``Wan22Model(config, options, device=torch.device)``; ``config`` is the TrainConfig
-    (``model_paths``, ``tokenizer_path``, ``trainable_models``, ``lora_*``,
-    ``use_gradient_checkpointing_offload``, ``mixed_precision``). Every way of making one (the
+    Built as ``Wan22Model(config, options, device=torch.device)``; ``options`` hold ``model_paths``,
+    ``tokenizer_path``, ``trainable_models``, ``lora_*``, ``use_gradient_checkpointing_offload``, ...;
+    ``config`` is the TrainConfig (``mixed_precision``, ``allow_download``). Every way of making one (the
     files, :meth:`with_random_weights`, the memory planner's fake weights) goes through ``__init__``.
     """
 
@@ -231,11 +285,12 @@ class Wan22Model(VideoModel):
     def check(cls, config, options) -> list[str]:
         """``run --check``: where each weights file and the tokenizer are (a path, a local folder or
         cache, or what ``allow_download`` would download), without reading or downloading them."""
-        files = resolve_model_paths(config.resolve_path(config.model_paths), config.model_id_with_origin_paths,
+        o = options if options is not None else cls.Options()
+        files = resolve_model_paths(config.resolve_path(o.model_paths), o.model_id_with_origin_paths,
                                     config.resolve_path("."), allow_download=config.allow_download, dry_run=True)
         lines = [wf.describe() for wf in files if wf.role != "tokenizer"]
         listed = next((wf for wf in files if wf.role == "tokenizer"), None)
-        path, source = cls._tokenizer_dir(config, listed, dry_run=True)
+        path, source = cls._tokenizer_dir(config, o, listed, dry_run=True)
         lines.append(f"tokenizer: {source}" + (f"; {path}" if path else ""))
         merges = options.merge_loras if options is not None else []  # no options: the defaults, nothing to merge
         return lines + describe_merges(merge_plan(config, merges, files_experts(files, cls.experts)))
@@ -256,16 +311,16 @@ class Wan22Model(VideoModel):
         self.experts = tuple(parts.dits)
         self.dits: dict[str, torch.nn.Module] = dict(parts.dits)
         self.text_encoder, self.vae = parts.text_encoder, parts.vae
-        self._setup(*self.plan_training(config, self.experts), as_list(config.lora_target_modules))
+        self._setup(*self.plan_training(self.options, self.experts), as_list(self.options.lora_target_modules))
 
     def _load_parts(self) -> WanParts:
         """The networks of the files ``model_paths`` names, in ``self.dtype``: headers first (cheap:
         every user error surfaces before a weight is read), then the weights."""
-        config = self.config
-        found = read_model_files(config, allow_download=config.allow_download)
+        config, options = self.config, self.options
+        found = read_model_files(config, options, allow_download=config.allow_download)
         roles, first = found.roles, found.dit
-        self._check_training(config, found.experts, first)
-        tokenizer_dir, _ = self._tokenizer_dir(config, roles.get("tokenizer"))
+        self._check_training(options, found.experts, first)
+        tokenizer_dir, _ = self._tokenizer_dir(config, options, roles.get("tokenizer"))
 
         from diffsynth.models.wan_video_dit import WanModel
         from diffsynth.models.wan_video_text_encoder import WanTextEncoder
@@ -277,15 +332,15 @@ class Wan22Model(VideoModel):
         return WanParts(first, dits, vae, arch.vae_stride(found.vae), text_encoder, tokenizer)
 
     @classmethod
-    def _check_training(cls, config, experts: tuple[str, ...], dit: arch.DiTArch) -> None:
+    def _check_training(cls, options: Wan22Options, experts: tuple[str, ...], dit: arch.DiTArch) -> None:
         """``trainable_models``/``lora_base_model`` against ``experts`` and ``lora_target_modules``
         against the DiT's module names (a weightless one), before any weight is read."""
-        lora_experts, _ = cls.plan_training(config, experts)
+        lora_experts, _ = cls.plan_training(options, experts)
         if lora_experts:
             from diffsynth.models.wan_video_dit import WanModel
 
             with torch.device("meta"):  # the module names, no weights allocated
-                check_lora_targets(WanModel(**dit.kwargs), as_list(config.lora_target_modules))
+                check_lora_targets(WanModel(**dit.kwargs), as_list(options.lora_target_modules))
 
     def _setup(self, lora_experts: list[str], full_experts: list[str], targets: list[str]) -> None:
         """What trains (LoRA or full, frozen copies) and where each module lives."""
@@ -299,11 +354,11 @@ class Wan22Model(VideoModel):
         self.lora_experts, self.full_experts = lora_experts, full_experts
         self.lora_scale = self.lora_alpha = None
         if lora_experts:
-            alpha = float(config.lora_alpha) if config.lora_alpha is not None else float(config.lora_rank)
+            alpha = float(options.lora_alpha) if options.lora_alpha is not None else float(options.lora_rank)
             self.lora_alpha = alpha
-            self.lora_scale = alpha / config.lora_rank
+            self.lora_scale = alpha / options.lora_rank
             for r in lora_experts:
-                add_lora(self.dits[r], self._lora_targets(self.dits[r], targets), config.lora_rank, alpha)
+                add_lora(self.dits[r], self._lora_targets(self.dits[r], targets), options.lora_rank, alpha)
         #: fully trained expert -> its frozen copy (the regulariser's base velocity)
         self.frozen_copies: dict[str, torch.nn.Module] = {}
         for r in full_experts:
@@ -410,10 +465,10 @@ class Wan22Model(VideoModel):
         return torch.bfloat16 if device_type == "cuda" else torch.float32
 
     @staticmethod
-    def plan_training(config, experts: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    def plan_training(options: Wan22Options, experts: tuple[str, ...]) -> tuple[list[str], list[str]]:
         """(LoRA experts, fully trained experts) among ``experts`` by ``trainable_models`` and
         ``lora_base_model``; ValueError naming the key for an expert that cannot train."""
-        trainable = as_list(config.trainable_models)
+        trainable = as_list(options.trainable_models)
         for name in trainable:
             if name not in TRAINABLE_CHOICES:
                 raise ValueError(f"trainable_models: '{name}' cannot be trained; choose among the experts "
@@ -421,21 +476,21 @@ class Wan22Model(VideoModel):
             if name not in experts:
                 raise ValueError(f"trainable_models: '{name}' does not exist in these model_paths (its experts: "
                                  f"{', '.join(experts)})")
-        lora = as_list(config.lora_base_model)
+        lora = as_list(options.lora_base_model)
         for name in lora:
             if name not in trainable:
-                raise ValueError(f"lora_base_model: '{name}' is not in trainable_models ({config.trainable_models}); "
+                raise ValueError(f"lora_base_model: '{name}' is not in trainable_models ({options.trainable_models}); "
                                  "add it there or set lora_base_model to a trained expert")
         return [r for r in experts if r in lora], [r for r in experts if r in trainable and r not in lora]
 
     @classmethod
-    def _tokenizer_dir(cls, config, listed: Optional[WeightFile], *,
+    def _tokenizer_dir(cls, config, options: Wan22Options, listed: Optional[WeightFile], *,
                        dry_run: bool = False) -> tuple[Optional[str], str]:
         """The tokenizer folder and how it was found: ``tokenizer_path``, else the model_paths entry
         (``listed``), else :attr:`DEFAULT_TOKENIZER` in the local caches (downloaded with
         ``allow_download``; in a ``dry_run`` the folder is None when it would be)."""
-        if config.tokenizer_path:
-            path, where, source = config.resolve_path(config.tokenizer_path), "tokenizer_path", "tokenizer_path"
+        if options.tokenizer_path:
+            path, where, source = config.resolve_path(options.tokenizer_path), "tokenizer_path", "tokenizer_path"
         elif listed is not None:
             path, where, source = listed.files[0], listed.where, listed.source or listed.where
         else:
@@ -499,7 +554,7 @@ class Wan22Model(VideoModel):
 
     @property
     def _checkpoint_mode(self) -> str:
-        if self.config.use_gradient_checkpointing_offload:
+        if self.options.use_gradient_checkpointing_offload:
             return "offload"
         return "block" if self.options.gradient_checkpointing else "none"
 
@@ -630,7 +685,7 @@ class Wan22Model(VideoModel):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         o = self.options
-        checkpoint = o.vae_checkpointing and ("offload" if self.config.use_gradient_checkpointing_offload else True)
+        checkpoint = o.vae_checkpointing and ("offload" if self.options.use_gradient_checkpointing_offload else True)
         return decode_latents(self.vae, latents.to(self.device), checkpoint=checkpoint,
                               tile=tuple(o.vae_tile) if o.vae_tile else None,
                               tile_stride=tuple(o.vae_tile_stride) if o.vae_tile_stride else None,
@@ -684,8 +739,8 @@ class Wan22Model(VideoModel):
             if r in self.lora_experts:
                 layers = {self._wan_name(k): v for k, v in lora_layers(self.dits[r], self.lora_alpha).items()}
                 state = write_lora(layers, fmt)
-                meta = {"format": f"{fmt}-lora", "expert": r, "lora_rank": str(self.config.lora_rank),
-                        "lora_alpha": str(self.lora_alpha), "lora_target_modules": self.config.lora_target_modules}
+                meta = {"format": f"{fmt}-lora", "expert": r, "lora_rank": str(self.options.lora_rank),
+                        "lora_alpha": str(self.lora_alpha), "lora_target_modules": self.options.lora_target_modules}
             else:
                 state = {self._wan_name(k): v.detach().cpu().contiguous() for k, v in self.dits[r].state_dict().items()}
                 meta = {"format": "wan-dit", "expert": r}
@@ -756,6 +811,7 @@ class Wan22Model(VideoModel):
 class Wan22TinyOptions(Wan22Options):
     """``wan2_2_tiny``: the same options, with defaults sized for the CPU."""
 
+    MODEL: ClassVar[str] = "wan2_2_tiny"
     text_len: int = 128  # byte-level tokens: about 127 characters of prompt
     vae_checkpointing: bool = False
 

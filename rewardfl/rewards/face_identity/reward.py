@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from rewardfl.archives import cache_dir, file_sha256
-from rewardfl.config import ConfigError
+from rewardfl.config import ConfigError, top_level_option
 from rewardfl.fileio import atomic_write
 from rewardfl.interfaces import Reward, RewardOutput, SampleContext
 from rewardfl.ops import ARCFACE_TEMPLATE, landmark_problems
@@ -95,6 +95,8 @@ class ReferenceFaces:
 class FaceModelOptions:
     """Options of every face reward: the models, detection, which face counts, references."""
 
+    #: the face model pack folder (the seed recipe's key)
+    reward_model_path: Optional[str] = top_level_option(None, path=True)
     #: detector file (in reward_model_path or absolute); default: recognised by name
     detector: Optional[str] = None
     #: the detector's decoder; default: from the detector's file name
@@ -203,7 +205,7 @@ class FaceReward(Reward):
 
     @staticmethod
     def _find_pack(config, opts) -> ModelPack:
-        path = config.resolve_path(config.reward_model_path) if config.reward_model_path else None
+        path = config.resolve_path(opts.reward_model_path) if opts.reward_model_path else None
         return find_model_pack(path, detector=opts.detector, detector_type=opts.detector_type,
                                recognizer=opts.recognizer)
 

@@ -1,4 +1,4 @@
-"""Several rewards at once: ``reward:`` as a list, trained as a weighted sum.
+"""Several rewards at once: the reward plugin ``weighted_sum``, which ``reward:`` as a list means.
 
 .. code-block:: yaml
 
@@ -7,8 +7,8 @@
       - {name: identity_consistency, weight: 0.5, normalize: running}
       - {name: motion, weight: 0.2, frames: stride, frame_stride: 2}
 
-Each entry is one reward plugin: ``name``, the composition's keys below, and the plugin's own
-options. Per micro-batch of B videos:
+is ``reward: {name: weighted_sum, terms: [...]}``. Each entry is one reward plugin: ``name``, the
+composition's keys below, and the plugin's own options. Per micro-batch of B videos:
 
 * each reward scores the frames it chooses (``frames: all`` / ``stride`` (every ``frame_stride``-th,
   frame 0 first) / ``random`` (``frame_count`` frames, drawn per call from (``seed``, call count,
@@ -34,16 +34,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 
-from rewardfl.config import COMPOSITE_REWARD, ConfigError, build_dataclass
-from rewardfl.interfaces import Reward, RewardOutput, SampleContext, StepCache
+from rewardfl.config import ConfigError, build_dataclass
+from rewardfl.interfaces import Reward, RewardOutput, SampleContext, StepCache, require_gradient
+from rewardfl.registry import PluginError, build_options, list_plugins, load_plugin, unknown_plugin
 
-from .algorithm import require_gradient
-
-__all__ = ["CompositeReward", "RewardTerm", "CompositeOutput", "select_frames"]
+__all__ = ["WeightedSumReward", "WeightedSumOptions", "RewardTerm", "WeightedSumOutput", "select_frames"]
 
 #: the keys of a ``reward:`` list entry that belong to the composition (the rest are the plugin's)
 TERM_KEYS = ("name", "label", "weight", "normalize", "normalize_mean", "normalize_std", "normalize_momentum",
@@ -52,7 +51,8 @@ TERM_KEYS = ("name", "label", "weight", "normalize", "normalize_mean", "normaliz
 
 @dataclasses.dataclass
 class RewardTerm:
-    """One entry of a ``reward:`` list (see the module docstring)."""
+    """One entry of a ``reward:`` list (see the module docstring); its plugin's options sit beside these
+    keys in the entry."""
 
     name: str
     label: Optional[str] = None
@@ -66,16 +66,17 @@ class RewardTerm:
     frame_stride: int = 1
     frame_count: int = 4
     #: the plugin's validated ``Options`` (set when resolved)
-    options: Any = None
+    options: Any = dataclasses.field(default=None, metadata={"inline": True})
 
 
 @dataclasses.dataclass
-class CompositeOptions:
+class WeightedSumOptions:
+    #: the rewards summed: :class:`RewardTerm` entries, each with its plugin's options
     terms: list
 
 
 @dataclasses.dataclass
-class CompositeOutput(RewardOutput):
+class WeightedSumOutput(RewardOutput):
     """A :class:`RewardOutput` (scores: the weighted totals) with each reward's own output."""
 
     terms: list = dataclasses.field(default_factory=list)
@@ -90,38 +91,48 @@ def select_frames(num_frames: int, term: RewardTerm, generator: torch.Generator)
     return None
 
 
-class CompositeReward(Reward):
+class WeightedSumReward(Reward):
     """The weighted sum of a list of reward plugins; a :class:`Reward` itself, so the loop, ``evaluate``
-    and ``run --check`` treat one reward and several alike."""
+    and ``run --check`` treat one reward and several alike. Differentiable: every entry with a weight
+    is (checked when its options are resolved), and one has a weight."""
 
-    Options = CompositeOptions
+    Options = WeightedSumOptions
+    differentiable = True
 
     # ------------------------------------------------------------------ config
 
     @classmethod
-    def resolve_options(cls, entries, load_plugin: Callable[[str], type]) -> CompositeOptions:
-        """Validate the raw ``reward:`` list; errors name ``reward[i].key``."""
-        if isinstance(entries, CompositeOptions):
-            return entries
+    def resolve_options(cls, values, top_level: dict, prefix: str, also_known=(),
+                        owner: str = "") -> WeightedSumOptions:
+        """Validate the ``terms`` (the ``reward:`` list), each against its plugin through the registry
+        with the config's top-level keys; errors name ``reward[i].key``."""
+        entries = build_dataclass(WeightedSumOptions, values, prefix=prefix, also_known=also_known, owner=owner).terms
+        if not entries:
+            raise ConfigError("reward: an empty list; name one reward or a list of {name, weight, ...}")
+        available = [p.name for p in list_plugins("reward")]
+        for i, entry in enumerate(entries):  # names first (metadata only): a typo before anything imports
+            name = entry if isinstance(entry, str) else entry.get("name") if isinstance(entry, dict) else None
+            if isinstance(name, str) and name not in available:
+                raise ConfigError(f"{prefix}[{i}].name: {unknown_plugin('reward', name, available)}")
         terms, seen = [], {}
         for i, entry in enumerate(entries):
-            key = f"reward[{i}]"
+            key = f"{prefix}[{i}]"
             if isinstance(entry, str):
                 entry = {"name": entry}
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
                 raise ConfigError(f"{key}: expected a mapping with 'name' (e.g. {{name: face_identity, weight: 1.0}}), "
                                   f"got {entry!r}")
-            if entry["name"] == COMPOSITE_REWARD:
-                raise ConfigError(f"{key}.name: {COMPOSITE_REWARD} is the list itself; name a reward plugin")
             own = {k: v for k, v in entry.items() if k in TERM_KEYS}
             term = build_dataclass(RewardTerm, own, prefix=key)
             try:
-                plugin = load_plugin(term.name)
-            except Exception as e:  # PluginError: unknown name, bad entry point
+                plugin = load_plugin("reward", term.name)
+            except PluginError as e:  # a bad entry point
                 raise ConfigError(f"{key}.name: {e}") from e
-            opts_cls = plugin.Options
+            if issubclass(plugin, WeightedSumReward):
+                raise ConfigError(f"{key}.name: {term.name} is the list itself; name a reward plugin")
             rest = {k: v for k, v in entry.items() if k not in TERM_KEYS}
-            term.options = build_dataclass(opts_cls, rest, prefix=key, also_known=TERM_KEYS)
+            term.options = build_options("reward", term.name, plugin, rest, top_level, prefix=key,
+                                         also_known=TERM_KEYS)
             if term.label is None:
                 seen[term.name] = seen.get(term.name, 0) + 1
                 term.label = term.name if seen[term.name] == 1 else f"{term.name}_{seen[term.name]}"
@@ -132,12 +143,10 @@ class CompositeReward(Reward):
             raise ConfigError(f"reward: labels must differ, got {labels}; give each entry a distinct label")
         if not any(t.weight != 0 for t in terms):
             raise ConfigError("reward: every weight is 0; give at least one reward a weight (the others are logged)")
-        return CompositeOptions(terms)
+        return WeightedSumOptions(terms)
 
     @classmethod
-    def check(cls, config, options: CompositeOptions) -> list[str]:
-        from rewardfl.registry import load_plugin
-
+    def check(cls, config, options: WeightedSumOptions) -> list[str]:
         lines = []
         for term in options.terms:
             plugin = load_plugin("reward", term.name)
@@ -146,14 +155,9 @@ class CompositeReward(Reward):
 
     # ------------------------------------------------------------------ runtime
 
-    def __init__(self, config, options: CompositeOptions, *, device=None, **runtime):
-        from rewardfl.registry import load_plugin
-
+    def __init__(self, config, options: WeightedSumOptions, *, device=None, **runtime):
         self.config, self.options, self.terms = config, options, options.terms
         self.rewards = [load_plugin("reward", t.name)(config, t.options, device=device, **runtime) for t in self.terms]
-        self.differentiable = any(r.differentiable for r in self.rewards)
-        #: sums over processes (set by the trainer under several processes): running statistics agree
-        self.reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
         self.calls = 0
         # running statistics per term: [batches seen, EMA of mean, EMA of mean square]
         self.stats = [[0, 0.0, 0.0] for _ in self.terms]
@@ -169,7 +173,7 @@ class CompositeReward(Reward):
                 keep |= ok
         return keep
 
-    def __call__(self, videos: torch.Tensor, contexts: Sequence[SampleContext]) -> CompositeOutput:
+    def __call__(self, videos: torch.Tensor, contexts: Sequence[SampleContext]) -> WeightedSumOutput:
         cache, views = StepCache(), {}
         g = torch.Generator().manual_seed((self.config.seed * 1000003 + self.calls) % 2**63)
         self.calls += 1
@@ -201,9 +205,9 @@ class CompositeReward(Reward):
         metrics["cache/computed"] = float(sum(cache.computed.values()))  # work done once ...
         metrics["cache/hits"] = float(sum(cache.hits.values()))  # ... and reused by another reward
         self.last_cache = cache
-        return CompositeOutput(scores=total, valid=any_valid, metrics=metrics, terms=outputs)
+        return WeightedSumOutput(scores=total, valid=any_valid, metrics=metrics, terms=outputs)
 
-    def loss(self, output: CompositeOutput) -> torch.Tensor:
+    def loss(self, output: WeightedSumOutput) -> torch.Tensor:
         """``sum_i weight_i * loss_i`` (see the module docstring); updates the running statistics."""
         loss = output.scores.sum() * 0.0
         for i, (term, reward, out) in enumerate(zip(self.terms, self.rewards, output.terms)):
