@@ -390,6 +390,19 @@ class Reward(ABC):
         "detector /path/det.onnx"). Raises ``ConfigError`` naming the key for what is missing."""
         return []
 
+    @classmethod
+    def gradient_problem(cls, options) -> Optional[str]:
+        """Why reward backprop cannot train on this reward with these ``options`` (a phrase naming the
+        key, e.g. "gives none"), or None when every score it trains on carries gradient. Default: by
+        :attr:`differentiable`. ``weighted_sum`` names the weighted entry that gives none."""
+        return None if cls.differentiable else "gives none"
+
+    def gradient_split(self) -> tuple[Optional["Reward"], Optional["Reward"]]:
+        """``(the part that gives gradients, the part that does not)`` for ``algorithm: hybrid``, None
+        where a part is empty; each part a reward of its own (scores: its weighted total). Default: the
+        whole reward on the side :attr:`differentiable` says; ``weighted_sum`` splits its entries."""
+        return (self, None) if self.differentiable else (None, self)
+
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum of ``tensor`` (on the CPU) over every training process, for a reward whose state must
         agree across them (``weighted_sum``'s running statistics). The trainer replaces it on every

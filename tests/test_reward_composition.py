@@ -185,10 +185,14 @@ def test_list_errors_name_the_entry_and_key(face_assets, monkeypatch):
     def resolve(terms):
         return WeightedSumReward.resolve_options({"terms": terms}, {}, "reward")
 
-    with pytest.raises(ConfigError, match=r"reward\[1\]\.weight: log_only is not differentiable .* weight: 0"):
-        resolve([{"name": "motion"}, {"name": "log_only", "weight": 0.3}])
+    # a weighted entry without gradient is a valid list (grpo and hybrid train on it); reward_backprop asks
+    listed = resolve([{"name": "motion"}, {"name": "log_only", "weight": 0.3}])
+    assert WeightedSumReward.gradient_problem(listed) == (
+        "lists log_only (reward[1].weight: 0.3), which is not differentiable; set reward[1].weight: 0 to log "
+        "and evaluate it only")
     ok = resolve([{"name": "motion"}, {"name": "log_only", "weight": 0}])
     assert [t.label for t in ok.terms] == ["motion", "log_only"]
+    assert WeightedSumReward.gradient_problem(ok) is None
     with pytest.raises(ConfigError, match=r"reward\[0\]\.normalize: must be one of"):
         resolve([{"name": "motion", "normalize": "zscore"}])
     with pytest.raises(ConfigError, match=r"unknown key 'reward\[0\]\.resolutoin'"):

@@ -43,7 +43,7 @@ cycle's last update (the loop keeps the micro-batches' clips too). Resume is exa
 and the SDE noise are seeded by (seed, clip index, group member, training step); between two updates
 of a cycle a checkpoint keeps the cycle's groups (:meth:`GRPO.state_dict`, ``algorithm-<rank>.safetensors``)
 and the loop the data position the cycle's clips were drawn from. Not yet: classifier-free guidance,
-first-frame injection models (TI2V), a hybrid with reward backprop in one run.
+first-frame injection models (TI2V). ``algorithm: hybrid`` runs it beside reward backprop (``hybrid.py``).
 """
 
 from __future__ import annotations

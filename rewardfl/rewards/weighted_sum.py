@@ -93,8 +93,9 @@ def select_frames(num_frames: int, term: RewardTerm, generator: torch.Generator)
 
 class WeightedSumReward(Reward):
     """The weighted sum of a list of reward plugins; a :class:`Reward` itself, so the loop, ``evaluate``
-    and ``run --check`` treat one reward and several alike. Differentiable: every entry with a weight
-    is (checked when its options are resolved), and one has a weight."""
+    and ``run --check`` treat one reward and several alike. Its loss is differentiable when every entry
+    with a weight is (:meth:`gradient_problem`, which ``reward_backprop`` checks); ``grpo`` uses only the
+    scores, and ``hybrid`` splits the list (:meth:`gradient_split`)."""
 
     Options = WeightedSumOptions
     differentiable = True
@@ -153,15 +154,64 @@ class WeightedSumReward(Reward):
             lines += [f"[{term.label} x{term.weight:g}] {line}" for line in plugin.check(config, term.options)]
         return lines
 
+    @classmethod
+    def gradient_problem(cls, options: WeightedSumOptions) -> Optional[str]:
+        """The first entry with a weight whose plugin gives no gradient, named by its key; None if none."""
+        for i, term in enumerate(options.terms):
+            if term.weight != 0 and not load_plugin("reward", term.name).differentiable:
+                return (f"lists {term.name} (reward[{i}].weight: {term.weight:g}), which is not differentiable; "
+                        f"set reward[{i}].weight: 0 to log and evaluate it only")
+        return None
+
     # ------------------------------------------------------------------ runtime
 
-    def __init__(self, config, options: WeightedSumOptions, *, device=None, **runtime):
+    def __init__(self, config, options: WeightedSumOptions, *, device=None,
+                 part_of: Optional[WeightedSumReward] = None, **runtime):
+        """The rewards of ``options.terms``, built; or, for a part of :meth:`gradient_split` (``part_of``
+        the whole), the whole's rewards for those terms with their running statistics and call counter."""
         self.config, self.options, self.terms = config, options, options.terms
-        self.rewards = [load_plugin("reward", t.name)(config, t.options, device=device, **runtime) for t in self.terms]
-        self.calls = 0
-        # running statistics per term: [batches seen, EMA of mean, EMA of mean square]
-        self.stats = [[0, 0.0, 0.0] for _ in self.terms]
-        self._usable: list[dict[str, bool]] = [{} for _ in self.terms]
+        self._whole = part_of
+        if part_of is None:
+            self.rewards = [load_plugin("reward", t.name)(config, t.options, device=device, **runtime)
+                            for t in self.terms]
+            self._calls = [0]  # in a list: the parts count on the same call counter
+            # running statistics per term: [batches seen, EMA of mean, EMA of mean square] (updated in place)
+            self.stats = [[0, 0.0, 0.0] for _ in self.terms]
+            self._usable: list[dict[str, bool]] = [{} for _ in self.terms]
+        else:
+            index = [[t.label for t in part_of.terms].index(t.label) for t in self.terms]
+            self.rewards = [part_of.rewards[i] for i in index]
+            self._calls = part_of._calls
+            self.stats = [part_of.stats[i] for i in index]
+            self._usable = [part_of._usable[i] for i in index]
+
+    @property
+    def calls(self) -> int:
+        return self._calls[0]
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        self._calls[0] = value
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self._whole is None else self._whole.reduce_sum(tensor)
+
+    def gradient_split(self) -> tuple[Optional[Reward], Optional[Reward]]:
+        """``(the entries that give gradients, the weighted ones that do not)`` for ``algorithm: hybrid``:
+        two weighted sums that share this one's rewards, running statistics and call counter (so this
+        one's checkpoint state stays the whole story); the log-only entries (weight 0) go with the first
+        part, or with the second when the first is empty. ``(self, None)`` / ``(None, self)`` when one
+        side is empty."""
+        policy = [i for i, (t, r) in enumerate(zip(self.terms, self.rewards)) if t.weight != 0 and not r.differentiable]
+        gradient = [i for i, t in enumerate(self.terms) if t.weight != 0 and i not in policy]
+        if not policy:
+            return self, None
+        if not gradient:
+            return None, self
+        return self._part([i for i in range(len(self.terms)) if i not in policy]), self._part(policy)
+
+    def _part(self, indices: list[int]) -> WeightedSumReward:
+        return type(self)(self.config, WeightedSumOptions([self.terms[i] for i in indices]), part_of=self)
 
     def prepare(self, contexts: Sequence[SampleContext]) -> torch.Tensor:
         """A sample is skipped only when no reward can use it; each reward's own answer masks it later."""
@@ -243,8 +293,8 @@ class WeightedSumReward(Reward):
         sums = self.reduce_sum(torch.stack([s[v].sum(), (s[v] ** 2).sum(), v.sum().double()]).cpu())
         if float(sums[2]) > 0:  # a batch with no valid score anywhere leaves the statistics alone
             b = term.normalize_momentum
-            self.stats[i] = [n + 1, b * m1 + (1 - b) * float(sums[0] / sums[2]),
-                             b * m2 + (1 - b) * float(sums[1] / sums[2])]
+            self.stats[i][:] = [n + 1, b * m1 + (1 - b) * float(sums[0] / sums[2]),
+                                b * m2 + (1 - b) * float(sums[1] / sums[2])]
         return mean, std
 
     # ------------------------------------------------------------------ checkpoints
@@ -259,7 +309,8 @@ class WeightedSumReward(Reward):
             raise ValueError(f"reward: the checkpoint's rewards {state.get('labels')} differ from the config's "
                              f"{[t.label for t in self.terms]}; resume with the same reward list")
         self.calls = int(state["calls"])
-        self.stats = [[int(n), float(a), float(b)] for n, a, b in state["stats"]]
+        for own, (n, a, b) in zip(self.stats, state["stats"]):
+            own[:] = [int(n), float(a), float(b)]
         for reward, own in zip(self.rewards, state.get("terms") or [{}] * len(self.rewards)):
             reward.load_state_dict(own)
 
@@ -274,9 +325,6 @@ def _check_term(term: RewardTerm, key: str, plugin: type) -> None:
     # its loss shaping (e.g. face_identity's) would push the wrong way; refused rather than silently obeyed
     need(term.weight >= 0, f"weight: must be >= 0, got {term.weight} (the loss raises every weighted score; to "
                            "lower a score, use a reward that scores the opposite; weight: 0 logs it only)")
-    need(term.weight == 0 or plugin.differentiable,
-         f"weight: {term.name} is not differentiable (it gives no gradient to train on); set weight: 0 to log "
-         "and evaluate it only")
     need(term.normalize_std > 0, f"normalize_std: must be > 0, got {term.normalize_std}")
     need(0.0 < term.normalize_momentum < 1.0, f"normalize_momentum: must be in (0, 1), got {term.normalize_momentum}")
     need(term.normalize_warmup >= 1, f"normalize_warmup: must be >= 1, got {term.normalize_warmup}")

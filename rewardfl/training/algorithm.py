@@ -35,10 +35,11 @@ class RewardBackprop(Algorithm):
 
     @classmethod
     def check(cls, config, options, reward_cls) -> list[str]:
-        if not getattr(reward_cls, "differentiable", False):
-            raise ConfigError(f"algorithm: reward_backprop needs a reward with gradients; {config.reward.name} gives "
-                              "none: use algorithm: grpo (policy gradient), or list it with weight 0 beside a "
-                              "differentiable reward")
+        problem = reward_cls.gradient_problem(config.reward.options)
+        if problem is not None:
+            raise ConfigError(f"algorithm: reward_backprop needs a reward with gradients; {config.reward.name} "
+                              f"{problem}. Use algorithm: grpo (policy gradient) or hybrid (both in one run), or "
+                              "list it with weight 0 beside a differentiable reward")
         return []
 
     def micro_batch(self, batch: dict, contexts: Sequence[SampleContext], step: int) -> MicroBatch:
