@@ -42,7 +42,8 @@ __all__ = ["Hybrid"]
 
 
 class Hybrid(Algorithm):
-    """Reward backprop on the entries with gradients, GRPO on the others (see the module docstring)."""
+    """Reward backprop on the reward list's entries that give gradients, GRPO on the others:
+    ``loss = loss_backprop + policy_weight * loss_policy`` (docs/algorithms.md)."""
 
     @dataclasses.dataclass
     class Options:
@@ -64,7 +65,13 @@ class Hybrid(Algorithm):
 
         def policy_options(self) -> GRPO.Options:
             """``policy`` validated as grpo's options (errors name ``algorithm.policy.<key>``)."""
-            return build_dataclass(GRPO.Options, dict(self.policy), prefix="algorithm.policy")
+            try:
+                return build_dataclass(GRPO.Options, dict(self.policy), prefix="algorithm.policy")
+            except ConfigError as e:  # grpo's own checks name its keys as algorithm.<key>: here they are policy's
+                message = str(e)
+                if message.startswith("algorithm.") and not message.startswith("algorithm.policy"):
+                    message = "algorithm.policy." + message[len("algorithm."):]
+                raise ConfigError(message) from None
 
     def __init__(self, config, options: "Hybrid.Options", *, model: VideoModel, sampler: Sampler, reward: Reward,
                  plan: list[StepPlan]):
