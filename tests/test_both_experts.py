@@ -181,6 +181,7 @@ def test_training_both_experts_checkpoints_exports_and_resumes_both(make_config,
     ("train_high_noise.yaml", "plan     8 steps, gradient at 2:dit, 3:dit2, 4:dit2, 5:dit2, 6:dit2, 7:dit2"),
     ("train_both_experts.yaml", "plan     8 steps, gradient at 2:dit, 3:dit2, 4:dit2, 5:dit2, 6:dit2, 7:dit2"),
     ("grpo_wan22.yaml", "plan     8 steps, gradient at 3:dit2, 4:dit2, 5:dit2, 6:dit2, 7:dit2"),
+    ("hybrid_wan22.yaml", "plan     8 steps, gradient at 3:dit2, 4:dit2, 5:dit2, 6:dit2, 7:dit2"),
 ])
 def test_recipes_pass_check(recipe, plan_line, tiny_dir, tmp_path, capsys, face_assets):  # noqa: F811
     raw = yaml.safe_load(open(os.path.join(ROOT, "examples", recipe), encoding="utf-8"))
