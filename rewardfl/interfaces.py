@@ -177,6 +177,13 @@ class VideoModel(ABC):
         naming the key for what is missing."""
         return []
 
+    @classmethod
+    def planned_experts(cls, config, options) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``(experts, trainable experts)`` that a model built from ``config``/``options`` will have,
+        found without loading weights (file headers at most), so that ``run --check`` plans the
+        gradient window as training will. Default: :attr:`experts`, all of them trainable."""
+        return tuple(cls.experts), tuple(cls.experts)
+
     #: the model's latent dtype (bf16 on GPU, fp32 on CPU typically)
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")

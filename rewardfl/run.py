@@ -48,9 +48,8 @@ def check(cfg, plugins, config_path: str) -> None:
     # gradient-window errors surface here rather than after the model has loaded
     sampler = plugins["sampler"](cfg, cfg.sampler.options)
     model = plugins["model"]
-    experts = tuple(getattr(model, "experts", ()) or ())
+    experts, trainable = model.planned_experts(cfg, cfg.model)  # as the weight files will build it
     if experts:
-        trainable = [e.strip() for e in cfg.model.trainable_models.split(",") if e.strip() in experts]
         plan = plan_steps(cfg, sampler, experts, trainable, expert_boundary_of(model, cfg))
         grad = [f"{p.index}:{p.expert}" for p in plan if p.grad]
         print(f"plan     {len(plan)} steps, gradient at {', '.join(grad)}")

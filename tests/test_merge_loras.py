@@ -230,7 +230,6 @@ def test_check_plans_merges_against_the_experts_the_files_hold(make_config, tiny
     save_file({"blocks.0.self_attn.o.lora_A.weight": torch.zeros(2, 64),
                "blocks.0.self_attn.o.lora_B.weight": torch.zeros(64, 2)}, style)
     common = dict(model_paths=paths, trainable_models="dit", lora_base_model="dit", tokenizer_path=os.path.join(tiny_dir, "tokenizer"))
-    # boundary 0: run --check's step plan counts both roles (run.py), one expert runs every step
     assert run.main(["--check", make_config(**common, model={"merge_loras": [style], "boundary": 0.0})]) == 0
     assert f"model    merge_loras: {style} -> dit strength 1 (1 LoRA layer(s), 0 difference(s))" in \
         capsys.readouterr().out.splitlines()
@@ -242,6 +241,24 @@ def test_check_plans_merges_against_the_experts_the_files_hold(make_config, tiny
     with pytest.raises(ConfigError) as e:  # loading says the same
         build_tiny(tiny_dir, {"merge_loras": [{"path": style, "expert": "low_noise"}]}, **common)
     assert str(e.value) == message
+
+
+def test_check_plans_the_steps_with_the_experts_the_files_hold(make_config, tiny_dir, tmp_path, capsys):  # noqa: F811
+    """One DiT in model_paths and trainable_models: dit: every step runs it, so ``run --check`` plans the
+    gradient window on it, as training does (it planned with both roles and refused: "no gradient step runs
+    a trainable expert"), and it names dit2 as absent when asked to train it."""
+    from wan_fixtures import write_paths
+
+    from rewardfl import run
+
+    files = ("dit_high_noise.safetensors", "text_encoder.safetensors", "vae.safetensors")
+    paths = write_paths(str(tmp_path), [os.path.join(tiny_dir, f) for f in files])
+    common = dict(model_paths=paths, tokenizer_path=os.path.join(tiny_dir, "tokenizer"))
+    assert run.main(["--check", make_config(**common, trainable_models="dit", lora_base_model="dit")]) == 0
+    assert "plan     4 steps, gradient at 2:dit, 3:dit" in capsys.readouterr().out.splitlines()
+    assert run.main(["--check", make_config(**common, trainable_models="dit2", lora_base_model="dit2")]) == 2
+    assert capsys.readouterr().err.strip() == ("rewardfl.run: error: trainable_models: 'dit2' does not exist in "
+                                               "these model_paths (its experts: dit)")
 
 
 # --------------------------------------------------------------------------- the published Lightning pair's layout

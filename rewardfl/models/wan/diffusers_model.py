@@ -344,6 +344,14 @@ class Wan22DiffusersModel(Wan22Model):
         merges = options.merge_loras if options is not None else []  # no options: the defaults, nothing to merge
         return lines + describe_merges(merge_plan(config, merges, tuple(folder.experts)))
 
+    @classmethod
+    def planned_experts(cls, config, options) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The folder's experts (model_index.json) and the ones ``trainable_models`` trains among them."""
+        o = options if options is not None else cls.Options()
+        experts = tuple(find_diffusers_folder(config, o).experts)
+        lora, full = cls.plan_training(o, experts)
+        return experts, tuple(r for r in experts if r in lora or r in full)
+
     def _load_parts(self) -> WanParts:
         """The networks of the diffusers folder ``model_paths`` names: model_index.json and the
         components' config.json first (every user error surfaces there), then diffusers' and

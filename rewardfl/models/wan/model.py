@@ -295,6 +295,18 @@ class Wan22Model(VideoModel):
         merges = options.merge_loras if options is not None else []  # no options: the defaults, nothing to merge
         return lines + describe_merges(merge_plan(config, merges, files_experts(files, cls.experts)))
 
+    @classmethod
+    def planned_experts(cls, config, options) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The experts the weight files hold (one for TI2V-5B or a model_paths without a low-noise
+        model; headers only, both while a file is still to be downloaded) and the ones
+        ``trainable_models`` trains among them (checked as the constructor checks them)."""
+        o = options if options is not None else cls.Options()
+        files = resolve_model_paths(config.resolve_path(o.model_paths), o.model_id_with_origin_paths,
+                                    config.resolve_path("."), allow_download=config.allow_download, dry_run=True)
+        experts = files_experts(files, cls.experts)
+        lora, full = cls.plan_training(o, experts)
+        return experts, tuple(r for r in experts if r in lora or r in full)
+
     def __init__(self, config, options: Optional[Wan22Options] = None, *, device=None,
                  parts: Optional[WanParts] = None, target: Optional[DeviceTarget] = None, **runtime):
         """The one way a Wan model is made: its networks (``parts``, by default read from the files
