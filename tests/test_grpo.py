@@ -128,6 +128,8 @@ def _with_reward(path, reward):
 
     raw = yaml.safe_load(open(path))
     raw["reward"] = reward
+    if reward.get("name") not in ("face_identity", "identity_consistency"):
+        raw.pop("reward_model_path", None)  # the face rewards' key: unknown without one
     with open(path, "w") as f:
         yaml.safe_dump(raw, f)
     return path
