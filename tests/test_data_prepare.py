@@ -15,6 +15,10 @@ import pytest
 from rewardfl.data import VideoDataset
 from rewardfl.data.__main__ import main
 from rewardfl.data.prepare import prepare_videos, state_path
+from rewardfl.evaluation.split import is_held_out
+from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NUM_FRAMES = 5
 
@@ -188,3 +192,62 @@ def test_python_dash_m_runs_the_command(video_dir, tmp_path):
     # without a face check: every decodable video with 9 frames is kept (b has 7, e 3; g is broken)
     assert proc.stdout.strip().splitlines()[-1] == (f"wrote {out}: 4 videos; skipped 3 (too few frames 2, "
                                                     "unreadable 1)")
+
+
+def test_the_readme_recipe_runs_on_the_test_videos(video_dir, face_assets, tiny_dir, tmp_path):  # noqa: F811
+    """README "Train on your own videos", command by command as written, on this module's videos: the
+    paths are put where the files are, the video size and step count are cut to the tiny twin's, one of
+    the two usable clips is held out (0.1 of two is none), and the
+    Wan2.2 recipe's weight files are the twin's (the only changes, all made by ``--set`` or by replacing a
+    path in the command line)."""
+    import re
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = readme.split("## Train on your own videos", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(re.sub(r"#.*", "", c)) for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    root, kept, _ = video_dir
+    where = {"my_videos/": root, "models/antelopev2": face_assets.scrfd_sface,
+             "my_dataset/metadata.csv": str(tmp_path / "my_dataset" / "metadata.csv"),
+             "my_run.yaml": str(tmp_path / "my_run.yaml"), "output/final": str(tmp_path / "out" / "final"),
+             "examples/reward_fl_wan22.yaml": os.path.join(ROOT, "examples", "reward_fl_wan22.yaml")}
+    cut = {"--num-frames": "5", "--height": "64", "--width": "64"}
+    twin = ["--set", f"model_paths={os.path.join(tiny_dir, 'model_paths.json')}",
+            "--set", f"tokenizer_path={os.path.join(tiny_dir, 'tokenizer')}", "--set", "lora_rank=4",
+            "--set", "data.num_frames=5", "--set", "data.height=64", "--set", "data.width=64",
+            "--set", "data.max_pixels=4096", "--set", "num_inference_steps=4", "--set", "mid_timestep=2",
+            "--set", "final_timestep=3", "--set", "max_steps=1", "--set", "warmup_steps=0",
+            "--set", "device=cpu", "--set", "mixed_precision=fp32", "--set", f"output_dir={tmp_path / 'out'}",
+            "--set", "reward.name=face_identity", "--set", "reward.det_size=160",
+            "--set", "reward.landmark_fallback=true"]
+    ran = []
+    for argv in commands:
+        for path, here in where.items():  # also inside KEY=VALUE
+            argv = [a.replace(path, here) for a in argv]
+        argv = [cut.get(argv[i - 1], a) if i else a for i, a in enumerate(argv)]
+        if argv[0] == "cp":
+            shutil.copy(argv[1], argv[2])
+            continue
+        if argv[:3] == ["python", "-m", "rewardfl.plan"]:
+            continue  # the memory planner sizes the real 14B model (tests/test_plan.py); nothing to run here
+        assert argv[0] == "python", argv
+        if "data.eval_fraction=0.1" in argv:  # of 2 clips 0.1 holds out none: the smallest that holds out one
+            rows = VideoDataset(where["my_dataset/metadata.csv"], num_frames=5, max_pixels=4096).rows
+            fraction = next(f / 20 for f in range(1, 20)
+                            if sum(is_held_out(42, r["sample_id"], f / 20) for r in rows) == 1)
+            argv = [a.replace("data.eval_fraction=0.1", f"data.eval_fraction={fraction}") for a in argv]
+        argv = [sys.executable] + argv[1:] + (twin if argv[2] in ("rewardfl.run", "rewardfl.evaluate") else [])
+        if argv[2] == "rewardfl.evaluate":
+            argv += ["--set", "eval.seeds=1"]
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=str(tmp_path), timeout=900)
+        assert proc.returncode == 0, (argv, proc.stdout[-2000:], proc.stderr[-2000:])
+        ran.append(argv[2])
+    assert ran == ["rewardfl.data", "rewardfl.run", "rewardfl.run", "rewardfl.evaluate"]
+    listed = tmp_path / "my_dataset" / "metadata.csv"
+    rows = list(csv.DictReader(open(listed, encoding="utf-8")))
+    assert (sorted(os.path.normpath(os.path.join(listed.parent, r["video"])) for r in rows)
+            == sorted(os.path.join(root, k) for k in kept))
+    assert os.path.isdir(tmp_path / "out" / "final")
