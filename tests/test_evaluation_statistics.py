@@ -144,6 +144,35 @@ def test_the_guard_reads_only_declared_higher_is_better_judge_metrics():
     assert paired_change(four, base, "reward_score")["n_clips"] == 4
 
 
+def test_the_guard_names_a_judge_that_lost_its_view():
+    """A face judge that finds no face gives no value: a run that turns the faces into texture no detector
+    finds (seen on the demo's twin, docs/evaluation.md) must not escape the guard, whatever the reward does."""
+    rng = np.random.default_rng(3)
+    shape = (6, 2)
+    keys = ("reward_score", "judge/face/score", "judge/face/specificity", "judge/motion/score")
+    before = {k: rng.normal(size=shape) for k in keys}
+    after = {k: v + 0.01 * rng.normal(size=shape) for k, v in before.items()}
+    base = _rows("before", 6, 2, before)
+    guarded = ["judge/face/score", "judge/face/specificity", "judge/motion/score"]
+    assert hacking_warnings(_rows("after", 6, 2, after), base, guarded) == []  # the judges hold
+    rows = _rows("after", 6, 2, after)
+    for r in rows:  # the face judge now finds a face on 2 of the 6 clips only
+        if r["clip"] not in ("clip0", "clip1"):
+            r["judge/face/score"] = r["judge/face/specificity"] = None
+    lines = hacking_warnings(rows, base, guarded)
+    assert lines == ["possible reward hacking: judge/face lost its view: judge/face/score has a value on 2 of "
+                     "the 6 clips it scored before (a face judge that finds no face gives none)"]  # one per judge
+    # 3 of 6 (half) still scored: not lost
+    for r in rows:
+        if r["clip"] == "clip2":
+            r["judge/face/score"] = r["judge/face/specificity"] = 0.0
+    assert hacking_warnings(rows, base, guarded) == []
+    # a judge that scored 4 clips before cannot lose a view the guard could use
+    few = [dict(b, **{"judge/face/score": None}) if b["clip"] in ("clip4", "clip5") else b for b in base]
+    gone = [dict(r, **{"judge/face/score": None}) for r in _rows("after", 6, 2, after)]
+    assert hacking_warnings(gone, few, ["judge/face/score"]) == []
+
+
 # --------------------------------------------------------------------------- simulations
 
 

@@ -155,17 +155,41 @@ def hacking_warnings(rows: Sequence[dict], base_rows: Sequence[dict], judge_keys
     :data:`MIN_CLIPS_FOR_CLAIM` clips), one line names both. ``judge_keys``: the judge metrics whose
     higher values are better (``Reward.higher_is_better``); the guard reads no others. Both tests at
     95% on independent noise fire together on about 0.06% of null comparisons; the false-alarm rate
-    over a run is measured in ``tests/test_evaluation_statistics.py``."""
+    over a run is measured in ``tests/test_evaluation_statistics.py``. Whatever the reward does, a judge
+    that *lost its view* is named too (:func:`_lost_views`: a value on fewer than half of the at least
+    :data:`MIN_CLIPS_FOR_CLAIM` clips it scored before, as a face judge that no longer finds the face)."""
+    lines = _lost_views(rows, base_rows, judge_keys)
     reward = paired_change(rows, base_rows, reward_key, level)
     if beyond_interval(reward) <= 0:
-        return []
-    lines = []
+        return lines
     for key in judge_keys:
         judge = paired_change(rows, base_rows, key, level)
         if beyond_interval(judge) < 0:
             lines.append(f"possible reward hacking: {reward_key} rose by {_interval(reward)} while {key} fell by "
                          f"{_interval(judge)} (paired by clip and seed; {level:.0%} intervals over clips)")
     return lines
+
+
+def _lost_views(rows: Sequence[dict], base_rows: Sequence[dict], judge_keys: Sequence[str]) -> list[str]:
+    """One line per judge that *lost its view*: a metric of it has a value on :data:`MIN_CLIPS_FOR_CLAIM`
+    or more clips of the paired jobs in ``base_rows`` and on fewer than half of those in ``rows``. A face
+    judge that finds no face gives no value rather than a low one, so without this a run that turns the
+    faces into something no detector finds would escape the guard (seen on the demo's twin,
+    docs/evaluation.md); this needs no rise of the reward."""
+    pairs, lines, seen = paired_rows(rows, base_rows), [], set()
+    for key in judge_keys:
+        judge = key.rsplit("/", 1)[0]
+        before = {b["clip"] for _, b in pairs if _finite(b.get(key))}
+        after = {r["clip"] for r, b in pairs if _finite(r.get(key)) and b["clip"] in before}
+        if judge not in seen and len(before) >= MIN_CLIPS_FOR_CLAIM and 2 * len(after) < len(before):
+            seen.add(judge)
+            lines.append(f"possible reward hacking: {judge} lost its view: {key} has a value on {len(after)} of "
+                         f"the {len(before)} clips it scored before (a face judge that finds no face gives none)")
+    return lines
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(float(value))
 
 
 def _interval(entry: dict) -> str:

@@ -150,7 +150,8 @@ class TrainingEvaluator:
             best = self.cfg.save_best_by or ""
             line = (f"eval.judges: judge {label} gave no finite value at step {step} (every video unscored, e.g. "
                     "no face found): the reward-hacking guard cannot watch it"
-                    + (" and stop_on_hacking cannot stop on it" if self.cfg.stop_on_hacking else "")
+                    + (" (stop_on_hacking stops only when it scored 5 or more clips at the guard's window start "
+                       "and lost its view of them)" if self.cfg.stop_on_hacking else "")
                     + (f", and save_best_by: {best} cannot save best/" if best.startswith(f"eval/judge/{label}/")
                        else "")
                     + "; check the judge's options (detector, det_size, landmark_fallback) on these clips")
