@@ -1,25 +1,9 @@
 """Evaluate checkpoints on held-out clips: ``python -m rewardfl.evaluate cfg.yaml --checkpoint A [--checkpoint B]``.
 
-The base model is always evaluated too. Every checkpoint generates from the same starting noise
-(``--seeds K``: seeds 0..K-1 per clip; :mod:`rewardfl.generate`), and each video gets:
-
-* ``reward_score``: the training reward's score (the ``reward:`` section, as trained);
-* ``judge/<label>/<key>``: each judge of ``eval.judges`` (a reward plugin built through the registry
-  with its own options): the numbers of its ``evaluate(video, context)`` when it has one, else its
-  ``score``; and ``judge/<label>/specificity``: the judge's score of the video against its own clip's
-  reference minus the mean of its scores against the other clips' references (judges whose score
-  depends on the reference's content: ``Reward.reference_specific``; not ``motion``);
-* ``motion``: mean absolute difference of consecutive frames ([0, 1] pixel range);
-* ``first_frame_psnr``: PSNR (dB) of generated frame 0 against the input image.
-
-Per checkpoint and metric: the mean with its 95% interval, and the paired difference to base (the
-same clip and seed) with its interval; the held-out clip is the unit of evidence: seeds are averaged
-within a clip, the interval is Student-t over the clip means, and the number of clips stands beside
-each interval (:func:`rewardfl.evaluation.metrics.paired_interval`). The hacking guard
-(:func:`rewardfl.evaluation.metrics.hacking_warnings`) warns when a checkpoint's training reward rose
-beyond its interval while a judge's higher-is-better metric (``Reward.higher_is_better``) fell beyond its.
-Writes ``eval.json``, ``eval.md`` (the table, printed too) and ``contact_sheets/*.png`` (per clip:
-reference | base | each checkpoint, a few frames each) to ``--out`` (default ``OUTPUT_DIR/eval``).
+The command: argparse, the checks of the command line, and the call of the library's evaluation
+(:mod:`rewardfl.evaluation.evaluation`, which says what each video is scored on, how the intervals are
+computed and what the hacking guard reads). Writes ``eval.json``, ``eval.md`` (the table, printed too)
+and ``contact_sheets/*.png`` to ``--out`` (default ``OUTPUT_DIR/eval``).
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ same clip and seed) with its interval; the held-out clip is the unit of evidence
 within a clip, the interval is Student-t over the clip means, and the number of clips stands beside
 each interval (:func:`rewardfl.evaluation.metrics.paired_interval`). The hacking guard
 (:func:`rewardfl.evaluation.metrics.hacking_warnings`) warns when a checkpoint's training reward rose
-beyond its interval while a judge's higher-is-better metric (``Reward.higher_is_better``) fell beyond its.
-Writes ``eval.json``, ``eval.md`` (the table, printed too) and ``contact_sheets/*.png`` (per clip:
+beyond its interval while a judge's higher-is-better metric (``Reward.higher_is_better``) fell beyond its,
+and when a judge lost its view (a value on fewer than half of the clips it scored at base). Writes ``eval.json``, ``eval.md`` (the table, printed too) and ``contact_sheets/*.png`` (per clip:
 reference | base | each checkpoint, a few frames each) to ``--out`` (default ``OUTPUT_DIR/eval``).
 """
 
