@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +17,7 @@ from rewardfl.algorithms.grpo import STD_EPS, clipped_surrogate, group_advantage
 from rewardfl.kernels import sde_coefficients, sde_step
 from train_fixtures import make_config, small_dataset  # noqa: F401  (fixtures)
 from wan_fixtures import tiny_dir  # noqa: F401  (session fixture)
-from test_train import ROOT, read_metrics, stable
+from test_train import kill_once_saved, read_metrics, stable
 
 
 def test_group_advantages_by_hand():
@@ -106,15 +103,7 @@ def test_grpo_kill_and_resume_reproduce_an_uninterrupted_run(make_config, tmp_pa
     assert run.main([ref]) == 0
     expected = stable(read_metrics(str(tmp_path / "ref")))
     cut = _grpo_config(make_config, tmp_path, max_steps=3, output_dir=str(tmp_path / "cut"))
-    proc = subprocess.Popen([sys.executable, "-m", "rewardfl.run", cut], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    ckpt = tmp_path / "cut" / "checkpoints" / "checkpoint-2"
-    deadline = time.time() + 600
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.kill()
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_once_saved(cut, tmp_path / "cut" / "checkpoints" / "checkpoint-2")
     resumed = _grpo_config(make_config, tmp_path, max_steps=3, output_dir=str(tmp_path / "cut"),
                            resume_from_checkpoint=True)
     assert run.main([resumed]) == 0
@@ -239,15 +228,8 @@ def test_kill_and_resume_between_inner_updates_reproduce_an_uninterrupted_run(ma
     ref = tmp_path / "ref" / "checkpoints"
     # mid-cycle checkpoints keep the sampled groups; at a cycle's end there is nothing to keep
     assert [(ref / f"checkpoint-{s}" / "algorithm-0.safetensors").exists() for s in (1, 2, 3)] == [True, False, True]
-    proc = subprocess.Popen([sys.executable, "-m", "rewardfl.run", config("cut")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
     ckpt = tmp_path / "cut" / "checkpoints" / "checkpoint-1"
-    deadline = time.time() + 600
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.kill()
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_once_saved(config("cut"), ckpt)
     # resumed after the cycle's first update: step 2 trains on the groups of step 1, from the checkpoint
     assert run.main([config("cut", resume_from_checkpoint=str(ckpt))]) == 0
     assert stable(read_metrics(str(tmp_path / "cut"))) == stable(read_metrics(str(tmp_path / "ref")))

@@ -89,6 +89,17 @@ def _run_cli(cfg_path, **kw):
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw)
 
 
+def kill_once_saved(cfg_path, checkpoint, timeout=600):
+    """``python -m rewardfl.run cfg_path`` in a real process, SIGKILLed as soon as ``checkpoint`` exists."""
+    proc = _run_cli(cfg_path)
+    deadline = time.time() + timeout
+    while not os.path.exists(checkpoint) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
 def test_killed_run_resumes_to_the_same_metrics(make_config, tmp_path):
     # uninterrupted reference run, 4 steps
     ref_cfg = make_config(max_steps=4, output_dir=str(tmp_path / "ref"))
@@ -98,14 +109,7 @@ def test_killed_run_resumes_to_the_same_metrics(make_config, tmp_path):
 
     # the same run, SIGKILLed once its step-2 checkpoint exists, then resumed
     cfg = make_config(max_steps=4, output_dir=str(tmp_path / "cut"))
-    proc = _run_cli(cfg)
-    ckpt = tmp_path / "cut" / "checkpoints" / "checkpoint-2"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.kill()
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_once_saved(cfg, tmp_path / "cut" / "checkpoints" / "checkpoint-2")
     resumed = make_config(max_steps=4, output_dir=str(tmp_path / "cut"), resume_from_checkpoint=True)
     assert run.main([resumed]) == 0
     got = stable(read_metrics(str(tmp_path / "cut")))
