@@ -97,14 +97,18 @@ def simulated_runs(rng, runs: int, clips: int, seeds: int, evaluations: int = 10
     return y
 
 
-def new_guard(y: np.ndarray, window: int = 5) -> np.ndarray:
-    """Where rewardfl's guard fires ``(R, E)``: evaluation e against e - window + 1, paired, t over clips."""
+def new_guard(y: np.ndarray, window: int = 5, min_effect: float = 0.0) -> np.ndarray:
+    """Where rewardfl's guard fires ``(R, E)``: evaluation e against e - window + 1, paired, t over clips;
+    the judge's fall at least ``min_effect`` standard deviations of its clip means at the window's start
+    (``eval.hacking_min_effect``)."""
     runs, _, evaluations, clips, _ = y.shape
     fired = np.zeros((runs, evaluations), dtype=bool)
     for e in range(1, evaluations):
         start = max(0, e - window + 1)
-        _, lo, hi = clip_t_interval((y[:, :, e] - y[:, :, start]).mean(-1), LEVEL)
-        fired[:, e] = (lo[:, 0] > 0) & (hi[:, 1] < 0) & (clips >= MIN_CLIPS_FOR_CLAIM)
+        mean, lo, hi = clip_t_interval((y[:, :, e] - y[:, :, start]).mean(-1), LEVEL)
+        spread = y[:, 1, start].mean(-1).std(axis=-1, ddof=1)
+        fired[:, e] = ((lo[:, 0] > 0) & (hi[:, 1] < 0) & (-mean[:, 1] >= min_effect * spread)
+                       & (clips >= MIN_CLIPS_FOR_CLAIM))
     return fired
 
 
@@ -127,22 +131,26 @@ def old_guard(y: np.ndarray, window: int = 5, samples: int = 1000) -> np.ndarray
 
 
 def guard_table(rng, runs: int = 2000) -> list[str]:
-    lines = ["| guard | runs | clips x seeds | hack d | reward/judge correlation | runs with a warning | "
-             "evaluations with a warning |", "|---|---|---|---|---|---|---|"]
+    lines = ["| guard | min effect | runs | clips x seeds | hack d | reward/judge correlation | runs with a warning | "
+             "evaluations with a warning |", "|---|---|---|---|---|---|---|---|"]
+    new = "new (paired, t over clips)"
+
+    def rows(y, clips, seeds, d, rho):  # the new guard without and with the default minimum effect, same runs
+        for min_effect in (0.0, 0.2):
+            fired = new_guard(y, min_effect=min_effect)
+            lines.append(f"| {new} | {min_effect} | {runs} | {clips} x {seeds} | {d} | {rho} | "
+                         f"{fired.any(1).mean():.4f} | {fired[:, 1:].mean():.4f} |")
+
     for clips, seeds in ((8, 1), (4, 1), (8, 2)):
         y = simulated_runs(rng, runs, clips, seeds)
-        for name, guard in (("new (paired, t over clips)", new_guard), ("old (means, bootstrap of 1-2 means)", old_guard)):
-            fired = guard(y)
-            lines.append(f"| {name} | {runs} | {clips} x {seeds} | 0 (null) | 0 | {fired.any(1).mean():.4f} | "
-                         f"{fired[:, 1:].mean():.4f} |")
+        rows(y, clips, seeds, "0 (null)", 0)
+        fired = old_guard(y)
+        lines.append(f"| old (means, bootstrap of 1-2 means) | - | {runs} | {clips} x {seeds} | 0 (null) | 0 | "
+                     f"{fired.any(1).mean():.4f} | {fired[:, 1:].mean():.4f} |")
     for rho in (0.5, -0.5, -0.9):
-        fired = new_guard(simulated_runs(rng, runs, 8, 1, rho=rho))
-        lines.append(f"| new (paired, t over clips) | {runs} | 8 x 1 | 0 (null) | {rho} | {fired.any(1).mean():.4f} | "
-                     f"{fired[:, 1:].mean():.4f} |")
+        rows(simulated_runs(rng, runs, 8, 1, rho=rho), 8, 1, "0 (null)", rho)
     for d in (0.25, 0.5, 0.75, 1.0):
-        fired = new_guard(simulated_runs(rng, runs, 8, 1, hack=d))
-        lines.append(f"| new (paired, t over clips) | {runs} | 8 x 1 | {d} | 0 | {fired.any(1).mean():.4f} | "
-                     f"{fired[:, 1:].mean():.4f} |")
+        rows(simulated_runs(rng, runs, 8, 1, hack=d), 8, 1, d, 0)
     return lines
 
 

@@ -128,6 +128,10 @@ class EvalConfig:
     train_seeds: int = 1
     #: evaluations the hacking guard looks back over (training reward up while a judge falls)
     hacking_window: int = 5
+    #: the smallest fall of a judge the hacking guard reports, in standard deviations of that judge's
+    #: clip means at the window's start (its spread between clips); 0.2 is Cohen's "small" effect.
+    #: 0: any fall beyond its interval, however small
+    hacking_min_effect: float = 0.2
     #: at the end of a run: evaluate base vs the final weights on the held-out clips (``seeds`` per
     #: clip), write OUTPUT_DIR/eval and print the table
     at_end: bool = False
@@ -551,6 +555,8 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("train_seeds", "hacking_window"):
         _need(getattr(e, key) > 0, f"eval.{key}: must be > 0, got {getattr(e, key)}")
     _need(e.hacking_window >= 2, f"eval.hacking_window: must be >= 2 evaluations, got {e.hacking_window}")
+    _need(math.isfinite(e.hacking_min_effect) and e.hacking_min_effect >= 0,
+          f"eval.hacking_min_effect: must be a number >= 0 (0: any fall beyond its interval), got {e.hacking_min_effect}")
     _need(cfg.eval_steps is None or cfg.eval_steps > 0, f"eval_steps: must be > 0 (or unset), got {cfg.eval_steps}")
     _need(cfg.save_best_by is None or (cfg.eval_steps is not None and cfg.save_best_by.startswith("eval/")),
           f"save_best_by: {cfg.save_best_by!r} needs eval_steps and an eval/ metric (e.g. eval/reward_score, "

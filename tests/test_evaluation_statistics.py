@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rewardfl.evaluation.metrics import (MIN_CLIPS_FOR_CLAIM, beyond_interval, clip_t_interval, hacking_warnings,
-                                         paired_change, paired_interval)
+from rewardfl.evaluation.metrics import (MIN_CLIPS_FOR_CLAIM, beyond_interval, clip_spread, clip_t_interval,
+                                         hacking_warnings, paired_change, paired_interval)
 from rewardfl.evaluation.report import markdown_table, summarize
 from rewardfl.evaluation.evaluation import Evaluation
 from rewardfl.interfaces import Reward, RewardOutput
@@ -173,6 +173,29 @@ def test_the_guard_names_a_judge_that_lost_its_view():
     assert hacking_warnings(gone, few, ["judge/face/score"]) == []
 
 
+def test_the_guard_ignores_a_judge_fall_smaller_than_its_minimum_effect():
+    """A judge whose fall is beyond its interval but small beside the judge's spread between clips (a motion
+    judge moving by 1e-4) is not named with ``min_effect``; the spread is the clip means' sample standard
+    deviation at the window's start, computed here by hand."""
+    base_means = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # sd (n - 1) = sqrt(17.5 / 5) = 1.8708...
+    spread = math.sqrt(sum((m - 2.5) ** 2 for m in base_means) / 5)
+    jitter = np.array([[0.001, -0.001]] * 6)  # two seeds per clip; their mean is the clip's
+    before = {"reward_score": np.zeros((6, 2)), "judge/j/score": np.array(base_means)[:, None] + jitter}
+    base = _rows("before", 6, 2, before)
+
+    def warn(fall, min_effect):
+        after = {"reward_score": np.ones((6, 2)) + 0.01 * np.arange(12).reshape(6, 2),
+                 "judge/j/score": before["judge/j/score"] - fall - 0.01 * np.arange(12).reshape(6, 2)}
+        return hacking_warnings(_rows("after", 6, 2, after), base, ["judge/j/score"], min_effect=min_effect)
+
+    assert clip_spread(_rows("after", 6, 2, before), base, "judge/j/score") == pytest.approx(spread, rel=1e-12)
+    # the noise above adds 0.055 to the mean fall: 0.3 falls 0.355 = 0.190 of the spread, beyond its
+    # interval but below 0.2
+    assert len(warn(0.3, 0.0)) == 1 and warn(0.3, 0.2) == []
+    lines = warn(0.5, 0.2)  # 0.555 / 1.8708 = 0.297
+    assert len(lines) == 1 and "0.30 of its spread between clips" in lines[0]
+
+
 # --------------------------------------------------------------------------- simulations
 
 
@@ -201,7 +224,12 @@ def test_the_95_percent_interval_covers_the_true_mean_95_percent_of_the_time(cli
     assert np.mean((lo <= mean) & (mean <= hi)) == pytest.approx(coverage, abs=1e-12)
 
 
-def _guarded_runs(rng, runs, clips, seeds, *, evaluations=10, window=5, hack=0.0, hack_from=5):
+#: the guard's default minimum effect (``eval.hacking_min_effect``), used by the simulations
+MIN_EFFECT = 0.2
+
+
+def _guarded_runs(rng, runs, clips, seeds, *, evaluations=10, window=5, hack=0.0, hack_from=5,
+                  min_effect=MIN_EFFECT):
     """Simulated training evaluations ``(R, 2, E, clips, seeds)`` (metric 0: the training reward, 1: a
     judge; the noise model of the module docstring) and where the guard fires ``(R, E)``.
 
@@ -218,8 +246,10 @@ def _guarded_runs(rng, runs, clips, seeds, *, evaluations=10, window=5, hack=0.0
     fired = np.zeros((runs, evaluations), dtype=bool)
     for e in range(1, evaluations):
         start = max(0, e - window + 1)
-        _, lo, hi = clip_t_interval((y[:, :, e] - y[:, :, start]).mean(-1))  # (R, 2): clip means, t over clips
-        fired[:, e] = (lo[:, 0] > 0) & (hi[:, 1] < 0) & (clips >= MIN_CLIPS_FOR_CLAIM)
+        mean, lo, hi = clip_t_interval((y[:, :, e] - y[:, :, start]).mean(-1))  # (R, 2): clip means, t over clips
+        spread = y[:, 1, start].mean(-1).std(axis=-1, ddof=1)  # the judge's clip means at the window's start
+        fired[:, e] = ((lo[:, 0] > 0) & (hi[:, 1] < 0) & (-mean[:, 1] >= min_effect * spread)
+                       & (clips >= MIN_CLIPS_FOR_CLAIM))
     return y, fired
 
 
@@ -231,7 +261,7 @@ def _guard_through_the_library(y, run, e, window=5):
     def rows(at):
         return _rows("x", clips, seeds, {"reward_score": y[run, 0, at], "judge/j/score": y[run, 1, at]})
 
-    return bool(hacking_warnings(rows(e), rows(start), ["judge/j/score"]))
+    return bool(hacking_warnings(rows(e), rows(start), ["judge/j/score"], min_effect=MIN_EFFECT))
 
 
 def test_training_guard_false_alarm_rate_over_null_runs_of_10_evaluations():

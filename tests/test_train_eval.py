@@ -172,9 +172,14 @@ def test_a_run_that_collapses_motion_is_stopped_by_the_guard(tmp_path, tiny_dir,
     reward is one a still video maximises outright (``motion`` with target 0: score = -energy). The judge
     is ``motion`` against 3x the reference clips' energy (the untrained twin moves more than the clips,
     unlike the warm-started one), so less motion is worse for it. Frames 1-4 of a 5-frame video decode
-    from one latent frame, so less motion means frame 1 nearer the injected first frame."""
+    from one latent frame, so less motion means frame 1 nearer the injected first frame.
+
+    Learning rate 0.1: at 2e-2 the held-out motion fell by only 7e-4, 0.02 of the judge's spread between
+    clips, which the guard's minimum effect (``eval.hacking_min_effect`` 0.2) rightly leaves unnamed; at
+    0.1 it falls by 0.011 at step 4 (0.23 of that spread; 6x the spread of the generated videos' own
+    motion between clips), and the guard stops the run there."""
     config = _config(tmp_path, tiny_dir, small_dataset, face_assets, max_steps=8, save_steps=100,
-                     stop_on_hacking=True, eval_steps=2, data={"eval_metadata_path": six_clips},
+                     learning_rate=0.1, stop_on_hacking=True, eval_steps=2, data={"eval_metadata_path": six_clips},
                      eval={"judges": [{"name": "motion", "label": "motion", "target_scale": 3.0}],
                            "hacking_window": 5})
     raw = yaml.safe_load(open(config))
@@ -192,6 +197,10 @@ def test_a_run_that_collapses_motion_is_stopped_by_the_guard(tmp_path, tiny_dir,
     for key, sign in (("motion", -1), ("reward_score", 1), ("judge/motion/score", -1)):
         diffs = np.array([r[key] - b[key] for r, b in zip(stop["rows"], base["rows"])])
         assert (sign * diffs > 0).sum() >= 5, (key, diffs)
+    # and by enough to matter: at least 0.2 of the judge's spread between clips at step 0 (numpy, by hand)
+    key = "judge/motion/score"
+    fall = -np.mean([r[key] - b[key] for r, b in zip(stop["rows"], base["rows"])])
+    assert fall >= 0.2 * np.std([b[key] for b in base["rows"]], ddof=1) > 0  # one seed: a row is a clip
     err = caplog.text
     assert f"step {stop['step']} vs step 0: possible reward hacking: reward_score rose" in err, err
     assert "judge/motion/score fell" in err and "(6 clips)" in err and "stopped by the reward-hacking guard" in err

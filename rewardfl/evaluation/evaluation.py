@@ -259,7 +259,8 @@ def evaluate(cfg, plugins: dict[str, type], checkpoints: Sequence[str], out_dir:
     table = markdown_table(summary, labels, reference_motion=reference["motion"])
     warnings = [f"{label} vs base: {line}" for label in labels[1:]
                 for line in hacking_warnings([r for r in rows if r["checkpoint"] == label],
-                                             [r for r in rows if r["checkpoint"] == labels[0]], ev.guarded_keys)]
+                                             [r for r in rows if r["checkpoint"] == labels[0]], ev.guarded_keys,
+                                             min_effect=cfg.eval.hacking_min_effect)]
     for line in warnings:
         log.warning("%s", line)
     result = {

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 __all__ = ["motion", "psnr", "t_quantile", "clip_t_interval", "paired_interval", "paired_difference",
-           "beyond_interval", "MIN_CLIPS_FOR_CLAIM", "identity_specificity", "paired_rows", "paired_change",
-           "hacking_warnings", "PSNR_CAP_DB"]
+           "beyond_interval", "MIN_CLIPS_FOR_CLAIM", "clip_spread", "identity_specificity", "paired_rows",
+           "paired_change", "hacking_warnings", "PSNR_CAP_DB"]
 
 #: PSNR of identical images (infinite) is reported as this, so that means and intervals stay finite
 PSNR_CAP_DB = 100.0
@@ -146,14 +146,17 @@ def paired_change(rows: Sequence[dict], base_rows: Sequence[dict], key: str, lev
 
 
 def hacking_warnings(rows: Sequence[dict], base_rows: Sequence[dict], judge_keys: Sequence[str], *,
-                     reward_key: str = "reward_score", level: float = 0.95) -> list[str]:
+                     reward_key: str = "reward_score", level: float = 0.95, min_effect: float = 0.0) -> list[str]:
     """The reward-hacking guard: the same (clip, seed) jobs scored twice, ``base_rows`` earlier, ``rows``
     later (per-video rows with ``clip``, ``seed`` and the metrics).
 
     When the training reward's paired difference is above 0 beyond its ``level`` interval and a judge
     metric's is below 0 beyond its interval (:func:`paired_interval` over clips, each on at least
     :data:`MIN_CLIPS_FOR_CLAIM` clips), one line names both. ``judge_keys``: the judge metrics whose
-    higher values are better (``Reward.higher_is_better``); the guard reads no others. Both tests at
+    higher values are better (``Reward.higher_is_better``); the guard reads no others. ``min_effect``
+    (``eval.hacking_min_effect``): a judge's fall is named only when it is at least that many standard
+    deviations of the judge's clip means in ``base_rows`` (its spread between clips), so a fall that is
+    real but too small to matter (a motion judge moving by 1e-4) is not. Both tests at
     95% on independent noise fire together on about 0.06% of null comparisons; the false-alarm rate
     over a run is measured in ``tests/test_evaluation_statistics.py``. Whatever the reward does, a judge
     that *lost its view* is named too (:func:`_lost_views`: a value on fewer than half of the at least
@@ -164,10 +167,26 @@ def hacking_warnings(rows: Sequence[dict], base_rows: Sequence[dict], judge_keys
         return lines
     for key in judge_keys:
         judge = paired_change(rows, base_rows, key, level)
-        if beyond_interval(judge) < 0:
-            lines.append(f"possible reward hacking: {reward_key} rose by {_interval(reward)} while {key} fell by "
-                         f"{_interval(judge)} (paired by clip and seed; {level:.0%} intervals over clips)")
+        if beyond_interval(judge) >= 0:
+            continue
+        spread = clip_spread(rows, base_rows, key)
+        if -judge["mean"] < min_effect * spread:
+            continue
+        size = f", {-judge['mean'] / spread:.2f} of its spread between clips" if spread > 0 else ""
+        lines.append(f"possible reward hacking: {reward_key} rose by {_interval(reward)} while {key} fell by "
+                     f"{_interval(judge)} (paired by clip and seed; {level:.0%} intervals over clips{size})")
     return lines
+
+
+def clip_spread(rows: Sequence[dict], base_rows: Sequence[dict], key: str) -> float:
+    """The standard deviation (n - 1) of ``key``'s clip means in ``base_rows`` over the (clip, seed) jobs
+    that both lists score (seeds averaged within a clip first); 0 with fewer than 2 clips."""
+    by_clip: dict = {}
+    for r, b in paired_rows(rows, base_rows):
+        if _finite(r.get(key)) and _finite(b.get(key)):
+            by_clip.setdefault(b["clip"], []).append(float(b[key]))
+    means = [sum(v) / len(v) for v in by_clip.values()]
+    return float(np.std(means, ddof=1)) if len(means) >= 2 else 0.0
 
 
 def _lost_views(rows: Sequence[dict], base_rows: Sequence[dict], judge_keys: Sequence[str]) -> list[str]:

@@ -174,7 +174,8 @@ class TrainingEvaluator:
             return []
         start = self.history[max(0, len(self.history) - self.cfg.eval.hacking_window)]
         latest = self.history[-1]
-        lines = hacking_warnings(latest["rows"], start["rows"], self.evaluation.guarded_keys)
+        lines = hacking_warnings(latest["rows"], start["rows"], self.evaluation.guarded_keys,
+                                 min_effect=self.cfg.eval.hacking_min_effect)
         return [f"step {latest['step']} vs step {start['step']}: {line}" for line in lines]
 
     # ------------------------------------------------------------------ the best weights
