@@ -123,6 +123,35 @@ def test_zero2_on_two_processes_matches_one_process_with_the_same_global_batch(m
     assert len(got) == 2  # not one line per process
 
 
+def test_grpo_zero2_on_two_processes_matches_one_process_with_twice_the_batch(make_config, tmp_path):
+    """GRPO (the face reward used without gradient, groups of 2, stochastic steps 1..3, 0.6 of them
+    trained per step: 1 of the 2 that run the trained expert) on two processes under ZeRO-2, one clip
+    each, against one process with both clips: each video's starting and SDE noise is keyed by its clip
+    and group member and the trained steps by the step alone, so the samples, advantages and losses are
+    the same, and the averaged gradient too (with the noise keyed by the micro-batch, they were not)."""
+    grpo = {"name": "grpo", "group_size": 2, "noise_level": 0.7, "beta": 0.04, "train_fraction": 0.6}
+    common = dict(algorithm=grpo, mid_timestep=1, final_timestep=3, learning_rate=3e-3, max_steps=2, save_steps=2,
+                  adam_epsilon=1e-2)
+    single = make_config(per_device_train_batch_size=2, output_dir=str(tmp_path / "single"), **common)
+    assert run.main([single]) == 0
+    torchrun(make_config(deepspeed=ZERO2, output_dir=str(tmp_path / "zero2"), **common))
+
+    want, got = metrics(str(tmp_path / "single")), metrics(str(tmp_path / "zero2"))
+    assert [r["step"] for r in got] == [1, 2]
+    for w, g in zip(want, got):
+        assert g["reward/grpo/trained_steps"] == w["reward/grpo/trained_steps"] == 1.0  # of the 2 on dit2
+        assert g["reward_score"] == pytest.approx(w["reward_score"], rel=1e-4, abs=1e-6)
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-3, abs=1e-6)
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-2)
+    a = load_file(str(tmp_path / "single" / "checkpoints" / "checkpoint-2" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "zero2" / "checkpoints" / "checkpoint-2" / "trainable.safetensors"))
+    assert sorted(a) == sorted(b)
+    diff = sum(float((a[k] - b[k]).double().norm() ** 2) for k in a) ** 0.5
+    update = sum(float(a[k].double().norm() ** 2) for k in a if "lora_B" in k) ** 0.5
+    assert update > 1e-5
+    assert diff < 1e-3 * update, (diff, update)
+
+
 def test_zero3_runs_and_resumes(make_config, tmp_path):
     out = str(tmp_path / "zero3")
     torchrun(make_config(max_steps=1, save_steps=1, deepspeed=ZERO3, output_dir=out))

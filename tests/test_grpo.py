@@ -205,8 +205,9 @@ def test_inner_updates_train_again_on_the_sampled_groups_without_drawing(make_co
     assert len(drawn) == 1 and (trainer.state.epoch, trainer.state.position) == position
     assert trained[1] is trained[0]  # the same clips, handed over again
     assert second["reward/grpo/ratio_max_dev"] > 0 and second["reward/grpo/clip_fraction"] > 0
-    # float32 log-probabilities (|logp| ~ 1) against float64: ~1e-7 on a ratio, the surrogate is ~1e-3
-    assert second["reward_loss"] == pytest.approx(expected, rel=0, abs=1e-8)
+    # float32 log-probabilities (|logp| ~ 1) against float64: ~1e-7 on a ratio, times advantages of
+    # order 1, a few 1e-8 on the surrogate (~1e-3); the clip's effect below is 1e-5 or more
+    assert second["reward_loss"] == pytest.approx(expected, rel=0, abs=5e-8)
     assert abs(unclipped - expected) > 1e-5  # the clip acted
     assert second["reward_score"] == first["reward_score"]  # the scores of the samples it trained on
     assert trainer.algorithm.state_dict() == {}  # the cycle is over: nothing for a checkpoint to keep

@@ -249,19 +249,23 @@ class GRPO(Algorithm):
         return sde_coefficients(p.sigma, p.sigma_next, self.options.noise_level, sigma_cap=cap)
 
     def _generator(self, step: int, indices: Sequence[int], salt: int) -> torch.Generator:
+        """A generator keyed by (seed, step, salt, ``indices``): the same draws whichever process or
+        micro-batch runs them, so a run's numbers do not depend on how its clips are split."""
         key = (self.config.seed * 1_000_003 + step) * 8191 + salt
         for i in indices:
             key = (key * 31 + int(i) + 1) % (2**62)
         return torch.Generator().manual_seed(key)
 
-    def _trained(self, transitions: list[_Transition], step: int, indices) -> list[_Transition]:
+    def _trained(self, transitions: list[_Transition], step: int) -> list[_Transition]:
         if not transitions:
             raise ConfigError("algorithm: grpo has no stochastic step that runs a trainable expert; move "
                               "mid_timestep/final_timestep or change trainable_models")
         k = max(1, round(self.options.train_fraction * len(transitions)))
         if k == len(transitions):
             return transitions
-        order = torch.randperm(len(transitions), generator=self._generator(step, indices, 2)).tolist()
+        # drawn from (seed, step) alone: every process and micro-batch of a step trains the same steps, as
+        # one process with the whole batch would
+        order = torch.randperm(len(transitions), generator=self._generator(step, (), 2)).tolist()
         return [transitions[i] for i in sorted(order[:k])]
 
     @torch.no_grad()
@@ -282,7 +286,9 @@ class GRPO(Algorithm):
         seeds = [(cfg.seed * 7919 + int(i)) * 1009 + j for i in batch["index"] for j in range(g)]
         x = self.sampler.initial_noise(model.latent_shape(cfg.data.num_frames, *size), sample_seeds=seeds,
                                        step=step, device=model.device, dtype=model.dtype)
-        noise = self._generator(step, batch["index"], 1)
+        # one generator per video, keyed by its clip and group member: its SDE noise does not depend on
+        # which other clips share the micro-batch (two processes draw what one process with both would)
+        noise = [self._generator(step, (int(i), j), 1) for i in batch["index"] for j in range(g)]
         trainable = set(model.trainable_experts())
         transitions = []
         for p in self.plan:
@@ -290,7 +296,8 @@ class GRPO(Algorithm):
             v = model.denoise(p.expert, x, t, cond)
             if p.grad:  # the stochastic window
                 coef = self._coefficients(p)
-                z = torch.randn(x.shape, generator=noise, dtype=torch.float32).to(x.device, x.dtype)
+                z = torch.stack([torch.randn(x.shape[1:], generator=n, dtype=torch.float32) for n in noise])
+                z = z.to(x.device, x.dtype)
                 x_next, log_prob = sde_step(x, v, coef, noise=z)
                 if p.expert in trainable:
                     transitions.append(_Transition(p, coef, x, x_next, log_prob))
@@ -332,7 +339,7 @@ class GRPO(Algorithm):
     def _update(self, groups: _Groups, cond, videos, batch: dict, step: int) -> MicroBatch:
         """The clipped surrogate (and KL) over the trained steps, drawn for ``step``."""
         o, model, advantages = self.options, self.model, groups.advantages
-        trained = self._trained(groups.transitions, step, batch["index"])
+        trained = self._trained(groups.transitions, step)
         loss = torch.zeros((), device=model.device)
         surrogate_sum, kl_sum, stats = 0.0, 0.0, []
         for tr in trained:
