@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Iterator, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
 import torch
 
@@ -529,3 +529,14 @@ class Algorithm(ABC):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`state_dict`, on resume (``{}`` when the checkpoint holds nothing)."""
+
+    # Optional: the memory planner (``python -m rewardfl.plan``).
+
+    def planned_micro_batch(self, batch: dict, step: int, backprop: Callable[[], MicroBatch]) -> MicroBatch:
+        """One micro-batch for the memory planner: the same tensor work as :meth:`micro_batch`, on
+        tensors that have shapes but no values (so no host reads: no ``.item()``, no scores; a reward
+        used without gradient allocates nothing the planner counts and is left out). ``backprop()``
+        is the planner's reward-backprop micro-batch (the rollout with the gradient window, the decode
+        with gradient, the reward's loss as far as the planner knows the reward). The default, for
+        reward backprop, returns it."""
+        return backprop()

@@ -148,6 +148,61 @@ def test_deepspeed_zero2_buffers_match_a_hand_count(make_config):  # noqa: F811
         assert "ZeRO-2 over 8 ranks" in plan.engine
 
 
+@pytest.mark.parametrize("algorithm", [
+    {"name": "grpo", "group_size": 3, "beta": 0.04, "train_fraction": 1.0},
+    {"name": "hybrid", "policy": {"group_size": 2, "beta": 0.04}},
+])
+def test_a_policy_gradient_step_is_planned_as_measured(make_config, algorithm):  # noqa: F811
+    """A GRPO step (3 videos per clip sampled with the SDE, decoded without gradient, scored by the real
+    face reward in onnxruntime, then the window's trained steps again with gradient plus the reference
+    forward), and hybrid on the face reward alone (every entry gives gradients: reward backprop's step):
+    the planner's prediction (fake tensors, the algorithm's own ``planned_micro_batch``) against the real
+    ``Trainer.train_step`` measured by the same tracker: within 2 %."""
+    from rewardfl.training.loop import Trainer
+
+    path = make_config(algorithm=algorithm, mid_timestep=1, final_timestep=3, reward={"reference_cache_dir": "none"})
+    cfg, plugins = _resolved(path)
+    trainer = Trainer(cfg, plugins)
+    trainer.train_step()  # optimizer states, caches
+    tracker = planner.MemoryTracker()
+    with tracker:
+        tracker.mark()
+        trainer.train_step()
+    plan = planner.plan_memory(cfg, plugins, target="cpu")
+    measured = tracker.new_peak
+    assert measured > 10 * MiB
+    assert abs(plan.step_peak - measured) <= 0.02 * measured, (plan.step_peak / MiB, measured / MiB, plan.peak_phase)
+    phases = set(plan.snapshots)
+    if algorithm["name"] == "grpo":
+        assert {"denoise (dit2, no grad)", "denoise (dit2, grad)", "decode no grad (VAE)",
+                "denoise (dit2): reference forward (no grad)"} <= phases, sorted(phases)
+        assert "decode with grad (VAE)" not in phases
+    else:
+        assert "decode with grad (VAE)" in phases and "decode no grad (VAE)" not in phases, sorted(phases)
+
+
+def test_a_hybrid_step_with_both_kinds_of_reward_plans_both_halves(make_config, tmp_path):  # noqa: F811
+    """[face_identity, identity_consistency with gradient: false]: the backprop half's decode with gradient
+    and the policy half's sampling, decode without gradient and trained steps are all planned, and the
+    step needs more than either algorithm alone on the same list."""
+    reward = [{"name": "face_identity", "landmark_fallback": True, "det_size": 160},
+              {"name": "identity_consistency", "weight": 0.5, "gradient": False, "landmark_fallback": True,
+               "det_size": 160}]
+
+    def planned(algorithm):
+        path = make_config(algorithm=algorithm, mid_timestep=1, final_timestep=3)
+        raw = yaml.safe_load(open(path))
+        raw["reward"] = reward
+        path = tmp_path / f"{algorithm['name']}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return planner.plan_memory(*_resolved(str(path)), target="cpu")
+
+    policy = {"group_size": 2, "beta": 0.04}
+    hybrid = planned({"name": "hybrid", "policy": policy})
+    assert {"decode with grad (VAE)", "decode no grad (VAE)", "denoise (dit2, grad)"} <= set(hybrid.snapshots)
+    assert hybrid.step_peak > planned({"name": "grpo", **policy}).step_peak
+
+
 def test_planner_step_on_real_tensors_matches_its_fake_run(make_config):  # noqa: F811
     """``run_step(device=...)``, the GPU check's measured side, on real CPU tensors (random weights
     built in place) against the same step on fake tensors."""

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from typing import Literal, Sequence
 
 import torch
@@ -91,13 +92,21 @@ def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
                       clip_range: float) -> tuple[torch.Tensor, dict]:
     """PPO's clipped surrogate ``mean(max(-A r, -A clip(r, 1 - c, 1 + c)))``, ``r = exp(logp - logp_old)``;
     0-dim (differentiable in ``log_prob``), and ``{"ratio_mean", "ratio_max_dev", "clip_fraction"}``."""
+    ratio, loss = _surrogate(log_prob, old_log_prob, advantages, clip_range)
+    return loss, _ratio_stats(ratio, clip_range)
+
+
+def _surrogate(log_prob, old_log_prob, advantages, clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ratio, loss)`` of :func:`clipped_surrogate`, without reading any value (the planner runs it)."""
     ratio = torch.exp(log_prob - old_log_prob.detach())
     adv = advantages.to(ratio.dtype).to(ratio.device)
-    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
-    with torch.no_grad():
-        stats = {"ratio_mean": float(ratio.mean()), "ratio_max_dev": float((ratio - 1).abs().max()),
-                 "clip_fraction": float(((ratio - 1).abs() > clip_range).float().mean())}
-    return loss, stats
+    return ratio, torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+
+
+@torch.no_grad()
+def _ratio_stats(ratio: torch.Tensor, clip_range: float) -> dict:
+    return {"ratio_mean": float(ratio.mean()), "ratio_max_dev": float((ratio - 1).abs().max()),
+            "clip_fraction": float(((ratio - 1).abs() > clip_range).float().mean())}
 
 
 @dataclasses.dataclass
@@ -248,13 +257,16 @@ class GRPO(Algorithm):
         cap = float(sigmas[1]) if p.sigma >= 1.0 and len(sigmas) > 1 else None
         return sde_coefficients(p.sigma, p.sigma_next, self.options.noise_level, sigma_cap=cap)
 
-    def _generator(self, step: int, indices: Sequence[int], salt: int) -> torch.Generator:
-        """A generator keyed by (seed, step, salt, ``indices``): the same draws whichever process or
-        micro-batch runs them, so a run's numbers do not depend on how its clips are split."""
+    def _key(self, step: int, indices: Sequence[int], salt: int) -> int:
+        """A seed from (seed, step, salt, ``indices``): the same draws whichever process or micro-batch
+        makes them, so a run's numbers do not depend on how its clips are split."""
         key = (self.config.seed * 1_000_003 + step) * 8191 + salt
         for i in indices:
             key = (key * 31 + int(i) + 1) % (2**62)
-        return torch.Generator().manual_seed(key)
+        return key
+
+    def _generator(self, step: int, indices: Sequence[int], salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self._key(step, indices, salt))
 
     def _trained(self, transitions: list[_Transition], step: int) -> list[_Transition]:
         if not transitions:
@@ -265,8 +277,9 @@ class GRPO(Algorithm):
             return transitions
         # drawn from (seed, step) alone: every process and micro-batch of a step trains the same steps, as
         # one process with the whole batch would
-        order = torch.randperm(len(transitions), generator=self._generator(step, (), 2)).tolist()
-        return [transitions[i] for i in sorted(order[:k])]
+        # (a host draw: the memory planner runs this on tensors without values)
+        chosen = random.Random(self._key(step, (), 2)).sample(range(len(transitions)), k)
+        return [transitions[i] for i in sorted(chosen)]
 
     @torch.no_grad()
     def _condition(self, batch: dict):
@@ -338,25 +351,18 @@ class GRPO(Algorithm):
 
     def _update(self, groups: _Groups, cond, videos, batch: dict, step: int) -> MicroBatch:
         """The clipped surrogate (and KL) over the trained steps, drawn for ``step``."""
-        o, model, advantages = self.options, self.model, groups.advantages
+        o, advantages = self.options, groups.advantages
         trained = self._trained(groups.transitions, step)
-        loss = torch.zeros((), device=model.device)
+        loss = torch.zeros((), device=self.model.device)
         surrogate_sum, kl_sum, stats = 0.0, 0.0, []
         for tr in trained:
-            t = torch.full((tr.x.shape[0],), tr.plan.timestep, device=model.device, dtype=torch.float32)
-            v = model.denoise(tr.plan.expert, tr.x, t, cond)
-            _, log_prob = sde_step(tr.x, v, tr.coef, x_next=tr.x_next)
-            surrogate, s = clipped_surrogate(log_prob, tr.log_prob, advantages, o.clip_range)
-            term = surrogate
-            if o.beta > 0:
-                with torch.no_grad():
-                    v_ref = model.denoise(tr.plan.expert, tr.x, t, cond, base=True)
-                kl = velocity_kl(v, v_ref, tr.coef.s / abs(tr.coef.c_v))
-                term = term + o.beta * kl
+            surrogate, kl, ratio = self._step_terms(tr, cond, advantages)
+            term = surrogate if kl is None else surrogate + o.beta * kl
+            if kl is not None:
                 kl_sum += kl.item()
             loss = loss + term / len(trained)
             surrogate_sum += surrogate.item()
-            stats.append(s)
+            stats.append(_ratio_stats(ratio, o.clip_range))
         # nothing to compare anywhere in this micro-batch: still backward (weight 0), every process must join
         weight = 1.0 if bool((advantages != 0).any()) else 0.0
         metrics = dict(groups.metrics)
@@ -370,3 +376,34 @@ class GRPO(Algorithm):
         return MicroBatch(loss=weight * loss, scores=groups.scores, valid=groups.valid,
                           reward_loss=weight * surrogate_sum / len(trained), kl_loss=weight * kl_sum / len(trained),
                           metrics=metrics, videos=None if videos is None else videos.detach())
+
+    def _step_terms(self, tr: _Transition, cond, advantages: torch.Tensor):
+        """One trained step under the current weights: ``(surrogate, kl (None when beta is 0), ratio)``."""
+        o, model = self.options, self.model
+        t = torch.full((tr.x.shape[0],), tr.plan.timestep, device=model.device, dtype=torch.float32)
+        v = model.denoise(tr.plan.expert, tr.x, t, cond)
+        _, log_prob = sde_step(tr.x, v, tr.coef, x_next=tr.x_next)
+        ratio, surrogate = _surrogate(log_prob, tr.log_prob, advantages, o.clip_range)
+        if o.beta <= 0:
+            return surrogate, None, ratio
+        with torch.no_grad():
+            v_ref = model.denoise(tr.plan.expert, tr.x, t, cond, base=True)
+        return surrogate, velocity_kl(v, v_ref, tr.coef.s / abs(tr.coef.c_v)), ratio
+
+    # ------------------------------------------------------------------ the memory planner
+
+    def planned_micro_batch(self, batch: dict, step: int, backprop) -> MicroBatch:
+        """The sampling of the groups (decoded, kept as :meth:`micro_batch` keeps them), then the trained
+        steps' surrogate and KL with the advantages left at 0 and the reward left out (it runs without
+        gradient; its scores are host values the planner has not got). A first update of a cycle: the
+        replays of ``inner_updates`` cost less (no sampling or decoding)."""
+        cond, videos, transitions = self._sample(batch, step)
+        advantages = torch.zeros(videos.shape[0], dtype=torch.float64)
+        loss = torch.zeros((), device=self.model.device)
+        trained = self._trained(transitions, step)
+        for tr in trained:
+            surrogate, kl, _ = self._step_terms(tr, cond, advantages)
+            loss = loss + (surrogate if kl is None else surrogate + self.options.beta * kl) / len(trained)
+        none = torch.zeros(videos.shape[0], dtype=torch.bool)
+        return MicroBatch(loss=loss, scores=none.float(), valid=none, reward_loss=0.0, kl_loss=0.0, metrics={},
+                          videos=videos.detach())

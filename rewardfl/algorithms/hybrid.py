@@ -95,6 +95,17 @@ class Hybrid(Algorithm):
         return [f"hybrid: the rewards with gradients by reward backprop; the others by {lines[0]} "
                 f"(policy_weight {options.policy_weight:g})"]
 
+    def planned_micro_batch(self, batch: dict, step: int, backprop) -> MicroBatch:
+        """Both halves as :meth:`micro_batch` runs them: the backprop half's graph is alive while the
+        policy half samples and trains."""
+        if self.policy is None:
+            return backprop()
+        if self.backprop is None:
+            return self.policy.planned_micro_batch(batch, step, backprop)
+        first = backprop()
+        second = self.policy.planned_micro_batch(batch, step, backprop)
+        return dataclasses.replace(first, loss=first.loss + self.options.policy_weight * second.loss)
+
     def micro_batch(self, batch: dict, contexts: Sequence[SampleContext], step: int) -> MicroBatch:
         backprop = self.backprop.micro_batch(batch, contexts, step) if self.backprop is not None else None
         policy = self.policy.micro_batch(batch, contexts, step) if self.policy is not None else None

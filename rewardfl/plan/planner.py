@@ -55,6 +55,7 @@ from torch.utils._pytree import tree_leaves
 
 from rewardfl.cli import user_error_exit
 from rewardfl.config import ConfigError, TrainConfig, load_config
+from rewardfl.interfaces import Algorithm, MicroBatch, Reward
 from rewardfl.registry import resolve_config, resolve_plugins
 from rewardfl.runtime import DistInfo
 from rewardfl.sampling.policy import expert_boundary_of, plan_steps
@@ -486,7 +487,7 @@ def _step(cfg, plugins, spec, sampler, reward, tracker, device, *, gpu_bytes, wo
     if model.offload_experts:
         notes.append("offload_idle_expert: on (the idle expert's frozen weights wait in CPU memory)")
     tracker.mark()
-    _train_step(cfg, model, sampler, plan, reward, engine, tracker, device)
+    _train_step(cfg, model, sampler, plan, reward, engine, tracker, device, plugins["algorithm"], plugins["reward"])
 
 
 def _tag_weights(tracker: MemoryTracker, model) -> None:
@@ -515,24 +516,51 @@ def _tag_weights(tracker: MemoryTracker, model) -> None:
         tracker.retag(p, f"trainable parameters ({kind}), {dtype_name(p)}")
 
 
-def _train_step(cfg, model, sampler, plan, reward, engine, tracker: MemoryTracker, device) -> None:
-    """One optimizer step of one micro-batch, as the trainer runs it: encode, sample (the core's
-    ``rollout``), decode, reward, loss, backward, update; each part under its own phase."""
+class _UnscoredReward(Reward):
+    """The reward an algorithm is built with in the planner: never called (the planner's reward-backprop
+    micro-batch scores with :class:`FacePlan` or a stand-in; a policy gradient's reward runs without
+    gradient, outside what the planner counts). For ``hybrid``: a reward whose weighted entries all give
+    gradients is reward backprop alone; otherwise both halves are planned (an upper bound when every
+    entry gives none)."""
+
+    def __init__(self, reward_cls, options):
+        self.policy = reward_cls.gradient_problem(options) is not None
+
+    def __call__(self, videos, contexts):
+        raise RuntimeError("the planner does not score videos")
+
+    def gradient_split(self):
+        return self, (self if self.policy else None)
+
+
+def _train_step(cfg, model, sampler, plan, reward, engine, tracker: MemoryTracker, device, algorithm_cls,
+                reward_cls) -> None:
+    """One optimizer step of one micro-batch, as the trainer runs it: encode, sample, decode, reward, loss,
+    backward, update; each part under its own phase. The micro-batch is the algorithm's
+    (``Algorithm.planned_micro_batch``); reward backprop's is ``backprop`` below: the core's ``rollout``
+    and the reward's loss."""
     frames, height, width = video_size(cfg)
     batch_size = cfg.per_device_train_batch_size
     prompts = [f"prompt {i}" for i in range(batch_size)]
     # classifier-free guidance also encodes the negative prompt (rollout runs the model on both)
     with tracker.phase("encode (text encoder)"):
         model.plan_prompts(prompts + ([sampler.negative_prompt] if sampler.uses_guidance else []))
-
-    # label each model call with the sampling step it belongs to (sample_latents runs the plan)
+    algorithm = algorithm_cls(cfg, cfg.algorithm.options, model=model, sampler=sampler, plan=plan,
+                              reward=_UnscoredReward(reward_cls, cfg.reward.options))
+    # reward backprop's model calls are labelled with the sampling step they belong to (rollout runs the
+    # plan in order); another algorithm's by expert and whether they carry gradient
+    by_step = type(algorithm).planned_micro_batch is Algorithm.planned_micro_batch
     position = {"i": 0}
     denoise, step, encode, decode = model.denoise, sampler.step, model.encode, model.decode
 
     def labelled_denoise(expert, x, timestep, cond, *, base=False):
-        p = plan[min(position["i"], len(plan) - 1)]
-        name = (f"step {p.index} ({expert}): regulariser's base forward (no grad)" if base else
-                f"step {p.index} ({expert}, {'grad' if p.grad else 'no grad'})")
+        grad = "grad" if torch.is_grad_enabled() else "no grad"
+        if by_step:
+            p = plan[min(position["i"], len(plan) - 1)]
+            name = (f"step {p.index} ({expert}): regulariser's base forward (no grad)" if base else
+                    f"step {p.index} ({expert}, {'grad' if p.grad else 'no grad'})")
+        else:
+            name = f"denoise ({expert}): reference forward (no grad)" if base else f"denoise ({expert}, {grad})"
         with tracker.phase(name):
             return denoise(expert, x, timestep, cond, base=base)
 
@@ -543,23 +571,31 @@ def _train_step(cfg, model, sampler, plan, reward, engine, tracker: MemoryTracke
 
     def labelled(fn, name):
         def call(*args, **kwargs):
-            with tracker.phase(name):
+            with tracker.phase(name if torch.is_grad_enabled() else name.replace("with grad", "no grad")):
                 return fn(*args, **kwargs)
         return call
 
     model.denoise, sampler.step = labelled_denoise, counted_step
     model.encode = labelled(encode, "encode (VAE: first frame)")
     model.decode = labelled(decode, "decode with grad (VAE)")
-    batch = {"first_frame": torch.zeros(batch_size, 3, height, width), "prompt": prompts}
-    videos, kl = rollout(model, sampler, plan, batch, num_frames=frames, step=0, seeds=list(range(batch_size)),
-                         kl_weight=cfg.kl_weight)
-    if reward is not None:
-        reward_loss = reward.loss(videos, tracker, device)
-    else:
-        reward_loss = -videos.float().mean()  # a stand-in reward: the graph through decode and the DiT
+    batch = {"first_frame": torch.zeros(batch_size, 3, height, width), "prompt": prompts,
+             "index": list(range(batch_size))}
+
+    def backprop() -> MicroBatch:
+        videos, kl = rollout(model, sampler, plan, batch, num_frames=frames, step=0, seeds=list(range(batch_size)),
+                             kl_weight=cfg.kl_weight)
+        if reward is not None:
+            reward_loss = reward.loss(videos, tracker, device)
+        else:
+            reward_loss = -videos.float().mean()  # a stand-in reward: the graph through decode and the DiT
+        none = torch.zeros(batch_size, dtype=torch.bool)
+        return MicroBatch(loss=reward_loss + cfg.kl_weight * kl, scores=none.float(), valid=none, reward_loss=0.0,
+                          kl_loss=0.0, metrics={}, videos=videos)
+
+    out = algorithm.planned_micro_batch(batch, 0, backprop)
     with tracker.phase("backward"):
-        engine.backward(reward_loss + cfg.kl_weight * kl)
-        del videos, kl, reward_loss
+        engine.backward(out.loss)
+        del out
     with tracker.phase("optimizer update"):
         engine.update()
 
