@@ -139,6 +139,31 @@ def test_reward_backprop_names_the_weighted_entry_without_gradient(make_config, 
     assert run.main([cfg, "--check"]) == 0
 
 
+def test_an_entry_with_gradient_false_is_trained_by_the_policy_gradient(make_config, tmp_path, capsys):
+    """``gradient: false`` on a differentiable reward: hybrid on that list alone is grpo on it (metrics equal
+    step by step), the split puts it on the policy side, and reward_backprop names the key."""
+    face = _face(tmp_path)
+    ref = _config(make_config, tmp_path, "grpo", {"name": "grpo", **POLICY}, [face])
+    hybrid = _config(make_config, tmp_path, "hybrid", {"name": "hybrid", "policy": POLICY},
+                     [{**face, "gradient": False}])
+    assert run.main([ref]) == 0 and run.main([hybrid]) == 0
+    expected, got = stable(read_metrics(str(tmp_path / "grpo"))), stable(read_metrics(str(tmp_path / "hybrid")))
+    assert [r["step"] for r in got] == [1, 2] and got == expected
+
+    both = [{**face, "weight": 1.0}, {"name": "identity_consistency", "weight": 0.5, "gradient": False,
+                                      "landmark_fallback": True, "det_size": 160}]
+    cfg, plugins = load_resolved(_config(make_config, tmp_path, "split", {"name": "hybrid", "policy": POLICY}, both))
+    gradient, policy = plugins["reward"](cfg, cfg.reward.options).gradient_split()
+    assert [t.label for t in gradient.terms] == ["face_identity"]
+    assert [t.label for t in policy.terms] == ["identity_consistency"]
+    bad = _config(make_config, tmp_path, "bad", {"name": "reward_backprop"}, both)
+    capsys.readouterr()
+    assert run.main([bad, "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "weighted_sum lists identity_consistency with reward[1].gradient: false (weight 0.5)" in err
+    assert "\n" not in err
+
+
 def test_the_split_shares_the_rewards_and_their_state(make_config, tmp_path, brightness):
     cfg, plugins = load_resolved(_config(make_config, tmp_path, "out", {"name": "hybrid", "policy": POLICY},
                                          [{**_face(tmp_path), "weight": 1.0, "normalize": "running"},

@@ -6,7 +6,8 @@ The reward (a ``reward:`` list, the ``weighted_sum`` plugin, or one reward) is s
 * the entries that give gradients (and the log-only ones, weight 0) are trained as ``reward_backprop``
   trains them: the videos sampled under the gradient window, decoded with gradient, the weighted sum
   of those entries' losses backpropagated, plus ``kl_weight`` times the velocity regulariser;
-* the weighted entries that give none are trained as ``grpo`` trains them: ``policy.group_size`` more
+* the weighted entries that give none (their plugin has no gradient, or the entry says ``gradient: false``)
+  are trained as ``grpo`` trains them: ``policy.group_size`` more
   videos per clip sampled with the SDE over the same window, scored without gradient, group-normalised
   advantages, the clipped surrogate (and ``policy.beta`` times its KL).
 

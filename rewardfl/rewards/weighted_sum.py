@@ -22,7 +22,11 @@ composition's keys below, and the plugin's own options. Per micro-batch of B vid
   ``normalize_momentum``, bias-corrected; the statistics *before* this batch; mean 0 / std 1 until
   ``normalize_warmup`` batches have been seen), so that no reward dominates by scale;
 * ``loss = sum_i weight_i * loss_i`` (weights >= 0); a reward with ``weight: 0`` is scored without gradient and only
-  logged, which is also the only way to list a non-differentiable reward.
+  logged, which is also the only way to list a non-differentiable reward under ``algorithm: reward_backprop``;
+* ``gradient: false`` scores an entry without its gradient even when its plugin has one: under ``algorithm:
+  hybrid`` the entry is trained by the policy gradient (a reward whose gradient is easy to fool, trained
+  through its scores only), under ``grpo`` nothing changes (no entry gives a gradient there), and
+  ``reward_backprop`` refuses a weighted entry with it.
 
 The loop's ``reward_score`` is the weighted total ``sum_i weight_i * score_i`` over the rewards that
 could score the sample (raw scores, not normalised); each reward reports ``<label>/score`` (its mean
@@ -45,7 +49,7 @@ from rewardfl.registry import PluginError, build_options, list_plugins, load_plu
 __all__ = ["WeightedSumReward", "WeightedSumOptions", "RewardTerm", "WeightedSumOutput", "select_frames"]
 
 #: the keys of a ``reward:`` list entry that belong to the composition (the rest are the plugin's)
-TERM_KEYS = ("name", "label", "weight", "normalize", "normalize_mean", "normalize_std", "normalize_momentum",
+TERM_KEYS = ("name", "label", "weight", "gradient", "normalize", "normalize_mean", "normalize_std", "normalize_momentum",
              "normalize_warmup", "frames", "frame_stride", "frame_count")
 
 
@@ -57,6 +61,8 @@ class RewardTerm:
     name: str
     label: Optional[str] = None
     weight: float = 1.0
+    #: false: the entry's score is used without its gradient (hybrid trains it by the policy gradient)
+    gradient: bool = True
     normalize: Literal["none", "fixed", "running"] = "none"
     normalize_mean: float = 0.0
     normalize_std: float = 1.0
@@ -156,8 +162,12 @@ class WeightedSumReward(Reward):
 
     @classmethod
     def gradient_problem(cls, options: WeightedSumOptions) -> Optional[str]:
-        """The first entry with a weight whose plugin gives no gradient, named by its key; None if none."""
+        """The first entry with a weight that gives no gradient (its plugin has none, or ``gradient: false``),
+        named by its key; None if none."""
         for i, term in enumerate(options.terms):
+            if term.weight != 0 and not term.gradient:
+                return (f"lists {term.name} with reward[{i}].gradient: false (weight {term.weight:g}); remove that "
+                        f"key to backpropagate it, or set reward[{i}].weight: 0 to log and evaluate it only")
             if term.weight != 0 and not load_plugin("reward", term.name).differentiable:
                 return (f"lists {term.name} (reward[{i}].weight: {term.weight:g}), which is not differentiable; "
                         f"set reward[{i}].weight: 0 to log and evaluate it only")
@@ -202,7 +212,8 @@ class WeightedSumReward(Reward):
         one's checkpoint state stays the whole story); the log-only entries (weight 0) go with the first
         part, or with the second when the first is empty. ``(self, None)`` / ``(None, self)`` when one
         side is empty."""
-        policy = [i for i, (t, r) in enumerate(zip(self.terms, self.rewards)) if t.weight != 0 and not r.differentiable]
+        policy = [i for i, (t, r) in enumerate(zip(self.terms, self.rewards))
+                  if t.weight != 0 and not (r.differentiable and t.gradient)]
         gradient = [i for i, t in enumerate(self.terms) if t.weight != 0 and i not in policy]
         if not policy:
             return self, None
@@ -237,7 +248,7 @@ class WeightedSumReward(Reward):
             ctx = contexts if frames is None else [dataclasses.replace(c, frames=frames) for c in contexts]
             reward.cache = cache
             try:
-                with torch.set_grad_enabled(torch.is_grad_enabled() and term.weight != 0):
+                with torch.set_grad_enabled(torch.is_grad_enabled() and term.weight != 0 and term.gradient):
                     out = reward(views[frames], ctx)
             finally:
                 reward.cache = None
