@@ -146,9 +146,10 @@ def test_warm_start_is_cached_and_deterministic(tmp_path, clips):
     assert shas(c) == shas(a)
 
 
-#: the configs that run on the demo's warm-started twin: the demo and the runs that hack on purpose
+#: the configs that run on the demo's warm-started twin: the demo (and its GRPO and hybrid twins) and the runs
+#: that hack on purpose
 DEMO_CONFIGS = sorted(name for name in os.listdir(os.path.join(ROOT, "examples"))
-                      if name == "demo.yaml" or name.startswith("hack_"))
+                      if name == "demo.yaml" or name.startswith(("demo_", "hack_")))
 
 
 @pytest.mark.parametrize("name", DEMO_CONFIGS)
