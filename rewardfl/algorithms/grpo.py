@@ -37,7 +37,9 @@ reward used without its gradient. One micro-batch of B clips:
    encode: no sampling, decoding or scoring. A replay step logs the scores of the samples it trains on.
 
 Memory: the B*G trajectories' latents of the window's trainable steps only (the others are dropped as
-sampling goes on), and the autograd graph of the trained steps' forwards; with ``inner_updates > 1``
+sampling goes on), and the autograd graph of the trained steps' forwards (``video_chunk``: the videos
+sampled, decoded and trained that many at a time, each trained chunk its own graph, so the backward's
+working set is one chunk's; the memory planner plans the step, docs/algorithms.md); with ``inner_updates > 1``
 those latents, log-probabilities and advantages of every micro-batch of the step stay until the
 cycle's last update (the loop keeps the micro-batches' clips too). Resume is exact: the starting noise
 and the SDE noise are seeded by (seed, clip index, group member, training step); between two updates
@@ -51,7 +53,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 
@@ -153,6 +155,10 @@ class GRPO(Algorithm):
         #: optimizer steps per sampled batch (Flow-GRPO's num_inner_epochs, PPO's epochs): the first samples,
         #: the next inner_updates - 1 train again on the same groups (no sampling, decoding or scoring)
         inner_updates: int = 1
+        #: videos per forward: the B*G videos sampled, decoded and trained in chunks of this many (each
+        #: trained chunk its own graph, so the backward's working set, the DiT blocks recomputed under
+        #: gradient checkpointing, is one chunk's); the same videos and the same update. 0: all at once
+        video_chunk: int = 0
 
         def __post_init__(self):
             if self.group_size < 2:
@@ -166,6 +172,8 @@ class GRPO(Algorithm):
                 raise ConfigError(f"algorithm.clip_range: must be a finite number > 0, got {self.clip_range}")
             if not (math.isfinite(self.beta) and self.beta >= 0):
                 raise ConfigError(f"algorithm.beta: must be a finite number >= 0, got {self.beta}")
+            if self.video_chunk < 0:
+                raise ConfigError(f"algorithm.video_chunk: must be >= 0 (0: every video at once), got {self.video_chunk}")
             if self.inner_updates < 1:
                 raise ConfigError(f"algorithm.inner_updates: must be >= 1 (optimizer steps per sampled batch), "
                                   f"got {self.inner_updates}")
@@ -282,26 +290,46 @@ class GRPO(Algorithm):
         return [transitions[i] for i in sorted(chosen)]
 
     @torch.no_grad()
-    def _condition(self, batch: dict):
-        """The conditioning of the B*G videos (each clip's image and prompt G times), and the frame size."""
+    def _condition(self, batch: dict, rows: Optional[slice] = None):
+        """The conditioning of the B*G videos (each clip's image and prompt G times; ``rows``: of those
+        videos only), and the frame size."""
         cfg, model, g = self.config, self.model, self.options.group_size
-        first = batch["first_frame"].repeat_interleave(g, 0).to(model.device, model.dtype)
-        prompts = [p for p in batch["prompt"] for _ in range(g)]
+        rows = rows or slice(None)
+        first = batch["first_frame"].repeat_interleave(g, 0)[rows].to(model.device, model.dtype)
+        prompts = [p for p in batch["prompt"] for _ in range(g)][rows]
         cond = model.encode(prompts, first, cfg.data.num_frames)
         if model.injection(cond) is not None:
             raise ConfigError(f"algorithm: grpo does not support first-frame injection models ({cfg.model_name}) yet")
         return cond, first.shape[-2:]
 
+    def _chunks(self, n: int) -> list[slice]:
+        """The B*G videos' rows in chunks of ``video_chunk`` (one chunk of all when 0 or >= n)."""
+        size = self.options.video_chunk if 0 < self.options.video_chunk < n else n
+        return [slice(a, min(a + size, n)) for a in range(0, n, size)]
+
     @torch.no_grad()
     def _sample(self, batch: dict, step: int):
+        """``(conditioning of all B*G videos or None when chunked, decoded videos, transitions)``: each chunk
+        of videos sampled and decoded on its own; the same videos whatever the chunks (every video's
+        starting and SDE noise is its own)."""
+        n = len(batch["index"]) * self.options.group_size
+        parts = [self._sample_rows(batch, step, rows) for rows in self._chunks(n)]
+        if len(parts) == 1:
+            return parts[0]
+        transitions = [_Transition(steps[0].plan, steps[0].coef, torch.cat([t.x for t in steps]),
+                                   torch.cat([t.x_next for t in steps]), torch.cat([t.log_prob for t in steps]))
+                       for steps in zip(*(part[2] for part in parts))]
+        return None, torch.cat([part[1] for part in parts]), transitions
+
+    def _sample_rows(self, batch: dict, step: int, rows: slice):
         cfg, model, g = self.config, self.model, self.options.group_size
-        cond, size = self._condition(batch)
-        seeds = [(cfg.seed * 7919 + int(i)) * 1009 + j for i in batch["index"] for j in range(g)]
+        cond, size = self._condition(batch, rows)
+        seeds = [(cfg.seed * 7919 + int(i)) * 1009 + j for i in batch["index"] for j in range(g)][rows]
         x = self.sampler.initial_noise(model.latent_shape(cfg.data.num_frames, *size), sample_seeds=seeds,
                                        step=step, device=model.device, dtype=model.dtype)
         # one generator per video, keyed by its clip and group member: its SDE noise does not depend on
         # which other clips share the micro-batch (two processes draw what one process with both would)
-        noise = [self._generator(step, (int(i), j), 1) for i in batch["index"] for j in range(g)]
+        noise = [self._generator(step, (int(i), j), 1) for i in batch["index"] for j in range(g)][rows]
         trainable = set(model.trainable_experts())
         transitions = []
         for p in self.plan:
@@ -340,7 +368,9 @@ class GRPO(Algorithm):
         slot = self._slot(step)
         if self.replays(step):
             groups, videos = self._replayed(slot, batch, step), None
-            cond, _ = self._condition(batch)  # the encoders are frozen: the same conditioning as when sampled
+            # the encoders are frozen: the same conditioning as when sampled (per chunk when chunked)
+            chunked = len(self._chunks(len(batch["index"]) * self.options.group_size)) > 1
+            cond = None if chunked else self._condition(batch)[0]
         else:
             if slot == 0:
                 self._cycle = []  # the last cycle's groups go before this one samples
@@ -353,16 +383,8 @@ class GRPO(Algorithm):
         """The clipped surrogate (and KL) over the trained steps, drawn for ``step``."""
         o, advantages = self.options, groups.advantages
         trained = self._trained(groups.transitions, step)
-        loss = torch.zeros((), device=self.model.device)
-        surrogate_sum, kl_sum, stats = 0.0, 0.0, []
-        for tr in trained:
-            surrogate, kl, ratio = self._step_terms(tr, cond, advantages)
-            term = surrogate if kl is None else surrogate + o.beta * kl
-            if kl is not None:
-                kl_sum += kl.item()
-            loss = loss + term / len(trained)
-            surrogate_sum += surrogate.item()
-            stats.append(_ratio_stats(ratio, o.clip_range))
+        loss, surrogates, kls, ratios = self._policy_loss(trained, cond, batch, advantages)
+        stats = [_ratio_stats(r, o.clip_range) for r in ratios]
         # nothing to compare anywhere in this micro-batch: still backward (weight 0), every process must join
         weight = 1.0 if bool((advantages != 0).any()) else 0.0
         metrics = dict(groups.metrics)
@@ -373,22 +395,51 @@ class GRPO(Algorithm):
             "grpo/advantage_abs_mean": float(advantages.abs().mean()),
             "grpo/trained_steps": float(len(trained)),
         })
+        surrogate_sum = sum(float(x) for x in surrogates)
+        kl_sum = sum(float(x) for x in kls)
         return MicroBatch(loss=weight * loss, scores=groups.scores, valid=groups.valid,
                           reward_loss=weight * surrogate_sum / len(trained), kl_loss=weight * kl_sum / len(trained),
                           metrics=metrics, videos=None if videos is None else videos.detach())
 
-    def _step_terms(self, tr: _Transition, cond, advantages: torch.Tensor):
-        """One trained step under the current weights: ``(surrogate, kl (None when beta is 0), ratio)``."""
+    def _policy_loss(self, trained: list[_Transition], cond, batch: dict, advantages: torch.Tensor):
+        """``(loss, per step surrogate, per step KL, per step ratio)`` of the trained steps, the videos in
+        chunks of ``video_chunk`` (each chunk's surrogate and KL weighted by its share of the videos, so
+        the sums are the means over all of them); no value is read (the memory planner runs it)."""
         o, model = self.options, self.model
-        t = torch.full((tr.x.shape[0],), tr.plan.timestep, device=model.device, dtype=torch.float32)
-        v = model.denoise(tr.plan.expert, tr.x, t, cond)
-        _, log_prob = sde_step(tr.x, v, tr.coef, x_next=tr.x_next)
-        ratio, surrogate = _surrogate(log_prob, tr.log_prob, advantages, o.clip_range)
+        chunks = self._chunks(advantages.shape[0])
+        conds = [(rows, cond if len(chunks) == 1 else self._condition(batch, rows)[0]) for rows in chunks]
+        n = advantages.shape[0]
+        loss = torch.zeros((), device=model.device)
+        surrogates, kls, ratios = [], [], []
+        for tr in trained:
+            surrogate_step, kl_step, ratio_step = 0.0, 0.0, []
+            for rows, c in conds:
+                share = (rows.stop - rows.start) / n
+                surrogate, kl, ratio = self._step_terms(tr, rows, c, advantages[rows])
+                term = surrogate if kl is None else surrogate + o.beta * kl
+                loss = loss + share * term / len(trained)
+                surrogate_step = surrogate_step + share * surrogate.detach()
+                kl_step = kl_step + (0.0 if kl is None else share * kl.detach())
+                ratio_step.append(ratio)
+            surrogates.append(surrogate_step)
+            kls.append(kl_step)
+            ratios.append(torch.cat(ratio_step))
+        return loss, surrogates, kls, ratios
+
+    def _step_terms(self, tr: _Transition, rows: slice, cond, advantages: torch.Tensor):
+        """One trained step on videos ``rows`` under the current weights: ``(surrogate, kl (None when beta
+        is 0), ratio (detached))``."""
+        o, model = self.options, self.model
+        x, x_next, old = tr.x[rows], tr.x_next[rows], tr.log_prob[rows]
+        t = torch.full((x.shape[0],), tr.plan.timestep, device=model.device, dtype=torch.float32)
+        v = model.denoise(tr.plan.expert, x, t, cond)
+        _, log_prob = sde_step(x, v, tr.coef, x_next=x_next)
+        ratio, surrogate = _surrogate(log_prob, old, advantages, o.clip_range)
         if o.beta <= 0:
-            return surrogate, None, ratio
+            return surrogate, None, ratio.detach()
         with torch.no_grad():
-            v_ref = model.denoise(tr.plan.expert, tr.x, t, cond, base=True)
-        return surrogate, velocity_kl(v, v_ref, tr.coef.s / abs(tr.coef.c_v)), ratio
+            v_ref = model.denoise(tr.plan.expert, x, t, cond, base=True)
+        return surrogate, velocity_kl(v, v_ref, tr.coef.s / abs(tr.coef.c_v)), ratio.detach()
 
     # ------------------------------------------------------------------ the memory planner
 
@@ -399,11 +450,7 @@ class GRPO(Algorithm):
         replays of ``inner_updates`` cost less (no sampling or decoding)."""
         cond, videos, transitions = self._sample(batch, step)
         advantages = torch.zeros(videos.shape[0], dtype=torch.float64)
-        loss = torch.zeros((), device=self.model.device)
-        trained = self._trained(transitions, step)
-        for tr in trained:
-            surrogate, kl, _ = self._step_terms(tr, cond, advantages)
-            loss = loss + (surrogate if kl is None else surrogate + self.options.beta * kl) / len(trained)
+        loss, _, _, _ = self._policy_loss(self._trained(transitions, step), cond, batch, advantages)
         none = torch.zeros(videos.shape[0], dtype=torch.bool)
         return MicroBatch(loss=loss, scores=none.float(), valid=none, reward_loss=0.0, kl_loss=0.0, metrics={},
                           videos=videos.detach())
