@@ -116,3 +116,25 @@ def test_nothing_cites_a_file_outside_the_repository():
                 if re.search(r"REFERENCE\.md|user's document|(?<![/\w])shared/", line):
                     cited.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()}")
     assert not cited, cited
+
+
+def test_the_readme_grpo_snippet_is_the_example_recipe():
+    """README "Rewards without gradients": every key of its YAML block has the value
+    examples/grpo_wan22.yaml gives it (the recipe that passes run --check in tests/test_both_experts.py)."""
+    import yaml
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = readme.split("## Rewards without gradients", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    shown = yaml.safe_load(block)
+    recipe = yaml.safe_load(open(os.path.join(ROOT, "examples", "grpo_wan22.yaml"), encoding="utf-8"))
+
+    def same(a, b, where):
+        if isinstance(a, dict):
+            for k, v in a.items():
+                assert isinstance(b, dict) and k in b, f"{where}{k} is not in examples/grpo_wan22.yaml"
+                same(v, b[k], f"{where}{k}.")
+        else:
+            assert a == b, f"{where}: README {a!r}, examples/grpo_wan22.yaml {b!r}"
+
+    same(shown, recipe, "")
+    assert shown["algorithm"]["name"] == "grpo" and len(shown["algorithm"]) >= 5
