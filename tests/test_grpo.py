@@ -169,7 +169,12 @@ def _hand_surrogate(trainer, state: dict, batch: dict) -> tuple[float, float]:
         p = plans[int(state[f"0.step.{j}.plan"])]
         x, x_next = state[f"0.step.{j}.x"], state[f"0.step.{j}.x_next"]
         with torch.no_grad():
-            v = model.denoise(p.expert, x, torch.full((x.shape[0],), p.timestep), cond)
+            t = torch.full((x.shape[0],), p.timestep)
+            v = model.denoise(p.expert, x, t, cond)
+            if trainer.sampler.uses_guidance:  # classifier-free guidance: the negative prompt, same images
+                uncond = model.encode([trainer.sampler.negative_prompt] * x.shape[0], first, trainer.cfg.data.num_frames)
+                v_u = model.denoise(p.expert, x, t, uncond)
+                v = v_u + trainer.cfg.sampler.options.guidance_scale * (v - v_u)
         cap = float(trainer.sampler.sigmas[1]) if p.sigma >= 1.0 else None
         c = sde_coefficients(p.sigma, p.sigma_next, o.noise_level, sigma_cap=cap)
         r = (x_next.double() - (c.c_x * x.double() + c.c_v * v.double())).flatten(1).numpy()
@@ -246,6 +251,32 @@ def test_inner_updates_train_again_on_the_sampled_groups_without_drawing(make_co
     third = trainer.train_step()  # a new cycle: new clips, sampled under the current weights
     assert len(drawn) == 2 and (trainer.state.epoch, trainer.state.position) != position
     assert third["reward/grpo/ratio_max_dev"] == 0.0
+
+
+def test_grpo_with_classifier_free_guidance_steps_with_the_guided_velocity(make_config, tmp_path):
+    """``sampler.guidance_scale: 3``: the stochastic steps' Gaussian mean uses ``v_u + 3 (v - v_u)``. The
+    second update of a cycle (weights moved) is checked against the surrogate computed by hand in float64
+    from the stored transitions with the guided velocity; the first update's ratio is exactly 1."""
+    from rewardfl.registry import load_resolved
+    from rewardfl.training import Trainer
+
+    options = {"name": "grpo", "group_size": 2, "inner_updates": 2, "clip_range": 2e-3}
+    cfg, plugins = load_resolved(_grpo_config(make_config, tmp_path, algorithm=options, learning_rate=3e-2,
+                                              max_steps=2, sampler={"name": "flow_match_euler", "shift": 5.0,
+                                                                    "guidance_scale": 3.0,
+                                                                    "negative_prompt": "blurry"}))
+    trainer = Trainer(cfg, plugins)
+    assert trainer.sampler.uses_guidance
+    batches = []
+    micro_batch = trainer.algorithm.micro_batch
+    trainer.algorithm.micro_batch = lambda batch, *rest: batches.append(batch) or micro_batch(batch, *rest)
+    first = trainer.train_step()
+    assert first["reward/grpo/ratio_max_dev"] == 0.0
+    state = {k: v.clone() for k, v in trainer.algorithm.state_dict().items()}
+    expected, _ = _hand_surrogate(trainer, state, batches[0])
+    second = trainer.train_step()
+    assert second["reward/grpo/ratio_max_dev"] > 0
+    assert second["reward_loss"] == pytest.approx(expected, rel=0, abs=5e-8)
 
 
 def test_kill_and_resume_between_inner_updates_reproduce_an_uninterrupted_run(make_config, tmp_path):

@@ -44,8 +44,10 @@ those latents, log-probabilities and advantages of every micro-batch of the step
 cycle's last update (the loop keeps the micro-batches' clips too). Resume is exact: the starting noise
 and the SDE noise are seeded by (seed, clip index, group member, training step); between two updates
 of a cycle a checkpoint keeps the cycle's groups (:meth:`GRPO.state_dict`, ``algorithm-<rank>.safetensors``)
-and the loop the data position the cycle's clips were drawn from. Not yet: classifier-free guidance,
-first-frame injection models (TI2V). ``algorithm: hybrid`` runs it beside reward backprop (``hybrid.py``).
+and the loop the data position the cycle's clips were drawn from. Classifier-free guidance
+(``sampler.guidance_scale``): the SDE steps with the guided velocity ``v_u + s (v - v_u)``, both
+velocities under the trained weights (with gradient through both), the KL against the base model's
+guided velocity. Not yet: first-frame injection models (TI2V). ``algorithm: hybrid`` runs it beside reward backprop (``hybrid.py``).
 """
 
 from __future__ import annotations
@@ -183,18 +185,13 @@ class GRPO(Algorithm):
         self.config, self.options = config, options
         self.model, self.sampler, self.reward, self.plan = model, sampler, reward, plan
         self.check(config, options, type(reward))
-        if getattr(sampler, "uses_guidance", False):
-            raise ConfigError("algorithm: grpo does not support classifier-free guidance yet; set "
-                              "sampler.guidance_scale: 1")
+        #: classifier-free guidance: the SDE steps with v_uncond + scale * (v - v_uncond)
+        self._guidance = float(getattr(sampler.options, "guidance_scale", 1.0)) if sampler.uses_guidance else None
         self._cycle: list[_Groups] = []  # the sampled groups of the current cycle, one per micro-batch
         self._step, self._calls = -1, 0  # the last step micro_batch ran, and its calls so far
 
     @classmethod
     def check(cls, config, options, reward_cls) -> list[str]:
-        sampler = config.sampler.options
-        if getattr(sampler, "guidance_scale", 1.0) != 1.0:
-            raise ConfigError("algorithm: grpo does not support classifier-free guidance yet; set "
-                              "sampler.guidance_scale: 1")
         window = f"{config.mid_timestep}..{config.final_timestep}"
         inner = f", {options.inner_updates} updates per sampled batch" if options.inner_updates > 1 else ""
         return [f"grpo: {options.group_size} videos per clip, stochastic steps {window} (noise_level "
@@ -292,7 +289,8 @@ class GRPO(Algorithm):
     @torch.no_grad()
     def _condition(self, batch: dict, rows: Optional[slice] = None):
         """The conditioning of the B*G videos (each clip's image and prompt G times; ``rows``: of those
-        videos only), and the frame size."""
+        videos only) as ``(cond, uncond)`` (``uncond``: the negative prompt's with the same images under
+        classifier-free guidance, else None), and the frame size."""
         cfg, model, g = self.config, self.model, self.options.group_size
         rows = rows or slice(None)
         first = batch["first_frame"].repeat_interleave(g, 0)[rows].to(model.device, model.dtype)
@@ -300,7 +298,20 @@ class GRPO(Algorithm):
         cond = model.encode(prompts, first, cfg.data.num_frames)
         if model.injection(cond) is not None:
             raise ConfigError(f"algorithm: grpo does not support first-frame injection models ({cfg.model_name}) yet")
-        return cond, first.shape[-2:]
+        uncond = (model.encode([self.sampler.negative_prompt] * len(prompts), first, cfg.data.num_frames)
+                  if self._guidance is not None else None)
+        return (cond, uncond), first.shape[-2:]
+
+    def _velocities(self, expert: str, x, t, conds, *, base: bool = False):
+        """``(v, v_uncond or None)`` of ``x`` under ``conds`` (see :meth:`_condition`)."""
+        cond, uncond = conds
+        v = self.model.denoise(expert, x, t, cond, base=base)
+        return v, (None if uncond is None else self.model.denoise(expert, x, t, uncond, base=base))
+
+    def _guided(self, v, v_uncond):
+        """The velocity the SDE steps with: ``v``, or ``v_uncond + scale * (v - v_uncond)`` under guidance
+        (as the sampler's deterministic step mixes them)."""
+        return v if v_uncond is None else v_uncond + self._guidance * (v - v_uncond)
 
     def _chunks(self, n: int) -> list[slice]:
         """The B*G videos' rows in chunks of ``video_chunk`` (one chunk of all when 0 or >= n)."""
@@ -334,17 +345,17 @@ class GRPO(Algorithm):
         transitions = []
         for p in self.plan:
             t = torch.full((x.shape[0],), p.timestep, device=model.device, dtype=torch.float32)
-            v = model.denoise(p.expert, x, t, cond)
+            v, v_uncond = self._velocities(p.expert, x, t, cond)
             if p.grad:  # the stochastic window
                 coef = self._coefficients(p)
                 z = torch.stack([torch.randn(x.shape[1:], generator=n, dtype=torch.float32) for n in noise])
                 z = z.to(x.device, x.dtype)
-                x_next, log_prob = sde_step(x, v, coef, noise=z)
+                x_next, log_prob = sde_step(x, self._guided(v, v_uncond), coef, noise=z)
                 if p.expert in trainable:
                     transitions.append(_Transition(p, coef, x, x_next, log_prob))
                 x = x_next
             else:
-                x = self.sampler.step(x, v, p)
+                x = self.sampler.step(x, v, p, v_uncond=v_uncond)
             if p.last:
                 break
         return cond, model.decode(x), transitions
@@ -432,13 +443,13 @@ class GRPO(Algorithm):
         o, model = self.options, self.model
         x, x_next, old = tr.x[rows], tr.x_next[rows], tr.log_prob[rows]
         t = torch.full((x.shape[0],), tr.plan.timestep, device=model.device, dtype=torch.float32)
-        v = model.denoise(tr.plan.expert, x, t, cond)
+        v = self._guided(*self._velocities(tr.plan.expert, x, t, cond))
         _, log_prob = sde_step(x, v, tr.coef, x_next=x_next)
         ratio, surrogate = _surrogate(log_prob, old, advantages, o.clip_range)
         if o.beta <= 0:
             return surrogate, None, ratio.detach()
         with torch.no_grad():
-            v_ref = model.denoise(tr.plan.expert, x, t, cond, base=True)
+            v_ref = self._guided(*self._velocities(tr.plan.expert, x, t, cond, base=True))
         return surrogate, velocity_kl(v, v_ref, tr.coef.s / abs(tr.coef.c_v)), ratio.detach()
 
     # ------------------------------------------------------------------ the memory planner
