@@ -177,6 +177,9 @@ def test_a_policy_gradient_step_is_planned_as_measured(make_config, algorithm): 
         assert {"denoise (dit2, no grad)", "denoise (dit2, grad)", "decode no grad (VAE)",
                 "denoise (dit2): reference forward (no grad)"} <= phases, sorted(phases)
         assert "decode with grad (VAE)" not in phases
+        assert [n for n in plan.notes if n.startswith("reward")] == [
+            "reward: scored without gradient under algorithm grpo (not planned: on the GPU it holds only the frames "
+            "it converts)"]
     else:
         assert "decode with grad (VAE)" in phases and "decode no grad (VAE)" not in phases, sorted(phases)
 

@@ -487,7 +487,12 @@ def _step(cfg, plugins, spec, sampler, reward, tracker, device, *, gpu_bytes, wo
     if model.offload_experts:
         notes.append("offload_idle_expert: on (the idle expert's frozen weights wait in CPU memory)")
     tracker.mark()
-    _train_step(cfg, model, sampler, plan, reward, engine, tracker, device, plugins["algorithm"], plugins["reward"])
+    scored = _train_step(cfg, model, sampler, plan, reward, engine, tracker, device, plugins["algorithm"],
+                         plugins["reward"])
+    if not scored:  # a policy gradient alone: the reward ran without gradient, what FacePlan said does not apply
+        notes[:] = [n for n in notes if not n.startswith("reward")]
+        notes.append(f"reward: scored without gradient under algorithm {cfg.algorithm.name} (not planned: on the "
+                     "GPU it holds only the frames it converts)")
 
 
 def _tag_weights(tracker: MemoryTracker, model) -> None:
@@ -534,11 +539,11 @@ class _UnscoredReward(Reward):
 
 
 def _train_step(cfg, model, sampler, plan, reward, engine, tracker: MemoryTracker, device, algorithm_cls,
-                reward_cls) -> None:
+                reward_cls) -> bool:
     """One optimizer step of one micro-batch, as the trainer runs it: encode, sample, decode, reward, loss,
     backward, update; each part under its own phase. The micro-batch is the algorithm's
     (``Algorithm.planned_micro_batch``); reward backprop's is ``backprop`` below: the core's ``rollout``
-    and the reward's loss."""
+    and the reward's loss. Returns whether that reward-backprop micro-batch ran (the reward's loss was planned)."""
     frames, height, width = video_size(cfg)
     batch_size = cfg.per_device_train_batch_size
     prompts = [f"prompt {i}" for i in range(batch_size)]
@@ -581,7 +586,10 @@ def _train_step(cfg, model, sampler, plan, reward, engine, tracker: MemoryTracke
     batch = {"first_frame": torch.zeros(batch_size, 3, height, width), "prompt": prompts,
              "index": list(range(batch_size))}
 
+    ran = []
+
     def backprop() -> MicroBatch:
+        ran.append(True)
         videos, kl = rollout(model, sampler, plan, batch, num_frames=frames, step=0, seeds=list(range(batch_size)),
                              kl_weight=cfg.kl_weight)
         if reward is not None:
@@ -598,6 +606,7 @@ def _train_step(cfg, model, sampler, plan, reward, engine, tracker: MemoryTracke
         del out
     with tracker.phase("optimizer update"):
         engine.update()
+    return bool(ran)
 
 
 # --------------------------------------------------------------------------- optimizer engines
