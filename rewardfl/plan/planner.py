@@ -56,7 +56,7 @@ from torch.utils._pytree import tree_leaves
 from rewardfl.cli import user_error_exit
 from rewardfl.config import ConfigError, TrainConfig, load_config
 from rewardfl.interfaces import Algorithm, MicroBatch, Reward
-from rewardfl.registry import resolve_config, resolve_plugins
+from rewardfl.registry import load_plugin, resolve_config, resolve_plugins
 from rewardfl.runtime import DistInfo
 from rewardfl.sampling.policy import expert_boundary_of, plan_steps
 from rewardfl.sampling.rollout import rollout
@@ -487,7 +487,9 @@ def _step(cfg, plugins, spec, sampler, reward, tracker, device, *, gpu_bytes, wo
     if model.offload_experts:
         notes.append("offload_idle_expert: on (the idle expert's frozen weights wait in CPU memory)")
     tracker.mark()
-    scored = _train_step(cfg, model, sampler, plan, reward, engine, tracker, device, plugins["algorithm"],
+    # the algorithm's class as the registry resolves it (a caller may hand over only model, sampler and reward)
+    algorithm_cls = plugins.get("algorithm") or load_plugin("algorithm", cfg.algorithm.name)
+    scored = _train_step(cfg, model, sampler, plan, reward, engine, tracker, device, algorithm_cls,
                          plugins["reward"])
     if not scored:  # a policy gradient alone: the reward ran without gradient, what FacePlan said does not apply
         notes[:] = [n for n in notes if not n.startswith("reward")]
