@@ -49,6 +49,18 @@ def metrics(output_dir):
         return [json.loads(line) for line in f]
 
 
+def assert_same_trained_weights(want_dir, got_dir, step: int) -> None:
+    """The two runs' checkpoint-``step`` trainable weights (gathered: they load without DeepSpeed) hold the
+    same keys and differ by under 1e-3 of the update (LoRA B starts at 0, so its value is the update)."""
+    name = os.path.join("checkpoints", f"checkpoint-{step}", "trainable.safetensors")
+    a, b = load_file(os.path.join(want_dir, name)), load_file(os.path.join(got_dir, name))
+    assert sorted(a) == sorted(b)
+    diff = sum(float((a[k] - b[k]).double().norm() ** 2) for k in a) ** 0.5
+    update = sum(float(a[k].double().norm() ** 2) for k in a if "lora_B" in k) ** 0.5
+    assert update > 1e-5  # the weights did move
+    assert diff < 1e-3 * update, (diff, update)
+
+
 def test_deepspeed_config_takes_batch_accumulation_clipping_and_optimizer_from_our_keys():
     cfg = config_from_dict({"per_device_train_batch_size": 2, "max_grad_norm": 0.5, "learning_rate": 1e-4,
                             "weight_decay": 0.01, "mixed_precision": "bf16",
@@ -109,14 +121,7 @@ def test_zero2_on_two_processes_matches_one_process_with_the_same_global_batch(m
         assert g["reward_score"] == pytest.approx(w["reward_score"], rel=1e-4, abs=1e-6)
         assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-2)
     # the exported trainable weights load without DeepSpeed and agree with the single-process run
-    a = load_file(str(tmp_path / "single" / "checkpoints" / "checkpoint-2" / "trainable.safetensors"))
-    b = load_file(str(tmp_path / "zero2" / "checkpoints" / "checkpoint-2" / "trainable.safetensors"))
-    assert sorted(a) == sorted(b)
-    # LoRA B starts at 0, so its value is the update so far
-    diff = sum(float((a[k] - b[k]).double().norm() ** 2) for k in a) ** 0.5
-    update = sum(float(a[k].double().norm() ** 2) for k in a if "lora_B" in k) ** 0.5
-    assert update > 1e-5  # the weights did move
-    assert diff < 1e-3 * update, (diff, update)
+    assert_same_trained_weights(tmp_path / "single", tmp_path / "zero2", step=2)
     # rank 0 alone writes outputs: one metrics file, one config, no per-rank copies
     out = sorted(os.listdir(tmp_path / "zero2"))
     assert out == ["checkpoints", "config.yaml", "final", "metrics.jsonl", "reward_curve.png", "tensorboard"]
@@ -143,13 +148,7 @@ def test_grpo_zero2_on_two_processes_matches_one_process_with_twice_the_batch(ma
         assert g["reward_score"] == pytest.approx(w["reward_score"], rel=1e-4, abs=1e-6)
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-3, abs=1e-6)
         assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-2)
-    a = load_file(str(tmp_path / "single" / "checkpoints" / "checkpoint-2" / "trainable.safetensors"))
-    b = load_file(str(tmp_path / "zero2" / "checkpoints" / "checkpoint-2" / "trainable.safetensors"))
-    assert sorted(a) == sorted(b)
-    diff = sum(float((a[k] - b[k]).double().norm() ** 2) for k in a) ** 0.5
-    update = sum(float(a[k].double().norm() ** 2) for k in a if "lora_B" in k) ** 0.5
-    assert update > 1e-5
-    assert diff < 1e-3 * update, (diff, update)
+    assert_same_trained_weights(tmp_path / "single", tmp_path / "zero2", step=2)
 
 
 def test_zero3_runs_and_resumes(make_config, tmp_path):
