@@ -318,19 +318,25 @@ class GRPO(Algorithm):
         size = self.options.video_chunk if 0 < self.options.video_chunk < n else n
         return [slice(a, min(a + size, n)) for a in range(0, n, size)]
 
+    def _conditions(self, batch: dict) -> list:
+        """``[(rows, conditioning of those videos)]`` per chunk of the B*G videos (see :meth:`_chunks`)."""
+        return [(rows, self._condition(batch, rows)[0])
+                for rows in self._chunks(len(batch["index"]) * self.options.group_size)]
+
     @torch.no_grad()
     def _sample(self, batch: dict, step: int):
-        """``(conditioning of all B*G videos or None when chunked, decoded videos, transitions)``: each chunk
-        of videos sampled and decoded on its own; the same videos whatever the chunks (every video's
-        starting and SDE noise is its own)."""
+        """``(conditions per chunk (:meth:`_conditions`), decoded videos, transitions)``: each chunk of
+        videos sampled and decoded on its own; the same videos whatever the chunks (every video's starting
+        and SDE noise is its own)."""
         n = len(batch["index"]) * self.options.group_size
-        parts = [self._sample_rows(batch, step, rows) for rows in self._chunks(n)]
+        parts = [(rows, *self._sample_rows(batch, step, rows)) for rows in self._chunks(n)]
+        conds = [(rows, cond) for rows, cond, _, _ in parts]
         if len(parts) == 1:
-            return parts[0]
+            return conds, parts[0][2], parts[0][3]
         transitions = [_Transition(steps[0].plan, steps[0].coef, torch.cat([t.x for t in steps]),
                                    torch.cat([t.x_next for t in steps]), torch.cat([t.log_prob for t in steps]))
-                       for steps in zip(*(part[2] for part in parts))]
-        return None, torch.cat([part[1] for part in parts]), transitions
+                       for steps in zip(*(part[3] for part in parts))]
+        return conds, torch.cat([part[2] for part in parts]), transitions
 
     def _sample_rows(self, batch: dict, step: int, rows: slice):
         cfg, model, g = self.config, self.model, self.options.group_size
@@ -361,9 +367,9 @@ class GRPO(Algorithm):
         return cond, model.decode(x), transitions
 
     def _sampled(self, batch: dict, contexts: Sequence[SampleContext], step: int):
-        """Sample and score the groups of ``batch``: ``(groups, conditioning, videos)``."""
+        """Sample and score the groups of ``batch``: ``(groups, conditions per chunk, videos)``."""
         o = self.options
-        cond, videos, transitions = self._sample(batch, step)
+        conds, videos, transitions = self._sample(batch, step)
         group_contexts = [c for c in contexts for _ in range(o.group_size)]
         with torch.no_grad():
             out = self.reward(videos, group_contexts)
@@ -371,7 +377,7 @@ class GRPO(Algorithm):
         advantages = group_advantages(scores, valid, o.group_size, std=o.advantage_std)
         groups = _Groups([int(i) for i in batch["index"]], transitions, advantages, scores.cpu(), valid,
                          dict(out.metrics))
-        return groups, cond, videos
+        return groups, conds, videos
 
     # ------------------------------------------------------------------ one micro-batch
 
@@ -379,22 +385,20 @@ class GRPO(Algorithm):
         slot = self._slot(step)
         if self.replays(step):
             groups, videos = self._replayed(slot, batch, step), None
-            # the encoders are frozen: the same conditioning as when sampled (per chunk when chunked)
-            chunked = len(self._chunks(len(batch["index"]) * self.options.group_size)) > 1
-            cond = None if chunked else self._condition(batch)[0]
+            conds = self._conditions(batch)  # the encoders are frozen: the same conditioning as when sampled
         else:
             if slot == 0:
                 self._cycle = []  # the last cycle's groups go before this one samples
-            groups, cond, videos = self._sampled(batch, contexts, step)
+            groups, conds, videos = self._sampled(batch, contexts, step)
             if self.replays(step + 1):
                 self._cycle.append(groups)
-        return self._update(groups, cond, videos, batch, step)
+        return self._update(groups, conds, videos, step)
 
-    def _update(self, groups: _Groups, cond, videos, batch: dict, step: int) -> MicroBatch:
+    def _update(self, groups: _Groups, conds: list, videos, step: int) -> MicroBatch:
         """The clipped surrogate (and KL) over the trained steps, drawn for ``step``."""
         o, advantages = self.options, groups.advantages
         trained = self._trained(groups.transitions, step)
-        loss, surrogates, kls, ratios = self._policy_loss(trained, cond, batch, advantages)
+        loss, surrogates, kls, ratios = self._policy_loss(trained, conds, advantages)
         stats = [_ratio_stats(r, o.clip_range) for r in ratios]
         # nothing to compare anywhere in this micro-batch: still backward (weight 0), every process must join
         weight = 1.0 if bool((advantages != 0).any()) else 0.0
@@ -412,13 +416,11 @@ class GRPO(Algorithm):
                           reward_loss=weight * surrogate_sum / len(trained), kl_loss=weight * kl_sum / len(trained),
                           metrics=metrics, videos=None if videos is None else videos.detach())
 
-    def _policy_loss(self, trained: list[_Transition], cond, batch: dict, advantages: torch.Tensor):
+    def _policy_loss(self, trained: list[_Transition], conds: list, advantages: torch.Tensor):
         """``(loss, per step surrogate, per step KL, per step ratio)`` of the trained steps, the videos in
         chunks of ``video_chunk`` (each chunk's surrogate and KL weighted by its share of the videos, so
         the sums are the means over all of them); no value is read (the memory planner runs it)."""
         o, model = self.options, self.model
-        chunks = self._chunks(advantages.shape[0])
-        conds = [(rows, cond if len(chunks) == 1 else self._condition(batch, rows)[0]) for rows in chunks]
         n = advantages.shape[0]
         loss = torch.zeros((), device=model.device)
         surrogates, kls, ratios = [], [], []
@@ -459,9 +461,9 @@ class GRPO(Algorithm):
         steps' surrogate and KL with the advantages left at 0 and the reward left out (it runs without
         gradient; its scores are host values the planner has not got). A first update of a cycle: the
         replays of ``inner_updates`` cost less (no sampling or decoding)."""
-        cond, videos, transitions = self._sample(batch, step)
+        conds, videos, transitions = self._sample(batch, step)
         advantages = torch.zeros(videos.shape[0], dtype=torch.float64)
-        loss, _, _, _ = self._policy_loss(self._trained(transitions, step), cond, batch, advantages)
+        loss, _, _, _ = self._policy_loss(self._trained(transitions, step), conds, advantages)
         none = torch.zeros(videos.shape[0], dtype=torch.bool)
         return MicroBatch(loss=loss, scores=none.float(), valid=none, reward_loss=0.0, kl_loss=0.0, metrics={},
                           videos=videos.detach())
