@@ -5,6 +5,7 @@ offsets computed by hand in the comments; mp4s written losslessly (libx264rgb,
 crf 0) or decoded independently with OpenCV's own ffmpeg build.
 """
 
+import json
 import os
 
 import cv2
@@ -380,3 +381,37 @@ def test_heldout_clips_show_twelve_other_people_each_detectable(tmp_path):
         for f in frames:
             _, faces = detector.detect(np.ascontiguousarray(f[:, :, ::-1]))
             assert faces is not None and len(faces) >= 1, ds.rows[i]["sample_id"]
+
+
+def test_demo_training_people_from_the_solvay_photo_are_not_held_out(tmp_path):
+    """``build_from_face_assets(solvay_people=n)``: the four portraits (two clips each) plus the Solvay
+    photo's next n faces by size after the held-out twelve; each training face box is another face
+    than every held-out one (no box holds another's centre), and YuNet finds a face in every frame."""
+    from rewardfl.demo.assets import fetch_face_assets
+    from rewardfl.demo.example_data import (HELDOUT_PEOPLE, TRAINING_SOLVAY_PEOPLE, build_from_face_assets,
+                                            face_boxes)
+
+    assets = fetch_face_assets()
+    yunet = os.path.join(assets.yunet_sface, "face_detection_yunet_2023mar.onnx")
+    by_size = sorted(face_boxes(assets.photo("solvay_conference_1927"), yunet),
+                     key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+    held, train = by_size[:HELDOUT_PEOPLE], by_size[HELDOUT_PEOPLE:HELDOUT_PEOPLE + TRAINING_SOLVAY_PEOPLE]
+    assert TRAINING_SOLVAY_PEOPLE == 8 and len(train) == 8
+    for a in train:
+        for b in held:
+            cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+            assert not (a[0] <= cx <= a[2] and a[1] <= cy <= a[3]), (a, b)
+    csv_path = build_from_face_assets(str(tmp_path / "train"), assets=assets, num_frames=5,
+                                      solvay_people=TRAINING_SOLVAY_PEOPLE)
+    ds = VideoDataset(csv_path, num_frames=5, max_pixels=256 * 256, height=256, width=256)
+    assert len(ds) == 2 * (4 + 8)
+    manifest = json.load(open(os.path.join(tmp_path, "train", "videos", ".build.json")))
+    assert [p["face_box"] for p in manifest["photos"][4:]] == [list(b) for b in sorted(train)]
+    detector = cv2.FaceDetectorYN.create(yunet, "", (256, 256), 0.6)
+    for i in range(len(ds)):
+        frames = ((ds[i]["video"] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        for f in frames:
+            _, faces = detector.detect(np.ascontiguousarray(f[:, :, ::-1]))
+            assert faces is not None and len(faces) >= 1, ds.rows[i]["sample_id"]
+    with pytest.raises(ValueError, match="solvay_people: the Solvay photo holds 29 faces"):
+        build_from_face_assets(str(tmp_path / "too_many"), assets=assets, num_frames=5, solvay_people=18)

@@ -80,10 +80,12 @@ def test_rollout_warm_start_brings_the_sampler_output_to_the_clips(tmp_path, cli
     assert after < 0.5 * before, (before, after)
 
 
-def test_the_copy_head_attends_to_the_same_place_one_latent_frame_back(tmp_path):
-    """``same_position_attention_``: head 0 of block 0's attention, recomputed by hand in float64 from
-    the block's q/k projections, norms and 3-D RoPE, puts most of each token's weight on the token at
-    the same (h, w) one latent frame earlier (frame 0 on itself)."""
+@pytest.mark.parametrize("heads", [1, 2])
+def test_the_copy_heads_attend_to_the_same_place_frames_back(tmp_path, heads):
+    """``same_position_attention_``: head h of block 0's attention (set to look h + 1 frames back),
+    recomputed by hand in float64 from the block's q/k projections, norms and 3-D RoPE, puts most of
+    each token's weight on the token at the same (h, w) that many latent frames earlier, or on the
+    earliest frame when there are fewer (frame 0 on itself); with two heads set, both hold."""
     from rewardfl.config import config_from_dict
 
     model_dir = str(tmp_path / "tiny")
@@ -93,7 +95,8 @@ def test_the_copy_head_attends_to_the_same_place_one_latent_frame_back(tmp_path)
     cfg = config_from_dict({"model_name": "wan2_2_tiny", "mixed_precision": "fp32", "device": "cpu"})
     twin = Wan22TinyModel(cfg, Wan22TinyModel.Options(model_paths=os.path.join(model_dir, "model_paths.json")))
     dit = twin.dits["dit2"]
-    same_position_attention_(dit)
+    for head in range(heads):
+        same_position_attention_(dit, head=head, frames_back=head + 1)
     attn = dit.blocks[0].self_attn
     hd, f, h, w = attn.head_dim, 3, 4, 4
     x = torch.randn(1, f * h * w, attn.q.in_features, generator=torch.Generator().manual_seed(0))
@@ -101,17 +104,22 @@ def test_the_copy_head_attends_to_the_same_place_one_latent_frame_back(tmp_path)
                        dit.freqs[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
                        dit.freqs[2][:w].view(1, 1, w, -1).expand(f, h, w, -1)], dim=-1).reshape(f * h * w, -1)
 
-    def head0(lin, norm):
-        y = norm(lin(x))[0, :, :hd].double()
+    def head_part(lin, norm, head):
+        y = norm(lin(x))[0, :, head * hd:(head + 1) * hd].double()
         y = torch.view_as_complex(y.reshape(-1, hd // 2, 2)) * freqs.to(torch.complex128)
         return torch.view_as_real(y).reshape(-1, hd)
 
-    q, k = head0(attn.q, attn.norm_q), head0(attn.k, attn.norm_k)
-    weights = torch.softmax(q @ k.T / hd ** 0.5, dim=-1)
-    for i in range(f * h * w):
-        t, rest = divmod(i, h * w)
-        target = max(t - 1, 0) * h * w + rest
-        assert float(weights[i, target]) > 0.9, (i, float(weights[i, target]))
+    for head in range(heads):
+        q, k = head_part(attn.q, attn.norm_q, head), head_part(attn.k, attn.norm_k, head)
+        weights = torch.softmax(q @ k.T / hd ** 0.5, dim=-1)
+        for i in range(f * h * w):
+            t, rest = divmod(i, h * w)
+            target = max(t - (head + 1), 0) * h * w + rest
+            if t > 0 and t < head + 1:
+                target = rest  # fewer frames before it: the earliest, frame 0
+            assert float(weights[i, target]) > 0.9, (head, i, float(weights[i, target]))
+    with pytest.raises(ValueError, match="head: the block has 2 heads"):
+        same_position_attention_(dit, head=2)
 
 
 def test_warm_start_is_cached_and_deterministic(tmp_path, clips):

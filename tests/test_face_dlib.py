@@ -143,6 +143,68 @@ def test_a_video_without_a_face_is_invalid_and_counted(face_assets):
     assert judge.prepare([SampleContext("blank", reference=blank.transpose(0, 1))]).tolist() == [False]
 
 
+def _blocks(image, cell=8):
+    """``image`` in ``cell``-pixel blocks (as the tiny twin's later frames look): HOG misses its face."""
+    h, w = image.shape[:2]
+    small = cv2.resize(image, (w // cell, h // cell), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def test_track_missed_scores_frames_the_detector_misses_in_the_nearest_found_box(face_assets, dlib_models,
+                                                                                  dlib_direct):
+    """``track_missed``: frames where HOG finds no face (here frames 0 and 2 turned into 8-pixel blocks)
+    get dlib's descriptor computed by hand in the box of the nearest frame where it found one (frame
+    1; landmarks found again on the missed frame); they are counted as ``tracked_frames``, not
+    ``frames_with_face``; off, they are left out."""
+    rgb, _ = _clip(face_assets.photos["person_a_2"], "zoom_in", frames=3, size=160)
+    frames = np.stack([_blocks(rgb[0]), rgb[1], _blocks(rgb[2])])
+    detector = dlib.get_frontal_face_detector()
+    assert [len(detector(f, 1)) > 0 for f in frames] == [False, True, False]  # the premise
+    video = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+    ref_rgb, ref = _clip(face_assets.photos["person_a_1"], "zoom_in")
+    context = SampleContext("a", reference=ref.transpose(0, 1))
+
+    plain = DlibFaceJudge().evaluate(video, context)
+    judge = DlibFaceJudge(options=DlibFaceJudge.Options(track_missed=True))
+    tracked = judge.evaluate(video, context)
+    assert (plain["frames_with_face"], plain["tracked_frames"]) == (1, 0)
+    assert (tracked["frames_with_face"], tracked["tracked_frames"]) == (1, 2)  # counts over all frames
+    faces = judge.faces(video.transpose(0, 1))
+    assert faces.tracked.tolist() == [True, False, True] and faces.found.all()
+    # by hand: frame 1's largest HOG box, the landmarks on each missed frame inside it, dlib's descriptor
+    box = max(detector(frames[1], 1), key=lambda b: b.width() * b.height())
+    landmarks = dlib.shape_predictor(dlib_models.shape_predictor)
+    recognizer = dlib.face_recognition_model_v1(dlib_models.recognizer)
+    for i in (0, 2):
+        want = np.array(recognizer.compute_face_descriptor(frames[i], landmarks(frames[i], box)), dtype=np.float64)
+        np.testing.assert_allclose(faces.descriptors[i], want, atol=1e-6)
+    ref_desc = _descriptors(ref_rgb, dlib_direct)
+    for key, value in _hand_numbers(faces.descriptors[1:], ref_desc).items():
+        assert tracked[key] == pytest.approx(value, abs=1e-6), key
+    assert plain["score"] == pytest.approx(_hand_numbers(faces.descriptors[1:2], ref_desc)["score"], abs=1e-6)
+
+
+def test_adjust_threshold_is_dlibs_own_and_hog_only(face_assets):
+    """``adjust_threshold``: the boxes are dlib's ``run(image, upsample, adjust_threshold)``'s largest;
+    a lower threshold finds the face in a frame the default misses; the CNN detector refuses it."""
+    rgb, _ = _clip(face_assets.photos["person_b_1"], "zoom_in", frames=1, size=160)
+    detector = dlib.get_frontal_face_detector()
+    for cell in (4, 5, 6, 8):  # a block size the default misses and -1.0 finds
+        image = _blocks(rgb[0], cell)
+        if not detector.run(image, 1, 0.0)[0] and detector.run(image, 1, -1.0)[0]:
+            break
+    else:
+        pytest.skip("no block size separates the thresholds on this photo")
+    video = torch.from_numpy(image[None]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    assert DlibFaceJudge().faces(video).found.tolist() == [False]
+    low = DlibFaceJudge(options=DlibFaceJudge.Options(adjust_threshold=-1.0))
+    want = max(detector.run(image, 1, -1.0)[0], key=lambda b: b.area())
+    assert low._largest_face(image) == want and low.faces(video).found.tolist() == [True]
+    from rewardfl.config import ConfigError
+    with pytest.raises(ConfigError, match="adjust_threshold: only the hog detector"):
+        DlibFaceJudge.Options(detector="cnn", adjust_threshold=-0.5)
+
+
 def test_identity_specificity_of_a_three_person_toy_by_hand(face_assets, dlib_direct):
     """Three clips (two people years apart, and a third person), each 'generated' video the other
     photo (or another camera motion) of its clip's person; the evaluation table's specificity against

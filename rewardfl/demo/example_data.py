@@ -36,7 +36,7 @@ from rewardfl.fileio import atomic_path, atomic_write, stamp_matches, write_stam
 
 from .assets import fetch_face_assets
 
-__all__ = ["MOTIONS", "EXAMPLE_PHOTOS", "build_example_dataset", "build_from_face_assets", "crop_windows",
+__all__ = ["MOTIONS", "EXAMPLE_PHOTOS", "HELDOUT_PEOPLE", "TRAINING_SOLVAY_PEOPLE", "solvay_faces", "build_example_dataset", "build_from_face_assets", "crop_windows",
            "largest_face_box", "main"]
 
 #: bump when the rendering changes, so that existing datasets are rebuilt
@@ -255,6 +255,16 @@ HELDOUT_PHOTO = "solvay_conference_1927"
 #: how many: the clip-level intervals call no difference on fewer than 5 clips
 #: (``rewardfl.evaluation.metrics.MIN_CLIPS_FOR_CLAIM``); 12 gives them 11 degrees of freedom
 HELDOUT_PEOPLE = 12
+#: the demo's further training people: the Solvay photo's next faces by size after the held-out ones
+#: (another 17 remain; more people per step of warm start and training than the four photos alone)
+TRAINING_SOLVAY_PEOPLE = 8
+
+
+def solvay_faces(assets) -> list[Box]:
+    """The Solvay photo's faces (YuNet boxes), largest first: the first :data:`HELDOUT_PEOPLE` are
+    the held-out people, the next :data:`TRAINING_SOLVAY_PEOPLE` join the training clips."""
+    yunet = os.path.join(assets.yunet_sface, "face_detection_yunet_2023mar.onnx")
+    return sorted(face_boxes(assets.photo(HELDOUT_PHOTO), yunet), key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
 
 
 def build_heldout_from_face_assets(out_dir: str, *, assets=None, count: int = HELDOUT_PEOPLE,
@@ -263,24 +273,24 @@ def build_heldout_from_face_assets(out_dir: str, *, assets=None, count: int = HE
     largest faces of the Solvay photo, one clip each; returns the CSV path."""
     if assets is None:
         assets = fetch_face_assets()
-    yunet = os.path.join(assets.yunet_sface, "face_detection_yunet_2023mar.onnx")
-    photo = assets.photo(HELDOUT_PHOTO)
-    boxes = sorted(face_boxes(photo, yunet), key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))[:count]
-    boxes = sorted(boxes)
+    boxes = solvay_faces(assets)
     if len(boxes) < count:
         raise ValueError(f"count: the held-out photo holds {len(boxes)} faces YuNet finds, asked for {count}")
+    boxes = sorted(boxes[:count])
+    photo = assets.photo(HELDOUT_PHOTO)
     return build_example_dataset(out_dir, [photo] * count, face_boxes=boxes, subjects=["a person"] * count,
                                  clips_per_photo=1, **build_kwargs)
 
 
 def build_from_face_assets(out_dir: str, *, assets=None, photo_names: Sequence[str] = tuple(EXAMPLE_PHOTOS),
-                           **build_kwargs) -> str:
+                           solvay_people: int = 0, **build_kwargs) -> str:
     """The example dataset from the fetched face photos (``rewardfl.demo.assets``); returns the CSV path.
 
     Fetches the assets when ``assets`` (a ``FaceAssets``) is None, frames each
     photo around its largest YuNet face and calls :func:`build_example_dataset`
-    with ``build_kwargs``. Up to date datasets return at once (after a stat of
-    the asset cache and a hash of the photos).
+    with ``build_kwargs``. ``solvay_people``: also the Solvay photo's faces after the held-out
+    ones (the next ``solvay_people`` by size; never a held-out person), as further people.
+    Up to date datasets return at once (after a stat of the asset cache and a hash of the photos).
     """
     if assets is None:
         assets = fetch_face_assets()
@@ -288,6 +298,14 @@ def build_from_face_assets(out_dir: str, *, assets=None, photo_names: Sequence[s
     photos = [assets.photo(name) for name in photo_names]
     boxes = [largest_face_box(p, yunet) for p in photos]
     subjects = [EXAMPLE_PHOTOS.get(name, "a person") for name in photo_names]
+    if solvay_people:
+        extra = solvay_faces(assets)[HELDOUT_PEOPLE:HELDOUT_PEOPLE + solvay_people]
+        if len(extra) < solvay_people:
+            raise ValueError(f"solvay_people: the Solvay photo holds {HELDOUT_PEOPLE + len(extra)} faces YuNet "
+                             f"finds, {HELDOUT_PEOPLE} held out; asked for {solvay_people} more")
+        photos += [assets.photo(HELDOUT_PHOTO)] * solvay_people
+        boxes += sorted(extra)
+        subjects += ["a person"] * solvay_people
     return build_example_dataset(out_dir, photos, face_boxes=boxes, subjects=subjects, **build_kwargs)
 
 

@@ -31,7 +31,7 @@ import sys
 from rewardfl.cli import user_error_exit
 
 from .assets import fetch_face_assets
-from .example_data import build_from_face_assets, build_heldout_from_face_assets
+from .example_data import TRAINING_SOLVAY_PEOPLE, build_from_face_assets, build_heldout_from_face_assets
 from .make_tiny import make_tiny
 from .warm_start import WarmStart, sampler_timesteps, warm_start
 
@@ -39,14 +39,14 @@ from .warm_start import WarmStart, sampler_timesteps, warm_start
 #: what examples/demo.yaml trains at (data.height/width/num_frames, num_inference_steps, sampler
 #: shift/boundary); the warm start pre-trains the DiTs at the same size and timesteps
 DEMO_SIZE = (256, 256)
-DEMO_FRAMES = 5
+DEMO_FRAMES = 9
 DEMO_SAMPLER = dict(num_steps=4, shift=5.0, boundary=0.9)
 
 
 def demo_warm_start():
     """The warm start's settings for the demo config."""
     return WarmStart(height=DEMO_SIZE[0], width=DEMO_SIZE[1], num_frames=DEMO_FRAMES,
-                     timesteps=sampler_timesteps(**DEMO_SAMPLER))
+                     timesteps=sampler_timesteps(**DEMO_SAMPLER), copy_frames=(DEMO_FRAMES - 1) // 4)
 
 
 def prepare(root: str = "data/demo", dataset: str = "data/example_video_dataset", *, num_frames: int = 17,
@@ -63,7 +63,8 @@ def prepare(root: str = "data/demo", dataset: str = "data/example_video_dataset"
             src, dst = os.path.join(pack, name), os.path.join(folder, name)
             if not os.path.exists(dst) or os.path.getsize(dst) != os.path.getsize(src):
                 shutil.copyfile(src, dst)
-    metadata = build_from_face_assets(dataset, assets=assets, num_frames=num_frames)
+    metadata = build_from_face_assets(dataset, assets=assets, num_frames=num_frames,
+                                      solvay_people=TRAINING_SOLVAY_PEOPLE)
     heldout_metadata = build_heldout_from_face_assets(heldout, assets=assets, num_frames=num_frames)
     tiny = os.path.join(root, "wan_tiny")
     model_paths = make_tiny(tiny)

@@ -70,6 +70,9 @@ class WarmStart:
     #: hand-set one attention head of the first block to copy the previous latent frame
     #: (:func:`same_position_attention_`) before training
     copy_head: bool = True
+    #: with ``copy_head``: heads 0 .. n-1 of the first block look 1 .. n latent frames back (2 lets
+    #: both later latent frames of a 9-frame clip see the first frame directly)
+    copy_frames: int = 1
 
 
 def sampler_timesteps(num_steps: int, shift: float, boundary: float) -> dict[str, list[float]]:
@@ -92,31 +95,38 @@ def flow_matching_loss(model, expert: str, x0: torch.Tensor, cond, timesteps: to
     return (v.float() - (noise - x0).float()).pow(2).mean()
 
 
-def same_position_attention_(dit, *, sharpness: float = 3.0, spatial: float = 10.0, temporal: float = 20.0) -> None:
-    """Set head 0 of ``dit.blocks[0]``'s self-attention to look one latent frame back, same place.
+def same_position_attention_(dit, *, head: int = 0, frames_back: int = 1, sharpness: float = 4.5,
+                             spatial: float = 10.0, temporal: float = 20.0) -> None:
+    """Set ``head`` of ``dit.blocks[0]``'s self-attention to look ``frames_back`` latent frames back, same place.
 
     The first frame enters the I2V DiT only at latent frame 0's tokens (``y``); a randomly
     initialised tiny DiT takes thousands of steps to learn to carry it to the later frames (its
-    generations stay grey mush). Here q and k of head 0 are the same constant in the real parts of
+    generations stay grey mush). Here q and k of the head are the same constant in the real parts of
     the fastest RoPE pairs of the h and w axes (score ~ sum cos(w dh) + cos(w dw): peaked at the same
-    position) and in the fastest temporal pair with q rotated by -1 rad (score ~ cos(dt - 1): peaked
-    at the previous frame; frame 0 looks at itself). About 0.98 of each token's attention then falls
-    on that one token; values and everything else stay random and are trained.
+    position) and in the fastest temporal pair with q rotated by ``-frames_back`` rad (score ~
+    cos(dt - frames_back): peaked ``frames_back`` frames back; a frame with fewer frames before it
+    looks at the earliest, frame 0 at itself). About 0.98 of each token's attention then falls on
+    that one token; values and everything else stay random and are trained. Heads 0 and 1 looking
+    1 and 2 frames back give latent frames 1 and 2 each a direct view of frame 0 in one block.
     """
     attn = dit.blocks[0].self_attn
     hd = attn.head_dim
+    if not 0 <= head < attn.num_heads:
+        raise ValueError(f"head: the block has {attn.num_heads} heads, got {head}")
     t_pairs = (hd - 2 * (hd // 3)) // 2  # diffsynth's 3-D RoPE: time, h, w pairs, in that order
     s_pairs = (hd // 3) // 2
+    lo = head * hd
     with torch.no_grad():
         for lin, norm in ((attn.q, attn.norm_q), (attn.k, attn.norm_k)):
-            lin.weight[:hd] = 0
-            lin.bias[:hd] = 0
+            lin.weight[lo:lo + hd] = 0
+            lin.bias[lo:lo + hd] = 0
             for axis in range(2):  # h, w: their two fastest pairs
                 for j in range(2):
-                    lin.bias[2 * (t_pairs + axis * s_pairs + j)] = spatial
-            norm.weight[:hd] = sharpness
-        attn.q.bias[0], attn.q.bias[1] = temporal * math.cos(-1.0), temporal * math.sin(-1.0)
-        attn.k.bias[0] = temporal
+                    lin.bias[lo + 2 * (t_pairs + axis * s_pairs + j)] = spatial
+            norm.weight[lo:lo + hd] = sharpness
+        attn.q.bias[lo] = temporal * math.cos(-float(frames_back))
+        attn.q.bias[lo + 1] = temporal * math.sin(-float(frames_back))
+        attn.k.bias[lo] = temporal
 
 
 def rollout_loss(model, x0: torch.Tensor, cond, timesteps: dict, noise: torch.Tensor) -> torch.Tensor:
@@ -169,7 +179,8 @@ def train_rollout(model, x0: torch.Tensor, cond, ws: WarmStart, log=None) -> dic
     for expert in experts:
         dit = model.dits[expert].requires_grad_(True).train()
         if ws.copy_head:
-            same_position_attention_(dit)
+            for h in range(ws.copy_frames):
+                same_position_attention_(dit, head=h, frames_back=h + 1)
         params += list(dit.parameters())
     opt = torch.optim.AdamW(params, lr=ws.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / ws.iterations)))

@@ -65,10 +65,16 @@ def to_uint8_frames(frames: torch.Tensor) -> list[np.ndarray]:
 @dataclasses.dataclass
 class DlibFaces:
     """One face (the largest) per frame: ``descriptors`` ``(F, 128)`` float64 as dlib gives them (not
-    unit length; zero rows where no face), ``found`` ``(F,)`` bool."""
+    unit length; zero rows where no face), ``found`` ``(F,)`` bool (a descriptor there), ``tracked``
+    ``(F,)`` bool (of those, the ones in an earlier frame's box: ``track_missed``)."""
 
     descriptors: np.ndarray
     found: np.ndarray
+    tracked: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        if self.tracked is None:
+            self.tracked = np.zeros_like(self.found)
 
     def usable(self, exclude_frame0: bool) -> np.ndarray:
         """Frames that count: with a face, frame 0 left out (when asked and there are others)."""
@@ -117,12 +123,23 @@ class DlibFaceJudge(Reward):
         exclude_reference_frame0: bool = True
         #: leave the generated frame 0 (the conditioning image) out of the score
         exclude_generated_frame0: bool = True
+        #: a frame where the detector finds no face is scored in the box of the nearest frame where it
+        #: found one (the earlier on a tie; dlib's 5 landmarks found again inside that box on this
+        #: frame): blurry generated frames, which detectors miss, still get a descriptor; counted as
+        #: ``tracked_frames`` (off: such frames are left out)
+        track_missed: bool = False
+        #: HOG only: dlib's ``adjust_threshold`` (``detector.run(image, upsample, adjust_threshold)``);
+        #: negative finds weaker faces (blurred ones), with more false boxes; 0: dlib's default
+        adjust_threshold: float = 0.0
 
         def __post_init__(self):
             if self.upsample < 0:
                 raise ConfigError(f"face_dlib.upsample: must be >= 0, got {self.upsample}")
             if self.num_jitters < 0:
                 raise ConfigError(f"face_dlib.num_jitters: must be >= 0, got {self.num_jitters}")
+            if self.adjust_threshold != 0 and self.detector != "hog":
+                raise ConfigError(f"face_dlib.adjust_threshold: only the hog detector takes it, got detector "
+                                  f"{self.detector!r}; leave adjust_threshold at 0 or use detector: hog")
             if not self.match_threshold > 0:
                 raise ConfigError(f"face_dlib.match_threshold: must be > 0, got {self.match_threshold}")
 
@@ -174,23 +191,35 @@ class DlibFaceJudge(Reward):
                             dlib.face_recognition_model_v1(files.recognizer))
         return self._loaded
 
+    def _largest_face(self, image: np.ndarray):
+        """The largest face dlib's detector finds in ``image`` (a ``dlib.rectangle``), or None."""
+        detector, o = self._load()[0], self.options
+        if o.detector == "cnn":
+            boxes = [d.rect for d in detector(image, o.upsample)]
+        else:
+            boxes = detector.run(image, o.upsample, o.adjust_threshold)[0]
+        return max(boxes, key=lambda b: b.area()) if len(boxes) else None
+
     def faces(self, frames: torch.Tensor) -> DlibFaces:
         """The largest face per frame of ``frames`` ``(F, 3, H, W)`` in [-1, 1] and its descriptor."""
-        detector, landmarks, recognizer = self._load()
+        _, landmarks, recognizer = self._load()
         images = to_uint8_frames(frames)
         descriptors = np.zeros((len(images), 128))
         found = np.zeros(len(images), dtype=bool)
+        tracked = np.zeros(len(images), dtype=bool)
+        boxes = [self._largest_face(image) for image in images]
+        detected = [i for i, box in enumerate(boxes) if box is not None]
         for i, image in enumerate(images):
-            boxes = detector(image, self.options.upsample)
-            if self.options.detector == "cnn":
-                boxes = [d.rect for d in boxes]
-            if len(boxes) == 0:
-                continue
-            box = max(boxes, key=lambda b: b.area())
+            box = boxes[i]
+            if box is None:
+                if not (self.options.track_missed and detected):
+                    continue
+                # the nearest frame with a detection (the earlier one on a tie)
+                box, tracked[i] = boxes[min(detected, key=lambda j: (abs(j - i), j))], True
             shape = landmarks(image, box)
             descriptors[i] = np.asarray(recognizer.compute_face_descriptor(image, shape, self.options.num_jitters))
             found[i] = True
-        return DlibFaces(descriptors, found)
+        return DlibFaces(descriptors, found, tracked)
 
     # ------------------------------------------------------------------ references
 
@@ -229,8 +258,8 @@ class DlibFaceJudge(Reward):
         numbers = {"score": None, "facesim": None, "distance": None, "match_fraction": None}
         if gen_use.any() and ref_use.any():
             numbers = identity_numbers(gen.descriptors[gen_use], ref.descriptors[ref_use], o.match_threshold)
-        return {**numbers, "frames": int(video.shape[1]), "frames_with_face": int(gen.found.sum()),
-                "reference_frames_with_face": int(ref_use.sum())}
+        return {**numbers, "frames": int(video.shape[1]), "frames_with_face": int((gen.found & ~gen.tracked).sum()),
+                "tracked_frames": int(gen.tracked.sum()), "reference_frames_with_face": int(ref_use.sum())}
 
     @torch.no_grad()
     def __call__(self, videos: torch.Tensor, contexts: Sequence[SampleContext]) -> RewardOutput:
