@@ -105,7 +105,7 @@ def test_the_copy_heads_attend_to_the_same_place_frames_back(tmp_path, heads):
                        dit.freqs[2][:w].view(1, 1, w, -1).expand(f, h, w, -1)], dim=-1).reshape(f * h * w, -1)
 
     def head_part(lin, norm, head):
-        y = norm(lin(x))[0, :, head * hd:(head + 1) * hd].double()
+        y = norm(lin(x))[0, :, head * hd:(head + 1) * hd].detach().double()
         y = torch.view_as_complex(y.reshape(-1, hd // 2, 2)) * freqs.to(torch.complex128)
         return torch.view_as_real(y).reshape(-1, hd)
 

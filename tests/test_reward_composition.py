@@ -226,3 +226,40 @@ def test_a_two_reward_config_trains_and_logs_each_reward(make_config, face_asset
         "face_identity", "motion"]
     resolve_config(again, resolve_plugins(again))
     capsys.readouterr()
+
+
+def test_an_ensemble_of_recognizers_is_a_list_sharing_one_detection(face_assets, clips, tmp_path):
+    """Several recognizers at once: one ``face_identity`` entry per recognizer file of the pack, a
+    weight each. The total is the weighted sum of each entry scored alone, and the faces are detected
+    once for all of them. (The second "recognizer" here is SFace fed BGR, the only differentiable
+    recognizer the package registry gives us; what matters is that the two embed differently.)"""
+    import shutil
+
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    shutil.copyfile(os.path.join(face_assets.scrfd_sface, "scrfd.onnx"), pack / "scrfd.onnx")
+    for name in ("rec_a.onnx", "rec_b.onnx"):
+        shutil.copyfile(os.path.join(face_assets.scrfd_sface, "face_recognition_sface_2021dec.onnx"), pack / name)
+    common = {"name": "face_identity", "landmark_fallback": True, "det_size": 160, "reference_cache_dir": "none"}
+    terms = [{**common, "label": "rec_a", "recognizer": "rec_a.onnx", "weight": 0.6},
+             {**common, "label": "rec_b", "recognizer": "rec_b.onnx", "recognizer_channel_order": "bgr",
+              "weight": 0.4}]
+    cfg = resolve_config(*(lambda c: (c, resolve_plugins(c)))(config_from_dict(
+        {"reward_model_path": str(pack), "reward": terms, "seed": 7})))
+    mix = WeightedSumReward(cfg, cfg.reward.options)
+    contexts = [SampleContext(c["sample_id"], c["video"], c["path"], c["prompt"]) for c in clips]
+    assert mix.prepare(contexts).all()
+    videos = torch.stack([c["video"].transpose(0, 1) for c in clips]).requires_grad_(True)
+    out = mix(videos, contexts)
+    detections = [v for k, v in mix.last_cache.computed.items() if k.startswith("face_detections/")]
+    assert detections == [1]  # one detection for both recognizers
+
+    alone = [load_plugin("reward", "face_identity")(cfg, t.options) for t in cfg.reward.options.terms]
+    for r in alone:
+        r.prepare(contexts)
+    a, b = (r(videos.detach().clone().requires_grad_(True), contexts) for r in alone)
+    assert (a.scores - b.scores).abs().max() > 1e-3  # the two recognizers do embed differently
+    torch.testing.assert_close(out.scores.detach(), (0.6 * a.scores + 0.4 * b.scores).detach().float(),
+                               rtol=1e-5, atol=1e-6)
+    assert out.metrics["rec_a/score"] == pytest.approx(float(a.scores.mean()), rel=1e-5)
+    assert out.metrics["rec_b/score"] == pytest.approx(float(b.scores.mean()), rel=1e-5)

@@ -6,7 +6,8 @@ about a second):
 * ``data/demo/face_models/``: the real SCRFD-2.5G detector and SFace recognizer,
   fetched from the package registry and folded to fp32 (``rewardfl.demo.assets``);
 * ``data/example_video_dataset/``: short pan/zoom clips of real face photos and
-  their ``metadata.csv`` (``rewardfl.demo.example_data``);
+  their ``metadata.csv`` (``rewardfl.demo.example_data``): the four portraits and the Solvay photo's
+  8 next-largest faces after the held-out ones (``TRAINING_SOLVAY_PEOPLE``), two clips each;
 * ``data/heldout_video_dataset/``: clips of twelve people none of those clips shows (faces of the
   1927 Solvay conference photo, ``example_data.HELDOUT_PEOPLE``), the held-out clips
   ``examples/demo.yaml`` evaluates on;
