@@ -384,29 +384,42 @@ def test_heldout_clips_show_twelve_other_people_each_detectable(tmp_path):
 
 
 def test_demo_training_people_from_the_solvay_photo_are_not_held_out(tmp_path):
-    """``build_from_face_assets(solvay_people=n)``: the four portraits (two clips each) plus the Solvay
-    photo's next n faces by size after the held-out twelve; each training face box is another face
-    than every held-out one (no box holds another's centre), and YuNet finds a face in every frame."""
+    """``build_from_face_assets(solvay_people=n)``: the four portraits (two clips each) plus n more
+    Solvay faces, none held out, and no frame of any of their clips shows any part of a held-out face
+    box (checked on the crop windows of the clips as built, recomputed here); YuNet finds a face in
+    every frame. The crowded photo has neighbours that a clip would show: they are left out."""
+    from PIL import Image
+
     from rewardfl.demo.assets import fetch_face_assets
-    from rewardfl.demo.example_data import (HELDOUT_PEOPLE, TRAINING_SOLVAY_PEOPLE, build_from_face_assets,
+    from rewardfl.demo.example_data import (HELDOUT_PEOPLE, MOTIONS, TRAINING_SOLVAY_PEOPLE, build_from_face_assets,
                                             face_boxes)
 
     assets = fetch_face_assets()
     yunet = os.path.join(assets.yunet_sface, "face_detection_yunet_2023mar.onnx")
-    by_size = sorted(face_boxes(assets.photo("solvay_conference_1927"), yunet),
-                     key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
-    held, train = by_size[:HELDOUT_PEOPLE], by_size[HELDOUT_PEOPLE:HELDOUT_PEOPLE + TRAINING_SOLVAY_PEOPLE]
-    assert TRAINING_SOLVAY_PEOPLE == 8 and len(train) == 8
-    for a in train:
-        for b in held:
-            cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
-            assert not (a[0] <= cx <= a[2] and a[1] <= cy <= a[3]), (a, b)
-    csv_path = build_from_face_assets(str(tmp_path / "train"), assets=assets, num_frames=5,
+    photo = assets.photo("solvay_conference_1927")
+    by_size = sorted(face_boxes(photo, yunet), key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+    held = by_size[:HELDOUT_PEOPLE]
+    csv_path = build_from_face_assets(str(tmp_path / "train"), assets=assets, num_frames=9,
                                       solvay_people=TRAINING_SOLVAY_PEOPLE)
-    ds = VideoDataset(csv_path, num_frames=5, max_pixels=256 * 256, height=256, width=256)
-    assert len(ds) == 2 * (4 + 8)
+    ds = VideoDataset(csv_path, num_frames=9, max_pixels=256 * 256, height=256, width=256)
+    assert TRAINING_SOLVAY_PEOPLE == 8 and len(ds) == 2 * (4 + 8)
     manifest = json.load(open(os.path.join(tmp_path, "train", "videos", ".build.json")))
-    assert [p["face_box"] for p in manifest["photos"][4:]] == [list(b) for b in sorted(train)]
+    train = [tuple(p["face_box"]) for p in manifest["photos"][4:]]
+    assert len(set(train)) == 8 and not set(train) & set(held) and set(train) <= set(by_size)
+    with Image.open(photo) as im:
+        size = im.size
+    motions = list(MOTIONS)
+    shown = []
+    for i, box in enumerate(train):
+        for j in range(2):  # the clips' motions, as build_example_dataset assigns them
+            for x0, y0, x1, y1 in crop_windows(size, box, motions[(4 + i + j) % 5], num_frames=9, size=(128, 128)):
+                shown += [h for h in held if min(x1, h[2]) > max(x0, h[0]) and min(y1, h[3]) > max(y0, h[1])]
+    assert shown == []
+    # the rule is not vacuous: taking the next 8 by size would show a held-out face
+    naive = by_size[HELDOUT_PEOPLE:HELDOUT_PEOPLE + 8]
+    assert any(min(w[2], h[2]) > max(w[0], h[0]) and min(w[3], h[3]) > max(w[1], h[1])
+               for b in naive for m in motions for w in crop_windows(size, b, m, num_frames=9, size=(128, 128))
+               for h in held)
     detector = cv2.FaceDetectorYN.create(yunet, "", (256, 256), 0.6)
     for i in range(len(ds)):
         frames = ((ds[i]["video"] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -414,4 +427,4 @@ def test_demo_training_people_from_the_solvay_photo_are_not_held_out(tmp_path):
             _, faces = detector.detect(np.ascontiguousarray(f[:, :, ::-1]))
             assert faces is not None and len(faces) >= 1, ds.rows[i]["sample_id"]
     with pytest.raises(ValueError, match="solvay_people: the Solvay photo holds 29 faces"):
-        build_from_face_assets(str(tmp_path / "too_many"), assets=assets, num_frames=5, solvay_people=18)
+        build_from_face_assets(str(tmp_path / "too_many"), assets=assets, num_frames=9, solvay_people=15)

@@ -183,18 +183,24 @@ def test_track_missed_scores_frames_the_detector_misses_in_the_nearest_found_box
         assert tracked[key] == pytest.approx(value, abs=1e-6), key
     assert plain["score"] == pytest.approx(_hand_numbers(faces.descriptors[1:2], ref_desc)["score"], abs=1e-6)
 
+    # a missed frame between two found ones takes the earlier one's box (a tie), not the later one's
+    middle = np.stack([rgb[0], _blocks(rgb[1]), rgb[2]])
+    assert [len(detector(f, 1)) > 0 for f in middle] == [True, False, True]
+    boxes = [max(detector(middle[i], 1), key=lambda b: b.width() * b.height()) for i in (0, 2)]
+    assert boxes[0] != boxes[1]  # the zoom moved the face: the two boxes give different landmarks
+    got = judge.faces(torch.from_numpy(middle).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+    want = np.array(recognizer.compute_face_descriptor(middle[1], landmarks(middle[1], boxes[0])), dtype=np.float64)
+    np.testing.assert_allclose(got.descriptors[1], want, atol=1e-6)
+    assert got.tracked.tolist() == [False, True, False]
+
 
 def test_adjust_threshold_is_dlibs_own_and_hog_only(face_assets):
     """``adjust_threshold``: the boxes are dlib's ``run(image, upsample, adjust_threshold)``'s largest;
     a lower threshold finds the face in a frame the default misses; the CNN detector refuses it."""
     rgb, _ = _clip(face_assets.photos["person_b_1"], "zoom_in", frames=1, size=160)
     detector = dlib.get_frontal_face_detector()
-    for cell in (4, 5, 6, 8):  # a block size the default misses and -1.0 finds
-        image = _blocks(rgb[0], cell)
-        if not detector.run(image, 1, 0.0)[0] and detector.run(image, 1, -1.0)[0]:
-            break
-    else:
-        pytest.skip("no block size separates the thresholds on this photo")
+    image = _blocks(rgb[0], 5)  # in 5-pixel blocks: the default misses the face, -1.0 finds it
+    assert not detector.run(image, 1, 0.0)[0] and detector.run(image, 1, -1.0)[0]  # the premise
     video = torch.from_numpy(image[None]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     assert DlibFaceJudge().faces(video).found.tolist() == [False]
     low = DlibFaceJudge(options=DlibFaceJudge.Options(adjust_threshold=-1.0))

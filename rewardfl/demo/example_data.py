@@ -36,7 +36,7 @@ from rewardfl.fileio import atomic_path, atomic_write, stamp_matches, write_stam
 
 from .assets import fetch_face_assets
 
-__all__ = ["MOTIONS", "EXAMPLE_PHOTOS", "HELDOUT_PEOPLE", "TRAINING_SOLVAY_PEOPLE", "solvay_faces", "build_example_dataset", "build_from_face_assets", "crop_windows",
+__all__ = ["MOTIONS", "EXAMPLE_PHOTOS", "HELDOUT_PEOPLE", "TRAINING_SOLVAY_PEOPLE", "solvay_faces", "training_solvay_faces", "build_example_dataset", "build_from_face_assets", "crop_windows",
            "largest_face_box", "main"]
 
 #: bump when the rendering changes, so that existing datasets are rebuilt
@@ -249,14 +249,14 @@ def face_boxes(photo: str, yunet_model: str, *, score_threshold: float = 0.6) ->
     return sorted(boxes)
 
 
-#: the held-out people of the demo: faces of the 1927 Solvay conference photo (29 people, none of
-#: whom the example clips show), the largest ones, left to right
+#: the held-out people of the demo: faces of the 1927 Solvay conference photo (29 people), the
+#: largest ones, left to right; no training clip shows any part of them (:func:`training_solvay_faces`)
 HELDOUT_PHOTO = "solvay_conference_1927"
 #: how many: the clip-level intervals call no difference on fewer than 5 clips
 #: (``rewardfl.evaluation.metrics.MIN_CLIPS_FOR_CLAIM``); 12 gives them 11 degrees of freedom
 HELDOUT_PEOPLE = 12
 #: the demo's further training people: the Solvay photo's next faces by size after the held-out ones
-#: (another 17 remain; more people per step of warm start and training than the four photos alone)
+#: whose clips show no part of a held-out face (:func:`training_solvay_faces`: 14 of the other 17)
 TRAINING_SOLVAY_PEOPLE = 8
 
 
@@ -265,6 +265,29 @@ def solvay_faces(assets) -> list[Box]:
     the held-out people, the next :data:`TRAINING_SOLVAY_PEOPLE` join the training clips."""
     yunet = os.path.join(assets.yunet_sface, "face_detection_yunet_2023mar.onnx")
     return sorted(face_boxes(assets.photo(HELDOUT_PHOTO), yunet), key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+
+
+def training_solvay_faces(assets, faces: Optional[list] = None, *, num_frames: int = 17,
+                          size: tuple[int, int] = (128, 128), face_fraction: float = 0.5) -> list[Box]:
+    """The Solvay photo's faces after the held-out ones (by size, largest first) whose clips, with any
+    camera motion, show no part of a held-out face: no frame's crop window overlaps a held-out face
+    box (the photo is crowded, and a clip frames about twice its face, so some neighbours are left out)."""
+    from PIL import Image
+
+    faces = solvay_faces(assets) if faces is None else faces
+    held = faces[:HELDOUT_PEOPLE]
+    with Image.open(assets.photo(HELDOUT_PHOTO)) as im:
+        photo_size = im.size
+
+    def clear(box) -> bool:
+        for motion in MOTIONS:
+            for x0, y0, x1, y1 in crop_windows(photo_size, box, motion, num_frames=num_frames, size=size,
+                                               face_fraction=face_fraction):
+                if any(min(x1, hx1) > max(x0, hx0) and min(y1, hy1) > max(y0, hy0) for hx0, hy0, hx1, hy1 in held):
+                    return False
+        return True
+
+    return [box for box in faces[HELDOUT_PEOPLE:] if clear(box)]
 
 
 def build_heldout_from_face_assets(out_dir: str, *, assets=None, count: int = HELDOUT_PEOPLE,
@@ -288,8 +311,8 @@ def build_from_face_assets(out_dir: str, *, assets=None, photo_names: Sequence[s
 
     Fetches the assets when ``assets`` (a ``FaceAssets``) is None, frames each
     photo around its largest YuNet face and calls :func:`build_example_dataset`
-    with ``build_kwargs``. ``solvay_people``: also the Solvay photo's faces after the held-out
-    ones (the next ``solvay_people`` by size; never a held-out person), as further people.
+    with ``build_kwargs``. ``solvay_people``: also that many of the Solvay photo's faces after the
+    held-out ones, by size, whose clips show no part of a held-out face (:func:`training_solvay_faces`).
     Up to date datasets return at once (after a stat of the asset cache and a hash of the photos).
     """
     if assets is None:
@@ -299,10 +322,13 @@ def build_from_face_assets(out_dir: str, *, assets=None, photo_names: Sequence[s
     boxes = [largest_face_box(p, yunet) for p in photos]
     subjects = [EXAMPLE_PHOTOS.get(name, "a person") for name in photo_names]
     if solvay_people:
-        extra = solvay_faces(assets)[HELDOUT_PEOPLE:HELDOUT_PEOPLE + solvay_people]
+        faces = solvay_faces(assets)
+        extra = training_solvay_faces(assets, faces, **{k: build_kwargs[k] for k in ("num_frames", "size",
+                                      "face_fraction") if k in build_kwargs})[:solvay_people]
         if len(extra) < solvay_people:
-            raise ValueError(f"solvay_people: the Solvay photo holds {HELDOUT_PEOPLE + len(extra)} faces YuNet "
-                             f"finds, {HELDOUT_PEOPLE} held out; asked for {solvay_people} more")
+            raise ValueError(f"solvay_people: the Solvay photo holds {len(faces)} faces YuNet finds, "
+                             f"{HELDOUT_PEOPLE} held out and {len(extra)} whose clips show none of them; "
+                             f"asked for {solvay_people}")
         photos += [assets.photo(HELDOUT_PHOTO)] * solvay_people
         boxes += sorted(extra)
         subjects += ["a person"] * solvay_people

@@ -9,14 +9,14 @@ distillation does)::
     x_T = n ~ N(0, 1);  x_{i+1} = x_i + (s_{i+1} - s_i) v_expert(i)(x_i, t_i, prompt, first frame)
     loss = mean((x_N - x0)^2),   x0 = VAE latent of the clip
 
-Before training, one attention head of each DiT's first block is set by hand
-(:func:`same_position_attention_`) to look at the same place one latent frame back: the first
+Before training, attention heads of each DiT's first block are set by hand
+(:func:`same_position_attention_`) to look at the same place one (and two) latent frames back: the first
 frame enters an I2V DiT only at latent frame 0, and a tiny random DiT does not learn to carry it
-forward in a few hundred steps (its later frames stay grey). With the head, the base model turns
+forward in a few hundred steps (its later frames stay grey). With the heads, the base model turns
 noise + the conditioning frame into a blurry video of that person, also for people the warm start
 never saw (a strict YuNet finds a face in most generated frames of the demo's held-out clips), and
 reward feedback learning starts from a model that makes faces, as it does with the real Wan2.2.
-The head is demo scaffolding for this twin's layout, not something rewardfl does to real models.
+The heads are demo scaffolding for this twin's layout, not something rewardfl does to real models.
 ``objective="flow_matching"`` is the plain per-expert objective
 (``x_s = (1 - s) x0 + s n``, ``loss = mean((v(x_s) - (n - x0))^2)``).
 
@@ -107,7 +107,9 @@ def same_position_attention_(dit, *, head: int = 0, frames_back: int = 1, sharpn
     cos(dt - frames_back): peaked ``frames_back`` frames back; a frame with fewer frames before it
     looks at the earliest, frame 0 at itself). About 0.98 of each token's attention then falls on
     that one token; values and everything else stay random and are trained. Heads 0 and 1 looking
-    1 and 2 frames back give latent frames 1 and 2 each a direct view of frame 0 in one block.
+    1 and 2 frames back give latent frames 1 and 2 each a direct view of frame 0 in one block. The
+    temporal pair is periodic (2 pi frames): with ``frames_back`` 2 the rule holds for up to 3 latent
+    frames (9-frame clips); at 4, frame 0 would look 3 frames ahead.
     """
     attn = dit.blocks[0].self_attn
     hd = attn.head_dim

@@ -66,7 +66,7 @@ def to_uint8_frames(frames: torch.Tensor) -> list[np.ndarray]:
 class DlibFaces:
     """One face (the largest) per frame: ``descriptors`` ``(F, 128)`` float64 as dlib gives them (not
     unit length; zero rows where no face), ``found`` ``(F,)`` bool (a descriptor there), ``tracked``
-    ``(F,)`` bool (of those, the ones in an earlier frame's box: ``track_missed``)."""
+    ``(F,)`` bool (of those, the ones scored in another frame's box: ``track_missed``)."""
 
     descriptors: np.ndarray
     found: np.ndarray
@@ -126,7 +126,7 @@ class DlibFaceJudge(Reward):
         #: a frame where the detector finds no face is scored in the box of the nearest frame where it
         #: found one (the earlier on a tie; dlib's 5 landmarks found again inside that box on this
         #: frame): blurry generated frames, which detectors miss, still get a descriptor; counted as
-        #: ``tracked_frames`` (off: such frames are left out)
+        #: ``tracked_frames`` (off: such frames are left out); reference clips are never tracked
         track_missed: bool = False
         #: HOG only: dlib's ``adjust_threshold`` (``detector.run(image, upsample, adjust_threshold)``);
         #: negative finds weaker faces (blurred ones), with more false boxes; 0: dlib's default
@@ -200,8 +200,10 @@ class DlibFaceJudge(Reward):
             boxes = detector.run(image, o.upsample, o.adjust_threshold)[0]
         return max(boxes, key=lambda b: b.area()) if len(boxes) else None
 
-    def faces(self, frames: torch.Tensor) -> DlibFaces:
-        """The largest face per frame of ``frames`` ``(F, 3, H, W)`` in [-1, 1] and its descriptor."""
+    def faces(self, frames: torch.Tensor, *, track: Optional[bool] = None) -> DlibFaces:
+        """The largest face per frame of ``frames`` ``(F, 3, H, W)`` in [-1, 1] and its descriptor;
+        ``track`` (default: the ``track_missed`` option) scores missed frames in the nearest found box."""
+        track = self.options.track_missed if track is None else track
         _, landmarks, recognizer = self._load()
         images = to_uint8_frames(frames)
         descriptors = np.zeros((len(images), 128))
@@ -212,7 +214,7 @@ class DlibFaceJudge(Reward):
         for i, image in enumerate(images):
             box = boxes[i]
             if box is None:
-                if not (self.options.track_missed and detected):
+                if not (track and detected):
                     continue
                 # the nearest frame with a detection (the earlier one on a tie)
                 box, tracked[i] = boxes[min(detected, key=lambda j: (abs(j - i), j))], True
@@ -229,7 +231,8 @@ class DlibFaceJudge(Reward):
             if context.reference is None:
                 raise ValueError(f"face_dlib judge: sample {context.sample_id!r} has no reference video "
                                  "(SampleContext.reference is None)")
-            self._references[context.sample_id] = self.faces(context.reference)
+            # a reference clip is real video: only the faces the detector finds count (no tracking)
+            self._references[context.sample_id] = self.faces(context.reference, track=False)
         return self._references[context.sample_id]
 
     def prepare(self, contexts: Sequence[SampleContext]) -> torch.Tensor:
