@@ -7,7 +7,8 @@ about a second):
   fetched from the package registry and folded to fp32 (``rewardfl.demo.assets``);
 * ``data/example_video_dataset/``: short pan/zoom clips of real face photos and
   their ``metadata.csv`` (``rewardfl.demo.example_data``): the four portraits and the Solvay photo's
-  8 next-largest faces after the held-out ones (``TRAINING_SOLVAY_PEOPLE``), two clips each;
+  next faces by size after the held-out ones whose clips show no part of a held-out face
+  (``TRAINING_SOLVAY_PEOPLE``, ``example_data.training_solvay_faces``), two clips each;
 * ``data/heldout_video_dataset/``: clips of twelve people none of those clips shows (faces of the
   1927 Solvay conference photo, ``example_data.HELDOUT_PEOPLE``), the held-out clips
   ``examples/demo.yaml`` evaluates on;
