@@ -31,6 +31,7 @@ import shutil
 import sys
 
 from rewardfl.cli import user_error_exit
+from rewardfl.rewards.face_dlib import fetch_dlib_models
 
 from .assets import fetch_face_assets
 from .example_data import TRAINING_SOLVAY_PEOPLE, build_from_face_assets, build_heldout_from_face_assets
@@ -68,10 +69,7 @@ def prepare(root: str = "data/demo", dataset: str = "data/example_video_dataset"
     metadata = build_from_face_assets(dataset, assets=assets, num_frames=num_frames,
                                       solvay_people=TRAINING_SOLVAY_PEOPLE)
     heldout_metadata = build_heldout_from_face_assets(heldout, assets=assets, num_frames=num_frames)
-    # the evaluation's independent judge (face_dlib): fetched now, not after minutes of training
-    from rewardfl.rewards.face_dlib import fetch_dlib_models
-
-    fetch_dlib_models()
+    fetch_dlib_models()  # the evaluation's independent judge (face_dlib): now, not after minutes of training
     tiny = os.path.join(root, "wan_tiny")
     model_paths = make_tiny(tiny)
     warm_start(tiny, metadata, warm or demo_warm_start(), reset=lambda: make_tiny(tiny, force=True))
