@@ -262,7 +262,7 @@ TRAINING_SOLVAY_PEOPLE = 8
 
 def solvay_faces(assets) -> list[Box]:
     """The Solvay photo's faces (YuNet boxes), largest first: the first :data:`HELDOUT_PEOPLE` are
-    the held-out people, the next :data:`TRAINING_SOLVAY_PEOPLE` join the training clips."""
+    the held-out people; training takes some of the others (:func:`training_solvay_faces`)."""
     yunet = os.path.join(assets.yunet_sface, "face_detection_yunet_2023mar.onnx")
     return sorted(face_boxes(assets.photo(HELDOUT_PHOTO), yunet), key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
 
