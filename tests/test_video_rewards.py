@@ -387,6 +387,24 @@ def test_motion_reference_too_short_is_invalid_and_counted():
     assert relative.prepare([context("still", still)]).tolist() == [False]
     out = relative(videos[:1].detach(), [context("still", still)])
     assert out.valid.tolist() == [False] and out.metrics["references_without_motion"] == 1.0
+    # ... and so does a nearly still one (a target under min_target), which it would otherwise divide by:
+    # a reference moving by 1e-4 in one frame pair, against a generated video's energy of about 0.33
+    nearly = still.clone()
+    nearly[1] += 8e-4  # [-1, 1] units: 4e-4 in [0, 1] units at every pixel of pairs (0, 1) and (1, 2)
+    energy = float(motion_energy(nearly.transpose(0, 1)[None], None)[0])
+    assert energy == pytest.approx(4e-4, rel=1e-3)
+    for min_target, expect_valid in ((1e-3, False), (1e-4, True)):
+        r = MotionReward(None, MotionReward.Options(distance="relative", resolution=None, min_target=min_target))
+        out = r(videos[:1, :, :3].detach(), [context("nearly", nearly)])
+        assert out.valid.tolist() == [expect_valid], min_target
+        assert out.metrics["references_without_motion"] == (0.0 if expect_valid else 1.0)
+        if expect_valid:  # divided by the tiny target: thousands of times the energy difference
+            gen = float(motion_energy(videos[:1, :, :3].detach(), None)[0])
+            assert float(out.scores[0]) == pytest.approx(-abs(gen - energy) / energy, rel=1e-3)
+        else:
+            assert float(out.scores[0]) == 0.0
+    # an absolute distance keeps every reference with 2 frames: the target is matched, not divided by
+    assert MotionReward(None, MotionReward.Options(resolution=None)).prepare([context("nearly", nearly)]).tolist() == [True]
     with pytest.raises(ValueError, match="data.num_frames"):
         reward(videos[:, :, :1].detach(), ctx)
 
@@ -420,6 +438,8 @@ def test_motion_options_validated_with_key_names():
         build(target_scale=-0.5)
     with pytest.raises(ValueError, match="reward.target_scale: 0 makes every target 0"):
         build(target_scale=0.0, distance="relative")
+    with pytest.raises(ValueError, match="reward.min_target: must be a finite number > 0"):
+        build(distance="relative", min_target=0.0)
     with pytest.raises(ValueError, match="reward.distance: must be one of"):
         build(distance="squared")
     assert build(resolution=None).resolution is None

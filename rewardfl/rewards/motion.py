@@ -16,7 +16,10 @@ motion, measured as frame-difference energy, near the reference clip's:
   that both energies are measured over the same frame spacing.
 * ``distance: absolute``: ``score = -|energy(generated) - target|``, in [-1, 0], [0, 1] units;
   ``distance: relative``: ``score = -|energy(generated) - target| / target``, in [-inf, 0], a fraction
-  of the target (a reference without motion, target 0, then makes the sample invalid).
+  of the target. A target below ``min_target`` (1e-3 by default: a still or nearly still reference)
+  makes the sample invalid (counted, ``references_without_motion``) rather than divided by: one of the
+  demo's training clips measures 3e-7 over its first 9 frames, where the relative score was -3.6e4 and
+  the step's gradient norm 1.4e4, one clip's noise outweighing every other term of the reward.
 
 The score is differentiable in the generated video (area shrinking and frame differences are);
 an exactly still video has zero gradient (``|d|`` at ``d = 0``), which a decoded video never is.
@@ -68,6 +71,9 @@ class MotionReward(Reward):
         resolution: Optional[int] = 64
         #: absolute: -|energy - target| ([0, 1] units); relative: -|energy - target| / target
         distance: Literal["absolute", "relative"] = "absolute"
+        #: distance: relative only: a target (target_scale x the reference's energy, [0, 1] units) below
+        #: this leaves the sample invalid (counted as references_without_motion) instead of dividing by it
+        min_target: float = 1.0e-3
 
         def __post_init__(self):
             if not math.isfinite(self.target_scale) or self.target_scale < 0:
@@ -78,6 +84,9 @@ class MotionReward(Reward):
             if self.distance == "relative" and self.target_scale == 0:
                 raise ConfigError("reward.target_scale: 0 makes every target 0, which distance: relative cannot "
                                   "divide by; use distance: absolute or a positive target_scale")
+            if not math.isfinite(self.min_target) or self.min_target <= 0:
+                raise ConfigError(f"reward.min_target: must be a finite number > 0 ([0, 1] units of motion "
+                                  f"energy), got {self.min_target}")
 
     def __init__(self, config=None, options: Optional["MotionReward.Options"] = None, *, device=None, **_runtime):
         self.options = options if options is not None else self.Options()
@@ -109,11 +118,11 @@ class MotionReward(Reward):
         if energy is None:
             return None
         target = self.options.target_scale * energy
-        return None if self.options.distance == "relative" and target <= 0 else target
+        return None if self.options.distance == "relative" and target < self.options.min_target else target
 
     def prepare(self, contexts: Sequence[SampleContext]) -> torch.Tensor:
         """``(B,)`` bool: False where the reference has fewer than 2 frames (or, for ``distance: relative``,
-        no motion)."""
+        a target under ``min_target``)."""
         return torch.tensor([self._target(c) is not None for c in contexts], dtype=torch.bool)
 
     def __call__(self, videos: torch.Tensor, contexts: Sequence[SampleContext]) -> RewardOutput:
