@@ -1,6 +1,7 @@
 """The CPU demo's preparation: the tiny twin's warm start and the demo config agreeing with it."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -217,7 +218,9 @@ def test_a_cut_down_demo_runs_end_to_end_with_the_independent_judge(tmp_path, ca
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     for row in ("judge/face_dlib/frames_with_face", "judge/face_dlib/tracked_frames", "judge/motion/score",
                 "reward_score"):
-        assert any(line.startswith(f"| {row} |") and line.endswith("(5 clips) |") for line in table), (row, table)
+        # the last cell may carry " *" (beyond its interval): a tiny motion change often is
+        assert any(line.startswith(f"| {row} |") and re.search(r"\(5 clips\)( \*)? \|$", line)
+                   for line in table), (row, table)
     # a few warm-start steps make no face the strict judge finds: its rows are there, as n/a
     assert any(line.startswith("| judge/yunet_strict/score |") for line in table), table
     import json
