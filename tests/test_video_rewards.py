@@ -388,7 +388,7 @@ def test_motion_reference_too_short_is_invalid_and_counted():
     out = relative(videos[:1].detach(), [context("still", still)])
     assert out.valid.tolist() == [False] and out.metrics["references_without_motion"] == 1.0
     # ... and so does a nearly still one (a target under min_target), which it would otherwise divide by:
-    # a reference moving by 1e-4 in one frame pair, against a generated video's energy of about 0.33
+    # a reference whose middle frame is 4e-4 ([0, 1] units) brighter: energy 4e-4, under the default 1e-3
     nearly = still.clone()
     nearly[1] += 8e-4  # [-1, 1] units: 4e-4 in [0, 1] units at every pixel of pairs (0, 1) and (1, 2)
     energy = float(motion_energy(nearly.transpose(0, 1)[None], None)[0])
