@@ -13,6 +13,18 @@ Maruyama step is then a Gaussian transition ``x_next ~ N(mean, s^2 I)`` with::
     mean = c_x * x + c_v * v,   c_x = 1 + g^2 dt / (2 t),   c_v = (1 + g^2 (1 - t) / (2 t)) dt,
     s = g * sqrt(-dt)
 
+Coefficients-preserving sampling (Flow-CPS: Wang & Yu 2025, arXiv 2509.05952; :func:`cps_coefficients`)
+is another Gaussian transition of the same form. With the model's estimates of the clean sample
+``x0 = x - t v`` and of the noise ``x1 = x + (1 - t) v``, the step to ``t_next`` is::
+
+    x_next = (1 - t_next) x0 + t_next cos(a pi / 2) x1 + t_next sin(a pi / 2) z
+
+so ``c_x = 1 - t_next + t_next cos(a pi / 2)``, ``c_v = -(1 - t_next) t + t_next cos(a pi / 2) (1 - t)``,
+``s = t_next sin(a pi / 2)``: the coefficients of ``x0`` and of unit noise are exactly the
+interpolation's at ``t_next``, whatever the step's size, where the Euler-Maruyama step above is exact
+only as ``dt -> 0`` (with a few large steps it leaves extra noise in the sample). a = 0 is the
+Euler step; the step into ``t_next = 0`` is deterministic (``s = 0``: no log-probability).
+
 and its log-density, averaged over the elements of each sample (the per-element scale that Flow-GRPO
 uses for its importance ratios), is::
 
@@ -39,7 +51,7 @@ import triton.language as tl
 
 from ._utils import autotune, cast_for_store, device_guard, elementwise_configs, launch_meta, resolve_backend
 
-__all__ = ["SdeCoefficients", "sde_coefficients", "sde_step", "sde_step_reference", "SdeStepFunction"]
+__all__ = ["SdeCoefficients", "sde_coefficients", "cps_coefficients", "sde_step", "sde_step_reference", "SdeStepFunction"]
 
 _CONFIGS = elementwise_configs()
 #: elements one forward program reduces to one partial sum (a multiple of every BLOCK)
@@ -80,6 +92,22 @@ def sde_coefficients(sigma: float, sigma_next: float, noise_level: float, *, sig
     c_x = 1.0 + g2 * dt / (2.0 * sigma)
     c_v = (1.0 + g2 * (1.0 - sigma) / (2.0 * sigma)) * dt
     return SdeCoefficients(c_x, c_v, math.sqrt(g2 * -dt))
+
+
+def cps_coefficients(sigma: float, sigma_next: float, noise_level: float) -> SdeCoefficients:
+    """Flow-CPS's coefficients of the step from ``sigma`` down to ``sigma_next``: the fresh noise's share
+    of the noise at ``sigma_next`` is ``sin(noise_level * pi / 2)`` (``noise_level`` in [0, 1]; 1 replaces
+    the predicted noise entirely). ``s`` is 0 at ``sigma_next = 0``: that step is deterministic."""
+    sigma, sigma_next, a = float(sigma), float(sigma_next), float(noise_level)
+    if not 0.0 < sigma <= 1.0 or not 0.0 <= sigma_next < sigma:
+        raise ValueError(f"cps_coefficients: need 0 <= sigma_next < sigma <= 1, got sigma={sigma}, "
+                         f"sigma_next={sigma_next}")
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"cps_coefficients: noise_level must be in [0, 1], got {noise_level}")
+    kept = sigma_next * math.cos(a * math.pi / 2.0)  # the predicted noise's coefficient at sigma_next
+    c_x = 1.0 - sigma_next + kept
+    c_v = -(1.0 - sigma_next) * sigma + kept * (1.0 - sigma)
+    return SdeCoefficients(c_x, c_v, sigma_next * math.sin(a * math.pi / 2.0))
 
 
 # --------------------------------------------------------------------------- Triton kernels

@@ -141,6 +141,8 @@ def test_grpo_check_accepts_a_command_reward(make_config, tmp_path, capsys):
 
 @pytest.mark.parametrize("options, key", [({"group_size": 1}, "algorithm.group_size"),
                                           ({"noise_level": 0}, "algorithm.noise_level"),
+                                          ({"sde": "cps", "noise_level": 1.5}, "algorithm.noise_level"),
+                                          ({"sde": "ode"}, "algorithm.sde"),
                                           ({"train_fraction": 0}, "algorithm.train_fraction"),
                                           ({"bogus": 1}, "algorithm")])
 def test_bad_grpo_options_name_the_key(make_config, tmp_path, capsys, options, key):
@@ -175,10 +177,16 @@ def _hand_surrogate(trainer, state: dict, batch: dict) -> tuple[float, float]:
                 uncond = model.encode([trainer.sampler.negative_prompt] * x.shape[0], first, trainer.cfg.data.num_frames)
                 v_u = model.denoise(p.expert, x, t, uncond)
                 v = v_u + trainer.cfg.sampler.options.guidance_scale * (v - v_u)
-        cap = float(trainer.sampler.sigmas[1]) if p.sigma >= 1.0 else None
-        c = sde_coefficients(p.sigma, p.sigma_next, o.noise_level, sigma_cap=cap)
-        r = (x_next.double() - (c.c_x * x.double() + c.c_v * v.double())).flatten(1).numpy()
-        logp = -(r * r).mean(1) / (2 * c.s**2) - math.log(c.s) - 0.5 * math.log(2 * math.pi)
+        if o.sde == "cps":  # Flow-CPS written out: from the predicted clean sample and the predicted noise
+            x0, x1 = x.double() - p.sigma * v.double(), x.double() + (1 - p.sigma) * v.double()
+            mean = (1 - p.sigma_next) * x0 + p.sigma_next * math.cos(o.noise_level * math.pi / 2) * x1
+            sd = p.sigma_next * math.sin(o.noise_level * math.pi / 2)
+        else:
+            cap = float(trainer.sampler.sigmas[1]) if p.sigma >= 1.0 else None
+            c = sde_coefficients(p.sigma, p.sigma_next, o.noise_level, sigma_cap=cap)
+            mean, sd = c.c_x * x.double() + c.c_v * v.double(), c.s
+        r = (x_next.double() - mean).flatten(1).numpy()
+        logp = -(r * r).mean(1) / (2 * sd**2) - math.log(sd) - 0.5 * math.log(2 * math.pi)
         ratio = np.exp(logp - state[f"0.step.{j}.log_prob"].double().numpy())
         clipped = np.clip(ratio, 1 - o.clip_range, 1 + o.clip_range)
         terms.append((np.maximum(-adv * ratio, -adv * clipped).mean(), (-adv * ratio).mean()))
@@ -273,6 +281,32 @@ def test_grpo_with_classifier_free_guidance_steps_with_the_guided_velocity(make_
     first = trainer.train_step()
     assert first["reward/grpo/ratio_max_dev"] == 0.0
     state = {k: v.clone() for k, v in trainer.algorithm.state_dict().items()}
+    expected, _ = _hand_surrogate(trainer, state, batches[0])
+    second = trainer.train_step()
+    assert second["reward/grpo/ratio_max_dev"] > 0
+    assert second["reward_loss"] == pytest.approx(expected, rel=0, abs=5e-8)
+
+
+def test_coefficients_preserving_sampling_trains_the_window_s_stochastic_steps(make_config, tmp_path):
+    """``sde: cps``: the window 1..3 of 4 steps; the step into t = 0 is deterministic, so of the trainable
+    expert's steps 2 and 3 only step 2 is stored and trained. The second update of a cycle against the
+    surrogate computed by hand in float64 from Flow-CPS's Gaussian written out; the first ratio exactly 1."""
+    from rewardfl.registry import load_resolved
+    from rewardfl.training import Trainer
+
+    options = {"name": "grpo", "group_size": 2, "inner_updates": 2, "clip_range": 2e-3, "sde": "cps",
+               "noise_level": 0.5}
+    cfg, plugins = load_resolved(_grpo_config(make_config, tmp_path, algorithm=options, learning_rate=3e-2,
+                                              max_steps=2))
+    trainer = Trainer(cfg, plugins)
+    batches = []
+    micro_batch = trainer.algorithm.micro_batch
+    trainer.algorithm.micro_batch = lambda batch, *rest: batches.append(batch) or micro_batch(batch, *rest)
+    first = trainer.train_step()
+    assert first["reward/grpo/ratio_max_dev"] == 0.0
+    assert first["reward/grpo/trained_steps"] == 1.0
+    state = {k: v.clone() for k, v in trainer.algorithm.state_dict().items()}
+    assert [int(state[k]) for k in sorted(state) if k.startswith("0.step.") and k.endswith(".plan")] == [2]
     expected, _ = _hand_surrogate(trainer, state, batches[0])
     second = trainer.train_step()
     assert second["reward/grpo/ratio_max_dev"] > 0

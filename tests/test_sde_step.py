@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rewardfl.kernels import sde_coefficients, sde_step, sde_step_reference
+from rewardfl.kernels import cps_coefficients, sde_coefficients, sde_step, sde_step_reference
 from rewardfl.kernels._utils import interpreting
 
 needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or interpreting()),
@@ -130,6 +130,52 @@ def test_triton_backward_matches_float64():
     (sde_step(x64, v64, coef, x_next=x_next.double(), backend="torch")[1] * weights.double()).sum().backward()
     torch.testing.assert_close(xt.grad.double(), x64.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(vt.grad.double(), v64.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_cps_coefficients_by_hand():
+    # sigma 0.8 -> 0.6, a = 0.5: the predicted noise kept with 0.6 cos(pi/4), fresh noise 0.6 sin(pi/4)
+    k = 0.6 * math.cos(math.pi / 4)
+    c = cps_coefficients(0.8, 0.6, 0.5)
+    # x_next = 0.4 (x - 0.8 v) + k (x + 0.2 v) + s z
+    assert c.c_x == pytest.approx(0.4 + k, abs=1e-15)
+    assert c.c_v == pytest.approx(-0.4 * 0.8 + k * 0.2, abs=1e-15)
+    assert c.s == pytest.approx(0.6 * math.sin(math.pi / 4), abs=1e-15)
+    # a = 0 is the Euler step; a = 1 keeps none of the predicted noise; into t = 0: deterministic
+    assert cps_coefficients(0.8, 0.6, 0.0) == (pytest.approx(1.0), pytest.approx(-0.2), 0.0)
+    assert cps_coefficients(0.8, 0.6, 1.0) == (pytest.approx(0.4), pytest.approx(-0.32), pytest.approx(0.6))
+    assert cps_coefficients(0.625, 0.0, 0.7) == (1.0, pytest.approx(-0.625), 0.0)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        cps_coefficients(0.8, 0.6, 1.2)
+    with pytest.raises(ValueError, match="sigma_next < sigma"):
+        cps_coefficients(0.5, 0.6, 0.5)
+
+
+_DEMO_WINDOW = [2.5 / 3.0, 0.625, 0.0]  # the demo's steps 2..3 of 4 at shift 5
+_WAN_WINDOW = [5 * s / (1 + 4 * s) for s in (5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0.0)]  # steps 3..7 of 8, shift 5
+
+
+@pytest.mark.parametrize("sigmas, noise_level, left", [(_DEMO_WINDOW, 0.3, 0.32), (_DEMO_WINDOW, 0.7, 0.88),
+                                                       (_WAN_WINDOW, 0.7, 0.44)])
+def test_cps_keeps_the_marginals_over_a_few_large_steps_where_the_sde_step_does_not(sigmas, noise_level, left):
+    """Data at one point mu (the velocity then exact: v = eps - mu), over a few-step schedule's window.
+    Coefficients-preserving steps land on the marginals N((1 - t) mu, t^2) at every step, the clean
+    sample exactly; Flow-GRPO's Euler-Maruyama step, exact only as dt -> 0, leaves noise in the final
+    sample whose standard deviation is ``left`` (the figures docs/algorithms.md and the examples quote)."""
+    mu, n = 1.5, 100000
+    finals = {}
+    for kind, coefficients in (("cps", cps_coefficients), ("sde", sde_coefficients)):
+        g = torch.Generator().manual_seed(0)
+        x = (1 - sigmas[0]) * mu + sigmas[0] * torch.randn(n, 1, generator=g, dtype=torch.float64)
+        for t, t_next in zip(sigmas[:-1], sigmas[1:]):
+            coef = coefficients(t, t_next, noise_level)
+            v = (x - (1 - t) * mu) / t - mu  # eps - x0, exact for point data
+            x = coef.c_x * x + coef.c_v * v + coef.s * torch.randn(x.shape, generator=g, dtype=torch.float64)
+            if kind == "cps":
+                assert x.mean().item() == pytest.approx((1 - t_next) * mu, abs=0.01)
+                assert x.std().item() == pytest.approx(t_next, abs=0.01)
+        finals[kind] = x.std().item()
+    assert finals["cps"] < 1e-12
+    assert finals["sde"] == pytest.approx(left, abs=0.01)
 
 
 def test_bad_inputs_are_named():

@@ -8,7 +8,9 @@ reward used without its gradient. One micro-batch of B clips:
    steps ``mid_timestep .. final_timestep`` (the gradient window of reward backprop, here the
    stochastic window: MixGRPO's mixed window when ``mid_timestep > 0``) are stochastic: the SDE with
    the flow's marginals (``rewardfl.kernels.sde_step``, noise level ``noise_level``), each transition a
-   Gaussian whose log-probability is kept. Nothing here carries gradient.
+   Gaussian whose log-probability is kept. ``sde: cps`` takes coefficients-preserving sampling's
+   Gaussian instead (Flow-CPS, ``rewardfl.kernels.cps_coefficients``): the same kernel, other
+   coefficients; its step into t = 0 is deterministic and not trained. Nothing here carries gradient.
 2. **Score** the B*G decoded videos with the reward (no gradient) and turn them into advantages,
    normalised within each group: ``A = (r - mean_group) / (std_group + 1e-4)`` (population std over
    the group's valid videos; ``advantage_std: global``: the micro-batch's std instead). Invalid videos,
@@ -61,7 +63,7 @@ import torch
 
 from rewardfl.config import ConfigError
 from rewardfl.interfaces import Algorithm, MicroBatch, Reward, Sampler, SampleContext, StepPlan, VideoModel
-from rewardfl.kernels import SdeCoefficients, sde_coefficients, sde_step, velocity_kl
+from rewardfl.kernels import SdeCoefficients, cps_coefficients, sde_coefficients, sde_step, velocity_kl
 
 __all__ = ["GRPO", "group_advantages", "clipped_surrogate"]
 
@@ -144,8 +146,14 @@ class GRPO(Algorithm):
     class Options:
         #: videos per clip (the same image and prompt, different noise); advantages compare them
         group_size: int = 4
-        #: the SDE's noise level a: g(t) = a * sqrt(t / (1 - t)) (Flow-GRPO: 0.7)
+        #: the SDE's noise level a: g(t) = a * sqrt(t / (1 - t)) (Flow-GRPO: 0.7); under ``sde: cps``, the
+        #: fresh noise's share sin(a * pi / 2) of the noise at the step's end, a in (0, 1]
         noise_level: float = 0.7
+        #: the stochastic step: ``flow_grpo``, Flow-GRPO's Euler-Maruyama step of the SDE (exact as the step
+        #: shrinks; a few large steps leave extra noise in the samples), or ``cps``, coefficients-preserving
+        #: sampling (Flow-CPS: the sample's clean and noise coefficients exactly the schedule's at every
+        #: step; the step into t = 0 is then deterministic and not trained)
+        sde: Literal["flow_grpo", "cps"] = "flow_grpo"
         #: fraction of the window's steps (that run a trainable expert) trained per step, drawn anew each step
         train_fraction: float = 1.0
         #: PPO's clip of the importance ratio (Flow-GRPO: 1e-4)
@@ -168,6 +176,9 @@ class GRPO(Algorithm):
             if not (math.isfinite(self.noise_level) and self.noise_level > 0):
                 raise ConfigError(f"algorithm.noise_level: must be a finite number > 0 (0 has no log-probability), "
                                   f"got {self.noise_level}")
+            if self.sde == "cps" and not self.noise_level <= 1:
+                raise ConfigError(f"algorithm.noise_level: under sde: cps it is the fresh noise's angle, in (0, 1] "
+                                  f"(1: the noise replaced entirely), got {self.noise_level}")
             if not 0 < self.train_fraction <= 1:
                 raise ConfigError(f"algorithm.train_fraction: must be in (0, 1], got {self.train_fraction}")
             if not (math.isfinite(self.clip_range) and self.clip_range > 0):
@@ -194,8 +205,9 @@ class GRPO(Algorithm):
     def check(cls, config, options, reward_cls) -> list[str]:
         window = f"{config.mid_timestep}..{config.final_timestep}"
         inner = f", {options.inner_updates} updates per sampled batch" if options.inner_updates > 1 else ""
+        sde = ", cps: the step into t = 0 deterministic" if options.sde == "cps" else ""
         return [f"grpo: {options.group_size} videos per clip, stochastic steps {window} (noise_level "
-                f"{options.noise_level:g}), {options.train_fraction:g} of them trained per step{inner}"]
+                f"{options.noise_level:g}{sde}), {options.train_fraction:g} of them trained per step{inner}"]
 
     # ------------------------------------------------------------------ inner updates
 
@@ -257,7 +269,12 @@ class GRPO(Algorithm):
 
     # ------------------------------------------------------------------ the pieces
 
-    def _coefficients(self, p: StepPlan) -> SdeCoefficients:
+    def _coefficients(self, p: StepPlan) -> Optional[SdeCoefficients]:
+        """The stochastic step's Gaussian transition, or None where it is deterministic (``sde: cps`` into
+        t = 0): that step is the sampler's and is not trained."""
+        if self.options.sde == "cps":
+            coef = cps_coefficients(p.sigma, p.sigma_next, self.options.noise_level)
+            return coef if coef.s > 0 else None
         sigmas = self.sampler.sigmas
         cap = float(sigmas[1]) if p.sigma >= 1.0 and len(sigmas) > 1 else None
         return sde_coefficients(p.sigma, p.sigma_next, self.options.noise_level, sigma_cap=cap)
@@ -275,8 +292,10 @@ class GRPO(Algorithm):
 
     def _trained(self, transitions: list[_Transition], step: int) -> list[_Transition]:
         if not transitions:
+            cps = (" (under sde: cps the step into t = 0 is deterministic: the window needs another step)"
+                   if self.options.sde == "cps" else "")
             raise ConfigError("algorithm: grpo has no stochastic step that runs a trainable expert; move "
-                              "mid_timestep/final_timestep or change trainable_models")
+                              f"mid_timestep/final_timestep or change trainable_models{cps}")
         k = max(1, round(self.options.train_fraction * len(transitions)))
         if k == len(transitions):
             return transitions
@@ -352,8 +371,8 @@ class GRPO(Algorithm):
         for p in self.plan:
             t = torch.full((x.shape[0],), p.timestep, device=model.device, dtype=torch.float32)
             v, v_uncond = self._velocities(p.expert, x, t, cond)
-            if p.grad:  # the stochastic window
-                coef = self._coefficients(p)
+            coef = self._coefficients(p) if p.grad else None
+            if coef is not None:  # the stochastic window
                 z = torch.stack([torch.randn(x.shape[1:], generator=n, dtype=torch.float32) for n in noise])
                 z = z.to(x.device, x.dtype)
                 x_next, log_prob = sde_step(x, self._guided(v, v_uncond), coef, noise=z)

@@ -6,7 +6,8 @@
   reduced in fp32 in one pass (``velocity_kl.py``).
 * :func:`sde_step`: one stochastic flow step (the SDE with the flow's marginals) and the
   log-probability of its Gaussian transition per sample, for policy-gradient training
-  (``sde_step.py``; :func:`sde_coefficients` gives the step's coefficients).
+  (``sde_step.py``; :func:`sde_coefficients` gives the step's coefficients, :func:`cps_coefficients`
+  those of coefficients-preserving sampling).
 
 Dispatch: Triton for CUDA tensors, the torch reference otherwise. Force either
 with ``set_backend("triton" | "torch" | "auto")``, ``with use_backend(...)``, the
@@ -30,7 +31,7 @@ if not (_HERE / "flow_step.py").is_file() and _SOURCE.is_dir():
 
 from ._utils import BACKENDS, get_backend, interpreting, set_backend, use_backend  # noqa: E402
 from .flow_step import flow_step, flow_step_reference  # noqa: E402
-from .sde_step import SdeCoefficients, sde_coefficients, sde_step, sde_step_reference  # noqa: E402
+from .sde_step import SdeCoefficients, cps_coefficients, sde_coefficients, sde_step, sde_step_reference  # noqa: E402
 from .velocity_kl import velocity_kl, velocity_kl_reference  # noqa: E402
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "velocity_kl_reference",
     "SdeCoefficients",
     "sde_coefficients",
+    "cps_coefficients",
     "sde_step",
     "sde_step_reference",
     "get_backend",
