@@ -28,6 +28,7 @@ Decoded videos are float in [-1, 1].
 from __future__ import annotations
 
 import dataclasses
+import os
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
@@ -288,8 +289,8 @@ class VideoModel(ABC):
 class SampleContext:
     """What a reward may know about one sample besides the generated video.
 
-    ``sample_id`` is stable across steps (used as a cache key, e.g. the dataset
-    row's video path); ``reference`` is the reference video ``(F, 3, H, W)`` in
+    ``sample_id`` is stable across steps and names one clip across every dataset of a run (used as a
+    cache key: a dataset clip's is its file's absolute path, :meth:`of_clip`); ``reference`` is the reference video ``(F, 3, H, W)`` in
     [-1, 1] (its frame 0 conditioned generation); ``reference_path`` the file it
     came from (for disk caches keyed by file hash), ``prompt`` the text.
     """
@@ -301,6 +302,16 @@ class SampleContext:
     #: which frames of the generated video the reward is given (indices into the full video, e.g.
     #: ``(0, 2, 4)``), when a composition scores a subset (``frames: stride|random``); None: all
     frames: Optional[tuple[int, ...]] = None
+
+    @classmethod
+    def of_clip(cls, sample_id: str, reference: Optional[torch.Tensor], path: Optional[str],
+                prompt: str = "") -> "SampleContext":
+        """The context of a dataset clip. Its ``sample_id`` is the clip file's absolute path (the row's id
+        where there is no file): a metadata row's ``video`` cell is relative to its CSV, so a held-out set's
+        ``videos/04.mp4`` and the training set's are other clips of other people, and a reward or judge
+        caching references by the row's id would score one against the other's reference."""
+        key = os.path.abspath(path) if path else sample_id
+        return cls(key, reference, path, prompt)
 
 
 @dataclasses.dataclass

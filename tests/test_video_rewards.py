@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from rewardfl.config import build_dataclass, config_from_dict
+from rewardfl.evaluation.evaluation import Evaluation
 from rewardfl.evaluation.metrics import motion as motion_metric
 from rewardfl.interfaces import SampleContext, StepCache
 from rewardfl.rewards.face_identity import (FaceIdentityReward, IdentityConsistencyReward,
@@ -407,6 +408,37 @@ def test_motion_reference_too_short_is_invalid_and_counted():
     assert MotionReward(None, MotionReward.Options(resolution=None)).prepare([context("nearly", nearly)]).tolist() == [True]
     with pytest.raises(ValueError, match="data.num_frames"):
         reward(videos[:, :, :1].detach(), ctx)
+
+
+def test_a_held_out_clip_named_like_a_training_clip_is_scored_against_its_own_reference(tmp_path):
+    """A metadata row's ``video`` cell is relative to its CSV: the held-out set's ``videos/a.mp4`` and the
+    training set's are other clips (in the demo, other people). A reward that scored the training clip
+    (its reference cached) must score the held-out one against the held-out clip's own reference, as a
+    fresh reward does. Motion in [0, 1] units, by hand: consecutive frames differ by the amplitude in
+    [-1, 1] units, so the energy is amplitude / 2."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(3, 16, 16, generator=g, dtype=torch.float64) * 0.8 - 0.4
+
+    def clip(amplitude):  # (F, 3, H, W)
+        return torch.stack([base + amplitude * (f % 2) for f in range(5)]).float()
+
+    def item(folder, amplitude):
+        video = clip(amplitude)
+        return {"sample_id": "videos/a.mp4", "path": str(tmp_path / folder / "videos" / "a.mp4"), "video": video,
+                "first_frame": video[0], "prompt": ""}
+
+    train, held = [item("train", 0.6)], [item("heldout", 0.1)]  # energies 0.3 and 0.05
+    generated = clip(0.2).transpose(0, 1)  # (3, F, H, W), energy 0.1
+
+    def options():
+        return MotionReward.Options(distance="relative", resolution=None)
+
+    used = MotionReward(None, options())
+    Evaluation(train, used, [], [0]).score("train", [generated])  # the training clip's reference cached
+    after_training = Evaluation(held, used, [], [0]).score("held", [generated])[0]["reward_score"]
+    fresh = Evaluation(held, MotionReward(None, options()), [], [0]).score("held", [generated])[0]["reward_score"]
+    assert after_training == pytest.approx(-abs(0.1 - 0.05) / 0.05, abs=1e-5)  # not -|0.1 - 0.3| / 0.3
+    assert after_training == fresh
 
 
 def test_motion_reference_uses_the_same_frame_subset():

@@ -164,7 +164,8 @@ class Evaluation:
 
     def __init__(self, items: Sequence[dict], reward, judges: Sequence[tuple[str, object]], seeds: Sequence[int]):
         self.items, self.reward, self.judges, self.seeds = list(items), reward, list(judges), list(seeds)
-        self.contexts = [SampleContext(it["sample_id"], it["video"], it["path"], it["prompt"]) for it in self.items]
+        self.contexts = [SampleContext.of_clip(it["sample_id"], it["video"], it["path"], it["prompt"])
+                         for it in self.items]
         for scorer in [reward] + [j for _, j in self.judges]:
             scorer.prepare(self.contexts)
         self.jobs = [(c, s) for c in range(len(self.items)) for s in self.seeds]

@@ -231,7 +231,8 @@ class Trainer:
     def _prepared(self, batch: dict) -> tuple[dict, list[SampleContext], torch.Tensor]:
         """A drawn micro-batch, its contexts and the reward's keep mask (``reward.prepare``); the samples
         it can never score are taken out (all of them: one is kept, to run weighted 0)."""
-        contexts = [SampleContext(*c) for c in zip(batch["sample_id"], batch["video"], batch["path"], batch["prompt"])]
+        contexts = [SampleContext.of_clip(*c) for c in zip(batch["sample_id"], batch["video"], batch["path"],
+                                                           batch["prompt"])]
         keep = self.reward.prepare(contexts).cpu()
         if not bool(keep.all()):
             sel = keep.nonzero().flatten().tolist() or [0]
