@@ -51,7 +51,8 @@ import triton.language as tl
 
 from ._utils import autotune, cast_for_store, device_guard, elementwise_configs, launch_meta, resolve_backend
 
-__all__ = ["SdeCoefficients", "sde_coefficients", "cps_coefficients", "sde_step", "sde_step_reference", "SdeStepFunction"]
+__all__ = ["SdeCoefficients", "sde_coefficients", "cps_coefficients", "sde_step", "sde_step_reference",
+           "SdeStepFunction"]
 
 _CONFIGS = elementwise_configs()
 #: elements one forward program reduces to one partial sum (a multiple of every BLOCK)
@@ -68,6 +69,13 @@ class SdeCoefficients(NamedTuple):
     s: float
 
 
+def _checked_sigmas(caller: str, sigma: float, sigma_next: float) -> tuple[float, float]:
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    if not 0.0 < sigma <= 1.0 or not 0.0 <= sigma_next < sigma:
+        raise ValueError(f"{caller}: need 0 <= sigma_next < sigma <= 1, got sigma={sigma}, sigma_next={sigma_next}")
+    return sigma, sigma_next
+
+
 def sde_coefficients(sigma: float, sigma_next: float, noise_level: float, *, sigma_cap: Optional[float] = None
                      ) -> SdeCoefficients:
     """The coefficients of the step from ``sigma`` down to ``sigma_next`` (flow times in [0, 1]).
@@ -76,10 +84,7 @@ def sde_coefficients(sigma: float, sigma_next: float, noise_level: float, *, sig
     a shifted schedule); there ``1 - sigma`` is taken at ``sigma_cap`` instead (the next lower sigma of
     the schedule, as Flow-GRPO does), which must then be given.
     """
-    sigma, sigma_next, a = float(sigma), float(sigma_next), float(noise_level)
-    if not 0.0 < sigma <= 1.0 or not 0.0 <= sigma_next < sigma:
-        raise ValueError(f"sde_coefficients: need 0 <= sigma_next < sigma <= 1, got sigma={sigma}, "
-                         f"sigma_next={sigma_next}")
+    (sigma, sigma_next), a = _checked_sigmas("sde_coefficients", sigma, sigma_next), float(noise_level)
     if not a >= 0.0 or not math.isfinite(a):
         raise ValueError(f"sde_coefficients: noise_level must be a finite number >= 0, got {noise_level}")
     one_minus = 1.0 - sigma
@@ -98,10 +103,7 @@ def cps_coefficients(sigma: float, sigma_next: float, noise_level: float) -> Sde
     """Flow-CPS's coefficients of the step from ``sigma`` down to ``sigma_next``: the fresh noise's share
     of the noise at ``sigma_next`` is ``sin(noise_level * pi / 2)`` (``noise_level`` in [0, 1]; 1 replaces
     the predicted noise entirely). ``s`` is 0 at ``sigma_next = 0``: that step is deterministic."""
-    sigma, sigma_next, a = float(sigma), float(sigma_next), float(noise_level)
-    if not 0.0 < sigma <= 1.0 or not 0.0 <= sigma_next < sigma:
-        raise ValueError(f"cps_coefficients: need 0 <= sigma_next < sigma <= 1, got sigma={sigma}, "
-                         f"sigma_next={sigma_next}")
+    (sigma, sigma_next), a = _checked_sigmas("cps_coefficients", sigma, sigma_next), float(noise_level)
     if not 0.0 <= a <= 1.0:
         raise ValueError(f"cps_coefficients: noise_level must be in [0, 1], got {noise_level}")
     kept = sigma_next * math.cos(a * math.pi / 2.0)  # the predicted noise's coefficient at sigma_next
