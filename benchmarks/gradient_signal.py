@@ -18,6 +18,8 @@ one group's gradient, ``rho = |E g|^2 / E|g - E g|^2``: with ``h = K / 2`` group
 then points along its expectation with cosine ``sqrt(n rho / (1 + n rho))``; ``groups_for_0.5`` is the
 ``n`` for 0.5. ``cos_rb``: the cosine of the GRPO mean over all K groups with ``g_rb`` (whether the two
 methods push the same way). Adam normalises each weight's step, so the direction is what matters.
+``--groups 0``: reward backprop's gradients only (with ``--save``), e.g. under another window
+(``--set mid_timestep=3``: the gradient through the last step alone) to split reward backprop's gradient by step.
 
 A diagnostic (benchmarks/RESULTS.md, "The three algorithms on the demo at equal wall-clock"), CPU: about
 10 s per group and 15 s per reward backprop gradient on the demo with 2 threads.
