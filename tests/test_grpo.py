@@ -352,3 +352,26 @@ def test_one_inner_update_keeps_nothing_between_steps(make_config, tmp_path):
 def test_inner_updates_below_one_name_the_key(make_config, capsys):
     assert run.main([make_config(algorithm={"name": "grpo", "inner_updates": 0}), "--check"]) == 2
     assert "algorithm.inner_updates: must be >= 1" in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_same_start_noise_starts_every_video_of_a_group_from_one_noise(make_config, tmp_path, same):
+    """``same_start_noise``: with the window at steps 2..3, steps 0 and 1 are deterministic, so the group's
+    videos reach step 2 at one latent (their rewards then differ only by the window's noise); by default
+    each video starts from its own noise and reaches step 2 elsewhere. The window's noise differs either way."""
+    from rewardfl.registry import load_resolved
+    from rewardfl.training import Trainer
+
+    options = {"name": "grpo", "group_size": 3, "inner_updates": 2, "same_start_noise": same}
+    cfg, plugins = load_resolved(_grpo_config(make_config, tmp_path, algorithm=options, mid_timestep=2,
+                                              max_steps=2))
+    trainer = Trainer(cfg, plugins)
+    trainer.train_step()
+    state = trainer.algorithm.state_dict()
+    assert int(state["0.step.0.plan"]) == 2
+    x, x_next = state["0.step.0.x"], state["0.step.0.x_next"]
+    assert x.shape[0] == 3
+    for j in (1, 2):
+        assert torch.equal(x[j], x[0]) == same
+        assert not torch.equal(x_next[j], x_next[0])  # each video's own SDE noise

@@ -4,8 +4,8 @@ For rewards that give no gradient (a scorer program, an HTTP judge, a count), an
 reward used without its gradient. One micro-batch of B clips:
 
 1. **Sample groups.** Each clip is generated ``group_size`` (G) times: the same image and prompt,
-   different starting noise. Steps before ``mid_timestep`` are the sampler's deterministic updates;
-   steps ``mid_timestep .. final_timestep`` (the gradient window of reward backprop, here the
+   different starting noise (``same_start_noise``: the same). Steps before ``mid_timestep`` are the
+   sampler's deterministic updates; steps ``mid_timestep .. final_timestep`` (the gradient window of reward backprop, here the
    stochastic window: MixGRPO's mixed window when ``mid_timestep > 0``) are stochastic: the SDE with
    the flow's marginals (``rewardfl.kernels.sde_step``, noise level ``noise_level``), each transition a
    Gaussian whose log-probability is kept. ``sde: cps`` takes coefficients-preserving sampling's
@@ -169,6 +169,10 @@ class GRPO(Algorithm):
         #: trained chunk its own graph, so the backward's working set, the DiT blocks recomputed under
         #: gradient checkpointing, is one chunk's); the same videos and the same update. 0: all at once
         video_chunk: int = 0
+        #: every video of a group starts from the same noise (DanceGRPO's ``init_same_noise``): the rewards
+        #: within a group then differ only by the stochastic steps' noise, the part the update learns from;
+        #: false: each video its own starting noise (Flow-GRPO)
+        same_start_noise: bool = False
 
         def __post_init__(self):
             if self.group_size < 2:
@@ -360,7 +364,8 @@ class GRPO(Algorithm):
     def _sample_rows(self, batch: dict, step: int, rows: slice):
         cfg, model, g = self.config, self.model, self.options.group_size
         cond, size = self._condition(batch, rows)
-        seeds = [(cfg.seed * 7919 + int(i)) * 1009 + j for i in batch["index"] for j in range(g)][rows]
+        member = (lambda j: 0) if self.options.same_start_noise else (lambda j: j)
+        seeds = [(cfg.seed * 7919 + int(i)) * 1009 + member(j) for i in batch["index"] for j in range(g)][rows]
         x = self.sampler.initial_noise(model.latent_shape(cfg.data.num_frames, *size), sample_seeds=seeds,
                                        step=step, device=model.device, dtype=model.dtype)
         # one generator per video, keyed by its clip and group member: its SDE noise does not depend on
