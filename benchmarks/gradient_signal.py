@@ -44,6 +44,19 @@ from rewardfl.training.algorithm import RewardBackprop  # noqa: E402
 from rewardfl.training.loop import Trainer  # noqa: E402
 
 
+def build(config: str, sets: list[str], output_dir: str) -> tuple[Trainer, RewardBackprop]:
+    """The run's trainer for a ``grpo`` CONFIG (no evaluation, a scratch ``output_dir``) and reward backprop
+    over the same model, sampler, plan and reward."""
+    cfg, plugins = load_resolved(config, ["eval.at_end=false", f"output_dir={output_dir}",
+                                          "overwrite_output_dir=true", *sets])
+    if cfg.algorithm.name != "grpo":
+        raise SystemExit(f"{config}: algorithm is {cfg.algorithm.name}; this compares a grpo config with reward "
+                         "backprop")
+    trainer = Trainer(cfg, plugins)
+    return trainer, RewardBackprop(cfg, model=trainer.model, sampler=trainer.sampler, reward=trainer.reward,
+                                   plan=trainer.plan)
+
+
 def flat_gradient(params) -> torch.Tensor:
     """The trainable weights' gradients as one float64 vector (zeros where none reached); clears them."""
     parts = []
@@ -79,13 +92,7 @@ def main(argv=None) -> int:
     if args.groups == 1 or args.groups % 2:
         ap.error("--groups: an even number >= 2 (the split-half cosine compares two halves), or 0: reward "
                  "backprop's gradients only")
-    overrides = ["eval.at_end=false", "output_dir=output/gradient_signal",
-                 "overwrite_output_dir=true", *args.set]
-    cfg, plugins = load_resolved(args.config, overrides)
-    if cfg.algorithm.name != "grpo":
-        ap.error(f"{args.config}: algorithm is {cfg.algorithm.name}; this compares a grpo config with reward backprop")
-    trainer = Trainer(cfg, plugins)
-    rb = RewardBackprop(cfg, model=trainer.model, sampler=trainer.sampler, reward=trainer.reward, plan=trainer.plan)
+    trainer, rb = build(args.config, args.set, "output/gradient_signal")
     clips = [int(c) for c in args.clips.split(",")]
     rows, rb_all, grpo_all, rb_draws, saved = [], [], [], [], {}
     for i in clips:

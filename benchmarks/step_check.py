@@ -26,10 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gradient_signal import build  # noqa: E402  (this script's folder is on sys.path)
 from rewardfl.data import collate  # noqa: E402
-from rewardfl.registry import load_resolved  # noqa: E402
-from rewardfl.training.algorithm import RewardBackprop  # noqa: E402
-from rewardfl.training.loop import Trainer  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -41,10 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", help="write the objectives at each point here as JSON")
     args = ap.parse_args(argv)
-    cfg, plugins = load_resolved(args.config, ["eval.at_end=false", "output_dir=output/step_check",
-                                               "overwrite_output_dir=true", *args.set])
-    trainer = Trainer(cfg, plugins)
-    rb = RewardBackprop(cfg, model=trainer.model, sampler=trainer.sampler, reward=trainer.reward, plan=trainer.plan)
+    trainer, rb = build(args.config, args.set, "output/step_check")
     saved = torch.load(args.gradients)
     clips = list(saved)
     directions = {

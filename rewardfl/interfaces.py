@@ -291,8 +291,8 @@ class SampleContext:
 
     ``sample_id`` is stable across steps and names one clip across every dataset of a run (used as a
     cache key: a dataset clip's is its file's absolute path, :meth:`of_clip`); ``reference`` is the
-    reference video ``(F, 3, H, W)`` in [-1, 1] (its frame 0 conditioned generation); ``reference_path`` the file it
-    came from (for disk caches keyed by file hash), ``prompt`` the text.
+    reference video ``(F, 3, H, W)`` in [-1, 1] (its frame 0 conditioned generation); ``reference_path``
+    the file it came from (for disk caches keyed by file hash), ``prompt`` the text.
     """
 
     sample_id: str

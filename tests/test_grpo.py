@@ -354,7 +354,6 @@ def test_inner_updates_below_one_name_the_key(make_config, capsys):
     assert "algorithm.inner_updates: must be >= 1" in capsys.readouterr().err
 
 
-
 @pytest.mark.parametrize("same", [False, True])
 def test_same_start_noise_starts_every_video_of_a_group_from_one_noise(make_config, tmp_path, same):
     """``same_start_noise``: with the window at steps 2..3, steps 0 and 1 are deterministic, so the group's

@@ -5,12 +5,13 @@ reward used without its gradient. One micro-batch of B clips:
 
 1. **Sample groups.** Each clip is generated ``group_size`` (G) times: the same image and prompt,
    different starting noise (``same_start_noise``: the same). Steps before ``mid_timestep`` are the
-   sampler's deterministic updates; steps ``mid_timestep .. final_timestep`` (the gradient window of reward backprop, here the
-   stochastic window: MixGRPO's mixed window when ``mid_timestep > 0``) are stochastic: the SDE with
-   the flow's marginals (``rewardfl.kernels.sde_step``, noise level ``noise_level``), each transition a
-   Gaussian whose log-probability is kept. ``sde: cps`` takes coefficients-preserving sampling's
-   Gaussian instead (Flow-CPS, ``rewardfl.kernels.cps_coefficients``): the same kernel, other
-   coefficients; its step into t = 0 is deterministic and not trained. Nothing here carries gradient.
+   sampler's deterministic updates; steps ``mid_timestep .. final_timestep`` (the gradient window of
+   reward backprop, here the stochastic window: MixGRPO's mixed window when ``mid_timestep > 0``) are
+   stochastic: the SDE with the flow's marginals (``rewardfl.kernels.sde_step``, noise level
+   ``noise_level``), each transition a Gaussian whose log-probability is kept. ``sde: cps`` takes
+   coefficients-preserving sampling's Gaussian instead (Flow-CPS,
+   ``rewardfl.kernels.cps_coefficients``): the same kernel, other coefficients; its step into t = 0 is
+   deterministic and not trained. Nothing here carries gradient.
 2. **Score** the B*G decoded videos with the reward (no gradient) and turn them into advantages,
    normalised within each group: ``A = (r - mean_group) / (std_group + 1e-4)`` (population std over
    the group's valid videos; ``advantage_std: global``: the micro-batch's std instead). Invalid videos,
@@ -364,8 +365,8 @@ class GRPO(Algorithm):
     def _sample_rows(self, batch: dict, step: int, rows: slice):
         cfg, model, g = self.config, self.model, self.options.group_size
         cond, size = self._condition(batch, rows)
-        member = (lambda j: 0) if self.options.same_start_noise else (lambda j: j)
-        seeds = [(cfg.seed * 7919 + int(i)) * 1009 + member(j) for i in batch["index"] for j in range(g)][rows]
+        same = self.options.same_start_noise
+        seeds = [(cfg.seed * 7919 + int(i)) * 1009 + (0 if same else j) for i in batch["index"] for j in range(g)][rows]
         x = self.sampler.initial_noise(model.latent_shape(cfg.data.num_frames, *size), sample_seeds=seeds,
                                        step=step, device=model.device, dtype=model.dtype)
         # one generator per video, keyed by its clip and group member: its SDE noise does not depend on
